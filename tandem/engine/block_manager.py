@@ -1,0 +1,235 @@
+"""Block manager: allocation of KV blocks, reference counts, prefix caching, eviction order.
+
+Each request owns a block table (a list of blocks, append-only while the request lives). A full
+block whose KV has been computed is registered under its chained hash; another request whose
+prompt starts with the same tokens reuses it (reference count > 1). When the last owner lets go,
+a registered block is not wiped: it stays in an LRU set of *evictable* blocks and is handed out
+again only when no never-cached block is free.
+
+Invariants (pinned by tests/unit/engine/test_block_manager.py):
+- every block is in exactly one place: free (uncached), evictable (cached, ref 0), or owned
+  (ref > 0); a block's ref count equals the number of requests whose table holds it;
+- a hash maps to at most one block, and that block carries the hash;
+- a cache hit never covers a prompt's last token (its logits must be computed);
+- freeing walks the block table in reverse, so a finished request's deepest blocks are evicted
+  before its shared prefix.
+"""
+
+import math
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tandem.ids import BlockId, RequestId
+from tandem.kv.events import BlocksRemoved, BlocksStored, CacheCleared, KVEvent
+from tandem.kv.hashing import BlockHash
+
+
+@dataclass(slots=True, eq=False)
+class KVBlock:
+    block_id: BlockId
+    ref_count: int = 0
+    block_hash: BlockHash | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class CachedPrefix:
+    """The cached leading blocks of a sequence, found by ``find_cached_prefix``."""
+
+    blocks: tuple[KVBlock, ...]
+    num_tokens: int
+    """Tokens covered by ``blocks``."""
+    num_query_tokens: int
+    """Tokens of the sequence that was looked up (for hit-rate counters)."""
+
+
+@dataclass(slots=True)
+class PrefixCacheStats:
+    """Counters in tokens, as vLLM's ``prefix_cache_queries`` / ``prefix_cache_hits``."""
+
+    queries: int = 0
+    hits: int = 0
+
+
+class BlockManager:
+    """Owns the pool of KV blocks of one engine (block ids index the KV cache tensors)."""
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        *,
+        enable_prefix_caching: bool = True,
+        enable_kv_events: bool = False,
+    ) -> None:
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError("num_blocks and block_size must be positive")
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self._enable_kv_events = enable_kv_events
+        self._blocks = [KVBlock(BlockId(i)) for i in range(num_blocks)]
+        self._free: deque[KVBlock] = deque(self._blocks)
+        self._evictable: OrderedDict[BlockId, KVBlock] = OrderedDict()
+        """Cached blocks no request holds, least recently released first."""
+        self._cached: dict[BlockHash, KVBlock] = {}
+        self._tables: dict[RequestId, list[KVBlock]] = {}
+        self._num_hashed: dict[RequestId, int] = {}
+        """How many leading blocks of a request's table have been offered to the cache."""
+        self._events: list[KVEvent] = []
+        self.stats = PrefixCacheStats()
+
+    # ---- pool state -------------------------------------------------------------------------
+
+    @property
+    def num_total_blocks(self) -> int:
+        return len(self._blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks an allocation can take now: never-cached ones plus evictable cached ones."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._cached)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks held by requests (vLLM's kv_cache_usage_perc, as a fraction)."""
+        return 1.0 - self.num_free_blocks / self.num_total_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return math.ceil(num_tokens / self.block_size)
+
+    def block_ids(self, request_id: RequestId) -> list[BlockId]:
+        """The request's block table, in token order."""
+        return [b.block_id for b in self._tables.get(request_id, ())]
+
+    def holds(self, request_id: RequestId) -> bool:
+        return request_id in self._tables
+
+    # ---- prefix cache -----------------------------------------------------------------------
+
+    def find_cached_prefix(self, block_hashes: Sequence[BlockHash], num_tokens: int) -> CachedPrefix:
+        """Longest run of leading blocks whose hashes are cached, leaving the last token uncached.
+
+        Changes nothing; pass the result to ``allocate`` in the same step to take the blocks.
+        """
+        found: list[KVBlock] = []
+        if self.enable_prefix_caching:
+            # The last token must be computed to produce logits, so a hit stops one token short.
+            max_blocks = (num_tokens - 1) // self.block_size
+            for h in block_hashes[:max_blocks]:
+                block = self._cached.get(h)
+                if block is None:
+                    break
+                found.append(block)
+        return CachedPrefix(tuple(found), len(found) * self.block_size, num_tokens)
+
+    def cache_full_blocks(
+        self, request_id: RequestId, block_hashes: Sequence[BlockHash], num_computed_tokens: int
+    ) -> None:
+        """Register the request's blocks that became full and computed under their hashes.
+
+        A block whose hash is already cached elsewhere (two requests computed the same prefix at
+        once) stays private to its request and is freed as an ordinary block.
+        """
+        if not self.enable_prefix_caching:
+            return
+        table = self._tables[request_id]
+        start = self._num_hashed[request_id]
+        end = min(num_computed_tokens // self.block_size, len(block_hashes), len(table))
+        stored = []
+        for i in range(start, end):
+            block, h = table[i], block_hashes[i]
+            if block.block_hash is None and h not in self._cached:
+                block.block_hash = h
+                self._cached[h] = block
+                stored.append(h)
+        if end > start:
+            self._num_hashed[request_id] = end
+        if stored and self._enable_kv_events:
+            self._events.append(BlocksStored(tuple(stored)))
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block. Only possible while no request holds blocks."""
+        if self.num_free_blocks != self.num_total_blocks:
+            return False
+        for block in self._evictable.values():
+            block.block_hash = None
+            self._free.append(block)
+        self._evictable.clear()
+        self._cached.clear()
+        if self._enable_kv_events:
+            self._events.append(CacheCleared())
+        return True
+
+    def take_events(self) -> list[KVEvent]:
+        """KV events since the last call (recorded only with ``enable_kv_events``)."""
+        events, self._events = self._events, []
+        return events
+
+    # ---- allocation -------------------------------------------------------------------------
+
+    def allocate(
+        self, request_id: RequestId, num_tokens: int, cached_prefix: CachedPrefix | None = None
+    ) -> bool:
+        """Grow the request's block table to hold ``num_tokens`` tokens; all or nothing.
+
+        ``cached_prefix`` is given on a request's first allocation only: its blocks become the
+        head of the table (shared, ref count + 1) and the lookup counts toward the hit rate.
+
+        Returns:
+            False, changing nothing, when too few blocks are free.
+        """
+        table = self._tables.get(request_id)
+        prefix = cached_prefix.blocks if cached_prefix is not None else ()
+        assert not (table and prefix), "a cached prefix is only taken at a request's first allocation"
+        have = len(table) if table else len(prefix)
+        need = max(0, self.blocks_needed(num_tokens) - have)
+        # Idle prefix blocks sit in the evictable set: taking them makes them unavailable too.
+        idle_prefix = sum(1 for b in prefix if b.ref_count == 0)
+        if need + idle_prefix > self.num_free_blocks:
+            return False
+        if table is None:
+            table = self._tables[request_id] = []
+            self._num_hashed[request_id] = len(prefix)
+            if cached_prefix is not None:
+                self.stats.queries += cached_prefix.num_query_tokens
+                self.stats.hits += cached_prefix.num_tokens
+        for block in prefix:
+            if block.ref_count == 0:
+                del self._evictable[block.block_id]
+            block.ref_count += 1
+            table.append(block)
+        for _ in range(need):
+            table.append(self._take_free_block())
+        return True
+
+    def free(self, request_id: RequestId) -> None:
+        """Release all of the request's blocks (no-op if it holds none).
+
+        Walks the table in reverse so that, among the released cached blocks, the deepest ones
+        are least recently used and evicted first while the shared head stays longest.
+        """
+        table = self._tables.pop(request_id, None)
+        self._num_hashed.pop(request_id, None)
+        for block in reversed(table or ()):
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                if block.block_hash is not None:
+                    self._evictable[block.block_id] = block
+                else:
+                    self._free.append(block)
+
+    def _take_free_block(self) -> KVBlock:
+        if self._free:
+            block = self._free.popleft()
+        else:
+            _, block = self._evictable.popitem(last=False)
+            del self._cached[block.block_hash]
+            if self._enable_kv_events:
+                self._events.append(BlocksRemoved((block.block_hash,)))
+            block.block_hash = None
+        block.ref_count = 1
+        return block

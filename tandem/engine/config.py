@@ -1,0 +1,82 @@
+"""Engine configuration: one validated, frozen object, and the narrow views its parts receive.
+
+``EngineConfig`` is what users pass (``LLM(model, **kwargs)``) and what the services embed in
+their settings. Values derived at start-up (the number of KV blocks from memory, the context
+length from the model) live in ``ResolvedLimits``, built once by the engine; nothing here is
+mutated after construction.
+"""
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+StepPolicy = Literal["decode-first", "prefill-first"]
+
+
+class EngineConfig(BaseModel):
+    """Everything that shapes one engine instance."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+    model: str
+    """Path of a Hugging Face model directory (config.json, *.safetensors, tokenizer.json)."""
+    device: str = "cpu"
+    """torch device: "cpu", "cuda" or "cuda:N"."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights and KV dtype; auto is float32 on CPU and bfloat16 (float16 for fp16 models) on CUDA."""
+    block_size: int = Field(16, gt=0, le=1024)
+    """Tokens per KV block."""
+    num_kv_blocks: int | None = Field(None, gt=0)
+    """KV pool size in blocks; default: from kv_cache_memory_bytes on CPU, free memory on CUDA."""
+    kv_cache_memory_bytes: int = Field(512 << 20, gt=0)
+    """KV pool budget on CPU when num_kv_blocks is not given."""
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    """Fraction of GPU memory the engine may use (weights, activations and KV pool)."""
+    max_model_len: int | None = Field(None, gt=0)
+    """Longest prompt + output; default and maximum: the model's max_position_embeddings."""
+    max_num_seqs: int = Field(256, gt=0)
+    """Most sequences in one step's batch."""
+    max_num_batched_tokens: int = Field(8192, gt=0)
+    """Token budget of one step (prefill chunks + decodes). Longer prompts are prefilled in
+    chunks over several steps (chunked prefill is always on, as in vLLM v1)."""
+    enable_prefix_caching: bool = True
+    """Reuse KV blocks of identical prefixes across requests."""
+    scheduling_policy: str = "fcfs"
+    """Waiting-queue order: fcfs, priority, shortest-prompt-first, or a registered policy name."""
+    step_policy: StepPolicy = "decode-first"
+    """Who gets a step's budget first: running sequences (decode-first) or waiting prompts."""
+    attention_backend: Literal["torch"] = "torch"
+    """Attention implementation."""
+    seed: int = 0
+    """Seed of requests that carry none."""
+
+    @field_validator("scheduling_policy")
+    @classmethod
+    def _known_policy(cls, name: str) -> str:
+        from tandem.engine.scheduling_policy import get_scheduling_policy
+
+        get_scheduling_policy(name)
+        return name
+
+
+@dataclass(slots=True, frozen=True)
+class ResolvedLimits:
+    """Values derived once at start-up from the config, the model and the device."""
+
+    num_kv_blocks: int
+    max_model_len: int
+
+
+@dataclass(slots=True, frozen=True)
+class SchedulerConfig:
+    """The scheduler's narrow view of the configuration."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    enable_prefix_caching: bool
+    scheduling_policy: str
+    step_policy: StepPolicy
+    block_size: int
+    num_kv_blocks: int

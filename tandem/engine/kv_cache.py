@@ -1,0 +1,51 @@
+"""Paged KV cache: one tensor holding every layer's K and V pages.
+
+Layout ``[num_layers, 2 (K, V), num_blocks, block_size, num_kv_heads, head_dim]``: a block id
+indexes the same page in every layer, so a request's pages for a group of layers are one
+gather (``tensor[l0:l1, :, block_ids]``), which the KV sender relies on.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from tandem.model_dir import ModelConfig
+
+
+@dataclass(slots=True, frozen=True)
+class KVCacheSpec:
+    """Shape of one KV page across all layers."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+
+    @classmethod
+    def for_model(cls, config: ModelConfig, block_size: int, dtype: torch.dtype) -> "KVCacheSpec":
+        return cls(config.num_layers, config.num_kv_heads, config.head_dim, block_size, dtype)
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes of one block id across all layers, K and V."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim * itemsize
+
+
+class PagedKVCache:
+    """The KV pool of one engine, indexed by block id."""
+
+    def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device) -> None:
+        self.spec = spec
+        self.num_blocks = num_blocks
+        # Zeros, not empty: attention multiplies masked-out V rows by 0, and 0 * NaN is NaN.
+        self.tensor = torch.zeros(
+            (spec.num_layers, 2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim),
+            dtype=spec.dtype,
+            device=device,
+        )
+
+    def layer(self, index: int) -> torch.Tensor:
+        """``[2, num_blocks, block_size, num_kv_heads, head_dim]`` view of one layer."""
+        return self.tensor[index]

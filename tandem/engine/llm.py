@@ -1,0 +1,86 @@
+"""The offline API, in vLLM's shape: ``LLM(model, **config).generate(prompts, params)``."""
+
+import itertools
+from collections.abc import Sequence as SequenceABC
+from pathlib import Path
+from typing import Any
+
+from tandem.engine.config import EngineConfig
+from tandem.engine.llm_engine import LLMEngine
+from tandem.engine.outputs import OutputKind, RequestOutput
+from tandem.engine.sampling_params import SamplingParams
+from tandem.errors import InvalidRequest
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """Batch generation with one engine in this process.
+
+    Keyword arguments are ``EngineConfig`` fields (device, dtype, block_size, num_kv_blocks,
+    max_num_seqs, max_num_batched_tokens, enable_prefix_caching, scheduling_policy,
+    step_policy, ...); an unknown or invalid one raises ``pydantic.ValidationError``.
+    """
+
+    def __init__(self, model: str | Path, **config: Any) -> None:
+        self.engine = LLMEngine(EngineConfig(model=str(model), **config))
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | SequenceABC[Prompt],
+        sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
+        priorities: SequenceABC[int] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in input order.
+
+        Raises:
+            InvalidRequest: any prompt or parameter is invalid; then nothing was generated.
+        """
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # a single prompt
+        prompts = list(prompts)
+        params = self._per_prompt(sampling_params or SamplingParams(), len(prompts), "sampling_params")
+        prios = self._per_prompt(0, len(prompts), "priorities") if priorities is None else list(priorities)
+        if len(prios) != len(prompts):
+            raise InvalidRequest("priorities must have one entry per prompt", param="priorities")
+        ids = [f"offline-{next(self._ids)}" for _ in prompts]
+        try:
+            for rid, prompt, p, prio in zip(ids, prompts, params, prios):
+                self.engine.add_request(rid, prompt, p, priority=prio, output_kind=OutputKind.FINAL_ONLY)
+        except Exception:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
+        return self._run(ids)
+
+    def chat(
+        self,
+        conversations: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate replies to conversations rendered with the model's chat template."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        prompts = [self.tokenizer.encode_chat(c) for c in conversations]
+        return self.generate(prompts, sampling_params)
+
+    def _run(self, ids: list[str]) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        while len(done) < len(ids):
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return [done[rid] for rid in ids]
+
+    @staticmethod
+    def _per_prompt(value, n: int, name: str) -> list:
+        if isinstance(value, SequenceABC) and not isinstance(value, (str, SamplingParams)):
+            if len(value) != n:
+                raise InvalidRequest(f"{name} must have one entry per prompt", param=name)
+            return list(value)
+        return [value] * n

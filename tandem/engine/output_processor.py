@@ -1,0 +1,114 @@
+"""Output processor: detokenizes new tokens, applies stop strings, builds RequestOutputs.
+
+Stop strings are found in the text, not in tokens, so they are checked here; a hit finishes the
+sequence through the scheduler (which frees its blocks). While streaming, the last
+``len(longest stop string) - 1`` characters are held back so that a stop string's beginning is
+never sent to a client before it is known not to complete.
+"""
+
+import time
+
+from tandem.engine.outputs import (
+    CompletionOutput,
+    OutputKind,
+    RequestMetrics,
+    RequestOutput,
+    TokenLogprob,
+)
+from tandem.engine.sequence import Sequence, SequenceStatus
+from tandem.engine.stopping import find_stop_string
+from tandem.tokenizer import StreamDecoder, Tokenizer
+
+
+class RequestState:
+    """Per-request output state: text so far, what was already sent, logprobs."""
+
+    __slots__ = ("seq", "kind", "prompt", "decoder", "text", "sent_chars", "sent_tokens",
+                 "logprobs", "sent_logprobs", "hold_back", "metrics")
+
+    def __init__(
+        self, seq: Sequence, kind: OutputKind, prompt: str | None, decoder: StreamDecoder, metrics: RequestMetrics
+    ) -> None:
+        self.seq = seq
+        self.kind = kind
+        self.prompt = prompt
+        self.decoder = decoder
+        self.text = ""
+        self.sent_chars = 0
+        self.sent_tokens = 0
+        self.logprobs: list[TokenLogprob] | None = [] if seq.sampling_params.logprobs is not None else None
+        self.sent_logprobs = 0
+        stops = seq.sampling_params.stop
+        self.hold_back = max((len(s) for s in stops), default=1) - 1
+        self.metrics = metrics
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def new_state(
+        self, seq: Sequence, kind: OutputKind, prompt: str | None, metrics: RequestMetrics
+    ) -> RequestState:
+        decoder = self.tokenizer.decode_stream(skip_special_tokens=seq.sampling_params.skip_special_tokens)
+        return RequestState(seq, kind, prompt, decoder, metrics)
+
+    def on_new_token(self, state: RequestState, logprob: TokenLogprob | None) -> SequenceStatus | None:
+        """Detokenize the sequence's newest token. Returns FINISHED_STOPPED if a stop string hit."""
+        seq = state.seq
+        if state.metrics.first_token_time is None:
+            state.metrics.first_token_time = time.monotonic()
+        if state.logprobs is not None and logprob is not None:
+            state.logprobs.append(logprob)
+        piece = state.decoder.step(seq.token_ids[-1])
+        if not piece:
+            return None
+        state.text += piece
+        params = seq.sampling_params
+        if not params.stop:
+            return None
+        hit = find_stop_string(state.text, len(piece), params.stop)
+        if hit is None:
+            return None
+        idx, stop = hit
+        state.text = state.text[: idx + len(stop)] if params.include_stop_str_in_output else state.text[:idx]
+        seq.stop_reason = stop
+        return SequenceStatus.FINISHED_STOPPED
+
+    def make_output(self, state: RequestState) -> RequestOutput | None:
+        """The output to emit for this request now, per its kind (None: nothing to emit)."""
+        seq = state.seq
+        finished = seq.is_finished
+        if state.kind is OutputKind.FINAL_ONLY and not finished:
+            return None
+        if finished and state.metrics.finished_time is None:
+            state.metrics.finished_time = time.monotonic()
+        text_end = len(state.text) if finished else max(state.sent_chars, len(state.text) - state.hold_back)
+        if state.kind is OutputKind.DELTA:
+            text = state.text[state.sent_chars : text_end]
+            token_ids = seq.output_token_ids[state.sent_tokens :]
+            logprobs = state.logprobs[state.sent_logprobs :] if state.logprobs is not None else None
+        else:
+            text = state.text[:text_end]
+            token_ids = seq.output_token_ids
+            logprobs = list(state.logprobs) if state.logprobs is not None else None
+        state.sent_chars = text_end
+        state.sent_tokens = seq.num_output_tokens
+        state.sent_logprobs = len(state.logprobs) if state.logprobs is not None else 0
+        completion = CompletionOutput(
+            index=0,
+            text=text,
+            token_ids=token_ids,
+            finish_reason=seq.status.finish_reason,
+            stop_reason=seq.stop_reason,
+            logprobs=logprobs,
+        )
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.prompt_token_ids,
+            outputs=[completion],
+            finished=finished,
+            num_cached_tokens=seq.num_cached_tokens or 0,
+            prompt=state.prompt,
+            metrics=state.metrics,
+        )

@@ -1,0 +1,59 @@
+"""What the engine returns per request: tokens, text, finish reason, logprobs, timings."""
+
+import enum
+from dataclasses import dataclass, field
+
+
+class OutputKind(enum.Enum):
+    """How much each output carries (vLLM's RequestOutputKind)."""
+
+    CUMULATIVE = "cumulative"
+    """Everything generated so far, every step."""
+    DELTA = "delta"
+    """Only what is new since the previous output (streaming)."""
+    FINAL_ONLY = "final_only"
+    """One output, when the request finishes (offline generation)."""
+
+
+@dataclass(slots=True, frozen=True)
+class TokenLogprob:
+    """A generated token's logprob, its rank in the distribution, and the top alternatives."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: tuple[tuple[int, float], ...]
+
+
+@dataclass(slots=True)
+class RequestMetrics:
+    """Timestamps (``time.monotonic()``) of a request's life in the engine."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    """"stop", "length" or "abort" once finished."""
+    stop_reason: int | str | None = None
+    """The stop token id or stop string that ended generation, if any."""
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache."""
+    prompt: str | None = None
+    metrics: RequestMetrics | None = field(default=None, repr=False)

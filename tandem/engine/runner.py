@@ -1,0 +1,189 @@
+"""Model runner: turns a scheduled step into one batched forward and samples the next tokens.
+
+All scheduled tokens go through the model in one flat batch: decodes first (one token each),
+then prompt chunks. The runner builds positions, slot mapping and block tables with NumPy, runs
+the model over the paged KV cache, computes logits only for the rows that sample, and samples
+on the device. It owns the weights, the KV cache and the per-request random generators.
+"""
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tandem.engine.attention import AttentionMetadata, get_attention_backend
+from tandem.engine.config import EngineConfig
+from tandem.engine.kv_cache import KVCacheSpec, PagedKVCache
+from tandem.engine.models import load_model
+from tandem.engine.sampler import Sampler, SamplerOutput, SamplingRow
+from tandem.engine.scheduler import ScheduledSequence
+from tandem.errors import ModelLoadError
+from tandem.ids import RequestId
+from tandem.model_dir import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device, model_dtype: str | None) -> torch.dtype:
+    """``auto`` is float32 on CPU; on CUDA bfloat16, or float16 for float16 checkpoints."""
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cpu":
+        return torch.float32
+    return torch.float16 if model_dtype == "float16" else torch.bfloat16
+
+
+@dataclass(slots=True)
+class ForwardBatch:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    attn: AttentionMetadata
+    order: list[ScheduledSequence]
+    """The scheduled sequences in batch order (decodes first)."""
+    logits_indices: torch.Tensor
+    """Rows of the hidden states whose logits are sampled (each sampling sequence's last token)."""
+    sampling: list[ScheduledSequence]
+    """The sequences that sample, aligned with ``logits_indices``."""
+
+
+class ModelRunner:
+    def __init__(
+        self, config: EngineConfig, model_config: ModelConfig, eos_token_ids: tuple[int, ...]
+    ) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.eos_token_ids = eos_token_ids
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ModelLoadError("device cuda was requested but no CUDA GPU is available")
+        self.dtype = resolve_dtype(config.dtype, self.device, model_config.torch_dtype)
+        self.backend = get_attention_backend(config.attention_backend)
+        self.model = load_model(
+            config.model, model_config, self.backend, device=self.device, dtype=self.dtype
+        )
+        self.kv_spec = KVCacheSpec.for_model(model_config, config.block_size, self.dtype)
+        self.kv_cache: PagedKVCache | None = None
+        self.sampler = Sampler(self.device, config.seed)
+        self._generators: dict[RequestId, torch.Generator] = {}
+
+    # ---- memory -----------------------------------------------------------------------------
+
+    def num_kv_blocks_for(self, max_model_len: int) -> int:
+        """KV pool size: explicit, else what the memory budget affords (never more than useful)."""
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        per_block = self.kv_spec.bytes_per_block
+        if self.device.type == "cuda":
+            budget = self._free_gpu_bytes()
+        else:
+            budget = self.config.kv_cache_memory_bytes
+        blocks_per_seq = -(-max_model_len // self.config.block_size)
+        useful = self.config.max_num_seqs * blocks_per_seq
+        num = min(budget // per_block, useful)
+        if num < blocks_per_seq:
+            raise ModelLoadError(
+                f"the KV budget holds {num} blocks, fewer than one {max_model_len}-token sequence "
+                f"needs ({blocks_per_seq}); lower max_model_len or raise the memory budget"
+            )
+        return int(num)
+
+    def _free_gpu_bytes(self) -> int:
+        # NOTE: a first estimate: the GPU budget minus weights and a reserve for activations of a
+        # full step (hidden states, MLP intermediates and logits, with slack). The GPU issue
+        # replaces this with a profiled forward.
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_by_others = total - free - torch.cuda.memory_allocated(self.device)
+        cfg, mc = self.config, self.model_config
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        activations = 4 * cfg.max_num_batched_tokens * (
+            4 * mc.hidden_size + 2 * mc.intermediate_size + mc.num_heads * mc.head_dim
+        ) * itemsize + cfg.max_num_seqs * mc.vocab_size * 4 * 3
+        budget = int(total * cfg.gpu_memory_utilization) - used_by_others
+        return budget - torch.cuda.memory_allocated(self.device) - activations
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.kv_cache = PagedKVCache(self.kv_spec, num_blocks, self.device)
+
+    # ---- one step ---------------------------------------------------------------------------
+
+    def prepare(self, scheduled: list[ScheduledSequence]) -> ForwardBatch:
+        """Flat inputs and attention metadata for a step; decodes are placed first."""
+        order = sorted(scheduled, key=lambda s: s.num_new_tokens != 1)
+        bs = self.config.block_size
+        starts = np.fromiter((s.start for s in order), dtype=np.int64, count=len(order))
+        qlens = np.fromiter((s.num_new_tokens for s in order), dtype=np.int64, count=len(order))
+        qsl = np.zeros(len(order) + 1, dtype=np.int64)
+        np.cumsum(qlens, out=qsl[1:])
+        num_tokens = int(qsl[-1])
+        seq_index = np.repeat(np.arange(len(order)), qlens)
+        positions = np.arange(num_tokens, dtype=np.int64) - qsl[:-1][seq_index] + starts[seq_index]
+        max_blocks = max(len(s.block_ids) for s in order)
+        tables = np.zeros((len(order), max_blocks), dtype=np.int64)
+        input_ids: list[int] = []
+        for i, s in enumerate(order):
+            tables[i, : len(s.block_ids)] = s.block_ids
+            input_ids.extend(s.seq.token_ids[s.start : s.start + s.num_new_tokens])
+        slots = tables[seq_index, positions // bs] * bs + positions % bs
+        seq_lens = starts + qlens
+        sampling = [s for s in order if s.samples]
+        last_rows = [int(qsl[i + 1]) - 1 for i, s in enumerate(order) if s.samples]
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(slots).to(dev),
+            block_tables=torch.from_numpy(tables).to(dev),
+            seq_lens=torch.from_numpy(seq_lens).to(dev),
+            query_start_loc=torch.from_numpy(qsl).to(dev),
+            num_decodes=int(np.count_nonzero(qlens == 1)),
+            seq_lens_cpu=seq_lens.tolist(),
+            query_start_loc_cpu=qsl.tolist(),
+            block_size=bs,
+        )
+        return ForwardBatch(
+            input_ids=torch.tensor(input_ids, dtype=torch.long, device=dev),
+            positions=torch.from_numpy(positions).to(dev),
+            attn=meta,
+            order=order,
+            logits_indices=torch.tensor(last_rows, dtype=torch.long, device=dev),
+            sampling=sampling,
+        )
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledSequence]) -> tuple[list[ScheduledSequence], SamplerOutput | None]:
+        """Run one step. Returns the sequences that sampled and their sampler output."""
+        assert self.kv_cache is not None, "allocate_kv_cache first"
+        batch = self.prepare(scheduled)
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_cache.tensor, batch.attn)
+        if not batch.sampling:
+            return [], None
+        logits = self.model.compute_logits(hidden[batch.logits_indices])
+        rows = [self._sampling_row(s) for s in batch.sampling]
+        return batch.sampling, self.sampler(logits, rows)
+
+    def _sampling_row(self, s: ScheduledSequence) -> SamplingRow:
+        seq = s.seq
+        params = seq.sampling_params
+        generator = None
+        if params.seed is not None and not params.is_greedy:
+            generator = self._generators.get(seq.request_id)
+            if generator is None:
+                generator = torch.Generator(device=self.device).manual_seed(params.seed)
+                self._generators[seq.request_id] = generator
+        stop_ids: tuple[int, ...] = ()
+        if seq.num_output_tokens < params.min_tokens:
+            eos = () if params.ignore_eos else self.eos_token_ids
+            stop_ids = tuple(eos) + params.stop_token_ids
+        penalties = params.has_penalties
+        return SamplingRow(
+            params=params,
+            prompt_token_ids=seq.prompt_token_ids if penalties else [],
+            output_token_ids=seq.output_token_ids if penalties else [],
+            generator=generator,
+            stop_ids_for_min_tokens=stop_ids,
+        )
+
+    def release(self, request_id: RequestId) -> None:
+        """Forget a finished request's generator."""
+        self._generators.pop(request_id, None)

@@ -1,0 +1,204 @@
+"""Scheduler: iteration-level (continuous) batching under a per-step token budget.
+
+Every step it decides how many tokens each sequence computes: one for a decoding sequence, a
+chunk of the prompt for a prefilling one (chunked prefill: a prompt longer than the remaining
+budget spans several steps). The step policy decides who is served first: running sequences
+(``decode-first``, as vLLM) or waiting prompts (``prefill-first``). Waiting sequences are admitted
+in the scheduling policy's order, reusing cached prefix blocks.
+
+When a running sequence needs a block and none is free, the worst sequence by policy order
+(lowest priority, then latest arrival) is preempted by recompute: its blocks are freed and it
+goes back to the waiting queue, to be prefilled again later (mostly from the prefix cache).
+Memory never runs out; a request that could never fit is refused at admission by the engine.
+"""
+
+import logging
+from dataclasses import dataclass, field
+
+from tandem.engine.block_manager import BlockManager
+from tandem.engine.config import SchedulerConfig
+from tandem.engine.scheduling_policy import WaitingQueue, get_scheduling_policy
+from tandem.engine.sequence import Sequence, SequenceStatus
+from tandem.engine.stopping import token_stop_status
+from tandem.ids import BlockId, RequestId
+from tandem.kv.hashing import BlockHasher
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ScheduledSequence:
+    """One sequence's share of a step: tokens ``[start, start + num_new_tokens)``."""
+
+    seq: Sequence
+    start: int
+    num_new_tokens: int
+    block_ids: list[BlockId]
+    samples: bool
+    """This step computes the sequence's last token, so a new token is sampled."""
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
+    preempted: list[RequestId] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class _Budget:
+    __slots__ = ("tokens",)
+
+    def __init__(self, tokens: int) -> None:
+        self.tokens = tokens
+
+
+class Scheduler:
+    """Owns the waiting queue and the running batch; the block manager owns the memory."""
+
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        hasher: BlockHasher | None,
+        eos_token_ids: tuple[int, ...],
+    ) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self._hasher = hasher if config.enable_prefix_caching else None
+        self._eos = frozenset(eos_token_ids)
+        self.policy = get_scheduling_policy(config.scheduling_policy)
+        self.waiting = WaitingQueue(self.policy)
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # ---- queue management -------------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a validated sequence (the engine checks that it can ever fit)."""
+        self.waiting.push(seq)
+
+    def finish(self, seq: Sequence, status: SequenceStatus) -> None:
+        """End a sequence (stop string, abort, ...) and free its blocks. Idempotent."""
+        assert status.is_finished
+        if seq.is_finished:
+            return
+        if seq.request_id in self.waiting:
+            self.waiting.remove(seq.request_id)
+        elif seq in self.running:
+            self.running.remove(seq)
+        self.block_manager.free(seq.request_id)
+        seq.status = status
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.running) or len(self.waiting) > 0
+
+    # ---- one step ---------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """Choose this step's batch, admitting and preempting sequences as needed."""
+        budget = _Budget(self.config.max_num_batched_tokens)
+        out = SchedulerOutput()
+        if self.config.step_policy == "decode-first":
+            self._schedule_running(budget, out)
+            self._schedule_waiting(budget, out)
+        else:
+            self._schedule_waiting(budget, out)
+            self._schedule_running(budget, out)
+        return out
+
+    def _schedule_running(self, budget: _Budget, out: SchedulerOutput) -> None:
+        scheduled = {s.seq.request_id for s in out.scheduled}
+        for seq in list(self.running):
+            if budget.tokens == 0:
+                break
+            if seq.status != SequenceStatus.RUNNING or seq.request_id in scheduled:
+                continue  # preempted earlier in this loop, or admitted in this step already
+            num_new = min(seq.num_uncomputed_tokens, budget.tokens)
+            while not self.block_manager.allocate(seq.request_id, seq.num_computed_tokens + num_new):
+                victim = max(self.running, key=self.policy.sort_key)
+                self._preempt(victim, budget, out)
+                if victim is seq:
+                    break
+            else:
+                self._add_scheduled(seq, num_new, budget, out)
+
+    def _schedule_waiting(self, budget: _Budget, out: SchedulerOutput) -> None:
+        bm = self.block_manager
+        while budget.tokens > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting.peek()
+            if seq is None:
+                break
+            if self._hasher is not None:
+                self._hasher.extend(seq.block_hashes, seq.token_ids, seq.cache_salt)
+            prefix = bm.find_cached_prefix(seq.block_hashes, seq.num_tokens)
+            num_new = min(seq.num_tokens - prefix.num_tokens, budget.tokens)
+            if not bm.allocate(seq.request_id, prefix.num_tokens + num_new, prefix):
+                break  # head-of-line: later sequences wait too, so order is kept
+            self.waiting.pop()
+            seq.num_computed_tokens = prefix.num_tokens
+            if seq.num_cached_tokens is None:
+                seq.num_cached_tokens = prefix.num_tokens
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            self._add_scheduled(seq, num_new, budget, out)
+
+    def _add_scheduled(self, seq: Sequence, num_new: int, budget: _Budget, out: SchedulerOutput) -> None:
+        block_ids = self.block_manager.block_ids(seq.request_id)
+        start = seq.num_computed_tokens
+        samples = start + num_new == seq.num_tokens
+        out.scheduled.append(ScheduledSequence(seq, start, num_new, block_ids, samples))
+        budget.tokens -= num_new
+
+    def _preempt(self, victim: Sequence, budget: _Budget, out: SchedulerOutput) -> None:
+        self.running.remove(victim)
+        for i, s in enumerate(out.scheduled):
+            if s.seq is victim:
+                budget.tokens += s.num_new_tokens
+                del out.scheduled[i]
+                break
+        self.block_manager.free(victim.request_id)
+        victim.status = SequenceStatus.PREEMPTED
+        victim.num_computed_tokens = 0
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.push(victim)
+        out.preempted.append(victim.request_id)
+        logger.debug("preempted %s (recompute later)", victim.request_id)
+
+    # ---- after the forward ------------------------------------------------------------------
+
+    def update(self, out: SchedulerOutput, sampled: dict[RequestId, int]) -> list[Sequence]:
+        """Advance the scheduled sequences by their computed tokens and append sampled tokens.
+
+        Returns the sequences that received a token, finished ones included (their blocks are
+        already freed).
+        """
+        progressed = []
+        for s in out.scheduled:
+            seq = s.seq
+            if seq.is_finished:
+                continue  # aborted while the step ran
+            seq.num_computed_tokens += s.num_new_tokens
+            token = sampled.get(seq.request_id)
+            if token is not None:
+                seq.token_ids.append(token)
+            if self._hasher is not None:
+                self._hasher.extend(seq.block_hashes, seq.token_ids, seq.cache_salt)
+                self.block_manager.cache_full_blocks(
+                    seq.request_id, seq.block_hashes, seq.num_computed_tokens
+                )
+            if token is None:
+                continue
+            progressed.append(seq)
+            status = token_stop_status(seq, self._eos, self.config.max_model_len)
+            if status is not None:
+                self.finish(seq, status)
+        return progressed

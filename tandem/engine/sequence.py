@@ -1,0 +1,121 @@
+"""Per-request state inside the engine: tokens, progress, status."""
+
+import enum
+
+from tandem.engine.sampling_params import SamplingParams
+from tandem.ids import RequestId
+from tandem.kv.hashing import BlockHash
+
+
+class SequenceStatus(enum.IntEnum):
+    """Lifecycle of a sequence. Ordered so that every finished state is ``>= FINISHED_STOPPED``."""
+
+    WAITING = 0
+    WAITING_FOR_KV = 1
+    """Blocks reserved; its prompt's KV is arriving from a prefill pod (decode role)."""
+    RUNNING = 2
+    PREEMPTED = 3
+    FINISHED_STOPPED = 4
+    FINISHED_LENGTH = 5
+    FINISHED_ABORTED = 6
+
+    @property
+    def is_finished(self) -> bool:
+        return self >= SequenceStatus.FINISHED_STOPPED
+
+    @property
+    def finish_reason(self) -> str | None:
+        """The OpenAI finish reason of a finished status (the one mapping), else None."""
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS = {
+    SequenceStatus.FINISHED_STOPPED: "stop",
+    SequenceStatus.FINISHED_LENGTH: "length",
+    SequenceStatus.FINISHED_ABORTED: "abort",
+}
+
+
+class Sequence:
+    """One request's tokens and progress.
+
+    Invariants: ``num_computed_tokens <= num_tokens``; the KV of the first ``num_computed_tokens``
+    tokens is in the request's blocks; ``block_hashes`` covers a prefix of the full blocks of
+    ``token_ids``.
+    """
+
+    __slots__ = (
+        "request_id",
+        "token_ids",
+        "num_prompt_tokens",
+        "sampling_params",
+        "priority",
+        "arrival_time",
+        "arrival_index",
+        "cache_salt",
+        "status",
+        "num_computed_tokens",
+        "num_cached_tokens",
+        "block_hashes",
+        "num_preemptions",
+        "stop_reason",
+    )
+
+    def __init__(
+        self,
+        request_id: RequestId,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        *,
+        arrival_time: float,
+        arrival_index: int,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.priority = priority
+        self.arrival_time = arrival_time
+        self.arrival_index = arrival_index
+        """Monotonic admission counter: the tie-breaker that keeps queue order total."""
+        self.cache_salt = cache_salt
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0
+        self.num_cached_tokens: int | None = None
+        """Prompt tokens served from the prefix cache at first admission (None until admitted)."""
+        self.block_hashes: list[BlockHash] = []
+        self.num_preemptions = 0
+        self.stop_reason: int | str | None = None
+        """The stop token id or stop string that finished the sequence, if any."""
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.request_id!r}, {self.status.name}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens})"
+        )

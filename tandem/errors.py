@@ -1,0 +1,46 @@
+"""The one error hierarchy of Tandem.
+
+Every layer raises these; the HTTP and gRPC front doors each map them to a status in exactly one
+place. `InvalidRequest` subclasses `ValueError` so library users can catch either.
+"""
+
+
+class TandemError(Exception):
+    """Base class of every error Tandem raises on purpose."""
+
+
+class InvalidRequest(TandemError, ValueError):
+    """The request itself is wrong (HTTP 400, gRPC INVALID_ARGUMENT).
+
+    Attributes:
+        param: the request field at fault, in the API's own spelling (e.g. ``"top_p"``), or None.
+    """
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class RequestTooLarge(InvalidRequest):
+    """The request can never be served by this deployment (longer than the model or the KV pool)."""
+
+
+class ModelNotFound(TandemError):
+    """The requested model is not served here (HTTP 404, gRPC NOT_FOUND)."""
+
+
+class ModelLoadError(TandemError):
+    """A model directory is missing a file, or holds an unsupported architecture or dtype."""
+
+
+class CapacityExceeded(TandemError):
+    """A pod cannot take the request now; retry later or elsewhere (HTTP 429, RESOURCE_EXHAUSTED)."""
+
+
+class UpstreamUnavailable(TandemError):
+    """No backend is ready to serve (HTTP 503, gRPC UNAVAILABLE)."""
+
+
+class KVTransferError(TandemError):
+    """A KV page stream was short, corrupt or for another model (gRPC DATA_LOSS / FAILED_PRECONDITION)."""

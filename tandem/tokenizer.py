@@ -1,0 +1,100 @@
+"""The tokenizer of a model directory: encode, decode, chat templates, streaming decode.
+
+Wraps the Hugging Face fast tokenizer so that chat templates render exactly as transformers
+renders them. Torch-free: the router uses it too.
+"""
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tandem.errors import InvalidRequest, ModelLoadError
+
+
+class Tokenizer:
+    """Tokenizer loaded from ``tokenizer.json`` / ``tokenizer_config.json`` of a model directory."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        model_dir = Path(model_dir)
+        if not (model_dir / "tokenizer.json").is_file():
+            raise ModelLoadError(f"model directory {model_dir} has no tokenizer.json")
+        from transformers import AutoTokenizer  # deferred: heavy import, not needed at module load
+
+        try:
+            self._hf = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"cannot load the tokenizer of {model_dir}: {e}") from e
+        self.backend = self._hf.backend_tokenizer
+        """The underlying ``tokenizers.Tokenizer`` (used for streaming decode)."""
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._hf)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._hf.eos_token_id
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self._hf, "chat_template", None))
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return list(self._hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        return self._hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token on its own (for logprobs), decoded as far as it goes alone."""
+        return self.backend.decode([token_id], skip_special_tokens=False)
+
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> str:
+        """Render a conversation to the prompt text with the model's chat template.
+
+        Raises:
+            InvalidRequest: the model has no chat template, or the template rejects the messages.
+        """
+        if not self.has_chat_template:
+            raise InvalidRequest("this model has no chat template; use completions", param="messages")
+        from jinja2 import TemplateError
+
+        try:
+            return self._hf.apply_chat_template(
+                messages,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                **(chat_template_kwargs or {}),
+            )
+        except (TemplateError, KeyError, TypeError, ValueError) as e:
+            raise InvalidRequest(f"the chat template rejected the messages: {e}", param="messages") from e
+
+    def encode_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
+        """Token ids of a rendered conversation (the template writes any BOS itself)."""
+        return self.encode(self.render_chat(messages, **kwargs), add_special_tokens=False)
+
+    def decode_stream(self, *, skip_special_tokens: bool = True) -> "StreamDecoder":
+        return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
+
+
+class StreamDecoder:
+    """Incremental detokenizer: feed tokens one at a time, get text as soon as it is complete.
+
+    Holds back partial UTF-8 sequences; the concatenation of everything it returns equals
+    ``tokenizer.decode(all_token_ids)``.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool) -> None:
+        from tokenizers.decoders import DecodeStream
+
+        self._backend = tokenizer.backend
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+
+    def step(self, token_id: int) -> str:
+        return self._stream.step(self._backend, token_id) or ""

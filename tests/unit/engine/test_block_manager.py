@@ -1,0 +1,281 @@
+"""Block manager: exact block ids, ref counts, eviction order, hit lengths, invariants."""
+
+import hypothesis.strategies as st
+from hypothesis import settings
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from tandem.engine.block_manager import BlockManager
+from tandem.ids import RequestId
+from tandem.kv.events import BlocksRemoved, BlocksStored, CacheCleared
+from tandem.kv.hashing import BlockHasher
+
+BS = 4
+HASHER = BlockHasher("test-model", BS)
+
+
+def admit(bm: BlockManager, rid: str, tokens: list[int]) -> tuple[list[int], int]:
+    """Look up, allocate and fully 'compute' a prompt, as the scheduler would."""
+    hashes = HASHER.hash_prompt(tokens)
+    prefix = bm.find_cached_prefix(hashes, len(tokens))
+    assert bm.allocate(RequestId(rid), len(tokens), prefix)
+    bm.cache_full_blocks(RequestId(rid), hashes, len(tokens))
+    return bm.block_ids(RequestId(rid)), prefix.num_tokens
+
+
+def ref_counts(bm: BlockManager) -> list[int]:
+    return [b.ref_count for b in bm._blocks]
+
+
+def check_invariants(bm: BlockManager) -> None:
+    free_ids = [b.block_id for b in bm._free]
+    evictable_ids = list(bm._evictable)
+    owners: dict[int, int] = {}
+    for table in bm._tables.values():
+        for b in table:
+            owners[b.block_id] = owners.get(b.block_id, 0) + 1
+    assert len(set(free_ids)) == len(free_ids)
+    assert not set(free_ids) & set(evictable_ids), "a block is both free and evictable"
+    assert not (set(free_ids) | set(evictable_ids)) & set(owners), "a block is both free and owned"
+    assert len(free_ids) + len(evictable_ids) + len(owners) == bm.num_total_blocks
+    for b in bm._blocks:
+        assert b.ref_count >= 0
+        assert b.ref_count == owners.get(b.block_id, 0)
+        if b.block_id in evictable_ids:
+            assert b.block_hash is not None and bm._cached[b.block_hash] is b
+        if b.block_id in free_ids:
+            assert b.block_hash is None
+    for h, b in bm._cached.items():
+        assert b.block_hash == h
+
+
+def test_fresh_allocation_hands_out_ids_in_order():
+    bm = BlockManager(8, BS)
+    assert admit(bm, "a", list(range(10)))[0] == [0, 1, 2]
+    assert admit(bm, "b", list(range(100, 105)))[0] == [3, 4]
+    assert ref_counts(bm) == [1, 1, 1, 1, 1, 0, 0, 0]
+    assert bm.num_free_blocks == 3
+    check_invariants(bm)
+
+
+def test_allocation_is_all_or_nothing():
+    bm = BlockManager(3, BS)
+    assert not bm.allocate(RequestId("a"), 13)  # needs 4 blocks
+    assert bm.num_free_blocks == 3 and not bm.holds(RequestId("a"))
+    assert bm.allocate(RequestId("a"), 12)
+    assert not bm.allocate(RequestId("a"), 13)
+    assert bm.block_ids(RequestId("a")) == [0, 1, 2]
+
+
+def test_block_tables_are_append_only():
+    bm = BlockManager(8, BS)
+    assert bm.allocate(RequestId("a"), 3)
+    assert bm.block_ids(RequestId("a")) == [0]
+    assert bm.allocate(RequestId("b"), 4)
+    assert bm.allocate(RequestId("a"), 9)
+    assert bm.block_ids(RequestId("a")) == [0, 2, 3]
+
+
+def test_prefix_hit_shares_blocks_and_counts_refs():
+    bm = BlockManager(8, BS)
+    prompt = list(range(12))
+    ids_a, cached_a = admit(bm, "a", prompt)
+    ids_b, cached_b = admit(bm, "b", prompt[:8] + [99, 98, 97])
+    assert cached_a == 0
+    assert cached_b == 8
+    assert ids_b[:2] == ids_a[:2] == [0, 1]
+    assert ids_b[2] == 3
+    assert ref_counts(bm)[:4] == [2, 2, 1, 1]
+    assert (bm.stats.queries, bm.stats.hits) == (12 + 11, 8)
+    check_invariants(bm)
+
+
+def test_hit_never_covers_the_last_prompt_token():
+    bm = BlockManager(8, BS)
+    prompt = list(range(8))
+    admit(bm, "a", prompt)
+    bm.free(RequestId("a"))
+    # Both blocks are cached, but the second holds the last token: only the first is reused.
+    hashes = HASHER.hash_prompt(prompt)
+    assert bm.find_cached_prefix(hashes, 8).num_tokens == 4
+    assert bm.find_cached_prefix(hashes, 9).num_tokens == 8
+
+
+def test_hit_stops_at_first_miss_and_respects_salt():
+    bm = BlockManager(8, BS)
+    prompt = list(range(12))
+    admit(bm, "a", prompt)
+    changed = prompt[:4] + [0] + prompt[5:] + [1]
+    assert bm.find_cached_prefix(HASHER.hash_prompt(changed), 13).num_tokens == 4
+    salted = HASHER.hash_prompt(prompt + [1], cache_salt="tenant-b")
+    assert bm.find_cached_prefix(salted, 13).num_tokens == 0
+
+
+def test_free_keeps_cached_blocks_and_evicts_tail_first():
+    bm = BlockManager(4, BS)
+    admit(bm, "a", list(range(12)))  # blocks 0, 1, 2 cached
+    bm.free(RequestId("a"))
+    assert ref_counts(bm) == [0, 0, 0, 0]
+    assert bm.num_cached_blocks == 3 and bm.num_free_blocks == 4
+    # Never-cached block 3 goes first; then cached blocks, deepest (2) first, shared head last.
+    assert bm.allocate(RequestId("b"), 4)
+    assert bm.block_ids(RequestId("b")) == [3]
+    assert bm.allocate(RequestId("c"), 4)
+    assert bm.block_ids(RequestId("c")) == [2]
+    assert bm.allocate(RequestId("d"), 4)
+    assert bm.block_ids(RequestId("d")) == [1]
+    assert bm.num_cached_blocks == 1
+    check_invariants(bm)
+
+
+def test_lru_order_follows_release_time():
+    bm = BlockManager(4, BS)
+    admit(bm, "a", list(range(4)) + [7])  # block 0 cached (a's 2nd block is partial)
+    admit(bm, "b", list(range(100, 104)) + [7])  # block 2 cached
+    bm.free(RequestId("b"))
+    bm.free(RequestId("a"))
+    # Uncached partial blocks 3, 1 are reused first, then LRU: b's block 2 before a's block 0.
+    order = []
+    for i in range(4):
+        assert bm.allocate(RequestId(f"x{i}"), 1)
+        order += bm.block_ids(RequestId(f"x{i}"))
+    assert order == [3, 1, 2, 0]
+
+
+def test_reusing_an_evictable_block_removes_it_from_the_free_count():
+    bm = BlockManager(3, BS)
+    prompt = list(range(9))
+    admit(bm, "a", prompt)
+    bm.free(RequestId("a"))
+    assert bm.num_free_blocks == 3
+    ids, cached = admit(bm, "b", prompt)
+    assert cached == 8 and ids == [0, 1, 2]
+    assert bm.num_free_blocks == 0
+    check_invariants(bm)
+
+
+def test_allocation_counts_idle_prefix_blocks_as_taken():
+    bm = BlockManager(3, BS)
+    prompt = list(range(9))
+    admit(bm, "a", prompt)
+    bm.free(RequestId("a"))
+    hashes = HASHER.hash_prompt(prompt)
+    prefix = bm.find_cached_prefix(hashes, 9)
+    assert prefix.num_tokens == 8
+    # 2 idle prefix blocks + 2 new ones > 3 free: refused without side effects.
+    assert not bm.allocate(RequestId("b"), 16, prefix)
+    assert bm.num_free_blocks == 3 and ref_counts(bm) == [0, 0, 0]
+    check_invariants(bm)
+
+
+def test_duplicate_content_stays_private():
+    bm = BlockManager(8, BS)
+    prompt = list(range(8)) + [5]
+    hashes = HASHER.hash_prompt(prompt)
+    # Both admitted before either computed anything: no hit for the second.
+    assert bm.allocate(RequestId("a"), 9, bm.find_cached_prefix(hashes, 9))
+    assert bm.allocate(RequestId("b"), 9, bm.find_cached_prefix(hashes, 9))
+    bm.cache_full_blocks(RequestId("a"), hashes, 9)
+    bm.cache_full_blocks(RequestId("b"), hashes, 9)
+    assert bm.num_cached_blocks == 2
+    bm.free(RequestId("b"))
+    assert [b.block_id for b in bm._free][-3:] == [5, 4, 3]  # b's blocks went back uncached
+    check_invariants(bm)
+
+
+def test_only_computed_blocks_are_cached():
+    bm = BlockManager(8, BS)
+    tokens = list(range(12))
+    hashes = HASHER.hash_prompt(tokens)
+    assert bm.allocate(RequestId("a"), 6)
+    bm.cache_full_blocks(RequestId("a"), hashes, 6)
+    assert bm.num_cached_blocks == 1
+    assert bm.allocate(RequestId("a"), 12)
+    bm.cache_full_blocks(RequestId("a"), hashes, 12)
+    assert bm.num_cached_blocks == 3
+
+
+def test_events_report_stores_evictions_and_clears():
+    bm = BlockManager(2, BS, enable_kv_events=True)
+    h = HASHER.hash_prompt(list(range(8)))
+    admit(bm, "a", list(range(8)))
+    assert bm.take_events() == [BlocksStored(tuple(h))]
+    bm.free(RequestId("a"))
+    assert bm.allocate(RequestId("b"), 4)
+    assert bm.take_events() == [BlocksRemoved((h[1],))]
+    assert not bm.reset_prefix_cache()  # b holds a block
+    bm.free(RequestId("b"))
+    assert bm.reset_prefix_cache()
+    assert bm.take_events() == [CacheCleared()]
+    assert bm.num_cached_blocks == 0 and bm.take_events() == []
+
+
+def test_events_off_by_default():
+    bm = BlockManager(2, BS)
+    admit(bm, "a", list(range(8)))
+    assert bm.take_events() == []
+
+
+def test_prefix_caching_disabled_never_hits():
+    bm = BlockManager(4, BS, enable_prefix_caching=False)
+    admit(bm, "a", list(range(9)))
+    bm.free(RequestId("a"))
+    _, cached = admit(bm, "b", list(range(9)))
+    assert cached == 0 and bm.num_cached_blocks == 0
+
+
+class AllocatorMachine(RuleBasedStateMachine):
+    """Random admissions, growth, caching and frees keep every invariant."""
+
+    def __init__(self):
+        super().__init__()
+        self.bm = BlockManager(12, BS, enable_kv_events=True)
+        self.live: dict[str, list[int]] = {}
+        self.computed: dict[str, int] = {}
+        self.n = 0
+
+    @rule(prefix=st.sampled_from([[], [1, 2, 3, 4], [1, 2, 3, 4, 5, 6, 7, 8]]), extra=st.integers(1, 12))
+    def admit(self, prefix, extra):
+        rid = f"r{self.n}"
+        self.n += 1
+        tokens = prefix + [self.n * 100 + i for i in range(extra)]
+        hashes = HASHER.hash_prompt(tokens)
+        cached = self.bm.find_cached_prefix(hashes, len(tokens))
+        if self.bm.allocate(RequestId(rid), len(tokens), cached):
+            self.live[rid] = tokens
+            self.computed[rid] = cached.num_tokens
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def compute(self, data):
+        rid = data.draw(st.sampled_from(sorted(self.live)))
+        tokens = self.live[rid]
+        self.computed[rid] = len(tokens)
+        self.bm.cache_full_blocks(RequestId(rid), HASHER.hash_prompt(tokens), len(tokens))
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data(), more=st.integers(1, 6))
+    def grow(self, data, more):
+        rid = data.draw(st.sampled_from(sorted(self.live)))
+        if self.bm.allocate(RequestId(rid), len(self.live[rid]) + more):
+            self.live[rid] = self.live[rid] + [7] * more
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def free(self, data):
+        rid = data.draw(st.sampled_from(sorted(self.live)))
+        self.bm.free(RequestId(rid))
+        del self.live[rid]
+
+    @invariant()
+    def consistent(self):
+        check_invariants(self.bm)
+
+    def teardown(self):
+        for rid in list(self.live):
+            self.bm.free(RequestId(rid))
+        assert self.bm.num_free_blocks == self.bm.num_total_blocks
+        check_invariants(self.bm)
+
+
+TestAllocatorMachine = AllocatorMachine.TestCase
+TestAllocatorMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)

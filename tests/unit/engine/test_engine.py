@@ -1,0 +1,231 @@
+"""LLMEngine / LLM behaviour: validation, abort, stop strings, streaming, seeds, priorities."""
+
+import pydantic
+import pytest
+
+from tandem.engine import LLM, EngineConfig, LLMEngine, OutputKind, SamplingParams
+from tandem.errors import InvalidRequest, RequestTooLarge
+
+
+@pytest.fixture(scope="module")
+def llm(llama_dir):
+    return LLM(llama_dir, num_kv_blocks=64, max_model_len=512)
+
+
+def assert_clean(engine: LLMEngine):
+    stats = engine.get_stats()
+    assert stats.num_running == 0 and stats.num_waiting == 0
+    assert stats.num_free_blocks == stats.num_total_blocks
+    assert not engine.has_unfinished_requests()
+    assert engine._states == {}
+
+
+def prompt_ids(n, start=10):
+    return [start + (i * 7) % 300 for i in range(n)]
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        (dict(temperature=-0.5), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(top_k=0), "top_k"),
+        (dict(min_p=2.0), "min_p"),
+        (dict(presence_penalty=3.0), "presence_penalty"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(min_tokens=20, max_tokens=10), "min_tokens"),
+        (dict(logprobs=50), "logprobs"),
+        (dict(stop=[""]), "stop"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(max_tokens=2.5), "max_tokens"),
+    ],
+)
+def test_invalid_sampling_values_name_the_field(kwargs, param):
+    with pytest.raises(InvalidRequest) as e:
+        SamplingParams(**kwargs)
+    assert e.value.param == param
+    assert param in str(e.value)
+    assert isinstance(e.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    "prompt, params, param, exc",
+    [
+        ("", SamplingParams(), "prompt", InvalidRequest),
+        ([], SamplingParams(), "prompt", InvalidRequest),
+        ([5, 10**9], SamplingParams(), "prompt", InvalidRequest),
+        ([5, -1], SamplingParams(), "prompt", InvalidRequest),
+        (prompt_ids(512), SamplingParams(), "prompt", RequestTooLarge),
+        (prompt_ids(500), SamplingParams(max_tokens=20), "max_tokens", RequestTooLarge),
+        (12, SamplingParams(), "prompt", InvalidRequest),
+    ],
+)
+def test_bad_requests_are_refused_and_hold_nothing(llm, prompt, params, param, exc):
+    with pytest.raises(exc) as e:
+        llm.engine.add_request("bad", prompt, params)
+    assert e.value.param == param
+    assert_clean(llm.engine)
+
+
+def test_request_larger_than_the_kv_pool_is_refused(llama_dir):
+    engine = LLM(llama_dir, num_kv_blocks=4).engine  # 64 tokens of KV
+    with pytest.raises(RequestTooLarge, match="needs 5 KV blocks but the pool holds 4"):
+        engine.add_request("big", prompt_ids(60), SamplingParams(max_tokens=6))
+    engine.add_request("fits", prompt_ids(60), SamplingParams(max_tokens=5))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert_clean(engine)
+
+
+def test_duplicate_request_id_and_bad_priority(llm):
+    llm.engine.add_request("dup", [5, 6], SamplingParams(max_tokens=1))
+    with pytest.raises(InvalidRequest, match="already in use"):
+        llm.engine.add_request("dup", [5, 6], SamplingParams(max_tokens=1))
+    with pytest.raises(InvalidRequest):
+        llm.engine.add_request("p", [5, 6], SamplingParams(), priority="high")
+    llm.engine.abort_request("dup")
+    assert_clean(llm.engine)
+
+
+def test_generate_with_one_bad_prompt_generates_nothing(llm):
+    with pytest.raises(InvalidRequest):
+        llm.generate(["fine prompt", "", "another"], SamplingParams(max_tokens=2))
+    assert_clean(llm.engine)
+    with pytest.raises(InvalidRequest, match="one entry per prompt"):
+        llm.generate(["a", "b"], [SamplingParams()])
+
+
+def test_engine_config_validation(llama_dir):
+    with pytest.raises(pydantic.ValidationError, match="block_size"):
+        EngineConfig(model=str(llama_dir), block_size=0)
+    with pytest.raises(pydantic.ValidationError, match="unknown scheduling policy"):
+        EngineConfig(model=str(llama_dir), scheduling_policy="random")
+    with pytest.raises(pydantic.ValidationError, match="step_policy"):
+        EngineConfig(model=str(llama_dir), step_policy="sideways")
+    with pytest.raises(pydantic.ValidationError, match="Extra inputs"):
+        EngineConfig(model=str(llama_dir), no_such_option=1)
+
+
+# ---- abort -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("steps_before_abort", [0, 1, 2, 3, 5, 8, 13])
+def test_abort_at_any_point_frees_everything(llama_dir, steps_before_abort):
+    # Small pool and budget: requests are mid-chunk, decoding, preempted or waiting when aborted.
+    engine = LLM(llama_dir, num_kv_blocks=12, max_num_batched_tokens=24).engine
+    for i, n in enumerate([40, 70, 9, 33, 55]):
+        engine.add_request(f"r{i}", prompt_ids(n, start=5 + i), SamplingParams(max_tokens=40, ignore_eos=True))
+    for _ in range(steps_before_abort):
+        engine.step()
+    finals = [engine.abort_request(f"r{i}") for i in range(5)]
+    assert all(f is not None and f.finished for f in finals)
+    assert {f.outputs[0].finish_reason for f in finals} == {"abort"}
+    assert engine.abort_request("r0") is None  # already gone
+    assert_clean(engine)
+    assert engine.step() == []
+
+
+# ---- text, stop strings, streaming -------------------------------------------------------------
+
+
+def test_text_is_the_decoded_tokens(llm):
+    out = llm.generate(["The router assigns each request"], SamplingParams(temperature=0, max_tokens=30))[0]
+    comp = out.outputs[0]
+    assert comp.text == llm.tokenizer.decode(comp.token_ids)
+    assert out.prompt == "The router assigns each request"
+
+
+def test_stop_string_truncates_text(llm):
+    base = llm.generate(["KV pages stream"], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0]
+    text = base.outputs[0].text
+    stop = text[6:9]
+    assert len(stop) == 3 and stop.strip()
+    first = text.find(stop)
+    out = llm.generate(["KV pages stream"], SamplingParams(temperature=0, max_tokens=30, stop=[stop]))[0]
+    comp = out.outputs[0]
+    assert comp.finish_reason == "stop" and comp.stop_reason == stop
+    assert comp.text == text[:first]
+    assert len(comp.token_ids) < 30
+    incl = llm.generate(
+        ["KV pages stream"],
+        SamplingParams(temperature=0, max_tokens=30, stop=[stop], include_stop_str_in_output=True),
+    )[0]
+    assert incl.outputs[0].text == text[: first + len(stop)]
+
+
+def test_delta_outputs_concatenate_to_the_final_output(llm):
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=25, ignore_eos=True, logprobs=2)
+    engine.add_request("d", "Continuous batching over a paged cache", params, output_kind=OutputKind.DELTA)
+    text, tokens, lps, n_outputs = "", [], [], 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            n_outputs += 1
+            text += out.outputs[0].text
+            tokens += out.outputs[0].token_ids
+            lps += out.outputs[0].logprobs
+            last = out
+    assert last.finished and n_outputs == 25
+    final = llm.generate(["Continuous batching over a paged cache"], params)[0].outputs[0]
+    assert (text, tokens) == (final.text, final.token_ids)
+    assert [lp.token_id for lp in lps] == tokens == [lp.token_id for lp in final.logprobs]
+    assert_clean(engine)
+
+
+def test_streaming_holds_back_a_possible_stop_string(llm):
+    """Unfinished outputs never show the last len(stop)-1 characters; the final one shows all."""
+    engine = llm.engine
+    stop = "\x00never\x00"  # 8 characters that the model will not produce
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[stop])
+    engine.add_request("h", "Prefix caching", params, output_kind=OutputKind.CUMULATIVE)
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    assert len(outputs) == 30
+    for out in outputs:
+        full = llm.tokenizer.decode(out.outputs[0].token_ids)
+        expected = full if out.finished else full[: max(0, len(full) - (len(stop) - 1))]
+        assert out.outputs[0].text == expected
+    assert outputs[-1].finished and len(outputs[-1].outputs[0].text) > len(stop)
+
+
+# ---- sampling through the engine ---------------------------------------------------------------
+
+
+def test_seeded_sampling_is_reproducible_across_batches_and_preemption(llama_dir):
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=30, ignore_eos=True)
+    others = SamplingParams(temperature=1.0, max_tokens=30, ignore_eos=True)
+    big = LLM(llama_dir, num_kv_blocks=256)
+    alone = big.generate(["seeded prompt"], params)[0].outputs[0].token_ids
+    batch = big.generate(["other one", "seeded prompt", "x y z"], [others, params, others])
+    assert batch[1].outputs[0].token_ids == alone
+    small = LLM(llama_dir, num_kv_blocks=6, max_num_seqs=4)
+    prompts = ["seeded prompt", "a b c d e f g h i j", "k l m n o p", "q r s t u v w x"]
+    outs = small.generate(prompts, [params, others, others, others], priorities=[9, 0, 0, 0])
+    assert small.engine.get_stats().num_preemptions > 0
+    assert outs[0].outputs[0].token_ids == alone
+    other_seed = big.generate(["seeded prompt"], SamplingParams(temperature=1.0, seed=8, max_tokens=30))
+    assert other_seed[0].outputs[0].token_ids != alone
+
+
+def test_priorities_decide_admission_order(llama_dir):
+    llm = LLM(llama_dir, num_kv_blocks=64, max_num_seqs=1, scheduling_policy="priority")
+    outs = llm.generate(["first", "second", "third"], SamplingParams(max_tokens=3), priorities=[2, 0, 1])
+    order = sorted(range(3), key=lambda i: outs[i].metrics.first_scheduled_time)
+    assert order == [1, 2, 0]
+
+
+def test_chat_uses_the_template(llm):
+    out = llm.chat([{"role": "user", "content": "hello"}], SamplingParams(max_tokens=2))[0]
+    rendered = llm.tokenizer.decode(out.prompt_token_ids, skip_special_tokens=False)
+    assert rendered == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_single_prompt_forms(llm):
+    assert len(llm.generate("one string", SamplingParams(max_tokens=1))) == 1
+    assert len(llm.generate([5, 6, 7], SamplingParams(max_tokens=1))) == 1
