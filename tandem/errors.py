@@ -44,3 +44,11 @@ class UpstreamUnavailable(TandemError):
 
 class KVTransferError(TandemError):
     """A KV page stream was short, corrupt or for another model (gRPC DATA_LOSS / FAILED_PRECONDITION)."""
+
+
+class KVFingerprintMismatch(KVTransferError):
+    """KV pages were computed by another model, dtype or layout (gRPC FAILED_PRECONDITION)."""
+
+
+class RequestCancelled(TandemError):
+    """The request was cancelled (client gone, deadline passed); nothing to report to anyone."""

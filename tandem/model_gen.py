@@ -3,7 +3,9 @@
 Tests and ``tandem up`` use it because nothing may be downloaded from a model hub. The weights
 come from ``transformers``' own model classes (``save_pretrained``), so the directory is
 byte-for-byte what a Hugging Face checkpoint looks like; the byte-level BPE tokenizer is trained
-in about a second with ``tokenizers`` on text that ships inside this package (its own sources).
+in about a second with ``tokenizers`` on text that ships inside this package (the Apache-2.0
+licence text in ``tandem/assets/``, fixed so that a given seed gives the same model in every
+version).
 """
 
 import logging
@@ -70,11 +72,12 @@ class ModelGenOptions(BaseModel):
         print(f"wrote a tiny {self.arch} model to {path}")
 
 
+CORPUS = Path(__file__).resolve().parent / "assets" / "tokenizer_corpus.txt"
+
+
 def _corpus() -> list[str]:
-    """Training text for the tokenizer: the sources shipped in this package, deterministic per version."""
-    root = Path(__file__).resolve().parent
-    files = sorted(p for p in root.rglob("*") if p.suffix in (".py", ".md", ".txt") and p.is_file())
-    return [p.read_text(encoding="utf-8", errors="replace") for p in files]
+    """Training text for the tokenizer, one paragraph per item."""
+    return [p for p in CORPUS.read_text(encoding="utf-8").split("\n\n") if p.strip()]
 
 
 def train_tokenizer(vocab_size: int):

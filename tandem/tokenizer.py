@@ -40,9 +40,11 @@ class Tokenizer:
         return bool(getattr(self._hf, "chat_template", None))
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text`` (with the tokenizer's BOS etc. when ``add_special_tokens``)."""
         return list(self._hf.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        """Text of ``token_ids`` (invalid UTF-8 becomes U+FFFD)."""
         return self._hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
     def token_text(self, token_id: int) -> str:
@@ -79,22 +81,30 @@ class Tokenizer:
         """Token ids of a rendered conversation (the template writes any BOS itself)."""
         return self.encode(self.render_chat(messages, **kwargs), add_special_tokens=False)
 
-    def decode_stream(self, *, skip_special_tokens: bool = True) -> "StreamDecoder":
-        return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
+    def decode_stream(
+        self, *, skip_special_tokens: bool = True, prompt_token_ids: Sequence[int] = ()
+    ) -> "StreamDecoder":
+        """An incremental decoder for the tokens that continue ``prompt_token_ids``."""
+        return StreamDecoder(self, skip_special_tokens=skip_special_tokens, context=prompt_token_ids)
 
 
 class StreamDecoder:
     """Incremental detokenizer: feed tokens one at a time, get text as soon as it is complete.
 
-    Holds back partial UTF-8 sequences; the concatenation of everything it returns equals
-    ``tokenizer.decode(all_token_ids)``.
+    Holds back partial UTF-8 sequences. Primed with the end of the prompt, so that tokenizers
+    whose decoders treat the first token specially (SentencePiece's leading space) render a
+    continuation as it reads after the prompt: " Paris", not "Paris".
     """
 
-    def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool) -> None:
+    CONTEXT_TOKENS = 6
+
+    def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool, context: Sequence[int] = ()) -> None:
         from tokenizers.decoders import DecodeStream
 
         self._backend = tokenizer.backend
         self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        for token_id in list(context)[-self.CONTEXT_TOKENS :]:
+            self._stream.step(self._backend, token_id)
 
     def step(self, token_id: int) -> str:
         return self._stream.step(self._backend, token_id) or ""

@@ -27,6 +27,8 @@ from tandem.kv.hashing import BlockHash
 
 @dataclass(slots=True, eq=False)
 class KVBlock:
+    """One physical block: its id, how many requests hold it, and its hash once cached."""
+
     block_id: BlockId
     ref_count: int = 0
     block_hash: BlockHash | None = None
@@ -99,6 +101,7 @@ class BlockManager:
         return 1.0 - self.num_free_blocks / self.num_total_blocks
 
     def blocks_needed(self, num_tokens: int) -> int:
+        """Blocks that hold ``num_tokens`` tokens."""
         return math.ceil(num_tokens / self.block_size)
 
     def block_ids(self, request_id: RequestId) -> list[BlockId]:
@@ -106,6 +109,7 @@ class BlockManager:
         return [b.block_id for b in self._tables.get(request_id, ())]
 
     def holds(self, request_id: RequestId) -> bool:
+        """Whether the request currently owns a block table."""
         return request_id in self._tables
 
     # ---- prefix cache -----------------------------------------------------------------------
@@ -172,12 +176,20 @@ class BlockManager:
     # ---- allocation -------------------------------------------------------------------------
 
     def allocate(
-        self, request_id: RequestId, num_tokens: int, cached_prefix: CachedPrefix | None = None
+        self,
+        request_id: RequestId,
+        num_tokens: int,
+        cached_prefix: CachedPrefix | None = None,
+        *,
+        keep_free: int = 0,
+        record_stats: bool = False,
     ) -> bool:
         """Grow the request's block table to hold ``num_tokens`` tokens; all or nothing.
 
         ``cached_prefix`` is given on a request's first allocation only: its blocks become the
-        head of the table (shared, ref count + 1) and the lookup counts toward the hit rate.
+        head of the table (shared, ref count + 1). ``record_stats`` counts the lookup toward the
+        hit rate (once per request: re-admissions after preemption would inflate it).
+        ``keep_free`` blocks must remain free afterwards (admission headroom).
 
         Returns:
             False, changing nothing, when too few blocks are free.
@@ -189,12 +201,12 @@ class BlockManager:
         need = max(0, self.blocks_needed(num_tokens) - have)
         # Idle prefix blocks sit in the evictable set: taking them makes them unavailable too.
         idle_prefix = sum(1 for b in prefix if b.ref_count == 0)
-        if need + idle_prefix > self.num_free_blocks:
+        if need + idle_prefix + keep_free > self.num_free_blocks:
             return False
         if table is None:
             table = self._tables[request_id] = []
             self._num_hashed[request_id] = len(prefix)
-            if cached_prefix is not None:
+            if cached_prefix is not None and record_stats:
                 self.stats.queries += cached_prefix.num_query_tokens
                 self.stats.hits += cached_prefix.num_tokens
         for block in prefix:

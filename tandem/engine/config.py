@@ -9,18 +9,17 @@ mutated after construction.
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 StepPolicy = Literal["decode-first", "prefill-first"]
 
 
-class EngineConfig(BaseModel):
-    """Everything that shapes one engine instance."""
+class EngineOptions(BaseModel):
+    """The engine's tunables. Service settings inherit these fields, so they become flat CLI
+    flags and ``TANDEM_<SERVICE>_*`` variables of the prefill and decode services."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
-    model: str
-    """Path of a Hugging Face model directory (config.json, *.safetensors, tokenizer.json)."""
     device: str = "cpu"
     """torch device: "cpu", "cuda" or "cuda:N"."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -59,6 +58,26 @@ class EngineConfig(BaseModel):
         get_scheduling_policy(name)
         return name
 
+    @model_validator(mode="after")
+    def _budget_covers_batch(self):
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                f"max_num_seqs ({self.max_num_seqs}): every running sequence needs a token per step"
+            )
+        return self
+
+    def engine_options(self) -> dict:
+        """These fields as keyword arguments (for ``EngineConfig(model=..., **options)``)."""
+        return {name: getattr(self, name) for name in EngineOptions.model_fields}
+
+
+class EngineConfig(EngineOptions):
+    """Everything that shapes one engine instance."""
+
+    model: str
+    """Path of a Hugging Face model directory (config.json, *.safetensors, tokenizer.json)."""
+
 
 @dataclass(slots=True, frozen=True)
 class ResolvedLimits:
@@ -78,5 +97,3 @@ class SchedulerConfig:
     enable_prefix_caching: bool
     scheduling_policy: str
     step_policy: StepPolicy
-    block_size: int
-    num_kv_blocks: int

@@ -71,10 +71,17 @@ class LLM:
 
     def _run(self, ids: list[str]) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
-        while len(done) < len(ids):
-            for out in self.engine.step():
-                if out.finished:
-                    done[out.request_id] = out
+        try:
+            while len(done) < len(ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+        except BaseException:
+            # Interrupted (KeyboardInterrupt, a failed step): leave nothing behind in the engine.
+            for rid in ids:
+                if rid not in done:
+                    self.engine.abort_request(rid)
+            raise
         return [done[rid] for rid in ids]
 
     @staticmethod

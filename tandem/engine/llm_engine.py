@@ -19,8 +19,8 @@ from tandem.engine.runner import ModelRunner
 from tandem.engine.sampling_params import SamplingParams
 from tandem.engine.scheduler import Scheduler
 from tandem.engine.sequence import Sequence, SequenceStatus
-from tandem.errors import InvalidRequest, ModelLoadError, RequestTooLarge
-from tandem.ids import RequestId
+from tandem.errors import CapacityExceeded, InvalidRequest, ModelLoadError, RequestTooLarge, TandemError
+from tandem.ids import BlockId, RequestId
 from tandem.kv.events import KVEvent
 from tandem.kv.fingerprint import ModelFingerprint
 from tandem.kv.hashing import BlockHasher
@@ -32,8 +32,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass(slots=True, frozen=True)
 class EngineStats:
+    """A snapshot of the engine's queues, KV pool and counters (token counters are cumulative)."""
+
     num_running: int
     num_waiting: int
+    num_waiting_for_kv: int
+    num_queued_prefill_tokens: int
     num_free_blocks: int
     num_total_blocks: int
     num_cached_blocks: int
@@ -43,7 +47,30 @@ class EngineStats:
     num_preemptions: int
 
 
+@dataclass(slots=True, frozen=True)
+class Reservation:
+    """Blocks a decode engine holds for a prompt whose KV a prefill pod will push."""
+
+    request_id: RequestId
+    block_ids: tuple[BlockId, ...]
+    num_cached_tokens: int
+    """Leading prompt tokens already in this engine's prefix cache (their blocks need no push)."""
+
+
+class EngineStepError(TandemError):
+    """The forward of a step failed; the requests of that step were aborted."""
+
+    def __init__(self, message: str, request_ids: list[str]) -> None:
+        super().__init__(message)
+        self.request_ids = request_ids
+
+
 class LLMEngine:
+    """One model instance: validates requests, schedules steps, runs them, emits outputs.
+
+    Single-threaded: drive it from one thread (the offline ``LLM`` or a service's EngineWorker).
+    """
+
     def __init__(self, config: EngineConfig, *, enable_kv_events: bool = False) -> None:
         self.config = config
         self.model_config = load_model_config(config.model)
@@ -52,9 +79,9 @@ class LLMEngine:
         if not eos and self.tokenizer.eos_token_id is not None:
             eos = (self.tokenizer.eos_token_id,)
         self.eos_token_ids: tuple[int, ...] = eos
-        self.runner = ModelRunner(config, self.model_config, eos)
-        self.limits = self._resolve_limits()
-        self.runner.allocate_kv_cache(self.limits.num_kv_blocks)
+        max_model_len = self._max_model_len()
+        self.runner = ModelRunner(config, self.model_config, eos, max_model_len)
+        self.limits = ResolvedLimits(num_kv_blocks=self.runner.kv_cache.num_blocks, max_model_len=max_model_len)
         mc = self.model_config
         self.fingerprint = ModelFingerprint(
             architecture=mc.architecture,
@@ -76,20 +103,22 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self._states: dict[RequestId, RequestState] = {}
         self._arrivals = itertools.count()
+        self.last_step_num_tokens = 0
+        """Tokens the latest step computed (0: nothing was schedulable)."""
         logger.info(
             "engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
             mc.architecture, config.device, self.fingerprint.dtype, self.limits.num_kv_blocks,
             config.block_size, self.limits.max_model_len,
         )
 
-    def _resolve_limits(self) -> ResolvedLimits:
+    def _max_model_len(self) -> int:
         model_max = self.model_config.max_position_embeddings
         max_len = self.config.max_model_len or model_max
         if max_len > model_max:
             raise ModelLoadError(
                 f"max_model_len {max_len} exceeds the model's max_position_embeddings {model_max}"
             )
-        return ResolvedLimits(num_kv_blocks=self.runner.num_kv_blocks_for(max_len), max_model_len=max_len)
+        return max_len
 
     def _scheduler_config(self) -> SchedulerConfig:
         c = self.config
@@ -100,8 +129,6 @@ class LLMEngine:
             enable_prefix_caching=c.enable_prefix_caching,
             scheduling_policy=c.scheduling_policy,
             step_policy=c.step_policy,
-            block_size=c.block_size,
-            num_kv_blocks=self.limits.num_kv_blocks,
         )
 
     # ---- requests ---------------------------------------------------------------------------
@@ -114,14 +141,15 @@ class LLMEngine:
             isinstance(t, int) and not isinstance(t, bool) for t in prompt
         ):
             ids = list(prompt)
-            vocab = self.model_config.vocab_size
-            bad = next((t for t in ids if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise InvalidRequest(f"prompt token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
         else:
             raise InvalidRequest("prompt must be a string or a list of token ids", param="prompt")
         if not ids:
             raise InvalidRequest("prompt is empty", param="prompt")
+        # Checked for text too: a tokenizer's added tokens can lie beyond the model's vocab.
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequest(f"prompt token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
         return ids
 
     def check_fits(self, num_prompt_tokens: int, params: SamplingParams) -> None:
@@ -151,6 +179,41 @@ class LLMEngine:
                 param="max_tokens",
             )
 
+    def _new_sequence(
+        self,
+        request_id: str,
+        prompt: str | SequenceABC[int],
+        params: SamplingParams,
+        priority: int,
+        cache_salt: str | None,
+        arrival_time: float | None,
+    ) -> Sequence:
+        if request_id in self._states:
+            raise InvalidRequest(f"request id {request_id!r} is already in use", param="request_id")
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequest("sampling params must be a SamplingParams", param="sampling_params")
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise InvalidRequest("priority must be an integer", param="priority")
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise InvalidRequest("cache_salt must be a non-empty string", param="cache_salt")
+        ids = self.tokenize_prompt(prompt)
+        self.check_fits(len(ids), params)
+        return Sequence(
+            RequestId(request_id),
+            ids,
+            params,
+            arrival_time=time.monotonic() if arrival_time is None else arrival_time,
+            arrival_index=next(self._arrivals),
+            priority=priority,
+            cache_salt=cache_salt,
+        )
+
+    def _track(self, seq: Sequence, prompt: str | SequenceABC[int], output_kind: OutputKind) -> None:
+        text = prompt if isinstance(prompt, str) else None
+        self._states[seq.request_id] = self.output_processor.new_state(
+            seq, output_kind, text, RequestMetrics(arrival_time=seq.arrival_time)
+        )
+
     def add_request(
         self,
         request_id: str,
@@ -168,31 +231,65 @@ class LLMEngine:
             InvalidRequest: bad prompt, parameters or duplicate id (``RequestTooLarge`` if it can
                 never fit).
         """
-        if request_id in self._states:
-            raise InvalidRequest(f"request id {request_id!r} is already in use", param="request_id")
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequest("sampling params must be a SamplingParams", param="sampling_params")
-        if not isinstance(priority, int) or isinstance(priority, bool):
-            raise InvalidRequest("priority must be an integer", param="priority")
-        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
-            raise InvalidRequest("cache_salt must be a non-empty string", param="cache_salt")
-        ids = self.tokenize_prompt(prompt)
-        self.check_fits(len(ids), params)
-        now = time.monotonic() if arrival_time is None else arrival_time
-        seq = Sequence(
-            RequestId(request_id),
-            ids,
-            params,
-            arrival_time=now,
-            arrival_index=next(self._arrivals),
-            priority=priority,
-            cache_salt=cache_salt,
-        )
-        text = prompt if isinstance(prompt, str) else None
-        self._states[seq.request_id] = self.output_processor.new_state(
-            seq, output_kind, text, RequestMetrics(arrival_time=now)
-        )
+        seq = self._new_sequence(request_id, prompt, params, priority, cache_salt, arrival_time)
+        self._track(seq, prompt, output_kind)
         self.scheduler.add(seq)
+
+    def reserve_remote_prefill(
+        self,
+        request_id: str,
+        prompt_token_ids: SequenceABC[int],
+        params: SamplingParams,
+        *,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        output_kind: OutputKind = OutputKind.DELTA,
+    ) -> Reservation:
+        """Admit a request whose prompt KV another engine computes: hold its blocks now.
+
+        Admission control for decode pods: the reservation either fits now, leaving one free
+        block per running sequence so they can keep growing, or is refused.
+
+        Raises:
+            InvalidRequest: as ``add_request``.
+            CapacityExceeded: not enough free KV blocks now (retry later or elsewhere).
+        """
+        seq = self._new_sequence(request_id, prompt_token_ids, params, priority, cache_salt, None)
+        if not self.scheduler.reserve(seq, keep_free=self.scheduler.num_growing):
+            need = self.block_manager.blocks_needed(seq.num_tokens)
+            raise CapacityExceeded(
+                f"no room for a {seq.num_tokens}-token prompt ({need} KV blocks): "
+                f"{self.block_manager.num_free_blocks} of {self.block_manager.num_total_blocks} blocks free"
+            )
+        self._track(seq, prompt_token_ids, output_kind)
+        block_ids = tuple(self.block_manager.block_ids(seq.request_id))
+        return Reservation(seq.request_id, block_ids, seq.num_computed_tokens)
+
+    def complete_remote_prefill(
+        self,
+        request_id: str,
+        first_token_id: int,
+        *,
+        logprob: TokenLogprob | None = None,
+        num_cached_tokens: int = 0,
+    ) -> list[RequestOutput]:
+        """The reserved blocks now hold the prompt's KV and its first token was sampled remotely.
+
+        The sequence joins the decode batch (or finishes, if the first token ends it). Returns
+        the output for the first token.
+        """
+        state = self._states.get(RequestId(request_id))
+        if state is None or state.seq.status != SequenceStatus.WAITING_FOR_KV:
+            raise InvalidRequest(f"request {request_id!r} is not waiting for KV", param="request_id")
+        seq = state.seq
+        if not 0 <= first_token_id < self.model_config.vocab_size:
+            raise InvalidRequest(f"first token id {first_token_id} is outside the vocabulary", param="first_token_id")
+        seq.num_cached_tokens = num_cached_tokens
+        state.metrics.first_scheduled_time = time.monotonic()
+        self.scheduler.complete_remote_prefill(seq, first_token_id)
+        self.runner.skip_sampling_draw(seq)
+        out = self._emit(seq, logprob)
+        return [out] if out is not None else []
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request wherever it is and free its blocks; returns its final output."""
@@ -203,14 +300,25 @@ class LLMEngine:
         self.runner.release(state.seq.request_id)
         return self.output_processor.make_output(state)
 
+    def request_ids(self) -> list[str]:
+        """Ids of every request the engine holds (queued, running or waiting for KV)."""
+        return list(self._states)
+
     def has_unfinished_requests(self) -> bool:
+        """Whether ``step`` has work (requests waiting for remote KV need none)."""
         return self.scheduler.has_unfinished
 
     # ---- one step ---------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling step and forward; return the outputs that are due."""
+        """Run one scheduling step and forward; return the outputs that are due.
+
+        Raises:
+            EngineStepError: the forward failed; the step's requests were aborted (the engine
+                stays usable for the others).
+        """
         sched = self.scheduler.schedule()
+        self.last_step_num_tokens = sched.num_batched_tokens
         if sched.is_empty:
             return []
         now = time.monotonic()
@@ -218,7 +326,14 @@ class LLMEngine:
             metrics = self._states[s.seq.request_id].metrics
             if metrics.first_scheduled_time is None:
                 metrics.first_scheduled_time = now
-        sampled, result = self.runner.execute(sched.scheduled)
+        try:
+            sampled, result = self.runner.execute(sched.scheduled)
+        except Exception as exc:
+            ids = [s.seq.request_id for s in sched.scheduled]
+            logger.exception("forward failed; aborting %d requests", len(ids))
+            for rid in ids:
+                self.abort_request(rid)
+            raise EngineStepError(f"the forward failed: {exc}", ids) from exc
         tokens: dict[RequestId, int] = {}
         logprobs: dict[RequestId, TokenLogprob] = {}
         if result is not None:
@@ -231,28 +346,36 @@ class LLMEngine:
         progressed = self.scheduler.update(sched, tokens)
         outputs = []
         for seq in progressed:
-            state = self._states[seq.request_id]
-            stop = self.output_processor.on_new_token(state, logprobs.get(seq.request_id))
-            if stop is not None:
-                if seq.is_finished:
-                    seq.status = stop  # a stop string outranks a simultaneous length stop
-                else:
-                    self.scheduler.finish(seq, stop)
-            out = self.output_processor.make_output(state)
+            out = self._emit(seq, logprobs.get(seq.request_id))
             if out is not None:
                 outputs.append(out)
-            if seq.is_finished:
-                del self._states[seq.request_id]
-                self.runner.release(seq.request_id)
         return outputs
+
+    def _emit(self, seq: Sequence, logprob: TokenLogprob | None) -> RequestOutput | None:
+        """Detokenize a sequence's new token, apply stop strings, build its output if due."""
+        state = self._states[seq.request_id]
+        stop = self.output_processor.on_new_token(state, logprob)
+        if stop is not None:
+            if seq.is_finished:
+                seq.status = stop  # a stop string outranks a simultaneous length stop
+            else:
+                self.scheduler.finish(seq, stop)
+        out = self.output_processor.make_output(state)
+        if seq.is_finished:
+            del self._states[seq.request_id]
+            self.runner.release(seq.request_id)
+        return out
 
     # ---- introspection ----------------------------------------------------------------------
 
     def get_stats(self) -> EngineStats:
+        """Queues, KV pool and counters right now."""
         bm = self.block_manager
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
+            num_waiting_for_kv=len(self.scheduler.waiting_for_kv),
+            num_queued_prefill_tokens=self.scheduler.num_queued_prefill_tokens,
             num_free_blocks=bm.num_free_blocks,
             num_total_blocks=bm.num_total_blocks,
             num_cached_blocks=bm.num_cached_blocks,
@@ -263,7 +386,13 @@ class LLMEngine:
         )
 
     def take_kv_events(self) -> list[KVEvent]:
+        """Prefix-cache events since the last call (with ``enable_kv_events``)."""
         return self.block_manager.take_events()
 
     def reset_prefix_cache(self) -> bool:
+        """Drop every cached block; only possible while no request holds blocks."""
         return self.block_manager.reset_prefix_cache()
+
+    def set_kv_layer_hook(self, hook) -> None:
+        """Let ``hook`` (a ``KVLayerHook``) see each layer's KV during the forward (prefill pods)."""
+        self.runner.set_kv_layer_hook(hook)

@@ -1,9 +1,13 @@
 """Output processor: detokenizes new tokens, applies stop strings, builds RequestOutputs.
 
 Stop strings are found in the text, not in tokens, so they are checked here; a hit finishes the
-sequence through the scheduler (which frees its blocks). While streaming, the last
-``len(longest stop string) - 1`` characters are held back so that a stop string's beginning is
-never sent to a client before it is known not to complete.
+sequence through the scheduler (which frees its blocks). Semantics follow vLLM:
+
+- stop strings only match text generated after ``min_tokens`` tokens;
+- the token that ended generation through EOS or ``stop_token_ids`` stays in ``token_ids`` but
+  not in the text (unless ``include_stop_str_in_output``);
+- while streaming, the last ``len(longest stop string) - 1`` characters are held back so that a
+  stop string's beginning is never sent before it is known not to complete.
 """
 
 import time
@@ -24,7 +28,7 @@ class RequestState:
     """Per-request output state: text so far, what was already sent, logprobs."""
 
     __slots__ = ("seq", "kind", "prompt", "decoder", "text", "sent_chars", "sent_tokens",
-                 "logprobs", "sent_logprobs", "hold_back", "metrics")
+                 "logprobs", "sent_logprobs", "hold_back", "stop_check_start", "metrics")
 
     def __init__(
         self, seq: Sequence, kind: OutputKind, prompt: str | None, decoder: StreamDecoder, metrics: RequestMetrics
@@ -38,19 +42,27 @@ class RequestState:
         self.sent_tokens = 0
         self.logprobs: list[TokenLogprob] | None = [] if seq.sampling_params.logprobs is not None else None
         self.sent_logprobs = 0
-        stops = seq.sampling_params.stop
-        self.hold_back = max((len(s) for s in stops), default=1) - 1
+        params = seq.sampling_params
+        longest = max((len(s) for s in params.stop), default=1)
+        self.hold_back = 0 if params.include_stop_str_in_output else longest - 1
+        self.stop_check_start = 0
+        """Stop strings may only start at or after this index (text after min_tokens tokens)."""
         self.metrics = metrics
 
 
 class OutputProcessor:
+    """Turns sequences' new tokens into text and RequestOutputs, per request output kind."""
+
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
 
     def new_state(
         self, seq: Sequence, kind: OutputKind, prompt: str | None, metrics: RequestMetrics
     ) -> RequestState:
-        decoder = self.tokenizer.decode_stream(skip_special_tokens=seq.sampling_params.skip_special_tokens)
+        decoder = self.tokenizer.decode_stream(
+            skip_special_tokens=seq.sampling_params.skip_special_tokens,
+            prompt_token_ids=seq.prompt_token_ids,
+        )
         return RequestState(seq, kind, prompt, decoder, metrics)
 
     def on_new_token(self, state: RequestState, logprob: TokenLogprob | None) -> SequenceStatus | None:
@@ -60,14 +72,18 @@ class OutputProcessor:
             state.metrics.first_token_time = time.monotonic()
         if state.logprobs is not None and logprob is not None:
             state.logprobs.append(logprob)
-        piece = state.decoder.step(seq.token_ids[-1])
-        if not piece:
-            return None
-        state.text += piece
         params = seq.sampling_params
-        if not params.stop:
+        stopped_by_token = seq.status == SequenceStatus.FINISHED_STOPPED
+        if stopped_by_token and not params.include_stop_str_in_output:
+            return None  # the EOS / stop token ends the text without appearing in it
+        piece = state.decoder.step(seq.token_ids[-1])
+        state.text += piece
+        if not params.stop or not piece:
             return None
-        hit = find_stop_string(state.text, len(piece), params.stop)
+        if seq.num_output_tokens <= params.min_tokens:
+            state.stop_check_start = len(state.text)
+            return None
+        hit = find_stop_string(state.text, len(piece), params.stop, min_start=state.stop_check_start)
         if hit is None:
             return None
         idx, stop = hit
@@ -83,10 +99,11 @@ class OutputProcessor:
             return None
         if finished and state.metrics.finished_time is None:
             state.metrics.finished_time = time.monotonic()
+        state.metrics.num_preemptions = seq.num_preemptions
         text_end = len(state.text) if finished else max(state.sent_chars, len(state.text) - state.hold_back)
         if state.kind is OutputKind.DELTA:
             text = state.text[state.sent_chars : text_end]
-            token_ids = seq.output_token_ids[state.sent_tokens :]
+            token_ids = seq.token_ids[seq.num_prompt_tokens + state.sent_tokens :]
             logprobs = state.logprobs[state.sent_logprobs :] if state.logprobs is not None else None
         else:
             text = state.text[:text_end]

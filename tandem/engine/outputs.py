@@ -33,10 +33,14 @@ class RequestMetrics:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
+    num_preemptions: int = 0
+    """Times the request was preempted and recomputed."""
 
 
 @dataclass(slots=True)
 class CompletionOutput:
+    """One completion of a request (Tandem generates one per request: index 0)."""
+
     index: int
     text: str
     token_ids: list[int]
@@ -49,6 +53,8 @@ class CompletionOutput:
 
 @dataclass(slots=True)
 class RequestOutput:
+    """What a request produced: cumulative, a delta or final, per its ``OutputKind``."""
+
     request_id: str
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]

@@ -8,6 +8,7 @@ on the device. It owns the weights, the KV cache and the per-request random gene
 
 import logging
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -36,8 +37,18 @@ def resolve_dtype(name: str, device: torch.device, model_dtype: str | None) -> t
     return torch.float16 if model_dtype == "float16" else torch.bfloat16
 
 
+class KVLayerHook(Protocol):
+    """Called during the forward each time another layer's KV is written (prefill pods)."""
+
+    def on_layers_computed(
+        self, scheduled: list[ScheduledSequence], num_layers_done: int, kv_cache: torch.Tensor
+    ) -> None: ...
+
+
 @dataclass(slots=True)
 class ForwardBatch:
+    """Device inputs of one step's forward."""
+
     input_ids: torch.Tensor
     positions: torch.Tensor
     attn: AttentionMetadata
@@ -50,8 +61,18 @@ class ForwardBatch:
 
 
 class ModelRunner:
+    """Owns the weights, the paged KV cache and the sampler of one engine.
+
+    Built whole: the model is loaded first, then the KV pool is sized from what memory is left
+    and allocated, so a constructed runner is ready to execute steps.
+    """
+
     def __init__(
-        self, config: EngineConfig, model_config: ModelConfig, eos_token_ids: tuple[int, ...]
+        self,
+        config: EngineConfig,
+        model_config: ModelConfig,
+        eos_token_ids: tuple[int, ...],
+        max_model_len: int,
     ) -> None:
         self.config = config
         self.model_config = model_config
@@ -65,13 +86,14 @@ class ModelRunner:
             config.model, model_config, self.backend, device=self.device, dtype=self.dtype
         )
         self.kv_spec = KVCacheSpec.for_model(model_config, config.block_size, self.dtype)
-        self.kv_cache: PagedKVCache | None = None
+        self.kv_cache = PagedKVCache(self.kv_spec, self._num_kv_blocks(max_model_len), self.device)
         self.sampler = Sampler(self.device, config.seed)
         self._generators: dict[RequestId, torch.Generator] = {}
+        self._kv_layer_hook: KVLayerHook | None = None
 
     # ---- memory -----------------------------------------------------------------------------
 
-    def num_kv_blocks_for(self, max_model_len: int) -> int:
+    def _num_kv_blocks(self, max_model_len: int) -> int:
         """KV pool size: explicit, else what the memory budget affords (never more than useful)."""
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks
@@ -94,8 +116,9 @@ class ModelRunner:
         # NOTE: a first estimate: the GPU budget minus weights and a reserve for activations of a
         # full step (hidden states, MLP intermediates and logits, with slack). The GPU issue
         # replaces this with a profiled forward.
+        torch.cuda.empty_cache()  # return blocks the caching allocator holds but does not use
         free, total = torch.cuda.mem_get_info(self.device)
-        used_by_others = total - free - torch.cuda.memory_allocated(self.device)
+        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
         cfg, mc = self.config, self.model_config
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         activations = 4 * cfg.max_num_batched_tokens * (
@@ -104,8 +127,9 @@ class ModelRunner:
         budget = int(total * cfg.gpu_memory_utilization) - used_by_others
         return budget - torch.cuda.memory_allocated(self.device) - activations
 
-    def allocate_kv_cache(self, num_blocks: int) -> None:
-        self.kv_cache = PagedKVCache(self.kv_spec, num_blocks, self.device)
+    def set_kv_layer_hook(self, hook: KVLayerHook | None) -> None:
+        """Have ``hook`` see each layer's KV as soon as the forward wrote it (prefill pods)."""
+        self._kv_layer_hook = hook
 
     # ---- one step ---------------------------------------------------------------------------
 
@@ -153,9 +177,16 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence]) -> tuple[list[ScheduledSequence], SamplerOutput | None]:
         """Run one step. Returns the sequences that sampled and their sampler output."""
-        assert self.kv_cache is not None, "allocate_kv_cache first"
         batch = self.prepare(scheduled)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_cache.tensor, batch.attn)
+        kv = self.kv_cache.tensor
+        hook = None
+        if self._kv_layer_hook is not None:
+            export = self._kv_layer_hook
+
+            def hook(n: int) -> None:
+                export.on_layers_computed(batch.order, n, kv)
+
+        hidden = self.model(batch.input_ids, batch.positions, kv, batch.attn, hook)
         if not batch.sampling:
             return [], None
         logits = self.model.compute_logits(hidden[batch.logits_indices])
@@ -165,12 +196,7 @@ class ModelRunner:
     def _sampling_row(self, s: ScheduledSequence) -> SamplingRow:
         seq = s.seq
         params = seq.sampling_params
-        generator = None
-        if params.seed is not None and not params.is_greedy:
-            generator = self._generators.get(seq.request_id)
-            if generator is None:
-                generator = torch.Generator(device=self.device).manual_seed(params.seed)
-                self._generators[seq.request_id] = generator
+        generator = self._generator_for(seq) if params.seed is not None and not params.is_greedy else None
         stop_ids: tuple[int, ...] = ()
         if seq.num_output_tokens < params.min_tokens:
             eos = () if params.ignore_eos else self.eos_token_ids
@@ -183,6 +209,24 @@ class ModelRunner:
             generator=generator,
             stop_ids_for_min_tokens=stop_ids,
         )
+
+    def _generator_for(self, seq) -> torch.Generator:
+        generator = self._generators.get(seq.request_id)
+        if generator is None:
+            generator = torch.Generator(device=self.device).manual_seed(seq.sampling_params.seed)
+            self._generators[seq.request_id] = generator
+        return generator
+
+    def skip_sampling_draw(self, seq) -> None:
+        """Advance a seeded request's generator past one sampling draw made elsewhere.
+
+        A decode pod continues a request whose first token a prefill pod sampled with the same
+        seed; skipping that draw makes the tokens identical to a colocated run.
+        """
+        params = seq.sampling_params
+        if params.seed is not None and not params.is_greedy:
+            vocab = self.model_config.vocab_size
+            torch.empty(vocab, device=self.device).exponential_(generator=self._generator_for(seq))
 
     def release(self, request_id: RequestId) -> None:
         """Forget a finished request's generator."""

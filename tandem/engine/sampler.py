@@ -34,6 +34,8 @@ class SamplerOutput:
 
 
 class Sampler:
+    """Batched sampling on the device, with one shared generator for unseeded rows."""
+
     def __init__(self, device: torch.device, seed: int) -> None:
         self.device = device
         self._generator = torch.Generator(device=device).manual_seed(seed)

@@ -35,14 +35,15 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     """Multiplicative penalty (HF/vLLM) over prompt and generated tokens, > 0."""
     stop: tuple[str, ...] = ()
-    """Stop strings; the text ends before the first one (unless include_stop_str_in_output)."""
+    """Stop strings; the text ends before the first one (unless include_stop_str_in_output).
+    Only text generated after min_tokens tokens is searched."""
     stop_token_ids: tuple[int, ...] = ()
-    """Tokens that end generation (kept in token_ids, not in the text when special)."""
+    """Tokens that end generation (kept in token_ids, left out of the text)."""
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     """Keep generating past EOS (benchmarks)."""
     min_tokens: int = 0
-    """EOS and stop tokens are suppressed until this many tokens exist."""
+    """EOS and stop tokens are suppressed, and stop strings ignored, until this many tokens exist."""
     logprobs: int | None = None
     """Return the sampled token's logprob and this many top alternatives (0: sampled only)."""
     skip_special_tokens: bool = True

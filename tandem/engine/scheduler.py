@@ -40,6 +40,8 @@ class ScheduledSequence:
 
 @dataclass(slots=True)
 class SchedulerOutput:
+    """One step's batch (what runs) and the sequences preempted to make room for it."""
+
     scheduled: list[ScheduledSequence] = field(default_factory=list)
     preempted: list[RequestId] = field(default_factory=list)
 
@@ -76,6 +78,8 @@ class Scheduler:
         self.policy = get_scheduling_policy(config.scheduling_policy)
         self.waiting = WaitingQueue(self.policy)
         self.running: list[Sequence] = []
+        self.waiting_for_kv: dict[RequestId, Sequence] = {}
+        """Sequences holding reserved blocks while their prompt's KV arrives (decode role)."""
         self.num_preemptions = 0
 
     # ---- queue management -------------------------------------------------------------------
@@ -91,14 +95,61 @@ class Scheduler:
             return
         if seq.request_id in self.waiting:
             self.waiting.remove(seq.request_id)
-        elif seq in self.running:
+        elif self.waiting_for_kv.pop(seq.request_id, None) is None and seq in self.running:
             self.running.remove(seq)
         self.block_manager.free(seq.request_id)
         seq.status = status
 
     @property
     def has_unfinished(self) -> bool:
+        """Whether a step has work; sequences waiting for remote KV need no step."""
         return bool(self.running) or len(self.waiting) > 0
+
+    @property
+    def num_queued_prefill_tokens(self) -> int:
+        """Prompt tokens admitted or waiting but not computed yet (a prefill pod's load)."""
+        queued = sum(s.num_uncomputed_tokens for s in self.waiting.unordered())
+        return queued + sum(
+            s.num_prompt_tokens - s.num_computed_tokens
+            for s in self.running
+            if s.num_computed_tokens < s.num_prompt_tokens
+        )
+
+    # ---- remote prefill (decode role) -------------------------------------------------------
+
+    def reserve(self, seq: Sequence, *, keep_free: int) -> bool:
+        """Hold blocks for ``seq``'s whole prompt now, reusing this engine's own cached prefix.
+
+        The caller pushes the remaining KV into ``block_manager.block_ids(seq)`` and then calls
+        ``complete_remote_prefill``. Returns False, holding nothing, if the pool is too full.
+        """
+        if self._hasher is not None:
+            self._hasher.extend(seq.block_hashes, seq.token_ids, seq.cache_salt)
+        prefix = self.block_manager.find_cached_prefix(seq.block_hashes, seq.num_tokens)
+        if not self.block_manager.allocate(
+            seq.request_id, seq.num_tokens, prefix, keep_free=keep_free, record_stats=True
+        ):
+            return False
+        seq.num_computed_tokens = prefix.num_tokens
+        seq.status = SequenceStatus.WAITING_FOR_KV
+        self.waiting_for_kv[seq.request_id] = seq
+        return True
+
+    def complete_remote_prefill(self, seq: Sequence, first_token: int) -> None:
+        """The prompt's KV is in place and its first token sampled remotely: queue for decode."""
+        del self.waiting_for_kv[seq.request_id]
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        seq.token_ids.append(first_token)
+        if self._hasher is not None:
+            self._hasher.extend(seq.block_hashes, seq.token_ids, seq.cache_salt)
+            self.block_manager.cache_full_blocks(seq.request_id, seq.block_hashes, seq.num_computed_tokens)
+        status = token_stop_status(seq, self._eos, self.config.max_model_len)
+        if status is not None:  # the first token already ends it (EOS, max_tokens=1, ...)
+            self.block_manager.free(seq.request_id)
+            seq.status = status
+            return
+        seq.status = SequenceStatus.WAITING
+        self.waiting.push(seq)
 
     # ---- one step ---------------------------------------------------------------------------
 
@@ -108,11 +159,26 @@ class Scheduler:
         out = SchedulerOutput()
         if self.config.step_policy == "decode-first":
             self._schedule_running(budget, out)
-            self._schedule_waiting(budget, out)
+            # A step that had to preempt admits nothing new: the victims would come straight
+            # back into the blocks they just released (thrash), as vLLM also avoids.
+            if not out.preempted:
+                self._schedule_waiting(budget, out, keep_free=0)
         else:
-            self._schedule_waiting(budget, out)
+            # Admissions leave one block per running sequence, so that the decodes scheduled
+            # after them can grow without preempting what was just admitted.
+            self._schedule_waiting(budget, out, keep_free=self.num_growing)
             self._schedule_running(budget, out)
         return out
+
+    @property
+    def num_growing(self) -> int:
+        """Sequences that hold blocks and may need one more this step (admission headroom)."""
+        return len(self.running) + self.num_held_waiting
+
+    @property
+    def num_held_waiting(self) -> int:
+        """Waiting sequences that already hold blocks (remote-prefilled, queued for decode)."""
+        return sum(1 for s in self.waiting.unordered() if self.block_manager.holds(s.request_id))
 
     def _schedule_running(self, budget: _Budget, out: SchedulerOutput) -> None:
         scheduled = {s.seq.request_id for s in out.scheduled}
@@ -130,22 +196,33 @@ class Scheduler:
             else:
                 self._add_scheduled(seq, num_new, budget, out)
 
-    def _schedule_waiting(self, budget: _Budget, out: SchedulerOutput) -> None:
+    def _schedule_waiting(self, budget: _Budget, out: SchedulerOutput, *, keep_free: int) -> None:
         bm = self.block_manager
         while budget.tokens > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting.peek()
             if seq is None:
                 break
-            if self._hasher is not None:
-                self._hasher.extend(seq.block_hashes, seq.token_ids, seq.cache_salt)
-            prefix = bm.find_cached_prefix(seq.block_hashes, seq.num_tokens)
-            num_new = min(seq.num_tokens - prefix.num_tokens, budget.tokens)
-            if not bm.allocate(seq.request_id, prefix.num_tokens + num_new, prefix):
-                break  # head-of-line: later sequences wait too, so order is kept
-            self.waiting.pop()
-            seq.num_computed_tokens = prefix.num_tokens
-            if seq.num_cached_tokens is None:
-                seq.num_cached_tokens = prefix.num_tokens
+            if bm.holds(seq.request_id):
+                # Its prompt's KV came from a prefill pod: the blocks are held, only decode is left.
+                num_new = min(seq.num_uncomputed_tokens, budget.tokens)
+                if not bm.allocate(seq.request_id, seq.num_computed_tokens + num_new):
+                    break
+                self.waiting.pop()
+            else:
+                if self._hasher is not None:
+                    self._hasher.extend(seq.block_hashes, seq.token_ids, seq.cache_salt)
+                prefix = bm.find_cached_prefix(seq.block_hashes, seq.num_tokens)
+                num_new = min(seq.num_tokens - prefix.num_tokens, budget.tokens)
+                first_admission = seq.num_cached_tokens is None
+                if not bm.allocate(
+                    seq.request_id, prefix.num_tokens + num_new, prefix,
+                    keep_free=keep_free, record_stats=first_admission,
+                ):
+                    break  # head-of-line: later sequences wait too, so order is kept
+                self.waiting.pop()
+                seq.num_computed_tokens = prefix.num_tokens
+                if first_admission:
+                    seq.num_cached_tokens = prefix.num_tokens
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             self._add_scheduled(seq, num_new, budget, out)

@@ -65,6 +65,7 @@ def register_scheduling_policy(policy: SchedulingPolicy) -> None:
 
 
 def get_scheduling_policy(name: str) -> SchedulingPolicy:
+    """The registered policy called ``name`` (ValueError listing the known ones otherwise)."""
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -90,20 +91,24 @@ class WaitingQueue:
         self._live: dict[RequestId, Sequence] = {}
 
     def push(self, seq: Sequence) -> None:
+        """Queue ``seq`` at its policy position."""
         self._live[seq.request_id] = seq
         heapq.heappush(self._heap, (self._policy.sort_key(seq), seq.arrival_index, seq))
 
     def peek(self) -> Sequence | None:
+        """The next sequence to admit, left in the queue."""
         self._drop_dead()
         return self._heap[0][2] if self._heap else None
 
     def pop(self) -> Sequence:
+        """Remove and return the next sequence to admit."""
         self._drop_dead()
         seq = heapq.heappop(self._heap)[2]
         del self._live[seq.request_id]
         return seq
 
     def remove(self, request_id: RequestId) -> Sequence | None:
+        """Take a sequence out wherever it is (lazily deleted from the heap)."""
         return self._live.pop(request_id, None)
 
     def _drop_dead(self) -> None:
@@ -116,6 +121,10 @@ class WaitingQueue:
 
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._live
+
+    def unordered(self) -> Iterator[Sequence]:
+        """Live sequences in no particular order (cheap)."""
+        return iter(self._live.values())
 
     def __iter__(self) -> Iterator[Sequence]:
         """Live sequences in policy order (a sorted copy; for inspection, not the hot path)."""

@@ -47,6 +47,7 @@ class Sequence:
     __slots__ = (
         "request_id",
         "token_ids",
+        "prompt_token_ids",
         "num_prompt_tokens",
         "sampling_params",
         "priority",
@@ -74,6 +75,8 @@ class Sequence:
     ) -> None:
         self.request_id = request_id
         self.token_ids = list(prompt_token_ids)
+        self.prompt_token_ids = list(prompt_token_ids)
+        """The prompt, kept apart so outputs can share it without slicing every step."""
         self.num_prompt_tokens = len(prompt_token_ids)
         self.sampling_params = sampling_params
         self.priority = priority
@@ -97,10 +100,6 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
-
-    @property
-    def prompt_token_ids(self) -> list[int]:
-        return self.token_ids[: self.num_prompt_tokens]
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -27,15 +27,18 @@ def token_stop_status(
     return None
 
 
-def find_stop_string(text: str, num_new_chars: int, stops: tuple[str, ...]) -> tuple[int, str] | None:
-    """Earliest stop string that ends within the last ``num_new_chars`` characters of ``text``.
+def find_stop_string(
+    text: str, num_new_chars: int, stops: tuple[str, ...], *, min_start: int = 0
+) -> tuple[int, str] | None:
+    """Earliest stop string that ends within the last ``num_new_chars`` characters of ``text``
+    and starts at or after ``min_start``.
 
     Returns (index where the stop string starts, the stop string), or None.
     """
     best: tuple[int, str] | None = None
     for stop in stops:
         # A match must end in the new text; it may start up to len(stop)-1 chars before it.
-        start = max(0, len(text) - num_new_chars - len(stop) + 1)
+        start = max(min_start, len(text) - num_new_chars - len(stop) + 1)
         idx = text.find(stop, start)
         if idx != -1 and (best is None or idx < best[0]):
             best = (idx, stop)

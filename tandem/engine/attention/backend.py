@@ -5,14 +5,16 @@ query_start_loc[i+1]`` of q/k/v. Sequences with a single new token (decodes) com
 backend can treat rows ``[0, num_decodes)`` as one decode batch and the rest as prefills.
 """
 
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
 
 @dataclass(slots=True)
 class AttentionMetadata:
+    """Where a step's tokens go in the cache and what each sequence attends to."""
+
     slot_mapping: torch.Tensor
     """[num_tokens] int64: flat cache slot (block_id * block_size + offset) of each new token."""
     block_tables: torch.Tensor
@@ -26,6 +28,8 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     query_start_loc_cpu: list[int]
     block_size: int
+    scratch: dict[Any, Any] = field(default_factory=dict)
+    """The backend's per-step workspace: what every layer would otherwise rebuild (masks)."""
 
     @property
     def num_seqs(self) -> int:

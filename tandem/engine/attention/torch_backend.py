@@ -13,6 +13,8 @@ from tandem.engine.attention.backend import AttentionMetadata
 
 
 class TorchAttentionBackend:
+    """Gather-then-SDPA attention over the paged cache (the reference every backend must match)."""
+
     def forward(
         self,
         q: torch.Tensor,
@@ -55,13 +57,16 @@ class TorchAttentionBackend:
         table = meta.block_tables[:nd, :nb]
         keys = self._gather(k_cache, table).transpose(1, 2)  # [nd, H, L, D]
         values = self._gather(v_cache, table).transpose(1, 2)
-        lens = meta.seq_lens[:nd, None]
-        pos = torch.arange(nb * bs, device=q.device)[None, :]
-        mask = pos < lens
-        if window is not None:
-            mask &= pos >= lens - window
+        mask = meta.scratch.get(("decode", window))
+        if mask is None:
+            lens = meta.seq_lens[:nd, None]
+            pos = torch.arange(nb * bs, device=q.device)[None, :]
+            mask = pos < lens
+            if window is not None:
+                mask &= pos >= lens - window
+            mask = meta.scratch[("decode", window)] = mask[:, None, None, :]
         o = F.scaled_dot_product_attention(
-            q[:, :, None, :], keys, values, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True
+            q[:, :, None, :], keys, values, attn_mask=mask, scale=scale, enable_gqa=True
         )
         return o[:, :, 0, :]
 
@@ -73,11 +78,14 @@ class TorchAttentionBackend:
         table = meta.block_tables[i, :nb]
         keys = self._gather(k_cache, table)[:ctx].transpose(0, 1)[None]  # [1, H, ctx, D]
         values = self._gather(v_cache, table)[:ctx].transpose(0, 1)[None]
-        q_pos = torch.arange(ctx - qlen, ctx, device=q.device)[:, None]
-        k_pos = torch.arange(ctx, device=q.device)[None, :]
-        mask = k_pos <= q_pos
-        if window is not None:
-            mask &= k_pos > q_pos - window
+        mask = meta.scratch.get(("prefill", i, window))
+        if mask is None:
+            q_pos = torch.arange(ctx - qlen, ctx, device=q.device)[:, None]
+            k_pos = torch.arange(ctx, device=q.device)[None, :]
+            mask = k_pos <= q_pos
+            if window is not None:
+                mask &= k_pos > q_pos - window
+            meta.scratch[("prefill", i, window)] = mask
         o = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None], keys, values, attn_mask=mask, scale=scale, enable_gqa=True
         )

@@ -9,12 +9,14 @@ The forward works on a flat batch of tokens from many sequences: no padding, no 
 Python; attention reads and writes the paged KV cache through the attention backend.
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tandem.engine.attention import AttentionBackend, AttentionMetadata
-from tandem.engine.models.rope import RotaryEmbedding
+from tandem.engine.models.rope import RotaryEmbedding, apply_rotary
 from tandem.model_dir import ModelConfig
 
 
@@ -34,6 +36,8 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    """Self-attention with fused q/k/v, optional q/k norm, rope, and a paged KV backend."""
+
     def __init__(self, config: ModelConfig, layer_idx: int, backend: AttentionBackend) -> None:
         super().__init__()
         self.num_heads = config.num_heads
@@ -47,14 +51,11 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.qk_norm = config.qk_norm
-        self.rotary_emb = RotaryEmbedding(self.head_dim, config.rope)
         self.sliding_window = config.sliding_windows[layer_idx]
         self.scale = self.head_dim**-0.5
         self.backend = backend
 
-    def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, kv_cache, meta) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(n, self.num_heads, self.head_dim)
@@ -62,7 +63,7 @@ class Attention(nn.Module):
         v = v.view(n, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
+        q, k = apply_rotary(q, k, *rope)
         o = self.backend.forward(
             q, k, v, kv_cache, meta, scale=self.scale, sliding_window=self.sliding_window
         )
@@ -70,6 +71,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """SwiGLU MLP with fused gate/up projection."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
@@ -82,6 +85,8 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm residual block: attention then MLP."""
+
     def __init__(self, config: ModelConfig, layer_idx: int, backend: AttentionBackend) -> None:
         super().__init__()
         self.self_attn = Attention(config, layer_idx, backend)
@@ -89,8 +94,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions, h, kv_cache, meta):
-        h = h + self.self_attn(positions, self.input_layernorm(h), kv_cache, meta)
+    def forward(self, rope, h, kv_cache, meta):
+        h = h + self.self_attn(rope, self.input_layernorm(h), kv_cache, meta)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -102,6 +107,7 @@ class DecoderBody(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i, backend) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope)
 
 
 class DecoderLM(nn.Module):
@@ -120,13 +126,22 @@ class DecoderLM(nn.Module):
         positions: torch.Tensor,
         kv_caches: torch.Tensor,
         meta: AttentionMetadata,
+        layer_hook: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
-        """Hidden states [T, hidden] of a flat batch; ``kv_caches`` is [layers, 2, blocks, ...]."""
+        """Hidden states [T, hidden] of a flat batch; ``kv_caches`` is [layers, 2, blocks, ...].
+
+        ``layer_hook(n)`` runs after layer ``n - 1`` wrote its KV, so KV of finished layers can
+        leave (prefill pods stream it) while later layers compute.
+        """
         h = self.model.embed_tokens(input_ids)
+        rope = self.model.rotary_emb(positions, h.dtype)
         for i, layer in enumerate(self.model.layers):
-            h = layer(positions, h, kv_caches[i], meta)
+            h = layer(rope, h, kv_caches[i], meta)
+            if layer_hook is not None:
+                layer_hook(i + 1)
         return self.model.norm(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [N, vocab] of the given hidden states (the LM head, tied or not)."""
         weight = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
         return F.linear(hidden, weight)

@@ -52,8 +52,8 @@ def load_model(
 ) -> DecoderLM:
     """Build the model on ``device`` in ``dtype`` and fill it from the directory's safetensors."""
     with torch.device("meta"):
-        model = DecoderLM(config, backend)
-    model = model.to_empty(device=device).to(dtype)
+        model = DecoderLM(config, backend).to(dtype)  # cast on meta: no float32 copy on the GPU
+    model = model.to_empty(device=device)
     # Buffers were created on meta (and cast): recompute rope's float32 frequencies for real.
     inv_freq = inverse_frequencies(config.head_dim, config.rope).to(device)
     for module in model.modules():

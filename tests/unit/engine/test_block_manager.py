@@ -17,7 +17,7 @@ def admit(bm: BlockManager, rid: str, tokens: list[int]) -> tuple[list[int], int
     """Look up, allocate and fully 'compute' a prompt, as the scheduler would."""
     hashes = HASHER.hash_prompt(tokens)
     prefix = bm.find_cached_prefix(hashes, len(tokens))
-    assert bm.allocate(RequestId(rid), len(tokens), prefix)
+    assert bm.allocate(RequestId(rid), len(tokens), prefix, record_stats=True)
     bm.cache_full_blocks(RequestId(rid), hashes, len(tokens))
     return bm.block_ids(RequestId(rid)), prefix.num_tokens
 
@@ -224,13 +224,18 @@ def test_prefix_caching_disabled_never_hits():
 
 
 class AllocatorMachine(RuleBasedStateMachine):
-    """Random admissions, growth, caching and frees keep every invariant."""
+    """Random admissions, partial computes, growth and frees keep every invariant.
+
+    A shadow map records which tokens each block held when it was cached, so a hit that hands
+    out a block with other content, or caching a block before its tokens are computed, fails.
+    """
 
     def __init__(self):
         super().__init__()
         self.bm = BlockManager(12, BS, enable_kv_events=True)
         self.live: dict[str, list[int]] = {}
         self.computed: dict[str, int] = {}
+        self.content: dict[int, tuple[int, ...]] = {}
         self.n = 0
 
     @rule(prefix=st.sampled_from([[], [1, 2, 3, 4], [1, 2, 3, 4, 5, 6, 7, 8]]), extra=st.integers(1, 12))
@@ -240,6 +245,9 @@ class AllocatorMachine(RuleBasedStateMachine):
         tokens = prefix + [self.n * 100 + i for i in range(extra)]
         hashes = HASHER.hash_prompt(tokens)
         cached = self.bm.find_cached_prefix(hashes, len(tokens))
+        for i, block in enumerate(cached.blocks):
+            assert self.content[block.block_id] == tuple(tokens[i * BS : (i + 1) * BS])
+        assert cached.num_tokens < len(tokens)
         if self.bm.allocate(RequestId(rid), len(tokens), cached):
             self.live[rid] = tokens
             self.computed[rid] = cached.num_tokens
@@ -249,8 +257,14 @@ class AllocatorMachine(RuleBasedStateMachine):
     def compute(self, data):
         rid = data.draw(st.sampled_from(sorted(self.live)))
         tokens = self.live[rid]
-        self.computed[rid] = len(tokens)
-        self.bm.cache_full_blocks(RequestId(rid), HASHER.hash_prompt(tokens), len(tokens))
+        upto = data.draw(st.integers(self.computed[rid], len(tokens)))
+        self.computed[rid] = upto
+        before = {b.block_id: b.block_hash for b in self.bm._tables[RequestId(rid)]}
+        self.bm.cache_full_blocks(RequestId(rid), HASHER.hash_prompt(tokens), upto)
+        for i, block in enumerate(self.bm._tables[RequestId(rid)]):
+            if block.block_hash is not None and before[block.block_id] is None:
+                assert i < upto // BS, "a block was cached before all its tokens were computed"
+                self.content[block.block_id] = tuple(tokens[i * BS : (i + 1) * BS])
 
     @precondition(lambda self: self.live)
     @rule(data=st.data(), more=st.integers(1, 6))

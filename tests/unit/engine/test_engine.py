@@ -117,7 +117,7 @@ def test_engine_config_validation(llama_dir):
 @pytest.mark.parametrize("steps_before_abort", [0, 1, 2, 3, 5, 8, 13])
 def test_abort_at_any_point_frees_everything(llama_dir, steps_before_abort):
     # Small pool and budget: requests are mid-chunk, decoding, preempted or waiting when aborted.
-    engine = LLM(llama_dir, num_kv_blocks=12, max_num_batched_tokens=24).engine
+    engine = LLM(llama_dir, num_kv_blocks=12, max_num_batched_tokens=24, max_num_seqs=8).engine
     for i, n in enumerate([40, 70, 9, 33, 55]):
         engine.add_request(f"r{i}", prompt_ids(n, start=5 + i), SamplingParams(max_tokens=40, ignore_eos=True))
     for _ in range(steps_before_abort):
@@ -189,8 +189,13 @@ def test_streaming_holds_back_a_possible_stop_string(llm):
     assert len(outputs) == 30
     for out in outputs:
         full = llm.tokenizer.decode(out.outputs[0].token_ids)
-        expected = full if out.finished else full[: max(0, len(full) - (len(stop) - 1))]
-        assert out.outputs[0].text == expected
+        text = out.outputs[0].text
+        if out.finished:
+            assert text == full
+        else:
+            # A prefix of the text, never its last len(stop)-1 characters (the streaming
+            # decoder may hold back more: bytes of an incomplete UTF-8 character).
+            assert full.startswith(text) and len(text) <= max(0, len(full) - (len(stop) - 1))
     assert outputs[-1].finished and len(outputs[-1].outputs[0].text) > len(stop)
 
 
@@ -204,10 +209,10 @@ def test_seeded_sampling_is_reproducible_across_batches_and_preemption(llama_dir
     alone = big.generate(["seeded prompt"], params)[0].outputs[0].token_ids
     batch = big.generate(["other one", "seeded prompt", "x y z"], [others, params, others])
     assert batch[1].outputs[0].token_ids == alone
-    small = LLM(llama_dir, num_kv_blocks=6, max_num_seqs=4)
+    small = LLM(llama_dir, num_kv_blocks=6, max_num_seqs=4, scheduling_policy="priority")
     prompts = ["seeded prompt", "a b c d e f g h i j", "k l m n o p", "q r s t u v w x"]
     outs = small.generate(prompts, [params, others, others, others], priorities=[9, 0, 0, 0])
-    assert small.engine.get_stats().num_preemptions > 0
+    assert outs[0].metrics.num_preemptions > 0  # the seeded request itself was recomputed
     assert outs[0].outputs[0].token_ids == alone
     other_seed = big.generate(["seeded prompt"], SamplingParams(temperature=1.0, seed=8, max_tokens=30))
     assert other_seed[0].outputs[0].token_ids != alone
@@ -229,3 +234,96 @@ def test_chat_uses_the_template(llm):
 def test_single_prompt_forms(llm):
     assert len(llm.generate("one string", SamplingParams(max_tokens=1))) == 1
     assert len(llm.generate([5, 6, 7], SamplingParams(max_tokens=1))) == 1
+
+
+def test_stop_string_spanning_two_tokens(llm):
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    base = llm.generate(["stop strings across tokens"], params)[0].outputs[0]
+    pieces = [llm.tokenizer.decode([t]) for t in base.token_ids]
+    i = next(i for i in range(2, len(pieces) - 1) if len(pieces[i]) >= 2 and len(pieces[i + 1]) >= 2)
+    stop = pieces[i][-2:] + pieces[i + 1][:2]  # straddles the boundary between tokens i and i+1
+    out = llm.generate(["stop strings across tokens"], SamplingParams(temperature=0, max_tokens=30, stop=[stop]))[0]
+    comp = out.outputs[0]
+    assert comp.finish_reason == "stop" and comp.stop_reason == stop
+    assert comp.text == base.text[: base.text.find(stop)]
+    assert comp.token_ids == base.token_ids[: len(comp.token_ids)]
+
+
+def test_stop_strings_wait_for_min_tokens(llm):
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    base = llm.generate(["min tokens and stops"], params)[0].outputs[0]
+    stop = llm.tokenizer.decode(base.token_ids[:1])[:2]
+    early = llm.generate(["min tokens and stops"], SamplingParams(temperature=0, max_tokens=30, stop=[stop]))[0]
+    assert early.outputs[0].token_ids == base.token_ids[:1] and early.outputs[0].text == ""
+    late = llm.generate(
+        ["min tokens and stops"],
+        SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[stop], min_tokens=6),
+    )[0].outputs[0]
+    # Only text after the first 6 tokens is searched.
+    idx = base.text.find(stop, len(llm.tokenizer.decode(base.token_ids[:6])))
+    if idx == -1:
+        assert (late.text, late.finish_reason) == (base.text, "length")
+    else:
+        assert (late.text, late.finish_reason, late.stop_reason) == (base.text[:idx], "stop", stop)
+    assert len(late.token_ids) > 6
+
+
+def test_stop_token_stays_in_tokens_but_not_in_text(llm):
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    base = llm.generate(["stop token text"], params)[0].outputs[0]
+
+    def clean(t):  # a whole ASCII token: no half of a UTF-8 character around the stop
+        text = llm.tokenizer.decode([t])
+        return text.isascii() and text.strip().isalnum()
+
+    stop_id = next(t for i, t in enumerate(base.token_ids) if i >= 3 and clean(t) and clean(base.token_ids[i - 1]))
+    first = base.token_ids.index(stop_id)
+    out = llm.generate(["stop token text"], SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_id]))[0]
+    comp = out.outputs[0]
+    assert comp.token_ids == base.token_ids[: first + 1] and comp.stop_reason == stop_id
+    assert comp.text == llm.tokenizer.decode(base.token_ids[:first])
+    incl = llm.generate(
+        ["stop token text"],
+        SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_id], include_stop_str_in_output=True),
+    )[0].outputs[0]
+    assert incl.text == llm.tokenizer.decode(base.token_ids[: first + 1])
+
+
+def test_interrupted_generate_leaves_nothing_behind(llama_dir, monkeypatch):
+    llm = LLM(llama_dir, num_kv_blocks=64)
+    real_step, calls = llm.engine.step, []
+
+    def flaky_step():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step()
+
+    monkeypatch.setattr(llm.engine, "step", flaky_step)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(["one", "two", "three"], SamplingParams(max_tokens=20, ignore_eos=True))
+    assert_clean(llm.engine)
+
+
+def test_failed_forward_aborts_its_requests_and_engine_recovers(llama_dir, monkeypatch):
+    from tandem.engine.llm_engine import EngineStepError
+
+    engine = LLM(llama_dir, num_kv_blocks=64).engine
+    engine.add_request("victim", "a prompt", SamplingParams(max_tokens=5))
+    real = engine.runner.execute
+    monkeypatch.setattr(engine.runner, "execute", lambda scheduled: 1 / 0)
+    with pytest.raises(EngineStepError) as e:
+        engine.step()
+    assert e.value.request_ids == ["victim"]
+    assert_clean(engine)
+    monkeypatch.setattr(engine.runner, "execute", real)
+    engine.add_request("next", "a prompt", SamplingParams(max_tokens=5, ignore_eos=True))
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    assert outs[-1].finished and len(outs) == 5
+
+
+def test_budget_must_cover_the_batch(llama_dir):
+    with pytest.raises(pydantic.ValidationError, match="max_num_batched_tokens"):
+        EngineConfig(model=str(llama_dir), max_num_seqs=64, max_num_batched_tokens=32)

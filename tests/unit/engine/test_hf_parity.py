@@ -81,7 +81,7 @@ def test_default_settings(arch, tiny_model, hf_refs):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_chunked_prefill(arch, tiny_model, hf_refs):
     # A 20-token budget splits every prompt over 16 tokens across several steps.
-    llm = LLM(tiny_model(arch), num_kv_blocks=512, max_num_batched_tokens=20)
+    llm = LLM(tiny_model(arch), num_kv_blocks=512, max_num_batched_tokens=20, max_num_seqs=16)
     prompts = random_prompts(llm.engine.model_config.vocab_size, PROMPT_LENS, seed=1)
     assert_same_as_hf(llm.generate(prompts, GREEDY), prompts, hf_refs(arch))
 

@@ -23,8 +23,6 @@ def make_scheduler(*, blocks=64, budget=64, max_seqs=8, policy="fcfs", step="dec
         enable_prefix_caching=caching,
         scheduling_policy=policy,
         step_policy=step,
-        block_size=BS,
-        num_kv_blocks=blocks,
     )
     bm = BlockManager(blocks, BS, enable_prefix_caching=caching)
     return Scheduler(cfg, bm, BlockHasher("m", BS), (EOS,))
@@ -127,7 +125,17 @@ def test_shortest_prompt_first_policy():
     assert admitted == ["short", "mid", "long"]
 
 
-def test_custom_registered_policy_takes_effect():
+@pytest.fixture
+def clean_registry():
+    from tandem.engine import scheduling_policy
+
+    before = dict(scheduling_policy._REGISTRY)
+    yield
+    scheduling_policy._REGISTRY.clear()
+    scheduling_policy._REGISTRY.update(before)
+
+
+def test_custom_registered_policy_takes_effect(clean_registry):
     class LongestPromptFirst:
         name = "test-longest-prompt-first"
 
@@ -196,7 +204,6 @@ def test_running_sequence_preempts_itself_when_it_is_the_worst():
     sched.add(a)
     sched.add(b)
     step(sched)
-    a.status = SequenceStatus.RUNNING
     # Put b first in the running list so that it asks for a block before a does.
     sched.running.reverse()
     batch, out = step(sched)
@@ -251,3 +258,51 @@ def test_stop_rules_eos_stop_tokens_and_length():
     step(sched, token=EOS)
     step(sched, token=EOS)
     assert s3.status == SequenceStatus.FINISHED_LENGTH and s3.output_token_ids == [EOS, EOS]
+
+
+def test_a_preempting_step_admits_nothing():
+    """The victim must not come straight back into the blocks it just released."""
+    sched = make_scheduler(blocks=10, budget=8, max_seqs=4, caching=False)
+    a = seq("a", 20, max_tokens=16)
+    sched.add(a)
+    while a.num_computed_tokens < 20:
+        step(sched)
+    x = seq("x", 24, max_tokens=4, base=60)
+    sched.add(x)
+    preempting_steps = 0
+    while not a.is_finished:
+        batch, out = step(sched)
+        if out.preempted:
+            preempting_steps += 1
+            assert not set(out.preempted) & set(batch), "a victim was scheduled in its own step"
+            assert set(batch) == {"a"}
+    assert preempting_steps > 0
+    while sched.has_unfinished:
+        step(sched)
+    assert x.is_finished and sched.block_manager.num_free_blocks == 10
+
+
+def test_prefill_first_leaves_headroom_for_running_sequences():
+    """A waiting prompt is not admitted only to be preempted by a decode in the same step."""
+    sched = make_scheduler(blocks=4, max_seqs=4, step="prefill-first")
+    a = seq("a", 8, max_tokens=12)
+    sched.add(a)
+    step(sched)
+    x = seq("x", 8, max_tokens=2, base=60)
+    sched.add(x)
+    for _ in range(4):
+        batch, out = step(sched)
+        assert batch == {"a": 1} and out.preempted == []
+    assert x.num_preemptions == 0
+    assert sched.block_manager.stats.queries == 8  # x was never admitted, so never counted
+
+
+def test_prefix_stats_count_each_request_once():
+    sched = make_scheduler(blocks=4, max_seqs=4)
+    a, b = seq("a", 8, max_tokens=8), seq("b", 8, max_tokens=8, base=60)
+    sched.add(a)
+    sched.add(b)
+    while sched.has_unfinished:
+        step(sched)
+    assert b.num_preemptions > 0
+    assert sched.block_manager.stats.queries == 16  # re-admissions are not counted again

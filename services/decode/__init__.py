@@ -1,0 +1,1 @@
+"""Decode pods: admit (reserve KV blocks), receive KV pages, stream tokens."""

@@ -1,0 +1,200 @@
+"""The decode service: ``DecodeService`` over an engine in the decode role.
+
+``Generate`` admits a request (reserving its prompt's KV blocks, or refusing with
+RESOURCE_EXHAUSTED), answers ``Admitted``, then streams tokens. In remote mode the prompt's KV
+arrives through ``PushKV`` from a prefill pod; when the transfer's end message arrives (with the
+first token), the sequence joins the decode batch. In local mode the engine prefills itself.
+
+Every exit path of a request -- finished, cancelled by the router, failed transfer, KV timeout --
+discards its pending KV writes before the engine frees its blocks.
+"""
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import uuid
+
+import grpc
+
+from services.decode.settings import DecodeSettings
+from tandem.engine.llm_engine import LLMEngine
+from tandem.engine.outputs import OutputKind
+from tandem.errors import CapacityExceeded, InvalidRequest, KVTransferError, TandemError
+from tandem.kv.receiver import KVReceiver
+from tandem.proto.common.v1 import common_pb2
+from tandem.proto.decode.v1 import decode_pb2, decode_pb2_grpc
+from tandem.serving import convert
+from tandem.serving.engine_worker import EngineWorker
+from tandem.serving.grpc_server import GrpcServer
+from tandem.serving.status import abort_with
+
+logger = logging.getLogger(__name__)
+
+
+class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
+    def __init__(self, settings: DecodeSettings, worker: EngineWorker, receiver: KVReceiver, identity: dict) -> None:
+        self.settings = settings
+        self.worker = worker
+        self.receiver = receiver
+        self.identity = identity
+        self.block_size = worker.engine.config.block_size
+        self.fingerprint = worker.engine.fingerprint.digest()
+        self._kv_writers = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-write")
+
+    # ---- Generate ---------------------------------------------------------------------------
+
+    async def Generate(self, request: decode_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        rid = request.request_id
+        stream = None
+        finished = False
+        try:
+            if not rid:
+                raise InvalidRequest("request_id is required", param="request_id")
+            ids = convert.prompt_ids(request.prompt_token_ids)
+            params = convert.sampling_params_from_proto(request.sampling_params)
+            stream = self.worker.open_stream(rid)
+            admitted = await self._admit(request, ids, params)
+            yield decode_pb2.GenerateResponse(admitted=admitted)
+            remote = request.prefill_mode == decode_pb2.PREFILL_MODE_REMOTE
+            completion_tokens = 0
+            while True:
+                timeout = self.settings.kv_timeout_s if remote and completion_tokens == 0 else None
+                try:
+                    item = await asyncio.wait_for(stream.get(), timeout)
+                except TimeoutError:
+                    raise KVTransferError(f"KV pages did not arrive within {self.settings.kv_timeout_s:g} s") from None
+                if isinstance(item, BaseException):
+                    raise item
+                completion_tokens += len(item.outputs[0].token_ids)
+                response = decode_pb2.GenerateResponse(chunk=convert.token_chunk(item))
+                if item.finished:
+                    finished = True
+                    response.usage.CopyFrom(convert.usage(item, completion_tokens))
+                yield response
+                if finished:
+                    return
+        except TandemError as exc:
+            await abort_with(context, exc)
+        finally:
+            if stream is not None:
+                self.worker.close_stream(rid)
+                if not finished:
+                    self.worker.submit(lambda e: self._release(e, rid))
+
+    async def _admit(self, request, ids, params) -> decode_pb2.Admitted:
+        rid = request.request_id
+        if request.prefill_mode == decode_pb2.PREFILL_MODE_REMOTE:
+            def reserve(engine: LLMEngine):
+                r = engine.reserve_remote_prefill(
+                    rid, ids, params, priority=request.priority, cache_salt=request.cache_salt or None
+                )
+                self.receiver.expect(rid, r.block_ids, r.num_cached_tokens // self.block_size)
+                return r
+
+            r = await self.worker.call(reserve)
+            return decode_pb2.Admitted(
+                num_cached_tokens=r.num_cached_tokens,
+                num_reserved_blocks=len(r.block_ids),
+                model_fingerprint=self.fingerprint,
+            )
+        if request.prefill_mode != decode_pb2.PREFILL_MODE_LOCAL:
+            raise InvalidRequest("prefill_mode must be REMOTE or LOCAL", param="prefill_mode")
+        if self.worker.stats.num_waiting >= self.settings.max_waiting:
+            raise CapacityExceeded(f"{self.worker.stats.num_waiting} requests are already waiting")
+        await self.worker.call(
+            lambda e: e.add_request(
+                rid, ids, params, priority=request.priority, cache_salt=request.cache_salt or None,
+                output_kind=OutputKind.DELTA,
+            )
+        )
+        return decode_pb2.Admitted(model_fingerprint=self.fingerprint)
+
+    def _release(self, engine: LLMEngine, rid: str) -> None:
+        """Engine thread: stop KV writes into the request's blocks, then free them."""
+        self.receiver.discard(rid)
+        engine.abort_request(rid)
+
+    # ---- PushKV -----------------------------------------------------------------------------
+
+    async def PushKV(self, request_iterator, context: grpc.aio.ServicerContext):
+        loop = asyncio.get_running_loop()
+        rid = None
+        chunks = nbytes = 0
+        ended = False
+        try:
+            async for msg in request_iterator:
+                if ended:
+                    raise KVTransferError("messages after the end of the KV transfer")
+                which = msg.WhichOneof("item")
+                if which == "chunk":
+                    chunk = msg.chunk
+                    if rid is None:
+                        rid = chunk.request_id
+                    elif chunk.request_id != rid:
+                        raise KVTransferError("a PushKV stream carries one request's pages only")
+                    if chunk.sequence_number != chunks:
+                        raise KVTransferError(
+                            f"KV chunk {chunk.sequence_number} arrived where chunk {chunks} was expected"
+                        )
+                    nbytes += await loop.run_in_executor(self._kv_writers, self.receiver.write, chunk)
+                    chunks += 1
+                elif which == "end":
+                    rid = msg.end.request_id
+                    await loop.run_in_executor(self._kv_writers, self.receiver.complete, msg.end)
+                    await self.worker.call(lambda e, end=msg.end: self._complete(e, end))
+                    ended = True
+                else:
+                    raise KVTransferError("empty PushKV message")
+            return decode_pb2.PushKVResponse(chunks_received=chunks, bytes_received=nbytes)
+        except (KVTransferError, InvalidRequest) as exc:
+            if rid is not None:
+                self.worker.fail(rid, exc)
+            logger.warning("KV transfer for %s refused: %s", rid, exc)
+            await abort_with(context, exc)
+        except asyncio.CancelledError:
+            if rid is not None and not ended:
+                self.worker.fail(rid, KVTransferError("the KV stream from the prefill pod broke off"))
+            raise
+
+    def _complete(self, engine: LLMEngine, end: common_pb2.KVTransferEnd) -> None:
+        logprob = convert.logprob_from_proto(end.first_token_logprob) if end.HasField("first_token_logprob") else None
+        outputs = engine.complete_remote_prefill(
+            end.request_id, end.first_token_id, logprob=logprob, num_cached_tokens=end.num_cached_tokens
+        )
+        self.worker.dispatch(outputs)
+
+    # ---- GetStats ---------------------------------------------------------------------------
+
+    async def GetStats(self, request, context):
+        return decode_pb2.GetStatsResponse(stats=convert.pod_stats(self.worker.stats, **self.identity))
+
+
+def pod_identity(settings, engine: LLMEngine, role: int, address: str) -> dict:
+    return dict(
+        role=role,
+        pod_id=settings.pod_id or address,
+        model=settings.model_name(),
+        model_fingerprint=engine.fingerprint.digest(),
+        block_size=engine.config.block_size,
+        max_model_len=engine.limits.max_model_len,
+        incarnation=f"{os.getpid()}-{uuid.uuid4().hex[:8]}",
+    )
+
+
+async def serve(settings: DecodeSettings) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = LLMEngine(settings.engine_config())
+    loop = asyncio.get_running_loop()
+    worker = EngineWorker(engine, loop)
+    receiver = KVReceiver(engine.runner.kv_cache, engine.fingerprint.digest())
+    server = GrpcServer(settings.host, settings.port, ["tandem.decode.v1.DecodeService"])
+    identity = pod_identity(settings, engine, common_pb2.POD_ROLE_DECODE, settings.address(server.port))
+    decode_pb2_grpc.add_DecodeServiceServicer_to_server(DecodeServicer(settings, worker, receiver, identity), server.server)
+    worker.start()
+    await server.start()
+    logger.info("decode pod %s serving on port %d", identity["pod_id"], server.port)
+    try:
+        await server.serve_until_signalled()
+    finally:
+        worker.stop()

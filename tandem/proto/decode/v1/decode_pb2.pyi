@@ -1,0 +1,80 @@
+from tandem.proto.common.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class PrefillMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PREFILL_MODE_UNSPECIFIED: _ClassVar[PrefillMode]
+    PREFILL_MODE_REMOTE: _ClassVar[PrefillMode]
+    PREFILL_MODE_LOCAL: _ClassVar[PrefillMode]
+PREFILL_MODE_UNSPECIFIED: PrefillMode
+PREFILL_MODE_REMOTE: PrefillMode
+PREFILL_MODE_LOCAL: PrefillMode
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "prefill_mode", "priority", "cache_salt")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_MODE_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    sampling_params: _common_pb2.SamplingParams
+    prefill_mode: PrefillMode
+    priority: int
+    cache_salt: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., prefill_mode: _Optional[_Union[PrefillMode, str]] = ..., priority: _Optional[int] = ..., cache_salt: _Optional[str] = ...) -> None: ...
+
+class Admitted(_message.Message):
+    __slots__ = ("num_cached_tokens", "num_reserved_blocks", "model_fingerprint")
+    NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_RESERVED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    num_cached_tokens: int
+    num_reserved_blocks: int
+    model_fingerprint: str
+    def __init__(self, num_cached_tokens: _Optional[int] = ..., num_reserved_blocks: _Optional[int] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("admitted", "chunk", "usage")
+    ADMITTED_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    admitted: Admitted
+    chunk: _common_pb2.TokenChunk
+    usage: _common_pb2.Usage
+    def __init__(self, admitted: _Optional[_Union[Admitted, _Mapping]] = ..., chunk: _Optional[_Union[_common_pb2.TokenChunk, _Mapping]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ...) -> None: ...
+
+class PushKVRequest(_message.Message):
+    __slots__ = ("chunk", "end")
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    chunk: _common_pb2.KVChunk
+    end: _common_pb2.KVTransferEnd
+    def __init__(self, chunk: _Optional[_Union[_common_pb2.KVChunk, _Mapping]] = ..., end: _Optional[_Union[_common_pb2.KVTransferEnd, _Mapping]] = ...) -> None: ...
+
+class PushKVResponse(_message.Message):
+    __slots__ = ("chunks_received", "bytes_received")
+    CHUNKS_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    chunks_received: int
+    bytes_received: int
+    def __init__(self, chunks_received: _Optional[int] = ..., bytes_received: _Optional[int] = ...) -> None: ...
+
+class GetStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetStatsResponse(_message.Message):
+    __slots__ = ("stats",)
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    stats: _common_pb2.PodStats
+    def __init__(self, stats: _Optional[_Union[_common_pb2.PodStats, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,139 @@
+"""Protobuf <-> engine dataclasses: the only place the services translate between them."""
+
+from tandem.engine.llm_engine import EngineStats
+from tandem.engine.outputs import RequestOutput, TokenLogprob
+from tandem.engine.sampling_params import SamplingParams
+from tandem.errors import InvalidRequest
+from tandem.proto.common.v1 import common_pb2
+
+FINISH_REASON_TO_PROTO = {
+    None: common_pb2.FINISH_REASON_UNSPECIFIED,
+    "stop": common_pb2.FINISH_REASON_STOP,
+    "length": common_pb2.FINISH_REASON_LENGTH,
+    "abort": common_pb2.FINISH_REASON_ABORT,
+}
+FINISH_REASON_FROM_PROTO = {v: k for k, v in FINISH_REASON_TO_PROTO.items()}
+
+_OPTIONAL_FIELDS = (
+    "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+    "frequency_penalty", "repetition_penalty", "logprobs", "skip_special_tokens",
+)
+
+
+def sampling_params_from_proto(pb: common_pb2.SamplingParams) -> SamplingParams:
+    """Engine SamplingParams; unset optional fields keep the engine defaults.
+
+    Raises:
+        InvalidRequest: a value is out of range (``param`` names the field).
+    """
+    kwargs: dict = {name: getattr(pb, name) for name in _OPTIONAL_FIELDS if pb.HasField(name)}
+    if pb.HasField("max_tokens"):
+        kwargs["max_tokens"] = pb.max_tokens
+    for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+        if name in kwargs:
+            kwargs[name] = _round_float32(kwargs[name])
+    return SamplingParams(
+        stop=tuple(pb.stop),
+        stop_token_ids=tuple(pb.stop_token_ids),
+        include_stop_str_in_output=pb.include_stop_str_in_output,
+        ignore_eos=pb.ignore_eos,
+        min_tokens=pb.min_tokens,
+        **kwargs,
+    )
+
+
+def _round_float32(x: float) -> float:
+    # proto floats are float32: 0.7 arrives as 0.699999988. Seven significant digits give back
+    # the value the caller wrote, so the same request samples the same way locally and remotely.
+    return float(f"{x:.7g}")
+
+
+def sampling_params_to_proto(sp: SamplingParams) -> common_pb2.SamplingParams:
+    pb = common_pb2.SamplingParams(
+        max_tokens=sp.max_tokens,
+        temperature=sp.temperature,
+        top_p=sp.top_p,
+        min_p=sp.min_p,
+        presence_penalty=sp.presence_penalty,
+        frequency_penalty=sp.frequency_penalty,
+        repetition_penalty=sp.repetition_penalty,
+        stop=list(sp.stop),
+        stop_token_ids=list(sp.stop_token_ids),
+        include_stop_str_in_output=sp.include_stop_str_in_output,
+        ignore_eos=sp.ignore_eos,
+        min_tokens=sp.min_tokens,
+        skip_special_tokens=sp.skip_special_tokens,
+    )
+    if sp.top_k is not None:
+        pb.top_k = sp.top_k
+    if sp.seed is not None:
+        pb.seed = sp.seed
+    if sp.logprobs is not None:
+        pb.logprobs = sp.logprobs
+    return pb
+
+
+def logprob_to_proto(lp: TokenLogprob) -> common_pb2.TokenLogprob:
+    return common_pb2.TokenLogprob(
+        token_id=lp.token_id,
+        logprob=lp.logprob,
+        rank=lp.rank,
+        top=[common_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
+    )
+
+
+def logprob_from_proto(pb: common_pb2.TokenLogprob) -> TokenLogprob:
+    return TokenLogprob(pb.token_id, pb.logprob, pb.rank, tuple((t.token_id, t.logprob) for t in pb.top))
+
+
+def token_chunk(out: RequestOutput) -> common_pb2.TokenChunk:
+    comp = out.outputs[0]
+    chunk = common_pb2.TokenChunk(
+        token_ids=comp.token_ids,
+        text=comp.text,
+        logprobs=[logprob_to_proto(lp) for lp in comp.logprobs or ()],
+        finish_reason=FINISH_REASON_TO_PROTO[comp.finish_reason],
+    )
+    if isinstance(comp.stop_reason, str):
+        chunk.stop_string = comp.stop_reason
+    elif isinstance(comp.stop_reason, int):
+        chunk.stop_token_id = comp.stop_reason
+    return chunk
+
+
+def stop_reason(chunk: common_pb2.TokenChunk) -> str | int | None:
+    which = chunk.WhichOneof("stop_reason")
+    return getattr(chunk, which) if which else None
+
+
+def usage(out: RequestOutput, completion_tokens: int) -> common_pb2.Usage:
+    return common_pb2.Usage(
+        prompt_tokens=len(out.prompt_token_ids),
+        completion_tokens=completion_tokens,
+        cached_tokens=out.num_cached_tokens,
+    )
+
+
+def pod_stats(stats: EngineStats, **identity) -> common_pb2.PodStats:
+    """PodStats from engine counters plus identity fields (role, pod_id, model, ...)."""
+    return common_pb2.PodStats(
+        num_running=stats.num_running,
+        num_waiting=stats.num_waiting,
+        num_waiting_for_kv=stats.num_waiting_for_kv,
+        num_queued_prefill_tokens=stats.num_queued_prefill_tokens,
+        num_free_blocks=stats.num_free_blocks,
+        num_total_blocks=stats.num_total_blocks,
+        num_cached_blocks=stats.num_cached_blocks,
+        prefix_cache_queries=stats.prefix_cache_queries,
+        prefix_cache_hits=stats.prefix_cache_hits,
+        num_preemptions=stats.num_preemptions,
+        **identity,
+    )
+
+
+def prompt_ids(ids) -> list[int]:
+    """Validated prompt token ids of a request message."""
+    ids = list(ids)
+    if not ids:
+        raise InvalidRequest("prompt_token_ids is empty", param="prompt_token_ids")
+    return ids

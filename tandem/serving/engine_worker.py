@@ -1,0 +1,132 @@
+"""EngineWorker: runs an LLMEngine on its own thread next to an asyncio gRPC server.
+
+The engine is single-threaded: every call into it (adding, aborting, completing remote
+prefills) is a command executed on the engine thread between steps. Outputs travel back to the
+asyncio side through one queue per request. When there is nothing to step the thread sleeps on
+its command queue instead of spinning.
+"""
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from tandem.engine.llm_engine import EngineStats, LLMEngine
+from tandem.engine.outputs import RequestOutput
+from tandem.errors import TandemError
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+Command = Callable[[LLMEngine], Any]
+
+
+class EngineFailure(TandemError):
+    """The engine raised while stepping; the requests in flight were aborted."""
+
+
+class EngineWorker:
+    def __init__(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop) -> None:
+        self.engine = engine
+        self._loop = loop
+        self._commands: queue.SimpleQueue[tuple[Command, concurrent.futures.Future]] = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._stopped = threading.Event()
+        self.stats: EngineStats = engine.get_stats()
+        """Snapshot refreshed after every step and command (read without locking)."""
+        self.steps = 0
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._commands.put((lambda e: None, concurrent.futures.Future()))
+        self._thread.join(timeout=10)
+
+    # ---- asyncio side -----------------------------------------------------------------------
+
+    def open_stream(self, request_id: str) -> "asyncio.Queue[RequestOutput | BaseException]":
+        """The queue that will receive the request's outputs (open it before adding the request)."""
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = q
+        return q
+
+    def close_stream(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+
+    def submit(self, command: Command) -> concurrent.futures.Future:
+        """Run ``command(engine)`` on the engine thread; thread-safe, does not wait."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put((command, future))
+        return future
+
+    async def call(self, command: Callable[[LLMEngine], T]) -> T:
+        """Run ``command(engine)`` on the engine thread and await its result (or exception)."""
+        return await asyncio.wrap_future(self.submit(command), loop=self._loop)
+
+    def fail(self, request_id: str, exc: BaseException) -> None:
+        """Deliver an error to the request's stream (thread-safe)."""
+        self._loop.call_soon_threadsafe(self._deliver, request_id, exc)
+
+    def dispatch(self, outputs: Iterable[RequestOutput]) -> None:
+        """Deliver outputs to their streams (thread-safe; used by commands that produce output)."""
+        for out in outputs:
+            self._loop.call_soon_threadsafe(self._deliver, out.request_id, out)
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        q = self._streams.get(request_id)
+        if q is not None:
+            q.put_nowait(item)
+
+    # ---- engine thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        engine = self.engine
+        while not self._stopped.is_set():
+            self._drain(block=not engine.has_unfinished_requests())
+            if self._stopped.is_set():
+                break
+            if engine.has_unfinished_requests():
+                self._step()
+
+    def _drain(self, block: bool) -> None:
+        try:
+            item = self._commands.get() if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._execute(*item)
+            try:
+                item = self._commands.get_nowait()
+            except queue.Empty:
+                break
+        self.stats = self.engine.get_stats()
+
+    def _execute(self, command: Command, future: concurrent.futures.Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(command(self.engine))
+        except BaseException as exc:  # noqa: BLE001 - the caller receives it
+            future.set_exception(exc)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:
+            logger.exception("engine step failed; aborting the requests in flight")
+            self._abort_all(EngineFailure(f"engine step failed: {exc}"))
+            return
+        self.steps += 1
+        self.dispatch(outputs)
+        self.stats = self.engine.get_stats()
+
+    def _abort_all(self, exc: EngineFailure) -> None:
+        for request_id in self.engine.request_ids():
+            self.engine.abort_request(request_id)
+            self.fail(request_id, exc)

@@ -1,0 +1,43 @@
+"""Settings shared by the GPU pods (prefill and decode): server, identity, and engine fields.
+
+Each service subclasses ``PodSettings`` with its own ``TANDEM_<SERVICE>_`` prefix; every field is
+also a CLI flag of ``tandem <service>`` (kebab-case), generated from the same definition.
+"""
+
+import socket
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tandem.engine.config import EngineConfig, EngineOptions
+
+
+class PodSettings(BaseSettings, EngineOptions):
+    model_config = SettingsConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+    model: Path
+    """Hugging Face model directory (config.json, *.safetensors, tokenizer.json)."""
+    served_model_name: str | None = None
+    """Model name reported to clients (default: the directory's name)."""
+    host: str = "0.0.0.0"
+    """Interface the gRPC server listens on."""
+    port: int = Field(50051, ge=0, le=65535)
+    """gRPC port (0 picks a free one)."""
+    advertise_address: str | None = None
+    """host:port other pods use to reach this one (default: this host's name and the port)."""
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    """Serve Prometheus metrics over HTTP on this port."""
+    pod_id: str | None = None
+    """Stable name of this pod (default: the advertised address)."""
+    max_waiting: int = Field(1024, gt=0)
+    """Most requests queued in the engine; more are refused with RESOURCE_EXHAUSTED."""
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(model=str(self.model), **self.engine_options())
+
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model).name
+
+    def address(self, bound_port: int) -> str:
+        return self.advertise_address or f"{socket.gethostname()}:{bound_port}"
