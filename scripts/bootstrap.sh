@@ -18,3 +18,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
   touch "$stamp"
 fi
+# buf (the protobuf linter, a Go binary shipped in an npm package) for the proto lint test.
+BUF_VERSION=1.75.0
+if [ ! -x .tools/node_modules/.bin/buf ] || ! .tools/node_modules/.bin/buf --version 2>/dev/null | grep -qx "$BUF_VERSION"; then
+  mkdir -p .tools
+  npm install --silent --no-audit --no-fund --prefix .tools "@bufbuild/buf@$BUF_VERSION" >/dev/null
+fi

@@ -11,6 +11,10 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, CliApp, CliSubCommand, SettingsConfigDict
 
+from services.decode.settings import DecodeSettings
+from services.prefill.settings import PrefillSettings
+from services.router.settings import RouterSettings
+from tandem.local_cluster import UpOptions
 from tandem.model_gen import ModelGenOptions
 
 DEFAULT_MODEL_DIR = Path(".tandem/models/tiny-llama")
@@ -63,6 +67,14 @@ class Tandem(BaseSettings):
         cli_prog_name="tandem", cli_kebab_case=True, cli_implicit_flags=True, use_attribute_docstrings=True
     )
 
+    up: CliSubCommand[UpOptions]
+    """Start the whole system locally: router, prefill and decode workers."""
+    router: CliSubCommand[RouterSettings]
+    """Run the router (OpenAI HTTP API and gRPC RouterService)."""
+    prefill: CliSubCommand[PrefillSettings]
+    """Run a prefill pod."""
+    decode: CliSubCommand[DecodeSettings]
+    """Run a decode pod."""
     model_gen: CliSubCommand[ModelGenOptions]
     """Write a tiny model directory with random weights (no downloads)."""
     generate: CliSubCommand[Generate]

@@ -52,3 +52,7 @@ class KVFingerprintMismatch(KVTransferError):
 
 class RequestCancelled(TandemError):
     """The request was cancelled (client gone, deadline passed); nothing to report to anyone."""
+
+
+class DeadlineExceeded(TandemError, TimeoutError):
+    """The call's deadline passed before it completed (gRPC DEADLINE_EXCEEDED)."""

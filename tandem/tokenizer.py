@@ -103,7 +103,11 @@ class StreamDecoder:
 
         self._backend = tokenizer.backend
         self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
-        for token_id in list(context)[-self.CONTEXT_TOKENS :]:
+        tail = list(context)[-self.CONTEXT_TOKENS :]
+        # A prompt ending inside a UTF-8 character would leak its stray bytes into the output.
+        while tail and self._backend.decode(tail, skip_special_tokens=skip_special_tokens).endswith("\ufffd"):
+            tail.pop()
+        for token_id in tail:
             self._stream.step(self._backend, token_id)
 
     def step(self, token_id: int) -> str:

@@ -59,3 +59,40 @@ def tiny_model(model_root):
 @pytest.fixture(scope="session")
 def llama_dir(tiny_model) -> Path:
     return tiny_model("llama")
+
+
+class HFReference:
+    """Greedy transformers ``generate`` per prompt (batch of one: no padding effects), memoised."""
+
+    def __init__(self, model_dir, max_new_tokens: int):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.max_new_tokens = max_new_tokens
+        self.cache: dict[tuple[int, ...], list[int]] = {}
+
+    def generate(self, prompt: list[int]) -> list[int]:
+        import torch
+
+        key = tuple(prompt)
+        if key not in self.cache:
+            ids = torch.tensor([prompt])
+            with torch.no_grad():
+                out = self.model.generate(
+                    ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=self.max_new_tokens
+                )
+            self.cache[key] = out[0, len(prompt) :].tolist()
+        return self.cache[key]
+
+    def logits(self, prompt: list[int]):
+        import torch
+
+        with torch.no_grad():
+            return self.model(torch.tensor([prompt])).logits[0]
+
+
+@pytest.fixture(scope="session")
+def hf_reference():
+    """Factory: (model_dir, max_new_tokens) -> HFReference."""
+    return HFReference

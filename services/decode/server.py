@@ -26,7 +26,7 @@ from tandem.proto.common.v1 import common_pb2
 from tandem.proto.decode.v1 import decode_pb2, decode_pb2_grpc
 from tandem.serving import convert
 from tandem.serving.engine_worker import EngineWorker
-from tandem.serving.grpc_server import GrpcServer
+from tandem.serving.grpc_server import GrpcServer, RunningService
 from tandem.serving.status import abort_with
 
 logger = logging.getLogger(__name__)
@@ -102,12 +102,20 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             raise InvalidRequest("prefill_mode must be REMOTE or LOCAL", param="prefill_mode")
         if self.worker.stats.num_waiting >= self.settings.max_waiting:
             raise CapacityExceeded(f"{self.worker.stats.num_waiting} requests are already waiting")
-        await self.worker.call(
-            lambda e: e.add_request(
+
+        def admit_local(engine: LLMEngine) -> None:
+            engine.add_request(
                 rid, ids, params, priority=request.priority, cache_salt=request.cache_salt or None,
                 output_kind=OutputKind.DELTA,
             )
-        )
+            if not engine.has_room_for(len(ids)):  # checked after validation: bad input stays a 400
+                engine.abort_request(rid)
+                raise CapacityExceeded(
+                    f"no room for a {len(ids)}-token prompt now: "
+                    f"{engine.block_manager.num_free_blocks} of {engine.block_manager.num_total_blocks} blocks free"
+                )
+
+        await self.worker.call(admit_local)
         return decode_pb2.Admitted(model_fingerprint=self.fingerprint)
 
     def _release(self, engine: LLMEngine, rid: str) -> None:
@@ -182,19 +190,22 @@ def pod_identity(settings, engine: LLMEngine, role: int, address: str) -> dict:
     )
 
 
-async def serve(settings: DecodeSettings) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+async def start(settings: DecodeSettings) -> RunningService:
+    """Load the model and start serving; returns once the gRPC server is up."""
     engine = LLMEngine(settings.engine_config())
-    loop = asyncio.get_running_loop()
-    worker = EngineWorker(engine, loop)
+    worker = EngineWorker(engine, asyncio.get_running_loop())
     receiver = KVReceiver(engine.runner.kv_cache, engine.fingerprint.digest())
     server = GrpcServer(settings.host, settings.port, ["tandem.decode.v1.DecodeService"])
     identity = pod_identity(settings, engine, common_pb2.POD_ROLE_DECODE, settings.address(server.port))
-    decode_pb2_grpc.add_DecodeServiceServicer_to_server(DecodeServicer(settings, worker, receiver, identity), server.server)
+    servicer = DecodeServicer(settings, worker, receiver, identity)
+    decode_pb2_grpc.add_DecodeServiceServicer_to_server(servicer, server.server)
     worker.start()
     await server.start()
     logger.info("decode pod %s serving on port %d", identity["pod_id"], server.port)
-    try:
-        await server.serve_until_signalled()
-    finally:
-        worker.stop()
+    return RunningService(server, [worker.stop], engine=engine, worker=worker, servicer=servicer)
+
+
+async def serve(settings: DecodeSettings) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    service = await start(settings)
+    await service.serve_until_signalled()

@@ -235,6 +235,15 @@ class LLMEngine:
         self._track(seq, prompt, output_kind)
         self.scheduler.add(seq)
 
+    def has_room_for(self, num_prompt_tokens: int) -> bool:
+        """Whether a prompt's blocks fit now, leaving one block per growing sequence.
+
+        The admission rule of decode pods, for colocated requests too: a pod that cannot take
+        the prompt now says so, and the router tries another, instead of queueing it here.
+        """
+        need = self.block_manager.blocks_needed(num_prompt_tokens)
+        return self.block_manager.num_free_blocks - need >= self.scheduler.num_growing
+
     def reserve_remote_prefill(
         self,
         request_id: str,

@@ -233,11 +233,11 @@ class KVSender:
     def _send(self, transfer: KVTransfer, block_ids, layers: tuple[int, int], b0: int, b1: int, kv) -> None:
         step = blocks_per_chunk(self.layout, layers[1] - layers[0], self.max_chunk_bytes)
         ids = torch.tensor(block_ids[b0:b1], dtype=torch.long, device=kv.device)
+        rid, fp = transfer.target.request_id, self.fingerprint
         for start in range(b0, b1, step):
             end = min(b1, start + step)
             pages = kv[layers[0] : layers[1], :, ids[start - b0 : end - b0]]  # one gather, contiguous
             wait, release = self._stage(pages)
-            rid, fp = transfer.target.request_id, self.fingerprint
 
             def build(seq_no: int, wait=wait, release=release, blocks=(start, end)) -> common_pb2.KVChunk:
                 try:

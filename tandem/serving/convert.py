@@ -1,10 +1,17 @@
-"""Protobuf <-> engine dataclasses: the only place the services translate between them."""
+"""Protobuf <-> engine dataclasses: the only place the services translate between them.
 
-from tandem.engine.llm_engine import EngineStats
+Torch-free (the router and the SDK use it too).
+"""
+
+from typing import TYPE_CHECKING
+
 from tandem.engine.outputs import RequestOutput, TokenLogprob
 from tandem.engine.sampling_params import SamplingParams
 from tandem.errors import InvalidRequest
 from tandem.proto.common.v1 import common_pb2
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tandem.engine.llm_engine import EngineStats
 
 FINISH_REASON_TO_PROTO = {
     None: common_pb2.FINISH_REASON_UNSPECIFIED,
@@ -20,14 +27,19 @@ _OPTIONAL_FIELDS = (
 )
 
 
-def sampling_params_from_proto(pb: common_pb2.SamplingParams) -> SamplingParams:
+def sampling_params_from_proto(pb: common_pb2.SamplingParams, *, max_tokens: int | None = None) -> SamplingParams:
     """Engine SamplingParams; unset optional fields keep the engine defaults.
+
+    Args:
+        max_tokens: overrides the message's max_tokens (the router resolves it against the context).
 
     Raises:
         InvalidRequest: a value is out of range (``param`` names the field).
     """
     kwargs: dict = {name: getattr(pb, name) for name in _OPTIONAL_FIELDS if pb.HasField(name)}
-    if pb.HasField("max_tokens"):
+    if max_tokens is not None:
+        kwargs["max_tokens"] = max_tokens
+    elif pb.HasField("max_tokens"):
         kwargs["max_tokens"] = pb.max_tokens
     for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
         if name in kwargs:
@@ -114,7 +126,7 @@ def usage(out: RequestOutput, completion_tokens: int) -> common_pb2.Usage:
     )
 
 
-def pod_stats(stats: EngineStats, **identity) -> common_pb2.PodStats:
+def pod_stats(stats: "EngineStats", **identity) -> common_pb2.PodStats:
     """PodStats from engine counters plus identity fields (role, pod_id, model, ...)."""
     return common_pb2.PodStats(
         num_running=stats.num_running,

@@ -85,18 +85,28 @@ class EngineWorker:
 
     # ---- engine thread ----------------------------------------------------------------------
 
+    IDLE_WAIT_S = 0.005
+    """How long to wait for a command after a step that could schedule nothing."""
+
     def _run(self) -> None:
         engine = self.engine
+        stalled = False
         while not self._stopped.is_set():
-            self._drain(block=not engine.has_unfinished_requests())
+            # Sleep on the queue when there is nothing to step, or when the last step scheduled
+            # nothing (every waiting request needs blocks held by others): no busy loop.
+            if not engine.has_unfinished_requests():
+                self._drain(timeout=None)
+            else:
+                self._drain(timeout=self.IDLE_WAIT_S if stalled else 0)
             if self._stopped.is_set():
                 break
             if engine.has_unfinished_requests():
                 self._step()
+                stalled = engine.last_step_num_tokens == 0
 
-    def _drain(self, block: bool) -> None:
+    def _drain(self, timeout: float | None) -> None:
         try:
-            item = self._commands.get() if block else self._commands.get_nowait()
+            item = self._commands.get(timeout=timeout) if timeout != 0 else self._commands.get_nowait()
         except queue.Empty:
             return
         while True:

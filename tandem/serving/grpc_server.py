@@ -3,6 +3,7 @@
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -40,6 +41,23 @@ class GrpcServer:
         for name in ["", *self.service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)
+
+
+
+class RunningService:
+    """A started service: its gRPC server plus what must be closed after it stops."""
+
+    def __init__(self, server: GrpcServer, cleanups: list[Callable[[], None]], **parts) -> None:
+        self.server = server
+        self.port = server.port
+        self._cleanups = cleanups
+        self.parts = parts
+        """Internals by name (engine, worker, ...), for tests and embedding."""
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await self.server.stop(grace)
+        for cleanup in self._cleanups:
+            cleanup()
 
     async def serve_until_signalled(self) -> None:
         """Block until SIGINT/SIGTERM, then stop gracefully."""

@@ -26,8 +26,6 @@ class PodSettings(BaseSettings, EngineOptions):
     """gRPC port (0 picks a free one)."""
     advertise_address: str | None = None
     """host:port other pods use to reach this one (default: this host's name and the port)."""
-    metrics_port: int | None = Field(None, ge=0, le=65535)
-    """Serve Prometheus metrics over HTTP on this port."""
     pod_id: str | None = None
     """Stable name of this pod (default: the advertised address)."""
     max_waiting: int = Field(1024, gt=0)

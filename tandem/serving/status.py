@@ -8,6 +8,7 @@ import grpc
 
 from tandem.errors import (
     CapacityExceeded,
+    DeadlineExceeded,
     InvalidRequest,
     KVFingerprintMismatch,
     KVTransferError,
@@ -30,6 +31,7 @@ _TO_CODE: list[tuple[type[Exception], grpc.StatusCode]] = [
     (KVFingerprintMismatch, grpc.StatusCode.FAILED_PRECONDITION),
     (KVTransferError, grpc.StatusCode.DATA_LOSS),
     (RequestCancelled, grpc.StatusCode.CANCELLED),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
 ]
 _FROM_CODE: dict[grpc.StatusCode, type[TandemError]] = {
     grpc.StatusCode.OUT_OF_RANGE: RequestTooLarge,
@@ -40,6 +42,7 @@ _FROM_CODE: dict[grpc.StatusCode, type[TandemError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: KVFingerprintMismatch,
     grpc.StatusCode.DATA_LOSS: KVTransferError,
     grpc.StatusCode.CANCELLED: RequestCancelled,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
 }
 
 

@@ -21,44 +21,19 @@ def random_prompts(vocab: int, lens: list[int], seed: int = 0, prefix: list[int]
     return [(prefix or []) + [rng.randrange(3, vocab) for _ in range(n)] for n in lens]
 
 
-class HFReference:
-    """Greedy HF generate per prompt (batch of one: no padding effects), memoised."""
-
-    def __init__(self, model_dir):
-        from transformers import AutoModelForCausalLM
-
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        self.cache: dict[tuple[int, ...], list[int]] = {}
-
-    def generate(self, prompt: list[int]) -> list[int]:
-        key = tuple(prompt)
-        if key not in self.cache:
-            ids = torch.tensor([prompt])
-            with torch.no_grad():
-                out = self.model.generate(
-                    ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=MAX_NEW
-                )
-            self.cache[key] = out[0, len(prompt) :].tolist()
-        return self.cache[key]
-
-    def logits(self, prompt: list[int]) -> torch.Tensor:
-        with torch.no_grad():
-            return self.model(torch.tensor([prompt])).logits[0]
-
-
 @pytest.fixture(scope="module")
-def hf_refs(tiny_model):
+def hf_refs(tiny_model, hf_reference):
     refs = {}
 
     def get(name):
         if name not in refs:
-            refs[name] = HFReference(tiny_model(name))
+            refs[name] = hf_reference(tiny_model(name), MAX_NEW)
         return refs[name]
 
     return get
 
 
-def assert_same_as_hf(outputs, prompts, ref: HFReference):
+def assert_same_as_hf(outputs, prompts, ref):
     assert len(outputs) == len(prompts)
     for out, prompt in zip(outputs, prompts):
         assert out.prompt_token_ids == prompt

@@ -1,0 +1,1 @@
+"""Prefill pods: compute prompts' KV and stream the pages to decode pods."""

@@ -1,0 +1,164 @@
+"""The prefill service: ``PrefillService`` over an engine in the prefill role.
+
+``Prefill`` queues the prompt in the engine (continuous batching, chunked prefill, prefix
+cache) as a one-token request. While the forward runs, the KV sender streams each finished
+layer group's pages to the decode pod named in the request; once the first token is sampled
+the transfer is closed with it, and the call returns when the decode pod acknowledged it.
+"""
+
+import asyncio
+import dataclasses
+import logging
+
+import grpc
+
+from services.decode.server import pod_identity
+from services.prefill.settings import PrefillSettings
+from tandem.engine.llm_engine import LLMEngine
+from tandem.engine.outputs import OutputKind, RequestOutput
+from tandem.engine.sampling_params import SamplingParams
+from tandem.errors import CapacityExceeded, InvalidRequest, KVFingerprintMismatch, TandemError
+from tandem.kv.sender import KVSender, KVTarget
+from tandem.proto.common.v1 import common_pb2
+from tandem.proto.prefill.v1 import prefill_pb2, prefill_pb2_grpc
+from tandem.serving import convert
+from tandem.serving.engine_worker import EngineWorker
+from tandem.serving.grpc_server import GrpcServer, RunningService
+from tandem.serving.status import abort_with
+
+logger = logging.getLogger(__name__)
+
+
+def prefill_only(params: SamplingParams) -> SamplingParams:
+    """The request as a prefill pod runs it: one token, sampled like the decode pod would.
+
+    Stop strings are the decode pod's business (it detokenizes the first token too).
+    """
+    return dataclasses.replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1), stop=())
+
+
+class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
+    def __init__(self, settings: PrefillSettings, worker: EngineWorker, sender: KVSender, identity: dict) -> None:
+        self.settings = settings
+        self.worker = worker
+        self.sender = sender
+        self.identity = identity
+        self.fingerprint = worker.engine.fingerprint.digest()
+
+    async def Prefill(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
+        rid = request.request_id
+        stream = None
+        done = False
+        try:
+            target = self._target(request)
+            ids = convert.prompt_ids(request.prompt_token_ids)
+            params = prefill_only(convert.sampling_params_from_proto(request.sampling_params))
+            if self.worker.stats.num_waiting >= self.settings.max_waiting:
+                raise CapacityExceeded(f"{self.worker.stats.num_waiting} prompts are already waiting")
+            stream = self.worker.open_stream(rid)
+            await self.worker.call(lambda e: self._add(e, request, ids, params, target))
+            item = await stream.get()
+            if isinstance(item, BaseException):
+                raise item
+            end = self._end_message(item, target)
+            result = await asyncio.wrap_future(self.sender.finish(rid, end))
+            done = True
+            return prefill_pb2.PrefillResponse(
+                first_token_id=end.first_token_id,
+                num_cached_tokens=item.num_cached_tokens,
+                timing=self._timing(item, result.seconds),
+                kv_bytes=result.bytes,
+                kv_chunks=result.chunks,
+            )
+        except TandemError as exc:
+            await abort_with(context, exc)
+        finally:
+            if stream is not None:
+                self.worker.close_stream(rid)
+            if not done:
+                self.worker.submit(lambda e: self._release(e, rid))
+
+    def _target(self, request: prefill_pb2.PrefillRequest) -> KVTarget:
+        t = request.decode_target
+        if not request.request_id:
+            raise InvalidRequest("request_id is required", param="request_id")
+        if not t.address or not t.request_id:
+            raise InvalidRequest("decode_target needs an address and a request_id", param="decode_target")
+        if t.model_fingerprint and t.model_fingerprint != self.fingerprint:
+            raise KVFingerprintMismatch(
+                f"the decode pod's model fingerprint {t.model_fingerprint!r} differs from this "
+                f"prefill pod's {self.fingerprint!r}"
+            )
+        return KVTarget(t.address, t.request_id, t.skip_blocks, self.fingerprint)
+
+    def _add(self, engine: LLMEngine, request, ids, params, target: KVTarget) -> None:
+        """Engine thread: register the KV transfer, then queue the prompt."""
+        rid = request.request_id
+        self.sender.start(rid, target, len(ids))
+        try:
+            engine.add_request(
+                rid, ids, params, priority=request.priority, cache_salt=request.cache_salt or None,
+                output_kind=OutputKind.FINAL_ONLY,
+            )
+        except BaseException:
+            self.sender.abort(rid)
+            raise
+
+    def _release(self, engine: LLMEngine, rid: str) -> None:
+        self.sender.abort(rid)
+        engine.abort_request(rid)
+
+    def _end_message(self, out: RequestOutput, target: KVTarget) -> common_pb2.KVTransferEnd:
+        comp = out.outputs[0]
+        end = common_pb2.KVTransferEnd(
+            request_id=target.request_id,
+            model_fingerprint=self.fingerprint,
+            first_token_id=comp.token_ids[0],
+            num_cached_tokens=out.num_cached_tokens,
+        )
+        if comp.logprobs:
+            end.first_token_logprob.CopyFrom(convert.logprob_to_proto(comp.logprobs[0]))
+        return end
+
+    @staticmethod
+    def _timing(out: RequestOutput, transfer_seconds: float) -> prefill_pb2.PrefillTiming:
+        m = out.metrics
+        scheduled = m.first_scheduled_time or m.arrival_time
+        first_token = m.first_token_time or scheduled
+        return prefill_pb2.PrefillTiming(
+            queue_seconds=scheduled - m.arrival_time,
+            compute_seconds=first_token - scheduled,
+            transfer_seconds=transfer_seconds,
+        )
+
+    async def GetStats(self, request, context):
+        return prefill_pb2.GetStatsResponse(stats=convert.pod_stats(self.worker.stats, **self.identity))
+
+
+async def start(settings: PrefillSettings) -> RunningService:
+    """Load the model and start serving; returns once the gRPC server is up."""
+    engine = LLMEngine(settings.engine_config())
+    sender = KVSender(
+        engine.runner.kv_spec,
+        engine.fingerprint.digest(),
+        layers_per_group=settings.kv_layers_per_group,
+        max_chunk_bytes=settings.kv_chunk_bytes,
+        num_streams=settings.kv_streams,
+        device=engine.runner.device,
+    )
+    engine.set_kv_layer_hook(sender)
+    worker = EngineWorker(engine, asyncio.get_running_loop())
+    server = GrpcServer(settings.host, settings.port, ["tandem.prefill.v1.PrefillService"])
+    identity = pod_identity(settings, engine, common_pb2.POD_ROLE_PREFILL, settings.address(server.port))
+    servicer = PrefillServicer(settings, worker, sender, identity)
+    prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, server.server)
+    worker.start()
+    await server.start()
+    logger.info("prefill pod %s serving on port %d", identity["pod_id"], server.port)
+    return RunningService(server, [worker.stop, sender.close], engine=engine, worker=worker, sender=sender)
+
+
+async def serve(settings: PrefillSettings) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    service = await start(settings)
+    await service.serve_until_signalled()

@@ -1,0 +1,1 @@
+"""The router: OpenAI-compatible HTTP API and gRPC front door; places requests on pods."""

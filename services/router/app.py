@@ -1,0 +1,176 @@
+"""The router's FastAPI application: OpenAI routes, health, metrics; gRPC server alongside.
+
+The gRPC RouterService runs on the same event loop, started and stopped with the app.
+"""
+
+import asyncio
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from services.router.flow import Dispatcher, Route
+from services.router.grpc_api import RouterServicer
+from services.router.http_errors import error_body, error_response
+from services.router.metrics import RouterMetrics
+from services.router.openai_api import OpenAIServing, merge_events
+from services.router.openai_protocol import ChatCompletionRequest, CompletionRequest
+from services.router.pods import PodRegistry
+from services.router.settings import RouterSettings
+from tandem.errors import RequestCancelled, TandemError, UpstreamUnavailable
+from tandem.model_dir import load_model_config
+from tandem.proto.router.v1 import router_pb2_grpc
+from tandem.serving.grpc_server import GrpcServer
+from tandem.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+REQUEST_ID_HEADER = "x-request-id"
+
+
+async def run_unless_disconnected(request: Request, coro):
+    """Await ``coro``, cancelling it if the HTTP client goes away first."""
+    task = asyncio.ensure_future(coro)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise RequestCancelled("the client disconnected")
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "literal"}
+
+
+def _is_field(part) -> bool:
+    """Location parts that name a field or an index, not a union member's type tag."""
+    return isinstance(part, int) or ("[" not in part and part.split("-")[0].lower() not in _UNION_TAGS)
+
+
+def _validation_error(exc: RequestValidationError) -> JSONResponse:
+    err = exc.errors()[0] if exc.errors() else {}
+    loc = [str(part) for part in err.get("loc", ()) if part != "body" and _is_field(part)]
+    if err.get("type") == "json_invalid":
+        message, param = "the request body is not valid JSON", None
+    else:
+        param = ".".join(loc) or None
+        message = f"{param}: {err.get('msg', 'invalid value')}" if param else err.get("msg", "invalid request")
+    return JSONResponse(error_body(message, 400, "BadRequestError", param), status_code=400)
+
+
+def create_app(settings: RouterSettings) -> FastAPI:
+    tokenizer = Tokenizer(settings.model)
+    model_config = load_model_config(settings.model)
+    max_model_len = settings.max_model_len or model_config.max_position_embeddings
+    registry = PodRegistry(
+        settings.prefill, settings.decode, interval_s=settings.stats_interval_s, timeout_s=settings.pod_timeout_s
+    )
+    dispatcher = Dispatcher(registry, settings)
+    serving = OpenAIServing(
+        tokenizer, dispatcher, model_name=settings.model_name(), max_model_len=max_model_len,
+        vocab_size=model_config.vocab_size,
+    )
+    metrics = RouterMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await registry.start()
+        server = GrpcServer(settings.host, settings.grpc_port, ["tandem.router.v1.RouterService"])
+        router_pb2_grpc.add_RouterServiceServicer_to_server(RouterServicer(serving), server.server)
+        await server.start()
+        app.state.grpc_port = server.port
+        logger.info("router gRPC on port %d; %d prefill, %d decode pods", server.port,
+                    len(settings.prefill), len(settings.decode))
+        try:
+            yield
+        finally:
+            await server.stop(2.0)
+            await registry.close()
+
+    app = FastAPI(title="Tandem router", lifespan=lifespan)
+    app.state.registry, app.state.serving, app.state.metrics = registry, serving, metrics
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError):
+        return _validation_error(exc)
+
+    @app.exception_handler(TandemError)
+    async def on_tandem_error(request: Request, exc: TandemError):
+        return error_response(exc, retry_after_s=settings.retry_after_s)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception):
+        logger.exception("unexpected error on %s", request.url.path)
+        return error_response(exc)
+
+    @app.middleware("http")
+    async def request_id_and_metrics(request: Request, call_next):
+        request.state.request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        start = time.perf_counter()
+        response = await call_next(request)
+        response.headers[REQUEST_ID_HEADER] = request.state.request_id
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.requests.labels(path, str(response.status_code)).inc()
+        metrics.request_duration.labels(path).observe(time.perf_counter() - start)
+        return response
+
+    def count_routes(routes: list[Route]) -> None:
+        for r in routes:
+            metrics.routing_decisions.labels(r.mode or "unplaced").inc()
+            metrics.attempts.inc(r.attempts)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        rid = request.state.request_id
+        jobs = await asyncio.to_thread(serving.completion_jobs, body, rid)
+        routes = [Route() for _ in jobs]
+        if body.stream:
+            events = await run_unless_disconnected(request, serving.open_stream(merge_events(dispatcher, jobs, routes)))
+            count_routes(routes)
+            return StreamingResponse(serving.completion_sse(body, rid, events), media_type="text/event-stream")
+        result = await run_unless_disconnected(request, serving.completion(body, jobs, rid, routes))
+        count_routes(routes)
+        return JSONResponse(result)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        rid = request.state.request_id
+        job = await asyncio.to_thread(serving.chat_job, body, rid)
+        route = Route()
+        if body.stream:
+            events = await run_unless_disconnected(request, serving.open_stream(merge_events(dispatcher, [job], [route])))
+            count_routes([route])
+            return StreamingResponse(serving.chat_sse(body, rid, events), media_type="text/event-stream")
+        result = await run_unless_disconnected(request, serving.chat(body, job, rid, route))
+        count_routes([route])
+        return JSONResponse(result)
+
+    @app.get("/v1/models")
+    async def models():
+        return {
+            "object": "list",
+            "data": [{"id": serving.model_name, "object": "model", "created": 0, "owned_by": "tandem",
+                      "root": serving.model_name, "max_model_len": max_model_len}],
+        }
+
+    @app.get("/health")
+    async def health():
+        if not registry.by_role("decode"):
+            raise UpstreamUnavailable("no decode pod is ready")
+        return {"status": "ok", "prefill_pods": len(registry.by_role("prefill")), "decode_pods": len(registry.by_role("decode"))}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

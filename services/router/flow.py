@@ -1,0 +1,265 @@
+"""A request's path through the pods, with retries before the first token.
+
+1. Pick a decode pod and call ``Generate``: it reserves the prompt's KV blocks and answers
+   ``Admitted`` (or RESOURCE_EXHAUSTED: try the next decode pod; all full -> 429).
+2. Disaggregated: pick a prefill pod and call ``Prefill`` with the decode pod as KV target.
+   Prompts shorter than ``colocate_below_tokens``, or no prefill pod up: the decode pod
+   prefills itself (colocated).
+3. Relay the decode pod's token stream.
+
+A failure before any token reached the client (a prefill pod dies mid-transfer, a KV stream is
+refused, a pod is unreachable) is retried on other pods, ending with colocated mode; after the
+first token it is reported. Whatever ends the request -- completion, error, the client going
+away -- both calls are cancelled, so the pods free the request's blocks.
+"""
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from services.router.pods import Pod, PodRegistry
+from services.router.routing import pick_decode, pick_prefill
+from services.router.settings import RouterSettings
+from tandem.engine.outputs import TokenLogprob
+from tandem.engine.sampling_params import SamplingParams
+from tandem.errors import CapacityExceeded, RequestTooLarge, TandemError, UpstreamUnavailable
+from tandem.proto.decode.v1 import decode_pb2
+from tandem.proto.prefill.v1 import prefill_pb2
+from tandem.serving import convert
+from tandem.serving.status import error_from_rpc
+
+logger = logging.getLogger(__name__)
+
+# Decode-side failures that mean "the transfer or the pod broke", worth another try elsewhere.
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+@dataclass(slots=True, frozen=True)
+class Job:
+    """A validated, tokenized request."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int = 0
+    cache_salt: str | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+@dataclass(slots=True)
+class TokenEvent:
+    """New tokens of a request; the last event carries the finish reason and usage."""
+
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob]
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    usage: Usage | None = None
+
+
+@dataclass(slots=True)
+class Route:
+    """Where a request ran (for logs, metrics and traces)."""
+
+    mode: str = ""
+    decode: str = ""
+    prefill: str | None = None
+    attempts: int = 0
+    prefill_response: prefill_pb2.PrefillResponse | None = None
+    tried_decode: set[str] = field(default_factory=set)
+    tried_prefill: set[str] = field(default_factory=set)
+
+
+class _Retry(Exception):
+    """An attempt failed before any token reached the client; ``error`` if no retry is left.
+
+    ``refused``: the decode pod turned the request away at admission (full, or its pool too
+    small for it); another decode pod may take it.
+    """
+
+    def __init__(self, error: TandemError, *, refused: bool = False) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.refused = refused
+
+
+def _event(resp: decode_pb2.GenerateResponse) -> TokenEvent:
+    chunk = resp.chunk
+    event = TokenEvent(
+        token_ids=list(chunk.token_ids),
+        text=chunk.text,
+        logprobs=[convert.logprob_from_proto(lp) for lp in chunk.logprobs],
+        finish_reason=convert.FINISH_REASON_FROM_PROTO[chunk.finish_reason],
+        stop_reason=convert.stop_reason(chunk),
+    )
+    if resp.HasField("usage"):
+        u = resp.usage
+        event.usage = Usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
+    return event
+
+
+class Dispatcher:
+    """Runs requests across the registry's pods."""
+
+    def __init__(self, registry: PodRegistry, settings: RouterSettings) -> None:
+        self.registry = registry
+        self.settings = settings
+        self._attempt_ids = itertools.count()
+
+    async def generate(self, job: Job, route: Route | None = None) -> AsyncIterator[TokenEvent]:
+        route = route if route is not None else Route()
+        failures = 0
+        refusals: list[TandemError] = []
+        while True:
+            decode = pick_decode(self.registry.by_role("decode"), route.tried_decode)
+            if decode is None:
+                if refusals and all(isinstance(r, RequestTooLarge) for r in refusals):
+                    raise refusals[0]  # no pod could ever hold it: a 400, not a 429
+                if refusals:
+                    raise CapacityExceeded("every decode pod is at capacity; retry later")
+                if failures:
+                    raise UpstreamUnavailable(f"the request failed on every pod tried ({failures} attempts)")
+                raise UpstreamUnavailable("no decode pod is ready")
+            prefill = None
+            colocate = len(job.prompt_token_ids) < self.settings.colocate_below_tokens
+            if not colocate and failures < self.settings.max_attempts - 1:
+                prefill = pick_prefill(self.registry.by_role("prefill"), route.tried_prefill)
+            route.attempts += 1
+            try:
+                async for event in self._attempt(job, decode, prefill, route):
+                    yield event
+                return
+            except _Retry as retry:
+                if retry.refused:
+                    route.tried_decode.add(decode.address)
+                    refusals.append(retry.error)
+                    continue
+                failures += 1
+                logger.warning("request %s attempt %d failed: %s", job.request_id, route.attempts, retry.error)
+                if failures >= self.settings.max_attempts:
+                    raise retry.error from None
+
+    async def _attempt(self, job: Job, decode: Pod, prefill: Pod | None, route: Route) -> AsyncIterator[TokenEvent]:
+        rid = f"{job.request_id}.{next(self._attempt_ids)}"
+        route.mode, route.decode, route.prefill = ("disaggregated" if prefill else "colocated"), decode.address, None
+        call = decode.stub.Generate(
+            decode_pb2.GenerateRequest(
+                request_id=rid,
+                prompt_token_ids=job.prompt_token_ids,
+                sampling_params=convert.sampling_params_to_proto(job.params),
+                prefill_mode=decode_pb2.PREFILL_MODE_REMOTE if prefill else decode_pb2.PREFILL_MODE_LOCAL,
+                priority=job.priority,
+                cache_salt=job.cache_salt or "",
+            )
+        )
+        prefill_task: asyncio.Task | None = None
+        decode.inflight += 1
+        started = False
+        try:
+            admitted = await self._admission(call, decode, route)
+            if prefill is not None:
+                route.prefill = prefill.address
+                prefill_task = self._start_prefill(job, rid, prefill, decode, admitted, call)
+            while True:
+                try:
+                    resp = await call.read()
+                except (grpc.RpcError, asyncio.CancelledError) as e:
+                    if prefill_task is not None and prefill_task.done() and not prefill_task.cancelled():
+                        self._raise_prefill_failure(prefill_task, prefill, route, started)
+                    if isinstance(e, asyncio.CancelledError):
+                        raise
+                    self._raise_decode_failure(e, decode, route, started)
+                if resp is grpc.aio.EOF:
+                    raise UpstreamUnavailable(f"decode pod {decode.address} ended the stream early")
+                event = _event(resp)
+                started = started or bool(event.token_ids) or event.finish_reason is not None
+                yield event
+                if event.finish_reason is not None:
+                    break
+            if prefill_task is not None:
+                route.prefill_response = await self._settle(prefill_task)
+        finally:
+            decode.inflight -= 1
+            if prefill is not None and prefill_task is not None:
+                prefill.inflight -= 1
+                prefill_task.cancel()
+            call.cancel()
+
+    async def _admission(self, call, decode: Pod, route: Route) -> decode_pb2.Admitted:
+        try:
+            first = await call.read()
+        except grpc.RpcError as e:
+            if e.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OUT_OF_RANGE):
+                raise _Retry(error_from_rpc(e), refused=True) from None
+            self._raise_decode_failure(e, decode, route, started=False)
+        if first is grpc.aio.EOF or first.WhichOneof("event") != "admitted":
+            route.tried_decode.add(decode.address)
+            raise _Retry(UpstreamUnavailable(f"decode pod {decode.address} did not admit the request"))
+        decode.inflight_blocks += first.admitted.num_reserved_blocks
+        return first.admitted
+
+    def _start_prefill(self, job: Job, rid: str, prefill: Pod, decode: Pod, admitted, call) -> asyncio.Task:
+        block_size = decode.stats.block_size if decode.stats and decode.stats.block_size else 16
+        request = prefill_pb2.PrefillRequest(
+            request_id=rid,
+            prompt_token_ids=job.prompt_token_ids,
+            sampling_params=convert.sampling_params_to_proto(job.params),
+            priority=job.priority,
+            cache_salt=job.cache_salt or "",
+            decode_target=prefill_pb2.DecodeTarget(
+                address=decode.address,
+                request_id=rid,
+                skip_blocks=admitted.num_cached_tokens // block_size,
+                model_fingerprint=admitted.model_fingerprint,
+            ),
+        )
+        prefill.inflight += 1
+        prefill.inflight_tokens += len(job.prompt_token_ids)
+        task = asyncio.ensure_future(prefill.stub.Prefill(request))
+
+        def on_done(t: asyncio.Task) -> None:
+            # A failed prefill means the KV will never come: stop waiting on the decode stream.
+            if t.cancelled() or t.exception() is not None:
+                call.cancel()
+
+        task.add_done_callback(on_done)
+        return task
+
+    def _raise_prefill_failure(self, task: asyncio.Task, prefill: Pod, route: Route, started: bool):
+        exc = task.exception()
+        error = error_from_rpc(exc) if isinstance(exc, grpc.RpcError) else UpstreamUnavailable(str(exc))
+        if isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE:
+            prefill.mark_down(exc.details() or "unavailable")
+        route.tried_prefill.add(prefill.address)
+        if started:
+            raise error from None
+        raise _Retry(error) from None
+
+    def _raise_decode_failure(self, e: grpc.RpcError, decode: Pod, route: Route, started: bool):
+        error = error_from_rpc(e)
+        if started or e.code() not in _RETRYABLE:
+            raise error from None
+        if e.code() == grpc.StatusCode.UNAVAILABLE:
+            decode.mark_down(e.details() or "unavailable")
+            route.tried_decode.add(decode.address)
+        elif route.prefill is not None:
+            route.tried_prefill.add(route.prefill)  # the KV transfer broke: use another prefill pod
+        raise _Retry(error) from None
+
+    async def _settle(self, task: asyncio.Task) -> prefill_pb2.PrefillResponse | None:
+        """The prefill's answer, once the decode stream is done (its failure no longer matters)."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), timeout=5.0)
+        except (grpc.RpcError, TimeoutError, asyncio.CancelledError):
+            return None

@@ -1,0 +1,69 @@
+"""RouterService: the router's gRPC front door, used by the client SDK."""
+
+import uuid
+
+import grpc
+
+from services.router.flow import Job, TokenEvent
+from services.router.openai_api import OpenAIServing
+from tandem.errors import InvalidRequest, TandemError
+from tandem.proto.common.v1 import common_pb2
+from tandem.proto.router.v1 import router_pb2, router_pb2_grpc
+from tandem.serving import convert
+from tandem.serving.status import abort_with
+
+
+def token_chunk(event: TokenEvent) -> common_pb2.TokenChunk:
+    chunk = common_pb2.TokenChunk(
+        token_ids=event.token_ids,
+        text=event.text,
+        logprobs=[convert.logprob_to_proto(lp) for lp in event.logprobs],
+        finish_reason=convert.FINISH_REASON_TO_PROTO[event.finish_reason],
+    )
+    if isinstance(event.stop_reason, str):
+        chunk.stop_string = event.stop_reason
+    elif isinstance(event.stop_reason, int):
+        chunk.stop_token_id = event.stop_reason
+    return chunk
+
+
+class RouterServicer(router_pb2_grpc.RouterServiceServicer):
+    def __init__(self, serving: OpenAIServing) -> None:
+        self.serving = serving
+
+    def _job(self, request: router_pb2.GenerateRequest) -> Job:
+        self.serving.check_model(request.model)
+        which = request.WhichOneof("prompt")
+        if which == "text":
+            ids = self.serving.tokenizer.encode(request.text)
+        elif which == "token_ids":
+            ids = list(request.token_ids.ids)
+        else:
+            raise InvalidRequest("a prompt (text or token_ids) is required", param="prompt")
+        sp = request.sampling_params
+        requested = sp.max_tokens if sp.HasField("max_tokens") else None
+        max_tokens = self.serving.resolve_max_tokens(ids, requested, "prompt")
+        params = convert.sampling_params_from_proto(sp, max_tokens=max_tokens)
+        rid = request.request_id or uuid.uuid4().hex
+        return Job(rid, ids, params, request.priority, request.cache_salt or None)
+
+    async def Generate(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        try:
+            job = self._job(request)
+            async for event in self.serving.dispatcher.generate(job):
+                response = router_pb2.GenerateResponse(request_id=job.request_id, chunk=token_chunk(event))
+                if event.usage is not None:
+                    u = event.usage
+                    response.usage.CopyFrom(
+                        common_pb2.Usage(
+                            prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                            cached_tokens=u.cached_tokens,
+                        )
+                    )
+                yield response
+        except TandemError as exc:
+            await abort_with(context, exc)
+
+    async def ListModels(self, request, context):
+        model = router_pb2.Model(id=self.serving.model_name, max_model_len=self.serving.max_model_len)
+        return router_pb2.ListModelsResponse(models=[model])

@@ -1,0 +1,301 @@
+"""OpenAI-compatible completions and chat completions on top of the Dispatcher.
+
+Responses follow OpenAI's wire format as vLLM serves it. Streams (SSE, ``data: <json>\\n\\n``)
+are: for chat, a role chunk, content deltas, a finish chunk (empty delta, ``finish_reason``),
+an optional usage chunk (``stream_options.include_usage``), then ``data: [DONE]``; completions
+are the same without the role chunk. A stream is only opened once the request produced its first
+tokens, so admission errors still get a proper status code (429, 503, ...).
+"""
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from services.router.flow import Dispatcher, Job, Route, TokenEvent, Usage
+from services.router.openai_protocol import ChatCompletionRequest, CompletionRequest, _GenerationFields
+from tandem.errors import InvalidRequest, ModelNotFound, RequestTooLarge, TandemError
+from tandem.tokenizer import Tokenizer
+
+
+@dataclass(slots=True)
+class _Choice:
+    """What one prompt produced (non-streaming)."""
+
+    text: str = ""
+    token_ids: list[int] | None = None
+    logprobs: list | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    usage: Usage | None = None
+
+
+def sse(payload: dict | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+def usage_json(usages: list[Usage]) -> dict:
+    prompt = sum(u.prompt_tokens for u in usages)
+    completion = sum(u.completion_tokens for u in usages)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(u.cached_tokens for u in usages)},
+    }
+
+
+class OpenAIServing:
+    def __init__(
+        self, tokenizer: Tokenizer, dispatcher: Dispatcher, *, model_name: str, max_model_len: int, vocab_size: int
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.dispatcher = dispatcher
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+
+    # ---- request -> jobs --------------------------------------------------------------------
+
+    def check_model(self, model: str | None) -> None:
+        if model and model != self.model_name:
+            raise ModelNotFound(f"the model {model!r} does not exist; this server serves {self.model_name!r}")
+
+    def make_job(
+        self, request_id: str, prompt_ids: list[int], req: _GenerationFields, requested_max: int | None,
+        logprobs: int | None, prompt_param: str,
+    ) -> Job:
+        max_tokens = self.resolve_max_tokens(prompt_ids, requested_max, prompt_param)
+        params = req.sampling_params(max_tokens=max_tokens, logprobs=logprobs)
+        return Job(request_id, prompt_ids, params, req.priority, req.cache_salt)
+
+    def resolve_max_tokens(self, prompt_ids: list[int], requested_max: int | None, prompt_param: str) -> int:
+        """Check the prompt against vocabulary and context; the max_tokens to use (default: the rest)."""
+        n = len(prompt_ids)
+        if n == 0:
+            raise InvalidRequest("the prompt is empty", param=prompt_param)
+        bad = next((t for t in prompt_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})", param=prompt_param)
+        if n >= self.max_model_len:
+            raise RequestTooLarge(
+                f"this model's maximum context length is {self.max_model_len} tokens, but the prompt has {n}",
+                param=prompt_param,
+            )
+        if requested_max is not None and n + requested_max > self.max_model_len:
+            raise RequestTooLarge(
+                f"this model's maximum context length is {self.max_model_len} tokens, but {n + requested_max} "
+                f"were requested ({n} in the prompt, {requested_max} for max_tokens)",
+                param="max_tokens",
+            )
+        return requested_max if requested_max is not None else self.max_model_len - n
+
+    def completion_jobs(self, req: CompletionRequest, request_id: str) -> list[Job]:
+        self.check_model(req.model)
+        if req.logprobs is not None and not 0 <= req.logprobs <= 20:
+            raise InvalidRequest("logprobs must be in [0, 20]", param="logprobs")
+        jobs = []
+        for i, prompt in enumerate(req.prompts()):
+            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+            jobs.append(self.make_job(f"{request_id}-{i}", ids, req, req.max_tokens, req.logprobs, "prompt"))
+        return jobs
+
+    def chat_job(self, req: ChatCompletionRequest, request_id: str) -> Job:
+        self.check_model(req.model)
+        messages = req.template_messages()
+        ids = self.tokenizer.encode_chat(
+            messages, add_generation_prompt=req.add_generation_prompt, chat_template_kwargs=req.chat_template_kwargs
+        )
+        return self.make_job(request_id, ids, req, req.requested_max_tokens, req.num_logprobs, "messages")
+
+    # ---- logprobs in OpenAI's two formats ---------------------------------------------------
+
+    def _token(self, token_id: int, as_ids: bool) -> str:
+        return f"token_id:{token_id}" if as_ids else self.tokenizer.token_text(token_id)
+
+    def _chat_logprobs(self, lps, as_ids: bool) -> dict:
+        def entry(token_id: int, lp: float) -> dict:
+            text = self._token(token_id, as_ids)
+            return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+        return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in lps]}
+
+    def _completion_logprobs(self, lps, as_ids: bool, offset: int = 0) -> dict:
+        tokens, offsets = [], []
+        for lp in lps:
+            text = self.tokenizer.token_text(lp.token_id)
+            tokens.append(self._token(lp.token_id, as_ids))
+            offsets.append(offset)
+            offset += len(text)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [{self._token(t, as_ids): v for t, v in lp.top} for lp in lps],
+            "text_offset": offsets,
+        }
+
+    # ---- non-streaming ----------------------------------------------------------------------
+
+    async def _collect(self, job: Job, route: Route) -> _Choice:
+        choice = _Choice(token_ids=[], logprobs=[])
+        async for event in self.dispatcher.generate(job, route):
+            choice.text += event.text
+            choice.token_ids += event.token_ids
+            choice.logprobs += event.logprobs
+            if event.finish_reason is not None:
+                choice.finish_reason, choice.stop_reason, choice.usage = event.finish_reason, event.stop_reason, event.usage
+        return choice
+
+    async def completion(self, req: CompletionRequest, jobs: list[Job], request_id: str, routes: list[Route]) -> dict:
+        choices = await asyncio.gather(*(self._collect(j, r) for j, r in zip(jobs, routes)))
+        return {
+            "id": f"cmpl-{request_id}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": [
+                {
+                    "index": i,
+                    "text": c.text,
+                    "logprobs": (
+                        self._completion_logprobs(c.logprobs, req.return_tokens_as_token_ids)
+                        if req.logprobs is not None else None
+                    ),
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                }
+                for i, c in enumerate(choices)
+            ],
+            "usage": usage_json([c.usage for c in choices if c.usage]),
+        }
+
+    async def chat(self, req: ChatCompletionRequest, job: Job, request_id: str, route: Route) -> dict:
+        c = await self._collect(job, route)
+        return {
+            "id": f"chatcmpl-{request_id}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": self._chat_logprobs(c.logprobs, req.return_tokens_as_token_ids) if req.logprobs else None,
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                }
+            ],
+            "usage": usage_json([c.usage] if c.usage else []),
+        }
+
+    # ---- streaming --------------------------------------------------------------------------
+
+    async def open_stream(self, events: AsyncIterator[tuple[int, TokenEvent]]) -> AsyncIterator[tuple[int, TokenEvent]]:
+        """Wait for the first event (so errors before it become HTTP statuses), then relay all."""
+        first = await events.__anext__()
+
+        async def relay():
+            try:
+                yield first
+                async for item in events:
+                    yield item
+            finally:
+                await events.aclose()
+
+        return relay()
+
+    async def completion_sse(self, req: CompletionRequest, request_id: str, events) -> AsyncIterator[str]:
+        head = {"id": f"cmpl-{request_id}", "object": "text_completion", "created": int(time.time()), "model": self.model_name}
+        usages, offsets = [], {}
+        async for body in self._guard(events):
+            if isinstance(body, str):
+                yield body
+                return
+            i, event = body
+            if event.text or event.logprobs:
+                lp = None
+                if req.logprobs is not None:
+                    lp = self._completion_logprobs(event.logprobs, req.return_tokens_as_token_ids, offsets.get(i, 0))
+                    offsets[i] = offsets.get(i, 0) + len(event.text)
+                choice = {"index": i, "text": event.text, "logprobs": lp, "finish_reason": None, "stop_reason": None}
+                yield sse({**head, "choices": [choice]})
+            if event.finish_reason is not None:
+                finish = {"index": i, "text": "", "logprobs": None, "finish_reason": event.finish_reason,
+                          "stop_reason": event.stop_reason}
+                yield sse({**head, "choices": [finish]})
+                if event.usage:
+                    usages.append(event.usage)
+        if req.include_usage:
+            yield sse({**head, "choices": [], "usage": usage_json(usages)})
+        yield sse("[DONE]")
+
+    async def chat_sse(self, req: ChatCompletionRequest, request_id: str, events) -> AsyncIterator[str]:
+        head = {"id": f"chatcmpl-{request_id}", "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": self.model_name}
+        role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        yield sse({**head, "choices": [role]})
+        usage = None
+        async for body in self._guard(events):
+            if isinstance(body, str):
+                yield body
+                return
+            _, event = body
+            if event.text or event.logprobs:
+                lp = self._chat_logprobs(event.logprobs, req.return_tokens_as_token_ids) if req.logprobs else None
+                delta = {"index": 0, "delta": {"content": event.text}, "logprobs": lp, "finish_reason": None}
+                yield sse({**head, "choices": [delta]})
+            if event.finish_reason is not None:
+                finish = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": event.finish_reason,
+                          "stop_reason": event.stop_reason}
+                yield sse({**head, "choices": [finish]})
+                usage = event.usage
+        if req.include_usage:
+            yield sse({**head, "choices": [], "usage": usage_json([usage] if usage else [])})
+        yield sse("[DONE]")
+
+    @staticmethod
+    async def _guard(events):
+        """Relay events; an error after the stream opened becomes an SSE error event and [DONE]."""
+        from services.router.http_errors import error_body, status_for
+
+        try:
+            async for item in events:
+                yield item
+        except TandemError as exc:
+            status, err_type = status_for(exc)
+            yield sse(error_body(str(exc), status, err_type, getattr(exc, "param", None))) + sse("[DONE]")
+
+
+async def merge_events(dispatcher: Dispatcher, jobs: list[Job], routes: list[Route]) -> AsyncIterator[tuple[int, TokenEvent]]:
+    """The events of several jobs, tagged with their index, as they come."""
+    if len(jobs) == 1:
+        async for event in dispatcher.generate(jobs[0], routes[0]):
+            yield 0, event
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, job: Job, route: Route) -> None:
+        try:
+            async for event in dispatcher.generate(job, route):
+                await queue.put((i, event))
+            await queue.put(done)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the consumer
+            await queue.put(exc)
+
+    tasks = [asyncio.create_task(pump(i, j, r)) for i, (j, r) in enumerate(zip(jobs, routes))]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()

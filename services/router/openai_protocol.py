@@ -1,0 +1,168 @@
+"""OpenAI request bodies as vLLM accepts them, and their translation into engine jobs.
+
+Unknown fields are ignored (as vLLM does); known fields are type-checked by pydantic and
+range-checked by ``SamplingParams``. Every problem is an ``InvalidRequest`` naming the field,
+which the HTTP layer turns into a 400 with the OpenAI error envelope.
+"""
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tandem.engine.sampling_params import SamplingParams
+from tandem.errors import InvalidRequest
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _GenerationFields(BaseModel):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # vLLM extensions
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    priority: int = 0
+    cache_salt: str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    return_tokens_as_token_ids: bool = False
+    """Render logprob tokens as "token_id:N" (vLLM's extension; exact even for partial UTF-8)."""
+
+    def _check_supported(self) -> None:
+        if self.n != 1:
+            raise InvalidRequest("only n=1 is supported", param="n")
+        if self.logit_bias:
+            raise InvalidRequest("logit_bias is not supported", param="logit_bias")
+        if self.cache_salt is not None and not self.cache_salt:
+            raise InvalidRequest("cache_salt must be a non-empty string", param="cache_salt")
+
+    def sampling_params(self, *, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        """Engine parameters (``max_tokens`` resolved by the caller against the context length)."""
+        self._check_supported()
+        kwargs: dict[str, Any] = {}
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "seed"):
+            value = getattr(self, name)
+            if value is not None:
+                kwargs[name] = value
+        if self.top_k is not None and self.top_k not in (0, -1):  # 0 and -1 mean "off" in vLLM
+            kwargs["top_k"] = self.top_k
+        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        return SamplingParams(
+            max_tokens=max_tokens,
+            stop=tuple(stop),
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos,
+            min_tokens=self.min_tokens,
+            skip_special_tokens=self.skip_special_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            logprobs=logprobs,
+            **kwargs,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_GenerationFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt(s): a string, a list of strings, token ids, or lists of token ids."""
+        if self.echo:
+            raise InvalidRequest("echo is not supported", param="echo")
+        if self.suffix:
+            raise InvalidRequest("suffix is not supported", param="suffix")
+        if self.best_of not in (None, 1):
+            raise InvalidRequest("only best_of=1 is supported", param="best_of")
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise InvalidRequest("prompt is empty", param="prompt")
+        if isinstance(p[0], int):
+            return [list(p)]
+        return list(p)
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def as_template_message(self) -> dict[str, str]:
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: str
+
+
+class ChatCompletionRequest(_GenerationFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: ResponseFormat | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def template_messages(self) -> list[dict[str, str]]:
+        if self.tools:
+            raise InvalidRequest("tools are not supported", param="tools")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise InvalidRequest("only response_format type 'text' is supported", param="response_format")
+        return [m.as_template_message() for m in self.messages]
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def num_logprobs(self) -> int | None:
+        if not self.logprobs:
+            if self.top_logprobs:
+                raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+            return None
+        return self.top_logprobs or 0

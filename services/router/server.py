@@ -1,0 +1,14 @@
+"""Run the router under uvicorn (HTTP) with its gRPC server on the same event loop."""
+
+import logging
+
+import uvicorn
+
+from services.router.app import create_app
+from services.router.settings import RouterSettings
+
+
+def serve(settings: RouterSettings) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=5)

@@ -1,0 +1,224 @@
+"""``tandem up``: the whole system on one machine, each service its own process.
+
+``LocalCluster`` starts prefill and decode workers and the router (kvstore with its Redis once
+that service exists) on free localhost ports, waits until every one reports healthy, and stops
+them all. ``tandem up`` runs one until Ctrl-C / SIGTERM or until a service dies; the end-to-end
+tests use the same class. Each child's output is relayed with its name in front.
+"""
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class UpOptions(BaseModel):
+    """Start the whole system locally (router + prefill and decode workers)."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    model: Path | None = None
+    """Model directory; default: a generated tiny random model (its text is gibberish)."""
+    host: str = "127.0.0.1"
+    """Interface of the router's HTTP and gRPC servers."""
+    port: int = Field(8000, ge=0, le=65535)
+    """Router HTTP port (0 picks a free one)."""
+    grpc_port: int = Field(0, ge=0, le=65535)
+    """Router gRPC port (0 picks a free one)."""
+    prefill: int = Field(1, ge=0)
+    """Prefill workers (0: everything runs colocated on the decode workers)."""
+    decode: int = Field(1, ge=1)
+    """Decode workers."""
+    device: str = "cpu"
+    """torch device of the workers: cpu or cuda (workers share it)."""
+    num_kv_blocks: int | None = Field(None, gt=0)
+    """KV blocks per worker (default: from memory)."""
+    colocate_below_tokens: int = Field(0, ge=0)
+    """Prompts shorter than this skip the prefill workers."""
+    startup_timeout_s: float = Field(600.0, gt=0)
+    """How long to wait for every service to become healthy."""
+    worker_args: list[str] = Field(default_factory=list)
+    """Extra flags for every prefill and decode worker (e.g. ["--max-num-seqs", "64"])."""
+    router_args: list[str] = Field(default_factory=list)
+    """Extra flags for the router."""
+
+    def cli_cmd(self) -> None:
+        sys.exit(run(self))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def grpc_healthy(address: str) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+        except grpc.RpcError:
+            return False
+    return resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def http_healthy(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=1.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@dataclass
+class Service:
+    name: str
+    args: list[str]
+    address: str
+    """host:port of its gRPC server (pods) or HTTP server (router)."""
+    ready: Callable[[], bool]
+    proc: subprocess.Popen | None = None
+
+
+@dataclass
+class LocalCluster:
+    opts: UpOptions
+    model: Path
+    services: list[Service] = field(default_factory=list)
+    router_grpc: str = ""
+    relay: bool = True
+    """Print children's output (tandem up); tests keep it in a log instead."""
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def router_url(self) -> str:
+        return f"http://{self.by_name('router').address}"
+
+    def by_name(self, name: str) -> Service:
+        return next(s for s in self.services if s.name == name)
+
+    def pods(self, role: str) -> list[Service]:
+        return [s for s in self.services if s.name.startswith(role + "-")]
+
+    def plan(self) -> None:
+        opts = self.opts
+        common = ["--model", str(self.model), "--host", "127.0.0.1", "--device", opts.device, *opts.worker_args]
+        if opts.num_kv_blocks:
+            common += ["--num-kv-blocks", str(opts.num_kv_blocks)]
+        addrs: dict[str, list[str]] = {"prefill": [], "decode": []}
+        for role, count in (("prefill", opts.prefill), ("decode", opts.decode)):
+            for i in range(count):
+                address = f"127.0.0.1:{free_port()}"
+                addrs[role].append(address)
+                args = [role, *common, "--port", address.split(":")[1], "--advertise-address", address,
+                        "--pod-id", f"{role}-{i}"]
+                self.services.append(Service(f"{role}-{i}", args, address, lambda a=address: grpc_healthy(a)))
+        http_port = opts.port or free_port(opts.host)
+        self.router_grpc = f"{opts.host}:{opts.grpc_port or free_port(opts.host)}"
+        router = [
+            "router", "--model", str(self.model), "--host", opts.host, "--port", str(http_port),
+            "--grpc-port", self.router_grpc.split(":")[1], "--prefill", json.dumps(addrs["prefill"]),
+            "--decode", json.dumps(addrs["decode"]), "--colocate-below-tokens", str(opts.colocate_below_tokens),
+            *opts.router_args,
+        ]
+        url = f"http://{opts.host}:{http_port}/health"
+        self.services.append(Service("router", router, f"{opts.host}:{http_port}", lambda: http_healthy(url)))
+
+    def start(self) -> None:
+        """Spawn every planned service (plan() first)."""
+        for service in self.services:
+            service.proc = self.spawn(service.name, service.args)
+
+    def spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tandem.cli", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            start_new_session=True,  # Ctrl-C reaches tandem up only; it stops the children in order
+        )
+        threading.Thread(target=self._relay, args=(name, proc.stdout), daemon=True).start()
+        return proc
+
+    def _relay(self, name: str, stream) -> None:
+        for line in iter(stream.readline, ""):
+            self.log.append(f"[{name}] {line}")
+            if self.relay:
+                sys.stdout.write(f"[{name}] {line}")
+                sys.stdout.flush()
+
+    def wait_ready(self, timeout_s: float, stopping: threading.Event | None = None) -> str | None:
+        """None once every service is healthy, else why not."""
+        deadline = time.monotonic() + timeout_s
+        pending = list(self.services)
+        while pending:
+            if stopping is not None and stopping.is_set():
+                return "interrupted"
+            for service in list(pending):
+                if service.proc.poll() is not None:
+                    return f"{service.name} exited with code {service.proc.returncode} before it was ready"
+                if service.ready():
+                    pending.remove(service)
+            if time.monotonic() > deadline:
+                return f"not ready after {timeout_s:g} s: {', '.join(s.name for s in pending)}"
+            time.sleep(0.2)
+        return None
+
+    def dead(self) -> Service | None:
+        return next((s for s in self.services if s.proc and s.proc.poll() is not None), None)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for service in reversed(self.services):  # router first, then workers
+            if service.proc and service.proc.poll() is None:
+                service.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for service in self.services:
+            if service.proc is None:
+                continue
+            try:
+                service.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                service.proc.kill()
+                service.proc.wait()
+
+
+def run(opts: UpOptions) -> int:
+    from tandem.cli import ensure_default_model
+
+    model = opts.model
+    if model is None:
+        model = ensure_default_model()
+        print(f"no --model given: serving the generated tiny random model at {model} (gibberish output)", flush=True)
+    stopping = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    cluster = LocalCluster(opts, model)
+    try:
+        cluster.plan()
+        cluster.start()
+        problem = cluster.wait_ready(opts.startup_timeout_s, stopping)
+        if problem is not None:
+            print(f"tandem: {problem}", flush=True)
+            return 1
+        print(f"tandem ready: {cluster.router_url} (gRPC: {cluster.router_grpc})", flush=True)
+        while not stopping.is_set():
+            dead = cluster.dead()
+            if dead is not None:
+                print(f"tandem: {dead.name} exited with code {dead.proc.returncode}; stopping", flush=True)
+                return 1
+            stopping.wait(0.5)
+        return 0
+    finally:
+        cluster.stop()

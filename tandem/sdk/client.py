@@ -1,0 +1,152 @@
+"""Client and AsyncClient: generate and stream through the router's RouterService.
+
+Sampling keywords are ``SamplingParams`` fields (``max_tokens``, ``temperature``, ``top_p``,
+``top_k``, ``seed``, ``stop``, ``logprobs``, ...); they are validated before anything is sent.
+"""
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import grpc
+
+from tandem.engine.sampling_params import SamplingParams
+from tandem.errors import InvalidRequest
+from tandem.proto.router.v1 import router_pb2, router_pb2_grpc
+from tandem.sdk.results import GenerateChunk, GenerateResult, ModelInfo
+from tandem.serving import convert
+from tandem.serving.status import error_from_rpc
+
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
+
+
+def _request(
+    prompt: str | Sequence[int], model: str, priority: int, cache_salt: str | None, request_id: str | None,
+    sampling: dict[str, Any],
+) -> router_pb2.GenerateRequest:
+    try:
+        # Without max_tokens the router allows up to the context length; validate with a stand-in.
+        params = SamplingParams(**{"max_tokens": max(16, sampling.get("min_tokens") or 0), **sampling})
+    except TypeError as e:
+        raise InvalidRequest(f"unknown sampling option: {e}") from None
+    req = router_pb2.GenerateRequest(
+        model=model, priority=priority, cache_salt=cache_salt or "", request_id=request_id or "",
+    )
+    pb = convert.sampling_params_to_proto(params)
+    if "max_tokens" not in sampling:
+        pb.ClearField("max_tokens")  # the router then allows up to the context length
+    req.sampling_params.CopyFrom(pb)
+    if isinstance(prompt, str):
+        req.text = prompt
+    else:
+        req.token_ids.ids.extend(prompt)
+    return req
+
+
+def _backoff(attempt: int) -> float:
+    return min(2.0, 0.1 * 2**attempt)
+
+
+class Client:
+    """Blocking client. Thread-safe; close it (or use ``with``) to release the channel."""
+
+    def __init__(self, target: str, *, timeout: float | None = None, max_retries: int = 3) -> None:
+        self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
+        self.timeout = timeout
+        self.max_retries = max_retries
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def stream(
+        self, prompt: str | Sequence[int], *, model: str = "", timeout: float | None = None, priority: int = 0,
+        cache_salt: str | None = None, request_id: str | None = None, **sampling: Any,
+    ) -> Iterator[GenerateChunk]:
+        """Chunks as the tokens are generated. Retries UNAVAILABLE only before the first chunk."""
+        request = _request(prompt, model, priority, cache_salt, request_id, sampling)
+        deadline = timeout if timeout is not None else self.timeout
+        for attempt in range(self.max_retries + 1):
+            call = self._stub.Generate(request, timeout=deadline)
+            started = False
+            try:
+                for resp in call:
+                    started = True
+                    yield GenerateChunk.from_proto(resp)
+                return
+            except grpc.RpcError as e:
+                if started or e.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.max_retries:
+                    raise error_from_rpc(e) from None
+                time.sleep(_backoff(attempt))
+            finally:
+                call.cancel()
+
+    def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> GenerateResult:
+        """The whole completion (same keywords as ``stream``)."""
+        return GenerateResult.from_chunks(list(self.stream(prompt, **kwargs)))
+
+    def models(self) -> list[ModelInfo]:
+        try:
+            resp = self._stub.ListModels(router_pb2.ListModelsRequest(), timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e) from None
+        return [ModelInfo(m.id, m.max_model_len) for m in resp.models]
+
+
+class AsyncClient:
+    """asyncio client. Create and use it inside one event loop."""
+
+    def __init__(self, target: str, *, timeout: float | None = None, max_retries: int = 3) -> None:
+        self._channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
+        self.timeout = timeout
+        self.max_retries = max_retries
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def stream(
+        self, prompt: str | Sequence[int], *, model: str = "", timeout: float | None = None, priority: int = 0,
+        cache_salt: str | None = None, request_id: str | None = None, **sampling: Any,
+    ) -> AsyncIterator[GenerateChunk]:
+        """Chunks as the tokens are generated. Retries UNAVAILABLE only before the first chunk."""
+        request = _request(prompt, model, priority, cache_salt, request_id, sampling)
+        deadline = timeout if timeout is not None else self.timeout
+        for attempt in range(self.max_retries + 1):
+            call = self._stub.Generate(request, timeout=deadline)
+            started = False
+            try:
+                async for resp in call:
+                    started = True
+                    yield GenerateChunk.from_proto(resp)
+                return
+            except grpc.RpcError as e:
+                if started or e.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.max_retries:
+                    raise error_from_rpc(e) from None
+                await asyncio.sleep(_backoff(attempt))
+            finally:
+                call.cancel()
+
+    async def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> GenerateResult:
+        """The whole completion (same keywords as ``stream``)."""
+        return GenerateResult.from_chunks([c async for c in self.stream(prompt, **kwargs)])
+
+    async def models(self) -> list[ModelInfo]:
+        try:
+            resp = await self._stub.ListModels(router_pb2.ListModelsRequest(), timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e) from None
+        return [ModelInfo(m.id, m.max_model_len) for m in resp.models]

@@ -1,0 +1,77 @@
+"""Typed results of the SDK."""
+
+from dataclasses import dataclass
+
+from tandem.engine.outputs import TokenLogprob
+from tandem.proto.router.v1 import router_pb2
+from tandem.serving import convert
+
+
+@dataclass(slots=True, frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    """Prompt tokens served from a prefix cache."""
+
+
+@dataclass(slots=True, frozen=True)
+class GenerateChunk:
+    """New tokens of a streamed request; the last chunk has ``finish_reason`` and ``usage``."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    logprobs: tuple[TokenLogprob, ...]
+    finish_reason: str | None
+    stop_reason: str | int | None
+    usage: Usage | None
+
+    @classmethod
+    def from_proto(cls, resp: router_pb2.GenerateResponse) -> "GenerateChunk":
+        c = resp.chunk
+        usage = None
+        if resp.HasField("usage"):
+            u = resp.usage
+            usage = Usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
+        return cls(
+            request_id=resp.request_id,
+            token_ids=tuple(c.token_ids),
+            text=c.text,
+            logprobs=tuple(convert.logprob_from_proto(lp) for lp in c.logprobs),
+            finish_reason=convert.FINISH_REASON_FROM_PROTO[c.finish_reason],
+            stop_reason=convert.stop_reason(c),
+            usage=usage,
+        )
+
+
+@dataclass(slots=True, frozen=True)
+class GenerateResult:
+    """A whole completion."""
+
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None
+    stop_reason: str | int | None
+    usage: Usage | None
+    logprobs: tuple[TokenLogprob, ...]
+
+    @classmethod
+    def from_chunks(cls, chunks: list[GenerateChunk]) -> "GenerateResult":
+        last = chunks[-1]
+        return cls(
+            request_id=last.request_id,
+            text="".join(c.text for c in chunks),
+            token_ids=tuple(t for c in chunks for t in c.token_ids),
+            finish_reason=last.finish_reason,
+            stop_reason=last.stop_reason,
+            usage=last.usage,
+            logprobs=tuple(lp for c in chunks for lp in c.logprobs),
+        )
+
+
+@dataclass(slots=True, frozen=True)
+class ModelInfo:
+    id: str
+    max_model_len: int

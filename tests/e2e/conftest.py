@@ -1,0 +1,83 @@
+"""End-to-end fixtures: the whole system as real processes on localhost (CPU, tiny model)."""
+
+import time
+
+import grpc
+import pytest
+
+from tandem.local_cluster import LocalCluster, Service, UpOptions, free_port, http_healthy
+from tandem.proto.decode.v1 import decode_pb2, decode_pb2_grpc
+from tandem.proto.prefill.v1 import prefill_pb2, prefill_pb2_grpc
+
+NUM_KV_BLOCKS = 256
+
+
+def start_cluster(model, *, prefill=1, decode=2, colocated_router=False, **opts) -> LocalCluster:
+    cluster = LocalCluster(
+        UpOptions(model=model, port=0, prefill=prefill, decode=decode, num_kv_blocks=opts.pop("num_kv_blocks", NUM_KV_BLOCKS),
+                  **opts),
+        model,
+        relay=False,
+    )
+    cluster.plan()
+    if colocated_router:
+        # A second router over the same pods that runs every prompt colocated.
+        port = free_port()
+        args = list(cluster.by_name("router").args)
+        args[args.index("--port") + 1] = str(port)
+        args[args.index("--grpc-port") + 1] = str(free_port())
+        args[args.index("--colocate-below-tokens") + 1] = "1000000"
+        url = f"http://127.0.0.1:{port}/health"
+        cluster.services.append(Service("router-colocated", args, f"127.0.0.1:{port}", lambda: http_healthy(url)))
+    cluster.start()
+    problem = cluster.wait_ready(300)
+    if problem is not None:
+        cluster.stop()
+        raise RuntimeError(f"{problem}\n{''.join(cluster.log[-60:])}")
+    return cluster
+
+
+def pod_stats(service: Service):
+    role = service.name.split("-")[0]
+    with grpc.insecure_channel(service.address) as channel:
+        if role == "prefill":
+            return prefill_pb2_grpc.PrefillServiceStub(channel).GetStats(prefill_pb2.GetStatsRequest(), timeout=5).stats
+        return decode_pb2_grpc.DecodeServiceStub(channel).GetStats(decode_pb2.GetStatsRequest(), timeout=5).stats
+
+
+def wait_idle(cluster: LocalCluster, timeout: float = 20.0) -> None:
+    """Until every pod holds no request and all its KV blocks are free again (else fail)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = {s.name: pod_stats(s) for s in cluster.services if s.name.split("-")[0] in ("prefill", "decode")}
+        busy = {
+            name: (st.num_running, st.num_waiting, st.num_waiting_for_kv, st.num_free_blocks, st.num_total_blocks)
+            for name, st in stats.items()
+            if st.num_running or st.num_waiting or st.num_waiting_for_kv or st.num_free_blocks != st.num_total_blocks
+        }
+        if not busy:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"pods did not return to idle: {busy}")
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def e2e_model(tiny_model):
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def cluster(e2e_model):
+    """1 prefill + 2 decode pods, a disaggregating router and a colocated router."""
+    c = start_cluster(e2e_model, prefill=1, decode=2, colocated_router=True)
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(e2e_model):
+    """The offline engine on the same weights."""
+    from tandem.engine import LLM
+
+    return LLM(e2e_model, num_kv_blocks=NUM_KV_BLOCKS)

@@ -1,0 +1,268 @@
+"""KV transfer and admission failure paths against real pods: clear errors, no leaked blocks."""
+
+import asyncio
+import random
+import subprocess
+import sys
+import time
+
+import grpc
+import httpx
+import pytest
+import torch
+
+from tandem.engine.sampling_params import SamplingParams
+from tandem.errors import RequestTooLarge
+from tandem.kv.wire import make_chunk
+from tandem.model_dir import load_model_config
+from tandem.proto.common.v1 import common_pb2
+from tandem.proto.decode.v1 import decode_pb2, decode_pb2_grpc
+from tandem.serving.convert import sampling_params_to_proto
+
+from .conftest import pod_stats, start_cluster, wait_idle
+
+pytestmark = pytest.mark.integration
+BS = 16
+
+
+class Reservation:
+    """A REMOTE-mode Generate call on a decode pod, kept open: it holds its KV blocks."""
+
+    def __init__(self, address: str, request_id: str, prompt: list[int] | None = None):
+        # A prompt of its own (40 tokens: 3 blocks), so no earlier test's blocks are cached.
+        prompt = prompt or [random.Random(request_id).randrange(3, 1000) for _ in range(40)]
+        self.channel = grpc.insecure_channel(address)
+        self.stub = decode_pb2_grpc.DecodeServiceStub(self.channel)
+        self.call = self.stub.Generate(
+            decode_pb2.GenerateRequest(
+                request_id=request_id,
+                prompt_token_ids=prompt,
+                sampling_params=sampling_params_to_proto(SamplingParams(temperature=0, max_tokens=4)),
+                prefill_mode=decode_pb2.PREFILL_MODE_REMOTE,
+            ),
+            timeout=60,
+        )
+        self.admitted = next(self.call).admitted
+        self.request_id = request_id
+
+    def push(self, messages):
+        return self.stub.PushKV(iter(messages), timeout=30)
+
+    def close(self):
+        self.call.cancel()
+        self.channel.close()
+
+
+def pages(model_dir, num_layers: int, num_blocks: int) -> torch.Tensor:
+    cfg = load_model_config(model_dir)
+    return torch.randn(num_layers, 2, num_blocks, BS, cfg.num_kv_heads, cfg.head_dim)
+
+
+def chunk_msg(res: Reservation, data: torch.Tensor, *, layers, blocks, seq=0, fingerprint=None):
+    c = make_chunk(res.request_id, fingerprint or res.admitted.model_fingerprint, seq, layers, blocks, data)
+    return decode_pb2.PushKVRequest(chunk=c)
+
+
+def end_msg(res: Reservation, total: int, *, first_token=5):
+    return decode_pb2.PushKVRequest(end=common_pb2.KVTransferEnd(
+        request_id=res.request_id, model_fingerprint=res.admitted.model_fingerprint, total_chunks=total,
+        first_token_id=first_token,
+    ))
+
+
+@pytest.fixture
+def decode_pod(cluster):
+    wait_idle(cluster)
+    return cluster.pods("decode")[0]
+
+
+def expect_failure(res: Reservation, messages, push_code, generate_code, match):
+    with pytest.raises(grpc.RpcError) as e:
+        res.push(messages)
+    assert e.value.code() == push_code and match in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        list(res.call)
+    assert e.value.code() == generate_code and match in e.value.details()
+
+
+def test_a_complete_handmade_transfer_is_accepted(cluster, decode_pod, e2e_model):
+    """The harness itself is right: a correct transfer yields tokens (so failures below are real)."""
+    res = Reservation(decode_pod.address, "ok-1")
+    cfg = load_model_config(e2e_model)
+    resp = res.push([chunk_msg(res, pages(e2e_model, cfg.num_layers, 3), layers=(0, cfg.num_layers), blocks=(0, 3)),
+                     end_msg(res, 1)])
+    assert resp.chunks_received == 1
+    tokens = [t for r in res.call if r.HasField("chunk") for t in r.chunk.token_ids]
+    assert res.admitted.num_cached_tokens == 0 and res.admitted.num_reserved_blocks == 3
+    assert len(tokens) == 4 and tokens[0] == 5
+    res.close()
+    wait_idle(cluster)
+
+
+@pytest.mark.parametrize("case", ["fingerprint", "short data", "wrong shape", "out of range", "missing chunks",
+                                  "out of order", "duplicate"])
+def test_bad_kv_streams_fail_the_request_and_free_it(cluster, decode_pod, e2e_model, case):
+    cfg = load_model_config(e2e_model)
+    L = cfg.num_layers
+    res = Reservation(decode_pod.address, f"bad-{case.replace(' ', '-')}")
+    good = pages(e2e_model, L, 3)
+    if case == "fingerprint":
+        msgs = [chunk_msg(res, good, layers=(0, L), blocks=(0, 3), fingerprint="0123456789abcdef")]
+        expect_failure(res, msgs, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.FAILED_PRECONDITION, "fingerprint")
+    elif case == "short data":
+        msg = chunk_msg(res, good, layers=(0, L), blocks=(0, 3))
+        msg.chunk.data = msg.chunk.data[:-10]
+        expect_failure(res, [msg], grpc.StatusCode.DATA_LOSS, grpc.StatusCode.DATA_LOSS, "bytes")
+    elif case == "wrong shape":
+        msg = chunk_msg(res, pages(e2e_model, L, 2), layers=(0, L), blocks=(0, 3))
+        expect_failure(res, [msg], grpc.StatusCode.DATA_LOSS, grpc.StatusCode.DATA_LOSS, "shape")
+    elif case == "out of range":
+        msg = chunk_msg(res, pages(e2e_model, L, 2), layers=(0, L), blocks=(2, 4))
+        expect_failure(res, [msg], grpc.StatusCode.DATA_LOSS, grpc.StatusCode.DATA_LOSS, "block range")
+    elif case == "missing chunks":
+        msgs = [chunk_msg(res, pages(e2e_model, L, 2), layers=(0, L), blocks=(0, 2)), end_msg(res, 2)]
+        expect_failure(res, msgs, grpc.StatusCode.DATA_LOSS, grpc.StatusCode.DATA_LOSS, "1 of 2 chunks")
+    elif case == "out of order":
+        msgs = [chunk_msg(res, pages(e2e_model, L, 1), layers=(0, L), blocks=(0, 1), seq=1)]
+        expect_failure(res, msgs, grpc.StatusCode.DATA_LOSS, grpc.StatusCode.DATA_LOSS, "arrived where chunk 0")
+    elif case == "duplicate":
+        msgs = [chunk_msg(res, pages(e2e_model, L, 2), layers=(0, L), blocks=(0, 2)),
+                chunk_msg(res, pages(e2e_model, 1, 1), layers=(0, 1), blocks=(1, 2), seq=1)]
+        expect_failure(res, msgs, grpc.StatusCode.DATA_LOSS, grpc.StatusCode.DATA_LOSS, "overlaps")
+    res.close()
+    wait_idle(cluster)
+    # The pod still serves.
+    r = httpx.post(f"{cluster.router_url}/v1/completions", json={"prompt": "after a bad stream", "max_tokens": 3})
+    assert r.status_code == 200
+
+
+def test_kv_for_an_unknown_request_is_refused(decode_pod, e2e_model):
+    with grpc.insecure_channel(decode_pod.address) as channel:
+        stub = decode_pb2_grpc.DecodeServiceStub(channel)
+        c = make_chunk("never-admitted", "x", 0, (0, 1), (0, 1), pages(e2e_model, 1, 1))
+        with pytest.raises(grpc.RpcError) as e:
+            stub.PushKV(iter([decode_pb2.PushKVRequest(chunk=c)]), timeout=10)
+        assert e.value.code() == grpc.StatusCode.DATA_LOSS and "no KV reservation" in e.value.details()
+
+
+def test_full_decode_pods_refuse_admission_and_the_router_answers_429(cluster):
+    wait_idle(cluster)
+    holds = []
+    try:
+        for pod in cluster.pods("decode"):
+            # 2000-token prompts take 125 of 256 blocks each: two fill a pod.
+            for i in range(2):
+                holds.append(Reservation(pod.address, f"hold-{pod.name}-{i}", [7] * 2000))
+            with pytest.raises(grpc.RpcError) as e:
+                Reservation(pod.address, f"refused-{pod.name}", [7] * 300)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "no room" in e.value.details()
+        time.sleep(1.0)  # let the router's stats catch up; refusals are handled either way
+        r = httpx.post(f"{cluster.router_url}/v1/completions", json={"prompt": [9] * 300, "max_tokens": 4}, timeout=30)
+        assert r.status_code == 429, r.text
+        assert r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "RateLimitError"
+    finally:
+        for h in holds:
+            h.close()
+    wait_idle(cluster)
+    r = httpx.post(f"{cluster.router_url}/v1/completions", json={"prompt": [9] * 300, "max_tokens": 4}, timeout=30)
+    assert r.status_code == 200
+
+
+def test_admission_refused_on_one_pod_goes_to_the_other(e2e_model):
+    """In-process pods: the router's first choice is full, the request runs on the second."""
+    from services.decode import server as decode_server
+    from services.decode.settings import DecodeSettings
+    from services.router.flow import Dispatcher, Job, Route
+    from services.router.pods import PodRegistry
+    from services.router.settings import RouterSettings
+
+    async def main():
+        full = await decode_server.start(DecodeSettings(model=e2e_model, host="127.0.0.1", port=0, num_kv_blocks=8))
+        free = await decode_server.start(DecodeSettings(model=e2e_model, host="127.0.0.1", port=0, num_kv_blocks=64))
+        a, b = f"127.0.0.1:{full.port}", f"127.0.0.1:{free.port}"
+        registry = PodRegistry([], [a, b], interval_s=60, timeout_s=5)
+        try:
+            await registry.start()
+            # Fill pod a: a 64-token reservation holds 4 of its 8 blocks, and the job needs 7.
+            hold = full.parts["engine"]
+            full.parts["worker"].submit(
+                lambda e: e.reserve_remote_prefill("hold", [5] * 64, SamplingParams(max_tokens=4))
+            ).result(10)
+            for pod in registry.pods:  # make the full pod look best, as stale stats would
+                if pod.address == a:
+                    pod.inflight_blocks = -1000
+            route = Route()
+            job = Job("r1", list(range(10, 110)), SamplingParams(temperature=0, max_tokens=4))
+            dispatcher = Dispatcher(registry, RouterSettings(model=e2e_model, decode=[a, b]))
+            events = [e async for e in dispatcher.generate(job, route)]
+            assert hold.get_stats().num_waiting_for_kv == 1
+            # A job that no pod could ever hold is a 400-class error, not a 429.
+            with pytest.raises(RequestTooLarge):
+                big = Job("r2", [10 + i % 900 for i in range(1090)], SamplingParams(temperature=0, max_tokens=4))
+                [e async for e in dispatcher.generate(big, Route())]
+            return events, route, a, b
+        finally:
+            await registry.close()
+            await full.stop()
+            await free.stop()
+
+    events, route, a, b = asyncio.run(main())
+    assert events[-1].finish_reason == "length" and sum(len(e.token_ids) for e in events) == 4
+    assert route.tried_decode == {a} and route.decode == b and route.mode == "colocated"
+
+
+CRASHING_PREFILL = '''
+import os, sys
+from tandem.kv import sender
+original = sender.KVTransfer.submit
+def submit(self, build, nbytes):
+    original(self, build, nbytes)
+    if self.chunks == 2:
+        os._exit(17)   # die with a KV transfer half done
+sender.KVTransfer.submit = submit
+from tandem.cli import main
+main(sys.argv[1:])
+'''
+
+
+def test_prefill_pod_dying_mid_transfer_is_retried_colocated(e2e_model, tmp_path):
+    script = tmp_path / "crashing_prefill.py"
+    script.write_text(CRASHING_PREFILL)
+    cluster = start_cluster(
+        e2e_model, prefill=1, decode=1, worker_args=["--max-num-seqs", "16"],
+    )
+    try:
+        prefill = cluster.pods("prefill")[0]
+        # Replace the healthy prefill pod by one that crashes during its first transfer.
+        prefill.proc.terminate()
+        prefill.proc.wait()
+        args = [a for a in prefill.args] + ["--kv-layers-per-group", "1", "--kv-chunk-bytes", "65536"]
+        log = open(tmp_path / "crashing_prefill.log", "w")
+        prefill.proc = subprocess.Popen([sys.executable, str(script), *args], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{cluster.router_url}/health").json()["prefill_pods"] != 1:  # the router sees it
+            assert time.monotonic() < deadline and prefill.proc.poll() is None
+            time.sleep(0.2)
+        prompt = list(range(5, 205))
+        r = httpx.post(f"{cluster.router_url}/v1/completions",
+                       json={"prompt": prompt, "max_tokens": 6, "temperature": 0}, timeout=60)
+        try:
+            code = prefill.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            code = None
+        assert code == 17, "the prefill pod did not crash mid-transfer:\n" + (tmp_path / "crashing_prefill.log").read_text()[-3000:] + "".join(cluster.log[-30:])
+        assert r.status_code == 200, r.text
+        from tandem.engine import LLM
+
+        want = LLM(e2e_model, num_kv_blocks=64).generate([prompt], SamplingParams(temperature=0, max_tokens=6))
+        assert r.json()["choices"][0]["text"] == want[0].outputs[0].text
+        decode = cluster.pods("decode")[0]
+        deadline = time.monotonic() + 15
+        while True:
+            st = pod_stats(decode)
+            if st.num_free_blocks == st.num_total_blocks and not st.num_waiting_for_kv:
+                break
+            assert time.monotonic() < deadline, st
+            time.sleep(0.1)
+    finally:
+        cluster.stop()
