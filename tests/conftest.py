@@ -64,11 +64,12 @@ def llama_dir(tiny_model) -> Path:
 class HFReference:
     """Greedy transformers ``generate`` per prompt (batch of one: no padding effects), memoised."""
 
-    def __init__(self, model_dir, max_new_tokens: int):
+    def __init__(self, model_dir, max_new_tokens: int, device: str = "cpu"):
         import torch
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.device = device
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
         self.max_new_tokens = max_new_tokens
         self.cache: dict[tuple[int, ...], list[int]] = {}
 
@@ -77,7 +78,7 @@ class HFReference:
 
         key = tuple(prompt)
         if key not in self.cache:
-            ids = torch.tensor([prompt])
+            ids = torch.tensor([prompt], device=self.device)
             with torch.no_grad():
                 out = self.model.generate(
                     ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=self.max_new_tokens
@@ -89,7 +90,7 @@ class HFReference:
         import torch
 
         with torch.no_grad():
-            return self.model(torch.tensor([prompt])).logits[0]
+            return self.model(torch.tensor([prompt], device=self.device)).logits[0]
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ from services.decode.settings import DecodeSettings
 from tandem.engine.llm_engine import LLMEngine
 from tandem.engine.outputs import OutputKind
 from tandem.errors import CapacityExceeded, InvalidRequest, KVTransferError, TandemError
+from tandem.kv import codec
 from tandem.kv.receiver import KVReceiver
 from tandem.proto.common.v1 import common_pb2
 from tandem.proto.decode.v1 import decode_pb2, decode_pb2_grpc
@@ -126,6 +127,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
     # ---- PushKV -----------------------------------------------------------------------------
 
     async def PushKV(self, request_iterator, context: grpc.aio.ServicerContext):
+        """Messages arrive decoded by ``tandem.kv.codec`` (payload as a view, see add_decode_service)."""
         loop = asyncio.get_running_loop()
         rid = None
         chunks = nbytes = 0
@@ -134,8 +136,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             async for msg in request_iterator:
                 if ended:
                     raise KVTransferError("messages after the end of the KV transfer")
-                which = msg.WhichOneof("item")
-                if which == "chunk":
+                if msg.chunk is not None:
                     chunk = msg.chunk
                     if rid is None:
                         rid = chunk.request_id
@@ -145,9 +146,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                         raise KVTransferError(
                             f"KV chunk {chunk.sequence_number} arrived where chunk {chunks} was expected"
                         )
-                    nbytes += await loop.run_in_executor(self._kv_writers, self.receiver.write, chunk)
+                    nbytes += await loop.run_in_executor(self._kv_writers, self.receiver.write, chunk, msg.data)
                     chunks += 1
-                elif which == "end":
+                elif msg.end is not None:
                     rid = msg.end.request_id
                     await loop.run_in_executor(self._kv_writers, self.receiver.complete, msg.end)
                     await self.worker.call(lambda e, end=msg.end: self._complete(e, end))
@@ -178,6 +179,28 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         return decode_pb2.GetStatsResponse(stats=convert.pod_stats(self.worker.stats, **self.identity))
 
 
+def add_decode_service(servicer: DecodeServicer, server: grpc.aio.Server) -> None:
+    """Register the servicer like the generated code does, but PushKV with the zero-copy codec."""
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate,
+            request_deserializer=decode_pb2.GenerateRequest.FromString,
+            response_serializer=decode_pb2.GenerateResponse.SerializeToString,
+        ),
+        "PushKV": grpc.stream_unary_rpc_method_handler(
+            servicer.PushKV,
+            request_deserializer=codec.decode,
+            response_serializer=decode_pb2.PushKVResponse.SerializeToString,
+        ),
+        "GetStats": grpc.unary_unary_rpc_method_handler(
+            servicer.GetStats,
+            request_deserializer=decode_pb2.GetStatsRequest.FromString,
+            response_serializer=decode_pb2.GetStatsResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("tandem.decode.v1.DecodeService", handlers),))
+
+
 def pod_identity(settings, engine: LLMEngine, role: int, address: str) -> dict:
     return dict(
         role=role,
@@ -198,7 +221,7 @@ async def start(settings: DecodeSettings) -> RunningService:
     server = GrpcServer(settings.host, settings.port, ["tandem.decode.v1.DecodeService"])
     identity = pod_identity(settings, engine, common_pb2.POD_ROLE_DECODE, settings.address(server.port))
     servicer = DecodeServicer(settings, worker, receiver, identity)
-    decode_pb2_grpc.add_DecodeServiceServicer_to_server(servicer, server.server)
+    add_decode_service(servicer, server.server)
     worker.start()
     await server.start()
     logger.info("decode pod %s serving on port %d", identity["pod_id"], server.port)

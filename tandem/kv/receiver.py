@@ -70,11 +70,15 @@ class KVReceiver:
             raise KVTransferError(f"no KV reservation for request {request_id!r} on this pod")
         return inbound
 
-    def write(self, chunk: common_pb2.KVChunk) -> int:
-        """Validate one chunk and copy its pages into the reserved blocks. Returns its bytes."""
+    def write(self, chunk: common_pb2.KVChunk, data) -> int:
+        """Validate one chunk (header and payload) and copy its pages into the reserved blocks.
+
+        Returns the payload's size in bytes.
+        """
         inbound = self._get(chunk.request_id)
         pages = validate_chunk(
             chunk,
+            data,
             self.layout,
             self.fingerprint,
             first_block=inbound.first_block,
@@ -95,8 +99,9 @@ class KVReceiver:
                 self.kv[l0:l1, :, inbound.block_ids[b0:b1]] = pages
             region.fill_(True)
             inbound.chunks += 1
-            inbound.bytes += len(chunk.data)
-        return len(chunk.data)
+            nbytes = pages.numel() * pages.element_size()
+            inbound.bytes += nbytes
+        return nbytes
 
     def complete(self, end: common_pb2.KVTransferEnd) -> TransferSummary:
         """Check that the whole transfer arrived; afterwards the blocks hold the prompt's KV."""

@@ -26,16 +26,20 @@ import torch
 from tandem.engine.kv_cache import KVCacheSpec
 from tandem.engine.scheduler import ScheduledSequence
 from tandem.errors import KVTransferError
+from tandem.kv import codec
 from tandem.kv.staging import PinnedBufferPool
 from tandem.kv.wire import (
     DEFAULT_MAX_CHUNK_BYTES,
     GRPC_MAX_MESSAGE_BYTES,
     PageLayout,
     blocks_per_chunk,
-    make_chunk,
+    chunk_header,
+    page_buffer,
 )
 from tandem.proto.common.v1 import common_pb2
-from tandem.proto.decode.v1 import decode_pb2, decode_pb2_grpc
+from tandem.proto.decode.v1 import decode_pb2
+
+PUSH_KV_METHOD = "/tandem.decode.v1.DecodeService/PushKV"
 
 logger = logging.getLogger(__name__)
 
@@ -54,15 +58,26 @@ class ChannelPool:
     def __init__(self, num_streams: int) -> None:
         self.num_streams = num_streams
         self._channels: dict[str, list[grpc.Channel]] = {}
+        self._calls: dict[str, list[grpc.StreamUnaryMultiCallable]] = {}
         self._lock = threading.Lock()
 
-    def stubs(self, address: str) -> list[decode_pb2_grpc.DecodeServiceStub]:
+    def push_kv(self, address: str) -> list[grpc.StreamUnaryMultiCallable]:
+        """PushKV callables (one per channel) that send pre-encoded chunks (``codec``)."""
         with self._lock:
-            channels = self._channels.get(address)
-            if channels is None:
+            calls = self._calls.get(address)
+            if calls is None:
                 channels = [grpc.insecure_channel(address, options=CHANNEL_OPTIONS) for _ in range(self.num_streams)]
                 self._channels[address] = channels
-        return [decode_pb2_grpc.DecodeServiceStub(c) for c in channels]
+                calls = [
+                    c.stream_unary(
+                        PUSH_KV_METHOD,
+                        request_serializer=codec.encode,
+                        response_deserializer=decode_pb2.PushKVResponse.FromString,
+                    )
+                    for c in channels
+                ]
+                self._calls[address] = calls
+        return calls
 
     def close(self) -> None:
         with self._lock:
@@ -70,6 +85,7 @@ class ChannelPool:
                 for c in channels:
                     c.close()
             self._channels.clear()
+            self._calls.clear()
 
 
 @dataclass(slots=True, frozen=True)
@@ -98,14 +114,14 @@ class _Stream:
 class KVTransfer:
     """One request's outgoing KV: chunks queued by the engine thread, sent by gRPC's threads."""
 
-    def __init__(self, target: KVTarget, num_prompt_blocks: int, stubs, fingerprint: str) -> None:
+    def __init__(self, target: KVTarget, num_prompt_blocks: int, push_calls, fingerprint: str) -> None:
         self.target = target
         self.num_prompt_blocks = num_prompt_blocks
         self.sent_blocks = 0
         """Blocks already queued for every layer."""
         self.fingerprint = fingerprint
-        self._stubs = stubs
-        self._streams = [_Stream() for _ in stubs]
+        self._push_calls = push_calls
+        self._streams = [_Stream() for _ in push_calls]
         self.chunks = 0
         self.bytes = 0
         self.started: float | None = None
@@ -113,15 +129,15 @@ class KVTransfer:
 
     def _open(self, i: int) -> None:
         stream = self._streams[i]
-        stream.call = self._stubs[i].PushKV.future(self._messages(stream.queue))
+        stream.call = self._push_calls[i].future(self._messages(stream.queue))
 
     @staticmethod
-    def _messages(q: "queue.SimpleQueue[object]") -> Iterator[decode_pb2.PushKVRequest]:
+    def _messages(q: "queue.SimpleQueue[object]") -> Iterator[bytes | decode_pb2.PushKVRequest]:
         while (item := q.get()) is not _CLOSE:
             yield item() if callable(item) else item
 
-    def submit(self, build: Callable[[int], common_pb2.KVChunk], nbytes: int) -> None:
-        """Queue a chunk; ``build(sequence_number)`` makes its message on a sending thread."""
+    def submit(self, build: Callable[[int], bytes], nbytes: int) -> None:
+        """Queue a chunk; ``build(sequence_number)`` encodes it on a sending thread."""
         if self.started is None:
             self.started = time.perf_counter()
         i = self.chunks % len(self._streams)
@@ -129,7 +145,7 @@ class KVTransfer:
         if stream.call is None:
             self._open(i)
         seq_no = self.chunks // len(self._streams)
-        stream.queue.put(lambda: decode_pb2.PushKVRequest(chunk=build(seq_no)))
+        stream.queue.put(lambda: build(seq_no))
         self.chunks += 1
         self.bytes += nbytes
 
@@ -185,7 +201,7 @@ class KVSender:
     def start(self, request_id: str, target: KVTarget, num_prompt_tokens: int) -> KVTransfer:
         """Register a request's transfer before the engine schedules it."""
         num_blocks = -(-num_prompt_tokens // self.layout.block_size)
-        transfer = KVTransfer(target, num_blocks, self.channels.stubs(target.address), self.fingerprint)
+        transfer = KVTransfer(target, num_blocks, self.channels.push_kv(target.address), self.fingerprint)
         transfer.sent_blocks = min(target.skip_blocks, num_blocks)
         self._transfers[request_id] = transfer
         return transfer
@@ -239,9 +255,11 @@ class KVSender:
             pages = kv[layers[0] : layers[1], :, ids[start - b0 : end - b0]]  # one gather, contiguous
             wait, release = self._stage(pages)
 
-            def build(seq_no: int, wait=wait, release=release, blocks=(start, end)) -> common_pb2.KVChunk:
+            def build(seq_no: int, wait=wait, release=release, blocks=(start, end)) -> bytes:
                 try:
-                    return make_chunk(rid, fp, seq_no, layers, blocks, wait())
+                    host = wait()
+                    header = chunk_header(rid, fp, seq_no, layers, blocks, host)
+                    return codec.encode_chunk(header, page_buffer(host))
                 finally:
                     release()
 

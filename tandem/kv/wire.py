@@ -60,7 +60,7 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return t.contiguous().view(torch.uint8).numpy().tobytes()
 
 
-def make_chunk(
+def chunk_header(
     request_id: str,
     fingerprint: str,
     sequence_number: int,
@@ -68,7 +68,7 @@ def make_chunk(
     blocks: tuple[int, int],
     pages: torch.Tensor,
 ) -> common_pb2.KVChunk:
-    """A chunk message from a CPU tensor of pages ``[layers, 2, blocks, block_size, H, D]``."""
+    """Every field of a chunk but its data, for pages ``[layers, 2, blocks, block_size, H, D]``."""
     return common_pb2.KVChunk(
         request_id=request_id,
         sequence_number=sequence_number,
@@ -79,8 +79,26 @@ def make_chunk(
         block_end=blocks[1],
         dtype=DTYPE_TO_WIRE[pages.dtype],
         shape=list(pages.shape),
-        data=tensor_bytes(pages),
     )
+
+
+def page_buffer(pages: torch.Tensor):
+    """A buffer over a contiguous CPU tensor's bytes, without copying them."""
+    return pages.contiguous().view(torch.uint8).numpy()
+
+
+def make_chunk(
+    request_id: str,
+    fingerprint: str,
+    sequence_number: int,
+    layers: tuple[int, int],
+    blocks: tuple[int, int],
+    pages: torch.Tensor,
+) -> common_pb2.KVChunk:
+    """A complete chunk message (plain protobuf; the sender uses ``codec`` instead)."""
+    chunk = chunk_header(request_id, fingerprint, sequence_number, layers, blocks, pages)
+    chunk.data = tensor_bytes(pages)
+    return chunk
 
 
 def check_fingerprint(got: str, expected: str) -> None:
@@ -93,6 +111,7 @@ def check_fingerprint(got: str, expected: str) -> None:
 
 def validate_chunk(
     chunk: common_pb2.KVChunk,
+    data,
     layout: PageLayout,
     fingerprint: str,
     *,
@@ -100,9 +119,10 @@ def validate_chunk(
     num_blocks: int,
     max_chunk_bytes: int,
 ) -> torch.Tensor:
-    """Check a chunk against the reservation and return its pages as a CPU tensor.
+    """Check a chunk against the reservation and return its pages as a CPU tensor over ``data``.
 
     Args:
+        data: the chunk's payload (a buffer: ``codec`` hands over a view of the message).
         first_block: the first logical block the sender must send (earlier ones are cached here).
         num_blocks: the reservation's number of blocks.
 
@@ -122,14 +142,15 @@ def validate_chunk(
     if list(chunk.shape) != expected_shape:
         raise KVTransferError(f"KV chunk shape {list(chunk.shape)} != expected {expected_shape}")
     expected_bytes = (l1 - l0) * (b1 - b0) * layout.bytes_per_block_layer
-    if len(chunk.data) > max_chunk_bytes:
-        raise KVTransferError(f"KV chunk of {len(chunk.data)} bytes exceeds the {max_chunk_bytes}-byte limit")
-    if len(chunk.data) != expected_bytes:
-        raise KVTransferError(f"KV chunk holds {len(chunk.data)} bytes, its shape needs {expected_bytes}")
-    return _read_only_view(chunk.data).view(dtype).view(expected_shape)
+    data = memoryview(data).cast("B")
+    if len(data) > max_chunk_bytes:
+        raise KVTransferError(f"KV chunk of {len(data)} bytes exceeds the {max_chunk_bytes}-byte limit")
+    if len(data) != expected_bytes:
+        raise KVTransferError(f"KV chunk holds {len(data)} bytes, its shape needs {expected_bytes}")
+    return _read_only_view(data).view(dtype).view(expected_shape)
 
 
-def _read_only_view(data: bytes) -> torch.Tensor:
+def _read_only_view(data) -> torch.Tensor:
     """A uint8 tensor over the message's bytes without copying them; it is only ever read."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given buffer is not writable")

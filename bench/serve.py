@@ -1,0 +1,231 @@
+"""Online serving benchmark with vLLM ``bench serve`` semantics, colocated vs disaggregated in one run.
+
+Open loop: requests are sent at their arrival times (Poisson at ``--rate`` req/s, or all at once
+with ``--rate inf``), whatever the server's pace. Each request streams from
+``/v1/completions`` with a random token-id prompt and a fixed output length (EOS ignored).
+Measured client side, as ../shared/BENCHMARKS.md defines them: TTFT (send -> first chunk with
+text), TPOT ((E2EL - TTFT) / (output tokens - 1)), ITL (every gap between chunks), E2EL, request
+and token throughput over the run's wall time, and goodput against the SLOs given.
+
+By default it starts the system twice with the same number of workers -- colocated (N decode
+workers, no prefill) and disaggregated (N/2 prefill + N/2 decode) -- and runs the same workload
+against each. ``--url`` benchmarks a running router instead.
+
+    python bench/serve.py                                   # CPU, tiny model, small workload
+    python bench/serve.py --device cuda --model DIR --input-len 1024 --output-len 128 --rate 4
+"""
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import print_table, write_result  # noqa: E402
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    prompt_tokens: int
+    output_tokens: int = 0
+    ttft: float = 0.0
+    e2el: float = 0.0
+    itls: list[float] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def tpot(self) -> float | None:
+        return (self.e2el - self.ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else None
+
+
+async def one_request(client, url: str, prompt: list[int], output_len: int, start_at: float, t0: float) -> RequestResult:
+    import httpx
+
+    await asyncio.sleep(max(0.0, t0 + start_at - time.perf_counter()))
+    body = {"prompt": prompt, "max_tokens": output_len, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    result = RequestResult(ok=False, prompt_tokens=len(prompt))
+    sent = time.perf_counter()
+    last = None
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                result.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+                return result
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                data = json.loads(line[6:])
+                now = time.perf_counter()
+                if data.get("usage"):
+                    result.output_tokens = data["usage"]["completion_tokens"]
+                if not data["choices"] or not data["choices"][0].get("text"):
+                    continue
+                if last is None:
+                    result.ttft = now - sent
+                else:
+                    result.itls.append(now - last)
+                last = now
+        result.e2el = time.perf_counter() - sent
+        result.ok = result.output_tokens == output_len
+        if not result.ok:
+            result.error = f"expected {output_len} tokens, got {result.output_tokens}"
+    except httpx.HTTPError as e:
+        result.error = repr(e)
+    return result
+
+
+def percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"mean": None, "median": None, "p90": None, "p99": None}
+    s = sorted(values)
+
+    def pct(p):
+        return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+    return {"mean": statistics.fmean(s), "median": statistics.median(s), "p90": pct(90), "p99": pct(99)}
+
+
+def summarize(results: list[RequestResult], wall: float, slo: dict) -> dict:
+    ok = [r for r in results if r.ok]
+    good = [
+        r for r in ok
+        if (slo["ttft"] is None or r.ttft * 1000 <= slo["ttft"])
+        and (slo["tpot"] is None or (r.tpot or 0) * 1000 <= slo["tpot"])
+        and (slo["e2el"] is None or r.e2el * 1000 <= slo["e2el"])
+    ]
+    out_tokens = sum(r.output_tokens for r in ok)
+    in_tokens = sum(r.prompt_tokens for r in ok)
+    return {
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "errors": sorted({r.error for r in results if not r.ok})[:5],
+        "wall_s": wall,
+        "request_throughput": len(ok) / wall,
+        "output_throughput": out_tokens / wall,
+        "total_token_throughput": (in_tokens + out_tokens) / wall,
+        "goodput": len(good) / wall,
+        "ttft_ms": {k: v * 1000 if v is not None else None for k, v in percentiles([r.ttft for r in ok]).items()},
+        "tpot_ms": {k: v * 1000 if v is not None else None for k, v in percentiles([r.tpot for r in ok if r.tpot]).items()},
+        "itl_ms": {k: v * 1000 if v is not None else None for k, v in percentiles([g for r in ok for g in r.itls]).items()},
+        "e2el_ms": {k: v * 1000 if v is not None else None for k, v in percentiles([r.e2el for r in ok]).items()},
+    }
+
+
+def workload(args, vocab: int):
+    rng = random.Random(args.seed)
+    prompts = [[rng.randrange(3, vocab) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
+    if args.rate == float("inf"):
+        arrivals = [0.0] * args.num_prompts
+    else:
+        t, arrivals = 0.0, []
+        for _ in range(args.num_prompts):
+            arrivals.append(t)
+            t += rng.expovariate(args.rate)
+    return prompts, arrivals
+
+
+async def run_load(url: str, args, vocab: int) -> dict:
+    import httpx
+
+    prompts, arrivals = workload(args, vocab)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
+        # One warm-up request, not counted.
+        await one_request(client, url, prompts[0][:16], 4, 0.0, time.perf_counter())
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(one_request(client, url, p, args.output_len, a, t0)
+                                         for p, a in zip(prompts, arrivals)))
+        wall = time.perf_counter() - t0
+    return summarize(list(results), wall, {"ttft": args.slo_ttft_ms, "tpot": args.slo_tpot_ms, "e2el": args.slo_e2el_ms})
+
+
+def start_system(model: Path, mode: str, args):
+    from tandem.local_cluster import LocalCluster, UpOptions
+
+    workers = args.workers
+    opts = UpOptions(
+        model=model, port=0, device=args.device, num_kv_blocks=args.num_kv_blocks,
+        prefill=0 if mode == "colocated" else workers // 2,
+        decode=workers if mode == "colocated" else workers - workers // 2,
+        worker_args=args.worker_args,
+    )
+    cluster = LocalCluster(opts, model, relay=False)
+    cluster.plan()
+    cluster.start()
+    problem = cluster.wait_ready(600)
+    if problem:
+        cluster.stop()
+        raise SystemExit(f"{mode}: {problem}\n{''.join(cluster.log[-40:])}")
+    return cluster
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", help="benchmark this running router instead of starting the system")
+    ap.add_argument("--model", type=Path, help="model directory (default: a generated tiny llama)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--modes", nargs="+", default=["colocated", "disaggregated"])
+    ap.add_argument("--workers", type=int, default=2, help="GPU workers per mode (disaggregated: half prefill)")
+    ap.add_argument("--num-kv-blocks", type=int, default=None)
+    ap.add_argument("--worker-args", nargs="*", default=[], help="extra flags for every worker")
+    ap.add_argument("--num-prompts", type=int, default=32)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=32)
+    ap.add_argument("--rate", type=float, default=float("inf"), help="requests/s (Poisson), inf: all at once")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--slo-ttft-ms", type=float, default=None)
+    ap.add_argument("--slo-tpot-ms", type=float, default=None)
+    ap.add_argument("--slo-e2el-ms", type=float, default=None)
+    ap.add_argument("--out-dir", type=Path, default=None)
+    args = ap.parse_args()
+
+    from tandem.model_dir import load_model_config
+
+    model = args.model
+    if model is None:
+        from tandem.model_gen import ModelGenOptions, generate_model_dir
+
+        model = generate_model_dir(ModelGenOptions(arch="llama", out=Path(tempfile.mkdtemp()) / "tiny"))
+    vocab = load_model_config(model).vocab_size
+    results = {}
+    if args.url:
+        results["target"] = asyncio.run(run_load(args.url, args, vocab))
+    else:
+        for mode in args.modes:
+            cluster = start_system(model, mode, args)
+            try:
+                results[mode] = asyncio.run(run_load(cluster.router_url, args, vocab))
+            finally:
+                cluster.stop()
+    payload = {"workload": f"{args.input_len} in / {args.output_len} out, {args.num_prompts} prompts, rate {args.rate}",
+               "device": args.device, "model": str(model), "workers": args.workers, "command": " ".join(sys.argv),
+               "results": results}
+    path = write_result("serve", args.device, payload, args.out_dir)
+    rows = []
+    for mode, r in results.items():
+        rows.append([mode, r["completed"], r["failed"], r["request_throughput"], r["output_throughput"],
+                     r["ttft_ms"]["median"], r["ttft_ms"]["p99"], r["tpot_ms"]["median"], r["itl_ms"]["median"],
+                     r["e2el_ms"]["median"], r["goodput"]])
+    print_table(["mode", "ok", "failed", "req/s", "out tok/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms",
+                 "ITL p50 ms", "E2EL p50 ms", "goodput req/s"], rows)
+    if len(results) == 2 and all(r["completed"] for r in results.values()):
+        a, b = (results[m] for m in args.modes)
+        print(f"{args.modes[1]}/{args.modes[0]}: output throughput x{b['output_throughput'] / a['output_throughput']:.2f}, "
+              f"TTFT p50 x{b['ttft_ms']['median'] / a['ttft_ms']['median']:.2f}, "
+              f"TPOT p50 x{b['tpot_ms']['median'] / a['tpot_ms']['median']:.2f}")
+    print(f"wrote {path}")
+    failed = sum(r["failed"] for r in results.values())
+    if failed:
+        raise SystemExit(f"{failed} requests failed: {[r['errors'] for r in results.values()]}")
+
+
+if __name__ == "__main__":
+    main()

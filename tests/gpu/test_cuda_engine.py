@@ -1,0 +1,89 @@
+"""The engine and the KV path on a CUDA GPU (skipped where none is present)."""
+
+import asyncio
+import random
+
+import pytest
+import torch
+
+from tandem.engine import LLM, SamplingParams
+
+pytestmark = pytest.mark.gpu
+ARCHS = ["llama", "llama-tied-rope3", "mistral-swa", "qwen2", "qwen3"]
+MAX_NEW = 24
+
+
+def prompts(vocab: int, seed: int = 0):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(n)] for n in (1, 7, 16, 17, 40, 97, 130, 300)]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_float32_greedy_is_token_identical_to_transformers(arch, tiny_model, hf_reference):
+    model_dir = tiny_model(arch)
+    llm = LLM(model_dir, device="cuda", dtype="float32", num_kv_blocks=256, max_num_batched_tokens=64, max_num_seqs=8)
+    batch = prompts(llm.engine.model_config.vocab_size)
+    outs = llm.generate(batch, SamplingParams(temperature=0, max_tokens=MAX_NEW))
+    ref = hf_reference(model_dir, MAX_NEW, device="cuda")
+    for prompt, out in zip(batch, outs):
+        assert out.outputs[0].token_ids == ref.generate(prompt)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_bfloat16_logits_within_bf16_tolerance_of_transformers(arch, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tiny_model(arch)
+    llm = LLM(model_dir, device="cuda", dtype="bfloat16", num_kv_blocks=64)
+    prompt = prompts(llm.engine.model_config.vocab_size)[5]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, logprobs=5))[0].outputs[0]
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt], device="cuda")).logits[0, -1].float().log_softmax(-1)
+    ours = torch.tensor([v for _, v in out.logprobs[0].top])
+    theirs = ref[torch.tensor([t for t, _ in out.logprobs[0].top])].cpu()
+    torch.testing.assert_close(ours, theirs, atol=0.05, rtol=0.02)
+
+
+def test_disaggregated_path_on_cuda_matches_the_offline_engine(tiny_model):
+    """Prefill and decode servers on the GPU (pinned staging, receiver stream): same tokens."""
+    import grpc
+
+    from services.decode import server as decode_server
+    from services.decode.settings import DecodeSettings
+    from services.prefill import server as prefill_server
+    from services.prefill.settings import PrefillSettings
+    from services.router.flow import Dispatcher, Job, Route
+    from services.router.pods import PodRegistry
+    from services.router.settings import RouterSettings
+
+    model_dir = tiny_model("qwen3")
+    batch = prompts(1000, seed=3)
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW)
+    # One prompt at a time, as the pods below serve them: on a GPU the kernels (and so the last
+    # bits of float32 results) depend on the batch shape.
+    offline = LLM(model_dir, device="cuda", num_kv_blocks=256)
+    want = [offline.generate([p], params)[0].outputs[0].token_ids for p in batch]
+
+    async def main():
+        common = dict(model=model_dir, host="127.0.0.1", port=0, device="cuda", num_kv_blocks=256)
+        p = await prefill_server.start(PrefillSettings(**common, kv_layers_per_group=1, kv_chunk_bytes=64 << 10))
+        d = await decode_server.start(DecodeSettings(**common))
+        pa, da = f"127.0.0.1:{p.port}", f"127.0.0.1:{d.port}"
+        registry = PodRegistry([pa], [da], interval_s=60, timeout_s=5)
+        await registry.start()
+        try:
+            dispatcher = Dispatcher(registry, RouterSettings(model=model_dir, prefill=[pa], decode=[da]))
+            got = []
+            for i, prompt in enumerate(batch):
+                route = Route()
+                events = [e async for e in dispatcher.generate(Job(f"g{i}", prompt, params), route)]
+                assert route.mode == "disaggregated" and route.prefill_response is not None
+                got.append([t for e in events for t in e.token_ids])
+            return got
+        finally:
+            await registry.close()
+            await p.stop()
+            await d.stop()
+
+    assert asyncio.run(main()) == want
