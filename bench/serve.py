@@ -158,6 +158,7 @@ def start_system(model: Path, mode: str, args):
         worker_args=args.worker_args,
     )
     cluster = LocalCluster(opts, model, relay=False)
+    cluster.start_redis()
     cluster.plan()
     cluster.start()
     problem = cluster.wait_ready(600)

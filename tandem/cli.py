@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, CliApp, CliSubCommand, SettingsConfigDict
 
 from services.decode.settings import DecodeSettings
+from services.kvstore.settings import KVStoreSettings
 from services.prefill.settings import PrefillSettings
 from services.router.settings import RouterSettings
 from tandem.local_cluster import UpOptions
@@ -75,6 +76,8 @@ class Tandem(BaseSettings):
     """Run a prefill pod."""
     decode: CliSubCommand[DecodeSettings]
     """Run a decode pod."""
+    kvstore: CliSubCommand[KVStoreSettings]
+    """Run the kvstore service (prefix-cache index over Redis)."""
     model_gen: CliSubCommand[ModelGenOptions]
     """Write a tiny model directory with random weights (no downloads)."""
     generate: CliSubCommand[Generate]

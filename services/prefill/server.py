@@ -18,6 +18,7 @@ from tandem.engine.llm_engine import LLMEngine
 from tandem.engine.outputs import OutputKind, RequestOutput
 from tandem.engine.sampling_params import SamplingParams
 from tandem.errors import CapacityExceeded, InvalidRequest, KVFingerprintMismatch, TandemError
+from tandem.kv.publisher import KVEventPublisher
 from tandem.kv.sender import KVSender, KVTarget
 from tandem.proto.common.v1 import common_pb2
 from tandem.proto.prefill.v1 import prefill_pb2, prefill_pb2_grpc
@@ -137,7 +138,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
 
 async def start(settings: PrefillSettings) -> RunningService:
     """Load the model and start serving; returns once the gRPC server is up."""
-    engine = LLMEngine(settings.engine_config())
+    engine = LLMEngine(settings.engine_config(), enable_kv_events=settings.kvstore is not None)
     sender = KVSender(
         engine.runner.kv_spec,
         engine.fingerprint.digest(),
@@ -147,15 +148,35 @@ async def start(settings: PrefillSettings) -> RunningService:
         device=engine.runner.device,
     )
     engine.set_kv_layer_hook(sender)
-    worker = EngineWorker(engine, asyncio.get_running_loop())
+    publisher: KVEventPublisher | None = None
+    after_step = None
+    if settings.kvstore is not None:
+        def after_step(e: LLMEngine) -> None:
+            publisher.enqueue(e.take_kv_events())
+
+    worker = EngineWorker(engine, asyncio.get_running_loop(), after_step=after_step)
     server = GrpcServer(settings.host, settings.port, ["tandem.prefill.v1.PrefillService"])
-    identity = pod_identity(settings, engine, common_pb2.POD_ROLE_PREFILL, settings.address(server.port))
+    address = settings.address(server.port)
+    identity = pod_identity(settings, engine, common_pb2.POD_ROLE_PREFILL, address)
+    cleanups = [worker.stop, sender.close]
+    if settings.kvstore is not None:
+        async def snapshot():
+            # On the engine thread: queued events are superseded by the full list of cached blocks.
+            return await worker.call(lambda e: (publisher.drop_pending(), e.take_kv_events(), e.cached_block_hashes())[2])
+
+        publisher = KVEventPublisher(
+            settings.kvstore, pod_id=identity["pod_id"], pod_address=address, incarnation=identity["incarnation"],
+            fingerprint=identity["model_fingerprint"], block_size=engine.config.block_size, snapshot=snapshot,
+            heartbeat_interval_s=settings.kvstore_heartbeat_s,
+        )
     servicer = PrefillServicer(settings, worker, sender, identity)
     prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, server.server)
     worker.start()
     await server.start()
+    if publisher is not None:
+        cleanups.insert(0, asyncio.create_task(publisher.run(), name="kv-events").cancel)
     logger.info("prefill pod %s serving on port %d", identity["pod_id"], server.port)
-    return RunningService(server, [worker.stop, sender.close], engine=engine, worker=worker, sender=sender)
+    return RunningService(server, cleanups, engine=engine, worker=worker, sender=sender, publisher=publisher)
 
 
 async def serve(settings: PrefillSettings) -> None:

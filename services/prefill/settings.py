@@ -19,6 +19,10 @@ class PrefillSettings(PodSettings):
     """Largest KV chunk message (the issue's 1-4 MiB; gRPC messages are capped at 64 MiB)."""
     kv_streams: int = Field(2, ge=1, le=16)
     """Parallel gRPC streams (each on its own connection) per KV transfer."""
+    kvstore: str | None = None
+    """host:port of kvstore: publish this pod's prefix-cache events there (prefix-aware routing)."""
+    kvstore_heartbeat_s: float = Field(2.0, gt=0)
+    """How often this pod renews its lease in kvstore."""
 
     def cli_cmd(self) -> None:
         import asyncio

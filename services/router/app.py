@@ -21,6 +21,7 @@ from services.router.metrics import RouterMetrics
 from services.router.openai_api import OpenAIServing, merge_events
 from services.router.openai_protocol import ChatCompletionRequest, CompletionRequest
 from services.router.pods import PodRegistry
+from services.router.prefix_index import PrefixIndexClient
 from services.router.settings import RouterSettings
 from tandem.errors import RequestCancelled, TandemError, UpstreamUnavailable
 from tandem.model_dir import load_model_config
@@ -74,7 +75,8 @@ def create_app(settings: RouterSettings) -> FastAPI:
     registry = PodRegistry(
         settings.prefill, settings.decode, interval_s=settings.stats_interval_s, timeout_s=settings.pod_timeout_s
     )
-    dispatcher = Dispatcher(registry, settings)
+    prefix_index = PrefixIndexClient(settings.kvstore, settings.kvstore_timeout_s) if settings.kvstore else None
+    dispatcher = Dispatcher(registry, settings, prefix_index)
     serving = OpenAIServing(
         tokenizer, dispatcher, model_name=settings.model_name(), max_model_len=max_model_len,
         vocab_size=model_config.vocab_size,
@@ -84,6 +86,8 @@ def create_app(settings: RouterSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await registry.start()
+        if prefix_index is not None:
+            await prefix_index.start()
         server = GrpcServer(settings.host, settings.grpc_port, ["tandem.router.v1.RouterService"])
         router_pb2_grpc.add_RouterServiceServicer_to_server(RouterServicer(serving), server.server)
         await server.start()
@@ -95,6 +99,8 @@ def create_app(settings: RouterSettings) -> FastAPI:
         finally:
             await server.stop(2.0)
             await registry.close()
+            if prefix_index is not None:
+                await prefix_index.close()
 
     app = FastAPI(title="Tandem router", lifespan=lifespan)
     app.state.registry, app.state.serving, app.state.metrics = registry, serving, metrics
@@ -128,6 +134,8 @@ def create_app(settings: RouterSettings) -> FastAPI:
         for r in routes:
             metrics.routing_decisions.labels(r.mode or "unplaced").inc()
             metrics.attempts.inc(r.attempts)
+            if r.prefill_reason:
+                metrics.prefill_choices.labels(r.prefill_reason).inc()
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):

@@ -21,8 +21,12 @@ from dataclasses import dataclass, field
 
 import grpc
 
+import numpy as np
+import xxhash
+
 from services.router.pods import Pod, PodRegistry
-from services.router.routing import pick_decode, pick_prefill
+from services.router.prefix_index import PrefixIndexClient
+from services.router.routing import PrefillScorer, PrefixLoadScorer, pick_decode
 from services.router.settings import RouterSettings
 from tandem.engine.outputs import TokenLogprob
 from tandem.engine.sampling_params import SamplingParams
@@ -77,6 +81,10 @@ class Route:
     prefill: str | None = None
     attempts: int = 0
     prefill_response: prefill_pb2.PrefillResponse | None = None
+    prefill_reason: str = ""
+    """Why that prefill pod: "prefix" (its cache won), "load", or "index_unavailable"."""
+    expected_cached_tokens: int = 0
+    """Prompt tokens kvstore said the chosen prefill pod caches."""
     tried_decode: set[str] = field(default_factory=set)
     tried_prefill: set[str] = field(default_factory=set)
 
@@ -112,15 +120,57 @@ def _event(resp: decode_pb2.GenerateResponse) -> TokenEvent:
 class Dispatcher:
     """Runs requests across the registry's pods."""
 
-    def __init__(self, registry: PodRegistry, settings: RouterSettings) -> None:
+    def __init__(
+        self,
+        registry: PodRegistry,
+        settings: RouterSettings,
+        prefix_index: PrefixIndexClient | None = None,
+        scorer: PrefillScorer | None = None,
+    ) -> None:
         self.registry = registry
         self.settings = settings
+        self.prefix_index = prefix_index
+        self.scorer = scorer or PrefixLoadScorer(
+            settings.prefix_weight, settings.load_weight, settings.hotspot_ratio, settings.hotspot_min_tokens
+        )
         self._attempt_ids = itertools.count()
+
+    async def _cached_tokens(self, job: Job) -> dict[str, int] | None:
+        """What kvstore says each prefill pod caches of the prompt (None: no answer)."""
+        if self.prefix_index is None:
+            return {}
+        reference = next((p.stats for p in self.registry.by_role("prefill") if p.stats), None)
+        if reference is None:
+            return {}
+        return await self.prefix_index.cached_tokens(
+            job.prompt_token_ids, job.cache_salt, reference.model_fingerprint, reference.block_size
+        )
+
+    def _choose_prefill(self, job: Job, route: Route, cached: dict[str, int] | None) -> Pod | None:
+        pods = [p for p in self.registry.by_role("prefill") if p.address not in route.tried_prefill]
+        tie_key = np.asarray(job.prompt_token_ids[:256], dtype="<u4").tobytes()
+        ranked = self.scorer.rank(pods, len(job.prompt_token_ids), cached or {}, tie_key)
+        if not ranked:
+            return None
+        best = ranked[0]
+        route.prefill_reason = "index_unavailable" if cached is None else ("prefix" if best.cached_tokens else "load")
+        route.expected_cached_tokens = best.cached_tokens
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "request %s -> prefill %s (%s); candidates: %s", job.request_id, best.pod.address, route.prefill_reason,
+                "; ".join(f"{c.pod.address} cached={c.cached_tokens} queued={c.queued_tokens} cost={c.cost:g}"
+                          f"{' hot' if c.hot else ''}" for c in ranked),
+            )
+        return best.pod
 
     async def generate(self, job: Job, route: Route | None = None) -> AsyncIterator[TokenEvent]:
         route = route if route is not None else Route()
         failures = 0
         refusals: list[TandemError] = []
+        colocate = len(job.prompt_token_ids) < self.settings.colocate_below_tokens
+        cached: dict[str, int] | None = {}
+        if not colocate and self.registry.by_role("prefill"):
+            cached = await self._cached_tokens(job)
         while True:
             decode = pick_decode(self.registry.by_role("decode"), route.tried_decode)
             if decode is None:
@@ -132,9 +182,8 @@ class Dispatcher:
                     raise UpstreamUnavailable(f"the request failed on every pod tried ({failures} attempts)")
                 raise UpstreamUnavailable("no decode pod is ready")
             prefill = None
-            colocate = len(job.prompt_token_ids) < self.settings.colocate_below_tokens
             if not colocate and failures < self.settings.max_attempts - 1:
-                prefill = pick_prefill(self.registry.by_role("prefill"), route.tried_prefill)
+                prefill = self._choose_prefill(job, route, cached)
             route.attempts += 1
             try:
                 async for event in self._attempt(job, decode, prefill, route):
@@ -170,7 +219,7 @@ class Dispatcher:
             admitted = await self._admission(call, decode, route)
             if prefill is not None:
                 route.prefill = prefill.address
-                prefill_task = self._start_prefill(job, rid, prefill, decode, admitted, call)
+                prefill_task = self._start_prefill(job, rid, prefill, decode, admitted, call, route)
             while True:
                 try:
                     resp = await call.read()
@@ -209,7 +258,7 @@ class Dispatcher:
         decode.inflight_blocks += first.admitted.num_reserved_blocks
         return first.admitted
 
-    def _start_prefill(self, job: Job, rid: str, prefill: Pod, decode: Pod, admitted, call) -> asyncio.Task:
+    def _start_prefill(self, job: Job, rid: str, prefill: Pod, decode: Pod, admitted, call, route: Route) -> asyncio.Task:
         block_size = decode.stats.block_size if decode.stats and decode.stats.block_size else 16
         request = prefill_pb2.PrefillRequest(
             request_id=rid,
@@ -225,10 +274,13 @@ class Dispatcher:
             ),
         )
         prefill.inflight += 1
-        prefill.inflight_tokens += len(job.prompt_token_ids)
+        # The prefill computes the prompt minus what that pod caches (kvstore's estimate).
+        work = max(1, len(job.prompt_token_ids) - route.expected_cached_tokens)
+        prefill.prefill_started(work)
         task = asyncio.ensure_future(prefill.stub.Prefill(request))
 
         def on_done(t: asyncio.Task) -> None:
+            prefill.prefill_finished(work)
             # A failed prefill means the KV will never come: stop waiting on the decode stream.
             if t.cancelled() or t.exception() is not None:
                 call.cancel()

@@ -18,6 +18,11 @@ class RouterMetrics:
             "tandem_router_routing_decisions", "Requests placed, by mode (disaggregated or colocated)", ["mode"],
             registry=self.registry,
         )
+        self.prefill_choices = Counter(
+            "tandem_router_prefill_choices",
+            "Prefill pod choices by reason: prefix (a cached prefix won), load, index_unavailable",
+            ["reason"], registry=self.registry,
+        )
         self.attempts = Counter(
             "tandem_router_attempts", "Attempts to run requests on pods (more than requests: retries)",
             registry=self.registry,

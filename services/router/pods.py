@@ -30,8 +30,10 @@ class Pod:
     healthy: bool = False
     inflight: int = 0
     """This router's requests currently on the pod."""
-    inflight_tokens: int = 0
-    """Prompt tokens this router sent since the pod's last stats (prefill load not yet visible)."""
+    started_tokens: int = 0
+    """Prompt tokens of prefills this router started on the pod since its last stats."""
+    finished_tokens: int = 0
+    """Prompt tokens of prefills that finished on the pod since its last stats."""
     inflight_blocks: int = 0
     """KV blocks this router's admissions took since the last stats (decode pods)."""
     errors: int = field(default=0)
@@ -42,7 +44,19 @@ class Pod:
 
     @property
     def queued_tokens(self) -> int:
-        return (self.stats.num_queued_prefill_tokens if self.stats else 0) + self.inflight_tokens
+        """Prefill load: the last reported queue, corrected by this router's own prefills since.
+
+        A prefill started after the poll is not in the report yet (add it); one that finished
+        after the poll still is (take it off). Either way each is counted once.
+        """
+        polled = self.stats.num_queued_prefill_tokens if self.stats else 0
+        return max(0, polled + self.started_tokens - self.finished_tokens)
+
+    def prefill_started(self, tokens: int) -> None:
+        self.started_tokens += tokens
+
+    def prefill_finished(self, tokens: int) -> None:
+        self.finished_tokens += tokens
 
     def mark_down(self, why: str) -> None:
         if self.healthy:
@@ -107,5 +121,5 @@ class PodRegistry:
             logger.info("%s pod %s is up (%s)", pod.role, pod.address, response.stats.pod_id)
         pod.stats = response.stats
         pod.healthy = True
-        pod.inflight_tokens = 0
         pod.inflight_blocks = 0
+        pod.started_tokens = pod.finished_tokens = 0

@@ -27,6 +27,19 @@ class RouterSettings(BaseSettings):
     """Prefill pods' host:port addresses. None: every request runs colocated on a decode pod."""
     decode: list[str] = Field(default_factory=list)
     """Decode pods' host:port addresses."""
+    kvstore: str | None = None
+    """host:port of kvstore: route prompts to the prefill pod that caches their longest prefix."""
+    kvstore_timeout_s: float = Field(0.05, gt=0)
+    """A kvstore lookup slower than this is abandoned and the request routed by load."""
+    prefix_weight: float = Field(1.0, ge=0)
+    """Weight of uncached prompt tokens in a prefill pod's cost."""
+    load_weight: float = Field(1.0, ge=0)
+    """Weight of a prefill pod's queued prompt tokens in its cost."""
+    hotspot_ratio: float = Field(2.0, ge=1)
+    """A prefill pod queueing more than ratio x the least loaded one (+ hotspot_min_tokens)
+    gets no credit for its cache: load wins."""
+    hotspot_min_tokens: int = Field(4096, ge=0)
+    """Slack of the hot-spot rule, so small queues never count as hot."""
     colocate_below_tokens: int = Field(0, ge=0)
     """Prompts shorter than this run colocated on the decode pod (conditional disaggregation);
     0 disaggregates every prompt. A few hundred tokens is typical on GPUs."""

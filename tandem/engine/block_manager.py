@@ -168,6 +168,10 @@ class BlockManager:
             self._events.append(CacheCleared())
         return True
 
+    def cached_hashes(self) -> list[BlockHash]:
+        """Every block hash the cache can serve now (for a full resync of an external index)."""
+        return list(self._cached)
+
     def take_events(self) -> list[KVEvent]:
         """KV events since the last call (recorded only with ``enable_kv_events``)."""
         events, self._events = self._events, []

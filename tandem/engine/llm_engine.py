@@ -398,6 +398,10 @@ class LLMEngine:
         """Prefix-cache events since the last call (with ``enable_kv_events``)."""
         return self.block_manager.take_events()
 
+    def cached_block_hashes(self) -> list:
+        """Hashes of every cached block (kvstore resyncs from this)."""
+        return self.block_manager.cached_hashes()
+
     def reset_prefix_cache(self) -> bool:
         """Drop every cached block; only possible while no request holds blocks."""
         return self.block_manager.reset_prefix_cache()

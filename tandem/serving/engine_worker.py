@@ -29,9 +29,17 @@ class EngineFailure(TandemError):
 
 
 class EngineWorker:
-    def __init__(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        after_step: Callable[[LLMEngine], None] | None = None,
+    ) -> None:
+        """``after_step(engine)`` runs on the engine thread after every step and command batch."""
         self.engine = engine
         self._loop = loop
+        self._after_step = after_step
         self._commands: queue.SimpleQueue[tuple[Command, concurrent.futures.Future]] = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue] = {}
         self._stopped = threading.Event()
@@ -115,7 +123,7 @@ class EngineWorker:
                 item = self._commands.get_nowait()
             except queue.Empty:
                 break
-        self.stats = self.engine.get_stats()
+        self._after()
 
     def _execute(self, command: Command, future: concurrent.futures.Future) -> None:
         if not future.set_running_or_notify_cancel():
@@ -134,7 +142,12 @@ class EngineWorker:
             return
         self.steps += 1
         self.dispatch(outputs)
+        self._after()
+
+    def _after(self) -> None:
         self.stats = self.engine.get_stats()
+        if self._after_step is not None:
+            self._after_step(self.engine)
 
     def _abort_all(self, exc: EngineFailure) -> None:
         for request_id in self.engine.request_ids():

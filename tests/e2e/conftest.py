@@ -19,6 +19,7 @@ def start_cluster(model, *, prefill=1, decode=2, colocated_router=False, **opts)
         model,
         relay=False,
     )
+    cluster.start_redis()
     cluster.plan()
     if colocated_router:
         # A second router over the same pods that runs every prompt colocated.

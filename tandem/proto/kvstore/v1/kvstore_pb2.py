@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftandem/kvstore/v1/kvstore.proto\x12\x11tandem.kvstore.v1\"@\n\rLookupRequest\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\".\n\x08PodMatch\x12\x0e\n\x06pod_id\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\">\n\x0eLookupResponse\x12,\n\x07matches\x18\x01 \x03(\x0b\x32\x1b.tandem.kvstore.v1.PodMatch\"$\n\x0c\x42locksStored\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\"%\n\rBlocksRemoved\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\"\x0e\n\x0c\x43\x61\x63heCleared\"\xb3\x01\n\x0cKVCacheEvent\x12\x31\n\x06stored\x18\x01 \x01(\x0b\x32\x1f.tandem.kvstore.v1.BlocksStoredH\x00\x12\x33\n\x07removed\x18\x02 \x01(\x0b\x32 .tandem.kvstore.v1.BlocksRemovedH\x00\x12\x32\n\x07\x63leared\x18\x03 \x01(\x0b\x32\x1f.tandem.kvstore.v1.CacheClearedH\x00\x42\x07\n\x05\x65vent\"\xcc\x01\n\x14PublishEventsRequest\x12\x0e\n\x06pod_id\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\t\x12\x17\n\x0fsequence_number\x18\x03 \x01(\x04\x12\x19\n\x11model_fingerprint\x18\x04 \x01(\t\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x16\n\x0ehash_algorithm\x18\x06 \x01(\t\x12/\n\x06\x65vents\x18\x07 \x03(\x0b\x32\x1f.tandem.kvstore.v1.KVCacheEvent\")\n\x15PublishEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"c\n\x10HeartbeatRequest\x12\x0e\n\x06pod_id\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\"*\n\x11HeartbeatResponse\x12\x15\n\rlease_seconds\x18\x01 \x01(\x01\"\x0e\n\x0cStatsRequest\"\x81\x01\n\rStatsResponse\x12\x13\n\x0bnum_entries\x18\x01 \x01(\x04\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\x04\x12\x0f\n\x07lookups\x18\x03 \x01(\x04\x12\x12\n\nhit_blocks\x18\x04 \x01(\x04\x12\x11\n\tevictions\x18\x05 \x01(\x04\x12\x11\n\tlive_pods\x18\x06 \x01(\r2\xe7\x02\n\x0eKVStoreService\x12M\n\x06Lookup\x12 .tandem.kvstore.v1.LookupRequest\x1a!.tandem.kvstore.v1.LookupResponse\x12\x62\n\rPublishEvents\x12\'.tandem.kvstore.v1.PublishEventsRequest\x1a(.tandem.kvstore.v1.PublishEventsResponse\x12V\n\tHeartbeat\x12#.tandem.kvstore.v1.HeartbeatRequest\x1a$.tandem.kvstore.v1.HeartbeatResponse\x12J\n\x05Stats\x12\x1f.tandem.kvstore.v1.StatsRequest\x1a .tandem.kvstore.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftandem/kvstore/v1/kvstore.proto\x12\x11tandem.kvstore.v1\"@\n\rLookupRequest\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\".\n\x08PodMatch\x12\x0e\n\x06pod_id\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\">\n\x0eLookupResponse\x12,\n\x07matches\x18\x01 \x03(\x0b\x32\x1b.tandem.kvstore.v1.PodMatch\"$\n\x0c\x42locksStored\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\"%\n\rBlocksRemoved\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\"\x0e\n\x0c\x43\x61\x63heCleared\"\xb3\x01\n\x0cKVCacheEvent\x12\x31\n\x06stored\x18\x01 \x01(\x0b\x32\x1f.tandem.kvstore.v1.BlocksStoredH\x00\x12\x33\n\x07removed\x18\x02 \x01(\x0b\x32 .tandem.kvstore.v1.BlocksRemovedH\x00\x12\x32\n\x07\x63leared\x18\x03 \x01(\x0b\x32\x1f.tandem.kvstore.v1.CacheClearedH\x00\x42\x07\n\x05\x65vent\"\xdd\x01\n\x14PublishEventsRequest\x12\x0e\n\x06pod_id\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\t\x12\x17\n\x0fsequence_number\x18\x03 \x01(\x04\x12\x19\n\x11model_fingerprint\x18\x04 \x01(\t\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x16\n\x0ehash_algorithm\x18\x06 \x01(\t\x12/\n\x06\x65vents\x18\x07 \x03(\x0b\x32\x1f.tandem.kvstore.v1.KVCacheEvent\x12\x0f\n\x07sent_at\x18\x08 \x01(\x01\")\n\x15PublishEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"c\n\x10HeartbeatRequest\x12\x0e\n\x06pod_id\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\"9\n\x11HeartbeatResponse\x12\x15\n\rlease_seconds\x18\x01 \x01(\x01\x12\r\n\x05known\x18\x02 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xb2\x01\n\rStatsResponse\x12\x13\n\x0bnum_entries\x18\x01 \x01(\x04\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\x04\x12\x0f\n\x07lookups\x18\x03 \x01(\x04\x12\x12\n\nhit_blocks\x18\x04 \x01(\x04\x12\x11\n\tevictions\x18\x05 \x01(\x04\x12\x11\n\tlive_pods\x18\x06 \x01(\r\x12\x18\n\x10rejected_batches\x18\x07 \x01(\x04\x12\x15\n\rsequence_gaps\x18\x08 \x01(\x04\x32\xe7\x02\n\x0eKVStoreService\x12M\n\x06Lookup\x12 .tandem.kvstore.v1.LookupRequest\x1a!.tandem.kvstore.v1.LookupResponse\x12\x62\n\rPublishEvents\x12\'.tandem.kvstore.v1.PublishEventsRequest\x1a(.tandem.kvstore.v1.PublishEventsResponse\x12V\n\tHeartbeat\x12#.tandem.kvstore.v1.HeartbeatRequest\x1a$.tandem.kvstore.v1.HeartbeatResponse\x12J\n\x05Stats\x12\x1f.tandem.kvstore.v1.StatsRequest\x1a .tandem.kvstore.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,17 +46,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KVCACHEEVENT']._serialized_start=326
   _globals['_KVCACHEEVENT']._serialized_end=505
   _globals['_PUBLISHEVENTSREQUEST']._serialized_start=508
-  _globals['_PUBLISHEVENTSREQUEST']._serialized_end=712
-  _globals['_PUBLISHEVENTSRESPONSE']._serialized_start=714
-  _globals['_PUBLISHEVENTSRESPONSE']._serialized_end=755
-  _globals['_HEARTBEATREQUEST']._serialized_start=757
-  _globals['_HEARTBEATREQUEST']._serialized_end=856
-  _globals['_HEARTBEATRESPONSE']._serialized_start=858
-  _globals['_HEARTBEATRESPONSE']._serialized_end=900
-  _globals['_STATSREQUEST']._serialized_start=902
-  _globals['_STATSREQUEST']._serialized_end=916
-  _globals['_STATSRESPONSE']._serialized_start=919
-  _globals['_STATSRESPONSE']._serialized_end=1048
-  _globals['_KVSTORESERVICE']._serialized_start=1051
-  _globals['_KVSTORESERVICE']._serialized_end=1410
+  _globals['_PUBLISHEVENTSREQUEST']._serialized_end=729
+  _globals['_PUBLISHEVENTSRESPONSE']._serialized_start=731
+  _globals['_PUBLISHEVENTSRESPONSE']._serialized_end=772
+  _globals['_HEARTBEATREQUEST']._serialized_start=774
+  _globals['_HEARTBEATREQUEST']._serialized_end=873
+  _globals['_HEARTBEATRESPONSE']._serialized_start=875
+  _globals['_HEARTBEATRESPONSE']._serialized_end=932
+  _globals['_STATSREQUEST']._serialized_start=934
+  _globals['_STATSREQUEST']._serialized_end=948
+  _globals['_STATSRESPONSE']._serialized_start=951
+  _globals['_STATSRESPONSE']._serialized_end=1129
+  _globals['_KVSTORESERVICE']._serialized_start=1132
+  _globals['_KVSTORESERVICE']._serialized_end=1491
 # @@protoc_insertion_point(module_scope)

@@ -55,7 +55,7 @@ class KVCacheEvent(_message.Message):
     def __init__(self, stored: _Optional[_Union[BlocksStored, _Mapping]] = ..., removed: _Optional[_Union[BlocksRemoved, _Mapping]] = ..., cleared: _Optional[_Union[CacheCleared, _Mapping]] = ...) -> None: ...
 
 class PublishEventsRequest(_message.Message):
-    __slots__ = ("pod_id", "incarnation", "sequence_number", "model_fingerprint", "block_size", "hash_algorithm", "events")
+    __slots__ = ("pod_id", "incarnation", "sequence_number", "model_fingerprint", "block_size", "hash_algorithm", "events", "sent_at")
     POD_ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_NUMBER_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,7 @@ class PublishEventsRequest(_message.Message):
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     HASH_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    SENT_AT_FIELD_NUMBER: _ClassVar[int]
     pod_id: str
     incarnation: str
     sequence_number: int
@@ -70,7 +71,8 @@ class PublishEventsRequest(_message.Message):
     block_size: int
     hash_algorithm: str
     events: _containers.RepeatedCompositeFieldContainer[KVCacheEvent]
-    def __init__(self, pod_id: _Optional[str] = ..., incarnation: _Optional[str] = ..., sequence_number: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., block_size: _Optional[int] = ..., hash_algorithm: _Optional[str] = ..., events: _Optional[_Iterable[_Union[KVCacheEvent, _Mapping]]] = ...) -> None: ...
+    sent_at: float
+    def __init__(self, pod_id: _Optional[str] = ..., incarnation: _Optional[str] = ..., sequence_number: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., block_size: _Optional[int] = ..., hash_algorithm: _Optional[str] = ..., events: _Optional[_Iterable[_Union[KVCacheEvent, _Mapping]]] = ..., sent_at: _Optional[float] = ...) -> None: ...
 
 class PublishEventsResponse(_message.Message):
     __slots__ = ("accepted",)
@@ -91,27 +93,33 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, pod_id: _Optional[str] = ..., incarnation: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("lease_seconds",)
+    __slots__ = ("lease_seconds", "known")
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_FIELD_NUMBER: _ClassVar[int]
     lease_seconds: float
-    def __init__(self, lease_seconds: _Optional[float] = ...) -> None: ...
+    known: bool
+    def __init__(self, lease_seconds: _Optional[float] = ..., known: _Optional[bool] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("num_entries", "capacity", "lookups", "hit_blocks", "evictions", "live_pods")
+    __slots__ = ("num_entries", "capacity", "lookups", "hit_blocks", "evictions", "live_pods", "rejected_batches", "sequence_gaps")
     NUM_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     LOOKUPS_FIELD_NUMBER: _ClassVar[int]
     HIT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     LIVE_PODS_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_GAPS_FIELD_NUMBER: _ClassVar[int]
     num_entries: int
     capacity: int
     lookups: int
     hit_blocks: int
     evictions: int
     live_pods: int
-    def __init__(self, num_entries: _Optional[int] = ..., capacity: _Optional[int] = ..., lookups: _Optional[int] = ..., hit_blocks: _Optional[int] = ..., evictions: _Optional[int] = ..., live_pods: _Optional[int] = ...) -> None: ...
+    rejected_batches: int
+    sequence_gaps: int
+    def __init__(self, num_entries: _Optional[int] = ..., capacity: _Optional[int] = ..., lookups: _Optional[int] = ..., hit_blocks: _Optional[int] = ..., evictions: _Optional[int] = ..., live_pods: _Optional[int] = ..., rejected_batches: _Optional[int] = ..., sequence_gaps: _Optional[int] = ...) -> None: ...

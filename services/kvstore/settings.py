@@ -1,0 +1,46 @@
+"""Settings of the kvstore service (``tandem kvstore``, ``TANDEM_KVSTORE_*``)."""
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class KVStoreSettings(BaseSettings):
+    """Run the kvstore service (prefix-cache index over Redis)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TANDEM_KVSTORE_", frozen=True, extra="forbid", use_attribute_docstrings=True
+    )
+
+    host: str = "0.0.0.0"
+    """Interface of the gRPC server."""
+    port: int = Field(50060, ge=0, le=65535)
+    """gRPC port."""
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    """Serve Prometheus metrics over HTTP on this port."""
+    redis_url: str | None = None
+    """Redis to keep the index in (shared by every kvstore replica); None: in this process's memory."""
+    key_prefix: str = "tandem"
+    """Prefix of every Redis key (several deployments can share one Redis)."""
+    capacity: int = Field(1_000_000, gt=0)
+    """Most block entries the index holds; the least recently used go first."""
+    lease_s: float = Field(10.0, gt=0)
+    """A pod that has not heartbeated for this long stops counting."""
+    block_size: int = Field(16, gt=0)
+    """Block size of the pods' engines; event batches with another one are refused."""
+    redis_timeout_s: float = Field(0.05, gt=0)
+    """Socket timeout of each Redis call (the router's lookups must stay within tens of ms)."""
+    redis_retries: int = Field(2, ge=0)
+    """Retries of a Redis call that failed to connect or timed out (exponential backoff)."""
+    redis_max_connections: int = Field(64, gt=0)
+    """Size of the Redis connection pool."""
+    sweep_interval_s: float = Field(5.0, gt=0)
+    """How often dead entries (silent, restarted or cleared pods) are swept."""
+    sweep_batch: int = Field(10_000, gt=0)
+    """Oldest entries examined per sweep."""
+
+    def cli_cmd(self) -> None:
+        import asyncio
+
+        from services.kvstore.server import serve
+
+        asyncio.run(serve(self))

@@ -1,0 +1,151 @@
+"""Prefix-aware routing with real processes and a real Redis: 2 prefill pods, 1 decode, kvstore."""
+
+import random
+import re
+import subprocess
+import time
+
+import grpc
+import httpx
+import pytest
+
+from tandem.local_cluster import RedisProcess, Service, free_port, http_healthy
+from tandem.proto.kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
+
+from ..e2e.conftest import pod_stats, start_cluster
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def cluster(e2e_model):
+    c = start_cluster(e2e_model, prefill=2, decode=1, worker_args=["--max-num-seqs", "16"])
+    yield c
+    c.stop()
+
+
+def tokens(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 1000) for _ in range(n)]
+
+
+def complete(url: str, prompt: list[int]) -> dict:
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 2, "temperature": 0}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def hits(cluster) -> dict[str, int]:
+    return {p.name: pod_stats(p).prefix_cache_hits for p in cluster.pods("prefill")}
+
+
+def queries(cluster) -> dict[str, int]:
+    """Prompt tokens each prefill pod has looked up in its cache: grows on the pod that served."""
+    return {p.name: pod_stats(p).prefix_cache_queries for p in cluster.pods("prefill")}
+
+
+def choices(url: str) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics").text
+    return {m.group(1): float(m.group(2))
+            for m in re.finditer(r'tandem_router_prefill_choices_total\{reason="(\w+)"\} (\S+)', text)}
+
+
+def kvstore_entries(cluster) -> int:
+    with grpc.insecure_channel(cluster.by_name("kvstore").address) as channel:
+        return kvstore_pb2_grpc.KVStoreServiceStub(channel).Stats(kvstore_pb2.StatsRequest(), timeout=5).num_entries
+
+
+def wait_until(cond, timeout=15.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def served_by(cluster, before: dict[str, int], after: dict[str, int]) -> str:
+    gained = [name for name in after if after[name] > before[name]]
+    assert len(gained) == 1, (before, after)
+    return gained[0]
+
+
+def warm(cluster, url, prefix) -> None:
+    """Serve one request with the prefix and wait until kvstore indexed its blocks."""
+    before = kvstore_entries(cluster)
+    complete(url, prefix + tokens(8, 999))
+    wait_until(lambda: kvstore_entries(cluster) >= before + len(prefix) // 16, what="kvstore to index the prefix")
+
+
+def test_prompts_sharing_a_system_prompt_land_on_the_pod_that_caches_it(cluster):
+    system = tokens(256, seed=1)  # 16 blocks
+    warm(cluster, cluster.router_url, system)
+    before_hits, before_choices = hits(cluster), choices(cluster.router_url)
+    cached = [complete(cluster.router_url, system + tokens(32, 100 + i))["usage"]["prompt_tokens_details"]["cached_tokens"]
+              for i in range(6)]
+    after_hits, after_choices = hits(cluster), choices(cluster.router_url)
+    assert cached == [256] * 6, (choices(cluster.router_url), hits(cluster))
+    pod = served_by(cluster, before_hits, after_hits)
+    assert after_hits[pod] - before_hits[pod] == 6 * 256
+    assert after_choices.get("prefix", 0) - before_choices.get("prefix", 0) == 6
+
+
+def test_two_router_replicas_route_a_prompt_to_the_same_pod(cluster):
+    router = cluster.by_name("router")
+    args = list(router.args)
+    port = free_port()
+    args[args.index("--port") + 1] = str(port)
+    args[args.index("--grpc-port") + 1] = str(free_port())
+    second = Service("router-2", args, f"127.0.0.1:{port}", lambda: http_healthy(f"http://127.0.0.1:{port}/health"))
+    second.proc = cluster.spawn("router-2", args)
+    try:
+        wait_until(second.ready, 60, "the second router")
+        system = tokens(256, seed=2)
+        warm(cluster, cluster.router_url, system)  # router 1 places it
+        before = hits(cluster)
+        complete(cluster.router_url, system + tokens(16, 7))
+        first_pod = served_by(cluster, before, hits(cluster))
+        before = hits(cluster)
+        out = complete(f"http://{second.address}", system + tokens(16, 8))  # router 2 finds it
+        assert served_by(cluster, before, hits(cluster)) == first_pod
+        assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == 256
+    finally:
+        second.proc.terminate()
+        second.proc.wait(10)
+
+
+def test_requests_survive_redis_dying_and_routing_recovers(cluster):
+    system = tokens(256, seed=3)
+    warm(cluster, cluster.router_url, system)
+    port = cluster.redis.port
+    cluster.redis.stop()
+    try:
+        before = choices(cluster.router_url)
+        for i in range(4):  # every request is still served, routed by load alone
+            assert complete(cluster.router_url, system + tokens(16, 300 + i))["choices"][0]["finish_reason"]
+        assert choices(cluster.router_url).get("index_unavailable", 0) - before.get("index_unavailable", 0) == 4
+    finally:
+        cluster.redis = RedisProcess.start(port=port)  # back, empty
+    # The pods notice (heartbeat: unknown incarnation) and resend their caches.
+    wait_until(lambda: kvstore_entries(cluster) >= 16, 20, "the pods to resync the index")
+    before = choices(cluster.router_url)
+    out = complete(cluster.router_url, system + tokens(16, 399))
+    assert choices(cluster.router_url).get("prefix", 0) - before.get("prefix", 0) == 1
+    assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == 256
+
+
+def test_a_restarted_prefill_pod_loses_its_old_entries(cluster):
+    system = tokens(256, seed=4)
+    before = queries(cluster)
+    warm(cluster, cluster.router_url, system)
+    holder = next(p for p in cluster.pods("prefill") if p.name == served_by(cluster, before, queries(cluster)))
+    holder.proc.terminate()
+    holder.proc.wait(10)
+    holder.proc = cluster.spawn(holder.name, holder.args)  # same pod id, new incarnation, empty cache
+    wait_until(holder.ready, 60, "the restarted pod")
+    wait_until(lambda: httpx.get(f"{cluster.router_url}/health").json()["prefill_pods"] == 2, 20, "the router")
+    time.sleep(1.0)  # its first heartbeat retires the old incarnation's entries
+    before = choices(cluster.router_url)
+    out = complete(cluster.router_url, system + tokens(16, 499))
+    after = choices(cluster.router_url)
+    assert after.get("prefix", 0) == before.get("prefix", 0), "routed on a dead pod's entries"
+    assert after.get("load", 0) - before.get("load", 0) == 1
+    assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
