@@ -71,7 +71,7 @@ def receiver_main(case: Case) -> None:
     from tandem.kv import codec
     from tandem.kv.receiver import KVReceiver
     from tandem.proto.decode.v1 import decode_pb2
-    from tandem.serving.grpc_server import SERVER_OPTIONS
+    from tandem.serving.channels import SERVER_OPTIONS
 
     layers, heads, dim = SHAPES[case.shape]
     spec = KVCacheSpec(layers, heads, dim, BLOCK, getattr(torch, case.dtype))

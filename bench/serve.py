@@ -23,7 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -164,7 +164,7 @@ def start_system(model: Path, mode: str, args):
     problem = cluster.wait_ready(600)
     if problem:
         cluster.stop()
-        raise SystemExit(f"{mode}: {problem}\n{''.join(cluster.log[-40:])}")
+        raise SystemExit(f"{mode}: {problem}\n{''.join(list(cluster.log)[-40:])}")
     return cluster
 
 

@@ -88,8 +88,14 @@ class Tandem(BaseSettings):
 
 
 def main(argv: list[str] | None = None) -> None:
+    from tandem.errors import TandemError
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    CliApp.run(Tandem, cli_args=sys.argv[1:] if argv is None else argv)
+    try:
+        CliApp.run(Tandem, cli_args=sys.argv[1:] if argv is None else argv)
+    except TandemError as e:  # a bad model directory, ...: one line, not a traceback
+        print(f"tandem: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ tests use the same class. Each child's output is relayed with its name in front.
 
 import json
 import signal
+from collections import deque
 import socket
 import subprocess
 import sys
@@ -134,6 +135,7 @@ class Service:
     """host:port of its gRPC server (pods) or HTTP server (router)."""
     ready: Callable[[], bool]
     proc: subprocess.Popen | None = None
+    relay: threading.Thread | None = None
 
 
 @dataclass
@@ -144,7 +146,8 @@ class LocalCluster:
     router_grpc: str = ""
     relay: bool = True
     """Print children's output (tandem up); tests keep it in a log instead."""
-    log: list[str] = field(default_factory=list)
+    log: deque = field(default_factory=lambda: deque(maxlen=5000))
+    """The latest lines of every child (bounded: tandem up may run for days)."""
     redis: RedisProcess | None = None
     redis_url: str | None = None
 
@@ -200,9 +203,9 @@ class LocalCluster:
     def start(self) -> None:
         """Spawn every planned service (plan() first)."""
         for service in self.services:
-            service.proc = self.spawn(service.name, service.args)
+            service.proc, service.relay = self.spawn(service.name, service.args)
 
-    def spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+    def spawn(self, name: str, args: list[str]) -> tuple[subprocess.Popen, threading.Thread]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "tandem.cli", *args],
             stdout=subprocess.PIPE,
@@ -211,8 +214,9 @@ class LocalCluster:
             bufsize=1,
             start_new_session=True,  # Ctrl-C reaches tandem up only; it stops the children in order
         )
-        threading.Thread(target=self._relay, args=(name, proc.stdout), daemon=True).start()
-        return proc
+        relay = threading.Thread(target=self._relay, args=(name, proc.stdout), daemon=True)
+        relay.start()
+        return proc, relay
 
     def _relay(self, name: str, stream) -> None:
         for line in iter(stream.readline, ""):
@@ -230,6 +234,7 @@ class LocalCluster:
                 return "interrupted"
             for service in list(pending):
                 if service.proc.poll() is not None:
+                    service.relay.join(timeout=2.0)  # its last words (the error) first
                     return f"{service.name} exited with code {service.proc.returncode} before it was ready"
                 if service.ready():
                     pending.remove(service)
@@ -261,10 +266,17 @@ class LocalCluster:
 def run(opts: UpOptions) -> int:
     from tandem.cli import ensure_default_model
 
+    from tandem.model_dir import load_model_config
+
     model = opts.model
     if model is None:
         model = ensure_default_model()
         print(f"no --model given: serving the generated tiny random model at {model} (gibberish output)", flush=True)
+    load_model_config(model)  # a bad directory is reported now, not by four processes at once
+    if not (Path(model) / "tokenizer.json").is_file():
+        from tandem.errors import ModelLoadError
+
+        raise ModelLoadError(f"model directory {model} has no tokenizer.json")
     stopping = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())

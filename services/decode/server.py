@@ -12,8 +12,6 @@ discards its pending KV writes before the engine frees its blocks.
 import asyncio
 import concurrent.futures
 import logging
-import os
-import uuid
 
 import grpc
 
@@ -31,6 +29,12 @@ from tandem.serving.grpc_server import GrpcServer, RunningService
 from tandem.serving.status import abort_with
 
 logger = logging.getLogger(__name__)
+
+
+def release_request(receiver: KVReceiver, engine: LLMEngine, rid: str) -> None:
+    """Engine thread: stop KV writes into the request's blocks, then free them (in that order)."""
+    receiver.discard(rid)
+    engine.abort_request(rid)
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
@@ -54,7 +58,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 raise InvalidRequest("request_id is required", param="request_id")
             ids = convert.prompt_ids(request.prompt_token_ids)
             params = convert.sampling_params_from_proto(request.sampling_params)
-            stream = self.worker.open_stream(rid)
+            stream = self.worker.open_stream(rid)  # refuses a duplicate id before anything is held
             admitted = await self._admit(request, ids, params)
             yield decode_pb2.GenerateResponse(admitted=admitted)
             remote = request.prefill_mode == decode_pb2.PREFILL_MODE_REMOTE
@@ -120,20 +124,24 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         return decode_pb2.Admitted(model_fingerprint=self.fingerprint)
 
     def _release(self, engine: LLMEngine, rid: str) -> None:
-        """Engine thread: stop KV writes into the request's blocks, then free them."""
-        self.receiver.discard(rid)
-        engine.abort_request(rid)
+        release_request(self.receiver, engine, rid)
 
     # ---- PushKV -----------------------------------------------------------------------------
 
     async def PushKV(self, request_iterator, context: grpc.aio.ServicerContext):
-        """Messages arrive decoded by ``tandem.kv.codec`` (payload as a view, see add_decode_service)."""
+        """Messages arrive decoded by ``tandem.kv.codec`` (payload as a view, see add_decode_service).
+
+        Any problem with a stream fails the request it carries (DATA_LOSS or FAILED_PRECONDITION
+        for the prefill pod, the same error on the request's Generate stream).
+        """
         loop = asyncio.get_running_loop()
         rid = None
         chunks = nbytes = 0
         ended = False
         try:
             async for msg in request_iterator:
+                if msg.error is not None:
+                    raise msg.error
                 if ended:
                     raise KVTransferError("messages after the end of the KV transfer")
                 if msg.chunk is not None:
@@ -149,6 +157,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                     nbytes += await loop.run_in_executor(self._kv_writers, self.receiver.write, chunk, msg.data)
                     chunks += 1
                 elif msg.end is not None:
+                    if rid is not None and msg.end.request_id != rid:
+                        raise KVTransferError("the end message names another request than the stream's chunks")
                     rid = msg.end.request_id
                     await loop.run_in_executor(self._kv_writers, self.receiver.complete, msg.end)
                     await self.worker.call(lambda e, end=msg.end: self._complete(e, end))
@@ -156,15 +166,18 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 else:
                     raise KVTransferError("empty PushKV message")
             return decode_pb2.PushKVResponse(chunks_received=chunks, bytes_received=nbytes)
-        except (KVTransferError, InvalidRequest) as exc:
-            if rid is not None:
-                self.worker.fail(rid, exc)
-            logger.warning("KV transfer for %s refused: %s", rid, exc)
-            await abort_with(context, exc)
         except asyncio.CancelledError:
             if rid is not None and not ended:
                 self.worker.fail(rid, KVTransferError("the KV stream from the prefill pod broke off"))
             raise
+        except Exception as exc:  # noqa: BLE001 - whatever broke the stream fails its request
+            if not isinstance(exc, TandemError):
+                logger.exception("unexpected error in a KV stream for %s", rid)
+                exc = KVTransferError(f"KV stream failed: {type(exc).__name__}: {exc}")
+            if rid is not None:
+                self.worker.fail(rid, exc)
+            logger.warning("KV transfer for %s refused: %s", rid, exc)
+            await abort_with(context, exc)
 
     def _complete(self, engine: LLMEngine, end: common_pb2.KVTransferEnd) -> None:
         logprob = convert.logprob_from_proto(end.first_token_logprob) if end.HasField("first_token_logprob") else None
@@ -176,7 +189,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
     # ---- GetStats ---------------------------------------------------------------------------
 
     async def GetStats(self, request, context):
-        return decode_pb2.GetStatsResponse(stats=convert.pod_stats(self.worker.stats, **self.identity))
+        stats = convert.pod_stats(self.worker.stats, **self.identity)
+        stats.engine_steps, stats.seconds_since_progress = self.worker.steps, self.worker.seconds_since_progress
+        return decode_pb2.GetStatsResponse(stats=stats)
 
 
 def add_decode_service(servicer: DecodeServicer, server: grpc.aio.Server) -> None:
@@ -201,25 +216,16 @@ def add_decode_service(servicer: DecodeServicer, server: grpc.aio.Server) -> Non
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("tandem.decode.v1.DecodeService", handlers),))
 
 
-def pod_identity(settings, engine: LLMEngine, role: int, address: str) -> dict:
-    return dict(
-        role=role,
-        pod_id=settings.pod_id or address,
-        model=settings.model_name(),
-        model_fingerprint=engine.fingerprint.digest(),
-        block_size=engine.config.block_size,
-        max_model_len=engine.limits.max_model_len,
-        incarnation=f"{os.getpid()}-{uuid.uuid4().hex[:8]}",
-    )
-
-
 async def start(settings: DecodeSettings) -> RunningService:
     """Load the model and start serving; returns once the gRPC server is up."""
     engine = LLMEngine(settings.engine_config())
-    worker = EngineWorker(engine, asyncio.get_running_loop())
-    receiver = KVReceiver(engine.runner.kv_cache, engine.fingerprint.digest())
+    receiver = KVReceiver(engine.runner.kv_cache, engine.fingerprint.digest(), max_chunk_bytes=settings.kv_max_chunk_bytes)
+
+    worker = EngineWorker(
+        engine, asyncio.get_running_loop(), release=lambda e, rid: release_request(receiver, e, rid)
+    )
     server = GrpcServer(settings.host, settings.port, ["tandem.decode.v1.DecodeService"])
-    identity = pod_identity(settings, engine, common_pb2.POD_ROLE_DECODE, settings.address(server.port))
+    identity = settings.identity(engine, common_pb2.POD_ROLE_DECODE, settings.address(server.port))
     servicer = DecodeServicer(settings, worker, receiver, identity)
     add_decode_service(servicer, server.server)
     worker.start()

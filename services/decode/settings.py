@@ -14,7 +14,10 @@ class DecodeSettings(PodSettings):
     port: int = Field(50052, ge=0, le=65535)
     """gRPC port (0 picks a free one)."""
     kv_timeout_s: float = Field(60.0, gt=0)
-    """How long an admitted request waits for its KV pages before it is failed and freed."""
+    """How long an admitted request waits for its KV pages before it is failed and freed. It
+    includes the prompt's wait in the prefill queue, so keep it above the worst prefill backlog."""
+    kv_max_chunk_bytes: int = Field(32 << 20, ge=64 << 10, le=48 << 20)
+    """Largest KV chunk accepted (prefill pods' --kv-chunk-bytes may go up to 32 MiB)."""
 
     def cli_cmd(self) -> None:
         import asyncio

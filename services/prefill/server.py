@@ -12,10 +12,9 @@ import logging
 
 import grpc
 
-from services.decode.server import pod_identity
 from services.prefill.settings import PrefillSettings
 from tandem.engine.llm_engine import LLMEngine
-from tandem.engine.outputs import OutputKind, RequestOutput
+from tandem.engine.outputs import OutputKind
 from tandem.engine.sampling_params import SamplingParams
 from tandem.errors import CapacityExceeded, InvalidRequest, KVFingerprintMismatch, TandemError
 from tandem.kv.publisher import KVEventPublisher
@@ -61,23 +60,24 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             item = await stream.get()
             if isinstance(item, BaseException):
                 raise item
-            end = self._end_message(item, target)
+            end = convert.transfer_end(item, target.request_id, self.fingerprint)
             result = await asyncio.wrap_future(self.sender.finish(rid, end))
             done = True
             return prefill_pb2.PrefillResponse(
                 first_token_id=end.first_token_id,
                 num_cached_tokens=item.num_cached_tokens,
-                timing=self._timing(item, result.seconds),
+                timing=convert.prefill_timing(item.metrics, result.seconds),
                 kv_bytes=result.bytes,
                 kv_chunks=result.chunks,
             )
         except TandemError as exc:
             await abort_with(context, exc)
         finally:
+            # Only what this call created: a refused duplicate id must not touch the original.
             if stream is not None:
                 self.worker.close_stream(rid)
-            if not done:
-                self.worker.submit(lambda e: self._release(e, rid))
+                if not done:
+                    self.worker.submit(lambda e: self._release(e, rid))
 
     def _target(self, request: prefill_pb2.PrefillRequest) -> KVTarget:
         t = request.decode_target
@@ -109,31 +109,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         self.sender.abort(rid)
         engine.abort_request(rid)
 
-    def _end_message(self, out: RequestOutput, target: KVTarget) -> common_pb2.KVTransferEnd:
-        comp = out.outputs[0]
-        end = common_pb2.KVTransferEnd(
-            request_id=target.request_id,
-            model_fingerprint=self.fingerprint,
-            first_token_id=comp.token_ids[0],
-            num_cached_tokens=out.num_cached_tokens,
-        )
-        if comp.logprobs:
-            end.first_token_logprob.CopyFrom(convert.logprob_to_proto(comp.logprobs[0]))
-        return end
-
-    @staticmethod
-    def _timing(out: RequestOutput, transfer_seconds: float) -> prefill_pb2.PrefillTiming:
-        m = out.metrics
-        scheduled = m.first_scheduled_time or m.arrival_time
-        first_token = m.first_token_time or scheduled
-        return prefill_pb2.PrefillTiming(
-            queue_seconds=scheduled - m.arrival_time,
-            compute_seconds=first_token - scheduled,
-            transfer_seconds=transfer_seconds,
-        )
-
     async def GetStats(self, request, context):
-        return prefill_pb2.GetStatsResponse(stats=convert.pod_stats(self.worker.stats, **self.identity))
+        stats = convert.pod_stats(self.worker.stats, **self.identity)
+        stats.engine_steps, stats.seconds_since_progress = self.worker.steps, self.worker.seconds_since_progress
+        return prefill_pb2.GetStatsResponse(stats=stats)
 
 
 async def start(settings: PrefillSettings) -> RunningService:
@@ -145,6 +124,8 @@ async def start(settings: PrefillSettings) -> RunningService:
         layers_per_group=settings.kv_layers_per_group,
         max_chunk_bytes=settings.kv_chunk_bytes,
         num_streams=settings.kv_streams,
+        push_timeout_s=settings.kv_push_timeout_s,
+        staging_buffers=settings.kv_staging_buffers,
         device=engine.runner.device,
     )
     engine.set_kv_layer_hook(sender)
@@ -157,7 +138,7 @@ async def start(settings: PrefillSettings) -> RunningService:
     worker = EngineWorker(engine, asyncio.get_running_loop(), after_step=after_step)
     server = GrpcServer(settings.host, settings.port, ["tandem.prefill.v1.PrefillService"])
     address = settings.address(server.port)
-    identity = pod_identity(settings, engine, common_pb2.POD_ROLE_PREFILL, address)
+    identity = settings.identity(engine, common_pb2.POD_ROLE_PREFILL, address)
     cleanups = [worker.stop, sender.close]
     if settings.kvstore is not None:
         async def snapshot():

@@ -19,6 +19,10 @@ class PrefillSettings(PodSettings):
     """Largest KV chunk message (the issue's 1-4 MiB; gRPC messages are capped at 64 MiB)."""
     kv_streams: int = Field(2, ge=1, le=16)
     """Parallel gRPC streams (each on its own connection) per KV transfer."""
+    kv_push_timeout_s: float = Field(300.0, gt=0)
+    """Deadline of one KV transfer's streams (a blackholed decode pod must not pin them forever)."""
+    kv_staging_buffers: int = Field(64, gt=0)
+    """Pinned host buffers for device-to-host KV copies (each kv_chunk_bytes large; CUDA only)."""
     kvstore: str | None = None
     """host:port of kvstore: publish this pod's prefix-cache events there (prefix-aware routing)."""
     kvstore_heartbeat_s: float = Field(2.0, gt=0)

@@ -57,6 +57,44 @@ def _is_field(part) -> bool:
     return isinstance(part, int) or ("[" not in part and part.split("-")[0].lower() not in _UNION_TAGS)
 
 
+class RequestIdAndMetrics:
+    """Pure ASGI middleware: echoes/assigns ``x-request-id`` and counts requests by route/status.
+
+    NOTE: not Starlette's BaseHTTPMiddleware, which wraps ``receive`` so that handlers can no
+    longer see the client disconnect (and a gone client's generation would run to the end).
+    """
+
+    def __init__(self, app, metrics: RouterMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or ())
+        request_id = headers.get(REQUEST_ID_HEADER.encode(), b"").decode() or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        start = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (REQUEST_ID_HEADER.encode(), request_id.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            self.metrics.requests.labels(path, str(status)).inc()
+            self.metrics.request_duration.labels(path).observe(time.perf_counter() - start)
+
+
 def _validation_error(exc: RequestValidationError) -> JSONResponse:
     err = exc.errors()[0] if exc.errors() else {}
     loc = [str(part) for part in err.get("loc", ()) if part != "body" and _is_field(part)]
@@ -69,16 +107,18 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
 
 
 def create_app(settings: RouterSettings) -> FastAPI:
+    """The router app: OpenAI routes over a Dispatcher, gRPC RouterService started alongside."""
     tokenizer = Tokenizer(settings.model)
     model_config = load_model_config(settings.model)
-    max_model_len = settings.max_model_len or model_config.max_position_embeddings
     registry = PodRegistry(
-        settings.prefill, settings.decode, interval_s=settings.stats_interval_s, timeout_s=settings.pod_timeout_s
+        settings.prefill, settings.decode, interval_s=settings.stats_interval_s, timeout_s=settings.pod_timeout_s,
+        stall_timeout_s=settings.stall_timeout_s,
     )
     prefix_index = PrefixIndexClient(settings.kvstore, settings.kvstore_timeout_s) if settings.kvstore else None
     dispatcher = Dispatcher(registry, settings, prefix_index)
     serving = OpenAIServing(
-        tokenizer, dispatcher, model_name=settings.model_name(), max_model_len=max_model_len,
+        tokenizer, dispatcher, model_name=settings.model_name(),
+        max_model_len=settings.max_model_len or model_config.max_position_embeddings,
         vocab_size=model_config.vocab_size,
     )
     metrics = RouterMetrics()
@@ -104,7 +144,14 @@ def create_app(settings: RouterSettings) -> FastAPI:
 
     app = FastAPI(title="Tandem router", lifespan=lifespan)
     app.state.registry, app.state.serving, app.state.metrics = registry, serving, metrics
+    _add_error_handlers(app, settings)
+    app.add_middleware(RequestIdAndMetrics, metrics=metrics)
+    _add_openai_routes(app, serving, metrics)
+    _add_operational_routes(app, serving, metrics)
+    return app
 
+
+def _add_error_handlers(app: FastAPI, settings: RouterSettings) -> None:
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
         return _validation_error(exc)
@@ -118,17 +165,9 @@ def create_app(settings: RouterSettings) -> FastAPI:
         logger.exception("unexpected error on %s", request.url.path)
         return error_response(exc)
 
-    @app.middleware("http")
-    async def request_id_and_metrics(request: Request, call_next):
-        request.state.request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
-        start = time.perf_counter()
-        response = await call_next(request)
-        response.headers[REQUEST_ID_HEADER] = request.state.request_id
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.requests.labels(path, str(response.status_code)).inc()
-        metrics.request_duration.labels(path).observe(time.perf_counter() - start)
-        return response
+
+def _add_openai_routes(app: FastAPI, serving: OpenAIServing, metrics: RouterMetrics) -> None:
+    dispatcher = serving.dispatcher
 
     def count_routes(routes: list[Route]) -> None:
         for r in routes:
@@ -168,17 +207,20 @@ def create_app(settings: RouterSettings) -> FastAPI:
         return {
             "object": "list",
             "data": [{"id": serving.model_name, "object": "model", "created": 0, "owned_by": "tandem",
-                      "root": serving.model_name, "max_model_len": max_model_len}],
+                      "root": serving.model_name, "max_model_len": serving.max_model_len}],
         }
+
+
+def _add_operational_routes(app: FastAPI, serving: OpenAIServing, metrics: RouterMetrics) -> None:
+    registry = serving.dispatcher.registry
 
     @app.get("/health")
     async def health():
         if not registry.by_role("decode"):
             raise UpstreamUnavailable("no decode pod is ready")
-        return {"status": "ok", "prefill_pods": len(registry.by_role("prefill")), "decode_pods": len(registry.by_role("decode"))}
+        return {"status": "ok", "prefill_pods": len(registry.by_role("prefill")),
+                "decode_pods": len(registry.by_role("decode"))}
 
     @app.get("/metrics")
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    return app

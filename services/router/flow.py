@@ -16,60 +16,36 @@ away -- both calls are cancelled, so the pods free the request's blocks.
 import asyncio
 import itertools
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
 
 import numpy as np
-import xxhash
 
 from services.router.pods import Pod, PodRegistry
 from services.router.prefix_index import PrefixIndexClient
 from services.router.routing import PrefillScorer, PrefixLoadScorer, pick_decode
 from services.router.settings import RouterSettings
-from tandem.engine.outputs import TokenLogprob
-from tandem.engine.sampling_params import SamplingParams
-from tandem.errors import CapacityExceeded, RequestTooLarge, TandemError, UpstreamUnavailable
+from tandem.errors import (
+    CapacityExceeded,
+    DeadlineExceeded,
+    KVTransferError,
+    RequestTooLarge,
+    TandemError,
+    UpstreamUnavailable,
+)
 from tandem.proto.decode.v1 import decode_pb2
 from tandem.proto.prefill.v1 import prefill_pb2
 from tandem.serving import convert
+from tandem.serving.requests import Job, TokenEvent, Usage  # noqa: F401 - re-exported for callers
 from tandem.serving.status import error_from_rpc
 
 logger = logging.getLogger(__name__)
 
-# Decode-side failures that mean "the transfer or the pod broke", worth another try elsewhere.
-_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS, grpc.StatusCode.DEADLINE_EXCEEDED}
-
-
-@dataclass(slots=True, frozen=True)
-class Job:
-    """A validated, tokenized request."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    priority: int = 0
-    cache_salt: str | None = None
-
-
-@dataclass(slots=True, frozen=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-
-
-@dataclass(slots=True)
-class TokenEvent:
-    """New tokens of a request; the last event carries the finish reason and usage."""
-
-    token_ids: list[int]
-    text: str
-    logprobs: list[TokenLogprob]
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
-    usage: Usage | None = None
+# Failures that mean "the transfer or a pod broke", worth another try elsewhere (before any token).
+_RETRYABLE = (UpstreamUnavailable, KVTransferError, DeadlineExceeded)
 
 
 @dataclass(slots=True)
@@ -102,21 +78,6 @@ class _Retry(Exception):
         self.refused = refused
 
 
-def _event(resp: decode_pb2.GenerateResponse) -> TokenEvent:
-    chunk = resp.chunk
-    event = TokenEvent(
-        token_ids=list(chunk.token_ids),
-        text=chunk.text,
-        logprobs=[convert.logprob_from_proto(lp) for lp in chunk.logprobs],
-        finish_reason=convert.FINISH_REASON_FROM_PROTO[chunk.finish_reason],
-        stop_reason=convert.stop_reason(chunk),
-    )
-    if resp.HasField("usage"):
-        u = resp.usage
-        event.usage = Usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
-    return event
-
-
 class Dispatcher:
     """Runs requests across the registry's pods."""
 
@@ -134,6 +95,7 @@ class Dispatcher:
             settings.prefix_weight, settings.load_weight, settings.hotspot_ratio, settings.hotspot_min_tokens
         )
         self._attempt_ids = itertools.count()
+        self._instance = uuid.uuid4().hex[:8]
 
     async def _cached_tokens(self, job: Job) -> dict[str, int] | None:
         """What kvstore says each prefill pod caches of the prompt (None: no answer)."""
@@ -200,57 +162,55 @@ class Dispatcher:
                     raise retry.error from None
 
     async def _attempt(self, job: Job, decode: Pod, prefill: Pod | None, route: Route) -> AsyncIterator[TokenEvent]:
-        rid = f"{job.request_id}.{next(self._attempt_ids)}"
+        # Unique across router replicas and restarts: pods refuse a request id already in use.
+        rid = f"{job.request_id}.{self._instance}.{next(self._attempt_ids)}"
         route.mode, route.decode, route.prefill = ("disaggregated" if prefill else "colocated"), decode.address, None
-        call = decode.stub.Generate(
-            decode_pb2.GenerateRequest(
-                request_id=rid,
-                prompt_token_ids=job.prompt_token_ids,
-                sampling_params=convert.sampling_params_to_proto(job.params),
-                prefill_mode=decode_pb2.PREFILL_MODE_REMOTE if prefill else decode_pb2.PREFILL_MODE_LOCAL,
-                priority=job.priority,
-                cache_salt=job.cache_salt or "",
-            )
-        )
+        call = decode.stub.Generate(convert.decode_generate_request(job, rid, remote=prefill is not None))
+        state = _AttemptState()
         prefill_task: asyncio.Task | None = None
         decode.inflight += 1
-        started = False
         try:
             admitted = await self._admission(call, decode, route)
             if prefill is not None:
                 route.prefill = prefill.address
-                prefill_task = self._start_prefill(job, rid, prefill, decode, admitted, call, route)
+                prefill_task = self._start_prefill(job, rid, prefill, decode, admitted, call, route, state)
             while True:
                 try:
                     resp = await call.read()
-                except (grpc.RpcError, asyncio.CancelledError) as e:
-                    if prefill_task is not None and prefill_task.done() and not prefill_task.cancelled():
-                        self._raise_prefill_failure(prefill_task, prefill, route, started)
-                    if isinstance(e, asyncio.CancelledError):
-                        raise
-                    self._raise_decode_failure(e, decode, route, started)
+                except asyncio.CancelledError:
+                    if state.prefill_error is not None:  # we cancelled the call: the KV will never come
+                        self._raise_prefill_failure(state.prefill_error, prefill, route)
+                    raise  # the caller is gone: not a failure, no retry
+                except grpc.RpcError as e:
+                    if state.prefill_error is not None:
+                        self._raise_prefill_failure(state.prefill_error, prefill, route)
+                    self._raise_decode_failure(e, decode, route, state.started)
                 if resp is grpc.aio.EOF:
                     raise UpstreamUnavailable(f"decode pod {decode.address} ended the stream early")
-                event = _event(resp)
-                started = started or bool(event.token_ids) or event.finish_reason is not None
+                event = convert.token_event(resp)
+                state.started = state.started or bool(event.token_ids) or event.finish_reason is not None
                 yield event
                 if event.finish_reason is not None:
                     break
-            if prefill_task is not None:
-                route.prefill_response = await self._settle(prefill_task)
         finally:
             decode.inflight -= 1
-            if prefill is not None and prefill_task is not None:
+            if prefill_task is not None:
                 prefill.inflight -= 1
-                prefill_task.cancel()
+                if not state.started:
+                    prefill_task.cancel()  # after the first token the KV is in place: let it finish
             call.cancel()
 
     async def _admission(self, call, decode: Pod, route: Route) -> decode_pb2.Admitted:
         try:
-            first = await call.read()
+            first = await asyncio.wait_for(call.read(), self.settings.admission_timeout_s)
+        except TimeoutError:
+            decode.mark_down("admission timed out")
+            route.tried_decode.add(decode.address)
+            raise _Retry(UpstreamUnavailable(f"decode pod {decode.address} did not answer admission")) from None
         except grpc.RpcError as e:
-            if e.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OUT_OF_RANGE):
-                raise _Retry(error_from_rpc(e), refused=True) from None
+            error = error_from_rpc(e)
+            if isinstance(error, (CapacityExceeded, RequestTooLarge)):
+                raise _Retry(error, refused=True) from None
             self._raise_decode_failure(e, decode, route, started=False)
         if first is grpc.aio.EOF or first.WhichOneof("event") != "admitted":
             route.tried_decode.add(decode.address)
@@ -258,21 +218,13 @@ class Dispatcher:
         decode.inflight_blocks += first.admitted.num_reserved_blocks
         return first.admitted
 
-    def _start_prefill(self, job: Job, rid: str, prefill: Pod, decode: Pod, admitted, call, route: Route) -> asyncio.Task:
-        block_size = decode.stats.block_size if decode.stats and decode.stats.block_size else 16
-        request = prefill_pb2.PrefillRequest(
-            request_id=rid,
-            prompt_token_ids=job.prompt_token_ids,
-            sampling_params=convert.sampling_params_to_proto(job.params),
-            priority=job.priority,
-            cache_salt=job.cache_salt or "",
-            decode_target=prefill_pb2.DecodeTarget(
-                address=decode.address,
-                request_id=rid,
-                skip_blocks=admitted.num_cached_tokens // block_size,
-                model_fingerprint=admitted.model_fingerprint,
-            ),
-        )
+    def _start_prefill(
+        self, job: Job, rid: str, prefill: Pod, decode: Pod, admitted, call, route: Route, state: "_AttemptState"
+    ) -> asyncio.Task:
+        # Blocks the decode pod already caches are not sent (admission tells how many tokens).
+        block_size = decode.stats.block_size if decode.stats else 0
+        skip_blocks = admitted.num_cached_tokens // block_size if block_size else 0
+        request = convert.prefill_request(job, rid, decode.address, skip_blocks, admitted.model_fingerprint)
         prefill.inflight += 1
         # The prefill computes the prompt minus what that pod caches (kvstore's estimate).
         work = max(1, len(job.prompt_token_ids) - route.expected_cached_tokens)
@@ -281,37 +233,43 @@ class Dispatcher:
 
         def on_done(t: asyncio.Task) -> None:
             prefill.prefill_finished(work)
-            # A failed prefill means the KV will never come: stop waiting on the decode stream.
-            if t.cancelled() or t.exception() is not None:
-                call.cancel()
+            if t.cancelled():
+                return  # our own cancellation
+            if t.exception() is not None:
+                if not state.started:
+                    state.prefill_error = t.exception()
+                    call.cancel()  # the KV will never come: stop waiting on the decode stream
+                # After the first token the decode pod holds the KV; a lost answer changes nothing.
+            else:
+                route.prefill_response = t.result()
 
         task.add_done_callback(on_done)
         return task
 
-    def _raise_prefill_failure(self, task: asyncio.Task, prefill: Pod, route: Route, started: bool):
-        exc = task.exception()
-        error = error_from_rpc(exc) if isinstance(exc, grpc.RpcError) else UpstreamUnavailable(str(exc))
-        if isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE:
-            prefill.mark_down(exc.details() or "unavailable")
+    def _raise_prefill_failure(self, exc: BaseException, prefill: Pod, route: Route):
+        error = error_from_rpc(exc) if isinstance(exc, grpc.RpcError) else UpstreamUnavailable(repr(exc))
+        if isinstance(error, UpstreamUnavailable):
+            prefill.mark_down(str(error))
+            error = UpstreamUnavailable(f"prefill pod {prefill.address} failed: {error}")
         route.tried_prefill.add(prefill.address)
-        if started:
-            raise error from None
         raise _Retry(error) from None
 
     def _raise_decode_failure(self, e: grpc.RpcError, decode: Pod, route: Route, started: bool):
         error = error_from_rpc(e)
-        if started or e.code() not in _RETRYABLE:
-            raise error from None
-        if e.code() == grpc.StatusCode.UNAVAILABLE:
-            decode.mark_down(e.details() or "unavailable")
+        if isinstance(error, UpstreamUnavailable):
+            decode.mark_down(str(error))
             route.tried_decode.add(decode.address)
-        elif route.prefill is not None:
+            error = UpstreamUnavailable(f"decode pod {decode.address} failed: {error}")
+        if started or not isinstance(error, _RETRYABLE):
+            raise error from None
+        if isinstance(error, KVTransferError) and route.prefill is not None:
             route.tried_prefill.add(route.prefill)  # the KV transfer broke: use another prefill pod
         raise _Retry(error) from None
 
-    async def _settle(self, task: asyncio.Task) -> prefill_pb2.PrefillResponse | None:
-        """The prefill's answer, once the decode stream is done (its failure no longer matters)."""
-        try:
-            return await asyncio.wait_for(asyncio.shield(task), timeout=5.0)
-        except (grpc.RpcError, TimeoutError, asyncio.CancelledError):
-            return None
+
+@dataclass(slots=True)
+class _AttemptState:
+    started: bool = False
+    """A token (or the end) reached the caller: no retry from here on."""
+    prefill_error: BaseException | None = None
+    """The prefill failed before the first token (so its KV will never arrive)."""

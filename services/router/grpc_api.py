@@ -1,30 +1,16 @@
 """RouterService: the router's gRPC front door, used by the client SDK."""
 
+import asyncio
 import uuid
 
 import grpc
 
-from services.router.flow import Job, TokenEvent
 from services.router.openai_api import OpenAIServing
 from tandem.errors import InvalidRequest, TandemError
-from tandem.proto.common.v1 import common_pb2
 from tandem.proto.router.v1 import router_pb2, router_pb2_grpc
 from tandem.serving import convert
+from tandem.serving.requests import Job
 from tandem.serving.status import abort_with
-
-
-def token_chunk(event: TokenEvent) -> common_pb2.TokenChunk:
-    chunk = common_pb2.TokenChunk(
-        token_ids=event.token_ids,
-        text=event.text,
-        logprobs=[convert.logprob_to_proto(lp) for lp in event.logprobs],
-        finish_reason=convert.FINISH_REASON_TO_PROTO[event.finish_reason],
-    )
-    if isinstance(event.stop_reason, str):
-        chunk.stop_string = event.stop_reason
-    elif isinstance(event.stop_reason, int):
-        chunk.stop_token_id = event.stop_reason
-    return chunk
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
@@ -49,17 +35,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
 
     async def Generate(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         try:
-            job = self._job(request)
+            job = await asyncio.to_thread(self._job, request)  # tokenizing a long prompt: off the loop
             async for event in self.serving.dispatcher.generate(job):
-                response = router_pb2.GenerateResponse(request_id=job.request_id, chunk=token_chunk(event))
+                response = router_pb2.GenerateResponse(request_id=job.request_id, chunk=convert.event_chunk(event))
                 if event.usage is not None:
-                    u = event.usage
-                    response.usage.CopyFrom(
-                        common_pb2.Usage(
-                            prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
-                            cached_tokens=u.cached_tokens,
-                        )
-                    )
+                    response.usage.CopyFrom(convert.usage_to_proto(event.usage))
                 yield response
         except TandemError as exc:
             await abort_with(context, exc)

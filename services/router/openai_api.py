@@ -9,14 +9,18 @@ tokens, so admission errors still get a proper status code (429, 503, ...).
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from services.router.flow import Dispatcher, Job, Route, TokenEvent, Usage
+from services.router.http_errors import error_body, status_for
 from services.router.openai_protocol import ChatCompletionRequest, CompletionRequest, _GenerationFields
 from tandem.errors import InvalidRequest, ModelNotFound, RequestTooLarge, TandemError
 from tandem.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -54,8 +58,16 @@ class OpenAIServing:
         self.tokenizer = tokenizer
         self.dispatcher = dispatcher
         self.model_name = model_name
-        self.max_model_len = max_model_len
+        self._configured_max_model_len = max_model_len
         self.vocab_size = vocab_size
+
+    @property
+    def max_model_len(self) -> int:
+        """The context served: the configured one, or less if a decode pod reports less (a pod
+        caps it to what its KV pool holds)."""
+        reported = [p.stats.max_model_len for p in self.dispatcher.registry.by_role("decode")
+                    if p.stats and p.stats.max_model_len]
+        return min([self._configured_max_model_len, *reported])
 
     # ---- request -> jobs --------------------------------------------------------------------
 
@@ -69,6 +81,9 @@ class OpenAIServing:
     ) -> Job:
         max_tokens = self.resolve_max_tokens(prompt_ids, requested_max, prompt_param)
         params = req.sampling_params(max_tokens=max_tokens, logprobs=logprobs)
+        if any(t >= self.vocab_size for t in params.stop_token_ids):
+            raise InvalidRequest(f"stop_token_ids must be below the vocabulary size {self.vocab_size}",
+                                 param="stop_token_ids")
         return Job(request_id, prompt_ids, params, req.priority, req.cache_salt)
 
     def resolve_max_tokens(self, prompt_ids: list[int], requested_max: int | None, prompt_param: str) -> int:
@@ -132,7 +147,10 @@ class OpenAIServing:
         return {
             "tokens": tokens,
             "token_logprobs": [lp.logprob for lp in lps],
-            "top_logprobs": [{self._token(t, as_ids): v for t, v in lp.top} for lp in lps],
+            # As vLLM: the top alternatives, plus the sampled token if it is not among them.
+            "top_logprobs": [
+                {self._token(t, as_ids): v for t, v in (*lp.top, (lp.token_id, lp.logprob))} for lp in lps
+            ],
             "text_offset": offsets,
         }
 
@@ -149,7 +167,12 @@ class OpenAIServing:
         return choice
 
     async def completion(self, req: CompletionRequest, jobs: list[Job], request_id: str, routes: list[Route]) -> dict:
-        choices = await asyncio.gather(*(self._collect(j, r) for j, r in zip(jobs, routes)))
+        tasks = [asyncio.ensure_future(self._collect(j, r)) for j, r in zip(jobs, routes)]
+        try:
+            choices = await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:  # one prompt failed (or the client left): stop generating the others
+                t.cancel()
         return {
             "id": f"cmpl-{request_id}",
             "object": "text_completion",
@@ -258,14 +281,15 @@ class OpenAIServing:
     @staticmethod
     async def _guard(events):
         """Relay events; an error after the stream opened becomes an SSE error event and [DONE]."""
-        from services.router.http_errors import error_body, status_for
-
         try:
             async for item in events:
                 yield item
-        except TandemError as exc:
+        except Exception as exc:  # noqa: BLE001 - the client must learn the stream ended in error
+            if not isinstance(exc, TandemError):
+                logger.exception("stream failed unexpectedly")
             status, err_type = status_for(exc)
-            yield sse(error_body(str(exc), status, err_type, getattr(exc, "param", None))) + sse("[DONE]")
+            message = str(exc) if isinstance(exc, TandemError) else f"internal error: {type(exc).__name__}"
+            yield sse(error_body(message, status, err_type, getattr(exc, "param", None))) + sse("[DONE]")
 
 
 async def merge_events(dispatcher: Dispatcher, jobs: list[Job], routes: list[Route]) -> AsyncIterator[tuple[int, TokenEvent]]:

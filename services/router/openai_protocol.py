@@ -39,7 +39,7 @@ class _GenerationFields(BaseModel):
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
-    priority: int = 0
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
     cache_salt: str | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False

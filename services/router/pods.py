@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from tandem.kv.sender import CHANNEL_OPTIONS
 from tandem.proto.common.v1 import common_pb2
 from tandem.proto.decode.v1 import decode_pb2, decode_pb2_grpc
 from tandem.proto.prefill.v1 import prefill_pb2, prefill_pb2_grpc
+from tandem.serving.channels import CLIENT_OPTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -65,26 +65,23 @@ class Pod:
         self.errors += 1
 
 
-# A restarted pod should be seen again within a poll or two, not after gRPC's default backoff.
-_RECONNECT_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-]
-
-
 def _make_pod(address: str, role: str) -> Pod:
-    channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS + _RECONNECT_OPTIONS)
+    channel = grpc.aio.insecure_channel(address, options=CLIENT_OPTIONS)
     stub = (prefill_pb2_grpc.PrefillServiceStub if role == "prefill" else decode_pb2_grpc.DecodeServiceStub)(channel)
     return Pod(address, role, channel, stub)
 
 
 class PodRegistry:
-    def __init__(self, prefill: list[str], decode: list[str], *, interval_s: float, timeout_s: float) -> None:
+    """The pods this router sends to, their health and load (polled; see the module docstring)."""
+
+    def __init__(
+        self, prefill: list[str], decode: list[str], *, interval_s: float, timeout_s: float, stall_timeout_s: float = 60.0
+    ) -> None:
         self._addresses = [(a, "prefill") for a in prefill] + [(a, "decode") for a in decode]
         self.pods: list[Pod] = []
         self.interval_s = interval_s
         self.timeout_s = timeout_s
+        self.stall_timeout_s = stall_timeout_s
         self._task: asyncio.Task | None = None
 
     def by_role(self, role: str, *, healthy: bool = True) -> list[Pod]:
@@ -116,6 +113,11 @@ class PodRegistry:
             response = await pod.stub.GetStats(request, timeout=self.timeout_s)
         except grpc.RpcError as e:
             pod.mark_down(f"{e.code().name}")
+            return
+        if response.stats.seconds_since_progress > self.stall_timeout_s:
+            # It answers, but its engine has had work and made no progress: treat it as down.
+            pod.stats = response.stats
+            pod.mark_down(f"no engine progress for {response.stats.seconds_since_progress:.0f} s")
             return
         if not pod.healthy:
             logger.info("%s pod %s is up (%s)", pod.role, pod.address, response.stats.pod_id)

@@ -12,6 +12,7 @@ import grpc
 
 from tandem.kv.hashing import BlockHasher
 from tandem.proto.kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
+from tandem.serving.channels import CLIENT_OPTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -26,9 +27,7 @@ class PrefixIndexClient:
         self.failures = 0
 
     async def start(self) -> None:
-        self._channel = grpc.aio.insecure_channel(
-            self.address, options=[("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
-        )
+        self._channel = grpc.aio.insecure_channel(self.address, options=CLIENT_OPTIONS)
         self._stub = kvstore_pb2_grpc.KVStoreServiceStub(self._channel)
 
     async def close(self) -> None:

@@ -53,6 +53,10 @@ class RouterSettings(BaseSettings):
     """Retry-After of 429 answers when every decode pod refuses admission."""
     pod_timeout_s: float = Field(2.0, gt=0)
     """Deadline of stats calls; a pod that misses it is considered down until it answers."""
+    stall_timeout_s: float = Field(60.0, gt=0)
+    """A pod whose engine has work but made no progress for this long is considered down."""
+    admission_timeout_s: float = Field(10.0, gt=0)
+    """Deadline for a decode pod to admit (or refuse) a request; then another pod is tried."""
 
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model).name

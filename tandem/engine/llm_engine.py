@@ -15,11 +15,12 @@ from tandem.engine.block_manager import BlockManager
 from tandem.engine.config import EngineConfig, ResolvedLimits, SchedulerConfig
 from tandem.engine.output_processor import OutputProcessor, RequestState
 from tandem.engine.outputs import OutputKind, RequestMetrics, RequestOutput, TokenLogprob
+from tandem.engine.request_validation import RequestValidator
 from tandem.engine.runner import ModelRunner
 from tandem.engine.sampling_params import SamplingParams
 from tandem.engine.scheduler import Scheduler
 from tandem.engine.sequence import Sequence, SequenceStatus
-from tandem.errors import CapacityExceeded, InvalidRequest, ModelLoadError, RequestTooLarge, TandemError
+from tandem.errors import CapacityExceeded, InvalidRequest, ModelLoadError, TandemError
 from tandem.ids import BlockId, RequestId
 from tandem.kv.events import KVEvent
 from tandem.kv.fingerprint import ModelFingerprint
@@ -81,6 +82,15 @@ class LLMEngine:
         self.eos_token_ids: tuple[int, ...] = eos
         max_model_len = self._max_model_len()
         self.runner = ModelRunner(config, self.model_config, eos, max_model_len)
+        # A request's last token is never written to the cache: a pool of N tokens holds a context of N + 1.
+        pool_context = self.runner.kv_cache.num_blocks * config.block_size + 1
+        if pool_context < max_model_len:
+            # A request as long as the context could never fit: serve what the pool can hold.
+            logger.warning(
+                "the KV pool holds %d tokens, less than max_model_len %d: serving contexts up to %d tokens",
+                pool_context - 1, max_model_len, pool_context,
+            )
+            max_model_len = pool_context
         self.limits = ResolvedLimits(num_kv_blocks=self.runner.kv_cache.num_blocks, max_model_len=max_model_len)
         mc = self.model_config
         self.fingerprint = ModelFingerprint(
@@ -100,6 +110,7 @@ class LLMEngine:
         )
         self.hasher = BlockHasher(self.fingerprint.digest(), config.block_size)
         self.scheduler = Scheduler(self._scheduler_config(), self.block_manager, self.hasher, eos)
+        self.validator = RequestValidator(self.tokenizer, mc.vocab_size, self.limits, config.block_size)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._states: dict[RequestId, RequestState] = {}
         self._arrivals = itertools.count()
@@ -133,52 +144,6 @@ class LLMEngine:
 
     # ---- requests ---------------------------------------------------------------------------
 
-    def tokenize_prompt(self, prompt: str | SequenceABC[int]) -> list[int]:
-        """Token ids of a text or token-id prompt, validated (non-empty, ids inside the vocab)."""
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, SequenceABC) and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt
-        ):
-            ids = list(prompt)
-        else:
-            raise InvalidRequest("prompt must be a string or a list of token ids", param="prompt")
-        if not ids:
-            raise InvalidRequest("prompt is empty", param="prompt")
-        # Checked for text too: a tokenizer's added tokens can lie beyond the model's vocab.
-        vocab = self.model_config.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidRequest(f"prompt token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
-        return ids
-
-    def check_fits(self, num_prompt_tokens: int, params: SamplingParams) -> None:
-        """Refuse a request that this engine could never complete.
-
-        Raises:
-            RequestTooLarge: prompt or prompt + max_tokens beyond the context or the KV pool.
-        """
-        max_len = self.limits.max_model_len
-        if num_prompt_tokens >= max_len:
-            raise RequestTooLarge(
-                f"the prompt has {num_prompt_tokens} tokens but this model's context length is {max_len}",
-                param="prompt",
-            )
-        total = num_prompt_tokens + params.max_tokens
-        if total > max_len:
-            raise RequestTooLarge(
-                f"this model's maximum context length is {max_len} tokens, but {total} were requested "
-                f"({num_prompt_tokens} in the prompt, {params.max_tokens} for max_tokens)",
-                param="max_tokens",
-            )
-        # The last generated token is never written to the cache.
-        needed = self.block_manager.blocks_needed(total - 1)
-        if needed > self.limits.num_kv_blocks:
-            raise RequestTooLarge(
-                f"the request needs {needed} KV blocks but the pool holds {self.limits.num_kv_blocks}",
-                param="max_tokens",
-            )
-
     def _new_sequence(
         self,
         request_id: str,
@@ -190,14 +155,9 @@ class LLMEngine:
     ) -> Sequence:
         if request_id in self._states:
             raise InvalidRequest(f"request id {request_id!r} is already in use", param="request_id")
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequest("sampling params must be a SamplingParams", param="sampling_params")
-        if not isinstance(priority, int) or isinstance(priority, bool):
-            raise InvalidRequest("priority must be an integer", param="priority")
-        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
-            raise InvalidRequest("cache_salt must be a non-empty string", param="cache_salt")
-        ids = self.tokenize_prompt(prompt)
-        self.check_fits(len(ids), params)
+        self.validator.check_fields(params, priority, cache_salt)
+        ids = self.validator.prompt_ids(prompt)
+        self.validator.check_fits(len(ids), params)
         return Sequence(
             RequestId(request_id),
             ids,

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from tandem.errors import InvalidRequest
 
 _GREEDY_EPS = 1e-5
+_UINT32 = 2**32 - 1
+_INT64 = (-(2**63), 2**63 - 1)
 
 
 @dataclass(slots=True, frozen=True)
@@ -60,18 +62,18 @@ class SamplingParams:
         def bad(param: str, why: str) -> InvalidRequest:
             return InvalidRequest(f"{param} {why}, got {getattr(self, param)!r}", param=param)
 
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+        if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= _UINT32:
             raise bad("max_tokens", "must be an integer >= 1")
         if not _is_finite(self.temperature) or self.temperature < 0:
             raise bad("temperature", "must be a number >= 0")
         if not _is_finite(self.top_p) or not 0 < self.top_p <= 1:
             raise bad("top_p", "must be in (0, 1]")
-        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
+        if self.top_k is not None and (not _is_int(self.top_k) or not 1 <= self.top_k <= _UINT32):
             raise bad("top_k", "must be an integer >= 1 or null")
         if not _is_finite(self.min_p) or not 0 <= self.min_p <= 1:
             raise bad("min_p", "must be in [0, 1]")
-        if self.seed is not None and not _is_int(self.seed):
-            raise bad("seed", "must be an integer")
+        if self.seed is not None and (not _is_int(self.seed) or not _INT64[0] <= self.seed <= _INT64[1]):
+            raise bad("seed", "must be a 64-bit integer")
         for name in ("presence_penalty", "frequency_penalty"):
             if not _is_finite(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
                 raise bad(name, "must be in [-2, 2]")
@@ -83,8 +85,8 @@ class SamplingParams:
             raise bad("logprobs", "must be an integer in [0, 20]")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "must be non-empty strings")
-        if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
-            raise bad("stop_token_ids", "must be non-negative integers")
+        if any(not _is_int(t) or not 0 <= t <= _UINT32 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "must be token ids (non-negative integers)")
 
     @property
     def is_greedy(self) -> bool:

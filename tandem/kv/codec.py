@@ -12,6 +12,9 @@ client or server interoperates -- but the page bytes never pass through protobuf
 
 from dataclasses import dataclass
 
+from google.protobuf.message import DecodeError
+
+from tandem.errors import KVTransferError
 from tandem.proto.common.v1 import common_pb2
 from tandem.proto.decode.v1 import decode_pb2
 
@@ -36,6 +39,8 @@ def _varint(n: int) -> bytes:
 def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
     result = shift = 0
     while True:
+        if pos >= len(buf) or shift > 63:
+            raise KVTransferError("malformed PushKV message: truncated varint")
         byte = buf[pos]
         pos += 1
         result |= (byte & 0x7F) << shift
@@ -62,7 +67,9 @@ def _fields(buf: memoryview):
         elif wire == 5:
             value, end = pos, pos + 4
         else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
+            raise KVTransferError(f"malformed PushKV message: wire type {wire}")
+        if end > len(buf):
+            raise KVTransferError("malformed PushKV message: a field runs past the end")
         yield number, wire, start, value, end
         pos = end
 
@@ -84,22 +91,32 @@ def encode(message) -> bytes:
 
 @dataclass(slots=True)
 class PushKV:
-    """A decoded PushKVRequest: a chunk header and its payload view, or an end message."""
+    """A decoded PushKVRequest: a chunk header and its payload view, or an end message.
+
+    ``error`` is set instead for a malformed message: a deserializer must not raise (gRPC would
+    end the call before the handler could fail the request it belongs to).
+    """
 
     chunk: common_pb2.KVChunk | None = None
     data: memoryview | None = None
     end: common_pb2.KVTransferEnd | None = None
+    error: KVTransferError | None = None
 
 
 def decode(raw: bytes) -> PushKV:
     """Request deserializer of the PushKV stream (the payload is not copied)."""
     buf = memoryview(raw)
     msg = PushKV()
-    for number, wire, _, value, end in _fields(buf):
-        if number == _CHUNK_FIELD and wire == _LEN:
-            msg.chunk, msg.data = _decode_chunk(buf[value:end])
-        elif number == _END_FIELD and wire == _LEN:
-            msg.end = common_pb2.KVTransferEnd.FromString(buf[value:end].tobytes())
+    try:
+        for number, wire, _, value, end in _fields(buf):
+            if number == _CHUNK_FIELD and wire == _LEN:
+                msg.chunk, msg.data = _decode_chunk(buf[value:end])
+            elif number == _END_FIELD and wire == _LEN:
+                msg.end = common_pb2.KVTransferEnd.FromString(buf[value:end].tobytes())
+    except KVTransferError as e:
+        return PushKV(error=e)
+    except DecodeError as e:
+        return PushKV(error=KVTransferError(f"malformed PushKV message: {e}"))
     return msg
 
 

@@ -19,6 +19,7 @@ import grpc
 from tandem.kv.events import BlocksRemoved, BlocksStored, CacheCleared, KVEvent
 from tandem.kv.hashing import HASH_ALGORITHM, BlockHash
 from tandem.proto.kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
+from tandem.serving.channels import CLIENT_OPTIONS
 
 logger = logging.getLogger(__name__)
 RESYNC_BATCH = 50_000
@@ -79,7 +80,7 @@ class KVEventPublisher:
     # ---- asyncio task -----------------------------------------------------------------------
 
     async def run(self) -> None:
-        channel = grpc.aio.insecure_channel(self.address)
+        channel = grpc.aio.insecure_channel(self.address, options=CLIENT_OPTIONS)
         stub = kvstore_pb2_grpc.KVStoreServiceStub(channel)
         next_heartbeat = 0.0
         try:

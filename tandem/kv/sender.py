@@ -14,6 +14,7 @@ decode pod holds the whole prompt's KV.
 
 import concurrent.futures
 import logging
+import math
 import queue
 import threading
 import time
@@ -25,12 +26,11 @@ import torch
 
 from tandem.engine.kv_cache import KVCacheSpec
 from tandem.engine.scheduler import ScheduledSequence
-from tandem.errors import KVTransferError
+from tandem.errors import InvalidRequest, KVTransferError
 from tandem.kv import codec
 from tandem.kv.staging import PinnedBufferPool
 from tandem.kv.wire import (
     DEFAULT_MAX_CHUNK_BYTES,
-    GRPC_MAX_MESSAGE_BYTES,
     PageLayout,
     blocks_per_chunk,
     chunk_header,
@@ -38,17 +38,14 @@ from tandem.kv.wire import (
 )
 from tandem.proto.common.v1 import common_pb2
 from tandem.proto.decode.v1 import decode_pb2
+from tandem.serving.channels import CLIENT_OPTIONS
 
 PUSH_KV_METHOD = "/tandem.decode.v1.DecodeService/PushKV"
 
 logger = logging.getLogger(__name__)
 
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
-    # Each channel gets its own connection, so parallel streams use parallel TCP flows.
-    ("grpc.use_local_subchannel_pool", 1),
-]
+# Each channel gets its own connection, so parallel streams use parallel TCP flows.
+CHANNEL_OPTIONS = CLIENT_OPTIONS + [("grpc.use_local_subchannel_pool", 1)]
 _CLOSE = object()
 
 
@@ -105,39 +102,82 @@ class TransferResult:
     seconds: float
 
 
+class _Chunk:
+    """A queued chunk: encoded by the stream's sending thread, or dropped if the stream ends.
+
+    Invariant: ``release`` (which returns the staging buffer) runs exactly once, on whichever
+    path takes the chunk off the queue -- encoding it, or draining a stream that ended.
+    """
+
+    __slots__ = ("_encode", "_release", "_done")
+
+    def __init__(self, encode: Callable[[], bytes], release: Callable[[], None]) -> None:
+        self._encode, self._release, self._done = encode, release, False
+
+    def encode(self) -> bytes:
+        try:
+            return self._encode()
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        if not self._done:
+            self._done = True
+            self._release()
+
+
 @dataclass(slots=True)
 class _Stream:
     queue: "queue.SimpleQueue[object]" = field(default_factory=queue.SimpleQueue)
     call: grpc.Future | None = None
 
+    def drain(self) -> None:
+        """Release every chunk still queued (the call ended: nobody will send them)."""
+        while True:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Chunk):
+                item.release()
+
 
 class KVTransfer:
     """One request's outgoing KV: chunks queued by the engine thread, sent by gRPC's threads."""
 
-    def __init__(self, target: KVTarget, num_prompt_blocks: int, push_calls, fingerprint: str) -> None:
+    def __init__(
+        self, target: KVTarget, num_prompt_blocks: int, push_calls, fingerprint: str, timeout_s: float
+    ) -> None:
         self.target = target
         self.num_prompt_blocks = num_prompt_blocks
         self.sent_blocks = 0
         """Blocks already queued for every layer."""
         self.fingerprint = fingerprint
         self._push_calls = push_calls
+        self._timeout_s = timeout_s
         self._streams = [_Stream() for _ in push_calls]
         self.chunks = 0
         self.bytes = 0
         self.started: float | None = None
         self._open(0)  # the primary stream always exists: it carries the end message
 
+    @property
+    def failed(self) -> bool:
+        """A stream ended before the transfer did: the rest would go nowhere."""
+        return any(s.call is not None and s.call.done() for s in self._streams)
+
     def _open(self, i: int) -> None:
         stream = self._streams[i]
-        stream.call = self._push_calls[i].future(self._messages(stream.queue))
+        stream.call = self._push_calls[i].future(self._messages(stream.queue), timeout=self._timeout_s)
+        stream.call.add_done_callback(lambda _: stream.drain())
 
     @staticmethod
     def _messages(q: "queue.SimpleQueue[object]") -> Iterator[bytes | decode_pb2.PushKVRequest]:
         while (item := q.get()) is not _CLOSE:
-            yield item() if callable(item) else item
+            yield item.encode() if isinstance(item, _Chunk) else item
 
-    def submit(self, build: Callable[[int], bytes], nbytes: int) -> None:
-        """Queue a chunk; ``build(sequence_number)`` encodes it on a sending thread."""
+    def submit(self, encode: Callable[[int], bytes], release: Callable[[], None], nbytes: int) -> None:
+        """Queue a chunk; ``encode(sequence_number)`` runs on a sending thread, then ``release``."""
         if self.started is None:
             self.started = time.perf_counter()
         i = self.chunks % len(self._streams)
@@ -145,7 +185,9 @@ class KVTransfer:
         if stream.call is None:
             self._open(i)
         seq_no = self.chunks // len(self._streams)
-        stream.queue.put(lambda: build(seq_no))
+        stream.queue.put(_Chunk(lambda: encode(seq_no), release))
+        if stream.call.done():
+            stream.drain()  # it ended after the check in on_layers_computed: do not strand the chunk
         self.chunks += 1
         self.bytes += nbytes
 
@@ -168,10 +210,12 @@ class KVTransfer:
         return TransferResult(self.bytes, self.chunks, time.perf_counter() - started)
 
     def cancel(self) -> None:
+        """Stop every stream; queued chunks are released by the calls' done callbacks."""
         for stream in self._streams:
             if stream.call is not None:
                 stream.queue.put(_CLOSE)
                 stream.call.cancel()
+                stream.drain()
 
 
 class KVSender:
@@ -185,23 +229,48 @@ class KVSender:
         layers_per_group: int = 4,
         max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
         num_streams: int = 2,
+        push_timeout_s: float = 300.0,
+        staging_buffers: int = 64,
         device: torch.device,
     ) -> None:
         self.layout = PageLayout(spec.num_layers, spec.block_size, spec.num_kv_heads, spec.head_dim, spec.dtype)
+        per_block_layer = self.layout.bytes_per_block_layer
+        if per_block_layer > max_chunk_bytes:
+            raise ValueError(
+                f"one KV block of one layer is {per_block_layer} bytes, more than the "
+                f"{max_chunk_bytes}-byte chunk limit; raise the chunk size"
+            )
         self.fingerprint = fingerprint
-        self.layers_per_group = max(1, min(layers_per_group, spec.num_layers))
+        # A chunk must hold at least one block of every layer of a group: shrink the group if not.
+        fitting = max_chunk_bytes // per_block_layer
+        self.layers_per_group = max(1, min(layers_per_group, spec.num_layers, fitting))
+        if self.layers_per_group < layers_per_group:
+            logger.info("KV layer groups of %d layers (%d do not fit %d-byte chunks)",
+                        self.layers_per_group, layers_per_group, max_chunk_bytes)
         self.max_chunk_bytes = max_chunk_bytes
+        self.push_timeout_s = push_timeout_s
         self.channels = ChannelPool(num_streams)
         self.device = device
         self._transfers: dict[str, KVTransfer] = {}
-        self._finisher = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="kv-finish")
-        self._staging = PinnedBufferPool(max_chunk_bytes) if device.type == "cuda" else None
+        self._finishing: dict[str, KVTransfer] = {}
+        self._finisher = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="kv-finish")
+        # Chunk-sized host buffers, reused: pinned on CUDA (asynchronous copies), plain on CPU
+        # (the gather writes straight into them instead of into a fresh allocation per chunk).
+        self.staging = PinnedBufferPool(max_chunk_bytes, staging_buffers, pin_memory=device.type == "cuda")
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def start(self, request_id: str, target: KVTarget, num_prompt_tokens: int) -> KVTransfer:
-        """Register a request's transfer before the engine schedules it."""
+        """Register a request's transfer before the engine schedules it.
+
+        Raises:
+            InvalidRequest: a transfer for ``request_id`` is already in progress.
+        """
+        if request_id in self._transfers or request_id in self._finishing:
+            raise InvalidRequest(f"request id {request_id!r} is already in use", param="request_id")
         num_blocks = -(-num_prompt_tokens // self.layout.block_size)
-        transfer = KVTransfer(target, num_blocks, self.channels.push_kv(target.address), self.fingerprint)
+        transfer = KVTransfer(
+            target, num_blocks, self.channels.push_kv(target.address), self.fingerprint, self.push_timeout_s
+        )
         transfer.sent_blocks = min(target.skip_blocks, num_blocks)
         self._transfers[request_id] = transfer
         return transfer
@@ -211,15 +280,25 @@ class KVSender:
     ) -> "concurrent.futures.Future[TransferResult]":
         """Send the end message once everything queued is acknowledged (runs off the engine thread)."""
         transfer = self._transfers.pop(request_id)
-        return self._finisher.submit(transfer.finish, end)
+        self._finishing[request_id] = transfer
+
+        def run() -> TransferResult:
+            try:
+                return transfer.finish(end)
+            finally:
+                self._finishing.pop(request_id, None)
+
+        return self._finisher.submit(run)
 
     def abort(self, request_id: str) -> None:
-        transfer = self._transfers.pop(request_id, None)
-        if transfer is not None:
-            transfer.cancel()
+        """Cancel a request's transfer, finishing or not; its staged chunks are released."""
+        for table in (self._transfers, self._finishing):
+            transfer = table.pop(request_id, None)
+            if transfer is not None:
+                transfer.cancel()
 
     def close(self) -> None:
-        for rid in list(self._transfers):
+        for rid in list(self._transfers) + list(self._finishing):
             self.abort(rid)
         self._finisher.shutdown(wait=False, cancel_futures=True)
         self.channels.close()
@@ -237,8 +316,8 @@ class KVSender:
         l0 = ((num_layers_done - 1) // self.layers_per_group) * self.layers_per_group
         for s in scheduled:
             transfer = self._transfers.get(s.seq.request_id)
-            if transfer is None:
-                continue
+            if transfer is None or transfer.failed:
+                continue  # not exported, or its decode pod stopped listening: stop spending on it
             # Blocks whose every token is computed after this step (all of them at the end).
             done = transfer.num_prompt_blocks if s.samples else (s.start + s.num_new_tokens) // self.layout.block_size
             if done > transfer.sent_blocks:
@@ -250,31 +329,38 @@ class KVSender:
         step = blocks_per_chunk(self.layout, layers[1] - layers[0], self.max_chunk_bytes)
         ids = torch.tensor(block_ids[b0:b1], dtype=torch.long, device=kv.device)
         rid, fp = transfer.target.request_id, self.fingerprint
+        group = kv[layers[0] : layers[1]]
         for start in range(b0, b1, step):
             end = min(b1, start + step)
-            pages = kv[layers[0] : layers[1], :, ids[start - b0 : end - b0]]  # one gather, contiguous
-            wait, release = self._stage(pages)
+            wait, release, nbytes = self._stage(group, ids[start - b0 : end - b0])
 
-            def build(seq_no: int, wait=wait, release=release, blocks=(start, end)) -> bytes:
-                try:
-                    host = wait()
-                    header = chunk_header(rid, fp, seq_no, layers, blocks, host)
-                    return codec.encode_chunk(header, page_buffer(host))
-                finally:
-                    release()
+            def encode(seq_no: int, wait=wait, blocks=(start, end)) -> bytes:
+                host = wait()
+                return codec.encode_chunk(chunk_header(rid, fp, seq_no, layers, blocks, host), page_buffer(host))
 
-            transfer.submit(build, pages.numel() * pages.element_size())
+            transfer.submit(encode, release, nbytes)
 
-    def _stage(self, pages: torch.Tensor) -> tuple[Callable[[], torch.Tensor], Callable[[], None]]:
-        """Start moving pages to the host. Returns (wait for the host pages, release them)."""
-        if self._staging is None:
-            return (lambda: pages), (lambda: None)  # CPU: the gather already made a private copy
-        nbytes = pages.numel() * pages.element_size()
-        buf = self._staging.acquire()
-        self._copy_stream.wait_stream(torch.cuda.current_stream(pages.device))
+    def _stage(self, group: torch.Tensor, ids: torch.Tensor):
+        """Gather pages ``group[:, :, ids]`` towards the host.
+
+        Returns (wait for the host pages, release their buffer, bytes). Never blocks: with every
+        buffer in flight, it copies into fresh memory instead of stalling the engine thread.
+        """
+        shape = (group.shape[0], 2, len(ids), *group.shape[3:])
+        nbytes = math.prod(shape) * group.element_size()
+        buf = self.staging.acquire()
+        if buf is None:
+            host = group.index_select(2, ids).cpu()
+            return (lambda: host), (lambda: None), nbytes
+        host = buf[:nbytes].view(group.dtype).view(shape)
+        release = lambda: self.staging.release(buf)  # noqa: E731
+        if self._copy_stream is None:
+            torch.index_select(group, 2, ids, out=host)  # CPU: one gather, straight into the buffer
+            return (lambda: host), release, nbytes
+        pages = group.index_select(2, ids)  # on the device, in the compute stream
+        self._copy_stream.wait_stream(torch.cuda.current_stream(group.device))
         with torch.cuda.stream(self._copy_stream):
             pages.record_stream(self._copy_stream)
-            host = buf[:nbytes].view(pages.dtype).view(pages.shape)
             host.copy_(pages, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
@@ -283,4 +369,4 @@ class KVSender:
             event.synchronize()
             return host
 
-        return wait, lambda: self._staging.release(buf)
+        return wait, release, nbytes

@@ -23,8 +23,7 @@ DTYPE_TO_WIRE = {
 WIRE_TO_DTYPE = {v: k for k, v in DTYPE_TO_WIRE.items()}
 
 DEFAULT_MAX_CHUNK_BYTES = 4 << 20
-"""Chunks stay well under gRPC message limits (the servers accept up to 64 MiB)."""
-GRPC_MAX_MESSAGE_BYTES = 64 << 20
+"""Chunks stay well under gRPC message limits (GRPC_MAX_MESSAGE_BYTES in tandem.serving.channels)."""
 
 
 @dataclass(slots=True, frozen=True)

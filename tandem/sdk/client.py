@@ -16,9 +16,9 @@ from tandem.errors import InvalidRequest
 from tandem.proto.router.v1 import router_pb2, router_pb2_grpc
 from tandem.sdk.results import GenerateChunk, GenerateResult, ModelInfo
 from tandem.serving import convert
+from tandem.serving.channels import CLIENT_OPTIONS
 from tandem.serving.status import error_from_rpc
 
-_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
 
 
 def _request(
@@ -52,7 +52,7 @@ class Client:
     """Blocking client. Thread-safe; close it (or use ``with``) to release the channel."""
 
     def __init__(self, target: str, *, timeout: float | None = None, max_retries: int = 3) -> None:
-        self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self._channel = grpc.insecure_channel(target, options=CLIENT_OPTIONS)
         self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
         self.timeout = timeout
         self.max_retries = max_retries
@@ -104,7 +104,7 @@ class AsyncClient:
     """asyncio client. Create and use it inside one event loop."""
 
     def __init__(self, target: str, *, timeout: float | None = None, max_retries: int = 3) -> None:
-        self._channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self._channel = grpc.aio.insecure_channel(target, options=CLIENT_OPTIONS)
         self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
         self.timeout = timeout
         self.max_retries = max_retries

@@ -3,16 +3,9 @@
 from dataclasses import dataclass
 
 from tandem.engine.outputs import TokenLogprob
+from tandem.serving.requests import Usage
 from tandem.proto.router.v1 import router_pb2
 from tandem.serving import convert
-
-
-@dataclass(slots=True, frozen=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    """Prompt tokens served from a prefix cache."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -29,19 +22,15 @@ class GenerateChunk:
 
     @classmethod
     def from_proto(cls, resp: router_pb2.GenerateResponse) -> "GenerateChunk":
-        c = resp.chunk
-        usage = None
-        if resp.HasField("usage"):
-            u = resp.usage
-            usage = Usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
+        event = convert.token_event(resp)  # the same shape as a decode pod's response
         return cls(
             request_id=resp.request_id,
-            token_ids=tuple(c.token_ids),
-            text=c.text,
-            logprobs=tuple(convert.logprob_from_proto(lp) for lp in c.logprobs),
-            finish_reason=convert.FINISH_REASON_FROM_PROTO[c.finish_reason],
-            stop_reason=convert.stop_reason(c),
-            usage=usage,
+            token_ids=tuple(event.token_ids),
+            text=event.text,
+            logprobs=tuple(event.logprobs),
+            finish_reason=event.finish_reason,
+            stop_reason=event.stop_reason,
+            usage=event.usage,
         )
 
 

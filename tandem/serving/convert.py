@@ -1,14 +1,18 @@
-"""Protobuf <-> engine dataclasses: the only place the services translate between them.
+"""Protobuf <-> engine and router dataclasses: the only place the services translate between them.
 
 Torch-free (the router and the SDK use it too).
 """
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from tandem.engine.outputs import RequestOutput, TokenLogprob
+from tandem.engine.outputs import RequestMetrics, RequestOutput, TokenLogprob
 from tandem.engine.sampling_params import SamplingParams
 from tandem.errors import InvalidRequest
 from tandem.proto.common.v1 import common_pb2
+from tandem.proto.decode.v1 import decode_pb2
+from tandem.proto.prefill.v1 import prefill_pb2
+from tandem.serving.requests import Job, TokenEvent, Usage
 
 if TYPE_CHECKING:  # pragma: no cover
     from tandem.engine.llm_engine import EngineStats
@@ -25,6 +29,8 @@ _OPTIONAL_FIELDS = (
     "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
     "frequency_penalty", "repetition_penalty", "logprobs", "skip_special_tokens",
 )
+
+# ---- sampling parameters -----------------------------------------------------------------------
 
 
 def sampling_params_from_proto(pb: common_pb2.SamplingParams, *, max_tokens: int | None = None) -> SamplingParams:
@@ -85,6 +91,9 @@ def sampling_params_to_proto(sp: SamplingParams) -> common_pb2.SamplingParams:
     return pb
 
 
+# ---- tokens, logprobs, usage -------------------------------------------------------------------
+
+
 def logprob_to_proto(lp: TokenLogprob) -> common_pb2.TokenLogprob:
     return common_pb2.TokenLogprob(
         token_id=lp.token_id,
@@ -98,19 +107,29 @@ def logprob_from_proto(pb: common_pb2.TokenLogprob) -> TokenLogprob:
     return TokenLogprob(pb.token_id, pb.logprob, pb.rank, tuple((t.token_id, t.logprob) for t in pb.top))
 
 
-def token_chunk(out: RequestOutput) -> common_pb2.TokenChunk:
-    comp = out.outputs[0]
+def _chunk(token_ids: Iterable[int], text: str, logprobs: Iterable[TokenLogprob], finish_reason, stop) -> common_pb2.TokenChunk:
     chunk = common_pb2.TokenChunk(
-        token_ids=comp.token_ids,
-        text=comp.text,
-        logprobs=[logprob_to_proto(lp) for lp in comp.logprobs or ()],
-        finish_reason=FINISH_REASON_TO_PROTO[comp.finish_reason],
+        token_ids=list(token_ids),
+        text=text,
+        logprobs=[logprob_to_proto(lp) for lp in logprobs],
+        finish_reason=FINISH_REASON_TO_PROTO[finish_reason],
     )
-    if isinstance(comp.stop_reason, str):
-        chunk.stop_string = comp.stop_reason
-    elif isinstance(comp.stop_reason, int):
-        chunk.stop_token_id = comp.stop_reason
+    if isinstance(stop, str):
+        chunk.stop_string = stop
+    elif isinstance(stop, int):
+        chunk.stop_token_id = stop
     return chunk
+
+
+def token_chunk(out: RequestOutput) -> common_pb2.TokenChunk:
+    """The engine's output for one request, as the decode pod streams it."""
+    comp = out.outputs[0]
+    return _chunk(comp.token_ids, comp.text, comp.logprobs or (), comp.finish_reason, comp.stop_reason)
+
+
+def event_chunk(event: TokenEvent) -> common_pb2.TokenChunk:
+    """A router token event, as RouterService streams it."""
+    return _chunk(event.token_ids, event.text, event.logprobs, event.finish_reason, event.stop_reason)
 
 
 def stop_reason(chunk: common_pb2.TokenChunk) -> str | int | None:
@@ -124,6 +143,83 @@ def usage(out: RequestOutput, completion_tokens: int) -> common_pb2.Usage:
         completion_tokens=completion_tokens,
         cached_tokens=out.num_cached_tokens,
     )
+
+
+def usage_to_proto(u: Usage) -> common_pb2.Usage:
+    return common_pb2.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, cached_tokens=u.cached_tokens)
+
+
+def usage_from_proto(u: common_pb2.Usage) -> Usage:
+    return Usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
+
+
+def token_event(resp: decode_pb2.GenerateResponse) -> TokenEvent:
+    """A decode pod's streamed response, as the router relays it."""
+    chunk = resp.chunk
+    return TokenEvent(
+        token_ids=list(chunk.token_ids),
+        text=chunk.text,
+        logprobs=[logprob_from_proto(lp) for lp in chunk.logprobs],
+        finish_reason=FINISH_REASON_FROM_PROTO[chunk.finish_reason],
+        stop_reason=stop_reason(chunk),
+        usage=usage_from_proto(resp.usage) if resp.HasField("usage") else None,
+    )
+
+
+# ---- requests between router and pods ----------------------------------------------------------
+
+
+def decode_generate_request(job: Job, request_id: str, *, remote: bool) -> decode_pb2.GenerateRequest:
+    return decode_pb2.GenerateRequest(
+        request_id=request_id,
+        prompt_token_ids=job.prompt_token_ids,
+        sampling_params=sampling_params_to_proto(job.params),
+        prefill_mode=decode_pb2.PREFILL_MODE_REMOTE if remote else decode_pb2.PREFILL_MODE_LOCAL,
+        priority=job.priority,
+        cache_salt=job.cache_salt or "",
+    )
+
+
+def prefill_request(
+    job: Job, request_id: str, decode_address: str, skip_blocks: int, fingerprint: str
+) -> prefill_pb2.PrefillRequest:
+    return prefill_pb2.PrefillRequest(
+        request_id=request_id,
+        prompt_token_ids=job.prompt_token_ids,
+        sampling_params=sampling_params_to_proto(job.params),
+        priority=job.priority,
+        cache_salt=job.cache_salt or "",
+        decode_target=prefill_pb2.DecodeTarget(
+            address=decode_address, request_id=request_id, skip_blocks=skip_blocks, model_fingerprint=fingerprint
+        ),
+    )
+
+
+def transfer_end(out: RequestOutput, request_id: str, fingerprint: str) -> common_pb2.KVTransferEnd:
+    """The end of a prefill pod's KV transfer: its first token (and logprob) and cache hits."""
+    comp = out.outputs[0]
+    end = common_pb2.KVTransferEnd(
+        request_id=request_id,
+        model_fingerprint=fingerprint,
+        first_token_id=comp.token_ids[0],
+        num_cached_tokens=out.num_cached_tokens,
+    )
+    if comp.logprobs:
+        end.first_token_logprob.CopyFrom(logprob_to_proto(comp.logprobs[0]))
+    return end
+
+
+def prefill_timing(m: RequestMetrics, transfer_seconds: float) -> prefill_pb2.PrefillTiming:
+    scheduled = m.first_scheduled_time or m.arrival_time
+    first_token = m.first_token_time or scheduled
+    return prefill_pb2.PrefillTiming(
+        queue_seconds=scheduled - m.arrival_time,
+        compute_seconds=first_token - scheduled,
+        transfer_seconds=transfer_seconds,
+    )
+
+
+# ---- pods ---------------------------------------------------------------------------------------
 
 
 def pod_stats(stats: "EngineStats", **identity) -> common_pb2.PodStats:

@@ -11,12 +11,13 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from tandem.engine.llm_engine import EngineStats, LLMEngine
+from tandem.engine.llm_engine import EngineStats, EngineStepError, LLMEngine
 from tandem.engine.outputs import RequestOutput
-from tandem.errors import TandemError
+from tandem.errors import InvalidRequest, TandemError
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -35,21 +36,36 @@ class EngineWorker:
         loop: asyncio.AbstractEventLoop,
         *,
         after_step: Callable[[LLMEngine], None] | None = None,
+        release: Callable[[LLMEngine, str], None] | None = None,
     ) -> None:
-        """``after_step(engine)`` runs on the engine thread after every step and command batch."""
+        """
+        Args:
+            after_step: runs on the engine thread after every step and command batch.
+            release: how the pod ends a request it must give up (default: abort it). Decode pods
+                first stop KV writes into the request's blocks.
+        """
         self.engine = engine
         self._loop = loop
         self._after_step = after_step
+        self._release = release or (lambda e, rid: e.abort_request(rid))
         self._commands: queue.SimpleQueue[tuple[Command, concurrent.futures.Future]] = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue] = {}
         self._stopped = threading.Event()
         self.stats: EngineStats = engine.get_stats()
         """Snapshot refreshed after every step and command (read without locking)."""
         self.steps = 0
+        self._last_progress = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+
+    @property
+    def seconds_since_progress(self) -> float:
+        """0 while idle; otherwise how long since the engine thread last finished a step or command."""
+        if not (self.stats.num_running or self.stats.num_waiting):
+            return 0.0
+        return time.monotonic() - self._last_progress
 
     def stop(self) -> None:
         self._stopped.set()
@@ -59,7 +75,14 @@ class EngineWorker:
     # ---- asyncio side -----------------------------------------------------------------------
 
     def open_stream(self, request_id: str) -> "asyncio.Queue[RequestOutput | BaseException]":
-        """The queue that will receive the request's outputs (open it before adding the request)."""
+        """The queue that will receive the request's outputs (open it before adding the request).
+
+        Raises:
+            InvalidRequest: a request with this id is already open here. Checked first, so a
+                duplicate never touches the request that owns the id.
+        """
+        if request_id in self._streams:
+            raise InvalidRequest(f"request id {request_id!r} is already in use on this pod", param="request_id")
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = q
         return q
@@ -136,20 +159,26 @@ class EngineWorker:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
+        except EngineStepError as exc:
+            # The engine already aborted that step's requests; the others carry on.
+            for request_id in exc.request_ids:
+                self.fail(request_id, EngineFailure(str(exc)))
+            outputs = []
         except Exception as exc:
-            logger.exception("engine step failed; aborting the requests in flight")
-            self._abort_all(EngineFailure(f"engine step failed: {exc}"))
-            return
+            logger.exception("engine step failed unexpectedly; giving up every request in flight")
+            self._release_all(EngineFailure(f"engine step failed: {exc}"))
+            outputs = []
         self.steps += 1
         self.dispatch(outputs)
         self._after()
 
     def _after(self) -> None:
+        self._last_progress = time.monotonic()
         self.stats = self.engine.get_stats()
         if self._after_step is not None:
             self._after_step(self.engine)
 
-    def _abort_all(self, exc: EngineFailure) -> None:
+    def _release_all(self, exc: EngineFailure) -> None:
         for request_id in self.engine.request_ids():
-            self.engine.abort_request(request_id)
+            self._release(self.engine, request_id)
             self.fail(request_id, exc)

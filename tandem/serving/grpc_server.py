@@ -8,15 +8,9 @@ from collections.abc import Callable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from tandem.kv.wire import GRPC_MAX_MESSAGE_BYTES
+from tandem.serving.channels import SERVER_OPTIONS
 
 logger = logging.getLogger(__name__)
-
-SERVER_OPTIONS = [
-    ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
-    ("grpc.so_reuseport", 0),
-]
 
 
 class GrpcServer:

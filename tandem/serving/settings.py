@@ -4,7 +4,9 @@ Each service subclasses ``PodSettings`` with its own ``TANDEM_<SERVICE>_`` prefi
 also a CLI flag of ``tandem <service>`` (kebab-case), generated from the same definition.
 """
 
+import os
 import socket
+import uuid
 from pathlib import Path
 
 from pydantic import Field
@@ -39,3 +41,15 @@ class PodSettings(BaseSettings, EngineOptions):
 
     def address(self, bound_port: int) -> str:
         return self.advertise_address or f"{socket.gethostname()}:{bound_port}"
+
+    def identity(self, engine, role: int, address: str) -> dict:
+        """PodStats identity fields of this pod (the incarnation is new at every process start)."""
+        return dict(
+            role=role,
+            pod_id=self.pod_id or address,
+            model=self.model_name(),
+            model_fingerprint=engine.fingerprint.digest(),
+            block_size=engine.config.block_size,
+            max_model_len=engine.limits.max_model_len,
+            incarnation=f"{os.getpid()}-{uuid.uuid4().hex[:8]}",
+        )

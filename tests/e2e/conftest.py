@@ -34,7 +34,7 @@ def start_cluster(model, *, prefill=1, decode=2, colocated_router=False, **opts)
     problem = cluster.wait_ready(300)
     if problem is not None:
         cluster.stop()
-        raise RuntimeError(f"{problem}\n{''.join(cluster.log[-60:])}")
+        raise RuntimeError(f"{problem}\n{''.join(list(cluster.log)[-60:])}")
     return cluster
 
 

@@ -1,6 +1,7 @@
 """KV transfer and admission failure paths against real pods: clear errors, no leaked blocks."""
 
 import asyncio
+import json
 import random
 import subprocess
 import sys
@@ -131,9 +132,37 @@ def test_bad_kv_streams_fail_the_request_and_free_it(cluster, decode_pod, e2e_mo
         expect_failure(res, msgs, grpc.StatusCode.DATA_LOSS, grpc.StatusCode.DATA_LOSS, "overlaps")
     res.close()
     wait_idle(cluster)
-    # The pod still serves.
-    r = httpx.post(f"{cluster.router_url}/v1/completions", json={"prompt": "after a bad stream", "max_tokens": 3})
-    assert r.status_code == 200
+    assert_still_serves(decode_pod)
+
+
+def assert_still_serves(pod):
+    """A colocated request straight to this pod completes."""
+    with grpc.insecure_channel(pod.address) as channel:
+        call = decode_pb2_grpc.DecodeServiceStub(channel).Generate(
+            decode_pb2.GenerateRequest(
+                request_id=f"alive-{random.random()}", prompt_token_ids=[5, 6, 7],
+                sampling_params=sampling_params_to_proto(SamplingParams(temperature=0, max_tokens=3)),
+                prefill_mode=decode_pb2.PREFILL_MODE_LOCAL,
+            ),
+            timeout=30,
+        )
+        responses = list(call)
+    assert responses[-1].usage.completion_tokens == 3
+
+
+def test_a_duplicate_request_id_is_refused_without_touching_the_first(cluster, decode_pod, e2e_model):
+    first = Reservation(decode_pod.address, "dup-1")
+    with pytest.raises(grpc.RpcError) as e:
+        Reservation(decode_pod.address, "dup-1")
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "already in use" in e.value.details()
+    # The first reservation still holds its blocks and completes normally.
+    assert pod_stats(decode_pod).num_waiting_for_kv == 1
+    cfg = load_model_config(e2e_model)
+    first.push([chunk_msg(first, pages(e2e_model, cfg.num_layers, 3), layers=(0, cfg.num_layers), blocks=(0, 3)),
+                end_msg(first, 1)])
+    assert len([t for r in first.call if r.HasField("chunk") for t in r.chunk.token_ids]) == 4
+    first.close()
+    wait_idle(cluster)
 
 
 def test_kv_for_an_unknown_request_is_refused(decode_pod, e2e_model):
@@ -215,8 +244,8 @@ CRASHING_PREFILL = '''
 import os, sys
 from tandem.kv import sender
 original = sender.KVTransfer.submit
-def submit(self, build, nbytes):
-    original(self, build, nbytes)
+def submit(self, *args):
+    original(self, *args)
     if self.chunks == 2:
         os._exit(17)   # die with a KV transfer half done
 sender.KVTransfer.submit = submit
@@ -250,8 +279,11 @@ def test_prefill_pod_dying_mid_transfer_is_retried_colocated(e2e_model, tmp_path
             code = prefill.proc.wait(10)
         except subprocess.TimeoutExpired:
             code = None
-        assert code == 17, "the prefill pod did not crash mid-transfer:\n" + (tmp_path / "crashing_prefill.log").read_text()[-3000:] + "".join(cluster.log[-30:])
+        assert code == 17, "the prefill pod did not crash mid-transfer:\n" + (tmp_path / "crashing_prefill.log").read_text()[-3000:] + "".join(list(cluster.log)[-30:])
         assert r.status_code == 200, r.text
+        metrics = httpx.get(f"{cluster.router_url}/metrics").text
+        assert 'tandem_router_routing_decisions_total{mode="colocated"} 1.0' in metrics  # retried colocated
+        assert "tandem_router_attempts_total 2.0" in metrics
         from tandem.engine import LLM
 
         want = LLM(e2e_model, num_kv_blocks=64).generate([prompt], SamplingParams(temperature=0, max_tokens=6))
@@ -264,5 +296,48 @@ def test_prefill_pod_dying_mid_transfer_is_retried_colocated(e2e_model, tmp_path
                 break
             assert time.monotonic() < deadline, st
             time.sleep(0.1)
+    finally:
+        cluster.stop()
+
+
+def test_a_decode_pod_dying_mid_stream_is_reported_and_marked_down(e2e_model):
+    cluster = start_cluster(e2e_model, prefill=0, decode=2, kvstore=False)
+    try:
+        body = {"prompt": "a stream whose pod dies", "max_tokens": 2000, "stream": True, "ignore_eos": True}
+        with httpx.Client(timeout=60) as client:
+            with client.stream("POST", f"{cluster.router_url}/v1/completions", json=body) as r:
+                lines = r.iter_lines()
+                for _ in range(3):
+                    next(lines)
+                serving = next(p for p in cluster.pods("decode") if pod_stats(p).num_running)
+                serving.proc.kill()
+                rest = [line for line in lines if line.startswith("data: ")]
+        error = json.loads(rest[-2][len("data: "):])["error"]
+        assert rest[-1] == "data: [DONE]"
+        assert error["code"] == 503 and error["message"].startswith(f"decode pod {serving.address} failed: ")
+        # The dead pod is out of routing; the live one stays (a poll may lag on a loaded machine).
+        deadline = time.monotonic() + 5
+        while httpx.get(f"{cluster.router_url}/health").json().get("decode_pods") != 1:
+            assert time.monotonic() < deadline, "the router never settled on the one live decode pod"
+            time.sleep(0.1)
+        ok = httpx.post(f"{cluster.router_url}/v1/completions", json={"prompt": "still up", "max_tokens": 3}, timeout=30)
+        assert ok.status_code == 200
+    finally:
+        cluster.stop()
+
+
+def test_requests_without_max_tokens_fit_a_pool_smaller_than_the_model_context(e2e_model):
+    """Pods cap the context to their KV pool and report it; the router defaults max_tokens to it."""
+    cluster = start_cluster(e2e_model, prefill=1, decode=1, num_kv_blocks=16)  # 256 tokens of KV
+    try:
+        time.sleep(1.0)  # one stats poll
+        models = httpx.get(f"{cluster.router_url}/v1/models").json()
+        assert models["data"][0]["max_model_len"] == 257
+        r = httpx.post(f"{cluster.router_url}/v1/chat/completions",
+                       json={"messages": [{"role": "user", "content": "no max_tokens"}], "ignore_eos": True},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        assert usage["prompt_tokens"] + usage["completion_tokens"] == 257
     finally:
         cluster.stop()

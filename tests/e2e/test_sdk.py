@@ -1,6 +1,7 @@
 """The gRPC client SDK against the real router (sync and asyncio)."""
 
 import asyncio
+import time
 
 import pytest
 
@@ -72,9 +73,14 @@ def test_typed_errors(cluster):
         assert e.value.param == "max_tokens"
         with pytest.raises(InvalidRequest):
             client.generate([], max_tokens=3)
+        start = time.monotonic()
+        client.generate("speed", max_tokens=200, ignore_eos=True)
+        per_token = (time.monotonic() - start) / 200
         with pytest.raises(DeadlineExceeded):
-            client.generate("slow", max_tokens=1500, ignore_eos=True, timeout=0.5)
-    wait_idle(cluster)
+            client.generate("slow", max_tokens=2000, ignore_eos=True, timeout=0.5)
+    start = time.monotonic()
+    wait_idle(cluster, timeout=60)
+    assert time.monotonic() - start < (2000 * per_token - 0.5) / 3  # cancelled, not run to the end
 
 
 def test_unreachable_router_is_retried_then_unavailable():

@@ -70,4 +70,4 @@ def test_tandem_up_reports_a_service_that_cannot_start(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 1
-    assert "exited with code" in result.stdout and "no config.json" in result.stdout
+    assert "no config.json" in result.stderr and "Traceback" not in result.stderr + result.stdout

@@ -47,7 +47,6 @@ def test_bfloat16_logits_within_bf16_tolerance_of_transformers(arch, tiny_model)
 
 def test_disaggregated_path_on_cuda_matches_the_offline_engine(tiny_model):
     """Prefill and decode servers on the GPU (pinned staging, receiver stream): same tokens."""
-    import grpc
 
     from services.decode import server as decode_server
     from services.decode.settings import DecodeSettings

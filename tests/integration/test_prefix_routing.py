@@ -2,7 +2,6 @@
 
 import random
 import re
-import subprocess
 import time
 
 import grpc
@@ -95,7 +94,7 @@ def test_two_router_replicas_route_a_prompt_to_the_same_pod(cluster):
     args[args.index("--port") + 1] = str(port)
     args[args.index("--grpc-port") + 1] = str(free_port())
     second = Service("router-2", args, f"127.0.0.1:{port}", lambda: http_healthy(f"http://127.0.0.1:{port}/health"))
-    second.proc = cluster.spawn("router-2", args)
+    second.proc, second.relay = cluster.spawn("router-2", args)
     try:
         wait_until(second.ready, 60, "the second router")
         system = tokens(256, seed=2)
@@ -139,7 +138,7 @@ def test_a_restarted_prefill_pod_loses_its_old_entries(cluster):
     holder = next(p for p in cluster.pods("prefill") if p.name == served_by(cluster, before, queries(cluster)))
     holder.proc.terminate()
     holder.proc.wait(10)
-    holder.proc = cluster.spawn(holder.name, holder.args)  # same pod id, new incarnation, empty cache
+    holder.proc, holder.relay = cluster.spawn(holder.name, holder.args)  # same pod id, new incarnation, empty cache
     wait_until(holder.ready, 60, "the restarted pod")
     wait_until(lambda: httpx.get(f"{cluster.router_url}/health").json()["prefill_pods"] == 2, 20, "the router")
     time.sleep(1.0)  # its first heartbeat retires the old incarnation's entries

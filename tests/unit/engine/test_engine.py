@@ -72,10 +72,12 @@ def test_bad_requests_are_refused_and_hold_nothing(llm, prompt, params, param, e
     assert_clean(llm.engine)
 
 
-def test_request_larger_than_the_kv_pool_is_refused(llama_dir):
-    engine = LLM(llama_dir, num_kv_blocks=4).engine  # 64 tokens of KV
-    with pytest.raises(RequestTooLarge, match="needs 5 KV blocks but the pool holds 4"):
+def test_the_context_is_capped_to_what_the_kv_pool_holds(llama_dir):
+    engine = LLM(llama_dir, num_kv_blocks=4).engine  # 64 tokens of KV: a 65-token context
+    assert engine.limits.max_model_len == 65
+    with pytest.raises(RequestTooLarge, match="maximum context length is 65 tokens, but 66") as e:
         engine.add_request("big", prompt_ids(60), SamplingParams(max_tokens=6))
+    assert e.value.param == "max_tokens"
     engine.add_request("fits", prompt_ids(60), SamplingParams(max_tokens=5))
     while engine.has_unfinished_requests():
         engine.step()

@@ -121,7 +121,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class PodStats(_message.Message):
-    __slots__ = ("role", "pod_id", "model", "model_fingerprint", "block_size", "max_model_len", "num_running", "num_waiting", "num_queued_prefill_tokens", "num_free_blocks", "num_total_blocks", "num_cached_blocks", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "num_waiting_for_kv", "incarnation")
+    __slots__ = ("role", "pod_id", "model", "model_fingerprint", "block_size", "max_model_len", "num_running", "num_waiting", "num_queued_prefill_tokens", "num_free_blocks", "num_total_blocks", "num_cached_blocks", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "num_waiting_for_kv", "incarnation", "engine_steps", "seconds_since_progress")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     POD_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +139,8 @@ class PodStats(_message.Message):
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FOR_KV_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_SINCE_PROGRESS_FIELD_NUMBER: _ClassVar[int]
     role: PodRole
     pod_id: str
     model: str
@@ -156,7 +158,9 @@ class PodStats(_message.Message):
     num_preemptions: int
     num_waiting_for_kv: int
     incarnation: str
-    def __init__(self, role: _Optional[_Union[PodRole, str]] = ..., pod_id: _Optional[str] = ..., model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_queued_prefill_tokens: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_cached_blocks: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_waiting_for_kv: _Optional[int] = ..., incarnation: _Optional[str] = ...) -> None: ...
+    engine_steps: int
+    seconds_since_progress: float
+    def __init__(self, role: _Optional[_Union[PodRole, str]] = ..., pod_id: _Optional[str] = ..., model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_queued_prefill_tokens: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_cached_blocks: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_waiting_for_kv: _Optional[int] = ..., incarnation: _Optional[str] = ..., engine_steps: _Optional[int] = ..., seconds_since_progress: _Optional[float] = ...) -> None: ...
 
 class KVChunk(_message.Message):
     __slots__ = ("request_id", "sequence_number", "model_fingerprint", "layer_start", "layer_end", "block_start", "block_end", "dtype", "shape", "data")

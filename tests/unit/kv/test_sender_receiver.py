@@ -1,0 +1,197 @@
+"""KVSender -> gRPC -> KVReceiver in one process: pages arrive intact, and every staged buffer is
+released on every exit path (success, refusal, cancellation, an exhausted pool)."""
+
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import pytest
+import torch
+
+from tandem.engine.kv_cache import KVCacheSpec, PagedKVCache
+from tandem.engine.sampling_params import SamplingParams
+from tandem.engine.scheduler import ScheduledSequence
+from tandem.engine.sequence import Sequence
+from tandem.errors import InvalidRequest, KVTransferError
+from tandem.kv import codec
+from tandem.kv.receiver import KVReceiver
+from tandem.kv.sender import KVSender, KVTarget
+from tandem.proto.common.v1 import common_pb2
+from tandem.proto.decode.v1 import decode_pb2
+
+SPEC = KVCacheSpec(num_layers=4, num_kv_heads=2, head_dim=8, block_size=4, dtype=torch.float32)
+PROMPT = 37  # 10 blocks, the last one partial
+
+
+class Receiver:
+    """A real gRPC server whose PushKV writes into a KVReceiver (the decode pod's path)."""
+
+    def __init__(self, fingerprint="fp", delay_s=0.0):
+        self.cache = PagedKVCache(SPEC, 32, torch.device("cpu"))
+        self.receiver = KVReceiver(self.cache, fingerprint)
+        self.delay_s = delay_s
+        self.reading = threading.Event()
+        handler = grpc.stream_unary_rpc_method_handler(
+            self.push_kv, request_deserializer=codec.decode,
+            response_serializer=decode_pb2.PushKVResponse.SerializeToString,
+        )
+        self.server = grpc.server(futures.ThreadPoolExecutor(8))
+        self.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("tandem.decode.v1.DecodeService", {"PushKV": handler}),)
+        )
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def push_kv(self, request_iterator, context):
+        self.reading.set()
+        time.sleep(self.delay_s)
+        n = 0
+        try:
+            for msg in request_iterator:
+                if msg.chunk is not None:
+                    self.receiver.write(msg.chunk, msg.data)
+                    n += 1
+                elif msg.end is not None:
+                    self.receiver.complete(msg.end)
+        except KVTransferError as e:
+            context.abort(grpc.StatusCode.DATA_LOSS, str(e))
+        return decode_pb2.PushKVResponse(chunks_received=n)
+
+    def stop(self):
+        self.server.stop(0)
+
+
+def sender(**kw) -> KVSender:
+    defaults = dict(layers_per_group=2, max_chunk_bytes=1024, num_streams=2, device=torch.device("cpu"))
+    return KVSender(SPEC, "fp", **{**defaults, **kw})
+
+
+def source():
+    g = torch.Generator().manual_seed(0)
+    kv = torch.randn((4, 2, 64, 4, 2, 8), generator=g)
+    blocks = torch.randperm(64, generator=g)[:10].tolist()
+    return kv, blocks
+
+
+def run_prefill(s: KVSender, rid: str, kv, blocks, layers=4):
+    seq = Sequence(rid, [1] * PROMPT, SamplingParams(max_tokens=1), arrival_time=0.0, arrival_index=0)
+    scheduled = [ScheduledSequence(seq, 0, PROMPT, blocks, True)]
+    for n in range(1, layers + 1):
+        s.on_layers_computed(scheduled, n, kv)
+
+
+def end(rid: str, fingerprint="fp") -> common_pb2.KVTransferEnd:
+    return common_pb2.KVTransferEnd(request_id=rid, model_fingerprint=fingerprint, first_token_id=1)
+
+
+def test_pages_arrive_intact_and_buffers_come_back():
+    r = Receiver()
+    s = sender()
+    try:
+        kv, blocks = source()
+        r.receiver.expect("r1", list(range(10)), 0)
+        s.start("r1", KVTarget(f"127.0.0.1:{r.port}", "r1", 0, "fp"), PROMPT)
+        run_prefill(s, "r1", kv, blocks)
+        result = s.finish("r1", end("r1")).result(10)
+        assert result.bytes == kv[:, :, blocks].numel() * 4 and result.chunks > 2  # several chunks, 2 streams
+        assert torch.equal(r.cache.tensor[:, :, :10], kv[:, :, blocks])
+        assert s.staging.in_use == 0
+    finally:
+        s.close()
+        r.stop()
+
+
+def test_skip_blocks_are_not_sent():
+    r = Receiver()
+    s = sender()
+    try:
+        kv, blocks = source()
+        r.receiver.expect("r1", list(range(10)), 4)  # the decode pod caches the first 4 blocks
+        s.start("r1", KVTarget(f"127.0.0.1:{r.port}", "r1", 4, "fp"), PROMPT)
+        run_prefill(s, "r1", kv, blocks)
+        s.finish("r1", end("r1")).result(10)
+        assert torch.equal(r.cache.tensor[:, :, 4:10], kv[:, :, blocks[4:]])
+        assert r.cache.tensor[:, :, :4].abs().sum() == 0
+    finally:
+        s.close()
+        r.stop()
+
+
+def test_a_refused_transfer_releases_everything_and_stops_gathering():
+    r = Receiver(fingerprint="other-model")
+    s = sender()
+    try:
+        kv, blocks = source()
+        r.receiver.expect("r1", list(range(10)), 0)
+        s.start("r1", KVTarget(f"127.0.0.1:{r.port}", "r1", 0, "fp"), PROMPT)
+        run_prefill(s, "r1", kv, blocks, layers=2)
+        deadline = time.monotonic() + 10
+        while not s._transfers["r1"].failed:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        queued = s._transfers["r1"].chunks
+        run_prefill(s, "r1", kv, blocks)  # later layer groups: nothing more is gathered
+        assert s._transfers["r1"].chunks == queued
+        with pytest.raises(KVTransferError, match="DATA_LOSS"):
+            s.finish("r1", end("r1")).result(10)
+        assert s.staging.in_use == 0
+    finally:
+        s.close()
+        r.stop()
+
+
+def test_cancel_mid_transfer_releases_queued_buffers():
+    r = Receiver(delay_s=0.5)  # the decode pod is slow to read: chunks pile up
+    s = sender(staging_buffers=1000)
+    try:
+        kv, blocks = source()
+        r.receiver.expect("r1", list(range(10)), 0)
+        s.start("r1", KVTarget(f"127.0.0.1:{r.port}", "r1", 0, "fp"), PROMPT)
+        run_prefill(s, "r1", kv, blocks)
+        assert s.staging.in_use > 0
+        s.abort("r1")
+        deadline = time.monotonic() + 10
+        while s.staging.in_use:
+            assert time.monotonic() < deadline, f"{s.staging.in_use} buffers never came back"
+            time.sleep(0.01)
+    finally:
+        s.close()
+        r.stop()
+
+
+def test_an_exhausted_pool_never_blocks_the_engine_thread():
+    r = Receiver(delay_s=0.3)
+    s = sender(staging_buffers=1)
+    try:
+        kv, blocks = source()
+        r.receiver.expect("r1", list(range(10)), 0)
+        s.start("r1", KVTarget(f"127.0.0.1:{r.port}", "r1", 0, "fp"), PROMPT)
+        start = time.monotonic()
+        run_prefill(s, "r1", kv, blocks)
+        assert time.monotonic() - start < 0.3  # queued without waiting for the slow receiver
+        s.finish("r1", end("r1")).result(10)
+        assert torch.equal(r.cache.tensor[:, :, :10], kv[:, :, blocks]) and s.staging.in_use == 0
+    finally:
+        s.close()
+        r.stop()
+
+
+def test_duplicate_transfers_and_impossible_chunk_sizes_are_refused():
+    s = sender()
+    try:
+        s.start("r1", KVTarget("127.0.0.1:1", "r1", 0, "fp"), PROMPT)
+        with pytest.raises(InvalidRequest, match="already in use"):
+            s.start("r1", KVTarget("127.0.0.1:1", "r1", 0, "fp"), PROMPT)
+    finally:
+        s.close()
+    per_block_layer = 2 * 4 * 2 * 8 * 4
+    with pytest.raises(ValueError, match="chunk limit"):
+        sender(max_chunk_bytes=per_block_layer - 1)
+    assert sender(max_chunk_bytes=per_block_layer, layers_per_group=4).layers_per_group == 1
+
+
+def test_malformed_frames_are_reported_not_raised():
+    bad = codec.decode(b"\x0a\xff\xff\xff\xff\x0f")  # a length far past the end
+    assert bad.error is not None and "malformed" in str(bad.error)
+    assert codec.decode(b"\x0b").error is not None  # a group wire type

@@ -1,0 +1,44 @@
+"""OpenAI serving logic without pods: a multi-prompt request stops every prompt when one fails."""
+
+import asyncio
+
+import pytest
+
+from services.router.flow import Job, Route
+from services.router.openai_api import OpenAIServing
+from services.router.openai_protocol import CompletionRequest
+from tandem.engine.sampling_params import SamplingParams
+from tandem.errors import UpstreamUnavailable
+from tandem.serving.requests import TokenEvent
+
+
+class FakeDispatcher:
+    """Prompt 0 generates slowly forever; prompt 1 fails after a moment."""
+
+    def __init__(self):
+        self.cancelled = asyncio.Event()
+
+    async def generate(self, job, route):
+        if job.request_id.endswith("-0"):
+            try:
+                while True:
+                    await asyncio.sleep(0.01)
+                    yield TokenEvent([1], "x", [])
+            finally:
+                self.cancelled.set()
+        await asyncio.sleep(0.05)
+        raise UpstreamUnavailable("prompt 1 failed")
+        yield  # pragma: no cover - makes this an async generator
+
+
+def test_one_failed_prompt_cancels_the_others():
+    async def main():
+        dispatcher = FakeDispatcher()
+        serving = OpenAIServing(tokenizer=None, dispatcher=dispatcher, model_name="m", max_model_len=100, vocab_size=10)
+        req = CompletionRequest(prompt=[[1, 2], [3, 4]], max_tokens=5)
+        jobs = [Job(f"r-{i}", [1, 2], SamplingParams(max_tokens=5)) for i in range(2)]
+        with pytest.raises(UpstreamUnavailable):
+            await serving.completion(req, jobs, "r", [Route(), Route()])
+        await asyncio.wait_for(dispatcher.cancelled.wait(), 2)
+
+    asyncio.run(main())
