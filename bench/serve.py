@@ -7,12 +7,20 @@ Measured client side, as ../shared/BENCHMARKS.md defines them: TTFT (send -> fir
 text), TPOT ((E2EL - TTFT) / (output tokens - 1)), ITL (every gap between chunks), E2EL, request
 and token throughput over the run's wall time, and goodput against the SLOs given.
 
-By default it starts the system twice with the same number of workers -- colocated (N decode
-workers, no prefill) and disaggregated (N/2 prefill + N/2 decode) -- and runs the same workload
-against each. ``--url`` benchmarks a running router instead.
+Each mode starts the system afresh and runs the same workload:
+
+- ``colocated``: N decode workers, no prefill workers;
+- ``disaggregated``: N/2 prefill + N/2 decode workers (same N);
+- ``prefix-aware`` / ``load-only``: --prefill-workers + --decode-workers, with and without
+  kvstore (prefix-aware routing), for the prefix-reuse workload.
+
+``--url`` benchmarks a running router instead. Workloads: ``random`` (random token ids of
+--input-len) and ``prefix-repetition`` (vLLM's shape: --num-prefixes shared prefixes of
+--prefix-len tokens, each followed by its own --suffix-len tokens).
 
     python bench/serve.py                                   # CPU, tiny model, small workload
     python bench/serve.py --device cuda --model DIR --input-len 1024 --output-len 128 --rate 4
+    python bench/serve.py --workload prefix-repetition --modes prefix-aware load-only
 """
 
 import argparse
@@ -35,6 +43,7 @@ class RequestResult:
     ok: bool
     prompt_tokens: int
     output_tokens: int = 0
+    cached_tokens: int = 0
     ttft: float = 0.0
     e2el: float = 0.0
     itls: list[float] = field(default_factory=list)
@@ -66,6 +75,7 @@ async def one_request(client, url: str, prompt: list[int], output_len: int, star
                 now = time.perf_counter()
                 if data.get("usage"):
                     result.output_tokens = data["usage"]["completion_tokens"]
+                    result.cached_tokens = data["usage"]["prompt_tokens_details"]["cached_tokens"]
                 if not data["choices"] or not data["choices"][0].get("text"):
                     continue
                 if last is None:
@@ -112,6 +122,7 @@ def summarize(results: list[RequestResult], wall: float, slo: dict) -> dict:
         "output_throughput": out_tokens / wall,
         "total_token_throughput": (in_tokens + out_tokens) / wall,
         "goodput": len(good) / wall,
+        "cache_hit_rate": sum(r.cached_tokens for r in ok) / max(1, in_tokens),
         "ttft_ms": {k: v * 1000 if v is not None else None for k, v in percentiles([r.ttft for r in ok]).items()},
         "tpot_ms": {k: v * 1000 if v is not None else None for k, v in percentiles([r.tpot for r in ok if r.tpot]).items()},
         "itl_ms": {k: v * 1000 if v is not None else None for k, v in percentiles([g for r in ok for g in r.itls]).items()},
@@ -121,7 +132,13 @@ def summarize(results: list[RequestResult], wall: float, slo: dict) -> dict:
 
 def workload(args, vocab: int):
     rng = random.Random(args.seed)
-    prompts = [[rng.randrange(3, vocab) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
+    if args.workload == "prefix-repetition":
+        prefixes = [[rng.randrange(3, vocab) for _ in range(args.prefix_len)] for _ in range(args.num_prefixes)]
+        prompts = [prefixes[i % args.num_prefixes] + [rng.randrange(3, vocab) for _ in range(args.suffix_len)]
+                   for i in range(args.num_prompts)]
+        rng.shuffle(prompts)
+    else:
+        prompts = [[rng.randrange(3, vocab) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
     if args.rate == float("inf"):
         arrivals = [0.0] * args.num_prompts
     else:
@@ -151,11 +168,15 @@ def start_system(model: Path, mode: str, args):
     from tandem.local_cluster import LocalCluster, UpOptions
 
     workers = args.workers
+    prefill, decode = {
+        "colocated": (0, workers),
+        "disaggregated": (workers // 2, workers - workers // 2),
+        "prefix-aware": (args.prefill_workers, args.decode_workers),
+        "load-only": (args.prefill_workers, args.decode_workers),
+    }[mode]
     opts = UpOptions(
-        model=model, port=0, device=args.device, num_kv_blocks=args.num_kv_blocks,
-        prefill=0 if mode == "colocated" else workers // 2,
-        decode=workers if mode == "colocated" else workers - workers // 2,
-        worker_args=args.worker_args,
+        model=model, port=0, device=args.device, num_kv_blocks=args.num_kv_blocks, prefill=prefill, decode=decode,
+        worker_args=args.worker_args, kvstore=mode != "load-only",
     )
     cluster = LocalCluster(opts, model, relay=False)
     cluster.start_redis()
@@ -173,8 +194,15 @@ def main() -> None:
     ap.add_argument("--url", help="benchmark this running router instead of starting the system")
     ap.add_argument("--model", type=Path, help="model directory (default: a generated tiny llama)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--modes", nargs="+", default=["colocated", "disaggregated"])
+    ap.add_argument("--modes", nargs="+", default=["colocated", "disaggregated"],
+                    choices=["colocated", "disaggregated", "prefix-aware", "load-only"])
     ap.add_argument("--workers", type=int, default=2, help="GPU workers per mode (disaggregated: half prefill)")
+    ap.add_argument("--prefill-workers", type=int, default=2, help="prefix-aware / load-only modes")
+    ap.add_argument("--decode-workers", type=int, default=1, help="prefix-aware / load-only modes")
+    ap.add_argument("--workload", choices=["random", "prefix-repetition"], default="random")
+    ap.add_argument("--num-prefixes", type=int, default=10)
+    ap.add_argument("--prefix-len", type=int, default=256)
+    ap.add_argument("--suffix-len", type=int, default=256)
     ap.add_argument("--num-kv-blocks", type=int, default=None)
     ap.add_argument("--worker-args", nargs="*", default=[], help="extra flags for every worker")
     ap.add_argument("--num-prompts", type=int, default=32)
@@ -206,17 +234,19 @@ def main() -> None:
                 results[mode] = asyncio.run(run_load(cluster.router_url, args, vocab))
             finally:
                 cluster.stop()
-    payload = {"workload": f"{args.input_len} in / {args.output_len} out, {args.num_prompts} prompts, rate {args.rate}",
+    shape = (f"{args.num_prefixes} prefixes x ({args.prefix_len} + {args.suffix_len}) in"
+             if args.workload == "prefix-repetition" else f"{args.input_len} in")
+    payload = {"workload": f"{args.workload}: {shape} / {args.output_len} out, {args.num_prompts} prompts, rate {args.rate}",
                "device": args.device, "model": str(model), "workers": args.workers, "command": " ".join(sys.argv),
                "results": results}
-    path = write_result("serve", args.device, payload, args.out_dir)
+    path = write_result(f"serve-{args.workload}", args.device, payload, args.out_dir)
     rows = []
     for mode, r in results.items():
         rows.append([mode, r["completed"], r["failed"], r["request_throughput"], r["output_throughput"],
                      r["ttft_ms"]["median"], r["ttft_ms"]["p99"], r["tpot_ms"]["median"], r["itl_ms"]["median"],
-                     r["e2el_ms"]["median"], r["goodput"]])
+                     r["e2el_ms"]["median"], r["goodput"], r["cache_hit_rate"]])
     print_table(["mode", "ok", "failed", "req/s", "out tok/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms",
-                 "ITL p50 ms", "E2EL p50 ms", "goodput req/s"], rows)
+                 "ITL p50 ms", "E2EL p50 ms", "goodput req/s", "cache hit"], rows)
     if len(results) == 2 and all(r["completed"] for r in results.values()):
         a, b = (results[m] for m in args.modes)
         print(f"{args.modes[1]}/{args.modes[0]}: output throughput x{b['output_throughput'] / a['output_throughput']:.2f}, "

@@ -134,6 +134,8 @@ class Service:
     address: str
     """host:port of its gRPC server (pods) or HTTP server (router)."""
     ready: Callable[[], bool]
+    metrics_url: str | None = None
+    """Where its Prometheus metrics are served."""
     proc: subprocess.Popen | None = None
     relay: threading.Thread | None = None
 
@@ -169,20 +171,24 @@ class LocalCluster:
         kvstore = None
         if opts.kvstore and opts.prefill:
             kvstore = f"127.0.0.1:{free_port()}"
-            args = ["kvstore", "--host", "127.0.0.1", "--port", kvstore.split(":")[1]]
+            metrics_port = free_port()
+            args = ["kvstore", "--host", "127.0.0.1", "--port", kvstore.split(":")[1], "--metrics-port", str(metrics_port)]
             if opts.redis_url or self.redis_url:
                 args += ["--redis-url", opts.redis_url or self.redis_url]
-            self.services.append(Service("kvstore", args, kvstore, lambda: grpc_healthy(kvstore)))
+            self.services.append(Service("kvstore", args, kvstore, lambda: grpc_healthy(kvstore),
+                                         f"http://127.0.0.1:{metrics_port}/metrics"))
         addrs: dict[str, list[str]] = {"prefill": [], "decode": []}
         for role, count in (("prefill", opts.prefill), ("decode", opts.decode)):
             for i in range(count):
                 address = f"127.0.0.1:{free_port()}"
                 addrs[role].append(address)
+                metrics_port = free_port()
                 args = [role, *common, "--port", address.split(":")[1], "--advertise-address", address,
-                        "--pod-id", f"{role}-{i}"]
+                        "--pod-id", f"{role}-{i}", "--metrics-port", str(metrics_port)]
                 if role == "prefill" and kvstore:
                     args += ["--kvstore", kvstore]
-                self.services.append(Service(f"{role}-{i}", args, address, lambda a=address: grpc_healthy(a)))
+                self.services.append(Service(f"{role}-{i}", args, address, lambda a=address: grpc_healthy(a),
+                                             f"http://127.0.0.1:{metrics_port}/metrics"))
         http_port = opts.port or free_port(opts.host)
         self.router_grpc = f"{opts.host}:{opts.grpc_port or free_port(opts.host)}"
         router = [
@@ -192,7 +198,8 @@ class LocalCluster:
             *(["--kvstore", kvstore] if kvstore else []), *opts.router_args,
         ]
         url = f"http://{opts.host}:{http_port}/health"
-        self.services.append(Service("router", router, f"{opts.host}:{http_port}", lambda: http_healthy(url)))
+        self.services.append(Service("router", router, f"{opts.host}:{http_port}", lambda: http_healthy(url),
+                                     f"http://{opts.host}:{http_port}/metrics"))
 
     def start_redis(self) -> None:
         """Start the embedded Redis for kvstore (before plan()), unless a URL was given."""

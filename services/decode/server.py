@@ -12,6 +12,7 @@ discards its pending KV writes before the engine frees its blocks.
 import asyncio
 import concurrent.futures
 import logging
+import time
 
 import grpc
 
@@ -26,6 +27,7 @@ from tandem.proto.decode.v1 import decode_pb2, decode_pb2_grpc
 from tandem.serving import convert
 from tandem.serving.engine_worker import EngineWorker
 from tandem.serving.grpc_server import GrpcServer, RunningService
+from tandem.serving.pod_metrics import PodMetrics
 from tandem.serving.status import abort_with
 
 logger = logging.getLogger(__name__)
@@ -38,8 +40,11 @@ def release_request(receiver: KVReceiver, engine: LLMEngine, rid: str) -> None:
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
-    def __init__(self, settings: DecodeSettings, worker: EngineWorker, receiver: KVReceiver, identity: dict) -> None:
+    def __init__(
+        self, settings: DecodeSettings, worker: EngineWorker, receiver: KVReceiver, identity: dict, metrics: PodMetrics
+    ) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.worker = worker
         self.receiver = receiver
         self.identity = identity
@@ -63,6 +68,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             yield decode_pb2.GenerateResponse(admitted=admitted)
             remote = request.prefill_mode == decode_pb2.PREFILL_MODE_REMOTE
             completion_tokens = 0
+            last_token_at = None
             while True:
                 timeout = self.settings.kv_timeout_s if remote and completion_tokens == 0 else None
                 try:
@@ -71,11 +77,18 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                     raise KVTransferError(f"KV pages did not arrive within {self.settings.kv_timeout_s:g} s") from None
                 if isinstance(item, BaseException):
                     raise item
-                completion_tokens += len(item.outputs[0].token_ids)
+                new_tokens = len(item.outputs[0].token_ids)
+                completion_tokens += new_tokens
+                now = time.monotonic()
+                if new_tokens and last_token_at is not None:
+                    self.metrics.itl.observe((now - last_token_at) / new_tokens)
+                if new_tokens:
+                    last_token_at = now
                 response = decode_pb2.GenerateResponse(chunk=convert.token_chunk(item))
                 if item.finished:
                     finished = True
                     response.usage.CopyFrom(convert.usage(item, completion_tokens))
+                    self.metrics.observe_finished(item.metrics)
                 yield response
                 if finished:
                     return
@@ -160,14 +173,16 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                     if rid is not None and msg.end.request_id != rid:
                         raise KVTransferError("the end message names another request than the stream's chunks")
                     rid = msg.end.request_id
-                    await loop.run_in_executor(self._kv_writers, self.receiver.complete, msg.end)
+                    summary = await loop.run_in_executor(self._kv_writers, self.receiver.complete, msg.end)
                     await self.worker.call(lambda e, end=msg.end: self._complete(e, end))
+                    self.metrics.transfer("ok", summary.bytes, summary.seconds)
                     ended = True
                 else:
                     raise KVTransferError("empty PushKV message")
             return decode_pb2.PushKVResponse(chunks_received=chunks, bytes_received=nbytes)
         except asyncio.CancelledError:
             if rid is not None and not ended:
+                self.metrics.transfer("broken")
                 self.worker.fail(rid, KVTransferError("the KV stream from the prefill pod broke off"))
             raise
         except Exception as exc:  # noqa: BLE001 - whatever broke the stream fails its request
@@ -176,6 +191,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 exc = KVTransferError(f"KV stream failed: {type(exc).__name__}: {exc}")
             if rid is not None:
                 self.worker.fail(rid, exc)
+            self.metrics.transfer("refused")
             logger.warning("KV transfer for %s refused: %s", rid, exc)
             await abort_with(context, exc)
 
@@ -226,12 +242,16 @@ async def start(settings: DecodeSettings) -> RunningService:
     )
     server = GrpcServer(settings.host, settings.port, ["tandem.decode.v1.DecodeService"])
     identity = settings.identity(engine, common_pb2.POD_ROLE_DECODE, settings.address(server.port))
-    servicer = DecodeServicer(settings, worker, receiver, identity)
+    metrics = PodMetrics(worker, model_name=settings.model_name(), role="decode",
+                         cache_config=settings.cache_config_info(engine))
+    if settings.metrics_port is not None:
+        metrics.serve(settings.metrics_port)
+    servicer = DecodeServicer(settings, worker, receiver, identity, metrics)
     add_decode_service(servicer, server.server)
     worker.start()
     await server.start()
     logger.info("decode pod %s serving on port %d", identity["pod_id"], server.port)
-    return RunningService(server, [worker.stop], engine=engine, worker=worker, servicer=servicer)
+    return RunningService(server, [worker.stop], engine=engine, worker=worker, servicer=servicer, metrics=metrics)
 
 
 async def serve(settings: DecodeSettings) -> None:

@@ -24,6 +24,7 @@ from tandem.proto.prefill.v1 import prefill_pb2, prefill_pb2_grpc
 from tandem.serving import convert
 from tandem.serving.engine_worker import EngineWorker
 from tandem.serving.grpc_server import GrpcServer, RunningService
+from tandem.serving.pod_metrics import PodMetrics
 from tandem.serving.status import abort_with
 
 logger = logging.getLogger(__name__)
@@ -38,8 +39,11 @@ def prefill_only(params: SamplingParams) -> SamplingParams:
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
-    def __init__(self, settings: PrefillSettings, worker: EngineWorker, sender: KVSender, identity: dict) -> None:
+    def __init__(
+        self, settings: PrefillSettings, worker: EngineWorker, sender: KVSender, identity: dict, metrics: PodMetrics
+    ) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.worker = worker
         self.sender = sender
         self.identity = identity
@@ -60,8 +64,14 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             item = await stream.get()
             if isinstance(item, BaseException):
                 raise item
+            self.metrics.observe_finished(item.metrics)
             end = convert.transfer_end(item, target.request_id, self.fingerprint)
-            result = await asyncio.wrap_future(self.sender.finish(rid, end))
+            try:
+                result = await asyncio.wrap_future(self.sender.finish(rid, end))
+            except TandemError:
+                self.metrics.transfer("failed")
+                raise
+            self.metrics.transfer("ok", result.bytes, result.seconds)
             done = True
             return prefill_pb2.PrefillResponse(
                 first_token_id=end.first_token_id,
@@ -139,6 +149,10 @@ async def start(settings: PrefillSettings) -> RunningService:
     server = GrpcServer(settings.host, settings.port, ["tandem.prefill.v1.PrefillService"])
     address = settings.address(server.port)
     identity = settings.identity(engine, common_pb2.POD_ROLE_PREFILL, address)
+    metrics = PodMetrics(worker, model_name=settings.model_name(), role="prefill",
+                         cache_config=settings.cache_config_info(engine))
+    if settings.metrics_port is not None:
+        metrics.serve(settings.metrics_port)
     cleanups = [worker.stop, sender.close]
     if settings.kvstore is not None:
         async def snapshot():
@@ -150,14 +164,15 @@ async def start(settings: PrefillSettings) -> RunningService:
             fingerprint=identity["model_fingerprint"], block_size=engine.config.block_size, snapshot=snapshot,
             heartbeat_interval_s=settings.kvstore_heartbeat_s,
         )
-    servicer = PrefillServicer(settings, worker, sender, identity)
+    servicer = PrefillServicer(settings, worker, sender, identity, metrics)
     prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, server.server)
     worker.start()
     await server.start()
     if publisher is not None:
         cleanups.insert(0, asyncio.create_task(publisher.run(), name="kv-events").cancel)
     logger.info("prefill pod %s serving on port %d", identity["pod_id"], server.port)
-    return RunningService(server, cleanups, engine=engine, worker=worker, sender=sender, publisher=publisher)
+    return RunningService(server, cleanups, engine=engine, worker=worker, sender=sender, publisher=publisher,
+                          metrics=metrics)
 
 
 async def serve(settings: PrefillSettings) -> None:

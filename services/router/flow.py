@@ -16,6 +16,7 @@ away -- both calls are cancelled, so the pods free the request's blocks.
 import asyncio
 import itertools
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -110,7 +111,12 @@ class Dispatcher:
 
     def _choose_prefill(self, job: Job, route: Route, cached: dict[str, int] | None) -> Pod | None:
         pods = [p for p in self.registry.by_role("prefill") if p.address not in route.tried_prefill]
-        tie_key = np.asarray(job.prompt_token_ids[:256], dtype="<u4").tobytes()
+        # With kvstore, ties break by the prompt so that every router replica agrees; without it,
+        # at random: a content-hashed tie-break would be prefix affinity in disguise.
+        if self.prefix_index is not None:
+            tie_key = np.asarray(job.prompt_token_ids[:256], dtype="<u4").tobytes()
+        else:
+            tie_key = os.urandom(8)
         ranked = self.scorer.rank(pods, len(job.prompt_token_ids), cached or {}, tie_key)
         if not ranked:
             return None

@@ -8,6 +8,7 @@ reserved blocks may be freed and reused safely.
 """
 
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,7 @@ class _Inbound:
     """[layers, blocks] bool: which pages have been written."""
     chunks: int = 0
     bytes: int = 0
+    first_write: float | None = None
     closed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -34,6 +36,8 @@ class _Inbound:
 class TransferSummary:
     chunks: int
     bytes: int
+    seconds: float
+    """From the first chunk written to the end message."""
 
 
 class KVReceiver:
@@ -98,6 +102,8 @@ class KVReceiver:
             else:
                 self.kv[l0:l1, :, inbound.block_ids[b0:b1]] = pages
             region.fill_(True)
+            if inbound.first_write is None:
+                inbound.first_write = time.perf_counter()
             inbound.chunks += 1
             nbytes = pages.numel() * pages.element_size()
             inbound.bytes += nbytes
@@ -126,7 +132,8 @@ class KVReceiver:
             inbound.closed = True
         with self._lock:
             self._inbound.pop(end.request_id, None)
-        return TransferSummary(inbound.chunks, inbound.bytes)
+        seconds = time.perf_counter() - inbound.first_write if inbound.first_write is not None else 0.0
+        return TransferSummary(inbound.chunks, inbound.bytes, seconds)
 
     def discard(self, request_id: str) -> None:
         """Stop accepting KV for the request; returns once no write into its blocks is running."""

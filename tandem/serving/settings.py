@@ -30,6 +30,8 @@ class PodSettings(BaseSettings, EngineOptions):
     """host:port other pods use to reach this one (default: this host's name and the port)."""
     pod_id: str | None = None
     """Stable name of this pod (default: the advertised address)."""
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    """Serve Prometheus metrics (vllm:* and tandem_*) over HTTP on this port."""
     max_waiting: int = Field(1024, gt=0)
     """Most requests queued in the engine; more are refused with RESOURCE_EXHAUSTED."""
 
@@ -53,3 +55,12 @@ class PodSettings(BaseSettings, EngineOptions):
             max_model_len=engine.limits.max_model_len,
             incarnation=f"{os.getpid()}-{uuid.uuid4().hex[:8]}",
         )
+
+    def cache_config_info(self, engine) -> dict[str, str]:
+        """Labels of vllm:cache_config_info."""
+        return {
+            "block_size": str(engine.config.block_size),
+            "num_gpu_blocks": str(engine.limits.num_kv_blocks),
+            "enable_prefix_caching": str(engine.config.enable_prefix_caching),
+            "cache_dtype": engine.fingerprint.dtype,
+        }

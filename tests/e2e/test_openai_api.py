@@ -222,6 +222,8 @@ def test_bad_input_gets_the_openai_error_envelope(cluster, path, body, status, p
 
 
 def test_models_health_and_metrics(cluster):
+    assert httpx.post(f"{cluster.router_url}/v1/completions", json={"prompt": "count me", "max_tokens": 2},
+                      timeout=30).status_code == 200
     models = httpx.get(f"{cluster.router_url}/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == "llama"
     assert models["data"][0]["max_model_len"] == 2048
