@@ -16,6 +16,7 @@ from services.kvstore.settings import KVStoreSettings
 from services.prefill.settings import PrefillSettings
 from services.router.settings import RouterSettings
 from tandem.local_cluster import UpOptions
+from tandem.model_fetch import ModelFetchOptions
 from tandem.model_gen import ModelGenOptions
 
 DEFAULT_MODEL_DIR = Path(".tandem/models/tiny-llama")
@@ -80,6 +81,8 @@ class Tandem(BaseSettings):
     """Run the kvstore service (prefix-cache index over Redis)."""
     model_gen: CliSubCommand[ModelGenOptions]
     """Write a tiny model directory with random weights (no downloads)."""
+    model_fetch: CliSubCommand[ModelFetchOptions]
+    """Copy a model directory from an http(s)/file URI (the Helm chart's init step)."""
     generate: CliSubCommand[Generate]
     """Offline generation with the engine."""
 

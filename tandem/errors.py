@@ -42,6 +42,10 @@ class UpstreamUnavailable(TandemError):
     """No backend is ready to serve (HTTP 503, gRPC UNAVAILABLE)."""
 
 
+class ShuttingDown(UpstreamUnavailable):
+    """This pod is draining before it exits and takes no new requests (gRPC UNAVAILABLE: retry elsewhere)."""
+
+
 class KVTransferError(TandemError):
     """A KV page stream was short, corrupt or for another model (gRPC DATA_LOSS / FAILED_PRECONDITION)."""
 

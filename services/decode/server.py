@@ -257,4 +257,4 @@ async def start(settings: DecodeSettings) -> RunningService:
 async def serve(settings: DecodeSettings) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     service = await start(settings)
-    await service.serve_until_signalled()
+    await service.serve_until_signalled(settings.shutdown_grace_s)

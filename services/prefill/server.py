@@ -178,4 +178,4 @@ async def start(settings: PrefillSettings) -> RunningService:
 async def serve(settings: PrefillSettings) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     service = await start(settings)
-    await service.serve_until_signalled()
+    await service.serve_until_signalled(settings.shutdown_grace_s)

@@ -111,7 +111,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
     tokenizer = Tokenizer(settings.model)
     model_config = load_model_config(settings.model)
     registry = PodRegistry(
-        settings.prefill, settings.decode, interval_s=settings.stats_interval_s, timeout_s=settings.pod_timeout_s,
+        settings.make_discovery(), interval_s=settings.stats_interval_s, timeout_s=settings.pod_timeout_s,
         stall_timeout_s=settings.stall_timeout_s,
     )
     prefix_index = PrefixIndexClient(settings.kvstore, settings.kvstore_timeout_s) if settings.kvstore else None
@@ -132,12 +132,12 @@ def create_app(settings: RouterSettings) -> FastAPI:
         router_pb2_grpc.add_RouterServiceServicer_to_server(RouterServicer(serving), server.server)
         await server.start()
         app.state.grpc_port = server.port
-        logger.info("router gRPC on port %d; %d prefill, %d decode pods", server.port,
-                    len(settings.prefill), len(settings.decode))
+        logger.info("router gRPC on port %d; %d prefill, %d decode pods (%s discovery)", server.port,
+                    len(registry.by_role("prefill")), len(registry.by_role("decode")), settings.discovery)
         try:
             yield
         finally:
-            await server.stop(2.0)
+            await server.stop(settings.shutdown_grace_s)  # SDK streams in flight finish
             await registry.close()
             if prefix_index is not None:
                 await prefix_index.close()

@@ -175,6 +175,8 @@ class Dispatcher:
         state = _AttemptState()
         prefill_task: asyncio.Task | None = None
         decode.inflight += 1
+        if prefill is not None:
+            prefill.inflight += 1  # from the choice on: a retired pod's channel stays open for us
         try:
             admitted = await self._admission(call, decode, route)
             if prefill is not None:
@@ -200,8 +202,9 @@ class Dispatcher:
                     break
         finally:
             decode.inflight -= 1
-            if prefill_task is not None:
+            if prefill is not None:
                 prefill.inflight -= 1
+            if prefill_task is not None:
                 if not state.started:
                     prefill_task.cancel()  # after the first token the KV is in place: let it finish
             call.cancel()
@@ -231,7 +234,6 @@ class Dispatcher:
         block_size = decode.stats.block_size if decode.stats else 0
         skip_blocks = admitted.num_cached_tokens // block_size if block_size else 0
         request = convert.prefill_request(job, rid, decode.address, skip_blocks, admitted.model_fingerprint)
-        prefill.inflight += 1
         # The prefill computes the prompt minus what that pod caches (kvstore's estimate).
         work = max(1, len(job.prompt_token_ids) - route.expected_cached_tokens)
         prefill.prefill_started(work)

@@ -7,10 +7,12 @@ in flight on each pod, so a burst does not pile onto the pod that looked idle at
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 
 import grpc
 
+from services.router.discovery import Discovery
 from tandem.proto.common.v1 import common_pb2
 from tandem.proto.decode.v1 import decode_pb2, decode_pb2_grpc
 from tandem.proto.prefill.v1 import prefill_pb2, prefill_pb2_grpc
@@ -72,40 +74,85 @@ def _make_pod(address: str, role: str) -> Pod:
 
 
 class PodRegistry:
-    """The pods this router sends to, their health and load (polled; see the module docstring)."""
+    """The pods this router sends to, their health and load (polled; see the module docstring).
+
+    The set of pods follows ``discovery`` at every poll: new pods get a channel; a vanished
+    pod (scaled down, rolled, not ready) is retired: no new request chooses it, and its channel
+    closes once this router has no request on it (or after ``drain_s``), so a rollout cuts no
+    stream short and no request that already picked the pod finds its channel closed.
+    """
 
     def __init__(
-        self, prefill: list[str], decode: list[str], *, interval_s: float, timeout_s: float, stall_timeout_s: float = 60.0
+        self,
+        discovery: Discovery,
+        *,
+        interval_s: float,
+        timeout_s: float,
+        stall_timeout_s: float = 60.0,
+        drain_s: float = 600.0,
     ) -> None:
-        self._addresses = [(a, "prefill") for a in prefill] + [(a, "decode") for a in decode]
+        self.discovery = discovery
+        self.drain_s = drain_s
         self.pods: list[Pod] = []
+        self._retired: dict[Pod, float] = {}
+        """Pods that left discovery -> when they left; closed when idle or after drain_s."""
+        self._closing: set[asyncio.Task] = set()
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self.stall_timeout_s = stall_timeout_s
         self._task: asyncio.Task | None = None
 
-    def by_role(self, role: str, *, healthy: bool = True) -> list[Pod]:
+    def by_role(self, role: str, healthy: bool = True) -> list[Pod]:
         return [p for p in self.pods if p.role == role and (p.healthy or not healthy)]
 
     async def start(self) -> None:
-        """Open channels (on the running loop: aio channels are bound to it) and poll once."""
-        self.pods = [_make_pod(address, role) for address, role in self._addresses]
+        """Start discovery and poll once (channels open on the running loop: aio binds them)."""
+        await asyncio.to_thread(self.discovery.start)
         await self.refresh()
         self._task = asyncio.create_task(self._poll(), name="pod-stats")
 
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-        for pod in self.pods:
+        self.discovery.close()
+        for task in list(self._closing):
+            task.cancel()
+        for pod in [*self.pods, *self._retired]:
             await pod.channel.close()
 
     async def refresh(self) -> None:
+        await self._reconcile()
         await asyncio.gather(*(self._refresh(p) for p in self.pods))
+
+    async def _reconcile(self) -> None:
+        wanted = {(a, role) for role in ("prefill", "decode") for a in self.discovery.addresses(role)}
+        current = {(p.address, p.role): p for p in self.pods}
+        now = time.monotonic()
+        for key, pod in current.items():
+            if key not in wanted:
+                logger.info("%s pod %s left; finishing this router's %d requests on it", pod.role, pod.address,
+                            pod.inflight)
+                self._retired[pod] = now
+        kept = [p for key, p in current.items() if key in wanted]
+        added = [_make_pod(address, role) for address, role in sorted(wanted - set(current))]
+        for pod in added:
+            logger.info("%s pod %s discovered", pod.role, pod.address)
+        self.pods = kept + added
+        for pod, since in list(self._retired.items()):
+            if pod.inflight == 0 or now - since > self.drain_s:
+                del self._retired[pod]
+                # RPCs still running (a prefill finishing after its first token) get the grace.
+                task = asyncio.create_task(pod.channel.close(grace=self.drain_s), name=f"close-{pod.address}")
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
 
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception:  # a discovery or stats bug must not end polling for good
+                logger.exception("pod refresh failed; retrying in %.1f s", self.interval_s)
 
     async def _refresh(self, pod: Pod) -> None:
         request = prefill_pb2.GetStatsRequest() if pod.role == "prefill" else decode_pb2.GetStatsRequest()

@@ -11,4 +11,7 @@ from services.router.settings import RouterSettings
 def serve(settings: RouterSettings) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=5)
+    # On SIGTERM uvicorn stops accepting and lets HTTP streams in flight finish (up to the grace),
+    # then the lifespan stops the gRPC server with the same grace.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning",
+                timeout_graceful_shutdown=settings.shutdown_grace_s)

@@ -1,8 +1,9 @@
 """Settings of the router (``tandem router``, ``TANDEM_ROUTER_*``)."""
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -23,10 +24,24 @@ class RouterSettings(BaseSettings):
     """HTTP port of the OpenAI-compatible API."""
     grpc_port: int = Field(50050, ge=0, le=65535)
     """gRPC port of RouterService (the SDK's target)."""
+    discovery: Literal["static", "dns", "kubernetes"] = "static"
+    """How pods are found: the --prefill/--decode lists, the DNS names of headless Services, or
+    the EndpointSlices of those Services through the Kubernetes API (follows pods as they come
+    and go)."""
     prefill: list[str] = Field(default_factory=list)
-    """Prefill pods' host:port addresses. None: every request runs colocated on a decode pod."""
+    """static: prefill pods' host:port addresses (none: every request runs colocated)."""
     decode: list[str] = Field(default_factory=list)
-    """Decode pods' host:port addresses."""
+    """static: decode pods' host:port addresses."""
+    prefill_service: str | None = None
+    """dns: DNS name of the prefill pods' headless Service; kubernetes: its name."""
+    decode_service: str | None = None
+    """dns: DNS name of the decode pods' headless Service; kubernetes: its name."""
+    prefill_port: int = Field(50051, ge=1, le=65535)
+    """dns: gRPC port of prefill pods (kubernetes reads the Service's port named "grpc")."""
+    decode_port: int = Field(50052, ge=1, le=65535)
+    """dns: gRPC port of decode pods."""
+    namespace: str | None = None
+    """kubernetes: namespace of the Services (default: this pod's own)."""
     kvstore: str | None = None
     """host:port of kvstore: route prompts to the prefill pod that caches their longest prefix."""
     kvstore_timeout_s: float = Field(0.05, gt=0)
@@ -55,13 +70,46 @@ class RouterSettings(BaseSettings):
     """Deadline of stats calls; a pod that misses it is considered down until it answers."""
     stall_timeout_s: float = Field(60.0, gt=0)
     """A pod whose engine has work but made no progress for this long is considered down."""
+    shutdown_grace_s: float = Field(30.0, ge=0)
+    """On SIGTERM, seconds HTTP streams and then gRPC streams in flight get to finish."""
     admission_timeout_s: float = Field(10.0, gt=0)
     """Deadline for a decode pod to admit (or refuse) a request; then another pod is tried."""
 
+    @model_validator(mode="after")
+    def _discovery_has_its_inputs(self) -> "RouterSettings":
+        if self.discovery == "static" and (self.prefill_service or self.decode_service):
+            raise ValueError("--prefill-service/--decode-service need --discovery dns or kubernetes")
+        if self.discovery != "static":
+            if not self.decode_service:
+                raise ValueError(f"--discovery {self.discovery} needs --decode-service")
+            if self.prefill or self.decode:
+                raise ValueError(f"--prefill/--decode are static addresses; with --discovery {self.discovery} "
+                                 "name the Services instead")
+        return self
+
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model).name
+
+    def make_discovery(self):
+        from services.router.discovery import DnsDiscovery, KubernetesDiscovery, StaticDiscovery
+
+        services = {r: s for r, s in (("prefill", self.prefill_service), ("decode", self.decode_service)) if s}
+        if self.discovery == "dns":
+            ports = {"prefill": self.prefill_port, "decode": self.decode_port}
+            return DnsDiscovery(services, ports, interval_s=self.stats_interval_s)
+        if self.discovery == "kubernetes":
+            return KubernetesDiscovery(self.namespace or _own_namespace(), services)
+        return StaticDiscovery(self.prefill, self.decode)
 
     def cli_cmd(self) -> None:
         from services.router.server import serve
 
         serve(self)
+
+
+def _own_namespace() -> str:
+    path = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+    try:
+        return path.read_text().strip()
+    except OSError:
+        raise ValueError(f"--discovery kubernetes outside a pod needs --namespace ({path} is unreadable)") from None

@@ -46,6 +46,10 @@ class EngineStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
+    prompt_tokens: int
+    """Prompt tokens of requests whose prefill completed here (cached tokens included, as vLLM)."""
+    generation_tokens: int
+    """Tokens sampled here."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -116,6 +120,10 @@ class LLMEngine:
         self._arrivals = itertools.count()
         self.last_step_num_tokens = 0
         """Tokens the latest step computed (0: nothing was schedulable)."""
+        self.num_prompt_tokens = 0
+        """Cumulative: prompt tokens of requests whose prefill completed here."""
+        self.num_generation_tokens = 0
+        """Cumulative: tokens sampled here."""
         logger.info(
             "engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
             mc.architecture, config.device, self.fingerprint.dtype, self.limits.num_kv_blocks,
@@ -314,7 +322,10 @@ class LLMEngine:
                     logprobs[rid] = TokenLogprob(result.token_ids[i], lp[0], lp[1], tuple(lp[2]))
         progressed = self.scheduler.update(sched, tokens)
         outputs = []
+        self.num_generation_tokens += len(progressed)
         for seq in progressed:
+            if seq.num_output_tokens == 1:
+                self.num_prompt_tokens += seq.num_prompt_tokens
             out = self._emit(seq, logprobs.get(seq.request_id))
             if out is not None:
                 outputs.append(out)
@@ -352,6 +363,8 @@ class LLMEngine:
             prefix_cache_queries=bm.stats.queries,
             prefix_cache_hits=bm.stats.hits,
             num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens=self.num_prompt_tokens,
+            generation_tokens=self.num_generation_tokens,
         )
 
     def take_kv_events(self) -> list[KVEvent]:

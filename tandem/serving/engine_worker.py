@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from tandem.engine.llm_engine import EngineStats, EngineStepError, LLMEngine
 from tandem.engine.outputs import RequestOutput
-from tandem.errors import InvalidRequest, TandemError
+from tandem.errors import InvalidRequest, ShuttingDown, TandemError
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -51,6 +51,7 @@ class EngineWorker:
         self._commands: queue.SimpleQueue[tuple[Command, concurrent.futures.Future]] = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue] = {}
         self._stopped = threading.Event()
+        self._draining = False
         self.stats: EngineStats = engine.get_stats()
         """Snapshot refreshed after every step and command (read without locking)."""
         self.steps = 0
@@ -72,15 +73,27 @@ class EngineWorker:
         self._commands.put((lambda e: None, concurrent.futures.Future()))
         self._thread.join(timeout=10)
 
+    def start_draining(self) -> None:
+        """Refuse new requests from now on; the ones in flight carry on (a pod shutting down)."""
+        self._draining = True
+
+    @property
+    def open_streams(self) -> int:
+        """Requests in flight on this pod (each holds an output stream until it ends)."""
+        return len(self._streams)
+
     # ---- asyncio side -----------------------------------------------------------------------
 
     def open_stream(self, request_id: str) -> "asyncio.Queue[RequestOutput | BaseException]":
         """The queue that will receive the request's outputs (open it before adding the request).
 
         Raises:
+            ShuttingDown: the pod is draining (``start_draining``).
             InvalidRequest: a request with this id is already open here. Checked first, so a
                 duplicate never touches the request that owns the id.
         """
+        if self._draining:
+            raise ShuttingDown("this pod is shutting down")
         if request_id in self._streams:
             raise InvalidRequest(f"request id {request_id!r} is already in use on this pod", param="request_id")
         q: asyncio.Queue = asyncio.Queue()

@@ -31,11 +31,13 @@ class GrpcServer:
         for name in ["", *self.service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-    async def stop(self, grace: float = 5.0) -> None:
+    async def set_not_serving(self) -> None:
         for name in ["", *self.service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.server.stop(grace)
 
+    async def stop(self, grace: float = 5.0) -> None:
+        await self.set_not_serving()
+        await self.server.stop(grace)
 
 
 class RunningService:
@@ -53,12 +55,32 @@ class RunningService:
         for cleanup in self._cleanups:
             cleanup()
 
-    async def serve_until_signalled(self) -> None:
-        """Block until SIGINT/SIGTERM, then stop gracefully."""
+    async def drain(self, grace: float) -> None:
+        """Shut down without cutting requests short (SIGTERM in a rollout).
+
+        Health turns NOT_SERVING (readiness fails, the router stops choosing this pod) and new
+        requests are refused with UNAVAILABLE (the router retries them elsewhere), but the server
+        keeps serving: generations stream on and, on a decode pod, prefill pods can still push
+        the KV pages of requests it already admitted. Once no request is in flight, or after
+        ``grace`` seconds, the server stops.
+        """
+        worker = self.parts.get("worker")
+        await self.server.set_not_serving()
+        if worker is not None:
+            worker.start_draining()
+            deadline = asyncio.get_running_loop().time() + grace
+            while worker.open_streams and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.1)
+            if worker.open_streams:
+                logger.warning("%d requests still in flight after %.0f s; stopping anyway", worker.open_streams, grace)
+        await self.stop(1.0 if worker is not None else grace)
+
+    async def serve_until_signalled(self, grace: float = 5.0) -> None:
+        """Block until SIGINT/SIGTERM, then ``drain`` for up to ``grace`` seconds and stop."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        logger.info("shutting down")
-        await self.stop()
+        logger.info("shutting down (up to %.0f s for requests in flight)", grace)
+        await self.drain(grace)

@@ -50,6 +50,8 @@ class _EngineStatsCollector:
         yield counter("vllm:prefix_cache_queries", "Prefix cache queries, in tokens.", s.prefix_cache_queries)
         yield counter("vllm:prefix_cache_hits", "Prefix cache hits, in tokens.", s.prefix_cache_hits)
         yield counter("vllm:num_preemptions", "Cumulative number of preemptions.", s.num_preemptions)
+        yield counter("vllm:prompt_tokens", "Number of prefill tokens processed.", s.prompt_tokens)
+        yield counter("vllm:generation_tokens", "Number of generation tokens processed.", s.generation_tokens)
         yield gauge("tandem_pod_requests_waiting_for_kv", "Requests holding blocks while their KV arrives.",
                     s.num_waiting_for_kv)
         yield gauge("tandem_pod_queued_prefill_tokens", "Prompt tokens queued for prefill.",

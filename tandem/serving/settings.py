@@ -32,6 +32,9 @@ class PodSettings(BaseSettings, EngineOptions):
     """Stable name of this pod (default: the advertised address)."""
     metrics_port: int | None = Field(None, ge=0, le=65535)
     """Serve Prometheus metrics (vllm:* and tandem_*) over HTTP on this port."""
+    shutdown_grace_s: float = Field(30.0, ge=0)
+    """On SIGTERM, seconds requests in flight get to finish before the pod exits (keep the
+    pod's terminationGracePeriodSeconds above it)."""
     max_waiting: int = Field(1024, gt=0)
     """Most requests queued in the engine; more are refused with RESOURCE_EXHAUSTED."""
 

@@ -3,6 +3,7 @@
 import asyncio
 import json
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -201,6 +202,7 @@ def test_admission_refused_on_one_pod_goes_to_the_other(e2e_model):
     """In-process pods: the router's first choice is full, the request runs on the second."""
     from services.decode import server as decode_server
     from services.decode.settings import DecodeSettings
+    from services.router.discovery import StaticDiscovery
     from services.router.flow import Dispatcher, Job, Route
     from services.router.pods import PodRegistry
     from services.router.settings import RouterSettings
@@ -209,7 +211,7 @@ def test_admission_refused_on_one_pod_goes_to_the_other(e2e_model):
         full = await decode_server.start(DecodeSettings(model=e2e_model, host="127.0.0.1", port=0, num_kv_blocks=8))
         free = await decode_server.start(DecodeSettings(model=e2e_model, host="127.0.0.1", port=0, num_kv_blocks=64))
         a, b = f"127.0.0.1:{full.port}", f"127.0.0.1:{free.port}"
-        registry = PodRegistry([], [a, b], interval_s=60, timeout_s=5)
+        registry = PodRegistry(StaticDiscovery([], [a, b]), interval_s=60, timeout_s=5)
         try:
             await registry.start()
             # Fill pod a: a 64-token reservation holds 4 of its 8 blocks, and the job needs 7.
@@ -300,28 +302,78 @@ def test_prefill_pod_dying_mid_transfer_is_retried_colocated(e2e_model, tmp_path
         cluster.stop()
 
 
+def interrupt_a_stream(cluster, body: dict, act) -> tuple:
+    """Stream a completion, apply ``act`` to the decode pod's process after 3 lines; return
+    (that pod, the stream's remaining ``data:`` lines)."""
+    with httpx.Client(timeout=60) as client:
+        with client.stream("POST", f"{cluster.router_url}/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            for _ in range(3):
+                next(lines)
+            serving = next(p for p in cluster.pods("decode") if pod_stats(p).num_running)
+            act(serving.proc)
+            return serving, [line for line in lines if line.startswith("data: ")]
+
+
+def assert_router_serves_with_one_decode_pod(cluster) -> None:
+    """The gone pod is out of routing, the live one stays (a poll may lag on a loaded machine)."""
+    deadline = time.monotonic() + 5
+    while httpx.get(f"{cluster.router_url}/health").json().get("decode_pods") != 1:
+        assert time.monotonic() < deadline, "the router never settled on the one live decode pod"
+        time.sleep(0.1)
+    ok = httpx.post(f"{cluster.router_url}/v1/completions", json={"prompt": "still up", "max_tokens": 3}, timeout=30)
+    assert ok.status_code == 200
+
+
 def test_a_decode_pod_dying_mid_stream_is_reported_and_marked_down(e2e_model):
     cluster = start_cluster(e2e_model, prefill=0, decode=2, kvstore=False)
     try:
         body = {"prompt": "a stream whose pod dies", "max_tokens": 2000, "stream": True, "ignore_eos": True}
-        with httpx.Client(timeout=60) as client:
-            with client.stream("POST", f"{cluster.router_url}/v1/completions", json=body) as r:
-                lines = r.iter_lines()
-                for _ in range(3):
-                    next(lines)
-                serving = next(p for p in cluster.pods("decode") if pod_stats(p).num_running)
-                serving.proc.kill()
-                rest = [line for line in lines if line.startswith("data: ")]
+        serving, rest = interrupt_a_stream(cluster, body, lambda proc: proc.kill())
         error = json.loads(rest[-2][len("data: "):])["error"]
         assert rest[-1] == "data: [DONE]"
         assert error["code"] == 503 and error["message"].startswith(f"decode pod {serving.address} failed: ")
-        # The dead pod is out of routing; the live one stays (a poll may lag on a loaded machine).
-        deadline = time.monotonic() + 5
-        while httpx.get(f"{cluster.router_url}/health").json().get("decode_pods") != 1:
-            assert time.monotonic() < deadline, "the router never settled on the one live decode pod"
-            time.sleep(0.1)
-        ok = httpx.post(f"{cluster.router_url}/v1/completions", json={"prompt": "still up", "max_tokens": 3}, timeout=30)
-        assert ok.status_code == 200
+        assert_router_serves_with_one_decode_pod(cluster)
+    finally:
+        cluster.stop()
+
+
+def test_a_decode_pod_stopped_by_sigterm_finishes_its_streams_and_takes_no_new_ones(e2e_model):
+    """A rollout's SIGTERM: health turns NOT_SERVING, new work goes elsewhere, streams in flight finish."""
+    cluster = start_cluster(e2e_model, prefill=0, decode=2, kvstore=False)
+    try:
+        body = {"prompt": "a stream during a rollout", "max_tokens": 400, "stream": True, "ignore_eos": True,
+                "stream_options": {"include_usage": True}}
+        serving, lines = interrupt_a_stream(cluster, body, lambda proc: proc.send_signal(signal.SIGTERM))
+        assert lines[-1] == "data: [DONE]"
+        rest = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+        assert not any("error" in event for event in rest)
+        assert rest[-1]["usage"]["completion_tokens"] == 400
+        assert serving.proc.wait(timeout=30) == 0  # it exits by itself once drained
+        assert_router_serves_with_one_decode_pod(cluster)
+    finally:
+        cluster.stop()
+
+
+def test_a_draining_decode_pod_still_takes_the_kv_of_requests_it_admitted(e2e_model):
+    """SIGTERM between admission and KV arrival: the pages are still accepted and the request
+    finishes; a new request is refused UNAVAILABLE (the router retries it elsewhere)."""
+    cluster = start_cluster(e2e_model, prefill=0, decode=1, kvstore=False)
+    try:
+        pod = cluster.pods("decode")[0]
+        res = Reservation(pod.address, "drain-1")
+        pod.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with pytest.raises(grpc.RpcError) as e:
+            Reservation(pod.address, "drain-2")
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in e.value.details()
+        cfg = load_model_config(e2e_model)
+        res.push([chunk_msg(res, pages(e2e_model, cfg.num_layers, 3), layers=(0, cfg.num_layers), blocks=(0, 3)),
+                  end_msg(res, 1)])
+        tokens = [t for r in res.call if r.HasField("chunk") for t in r.chunk.token_ids]
+        assert len(tokens) == 4 and tokens[0] == 5
+        res.close()
+        assert pod.proc.wait(timeout=30) == 0
     finally:
         cluster.stop()
 

@@ -1,5 +1,9 @@
 """Every service's /metrics: the names, types and labels operators rely on, and counters that move."""
 
+import json
+import re
+from pathlib import Path
+
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -13,6 +17,8 @@ POD_METRICS = {
     "vllm:prefix_cache_queries": "counter",
     "vllm:prefix_cache_hits": "counter",
     "vllm:num_preemptions": "counter",
+    "vllm:prompt_tokens": "counter",
+    "vllm:generation_tokens": "counter",
     "vllm:time_to_first_token_seconds": "histogram",
     "vllm:inter_token_latency_seconds": "histogram",
     "vllm:e2e_request_latency_seconds": "histogram",
@@ -77,6 +83,8 @@ def test_every_service_exports_its_metrics_and_counters_move(cluster):
     grew = lambda name, metric, suffix: value(after[name], metric, suffix) > value(before[name], metric, suffix)  # noqa: E731
     assert grew(prefill, "vllm:prefix_cache_queries", "_total")
     assert grew(prefill, "tandem_kv_transfer_bytes", "_total")
+    assert grew(prefill, "vllm:prompt_tokens", "_total")
+    assert any(grew(d, "vllm:generation_tokens", "_total") for d in decodes)
     assert any(grew(d, "vllm:e2e_request_latency_seconds", "_count") for d in decodes)
     assert any(grew(d, "vllm:inter_token_latency_seconds", "_count") for d in decodes)
     assert sum(value(after[d], "tandem_kv_transfer_bytes", "_total") - value(before[d], "tandem_kv_transfer_bytes", "_total")
@@ -91,3 +99,33 @@ def test_every_service_exports_its_metrics_and_counters_move(cluster):
         assert after["kvstore"][name].type == kind
     assert grew("kvstore", "tandem_kvstore_lookups", "_total")
     assert value(after["kvstore"], "tandem_kvstore_events", "_total", kind="stored") > 0
+
+
+DASHBOARDS = Path(__file__).resolve().parents[2] / "deploy/helm/tandem/files/dashboards"
+
+
+def queried_metrics(dashboard: dict) -> set[str]:
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    exprs += [v["query"]["query"] for v in dashboard["templating"]["list"] if isinstance(v.get("query"), dict)]
+    names = set()
+    for expr in exprs:
+        names |= set(re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{", expr))
+        names |= set(re.findall(r"label_values\(([a-zA-Z_:][a-zA-Z0-9_:]*)", expr))
+    return names - {"sum", "rate", "max", "histogram_quantile"}
+
+
+def exported_series(families: dict) -> set[str]:
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
+    return {name + s for name, f in families.items() for s in suffixes.get(f.type, [""])}
+
+
+def test_every_metric_the_dashboards_query_is_exported(cluster):
+    httpx.post(f"{cluster.router_url}/v1/completions", json={"prompt": "dashboards", "max_tokens": 3}, timeout=60)
+    services = cluster.pods("prefill") + cluster.pods("decode") + [cluster.by_name("router"), cluster.by_name("kvstore")]
+    exported = set().union(*(exported_series(scrape(s.metrics_url)) for s in services))
+    files = sorted(DASHBOARDS.glob("*.json"))
+    assert len(files) == 2
+    for path in files:
+        queried = queried_metrics(json.loads(path.read_text()))
+        assert len(queried) > 10, path.name
+        assert sorted(queried - exported) == [], path.name

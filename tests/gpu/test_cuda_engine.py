@@ -52,6 +52,7 @@ def test_disaggregated_path_on_cuda_matches_the_offline_engine(tiny_model):
     from services.decode.settings import DecodeSettings
     from services.prefill import server as prefill_server
     from services.prefill.settings import PrefillSettings
+    from services.router.discovery import StaticDiscovery
     from services.router.flow import Dispatcher, Job, Route
     from services.router.pods import PodRegistry
     from services.router.settings import RouterSettings
@@ -69,7 +70,7 @@ def test_disaggregated_path_on_cuda_matches_the_offline_engine(tiny_model):
         p = await prefill_server.start(PrefillSettings(**common, kv_layers_per_group=1, kv_chunk_bytes=64 << 10))
         d = await decode_server.start(DecodeSettings(**common))
         pa, da = f"127.0.0.1:{p.port}", f"127.0.0.1:{d.port}"
-        registry = PodRegistry([pa], [da], interval_s=60, timeout_s=5)
+        registry = PodRegistry(StaticDiscovery([pa], [da]), interval_s=60, timeout_s=5)
         await registry.start()
         try:
             dispatcher = Dispatcher(registry, RouterSettings(model=model_dir, prefill=[pa], decode=[da]))

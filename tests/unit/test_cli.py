@@ -37,3 +37,12 @@ def test_generate_without_model_uses_the_default_tiny_model(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "generated tiny random model" in r.stdout
     assert (tmp_path / ".tandem/models/tiny-llama/config.json").is_file()
+
+
+def test_model_fetch_command(llama_dir, tmp_path):
+    r = run_cli("model-fetch", "--uri", f"file://{llama_dir}", "--dest", str(tmp_path / "m"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "m" / "config.json").is_file()
+    r = run_cli("model-fetch", "--uri", f"file://{tmp_path / 'nowhere'}", "--dest", str(tmp_path / "n"))
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("tandem: ")
+    assert "does not exist" in r.stderr and "Traceback" not in r.stderr

@@ -91,6 +91,9 @@ def test_preemption(arch, tiny_model, hf_refs):
     assert_same_as_hf(outs, prompts, hf_refs(arch))
     stats = llm.engine.get_stats()
     assert stats.num_free_blocks == stats.num_total_blocks
+    # Token counters (vllm:prompt_tokens / vllm:generation_tokens) count recomputed work once.
+    assert stats.prompt_tokens == sum(len(p) for p in prompts)
+    assert stats.generation_tokens == sum(len(o.outputs[0].token_ids) for o in outs)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

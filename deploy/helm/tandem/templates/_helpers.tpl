@@ -1,0 +1,274 @@
+{{/* Names */}}
+{{- define "tandem.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "tandem.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "tandem.serviceAccountName" -}}
+{{- default (include "tandem.fullname" .) .Values.serviceAccount.name -}}
+{{- end -}}
+
+{{/* Labels: call with (dict "ctx" $ "component" "router") */}}
+{{- define "tandem.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "tandem.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* A NetworkPolicy peer: this release's pods of one component. */}}
+{{- define "tandem.peer" -}}
+- podSelector:
+    matchLabels:
+      {{- include "tandem.selectorLabels" . | nindent 6 }}
+{{- end -}}
+
+{{- define "tandem.labels" -}}
+{{ include "tandem.selectorLabels" . }}
+app.kubernetes.io/part-of: tandem
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version }}
+{{- with .ctx.Values.global.labels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "tandem.image" -}}
+{{- $img := .Values.global.image -}}
+{{- printf "%s:%s" $img.repository (default .Chart.AppVersion $img.tag) -}}
+{{- end -}}
+
+{{/* Restricted pod security (Pod Security Standards "restricted"). */}}
+{{- define "tandem.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+fsGroup: 10001
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{- define "tandem.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+capabilities:
+  drop: ["ALL"]
+{{- end -}}
+
+{{/* Environment every Tandem container gets: a writable HOME on the read-only root fs. */}}
+{{- define "tandem.commonEnv" -}}
+- name: HOME
+  value: /tmp
+- name: HF_HUB_OFFLINE
+  value: "1"
+- name: PYTHONUNBUFFERED
+  value: "1"
+- name: TRITON_CACHE_DIR
+  value: /tmp/triton
+- name: POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: POD_IP
+  valueFrom:
+    fieldRef:
+      fieldPath: status.podIP
+{{- with .Values.observability.otlpEndpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ . | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* The model directory: a volume, its mount, and (source.type init) the copy step. */}}
+{{- define "tandem.modelVolume" -}}
+- name: model
+{{- $src := .Values.model.source }}
+{{- if eq $src.type "pvc" }}
+  persistentVolumeClaim:
+    claimName: {{ required "model.source.pvc.claimName is required when model.source.type is pvc" $src.pvc.claimName }}
+    readOnly: true
+{{- else if eq $src.type "hostPath" }}
+  hostPath:
+    path: {{ required "model.source.hostPath.path is required when model.source.type is hostPath" $src.hostPath.path }}
+    type: Directory
+{{- else }}
+  emptyDir:
+    sizeLimit: {{ $src.init.sizeLimit }}
+{{- end }}
+- name: tmp
+  emptyDir: {}
+{{- end -}}
+
+{{- define "tandem.modelVolumeMount" -}}
+- name: model
+  mountPath: {{ .Values.model.mountPath }}
+  readOnly: true
+{{- if and (eq .Values.model.source.type "pvc") .Values.model.source.pvc.subPath }}
+  subPath: {{ .Values.model.source.pvc.subPath }}
+{{- end }}
+- name: tmp
+  mountPath: /tmp
+{{- end -}}
+
+{{/* The init step of model.source.type init: (dict "ctx" $ "metadataOnly" bool). The router
+     needs only the config and tokenizer, so it skips the weights. */}}
+{{- define "tandem.modelInit" -}}
+{{- $ := .ctx -}}
+{{- $init := $.Values.model.source.init -}}
+{{- if eq $.Values.model.source.type "init" }}
+initContainers:
+  - name: fetch-model
+    image: {{ include "tandem.image" $ }}
+    imagePullPolicy: {{ $.Values.global.image.pullPolicy }}
+    args:
+      - model-fetch
+      {{- if not $init.uriSecret.name }}
+      - --uri
+      - {{ required "model.source.init.uri (or uriSecret.name) is required when model.source.type is init" $init.uri | quote }}
+      {{- end }}
+      - --dest
+      - {{ $.Values.model.mountPath | quote }}
+      {{- with $init.sha256 }}
+      - --sha256
+      - {{ . | quote }}
+      {{- end }}
+      {{- if .metadataOnly }}
+      - --metadata-only
+      {{- end }}
+    env:
+      {{- include "tandem.commonEnv" $ | nindent 6 }}
+      {{- with $init.uriSecret }}
+      {{- if .name }}
+      - name: TANDEM_MODEL_FETCH_URI
+        valueFrom:
+          secretKeyRef:
+            name: {{ .name }}
+            key: {{ .key }}
+      {{- end }}
+      {{- end }}
+    securityContext:
+      {{- include "tandem.containerSecurityContext" $ | nindent 6 }}
+    resources:
+      requests: {cpu: 500m, memory: 512Mi}
+      limits: {memory: 1Gi}
+    volumeMounts:
+      - name: model
+        mountPath: {{ $.Values.model.mountPath }}
+      - name: tmp
+        mountPath: /tmp
+{{- end }}
+{{- end -}}
+
+{{/* Keep serving a few seconds after SIGTERM is due: endpoint removal takes a moment to reach
+     every router, and connections must not be refused meanwhile. */}}
+{{- define "tandem.preStop" -}}
+preStop:
+  exec:
+    command: ["sleep", "5"]
+{{- end -}}
+
+{{/* GPU requests equal limits: call with (dict "ctx" $ "w" .Values.prefill) */}}
+{{- define "tandem.gpuResources" -}}
+{{- $gpu := .ctx.Values.global.gpuResourceName -}}
+requests:
+  {{- range $k, $v := .w.resources.requests }}
+  {{ $k }}: {{ $v | quote }}
+  {{- end }}
+  {{- if .w.gpus }}
+  {{ $gpu }}: {{ .w.gpus | quote }}
+  {{- end }}
+limits:
+  {{- range $k, $v := .w.resources.limits }}
+  {{ $k }}: {{ $v | quote }}
+  {{- end }}
+  {{- if .w.gpus }}
+  {{ $gpu }}: {{ .w.gpus | quote }}
+  {{- end }}
+{{- end -}}
+
+{{- define "tandem.modelName" -}}
+{{- default (base .Values.model.mountPath) .Values.model.name -}}
+{{- end -}}
+
+{{/* "true" when a component is deployed: (dict "ctx" $ "component" "kvstore"). kvstore only
+     serves prefill routing, so it is off without prefill pods. */}}
+{{- define "tandem.enabled" -}}
+{{- $v := .ctx.Values -}}
+{{- if eq .component "prefill" -}}
+{{- if $v.prefill.enabled }}true{{ end -}}
+{{- else if eq .component "kvstore" -}}
+{{- if and $v.kvstore.enabled $v.prefill.enabled }}true{{ end -}}
+{{- else if eq .component "redis" -}}
+{{- include "tandem.bundledRedis" .ctx -}}
+{{- else -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* "true" when the chart deploys its own Redis (kvstore on, redis.enabled, no external Redis). */}}
+{{- define "tandem.bundledRedis" -}}
+{{- $ext := .Values.redis.external -}}
+{{- if and .Values.kvstore.enabled .Values.prefill.enabled .Values.redis.enabled (not $ext.url) (not $ext.urlSecret.name) -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{- define "tandem.redisUrl" -}}
+{{- if .Values.redis.external.url -}}
+{{- .Values.redis.external.url -}}
+{{- else if include "tandem.bundledRedis" . -}}
+{{- printf "redis://%s-redis:6379/0" (include "tandem.fullname" .) -}}
+{{- else -}}
+{{- fail "kvstore needs a Redis: set redis.enabled=true, redis.external.url or redis.external.urlSecret.name" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Engine flags of a GPU workload: call with the workload's engine block. */}}
+{{- define "tandem.engineArgs" -}}
+- --device
+- cuda
+- --dtype
+- {{ .dtype | quote }}
+- --block-size
+- {{ .blockSize | int64 | quote }}
+- --max-num-seqs
+- {{ .maxNumSeqs | int64 | quote }}
+- --max-num-batched-tokens
+- {{ .maxNumBatchedTokens | int64 | quote }}
+- --gpu-memory-utilization
+- {{ .gpuMemoryUtilization | quote }}
+{{- if .maxModelLen }}
+- --max-model-len
+- {{ .maxModelLen | int64 | quote }}
+{{- end }}
+{{- if not .enablePrefixCaching }}
+- --no-enable-prefix-caching
+{{- end }}
+{{- end -}}
+
+{{/* Checks across values that values.schema.json cannot express; renders nothing. */}}
+{{- define "tandem.validate" -}}
+{{- if .Values.prefill.enabled -}}
+{{- range $key := list "blockSize" "dtype" -}}
+{{- if ne (toString (index $.Values.prefill.engine $key)) (toString (index $.Values.decode.engine $key)) -}}
+{{- fail (printf "prefill.engine.%s and decode.engine.%s must be equal: KV pages move between them as they are" $key $key) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- range $component := list "router" "prefill" "decode" "kvstore" "redis" -}}
+{{- $res := (index $.Values $component).resources -}}
+{{- range $kind := list "requests" "limits" -}}
+{{- if hasKey (index $res $kind | default dict) $.Values.global.gpuResourceName -}}
+{{- fail (printf "%s.resources.%s must not name %s: set %s.gpus instead (GPU requests equal limits)" $component $kind $.Values.global.gpuResourceName $component) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
