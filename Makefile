@@ -1,5 +1,5 @@
 # The README's two commands are `make run` and `make test`; both set up .venv themselves.
-.PHONY: setup run test test-fast protos bench bench-kv bench-serve
+.PHONY: setup run test test-fast protos bench bench-kv bench-serve loadtest
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -27,3 +27,16 @@ bench-kv: setup
 
 bench-serve: setup
 	$(PY) bench/serve.py $(ARGS)
+
+# Load-test a running router (starts nothing): make loadtest URL=http://host:8000 [GRPC=host:50050]
+#   [USERS=16 SPAWN=4 DURATION=2m OUT=loadtest-results ARGS="--workload shared-prefix --max-tokens 128"]
+USERS ?= 16
+SPAWN ?= 4
+DURATION ?= 2m
+OUT ?= loadtest-results
+loadtest: setup
+	@test -n "$(URL)" || { echo "usage: make loadtest URL=http://router:8000 [GRPC=host:port] [USERS= DURATION= ARGS=]"; exit 2; }
+	@mkdir -p $(OUT)
+	$(VENV)/bin/locust -f loadtest/locustfile.py --headless -H $(URL) $(if $(GRPC),--grpc-target $(GRPC)) \
+		-u $(USERS) -r $(SPAWN) -t $(DURATION) --stop-timeout 120 --csv $(OUT)/locust \
+		--jsonl $(OUT)/requests.jsonl $(ARGS)

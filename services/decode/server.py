@@ -15,8 +15,10 @@ import logging
 import time
 
 import grpc
+from opentelemetry import trace
 
 from services.decode.settings import DecodeSettings
+from tandem import telemetry
 from tandem.engine.llm_engine import LLMEngine
 from tandem.engine.outputs import OutputKind
 from tandem.errors import CapacityExceeded, InvalidRequest, KVTransferError, TandemError
@@ -58,6 +60,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         rid = request.request_id
         stream = None
         finished = False
+        # Not the current span: this generator yields, and a context attached here would leak.
+        span = telemetry.tracer().start_span("decode")
+        trace_ = _DecodeTrace(span, time.monotonic()) if span.is_recording() else None
         try:
             if not rid:
                 raise InvalidRequest("request_id is required", param="request_id")
@@ -65,6 +70,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             params = convert.sampling_params_from_proto(request.sampling_params)
             stream = self.worker.open_stream(rid)  # refuses a duplicate id before anything is held
             admitted = await self._admit(request, ids, params)
+            if trace_ is not None:
+                trace_.admitted(request, len(ids), admitted)
             yield decode_pb2.GenerateResponse(admitted=admitted)
             remote = request.prefill_mode == decode_pb2.PREFILL_MODE_REMOTE
             completion_tokens = 0
@@ -85,6 +92,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 if new_tokens:
                     last_token_at = now
                 response = decode_pb2.GenerateResponse(chunk=convert.token_chunk(item))
+                if trace_ is not None:
+                    trace_.output(now, new_tokens, item)
                 if item.finished:
                     finished = True
                     response.usage.CopyFrom(convert.usage(item, completion_tokens))
@@ -93,12 +102,14 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 if finished:
                     return
         except TandemError as exc:
+            span.set_status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
             await abort_with(context, exc)
         finally:
             if stream is not None:
                 self.worker.close_stream(rid)
                 if not finished:
                     self.worker.submit(lambda e: self._release(e, rid))
+            span.end()
 
     async def _admit(self, request, ids, params) -> decode_pb2.Admitted:
         rid = request.request_id
@@ -210,6 +221,46 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         return decode_pb2.GetStatsResponse(stats=stats)
 
 
+class _DecodeTrace:
+    """The ``decode`` span's attributes, gathered as a request's stream goes by."""
+
+    def __init__(self, span, started: float) -> None:
+        self.span = span
+        self.started = started
+        self.admitted_at: float | None = None
+        self.first_token_at: float | None = None
+        self.output_tokens = 0
+        self.steps = 0
+
+    def admitted(self, request: decode_pb2.GenerateRequest, prompt_tokens: int, admitted) -> None:
+        self.admitted_at = time.monotonic()
+        remote = request.prefill_mode == decode_pb2.PREFILL_MODE_REMOTE
+        self.span.set_attributes({
+            telemetry.REQUEST_ID: request.request_id,
+            "tandem.decode.prefill_mode": "remote" if remote else "local",
+            telemetry.GEN_AI_USAGE_INPUT_TOKENS: prompt_tokens,
+            telemetry.GEN_AI_REQUEST_MAX_TOKENS: request.sampling_params.max_tokens,
+            "tandem.decode.admission_seconds": self.admitted_at - self.started,
+            "tandem.decode.reserved_blocks": admitted.num_reserved_blocks,
+        })
+
+    def output(self, now: float, new_tokens: int, item) -> None:
+        self.output_tokens += new_tokens
+        self.steps += 1
+        if new_tokens and self.first_token_at is None:
+            self.first_token_at = now
+            # Remote prefill: the wait for the KV pages (the prefill pod's queue, compute, transfer).
+            self.span.set_attributes({"tandem.decode.kv_wait_seconds": now - (self.admitted_at or now),
+                                      "tandem.decode.ttft_seconds": now - self.started})
+        if item.finished:
+            self.span.set_attributes({
+                telemetry.GEN_AI_USAGE_OUTPUT_TOKENS: self.output_tokens,
+                "tandem.decode.steps": self.steps,
+                "tandem.decode.cached_tokens": item.num_cached_tokens,
+                telemetry.GEN_AI_RESPONSE_FINISH_REASONS: [item.outputs[0].finish_reason or ""],
+            })
+
+
 def add_decode_service(servicer: DecodeServicer, server: grpc.aio.Server) -> None:
     """Register the servicer like the generated code does, but PushKV with the zero-copy codec."""
     handlers = {
@@ -256,5 +307,6 @@ async def start(settings: DecodeSettings) -> RunningService:
 
 async def serve(settings: DecodeSettings) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    telemetry.setup_tracing("decode", instance=settings.pod_id)
     service = await start(settings)
     await service.serve_until_signalled(settings.shutdown_grace_s)

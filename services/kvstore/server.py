@@ -21,6 +21,7 @@ from services.kvstore.index import Index
 from services.kvstore.memory_index import MemoryIndex
 from services.kvstore.redis_index import RedisIndex
 from services.kvstore.settings import KVStoreSettings
+from tandem import telemetry
 from tandem.errors import InvalidRequest, TandemError, UpstreamUnavailable
 from tandem.ids import PodId
 from tandem.kv.hashing import HASH_ALGORITHM, BlockHash
@@ -226,5 +227,7 @@ async def start(settings: KVStoreSettings) -> RunningService:
 
 async def serve(settings: KVStoreSettings) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    telemetry.setup_tracing("kvstore")
+    telemetry.instrument_redis()
     service = await start(settings)
     await service.serve_until_signalled()

@@ -11,8 +11,11 @@ import dataclasses
 import logging
 
 import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from services.prefill.settings import PrefillSettings
+from tandem import telemetry
 from tandem.engine.llm_engine import LLMEngine
 from tandem.engine.outputs import OutputKind
 from tandem.engine.sampling_params import SamplingParams
@@ -50,6 +53,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         self.fingerprint = worker.engine.fingerprint.digest()
 
     async def Prefill(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
+        with telemetry.tracer().start_as_current_span("prefill") as span:
+            return await self._prefill(request, context, span)
+
+    async def _prefill(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext, span):
         rid = request.request_id
         stream = None
         done = False
@@ -57,10 +64,16 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             target = self._target(request)
             ids = convert.prompt_ids(request.prompt_token_ids)
             params = prefill_only(convert.sampling_params_from_proto(request.sampling_params))
+            if span.is_recording():
+                span.set_attributes({telemetry.REQUEST_ID: rid, telemetry.GEN_AI_USAGE_INPUT_TOKENS: len(ids),
+                                     "tandem.prefill.decode_pod": target.address,
+                                     "tandem.prefill.skip_blocks": target.skip_blocks})
             if self.worker.stats.num_waiting >= self.settings.max_waiting:
                 raise CapacityExceeded(f"{self.worker.stats.num_waiting} prompts are already waiting")
             stream = self.worker.open_stream(rid)
-            await self.worker.call(lambda e: self._add(e, request, ids, params, target))
+            # The kv_transfer span's parent, handed to the engine thread explicitly.
+            trace_context = otel_context.get_current() if span.is_recording() else None
+            await self.worker.call(lambda e: self._add(e, request, ids, params, target, trace_context))
             item = await stream.get()
             if isinstance(item, BaseException):
                 raise item
@@ -73,14 +86,24 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                 raise
             self.metrics.transfer("ok", result.bytes, result.seconds)
             done = True
+            timing = convert.prefill_timing(item.metrics, result.seconds)
+            if span.is_recording():
+                span.set_attributes({
+                    "tandem.prefill.cached_tokens": item.num_cached_tokens,
+                    "tandem.prefill.queue_seconds": timing.queue_seconds,
+                    "tandem.prefill.compute_seconds": timing.compute_seconds,
+                    "tandem.prefill.transfer_seconds": timing.transfer_seconds,
+                    "tandem.kv.bytes": result.bytes, "tandem.kv.chunks": result.chunks,
+                })
             return prefill_pb2.PrefillResponse(
                 first_token_id=end.first_token_id,
                 num_cached_tokens=item.num_cached_tokens,
-                timing=convert.prefill_timing(item.metrics, result.seconds),
+                timing=timing,
                 kv_bytes=result.bytes,
                 kv_chunks=result.chunks,
             )
         except TandemError as exc:
+            span.set_status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
             await abort_with(context, exc)
         finally:
             # Only what this call created: a refused duplicate id must not touch the original.
@@ -102,10 +125,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             )
         return KVTarget(t.address, t.request_id, t.skip_blocks, self.fingerprint)
 
-    def _add(self, engine: LLMEngine, request, ids, params, target: KVTarget) -> None:
+    def _add(self, engine: LLMEngine, request, ids, params, target: KVTarget, trace_context) -> None:
         """Engine thread: register the KV transfer, then queue the prompt."""
         rid = request.request_id
-        self.sender.start(rid, target, len(ids))
+        self.sender.start(rid, target, len(ids), trace_context)
         try:
             engine.add_request(
                 rid, ids, params, priority=request.priority, cache_salt=request.cache_salt or None,
@@ -177,5 +200,6 @@ async def start(settings: PrefillSettings) -> RunningService:
 
 async def serve(settings: PrefillSettings) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    telemetry.setup_tracing("prefill", instance=settings.pod_id)
     service = await start(settings)
     await service.serve_until_signalled(settings.shutdown_grace_s)

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.router.flow import Dispatcher, Route
@@ -22,7 +23,9 @@ from services.router.openai_api import OpenAIServing, merge_events
 from services.router.openai_protocol import ChatCompletionRequest, CompletionRequest
 from services.router.pods import PodRegistry
 from services.router.prefix_index import PrefixIndexClient
+from services.router.request_trace import RequestTrace
 from services.router.settings import RouterSettings
+from tandem import telemetry
 from tandem.errors import RequestCancelled, TandemError, UpstreamUnavailable
 from tandem.model_dir import load_model_config
 from tandem.proto.router.v1 import router_pb2_grpc
@@ -75,6 +78,7 @@ class RequestIdAndMetrics:
         headers = dict(scope.get("headers") or ())
         request_id = headers.get(REQUEST_ID_HEADER.encode(), b"").decode() or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        trace.get_current_span().set_attribute(telemetry.REQUEST_ID, request_id)  # the HTTP server span
         start = time.perf_counter()
         status = 500
 
@@ -143,6 +147,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
                 await prefix_index.close()
 
     app = FastAPI(title="Tandem router", lifespan=lifespan)
+    telemetry.instrument_fastapi(app)
     app.state.registry, app.state.serving, app.state.metrics = registry, serving, metrics
     _add_error_handlers(app, settings)
     app.add_middleware(RequestIdAndMetrics, metrics=metrics)
@@ -180,7 +185,8 @@ def _add_openai_routes(app: FastAPI, serving: OpenAIServing, metrics: RouterMetr
     async def completions(body: CompletionRequest, request: Request):
         rid = request.state.request_id
         jobs = await asyncio.to_thread(serving.completion_jobs, body, rid)
-        routes = [Route() for _ in jobs]
+        trace = RequestTrace("text_completion", rid, serving.model_name, jobs)
+        routes = [Route(trace=trace) for _ in jobs]
         if body.stream:
             events = await run_unless_disconnected(request, serving.open_stream(merge_events(dispatcher, jobs, routes)))
             count_routes(routes)
@@ -193,7 +199,7 @@ def _add_openai_routes(app: FastAPI, serving: OpenAIServing, metrics: RouterMetr
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         rid = request.state.request_id
         job = await asyncio.to_thread(serving.chat_job, body, rid)
-        route = Route()
+        route = Route(trace=RequestTrace("chat", rid, serving.model_name, [job]))
         if body.stream:
             events = await run_unless_disconnected(request, serving.open_stream(merge_events(dispatcher, [job], [route])))
             count_routes([route])

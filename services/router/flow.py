@@ -17,18 +17,21 @@ import asyncio
 import itertools
 import logging
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
-
 import numpy as np
+from opentelemetry import context as otel_context
 
 from services.router.pods import Pod, PodRegistry
 from services.router.prefix_index import PrefixIndexClient
-from services.router.routing import PrefillScorer, PrefixLoadScorer, pick_decode
+from services.router.request_trace import RequestTrace, route_attributes
+from services.router.routing import PrefillCandidate, PrefillScorer, PrefixLoadScorer, pick_decode
 from services.router.settings import RouterSettings
+from tandem import telemetry
 from tandem.errors import (
     CapacityExceeded,
     DeadlineExceeded,
@@ -62,6 +65,12 @@ class Route:
     """Why that prefill pod: "prefix" (its cache won), "load", or "index_unavailable"."""
     expected_cached_tokens: int = 0
     """Prompt tokens kvstore said the chosen prefill pod caches."""
+    candidates: list[PrefillCandidate] = field(default_factory=list)
+    """The last prefill choice's candidates with their scores, best first."""
+    lookup: dict[str, float | str] | None = None
+    """kvstore lookup outcome ("status", "seconds"), when one was made."""
+    trace: RequestTrace | None = None
+    """The API request's server span (its children and GenAI attributes hang off it)."""
     tried_decode: set[str] = field(default_factory=set)
     tried_prefill: set[str] = field(default_factory=set)
 
@@ -98,16 +107,21 @@ class Dispatcher:
         self._attempt_ids = itertools.count()
         self._instance = uuid.uuid4().hex[:8]
 
-    async def _cached_tokens(self, job: Job) -> dict[str, int] | None:
+    async def _cached_tokens(self, job: Job, route: Route) -> dict[str, int] | None:
         """What kvstore says each prefill pod caches of the prompt (None: no answer)."""
         if self.prefix_index is None:
             return {}
         reference = next((p.stats for p in self.registry.by_role("prefill") if p.stats), None)
         if reference is None:
             return {}
-        return await self.prefix_index.cached_tokens(
-            job.prompt_token_ids, job.cache_salt, reference.model_fingerprint, reference.block_size
+        start = time.perf_counter()
+        cached = await self.prefix_index.cached_tokens(
+            job.prompt_token_ids, job.cache_salt, reference.model_fingerprint, reference.block_size,
+            metadata=telemetry.outgoing_metadata(),
         )
+        route.lookup = {"status": "ok" if cached is not None else "unavailable",
+                        "seconds": time.perf_counter() - start}
+        return cached
 
     def _choose_prefill(self, job: Job, route: Route, cached: dict[str, int] | None) -> Pod | None:
         pods = [p for p in self.registry.by_role("prefill") if p.address not in route.tried_prefill]
@@ -118,6 +132,7 @@ class Dispatcher:
         else:
             tie_key = os.urandom(8)
         ranked = self.scorer.rank(pods, len(job.prompt_token_ids), cached or {}, tie_key)
+        route.candidates = ranked
         if not ranked:
             return None
         best = ranked[0]
@@ -133,28 +148,44 @@ class Dispatcher:
 
     async def generate(self, job: Job, route: Route | None = None) -> AsyncIterator[TokenEvent]:
         route = route if route is not None else Route()
+        # The request's trace context, explicitly: this generator may be resumed from other tasks.
+        parent = route.trace.context if route.trace is not None else otel_context.get_current()
+        metadata = telemetry.outgoing_metadata(context=parent)
         failures = 0
         refusals: list[TandemError] = []
         colocate = len(job.prompt_token_ids) < self.settings.colocate_below_tokens
-        cached: dict[str, int] | None = {}
-        if not colocate and self.registry.by_role("prefill"):
-            cached = await self._cached_tokens(job)
+        cached: dict[str, int] | None = None
         while True:
-            decode = pick_decode(self.registry.by_role("decode"), route.tried_decode)
-            if decode is None:
-                if refusals and all(isinstance(r, RequestTooLarge) for r in refusals):
-                    raise refusals[0]  # no pod could ever hold it: a 400, not a 429
-                if refusals:
-                    raise CapacityExceeded("every decode pod is at capacity; retry later")
-                if failures:
-                    raise UpstreamUnavailable(f"the request failed on every pod tried ({failures} attempts)")
-                raise UpstreamUnavailable("no decode pod is ready")
-            prefill = None
-            if not colocate and failures < self.settings.max_attempts - 1:
-                prefill = self._choose_prefill(job, route, cached)
-            route.attempts += 1
+            # One `route` span per attempt: the kvstore lookup (first attempt) and the choice.
+            with telemetry.tracer().start_as_current_span("route", context=parent) as span:
+                if cached is None:
+                    cached = {}
+                    if not colocate and self.registry.by_role("prefill"):
+                        cached = await self._cached_tokens(job, route)
+                decode = pick_decode(self.registry.by_role("decode"), route.tried_decode)
+                if decode is None:
+                    if refusals and all(isinstance(r, RequestTooLarge) for r in refusals):
+                        raise refusals[0]  # no pod could ever hold it: a 400, not a 429
+                    if refusals:
+                        raise CapacityExceeded("every decode pod is at capacity; retry later")
+                    if failures:
+                        raise UpstreamUnavailable(f"the request failed on every pod tried ({failures} attempts)")
+                    raise UpstreamUnavailable("no decode pod is ready")
+                prefill = None
+                if not colocate and failures < self.settings.max_attempts - 1:
+                    prefill = self._choose_prefill(job, route, cached)
+                route.attempts += 1
+                if span.is_recording():
+                    span.set_attributes(route_attributes(
+                        attempt=route.attempts, mode="disaggregated" if prefill else "colocated",
+                        decode=decode.address, prefill=prefill.address if prefill else None,
+                        reason=route.prefill_reason if prefill else "", candidates=route.candidates if prefill else (),
+                        expected_cached_tokens=route.expected_cached_tokens if prefill else 0, lookup=route.lookup,
+                    ))
             try:
-                async for event in self._attempt(job, decode, prefill, route):
+                async for event in self._attempt(job, decode, prefill, route, metadata):
+                    if event.finish_reason is not None and route.trace is not None:
+                        route.trace.finished(event)
                     yield event
                 return
             except _Retry as retry:
@@ -167,11 +198,14 @@ class Dispatcher:
                 if failures >= self.settings.max_attempts:
                     raise retry.error from None
 
-    async def _attempt(self, job: Job, decode: Pod, prefill: Pod | None, route: Route) -> AsyncIterator[TokenEvent]:
+    async def _attempt(
+        self, job: Job, decode: Pod, prefill: Pod | None, route: Route, metadata: tuple[tuple[str, str], ...]
+    ) -> AsyncIterator[TokenEvent]:
         # Unique across router replicas and restarts: pods refuse a request id already in use.
         rid = f"{job.request_id}.{self._instance}.{next(self._attempt_ids)}"
         route.mode, route.decode, route.prefill = ("disaggregated" if prefill else "colocated"), decode.address, None
-        call = decode.stub.Generate(convert.decode_generate_request(job, rid, remote=prefill is not None))
+        call = decode.stub.Generate(convert.decode_generate_request(job, rid, remote=prefill is not None),
+                                    metadata=metadata)
         state = _AttemptState()
         prefill_task: asyncio.Task | None = None
         decode.inflight += 1
@@ -181,7 +215,7 @@ class Dispatcher:
             admitted = await self._admission(call, decode, route)
             if prefill is not None:
                 route.prefill = prefill.address
-                prefill_task = self._start_prefill(job, rid, prefill, decode, admitted, call, route, state)
+                prefill_task = self._start_prefill(job, rid, prefill, decode, admitted, call, route, state, metadata)
             while True:
                 try:
                     resp = await call.read()
@@ -228,7 +262,8 @@ class Dispatcher:
         return first.admitted
 
     def _start_prefill(
-        self, job: Job, rid: str, prefill: Pod, decode: Pod, admitted, call, route: Route, state: "_AttemptState"
+        self, job: Job, rid: str, prefill: Pod, decode: Pod, admitted, call, route: Route, state: "_AttemptState",
+        metadata: tuple[tuple[str, str], ...],
     ) -> asyncio.Task:
         # Blocks the decode pod already caches are not sent (admission tells how many tokens).
         block_size = decode.stats.block_size if decode.stats else 0
@@ -237,7 +272,7 @@ class Dispatcher:
         # The prefill computes the prompt minus what that pod caches (kvstore's estimate).
         work = max(1, len(job.prompt_token_ids) - route.expected_cached_tokens)
         prefill.prefill_started(work)
-        task = asyncio.ensure_future(prefill.stub.Prefill(request))
+        task = asyncio.ensure_future(prefill.stub.Prefill(request, metadata=metadata))
 
         def on_done(t: asyncio.Task) -> None:
             prefill.prefill_finished(work)

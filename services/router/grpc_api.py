@@ -5,7 +5,9 @@ import uuid
 
 import grpc
 
+from services.router.flow import Route
 from services.router.openai_api import OpenAIServing
+from services.router.request_trace import RequestTrace
 from tandem.errors import InvalidRequest, TandemError
 from tandem.proto.router.v1 import router_pb2, router_pb2_grpc
 from tandem.serving import convert
@@ -36,7 +38,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     async def Generate(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         try:
             job = await asyncio.to_thread(self._job, request)  # tokenizing a long prompt: off the loop
-            async for event in self.serving.dispatcher.generate(job):
+            route = Route(trace=RequestTrace("text_completion", job.request_id, self.serving.model_name, [job]))
+            async for event in self.serving.dispatcher.generate(job, route):
                 response = router_pb2.GenerateResponse(request_id=job.request_id, chunk=convert.event_chunk(event))
                 if event.usage is not None:
                     response.usage.CopyFrom(convert.usage_to_proto(event.usage))

@@ -6,10 +6,12 @@ import uvicorn
 
 from services.router.app import create_app
 from services.router.settings import RouterSettings
+from tandem import telemetry
 
 
 def serve(settings: RouterSettings) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    telemetry.setup_tracing("router", starts_traces=True)
     app = create_app(settings)
     # On SIGTERM uvicorn stops accepting and lets HTTP streams in flight finish (up to the grace),
     # then the lifespan stops the gRPC server with the same grace.

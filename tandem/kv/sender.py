@@ -10,6 +10,9 @@ last, partial block at the end of the prompt); blocks the decode pod already cac
 ``finish`` closes the secondary streams, waits for their acknowledgements, then sends the end
 message (with the first sampled token) on the primary stream: when it is acknowledged, the
 decode pod holds the whole prompt's KV.
+
+Tracing: a traced request's transfer is a ``kv_transfer`` span, from the first chunk queued to
+the decode pod's acknowledgement, whose context rides on every PushKV stream's metadata.
 """
 
 import concurrent.futures
@@ -24,6 +27,10 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
+from opentelemetry import trace
+from opentelemetry.context import Context
+
+from tandem import telemetry
 from tandem.engine.kv_cache import KVCacheSpec
 from tandem.engine.scheduler import ScheduledSequence
 from tandem.errors import InvalidRequest, KVTransferError
@@ -146,7 +153,8 @@ class KVTransfer:
     """One request's outgoing KV: chunks queued by the engine thread, sent by gRPC's threads."""
 
     def __init__(
-        self, target: KVTarget, num_prompt_blocks: int, push_calls, fingerprint: str, timeout_s: float
+        self, target: KVTarget, num_prompt_blocks: int, push_calls, fingerprint: str, timeout_s: float,
+        trace_context: Context | None = None,
     ) -> None:
         self.target = target
         self.num_prompt_blocks = num_prompt_blocks
@@ -159,16 +167,44 @@ class KVTransfer:
         self.chunks = 0
         self.bytes = 0
         self.started: float | None = None
-        self._open(0)  # the primary stream always exists: it carries the end message
+        self._trace_context = trace_context
+        self._span: trace.Span | None = None
+        self._metadata: tuple[tuple[str, str], ...] = ()
 
     @property
     def failed(self) -> bool:
         """A stream ended before the transfer did: the rest would go nowhere."""
         return any(s.call is not None and s.call.done() for s in self._streams)
 
+    def _begin(self) -> None:
+        """The first chunk (or the end message) is about to go: the transfer starts now."""
+        self.started = time.perf_counter()
+        if self._trace_context is not None:
+            self._span = telemetry.tracer().start_span("kv_transfer", context=self._trace_context, attributes={
+                "tandem.kv.target": self.target.address,
+                "tandem.kv.skip_blocks": self.target.skip_blocks,
+                "tandem.kv.streams": len(self._streams),
+            })
+            self._metadata = telemetry.outgoing_metadata(context=trace.set_span_in_context(self._span))
+
+    def _end_span(self, error: str | None = None) -> None:
+        span, self._span = self._span, None
+        if span is None:
+            return
+        seconds = time.perf_counter() - self.started
+        span.set_attributes({
+            "tandem.kv.bytes": self.bytes, "tandem.kv.chunks": self.chunks, "tandem.kv.seconds": seconds,
+            "tandem.kv.gbps": self.bytes / seconds / 1e9 if seconds > 0 else 0.0,
+        })
+        if error is not None:
+            span.set_status(trace.StatusCode.ERROR, error)
+        span.end()
+
     def _open(self, i: int) -> None:
         stream = self._streams[i]
-        stream.call = self._push_calls[i].future(self._messages(stream.queue), timeout=self._timeout_s)
+        stream.call = self._push_calls[i].future(
+            self._messages(stream.queue), timeout=self._timeout_s, metadata=self._metadata
+        )
         stream.call.add_done_callback(lambda _: stream.drain())
 
     @staticmethod
@@ -179,7 +215,7 @@ class KVTransfer:
     def submit(self, encode: Callable[[int], bytes], release: Callable[[], None], nbytes: int) -> None:
         """Queue a chunk; ``encode(sequence_number)`` runs on a sending thread, then ``release``."""
         if self.started is None:
-            self.started = time.perf_counter()
+            self._begin()
         i = self.chunks % len(self._streams)
         stream = self._streams[i]
         if stream.call is None:
@@ -193,24 +229,33 @@ class KVTransfer:
 
     def finish(self, end: common_pb2.KVTransferEnd) -> TransferResult:
         """Close every stream (end message last, on the primary); blocks until acknowledged."""
+        if self.started is None:
+            self._begin()  # nothing to send but the end message (the decode pod caches it all)
         try:
             for stream in self._streams[1:]:
                 if stream.call is not None:
                     stream.queue.put(_CLOSE)
                     stream.call.result()
             primary = self._streams[0]
+            if primary.call is None:
+                self._open(0)
             end.total_chunks = self.chunks
             primary.queue.put(decode_pb2.PushKVRequest(end=end))
             primary.queue.put(_CLOSE)
             primary.call.result()
         except grpc.RpcError as e:
+            error = f"KV push to {self.target.address} failed: {e.code().name}: {e.details()}"
+            self._end_span(error)
             self.cancel()
-            raise KVTransferError(f"KV push to {self.target.address} failed: {e.code().name}: {e.details()}") from e
-        started = self.started if self.started is not None else time.perf_counter()
-        return TransferResult(self.bytes, self.chunks, time.perf_counter() - started)
+            raise KVTransferError(error) from e
+        result = TransferResult(self.bytes, self.chunks, time.perf_counter() - self.started)
+        self._end_span()
+        return result
 
     def cancel(self) -> None:
         """Stop every stream; queued chunks are released by the calls' done callbacks."""
+        if self.started is not None:
+            self._end_span("cancelled")
         for stream in self._streams:
             if stream.call is not None:
                 stream.queue.put(_CLOSE)
@@ -259,8 +304,12 @@ class KVSender:
         self.staging = PinnedBufferPool(max_chunk_bytes, staging_buffers, pin_memory=device.type == "cuda")
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def start(self, request_id: str, target: KVTarget, num_prompt_tokens: int) -> KVTransfer:
+    def start(
+        self, request_id: str, target: KVTarget, num_prompt_tokens: int, trace_context: Context | None = None
+    ) -> KVTransfer:
         """Register a request's transfer before the engine schedules it.
+
+        ``trace_context``: the request's trace (its ``kv_transfer`` span goes there), if traced.
 
         Raises:
             InvalidRequest: a transfer for ``request_id`` is already in progress.
@@ -269,7 +318,8 @@ class KVSender:
             raise InvalidRequest(f"request id {request_id!r} is already in use", param="request_id")
         num_blocks = -(-num_prompt_tokens // self.layout.block_size)
         transfer = KVTransfer(
-            target, num_blocks, self.channels.push_kv(target.address), self.fingerprint, self.push_timeout_s
+            target, num_blocks, self.channels.push_kv(target.address), self.fingerprint, self.push_timeout_s,
+            trace_context,
         )
         transfer.sent_blocks = min(target.skip_blocks, num_blocks)
         self._transfers[request_id] = transfer

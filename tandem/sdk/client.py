@@ -1,5 +1,8 @@
 """Client and AsyncClient: generate and stream through the router's RouterService.
 
+Calls made inside an OpenTelemetry span carry its W3C trace context: the router's trace of the
+request then continues the caller's.
+
 Sampling keywords are ``SamplingParams`` fields (``max_tokens``, ``temperature``, ``top_p``,
 ``top_k``, ``seed``, ``stop``, ``logprobs``, ...); they are validated before anything is sent.
 """
@@ -10,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import grpc
+from opentelemetry import propagate
 
 from tandem.engine.sampling_params import SamplingParams
 from tandem.errors import InvalidRequest
@@ -19,6 +23,12 @@ from tandem.serving import convert
 from tandem.serving.channels import CLIENT_OPTIONS
 from tandem.serving.status import error_from_rpc
 
+
+def _trace_metadata() -> tuple[tuple[str, str], ...]:
+    """W3C trace context of the caller's current span (if any), so the router continues its trace."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return tuple(carrier.items())
 
 
 def _request(
@@ -74,7 +84,7 @@ class Client:
         request = _request(prompt, model, priority, cache_salt, request_id, sampling)
         deadline = timeout if timeout is not None else self.timeout
         for attempt in range(self.max_retries + 1):
-            call = self._stub.Generate(request, timeout=deadline)
+            call = self._stub.Generate(request, timeout=deadline, metadata=_trace_metadata())
             started = False
             try:
                 for resp in call:
@@ -126,7 +136,7 @@ class AsyncClient:
         request = _request(prompt, model, priority, cache_salt, request_id, sampling)
         deadline = timeout if timeout is not None else self.timeout
         for attempt in range(self.max_retries + 1):
-            call = self._stub.Generate(request, timeout=deadline)
+            call = self._stub.Generate(request, timeout=deadline, metadata=_trace_metadata())
             started = False
             try:
                 async for resp in call:

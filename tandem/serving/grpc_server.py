@@ -8,6 +8,7 @@ from collections.abc import Callable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from tandem import telemetry
 from tandem.serving.channels import SERVER_OPTIONS
 
 logger = logging.getLogger(__name__)
@@ -17,7 +18,8 @@ class GrpcServer:
     """A grpc.aio server with the standard health service, serving once ``start`` returns."""
 
     def __init__(self, host: str, port: int, service_names: list[str]) -> None:
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        # A traced RPC runs inside a SERVER span continuing the caller's trace (when tracing is on).
+        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=telemetry.server_interceptors())
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names = service_names

@@ -395,10 +395,14 @@ def test_observability_toggles(chart):
     assert not find(objects, "ServiceMonitor") and not find(objects, "PodMonitor") and not find(objects, "ConfigMap")
     assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in {e["name"] for e in container_of(objects, "router")["env"]}
     on = render(chart, {"observability": {"otlpEndpoint": "http://collector:4317", "serviceMonitor": {"enabled": True},
-                                          "podMonitor": {"enabled": True}, "grafanaDashboards": {"enabled": True}}})
+                                          "podMonitor": {"enabled": True}, "grafanaDashboards": {"enabled": True},
+                                          "tracesSampler": "parentbased_traceidratio", "tracesSamplerArg": "0.25"}})
     for role in ("router", "prefill", "decode", "kvstore"):
         env = {e["name"]: e.get("value") for e in container_of(on, role)["env"]}
         assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://collector:4317"
+        assert (env["OTEL_TRACES_SAMPLER"], env["OTEL_TRACES_SAMPLER_ARG"]) == ("parentbased_traceidratio", "0.25")
+    with pytest.raises(Exception, match="tracesSampler"):
+        render(chart, {"observability": {"otlpEndpoint": "http://collector:4317", "tracesSampler": "sometimes"}})
     monitor = one(on, "ServiceMonitor", "router")
     assert monitor["spec"]["endpoints"][0]["port"] == "http" and monitor["spec"]["endpoints"][0]["path"] == "/metrics"
     pods = one(on, "PodMonitor", "pods")

@@ -50,3 +50,12 @@ def test_the_chart_ships_every_dashboard():
     assert set(config_map["data"]) == {p.name for p in DASHBOARDS.glob("*.json")}
     for name, text in config_map["data"].items():
         assert json.loads(text) == json.loads((DASHBOARDS / name).read_text())
+
+
+def test_tempo_datasource_example_is_valid_provisioning():
+    doc = yaml.safe_load((ROOT / "deploy/grafana/tempo-datasource.yaml").read_text())
+    assert doc["apiVersion"] == 1
+    (tempo,) = doc["datasources"]
+    assert tempo["type"] == "tempo" and tempo["url"].startswith("http") and tempo["uid"]
+    for query in tempo["jsonData"]["tracesToMetrics"]["queries"]:
+        assert "vllm:" in query["query"] or "tandem_" in query["query"]

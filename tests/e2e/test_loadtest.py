@@ -1,0 +1,71 @@
+"""locust, headless, against the whole local system: every user type, bounded time, no failures."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import start_cluster, wait_idle
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+LOCUST = Path(sys.executable).parent / "locust"
+API_OF_USER = {"ChatStreamUser": "chat", "CompletionUser": "completions", "GrpcUser": "sdk"}
+
+
+@pytest.fixture(scope="module")
+def system(e2e_model):
+    cluster = start_cluster(e2e_model, prefill=1, decode=1)
+    yield cluster
+    cluster.stop()
+
+
+def locust(cluster, tmp_path: Path, *args: str, seconds: int = 8) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    rows = tmp_path / "rows.jsonl"
+    cmd = [str(LOCUST), "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless", "-H", cluster.router_url,
+           "--grpc-target", cluster.router_grpc, "-u", "3", "-r", "3", "-t", f"{seconds}s", "--stop-timeout", "60",
+           "--only-summary", "--exit-code-on-error", "1", "--jsonl", str(rows), *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    found = [json.loads(line) for line in rows.read_text().splitlines()] if rows.exists() else []
+    return result, found
+
+
+@pytest.mark.parametrize("workload", ["shared-prefix", "multi-turn"])
+def test_every_user_type_runs_without_failures(system, tmp_path, workload):
+    result, rows = locust(system, tmp_path, "--workload", workload, "--max-tokens", "8", "--prompt-words-max", "30",
+                          "--system-prompt-words", "100")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert {r["api"] for r in rows} == set(API_OF_USER.values())
+    failed = [r for r in rows if not r["ok"]]
+    assert not failed, failed[:3]
+    for r in rows:
+        assert r["workload"] == workload and r["request_id"].startswith("locust-")
+        assert r["output_tokens"] == 8  # EOS ignored: every request generates max-tokens
+        assert 0 < r["ttft_s"] <= r["e2e_s"] < 60
+        assert 0 <= r["tpot_s"] < 5 and len(r["itl_s"]) >= 1 and all(0 <= g < 5 for g in r["itl_s"])
+        assert r["prompt_tokens"] > 0
+    # Users share system prompts (or their own history): some prompts were served from the cache.
+    assert sum(r["cached_tokens"] or 0 for r in rows) > 0
+    # locust's own table has the TTFT/TPOT/ITL/TOKENS events of each user type.
+    for api in API_OF_USER.values():
+        for kind in ("TTFT", "TPOT", "ITL", "TOKENS"):
+            assert any(line.split()[:2] == [kind, api] for line in result.stderr.splitlines()), (kind, api)
+    wait_idle(system)
+
+
+def test_failed_requests_are_reported_with_their_error(system, tmp_path):
+    """A request the router refuses is a locust failure, with the router's message in its row."""
+    result, rows = locust(system, tmp_path, "ChatStreamUser", "--max-tokens", "100000000", seconds=3)
+    assert result.returncode == 1
+    assert rows and all(not r["ok"] for r in rows)
+    assert all("HTTP 400" in r["error"] and "max_tokens" in r["error"] for r in rows), rows[0]
+    wait_idle(system)
+
+
+def test_bad_workload_options_stop_the_run_before_any_request(system, tmp_path):
+    result, rows = locust(system, tmp_path, "--prompt-words-min", "50", "--prompt-words-max", "10", seconds=3)
+    assert result.returncode != 0
+    assert "prompt-words-min" in result.stderr
+    assert rows == []
