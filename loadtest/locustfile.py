@@ -22,6 +22,8 @@ prompt/cached/output tokens, TTFT, TPOT, E2E, every ITL gap). Workload shapes
 """
 
 import itertools
+import logging
+import sys
 import time
 import uuid
 from urllib.parse import urlsplit
@@ -59,12 +61,25 @@ def _add_arguments(parser) -> None:
     group.add_argument("--request-timeout", type=float, default=300.0)
 
 
+@events.init.add_listener
+def _check_options(environment, **kwargs) -> None:
+    """A bad option stops locust before any user starts (SystemExit passes through event hooks)."""
+    opts = environment.parsed_options
+    if opts is None:  # locust used as a library
+        return
+    try:
+        _workload_options(opts)
+        if opts.max_tokens < 1:
+            raise ValueError("--max-tokens must be at least 1")
+    except ValueError as e:
+        logging.getLogger("loadtest").error("bad option: %s", e)
+        sys.exit(2)
+
+
 @events.test_start.add_listener
 def _on_test_start(environment, **kwargs) -> None:
     global _writer
-    opts = environment.parsed_options
-    _workload_options(opts)  # a bad option fails the run before any request is sent
-    _writer = JsonlWriter(opts.jsonl or None)
+    _writer = JsonlWriter(environment.parsed_options.jsonl or None)
 
 
 @events.quitting.add_listener

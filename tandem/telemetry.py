@@ -50,6 +50,14 @@ REQUEST_ID = "tandem.request_id"
 UNTRACED_METHODS = ("GetStats", "Stats", "Heartbeat", "PublishEvents")
 """RPCs that belong to no request (polls, heartbeats, event batches): never traced."""
 
+SELF_TRACED_METHODS = ("/tandem.decode.v1.DecodeService/Generate", "/tandem.router.v1.RouterService/Generate")
+"""Response-streaming RPCs that open their SERVER span themselves (``start_server_span``).
+
+The instrumentation's interceptor keeps its context attached across the handler's yields; when
+a client goes away mid-stream, grpc.aio closes the generator from another task and the detach
+fails with an ERROR traceback per cancelled stream (opentelemetry-python-contrib#2357).
+"""
+
 _enabled = False
 
 
@@ -118,8 +126,32 @@ def server_interceptors() -> list:
         return []
     from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
-    untraced = filters.any_of(filters.health_check(), *(filters.method_name(m) for m in UNTRACED_METHODS))
+    untraced = filters.any_of(filters.health_check(), *(filters.method_name(m) for m in UNTRACED_METHODS),
+                              *(filters.full_method_name(m) for m in SELF_TRACED_METHODS))
     return [aio_server_interceptor(filter_=filters.negate(untraced))]
+
+
+def start_server_span(context, full_method: str) -> trace.Span:
+    """The SERVER span of a streaming RPC, continuing the caller's trace; never made current.
+
+    The handler ends it (``end_server_span``) and parents its own spans on it explicitly.
+    """
+    if not _enabled:
+        return trace.INVALID_SPAN
+    carrier = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+    service, method = full_method.lstrip("/").split("/", 1)
+    return tracer().start_span(
+        full_method, context=propagate.extract(carrier), kind=trace.SpanKind.SERVER,
+        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
+    )
+
+
+def end_server_span(span: trace.Span, error: BaseException | None = None) -> None:
+    if not span.is_recording():
+        return
+    if error is not None:
+        span.set_status(trace.StatusCode.ERROR, f"{type(error).__name__}: {error}")
+    span.end()
 
 
 def instrument_fastapi(app) -> None:

@@ -60,8 +60,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         rid = request.request_id
         stream = None
         finished = False
-        # Not the current span: this generator yields, and a context attached here would leak.
-        span = telemetry.tracer().start_span("decode")
+        # Never the current span: this generator yields, and a context attached here would leak.
+        rpc_span = telemetry.start_server_span(context, "/tandem.decode.v1.DecodeService/Generate")
+        span = telemetry.tracer().start_span("decode", context=trace.set_span_in_context(rpc_span))
+        error: TandemError | None = None
         trace_ = _DecodeTrace(span, time.monotonic()) if span.is_recording() else None
         try:
             if not rid:
@@ -102,6 +104,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 if finished:
                     return
         except TandemError as exc:
+            error = exc
             span.set_status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
             await abort_with(context, exc)
         finally:
@@ -110,6 +113,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 if not finished:
                     self.worker.submit(lambda e: self._release(e, rid))
             span.end()
+            telemetry.end_server_span(rpc_span, error)
 
     async def _admit(self, request, ids, params) -> decode_pb2.Admitted:
         rid = request.request_id

@@ -154,14 +154,11 @@ class Dispatcher:
         failures = 0
         refusals: list[TandemError] = []
         colocate = len(job.prompt_token_ids) < self.settings.colocate_below_tokens
-        cached: dict[str, int] | None = None
+        cached: dict[str, int] | None = {}
+        looked_up = False
         while True:
-            # One `route` span per attempt: the kvstore lookup (first attempt) and the choice.
+            # One `route` span per attempt: the kvstore lookup (once per request) and the choice.
             with telemetry.tracer().start_as_current_span("route", context=parent) as span:
-                if cached is None:
-                    cached = {}
-                    if not colocate and self.registry.by_role("prefill"):
-                        cached = await self._cached_tokens(job, route)
                 decode = pick_decode(self.registry.by_role("decode"), route.tried_decode)
                 if decode is None:
                     if refusals and all(isinstance(r, RequestTooLarge) for r in refusals):
@@ -173,6 +170,9 @@ class Dispatcher:
                     raise UpstreamUnavailable("no decode pod is ready")
                 prefill = None
                 if not colocate and failures < self.settings.max_attempts - 1:
+                    if not looked_up and self.registry.by_role("prefill"):
+                        looked_up = True  # None (kvstore did not answer) is not asked again
+                        cached = await self._cached_tokens(job, route)
                     prefill = self._choose_prefill(job, route, cached)
                 route.attempts += 1
                 if span.is_recording():

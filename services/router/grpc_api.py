@@ -8,6 +8,7 @@ import grpc
 from services.router.flow import Route
 from services.router.openai_api import OpenAIServing
 from services.router.request_trace import RequestTrace
+from tandem import telemetry
 from tandem.errors import InvalidRequest, TandemError
 from tandem.proto.router.v1 import router_pb2, router_pb2_grpc
 from tandem.serving import convert
@@ -36,16 +37,22 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         return Job(rid, ids, params, request.priority, request.cache_salt or None)
 
     async def Generate(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        span = telemetry.start_server_span(context, "/tandem.router.v1.RouterService/Generate")
+        error: TandemError | None = None
         try:
             job = await asyncio.to_thread(self._job, request)  # tokenizing a long prompt: off the loop
-            route = Route(trace=RequestTrace("text_completion", job.request_id, self.serving.model_name, [job]))
+            route = Route(trace=RequestTrace("text_completion", job.request_id, self.serving.model_name, [job],
+                                             span=span))
             async for event in self.serving.dispatcher.generate(job, route):
                 response = router_pb2.GenerateResponse(request_id=job.request_id, chunk=convert.event_chunk(event))
                 if event.usage is not None:
                     response.usage.CopyFrom(convert.usage_to_proto(event.usage))
                 yield response
         except TandemError as exc:
+            error = exc
             await abort_with(context, exc)
+        finally:
+            telemetry.end_server_span(span, error)
 
     async def ListModels(self, request, context):
         model = router_pb2.Model(id=self.serving.model_name, max_model_len=self.serving.max_model_len)

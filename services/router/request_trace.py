@@ -19,9 +19,12 @@ from tandem.serving.requests import Job, TokenEvent
 class RequestTrace:
     """The server span of one API request (HTTP or gRPC), possibly running several jobs."""
 
-    def __init__(self, operation: str, request_id: str, model: str, jobs: Sequence[Job]) -> None:
-        self.span = trace.get_current_span()
-        self.context = otel_context.get_current()
+    def __init__(
+        self, operation: str, request_id: str, model: str, jobs: Sequence[Job], span: trace.Span | None = None
+    ) -> None:
+        """``span``: the server span if it is not the current one (streaming gRPC handlers)."""
+        self.span = span if span is not None else trace.get_current_span()
+        self.context = trace.set_span_in_context(span) if span is not None else otel_context.get_current()
         """Parent of every span the request's jobs open (explicit: they run in other tasks)."""
         self._input_tokens = 0
         self._output_tokens = 0

@@ -170,6 +170,10 @@ class KVTransfer:
         self._trace_context = trace_context
         self._span: trace.Span | None = None
         self._metadata: tuple[tuple[str, str], ...] = ()
+        # Streams open lazily (the first chunk, or the end message); ``cancel`` can come from
+        # another thread at any time, and no stream may open after it.
+        self._lock = threading.Lock()
+        self._cancelled = False
 
     @property
     def failed(self) -> bool:
@@ -188,7 +192,8 @@ class KVTransfer:
             self._metadata = telemetry.outgoing_metadata(context=trace.set_span_in_context(self._span))
 
     def _end_span(self, error: str | None = None) -> None:
-        span, self._span = self._span, None
+        with self._lock:
+            span, self._span = self._span, None
         if span is None:
             return
         seconds = time.perf_counter() - self.started
@@ -200,12 +205,17 @@ class KVTransfer:
             span.set_status(trace.StatusCode.ERROR, error)
         span.end()
 
-    def _open(self, i: int) -> None:
+    def _open(self, i: int) -> bool:
+        """Open stream ``i``; False if the transfer was cancelled (then nothing opens)."""
         stream = self._streams[i]
-        stream.call = self._push_calls[i].future(
-            self._messages(stream.queue), timeout=self._timeout_s, metadata=self._metadata
-        )
+        with self._lock:
+            if self._cancelled:
+                return False
+            stream.call = self._push_calls[i].future(
+                self._messages(stream.queue), timeout=self._timeout_s, metadata=self._metadata
+            )
         stream.call.add_done_callback(lambda _: stream.drain())
+        return True
 
     @staticmethod
     def _messages(q: "queue.SimpleQueue[object]") -> Iterator[bytes | decode_pb2.PushKVRequest]:
@@ -218,8 +228,9 @@ class KVTransfer:
             self._begin()
         i = self.chunks % len(self._streams)
         stream = self._streams[i]
-        if stream.call is None:
-            self._open(i)
+        if stream.call is None and not self._open(i):
+            release()  # cancelled: the chunk goes nowhere, its buffer goes back
+            return
         seq_no = self.chunks // len(self._streams)
         stream.queue.put(_Chunk(lambda: encode(seq_no), release))
         if stream.call.done():
@@ -237,12 +248,16 @@ class KVTransfer:
                     stream.queue.put(_CLOSE)
                     stream.call.result()
             primary = self._streams[0]
-            if primary.call is None:
-                self._open(0)
+            if primary.call is None and not self._open(0):
+                raise grpc.FutureCancelledError()
             end.total_chunks = self.chunks
             primary.queue.put(decode_pb2.PushKVRequest(end=end))
             primary.queue.put(_CLOSE)
             primary.call.result()
+        except grpc.FutureCancelledError as e:
+            self._end_span("cancelled")
+            self.cancel()
+            raise KVTransferError(f"the KV transfer to {self.target.address} was cancelled") from e
         except grpc.RpcError as e:
             error = f"KV push to {self.target.address} failed: {e.code().name}: {e.details()}"
             self._end_span(error)
@@ -254,6 +269,8 @@ class KVTransfer:
 
     def cancel(self) -> None:
         """Stop every stream; queued chunks are released by the calls' done callbacks."""
+        with self._lock:
+            self._cancelled = True
         if self.started is not None:
             self._end_span("cancelled")
         for stream in self._streams:

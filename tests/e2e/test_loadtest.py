@@ -3,9 +3,12 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import start_cluster, wait_idle
 
@@ -64,8 +67,18 @@ def test_failed_requests_are_reported_with_their_error(system, tmp_path):
     wait_idle(system)
 
 
-def test_bad_workload_options_stop_the_run_before_any_request(system, tmp_path):
-    result, rows = locust(system, tmp_path, "--prompt-words-min", "50", "--prompt-words-max", "10", seconds=3)
-    assert result.returncode != 0
-    assert "prompt-words-min" in result.stderr
-    assert rows == []
+def router_requests(cluster) -> float:
+    text = httpx.get(cluster.router_url + "/metrics", timeout=10).text
+    return sum(s.value for f in text_string_to_metric_families(text) if f.name == "tandem_router_requests"
+               for s in f.samples if s.name == "tandem_router_requests_total" and s.labels["route"].startswith("/v1/"))
+
+
+@pytest.mark.parametrize("bad", [["--prompt-words-min", "50", "--prompt-words-max", "10"], ["--max-tokens", "0"]])
+def test_bad_options_stop_the_run_before_any_request(system, tmp_path, bad):
+    before = router_requests(system)
+    started = time.monotonic()
+    result, rows = locust(system, tmp_path, *bad, seconds=60)
+    assert time.monotonic() - started < 30  # it stopped at once instead of running its 60 s
+    assert result.returncode == 2
+    assert "bad option" in result.stderr and bad[0] in result.stderr
+    assert rows == [] and router_requests(system) == before
