@@ -1,5 +1,5 @@
 # The README's two commands are `make run` and `make test`; both set up .venv themselves.
-.PHONY: setup run test test-fast protos bench bench-kv bench-serve loadtest
+.PHONY: setup run test test-fast protos bench bench-kv bench-serve bench-engine loadtest
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -27,6 +27,9 @@ bench-kv: setup
 
 bench-serve: setup
 	$(PY) bench/serve.py $(ARGS)
+
+bench-engine: setup
+	$(PY) bench/engine.py $(ARGS)
 
 # Load-test a running router (starts nothing): make loadtest URL=http://host:8000 [GRPC=host:50050]
 #   [USERS=16 SPAWN=4 DURATION=2m OUT=loadtest-results ARGS="--workload shared-prefix --max-tokens 128"]

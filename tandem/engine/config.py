@@ -45,8 +45,15 @@ class EngineOptions(BaseModel):
     """Waiting-queue order: fcfs, priority, shortest-prompt-first, or a registered policy name."""
     step_policy: StepPolicy = "decode-first"
     """Who gets a step's budget first: running sequences (decode-first) or waiting prompts."""
-    attention_backend: Literal["torch"] = "torch"
-    """Attention implementation."""
+    attention_backend: Literal["auto", "torch", "triton"] = "auto"
+    """Attention implementation: ``triton`` (paged decode kernel, flash prefill; CUDA), ``torch``
+    (the gather-then-SDPA reference). ``auto``: triton on CUDA, torch on CPU."""
+    cuda_graphs: bool = True
+    """Replay decode-only steps from CUDA graphs captured per padded batch size (CUDA + triton)."""
+    max_cuda_graph_batch: int = Field(256, ge=1)
+    """Largest decode batch replayed from a graph; bigger batches run eagerly."""
+    load_format: Literal["auto", "dummy"] = "auto"
+    """``dummy``: random weights instead of reading safetensors (benchmarks of model shapes)."""
     seed: int = 0
     """Seed of requests that carry none."""
 

@@ -99,7 +99,8 @@ class LLMEngine:
         mc = self.model_config
         self.fingerprint = ModelFingerprint(
             architecture=mc.architecture,
-            weights_digest=weights_digest(config.model),
+            # Dummy weights are random: no other engine can hold the same KV.
+            weights_digest=weights_digest(config.model) if config.load_format != "dummy" else f"dummy-{id(self):x}",
             num_layers=mc.num_layers,
             num_kv_heads=mc.num_kv_heads,
             head_dim=mc.head_dim,

@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from tandem.engine.attention import AttentionMetadata, get_attention_backend
+from tandem.engine.attention import AttentionMetadata, get_attention_backend, resolve_backend_name
 from tandem.engine.config import EngineConfig
 from tandem.engine.kv_cache import KVCacheSpec, PagedKVCache
 from tandem.engine.models import load_model
@@ -81,12 +81,23 @@ class ModelRunner:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ModelLoadError("device cuda was requested but no CUDA GPU is available")
         self.dtype = resolve_dtype(config.dtype, self.device, model_config.torch_dtype)
-        self.backend = get_attention_backend(config.attention_backend)
+        self.backend_name = resolve_backend_name(config.attention_backend, self.device.type)
+        self.backend = get_attention_backend(self.backend_name)
         self.model = load_model(
-            config.model, model_config, self.backend, device=self.device, dtype=self.dtype
+            config.model, model_config, self.backend, device=self.device, dtype=self.dtype,
+            dummy=config.load_format == "dummy",
         )
         self.kv_spec = KVCacheSpec.for_model(model_config, config.block_size, self.dtype)
         self.kv_cache = PagedKVCache(self.kv_spec, self._num_kv_blocks(max_model_len), self.device)
+        self.graphs = None
+        """Decode CUDA graphs (``cuda_graphs.DecodeGraphs``), all captured at the first decode step."""
+        if self.device.type == "cuda" and config.cuda_graphs and self.backend_name == "triton":
+            from tandem.engine.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(
+                self.model, self.kv_cache, config.block_size, min(config.max_cuda_graph_batch, config.max_num_seqs),
+                -(-max_model_len // config.block_size), self.device,
+            )
         self.sampler = Sampler(self.device, config.seed)
         self._generators: dict[RequestId, torch.Generator] = {}
         self._kv_layer_hook: KVLayerHook | None = None
@@ -177,6 +188,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence]) -> tuple[list[ScheduledSequence], SamplerOutput | None]:
         """Run one step. Returns the sequences that sampled and their sampler output."""
+        if self._graph_step(scheduled):
+            return self._execute_graph(scheduled)
         batch = self.prepare(scheduled)
         kv = self.kv_cache.tensor
         hook = None
@@ -192,6 +205,31 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[batch.logits_indices])
         rows = [self._sampling_row(s) for s in batch.sampling]
         return batch.sampling, self.sampler(logits, rows)
+
+    def _graph_step(self, scheduled: list[ScheduledSequence]) -> bool:
+        """Whether this step can replay a decode CUDA graph."""
+        g = self.graphs
+        return (
+            g is not None and self._kv_layer_hook is None and len(scheduled) <= g.max_batch
+            and all(s.num_new_tokens == 1 and s.samples and len(s.block_ids) <= g.max_blocks for s in scheduled)
+        )
+
+    def _execute_graph(self, scheduled: list[ScheduledSequence]) -> tuple[list[ScheduledSequence], SamplerOutput]:
+        if not self.graphs._graphs:
+            self.graphs.capture_all()  # here, not at start-up: prefill pods never decode
+        bs = self.config.block_size
+        starts = np.fromiter((s.start for s in scheduled), dtype=np.int64, count=len(scheduled))
+        ids = np.fromiter((s.seq.token_ids[s.start] for s in scheduled), dtype=np.int64, count=len(scheduled))
+        width = max(len(s.block_ids) for s in scheduled)
+        tables = np.zeros((len(scheduled), width), dtype=np.int64)
+        for i, s in enumerate(scheduled):
+            tables[i, : len(s.block_ids)] = s.block_ids
+        slots = tables[np.arange(len(scheduled)), starts // bs] * bs + starts % bs
+        # The sampler's .tolist() below synchronises, so the graph's pinned inputs are free again
+        # before the next step refills them.
+        logits = self.graphs.run(ids, starts, slots, starts + 1, tables)
+        rows = [self._sampling_row(s) for s in scheduled]
+        return scheduled, self.sampler(logits, rows)
 
     def _sampling_row(self, s: ScheduledSequence) -> SamplingRow:
         seq = s.seq

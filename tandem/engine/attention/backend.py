@@ -54,9 +54,26 @@ class AttentionBackend(Protocol):
         ...
 
 
+def resolve_backend_name(name: str, device_type: str) -> str:
+    """``auto``: triton on CUDA (if Triton is installed), torch elsewhere."""
+    if name != "auto":
+        return name
+    if device_type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "torch"
+        return "triton"
+    return "torch"
+
+
 def get_attention_backend(name: str) -> AttentionBackend:
     if name == "torch":
         from tandem.engine.attention.torch_backend import TorchAttentionBackend
 
         return TorchAttentionBackend()
+    if name == "triton":
+        from tandem.engine.attention.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend()
     raise ValueError(f"unknown attention backend {name!r}")

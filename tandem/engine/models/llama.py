@@ -20,6 +20,15 @@ from tandem.engine.models.rope import RotaryEmbedding, apply_rotary
 from tandem.model_dir import ModelConfig
 
 
+def _fused_ops(x: torch.Tensor):
+    """The Triton fused kernels for half precision on CUDA (``fused_ops``), else None."""
+    if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    from tandem.engine.models import fused_ops
+
+    return fused_ops
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32, as transformers does (exactness matters for parity tests)."""
 
@@ -29,6 +38,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (ops := _fused_ops(x)) is not None:
+            return ops.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -63,7 +74,10 @@ class Attention(nn.Module):
         v = v.view(n, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, k, *rope)
+        if (ops := _fused_ops(q)) is not None:
+            q, k = ops.rotary(q, *rope), ops.rotary(k, *rope)
+        else:
+            q, k = apply_rotary(q, k, *rope)
         o = self.backend.forward(
             q, k, v, kv_cache, meta, scale=self.scale, sliding_window=self.sliding_window
         )
@@ -80,6 +94,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (ops := _fused_ops(x)) is not None:
+            return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 

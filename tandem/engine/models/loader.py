@@ -49,8 +49,13 @@ def load_model(
     *,
     device: torch.device,
     dtype: torch.dtype,
+    dummy: bool = False,
 ) -> DecoderLM:
-    """Build the model on ``device`` in ``dtype`` and fill it from the directory's safetensors."""
+    """Build the model on ``device`` in ``dtype`` and fill it from the directory's safetensors.
+
+    ``dummy``: random weights instead (``load_format="dummy"``): benchmarks of a real model's shape
+    need only its config.json; speed does not depend on the weights' values.
+    """
     with torch.device("meta"):
         model = DecoderLM(config, backend).to(dtype)  # cast on meta: no float32 copy on the GPU
     model = model.to_empty(device=device)
@@ -60,6 +65,14 @@ def load_model(
         if hasattr(module, "inv_freq"):
             module.inv_freq = inv_freq
     params = dict(model.named_parameters())
+    if dummy:
+        generator = torch.Generator(device=device).manual_seed(0)
+        for name, p in params.items():
+            if name.endswith("norm.weight"):
+                p.data.fill_(1.0)
+            else:
+                p.data.normal_(0.0, 0.02, generator=generator)
+        return model.eval()
     expected = {(name, None) for name in params if ".qkv_proj." not in name and ".gate_up_proj." not in name}
     for name in params:
         if ".qkv_proj." in name:

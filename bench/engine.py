@@ -1,0 +1,344 @@
+"""Engine speed against the roofline (W0 micro) and against Hugging Face (W1 offline), one run.
+
+    python bench/engine.py --device cuda                       # micro: 1B and 8B shapes
+    python bench/engine.py --device cuda --section offline --shapes qwen3-0.6b llama-3.2-1b
+    python bench/engine.py --shapes tiny                       # the code path on CPU, tiny shape
+
+micro: one decode step (the runner's step: inputs, forward, sampling; a CUDA graph where the
+engine would use one) at batch {1, 8, 32, 128, 256} x context {1k, 4k} on fragmented block
+tables, and one prefill of {1k, 8k, 32k} tokens, each with its floor and the fraction reached.
+Floors use the copy bandwidth and bf16 matmul rate measured at the start of the same run:
+decode >= (weights read + batch x context x KV bytes/token) / bandwidth; prefill >= (2 x linear
+params x N + 2 x N^2 x q_heads x head_dim x layers) / matmul rate. Weights are random
+(``load_format="dummy"``): speed does not depend on their values.
+
+offline: nano-vllm's protocol (256 requests, input and output lengths uniform in [100, 1024],
+seed 0, EOS ignored) on the same random weights through Tandem and through transformers:
+batched ``generate`` (static batches) and ``generate_batch`` (continuous batching, paged
+attention) when the installed version has it. Ratios printed last.
+
+Prints tables and writes JSON under bench/results/ (or --out-dir).
+"""
+
+import argparse
+import gc
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_name, print_table, write_result  # noqa: E402
+from shapes import shape_dir  # noqa: E402
+
+
+NOMINAL_BANDWIDTH = 3.0e12
+NOMINAL_FLOPS = 790e12
+"""The issue's H100 80GB figures (../shared/BENCHMARKS.md): floors against them are comparable
+across runs; floors against this run's own measurements show what is left on this GPU."""
+
+
+def measure_bandwidth(device: torch.device) -> float:
+    """Device copy bandwidth (bytes read + written per second), median of 10 copies of 1 GiB."""
+    if device.type != "cuda":
+        return 20e9
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(12):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    return 2 * (1 << 30) / statistics.median(times[2:])
+
+
+def measure_matmul(device: torch.device) -> float:
+    """bf16 matmul rate (FLOP/s) of an 8192^3 product, median of 10."""
+    if device.type != "cuda":
+        return 50e9
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    times = []
+    for _ in range(12):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * 8192**3 / statistics.median(times[2:])
+
+
+class Shape:
+    """Byte and FLOP counts of a loaded model, for the floors."""
+
+    def __init__(self, engine) -> None:
+        mc = engine.model_config
+        model = engine.runner.model
+        itemsize = engine.runner.kv_spec.dtype.itemsize
+        params = sum(p.numel() for p in model.parameters())
+        embed = model.model.embed_tokens.weight.numel()
+        # Decode reads every weight but the embedding table (only the batch's rows), unless the
+        # LM head is that same table.
+        self.weight_bytes = (params - (0 if mc.tie_word_embeddings else embed)) * itemsize
+        lm_head = 0 if mc.tie_word_embeddings else embed
+        self.linear_params = params - embed - lm_head
+        self.kv_bytes_per_token = engine.runner.kv_spec.bytes_per_block // engine.config.block_size
+        self.q_heads, self.head_dim, self.layers = mc.num_heads, mc.head_dim, mc.num_layers
+
+    def decode_floor(self, batch: int, context: int, bandwidth: float) -> float:
+        return (self.weight_bytes + batch * context * self.kv_bytes_per_token) / bandwidth
+
+    def prefill_floor(self, tokens: int, flops: float) -> float:
+        work = 2 * self.linear_params * tokens + 2 * tokens**2 * self.q_heads * self.head_dim * self.layers
+        return work / flops
+
+
+def synthetic_step(engine, batch: int, context: int, new_tokens: int, rng: random.Random):
+    """``batch`` sequences whose first ``context`` tokens are in the cache, on shuffled blocks."""
+    from tandem.engine.sampling_params import SamplingParams
+    from tandem.engine.scheduler import ScheduledSequence
+    from tandem.engine.sequence import Sequence
+
+    bs = engine.config.block_size
+    total = context + new_tokens
+    per_seq = -(-total // bs)
+    pool = list(range(engine.runner.kv_cache.num_blocks))
+    if batch * per_seq > len(pool):
+        return None
+    rng.shuffle(pool)
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(temperature=0, max_tokens=1 << 20, ignore_eos=True)
+    steps = []
+    for i in range(batch):
+        seq = Sequence(f"bench-{i}", [rng.randrange(3, vocab) for _ in range(total)], params,
+                       arrival_time=0.0, arrival_index=i)
+        blocks = pool[i * per_seq:(i + 1) * per_seq]
+        steps.append(ScheduledSequence(seq, start=context, num_new_tokens=new_tokens, block_ids=blocks, samples=True))
+    return steps
+
+
+def time_steps(engine, steps, warmup: int, iters: int) -> float:
+    runner = engine.runner
+    sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        runner.execute(steps)
+    times = []
+    for _ in range(iters):
+        sync()
+        t0 = time.perf_counter()
+        runner.execute(steps)  # ends by reading the sampled tokens: a device sync
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def micro(args, device: torch.device, out: Path) -> dict:
+    from tandem.engine.llm_engine import LLMEngine
+    from tandem.engine.config import EngineConfig
+
+    bandwidth, flops = measure_bandwidth(device), measure_matmul(device)
+    print(f"measured: copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s")
+    rows, records = [], []
+    rng = random.Random(0)
+    for name in args.shapes:
+        model = shape_dir(name, out)
+        longest = max(max(args.prefill), max(args.contexts) + 1)
+        engine = LLMEngine(EngineConfig(
+            model=str(model), device=args.device, dtype=args.dtype, load_format="dummy",
+            max_num_seqs=max(args.batches), max_num_batched_tokens=max(args.prefill),
+            max_model_len=longest + 16, enable_prefix_caching=False,
+        ))
+        shape = Shape(engine)
+        backend = f"{engine.runner.backend_name}{'+graphs' if engine.runner.graphs else ''}"
+        for context in args.contexts:
+            for batch in args.batches:
+                steps = synthetic_step(engine, batch, context, 1, rng)
+                floor = shape.decode_floor(batch, context, bandwidth)
+                nominal = shape.decode_floor(batch, context, NOMINAL_BANDWIDTH)
+                if steps is None:
+                    rows.append([name, "decode", batch, context, "KV does not fit", floor * 1e3, "", "", backend])
+                    continue
+                t = time_steps(engine, steps, args.warmup, args.iters)
+                rows.append([name, "decode", batch, context, t * 1e3, floor * 1e3, floor / t, nominal / t, backend])
+                records.append(dict(shape=name, kind="decode", batch=batch, context=context, seconds=t,
+                                    floor_seconds=floor, fraction_of_floor=floor / t,
+                                    nominal_floor_seconds=nominal, fraction_of_nominal_floor=nominal / t,
+                                    backend=backend))
+        for tokens in args.prefill:
+            steps = synthetic_step(engine, 1, 0, tokens, rng)
+            floor = shape.prefill_floor(tokens, flops)
+            nominal = shape.prefill_floor(tokens, NOMINAL_FLOPS)
+            t = time_steps(engine, steps, 1, max(3, args.iters // 4))
+            achieved = shape.prefill_floor(tokens, 1.0) / t
+            rows.append([name, "prefill", 1, tokens, t * 1e3, floor * 1e3, floor / t, nominal / t,
+                         f"{backend} {achieved / 1e12:.0f} TFLOP/s"])
+            records.append(dict(shape=name, kind="prefill", tokens=tokens, seconds=t, floor_seconds=floor,
+                                fraction_of_floor=floor / t, nominal_floor_seconds=nominal,
+                                fraction_of_nominal_floor=nominal / t, tflops=achieved / 1e12, backend=backend))
+        del engine
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print_table(["shape", "step", "batch", "context/tokens", "ms", "floor ms", "of floor", "of H100 floor",
+                 "backend"], rows)
+    return {"bandwidth_Bps": bandwidth, "matmul_flops": flops, "results": records}
+
+
+def nano_vllm_requests(n: int, lo: int, hi: int, vocab: int, seed: int):
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+    return prompts, [rng.randint(lo, hi) for _ in range(n)]
+
+
+def offline(args, device: torch.device, out: Path) -> dict:
+    from tandem.engine import LLM, SamplingParams
+
+    rows, records = [], []
+    for name in args.shapes:
+        model = shape_dir(name, out, with_weights=True, device=args.device)
+        llm = LLM(model, device=args.device, dtype=args.dtype, max_num_seqs=256, max_num_batched_tokens=8192)
+        vocab = llm.engine.model_config.vocab_size
+        prompts, out_lens = nano_vllm_requests(args.num_requests, args.min_len, args.max_len, vocab, 0)
+        wanted = sum(out_lens)
+        llm.generate([prompts[0][:16]], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
+        runner, timing = llm.engine.runner, {"steps": 0, "execute_s": 0.0}
+        execute = runner.execute
+        per_step: list[tuple[int, int, float]] = []
+
+        def timed_execute(scheduled):
+            t = time.perf_counter()
+            try:
+                return execute(scheduled)
+            finally:
+                timing["steps"] += 1
+                timing["execute_s"] += time.perf_counter() - t
+                per_step.append((len(scheduled), sum(s.num_new_tokens for s in scheduled), time.perf_counter() - t))
+
+        runner.execute = timed_execute  # where the time goes: model steps vs the engine around them
+        replays = runner.graphs.replays if runner.graphs else 0
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, [SamplingParams(temperature=0, ignore_eos=True, max_tokens=n) for n in out_lens])
+        tandem_s = time.perf_counter() - t0
+        timing["graph_steps"] = (runner.graphs.replays if runner.graphs else 0) - replays
+        for lo, hi in ((1, 64), (65, 128), (129, 192), (193, 256)):
+            sel = [s for b, n, s in per_step if lo <= b <= hi and n == b]
+            if sel:
+                print(f"  decode steps of {lo}-{hi} sequences: {len(sel)}, median {statistics.median(sel) * 1e3:.2f} ms,"
+                      f" total {sum(sel):.1f} s", flush=True)
+        mixed = [s for b, n, s in per_step if n != b]
+        print(f"  steps with prompt tokens: {len(mixed)}, total {sum(mixed):.1f} s", flush=True)
+        print(f"{name}: {timing['steps']} steps ({timing['graph_steps']} from CUDA graphs), "
+              f"{timing['execute_s']:.1f} s in the runner, {tandem_s - timing['execute_s']:.1f} s around it", flush=True)
+        assert sum(len(o.outputs[0].token_ids) for o in outs) == wanted
+        print(f"{name}: tandem {wanted} tokens in {tandem_s:.1f} s", flush=True)
+        result = {"shape": name, "requests": len(prompts), "output_tokens": wanted,
+                  "tandem_s": tandem_s, "tandem_tok_s": wanted / tandem_s, "tandem_timing": timing}
+        rows.append([name, "tandem", wanted, tandem_s, wanted / tandem_s, 1.0])
+        del llm, runner, execute, timed_execute
+        gc.collect()  # the engine's CUDA graphs and KV pool must be gone before transformers loads
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        for mode, measured in hf_offline(model, prompts, out_lens, device, args.hf_modes).items():
+            if measured is None:
+                rows.append([name, f"hf {mode}", "", "not available", "", ""])
+                continue
+            seconds, tokens = measured
+            ratio = (wanted / tandem_s) / (tokens / seconds)
+            result.update({f"hf_{mode}_s": seconds, f"hf_{mode}_output_tokens": tokens,
+                           f"tandem_over_hf_{mode}_tok_s": ratio})
+            rows.append([name, f"hf {mode}", tokens, seconds, tokens / seconds, ratio])
+        records.append(result)
+    print_table(["shape", "engine", "out tokens", "s", "out tok/s", "tandem tok/s over this"], rows)
+    return {"results": records}
+
+
+def hf_offline(model_dir: Path, prompts, out_lens, device: torch.device, modes) -> dict:
+    """(seconds, output tokens) for transformers on the same prompts (greedy, EOS ignored).
+
+    transformers takes one ``max_new_tokens`` per call, so its requests generate the batch's
+    longest output: compare output tokens per second, not wall time.
+    """
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
+    results = {}
+    if "generate" in modes:
+        # Static batches of 64, padded on the left; each batch runs to its longest output.
+        pad = hf.config.pad_token_id
+        t0 = time.perf_counter()
+        for i in range(0, len(prompts), 64):
+            print(f"hf generate: batch {i // 64} at {time.perf_counter() - t0:.1f} s", flush=True)
+            batch, lens = prompts[i:i + 64], out_lens[i:i + 64]
+            width = max(len(p) for p in batch)
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+            with torch.no_grad():
+                hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(lens), min_new_tokens=max(lens),
+                            do_sample=False)
+        print(f"hf generate: {time.perf_counter() - t0:.1f} s", flush=True)
+        results["generate"] = (time.perf_counter() - t0,
+                               sum(len(prompts[i:i + 64]) * max(out_lens[i:i + 64]) for i in range(0, len(prompts), 64)))
+    if "generate_batch" in modes:
+        if not hasattr(hf, "generate_batch"):
+            results["generate_batch"] = None
+        else:
+            try:
+                results["generate_batch"] = _hf_generate_batch(hf, prompts, out_lens)
+            except Exception as e:  # noqa: BLE001 - an API change in transformers must not lose the run
+                print(f"transformers generate_batch failed: {type(e).__name__}: {e}")
+                results["generate_batch"] = None
+    del hf
+    return results
+
+
+def _hf_generate_batch(hf, prompts, out_lens) -> tuple[float, int]:
+    """transformers' continuous batching (paged attention), EOS suppressed up to the longest output."""
+    from transformers import GenerationConfig
+
+    n = max(out_lens)
+    config = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              pad_token_id=hf.config.pad_token_id, eos_token_id=hf.config.eos_token_id)
+    hf.generate_batch(inputs=[prompts[0][:16]], generation_config=config, progress_bar=False)  # warm-up
+    t0 = time.perf_counter()
+    out = hf.generate_batch(inputs=prompts, generation_config=config, progress_bar=False)
+    seconds = time.perf_counter() - t0
+    return seconds, sum(len(o.generated_tokens) for o in out.values())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--section", choices=["micro", "offline"], default="micro")
+    ap.add_argument("--shapes", nargs="+", default=None)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128, 256])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096])
+    ap.add_argument("--prefill", type=int, nargs="+", default=[1024, 8192, 32768])
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--num-requests", type=int, default=256)
+    ap.add_argument("--min-len", type=int, default=100)
+    ap.add_argument("--max-len", type=int, default=1024)
+    ap.add_argument("--hf-modes", nargs="+", default=["generate", "generate_batch"])
+    ap.add_argument("--models-dir", type=Path, default=None, help="where shape directories are written")
+    ap.add_argument("--out-dir", type=Path, default=None)
+    args = ap.parse_args()
+    if args.shapes is None:
+        args.shapes = ["llama-3.2-1b", "llama-3.1-8b"] if args.section == "micro" else ["qwen3-0.6b", "llama-3.2-1b"]
+    device = torch.device(args.device)
+    out = args.models_dir or Path(tempfile.gettempdir()) / "tandem-bench-models"
+    payload = micro(args, device, out) if args.section == "micro" else offline(args, device, out)
+    payload.update(device=device_name(args.device), section=args.section, command=" ".join(sys.argv))
+    path = write_result(f"engine-{args.section}", args.device, payload, args.out_dir)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
