@@ -303,6 +303,7 @@ async def start(settings: DecodeSettings) -> RunningService:
         metrics.serve(settings.metrics_port)
     servicer = DecodeServicer(settings, worker, receiver, identity, metrics)
     add_decode_service(servicer, server.server)
+    engine.runner.capture_decode_graphs()  # before serving: no request pays for the captures
     worker.start()
     await server.start()
     logger.info("decode pod %s serving on port %d", identity["pod_id"], server.port)

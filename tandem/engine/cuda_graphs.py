@@ -10,8 +10,10 @@ into the fixed-stride table the attention kernel reads; entries past a sequence'
 never read, so nothing is zeroed. Batches are padded to the next captured size; padding rows
 have length 0 (attention outputs 0) and write their K/V into the pool's scratch slot.
 
-All sizes are captured when the engine starts (largest first, sharing one memory pool), so no
-request pays for a capture. Requirements: CUDA, the Triton backend (the torch backend reads
+All sizes are captured together (largest first, sharing one memory pool): by a decode pod
+before it serves (``ModelRunner.capture_decode_graphs``), otherwise at the first decode step.
+Capture is thread-local, so the decode pod's KV writer threads may keep using the GPU. The LM
+head runs after the replay, on the real rows only (no per-graph logits in the pool). Requirements: CUDA, the Triton backend (the torch backend reads
 host-side lengths), no per-layer hook (prefill pods), every block table within ``max_blocks``.
 """
 
@@ -65,8 +67,9 @@ class DecodeGraphs:
         self._packed = d[4 * n + 1:]
         self.tables = torch.zeros((n, max_blocks), dtype=torch.int64, device=device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._logits: dict[int, torch.Tensor] = {}
+        self._hidden: dict[int, torch.Tensor] = {}
         self._pool = None
+        self._copied = torch.cuda.Event()
         self.replays = 0
 
     def bucket(self, batch: int) -> int | None:
@@ -84,18 +87,14 @@ class DecodeGraphs:
         )
 
     def _step(self, size: int) -> torch.Tensor:
-        """What a graph replays: spread the packed tables, then the forward and the logits."""
+        """What a graph replays: spread the packed tables, then the forward (hidden states)."""
         _spread_tables_kernel[(size, triton.cdiv(self.max_blocks, 1024))](
             self._packed, self._width, self.tables, self.max_blocks, BLOCK=1024)
-        hidden = self.model(self.input_ids[:size], self.positions[:size], self.kv_cache.tensor, self._meta(size))
-        return self.model.compute_logits(hidden)
+        return self.model(self.input_ids[:size], self.positions[:size], self.kv_cache.tensor, self._meta(size))
 
     def capture_all(self) -> None:
         """Capture every size, largest first (the smaller graphs reuse its memory)."""
         start = time.perf_counter()
-        self._device_buf.zero_()
-        self.slots.fill_(self.kv_cache.scratch_slot)  # padding everywhere: length 0, scratch writes
-        self._width.fill_(1)
         for size in reversed(self.sizes):
             self._capture(size)
         logger.info("captured %d decode CUDA graphs (batch 1..%d) in %.1f s", len(self.sizes), self.max_batch,
@@ -103,6 +102,11 @@ class DecodeGraphs:
 
     def _capture(self, size: int) -> None:
         torch.cuda.synchronize(self.device)
+        # Padding everywhere (length 0, scratch writes): the warm-ups must not write into blocks
+        # that earlier, larger steps left in these buffers (they may belong to other requests now).
+        self._device_buf.zero_()
+        self.slots.fill_(self.kv_cache.scratch_slot)
+        self._width.fill_(1)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -110,8 +114,8 @@ class DecodeGraphs:
                 self._step(size)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            self._logits[size] = self._step(size)
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            self._hidden[size] = self._step(size)
         self._pool = graph.pool()
         self._graphs[size] = graph
 
@@ -123,6 +127,7 @@ class DecodeGraphs:
         if size not in self._graphs:
             self._capture(size)
         n, h = self.max_batch, self._host
+        self._copied.synchronize()  # the previous step's copy has left the pinned buffer
         for i, values, pad in ((0, input_ids, 0), (1, positions, 0), (2, slots, self.kv_cache.scratch_slot),
                                (3, seq_lens, 0)):
             h[i * n:i * n + batch] = values
@@ -131,9 +136,8 @@ class DecodeGraphs:
         h[4 * n] = width
         used = 4 * n + 1 + batch * width
         h[4 * n + 1:used] = tables.reshape(-1)
-        # The caller's sampler reads the logits with a device sync before the next step refills
-        # this pinned buffer, so the asynchronous copy never races a later write.
         self._device_buf[:used].copy_(self._host_buf[:used], non_blocking=True)
+        self._copied.record()
         self._graphs[size].replay()
         self.replays += 1
-        return self._logits[size][:batch]
+        return self.model.compute_logits(self._hidden[size][:batch])

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from tandem.engine.attention import AttentionMetadata, get_attention_backend, resolve_backend_name
+from tandem.engine.attention.backend import triton_supports
 from tandem.engine.config import EngineConfig
 from tandem.engine.kv_cache import KVCacheSpec, PagedKVCache
 from tandem.engine.models import load_model
@@ -80,8 +81,17 @@ class ModelRunner:
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ModelLoadError("device cuda was requested but no CUDA GPU is available")
+        if self.device.type == "cuda":
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+            torch.cuda.set_device(self.device)  # Triton launches on the current device: make it ours
         self.dtype = resolve_dtype(config.dtype, self.device, model_config.torch_dtype)
         self.backend_name = resolve_backend_name(config.attention_backend, self.device.type)
+        if self.backend_name == "triton" and not triton_supports(model_config.head_dim, config.block_size):
+            logger.warning("the triton backend needs a power-of-two head_dim and block size <= 128 "
+                           "(head_dim %d, block size %d): using the torch backend", model_config.head_dim,
+                           config.block_size)
+            self.backend_name = "torch"
         self.backend = get_attention_backend(self.backend_name)
         self.model = load_model(
             config.model, model_config, self.backend, device=self.device, dtype=self.dtype,
@@ -90,7 +100,7 @@ class ModelRunner:
         self.kv_spec = KVCacheSpec.for_model(model_config, config.block_size, self.dtype)
         self.kv_cache = PagedKVCache(self.kv_spec, self._num_kv_blocks(max_model_len), self.device)
         self.graphs = None
-        """Decode CUDA graphs (``cuda_graphs.DecodeGraphs``), all captured at the first decode step."""
+        """Decode CUDA graphs (``cuda_graphs.DecodeGraphs``), captured by ``capture_decode_graphs``."""
         if self.device.type == "cuda" and config.cuda_graphs and self.backend_name == "triton":
             from tandem.engine.cuda_graphs import DecodeGraphs
 
@@ -188,6 +198,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence]) -> tuple[list[ScheduledSequence], SamplerOutput | None]:
         """Run one step. Returns the sequences that sampled and their sampler output."""
+        if self.device.type == "cuda" and torch.cuda.current_device() != self.device.index:
+            torch.cuda.set_device(self.device)  # the engine thread's own current device
         if self._graph_step(scheduled):
             return self._execute_graph(scheduled)
         batch = self.prepare(scheduled)
@@ -207,16 +219,32 @@ class ModelRunner:
         return batch.sampling, self.sampler(logits, rows)
 
     def _graph_step(self, scheduled: list[ScheduledSequence]) -> bool:
-        """Whether this step can replay a decode CUDA graph."""
+        """Whether this step can replay a decode CUDA graph (capturing them first if needed)."""
         g = self.graphs
         return (
             g is not None and self._kv_layer_hook is None and len(scheduled) <= g.max_batch
             and all(s.num_new_tokens == 1 and s.samples and len(s.block_ids) <= g.max_blocks for s in scheduled)
+            and self.capture_decode_graphs()  # prefill pods (with a hook) never get here
         )
 
-    def _execute_graph(self, scheduled: list[ScheduledSequence]) -> tuple[list[ScheduledSequence], SamplerOutput]:
+    def capture_decode_graphs(self) -> bool:
+        """Capture the decode CUDA graphs now (decode pods, before serving). False: none in use.
+
+        A capture that fails (out of memory, say) turns graphs off: decode steps run eagerly.
+        """
+        if self.graphs is None:
+            return False
         if not self.graphs._graphs:
-            self.graphs.capture_all()  # here, not at start-up: prefill pods never decode
+            try:
+                self.graphs.capture_all()
+            except Exception:  # noqa: BLE001 - eager decoding still works
+                logger.exception("capturing the decode CUDA graphs failed: decoding without them")
+                self.graphs = None
+                torch.cuda.empty_cache()
+                return False
+        return True
+
+    def _execute_graph(self, scheduled: list[ScheduledSequence]) -> tuple[list[ScheduledSequence], SamplerOutput]:
         bs = self.config.block_size
         starts = np.fromiter((s.start for s in scheduled), dtype=np.int64, count=len(scheduled))
         ids = np.fromiter((s.seq.token_ids[s.start] for s in scheduled), dtype=np.int64, count=len(scheduled))

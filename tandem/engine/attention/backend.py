@@ -54,17 +54,23 @@ class AttentionBackend(Protocol):
         ...
 
 
+def triton_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_supports(head_dim: int, block_size: int) -> bool:
+    """Shapes the Triton kernels compile for: power-of-two head_dim (16..256), block size <= 128."""
+    pow2 = head_dim & (head_dim - 1) == 0
+    return pow2 and 16 <= head_dim <= 256 and block_size <= 128 and block_size & (block_size - 1) == 0
+
+
 def resolve_backend_name(name: str, device_type: str) -> str:
     """``auto``: triton on CUDA (if Triton is installed), torch elsewhere."""
     if name != "auto":
         return name
-    if device_type == "cuda":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return "torch"
-        return "triton"
-    return "torch"
+    return "triton" if device_type == "cuda" and triton_available() else "torch"
 
 
 def get_attention_backend(name: str) -> AttentionBackend:

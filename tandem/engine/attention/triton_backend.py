@@ -27,7 +27,6 @@ class TritonAttentionBackend(TorchAttentionBackend):
     """Paged Triton decode + SDPA prefill (CUDA; on CPU only under ``TRITON_INTERPRET=1``)."""
 
     def __init__(self) -> None:
-        self.workspace: dict = {}
         self._num_sms: int | None = None
 
     def num_splits(self, batch: int, num_kv_heads: int, max_context: int, block_size: int, device) -> int:
@@ -50,7 +49,7 @@ class TritonAttentionBackend(TorchAttentionBackend):
                 splits = meta.scratch["num_splits"] = self.num_splits(
                     nd, num_kv_heads, max_context, meta.block_size, q.device)
             paged_decode(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale=scale,
-                         window=sliding_window, num_splits=splits, out=out[:nd], workspace=self.workspace)
+                         window=sliding_window, num_splits=splits, out=out[:nd])
         qsl = meta.query_start_loc_cpu
         for i in range(nd, meta.num_seqs):
             start, end = qsl[i], qsl[i + 1]

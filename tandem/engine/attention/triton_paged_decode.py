@@ -102,11 +102,8 @@ def _merge_splits_kernel(
 
 
 def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, *, scale: float, window: int | None,
-                 num_splits: int, out=None, workspace=None):
-    """Attention of one new token per sequence over its paged context -> [B, Hq, D] in q's dtype.
-
-    ``workspace``: optional dict reused across layers and steps (the float32 partials).
-    """
+                 num_splits: int, out=None):
+    """Attention of one new token per sequence over its paged context -> [B, Hq, D] in q's dtype."""
     import torch
 
     batch, num_heads, head_dim = q.shape
@@ -116,15 +113,11 @@ def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, *, scale: float, w
         out = torch.empty_like(q)
     if batch == 0:
         return out
-    key = (batch, num_heads, num_splits, head_dim, q.device)
-    parts = None if workspace is None else workspace.get(key)
-    if parts is None:
-        parts = (torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device),
-                 torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device),
-                 torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device))
-        if workspace is not None:
-            workspace[key] = parts
-    part_acc, part_max, part_sum = parts
+    # Per call: the caching allocator makes this cheap, eager steps give it back, and inside a
+    # graph capture it lands in (and lives with) the graph's pool.
+    part_acc = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+    part_max = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
+    part_sum = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
     block_size = k_cache.shape[1]
     tile = max(64, block_size)
     _paged_decode_split_kernel[(batch, num_kv_heads, num_splits)](
@@ -150,7 +143,7 @@ def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, *, scale: float, w
 @triton.jit
 def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, stride_kt, stride_vt, row_size,
                      BLOCK: tl.constexpr):
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < row_size
     slot = tl.sum(tl.load(slots_ptr + token + tl.arange(0, 1)), 0).to(tl.int64)

@@ -9,6 +9,7 @@ The forward works on a flat batch of tokens from many sequences: no padding, no 
 Python; attention reads and writes the paged KV cache through the attention backend.
 """
 
+import importlib.util
 from collections.abc import Callable
 
 import torch
@@ -20,9 +21,12 @@ from tandem.engine.models.rope import RotaryEmbedding, apply_rotary
 from tandem.model_dir import ModelConfig
 
 
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def _fused_ops(x: torch.Tensor):
     """The Triton fused kernels for half precision on CUDA (``fused_ops``), else None."""
-    if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+    if not _HAS_TRITON or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
         return None
     from tandem.engine.models import fused_ops
 
@@ -64,6 +68,7 @@ class Attention(nn.Module):
         self.qk_norm = config.qk_norm
         self.sliding_window = config.sliding_windows[layer_idx]
         self.scale = self.head_dim**-0.5
+        self.pow2_head_dim = self.head_dim & (self.head_dim - 1) == 0  # the fused rotary kernel's need
         self.backend = backend
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, kv_cache, meta) -> torch.Tensor:
@@ -74,7 +79,7 @@ class Attention(nn.Module):
         v = v.view(n, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if (ops := _fused_ops(q)) is not None:
+        if self.pow2_head_dim and (ops := _fused_ops(q)) is not None:
             q, k = ops.rotary(q, *rope), ops.rotary(k, *rope)
         else:
             q, k = apply_rotary(q, k, *rope)
