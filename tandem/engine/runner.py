@@ -38,6 +38,14 @@ def resolve_dtype(name: str, device: torch.device, model_dtype: str | None) -> t
     return torch.float16 if model_dtype == "float16" else torch.bfloat16
 
 
+def block_tables(scheduled: list[ScheduledSequence]) -> np.ndarray:
+    """[sequences, most blocks] int64 block ids, one row per sequence, padded with 0."""
+    tables = np.zeros((len(scheduled), max(len(s.block_ids) for s in scheduled)), dtype=np.int64)
+    for i, s in enumerate(scheduled):
+        tables[i, : len(s.block_ids)] = s.block_ids
+    return tables
+
+
 class KVLayerHook(Protocol):
     """Called during the forward each time another layer's KV is written (prefill pods)."""
 
@@ -165,11 +173,9 @@ class ModelRunner:
         num_tokens = int(qsl[-1])
         seq_index = np.repeat(np.arange(len(order)), qlens)
         positions = np.arange(num_tokens, dtype=np.int64) - qsl[:-1][seq_index] + starts[seq_index]
-        max_blocks = max(len(s.block_ids) for s in order)
-        tables = np.zeros((len(order), max_blocks), dtype=np.int64)
+        tables = block_tables(order)
         input_ids: list[int] = []
-        for i, s in enumerate(order):
-            tables[i, : len(s.block_ids)] = s.block_ids
+        for s in order:
             input_ids.extend(s.seq.token_ids[s.start : s.start + s.num_new_tokens])
         slots = tables[seq_index, positions // bs] * bs + positions % bs
         seq_lens = starts + qlens
@@ -248,13 +254,8 @@ class ModelRunner:
         bs = self.config.block_size
         starts = np.fromiter((s.start for s in scheduled), dtype=np.int64, count=len(scheduled))
         ids = np.fromiter((s.seq.token_ids[s.start] for s in scheduled), dtype=np.int64, count=len(scheduled))
-        width = max(len(s.block_ids) for s in scheduled)
-        tables = np.zeros((len(scheduled), width), dtype=np.int64)
-        for i, s in enumerate(scheduled):
-            tables[i, : len(s.block_ids)] = s.block_ids
+        tables = block_tables(scheduled)
         slots = tables[np.arange(len(scheduled)), starts // bs] * bs + starts % bs
-        # The sampler's .tolist() below synchronises, so the graph's pinned inputs are free again
-        # before the next step refills them.
         logits = self.graphs.run(ids, starts, slots, starts + 1, tables)
         rows = [self._sampling_row(s) for s in scheduled]
         return scheduled, self.sampler(logits, rows)

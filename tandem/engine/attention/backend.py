@@ -5,6 +5,7 @@ query_start_loc[i+1]`` of q/k/v. Sequences with a single new token (decodes) com
 backend can treat rows ``[0, num_decodes)`` as one decode batch and the rest as prefills.
 """
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -54,7 +55,9 @@ class AttentionBackend(Protocol):
         ...
 
 
+@functools.cache
 def triton_available() -> bool:
+    """Whether Triton is installed (the fused kernels and the triton backend need it)."""
     import importlib.util
 
     return importlib.util.find_spec("triton") is not None

@@ -27,21 +27,32 @@ class TorchAttentionBackend:
         sliding_window: int | None,
     ) -> torch.Tensor:
         k_cache, v_cache = kv_cache[0], kv_cache[1]
+        self.store(k, v, k_cache, v_cache, meta)
+        out = torch.empty_like(q)
+        nd = meta.num_decodes
+        if nd:
+            self.decode_into(out[:nd], q[:nd], k_cache, v_cache, meta, scale, sliding_window)
+        qsl = meta.query_start_loc_cpu
+        for i in range(nd, meta.num_seqs):
+            rows = slice(qsl[i], qsl[i + 1])
+            out[rows] = self.prefill(q[rows], k[rows], v[rows], k_cache, v_cache, meta, i, scale, sliding_window)
+        return out
+
+    # The three steps of a forward; other backends override them.
+
+    def store(self, k, v, k_cache, v_cache, meta: AttentionMetadata) -> None:
+        """Write this step's K/V into their cache slots."""
         num_kv_heads, head_dim = k_cache.shape[-2:]
         k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
         v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
 
-        out = torch.empty_like(q)
-        nd = meta.num_decodes
-        if nd:
-            out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta, scale, sliding_window)
-        qsl = meta.query_start_loc_cpu
-        for i in range(nd, meta.num_seqs):
-            start, end = qsl[i], qsl[i + 1]
-            out[start:end] = self._prefill(
-                q[start:end], k_cache, v_cache, meta, i, scale, sliding_window
-            )
-        return out
+    def decode_into(self, out, q, k_cache, v_cache, meta: AttentionMetadata, scale, window) -> None:
+        """Attention of the leading one-token rows, into ``out``."""
+        out[:] = self._decode(q, k_cache, v_cache, meta, scale, window)
+
+    def prefill(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, i, scale, window) -> torch.Tensor:
+        """Attention of sequence ``i``'s chunk (``k``/``v``: its new rows, already in the cache)."""
+        return self._prefill(q, k_cache, v_cache, meta, i, scale, window)
 
     @staticmethod
     def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:

@@ -35,34 +35,28 @@ class TritonAttentionBackend(TorchAttentionBackend):
                              if device.type == "cuda" else 4)
         return choose_num_splits(batch, num_kv_heads, max_context, block_size, self._num_sms)
 
-    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, *, scale: float, sliding_window):
-        k_cache, v_cache = kv_cache[0], kv_cache[1]
-        num_kv_heads = k_cache.shape[-2]
+    def store(self, k, v, k_cache, v_cache, meta: AttentionMetadata) -> None:
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
 
-        out = torch.empty_like(q)
-        nd = meta.num_decodes
-        if nd:
-            splits = meta.scratch.get("num_splits")
-            if splits is None:
-                max_context = meta.block_tables.shape[1] * meta.block_size
-                splits = meta.scratch["num_splits"] = self.num_splits(
-                    nd, num_kv_heads, max_context, meta.block_size, q.device)
-            paged_decode(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale=scale,
-                         window=sliding_window, num_splits=splits, out=out[:nd])
-        qsl = meta.query_start_loc_cpu
-        for i in range(nd, meta.num_seqs):
-            start, end = qsl[i], qsl[i + 1]
-            if meta.seq_lens_cpu[i] == end - start and sliding_window is None:
-                # The whole context is this chunk: causal flash attention on its own K/V. Short
-                # chunks avoid cuDNN, which builds a plan per new length (tens of ms each); long
-                # ones amortise that and gain from its Hopper kernels (~20% at 32k tokens).
-                with sdpa_kernel(_PREFILL_BACKENDS if end - start < _CUDNN_FROM_TOKENS else _ALL_BACKENDS):
-                    o = F.scaled_dot_product_attention(
-                        q[start:end].transpose(0, 1)[None], k[start:end].transpose(0, 1)[None],
-                        v[start:end].transpose(0, 1)[None], is_causal=True, scale=scale, enable_gqa=True)
-                out[start:end] = o[0].transpose(0, 1)
-            else:
-                with sdpa_kernel(_PREFILL_BACKENDS):
-                    out[start:end] = self._prefill(q[start:end], k_cache, v_cache, meta, i, scale, sliding_window)
-        return out
+    def decode_into(self, out, q, k_cache, v_cache, meta: AttentionMetadata, scale, window) -> None:
+        splits = meta.scratch.get("num_splits")
+        if splits is None:  # once per step (a CUDA graph bakes it in at capture)
+            max_context = meta.block_tables.shape[1] * meta.block_size
+            splits = meta.scratch["num_splits"] = self.num_splits(
+                len(q), k_cache.shape[-2], max_context, meta.block_size, q.device)
+        nd = len(q)
+        paged_decode(q, k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale=scale, window=window,
+                     num_splits=splits, out=out)
+
+    def prefill(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, i, scale, window) -> torch.Tensor:
+        if meta.seq_lens_cpu[i] == len(q) and window is None:
+            # The whole context is this chunk: causal flash attention on its own K/V. Short
+            # chunks avoid cuDNN, which builds a plan per new length (tens of ms each); long
+            # ones amortise that and gain from its Hopper kernels (~20% at 32k tokens).
+            with sdpa_kernel(_PREFILL_BACKENDS if len(q) < _CUDNN_FROM_TOKENS else _ALL_BACKENDS):
+                o = F.scaled_dot_product_attention(
+                    q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                    is_causal=True, scale=scale, enable_gqa=True)
+            return o[0].transpose(0, 1)
+        with sdpa_kernel(_PREFILL_BACKENDS):
+            return self._prefill(q, k_cache, v_cache, meta, i, scale, window)

@@ -9,7 +9,6 @@ The forward works on a flat batch of tokens from many sequences: no padding, no 
 Python; attention reads and writes the paged KV cache through the attention backend.
 """
 
-import importlib.util
 from collections.abc import Callable
 
 import torch
@@ -17,16 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from tandem.engine.attention import AttentionBackend, AttentionMetadata
+from tandem.engine.attention.backend import triton_available
 from tandem.engine.models.rope import RotaryEmbedding, apply_rotary
 from tandem.model_dir import ModelConfig
 
 
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
-
-
 def _fused_ops(x: torch.Tensor):
     """The Triton fused kernels for half precision on CUDA (``fused_ops``), else None."""
-    if not _HAS_TRITON or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+    if not x.is_cuda or not triton_available() or x.dtype not in (torch.bfloat16, torch.float16):
         return None
     from tandem.engine.models import fused_ops
 
