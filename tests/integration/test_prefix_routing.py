@@ -123,8 +123,10 @@ def test_requests_survive_redis_dying_and_routing_recovers(cluster):
         assert choices(cluster.router_url).get("index_unavailable", 0) - before.get("index_unavailable", 0) == 4
     finally:
         cluster.redis = RedisProcess.start(port=port)  # back, empty
-    # The pods notice (heartbeat: unknown incarnation) and resend their caches.
-    wait_until(lambda: kvstore_entries(cluster) >= 16, 20, "the pods to resync the index")
+    # The pods notice (heartbeat: unknown incarnation) and resend their caches: wait for every
+    # pod's blocks, not just some (one pod's resync alone can pass a fixed count).
+    cached = lambda: sum(pod_stats(p).num_cached_blocks for p in cluster.pods("prefill"))  # noqa: E731
+    wait_until(lambda: kvstore_entries(cluster) >= cached() > 0, 20, "every pod to resync the index")
     before = choices(cluster.router_url)
     out = complete(cluster.router_url, system + tokens(16, 399))
     assert choices(cluster.router_url).get("prefix", 0) - before.get("prefix", 0) == 1
