@@ -5,10 +5,12 @@ one ``generate`` call.
     python bench/offline.py                          # CPU, generated tiny model, small N
     python bench/offline.py --device cuda --model DIR --num-requests 256 --min-len 100 --max-len 1024
 
-Prints a table and writes JSON under bench/results/.
+Prints a table and the result as JSON to stdout, and writes the same JSON under bench/results/
+(or ``--out-dir``); the path written goes to stderr, so stdout is only the table and the JSON.
 """
 
 import argparse
+import json
 import random
 import sys
 import tempfile
@@ -38,7 +40,7 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--num-kv-blocks", type=int, default=None)
-    ap.add_argument("--out-dir", type=Path, default=None)
+    ap.add_argument("--out-dir", type=Path, help="where the JSON goes (default bench/results/)")
     args = ap.parse_args()
 
     from tandem.engine import LLM, SamplingParams
@@ -91,7 +93,8 @@ def main() -> None:
         [["tandem", args.num_requests, in_tokens, out_tokens, elapsed, result["output_tok_per_s"],
           result["total_tok_per_s"]]],
     )
-    print(f"wrote {path}")
+    print(json.dumps(result, indent=2))
+    print(f"wrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

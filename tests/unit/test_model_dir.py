@@ -119,3 +119,54 @@ def test_half_precision_runs_close_to_float32(llama_dir, dtype):
     out = half.generate(["half precision"], p)[0].outputs[0]
     assert out.token_ids[0] == ref.token_ids[0]
     assert abs(out.logprobs[0].logprob - ref.logprobs[0].logprob) < 0.1
+
+
+def write_generation_config(path, **fields):
+    (path / "generation_config.json").write_text(json.dumps(fields))
+
+
+def greedy(model_dir, prompt="generation config", max_tokens=20):
+    llm = LLM(model_dir, num_kv_blocks=16)
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=max_tokens))[0]
+    return llm, out.outputs[0]
+
+
+def test_without_generation_config_eos_comes_from_config_json(model_copy):
+    (model_copy / "generation_config.json").unlink()
+    config_eos = json.loads((model_copy / "config.json").read_text())["eos_token_id"]
+    assert load_model_config(model_copy).eos_token_ids == (config_eos,)
+    llm, base = greedy(model_copy)
+    assert llm.engine.eos_token_ids == (config_eos,)
+    # A token the model emits becomes the stop token once config.json names it as EOS.
+    k = next(i for i, t in enumerate(base.token_ids) if i and t not in base.token_ids[:i])
+    edit_config(model_copy, eos_token_id=base.token_ids[k])
+    out = greedy(model_copy)[1]
+    assert (out.token_ids, out.finish_reason) == (base.token_ids[: k + 1], "stop")
+    # Neither file names an EOS: the tokenizer's EOS token is the last resort.
+    edit_config(model_copy, eos_token_id=None)
+    llm = LLM(model_copy, num_kv_blocks=16)
+    assert load_model_config(model_copy).eos_token_ids == ()
+    assert llm.engine.eos_token_ids == (llm.tokenizer.eos_token_id,) == (config_eos,)
+
+
+def test_generation_config_eos_list_is_honoured_over_config_json(model_copy):
+    config_eos = json.loads((model_copy / "config.json").read_text())["eos_token_id"]
+    write_generation_config(model_copy, eos_token_id=[config_eos])
+    base = greedy(model_copy)[1]
+    tokens = base.token_ids
+    k = next(i for i, t in enumerate(tokens) if i and t not in tokens[:i] and t != config_eos)
+    extra = base.token_ids[k]
+    # `extra` is an EOS id in generation_config.json only: generation stops on it.
+    write_generation_config(model_copy, eos_token_id=[config_eos, extra])
+    assert load_model_config(model_copy).eos_token_ids == (config_eos, extra)
+    llm, out = greedy(model_copy)
+    assert llm.engine.eos_token_ids == (config_eos, extra)
+    assert (out.token_ids, out.finish_reason) == (base.token_ids[: k + 1], "stop")
+    # As in transformers, generation_config.json wins: config.json naming `extra` does not stop.
+    edit_config(model_copy, eos_token_id=extra)
+    write_generation_config(model_copy, eos_token_id=config_eos)
+    assert load_model_config(model_copy).eos_token_ids == (config_eos,)
+    assert greedy(model_copy)[1].token_ids == base.token_ids
+    # A generation_config.json without eos_token_id falls back to config.json.
+    write_generation_config(model_copy, bos_token_id=0)
+    assert load_model_config(model_copy).eos_token_ids == (extra,)

@@ -3,8 +3,17 @@
 import pydantic
 import pytest
 
-from tandem.engine import LLM, EngineConfig, LLMEngine, OutputKind, SamplingParams
+from tandem.engine import (
+    LLM,
+    EngineConfig,
+    LLMEngine,
+    OutputKind,
+    SamplingParams,
+    register_scheduling_policy,
+)
+from tandem.engine.sequence import Sequence, SequenceStatus
 from tandem.errors import InvalidRequest, RequestTooLarge
+from tandem.ids import RequestId
 
 
 @pytest.fixture(scope="module")
@@ -116,20 +125,81 @@ def test_engine_config_validation(llama_dir):
 # ---- abort -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("steps_before_abort", [0, 1, 2, 3, 5, 8, 13])
-def test_abort_at_any_point_frees_everything(llama_dir, steps_before_abort):
-    # Small pool and budget: requests are mid-chunk, decoding, preempted or waiting when aborted.
+def abort_workload(llama_dir) -> LLMEngine:
+    """Five requests on a small pool and budget: chunked prefill, decoding and preemption."""
     engine = LLM(llama_dir, num_kv_blocks=12, max_num_batched_tokens=24, max_num_seqs=8).engine
     for i, n in enumerate([40, 70, 9, 33, 55]):
-        engine.add_request(f"r{i}", prompt_ids(n, start=5 + i), SamplingParams(max_tokens=40, ignore_eos=True))
-    for _ in range(steps_before_abort):
+        params = SamplingParams(max_tokens=40, ignore_eos=True)
+        engine.add_request(f"r{i}", prompt_ids(n, start=5 + i), params)
+    return engine
+
+
+def phase(seq: Sequence) -> str:
+    """Where a request is: waiting, prefilling, decoding, preempted or recomputing."""
+    if seq.status == SequenceStatus.PREEMPTED:
+        return "preempted"
+    if seq.status == SequenceStatus.WAITING:
+        return "waiting"
+    assert seq.status == SequenceStatus.RUNNING
+    if seq.num_preemptions:
+        return "recomputing"
+    return "prefilling" if seq.num_computed_tokens < seq.num_prompt_tokens else "decoding"
+
+
+def test_abort_at_any_point_frees_everything(llama_dir):
+    # A fresh engine per step count: every request is aborted after 0, 1, ... 13 steps, which
+    # catches requests waiting, mid-chunk, decoding and preempted (the first preemption is at
+    # step 11; the phases reached are asserted below so that a scheduler change cannot quietly
+    # drop one).
+    seen = set()
+    for steps_before_abort in range(14):
+        engine = abort_workload(llama_dir)
+        for _ in range(steps_before_abort):
+            engine.step()
+        seen |= {phase(engine._states[RequestId(f"r{i}")].seq) for i in range(5)}
+        finals = [engine.abort_request(f"r{i}") for i in range(5)]
+        assert all(f is not None and f.finished for f in finals), steps_before_abort
+        assert {f.outputs[0].finish_reason for f in finals} == {"abort"}
+        assert engine.abort_request("r0") is None  # already gone
+        assert_clean(engine)
+        assert engine.step() == []
+    assert seen >= {"waiting", "prefilling", "decoding", "preempted"}, seen
+
+
+def step_until(engine: LLMEngine, wanted: str, max_steps: int = 80) -> RequestId:
+    """Step until some request is in phase ``wanted``; returns its id."""
+    for _ in range(max_steps):
+        found = [rid for rid, st in engine._states.items() if phase(st.seq) == wanted]
+        if found:
+            return found[0]
         engine.step()
-    finals = [engine.abort_request(f"r{i}") for i in range(5)]
-    assert all(f is not None and f.finished for f in finals)
-    assert {f.outputs[0].finish_reason for f in finals} == {"abort"}
-    assert engine.abort_request("r0") is None  # already gone
+    raise AssertionError(f"no request reached {wanted!r} in {max_steps} steps")
+
+
+def test_aborting_preempted_and_recomputing_requests_returns_every_block(llama_dir):
+    engine = abort_workload(llama_dir)
+    bm = engine.block_manager
+    # Preempted by recompute: it holds no block and sits in the waiting queue.
+    victim = step_until(engine, "preempted")
+    assert not bm.holds(victim) and victim in engine.scheduler.waiting
+    free = bm.num_free_blocks
+    assert engine.abort_request(victim).outputs[0].finish_reason == "abort"
+    assert victim not in engine.scheduler.waiting and not bm.holds(victim)
+    assert bm.num_free_blocks == free
+    # Re-admitted after a preemption and holding blocks again: aborting returns all of them
+    # (the prompts differ, so no block is shared with another request).
+    again = step_until(engine, "recomputing")
+    held = len(bm.block_ids(again))
+    assert held > 0
+    free = bm.num_free_blocks
+    engine.abort_request(again)
+    assert not bm.holds(again) and bm.num_free_blocks == free + held
+    rest, outs = set(engine._states), []
+    while engine.has_unfinished_requests():
+        outs += [o for o in engine.step() if o.finished]
+    assert {o.request_id for o in outs} == rest  # the others still finish, in full
+    assert {o.outputs[0].finish_reason for o in outs} == {"length"}
     assert_clean(engine)
-    assert engine.step() == []
 
 
 # ---- text, stop strings, streaming -------------------------------------------------------------
@@ -225,6 +295,27 @@ def test_priorities_decide_admission_order(llama_dir):
     outs = llm.generate(["first", "second", "third"], SamplingParams(max_tokens=3), priorities=[2, 0, 1])
     order = sorted(range(3), key=lambda i: outs[i].metrics.first_scheduled_time)
     assert order == [1, 2, 0]
+
+
+def test_custom_policy_registered_by_name_orders_admission(llama_dir, clean_registry):
+    class LongestPromptFirst:
+        name = "test-longest-prompt-first"
+
+        def sort_key(self, seq):
+            return (-seq.num_prompt_tokens, seq.arrival_index)
+
+    register_scheduling_policy(LongestPromptFirst())
+    prompts = [prompt_ids(3), prompt_ids(12), prompt_ids(6)]
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+
+    def admission_order(policy):
+        llm = LLM(llama_dir, num_kv_blocks=64, max_num_seqs=1, scheduling_policy=policy)
+        outs = llm.generate(prompts, params)
+        assert [o.prompt_token_ids for o in outs] == prompts  # results stay in input order
+        return sorted(range(3), key=lambda i: outs[i].metrics.first_scheduled_time)
+
+    assert admission_order("fcfs") == [0, 1, 2]
+    assert admission_order("test-longest-prompt-first") == [1, 2, 0]
 
 
 def test_chat_uses_the_template(llm):

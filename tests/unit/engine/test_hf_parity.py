@@ -81,6 +81,48 @@ def test_prefix_cache_hits(arch, tiny_model, hf_refs):
     assert_same_as_hf(again, prompts[:2], hf_refs(arch))
 
 
+@pytest.mark.parametrize("arch, block_size", [("llama-tied-rope3", 8), ("mistral-swa", 32)])
+def test_other_block_size_with_chunked_prefill_and_prefix_hits(
+    arch, block_size, tiny_model, hf_refs, monkeypatch
+):
+    """Block sizes other than 16 end to end: chunked prefill, prefix hits, HF's tokens."""
+    llm = LLM(
+        tiny_model(arch),
+        block_size=block_size,
+        num_kv_blocks=4096 // block_size,
+        max_num_batched_tokens=20,
+        max_num_seqs=3,
+    )
+    assert llm.engine.block_manager.block_size == block_size
+    chunks: dict[str, int] = {}  # request id -> prompt chunks scheduled
+    schedule = llm.engine.scheduler.schedule
+
+    def counting_schedule():
+        out = schedule()
+        for s in out.scheduled:
+            if s.start < s.seq.num_prompt_tokens:
+                chunks[s.seq.request_id] = chunks.get(s.seq.request_id, 0) + 1
+        return out
+
+    monkeypatch.setattr(llm.engine.scheduler, "schedule", counting_schedule)
+    vocab = llm.engine.model_config.vocab_size
+    shared = random_prompts(vocab, [75], seed=7)[0]
+    prompts = random_prompts(vocab, [3, 9, 16, 20, 31, 40, 1, 12], seed=8, prefix=shared)
+    outs = llm.generate(prompts, GREEDY)
+    assert_same_as_hf(outs, prompts, hf_refs(arch))
+    assert max(chunks.values()) >= 4  # a 78-token prompt without hits, 20 tokens per step
+    # Hits cover whole blocks of the shared 75 tokens: 72 with blocks of 8, 64 with blocks of 32.
+    full = 75 // block_size * block_size
+    cached = [o.num_cached_tokens for o in outs]
+    assert set(cached) <= set(range(0, full + 1, block_size)) and cached.count(full) >= 5, cached
+    assert llm.engine.get_stats().prefix_cache_hits == sum(cached)
+    # Run again, each prompt hits its own earlier blocks: every full block but the last token's.
+    again = llm.generate(prompts[:2], GREEDY)
+    expected = [(len(p) - 1) // block_size * block_size for p in prompts[:2]]
+    assert [o.num_cached_tokens for o in again] == expected
+    assert_same_as_hf(again, prompts[:2], hf_refs(arch))
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_preemption(arch, tiny_model, hf_refs):
     # 13 blocks of 16 tokens: the largest request (130 + 24 tokens) fits alone, the batch does not.

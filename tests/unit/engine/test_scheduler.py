@@ -125,16 +125,6 @@ def test_shortest_prompt_first_policy():
     assert admitted == ["short", "mid", "long"]
 
 
-@pytest.fixture
-def clean_registry():
-    from tandem.engine import scheduling_policy
-
-    before = dict(scheduling_policy._REGISTRY)
-    yield
-    scheduling_policy._REGISTRY.clear()
-    scheduling_policy._REGISTRY.update(before)
-
-
 def test_custom_registered_policy_takes_effect(clean_registry):
     class LongestPromptFirst:
         name = "test-longest-prompt-first"
