@@ -21,12 +21,14 @@ Each mode starts the system afresh and runs the same workload:
     python bench/serve.py                                   # CPU, tiny model, small workload
     python bench/serve.py --device cuda --model DIR --input-len 1024 --output-len 128 --rate 4
     python bench/serve.py --workload prefix-repetition --modes prefix-aware load-only
+    python bench/serve.py --device cuda --model DIR --worker-args "--load-format dummy"  # a real shape, random weights
 """
 
 import argparse
 import asyncio
 import json
 import random
+import shlex
 import statistics
 import sys
 import tempfile
@@ -164,16 +166,78 @@ async def run_load(url: str, args, vocab: int) -> dict:
     return summarize(list(results), wall, {"ttft": args.slo_ttft_ms, "tpot": args.slo_tpot_ms, "e2el": args.slo_e2el_ms})
 
 
-def start_system(model: Path, mode: str, args):
-    from tandem.local_cluster import LocalCluster, UpOptions
+def prefix_cache_counters(cluster) -> dict[str, tuple[int, int]]:
+    """Per role, the pods' summed (prefix-cache queries, hits) in tokens, from their GetStats."""
+    import grpc
 
+    from tandem.proto.decode.v1 import decode_pb2, decode_pb2_grpc
+    from tandem.proto.prefill.v1 import prefill_pb2, prefill_pb2_grpc
+
+    rpcs = {"prefill": (prefill_pb2_grpc.PrefillServiceStub, prefill_pb2.GetStatsRequest),
+            "decode": (decode_pb2_grpc.DecodeServiceStub, decode_pb2.GetStatsRequest)}
+    totals = {}
+    for role, (stub, request) in rpcs.items():
+        queries = hits = 0
+        for pod in cluster.pods(role):
+            with grpc.insecure_channel(pod.address) as channel:
+                stats = stub(channel).GetStats(request(), timeout=10).stats
+            queries, hits = queries + stats.prefix_cache_queries, hits + stats.prefix_cache_hits
+        totals[role] = (queries, hits)
+    return totals
+
+
+def routing_counts(cluster) -> dict[str, float]:
+    """The router's requests placed by mode, and its attempts (more than requests: retries)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts = {"colocated": 0.0, "disaggregated": 0.0, "attempts": 0.0}
+    text = httpx.get(cluster.by_name("router").metrics_url, timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "tandem_router_routing_decisions_total" and sample.labels["mode"] in counts:
+                counts[sample.labels["mode"]] += sample.value
+            elif sample.name == "tandem_router_attempts_total":
+                counts["attempts"] += sample.value
+    return counts
+
+
+def routing_problem(mode: str, before: dict, after: dict) -> str | None:
+    """Why the run did not measure ``mode`` (requests placed otherwise, or retried), if it did not."""
+    placed = {k: after[k] - before[k] for k in after}
+    requests = placed["colocated"] + placed["disaggregated"]
+    wanted = "colocated" if mode == "colocated" else "disaggregated"
+    if placed[wanted] != requests:
+        return f"{mode}: {placed['colocated']:g} requests ran colocated, {placed['disaggregated']:g} disaggregated"
+    if placed["attempts"] != requests:
+        return f"{mode}: {placed['attempts']:g} attempts for {requests:g} requests (retries after failures)"
+    return None
+
+
+def hit_rates(before: dict, after: dict) -> dict[str, float | None]:
+    """Each role's prefix-cache hit rate over the run (None: that role saw no prompt)."""
+    rates = {}
+    for role in after:
+        queries = after[role][0] - before[role][0]
+        rates[role] = (after[role][1] - before[role][1]) / queries if queries else None
+    return rates
+
+
+def mode_workers(mode: str, args) -> tuple[int, int]:
+    """(prefill, decode) workers a mode runs."""
     workers = args.workers
-    prefill, decode = {
+    return {
         "colocated": (0, workers),
         "disaggregated": (workers // 2, workers - workers // 2),
         "prefix-aware": (args.prefill_workers, args.decode_workers),
         "load-only": (args.prefill_workers, args.decode_workers),
     }[mode]
+
+
+def start_system(model: Path, mode: str, args):
+    from tandem.local_cluster import LocalCluster, UpOptions
+
+    prefill, decode = mode_workers(mode, args)
     opts = UpOptions(
         model=model, port=0, device=args.device, num_kv_blocks=args.num_kv_blocks, prefill=prefill, decode=decode,
         worker_args=args.worker_args, kvstore=mode != "load-only",
@@ -204,7 +268,8 @@ def main() -> None:
     ap.add_argument("--prefix-len", type=int, default=256)
     ap.add_argument("--suffix-len", type=int, default=256)
     ap.add_argument("--num-kv-blocks", type=int, default=None)
-    ap.add_argument("--worker-args", nargs="*", default=[], help="extra flags for every worker")
+    ap.add_argument("--worker-args", type=shlex.split, default=[],
+                    help='extra flags for every worker, one string: --worker-args "--load-format dummy"')
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=32)
@@ -224,29 +289,43 @@ def main() -> None:
 
         model = generate_model_dir(ModelGenOptions(arch="llama", out=Path(tempfile.mkdtemp()) / "tiny"))
     vocab = load_model_config(model).vocab_size
-    results = {}
+    results, problems = {}, []
     if args.url:
         results["target"] = asyncio.run(run_load(args.url, args, vocab))
     else:
         for mode in args.modes:
             cluster = start_system(model, mode, args)
             try:
+                before, routed = prefix_cache_counters(cluster), routing_counts(cluster)
                 results[mode] = asyncio.run(run_load(cluster.router_url, args, vocab))
+                # usage.cached_tokens also counts blocks the decode pod had cached (they are not
+                # sent): the prefill pods' own rate is what prefix-aware routing moves.
+                results[mode]["pod_cache_hit_rate"] = hit_rates(before, prefix_cache_counters(cluster))
+                # A disaggregated request whose prefill fails is retried colocated and still
+                # succeeds: check the run measured the mode it claims.
+                problem = routing_problem(mode, routed, routing_counts(cluster))
+                if problem:
+                    problems.append(problem)
+                    print(f"warning: {problem}; the workers' last lines:\n{''.join(list(cluster.log)[-20:])}",
+                          file=sys.stderr)
             finally:
                 cluster.stop()
     shape = (f"{args.num_prefixes} prefixes x ({args.prefix_len} + {args.suffix_len}) in"
              if args.workload == "prefix-repetition" else f"{args.input_len} in")
     payload = {"workload": f"{args.workload}: {shape} / {args.output_len} out, {args.num_prompts} prompts, rate {args.rate}",
-               "device": args.device, "model": str(model), "workers": args.workers, "command": " ".join(sys.argv),
+               "device": args.device, "model": model.name, "worker_args": args.worker_args,
+               "workers": {m: dict(zip(("prefill", "decode"), mode_workers(m, args))) for m in args.modes},
+               "command": shlex.join(sys.argv),
                "results": results}
     path = write_result(f"serve-{args.workload}", args.device, payload, args.out_dir)
     rows = []
     for mode, r in results.items():
         rows.append([mode, r["completed"], r["failed"], r["request_throughput"], r["output_throughput"],
                      r["ttft_ms"]["median"], r["ttft_ms"]["p99"], r["tpot_ms"]["median"], r["itl_ms"]["median"],
-                     r["e2el_ms"]["median"], r["goodput"], r["cache_hit_rate"]])
+                     r["e2el_ms"]["median"], r["goodput"], r["cache_hit_rate"],
+                     r.get("pod_cache_hit_rate", {}).get("prefill")])
     print_table(["mode", "ok", "failed", "req/s", "out tok/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms",
-                 "ITL p50 ms", "E2EL p50 ms", "goodput req/s", "cache hit"], rows)
+                 "ITL p50 ms", "E2EL p50 ms", "goodput req/s", "cached (usage)", "prefill pods' hit rate"], rows)
     if len(results) == 2 and all(r["completed"] for r in results.values()):
         a, b = (results[m] for m in args.modes)
         print(f"{args.modes[1]}/{args.modes[0]}: output throughput x{b['output_throughput'] / a['output_throughput']:.2f}, "
@@ -256,6 +335,8 @@ def main() -> None:
     failed = sum(r["failed"] for r in results.values())
     if failed:
         raise SystemExit(f"{failed} requests failed: {[r['errors'] for r in results.values()]}")
+    if problems:
+        raise SystemExit("not a measurement of the modes named: " + "; ".join(problems))
 
 
 if __name__ == "__main__":

@@ -69,6 +69,10 @@ def shape_dir(name: str, out: Path, *, with_weights: bool = False, device: str =
     tokenizer = train_tokenizer(1024)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     config = hf_config(name, eos_token_id=ids["<|im_end|>"], bos_token_id=ids["<|endoftext|>"])
+    # Every id the model can sample decodes to text, as with a real tokenizer: otherwise most
+    # streamed tokens would carry no text, and serving benchmarks (which time chunks with text,
+    # as vLLM's does) would see a few bursts instead of one chunk per token.
+    tokenizer.add_tokens([f"<t{i}>" for i in range(len(tokenizer), config.vocab_size)])
     if with_weights:
         from transformers import AutoModelForCausalLM
 

@@ -23,11 +23,24 @@ DEFAULT_MODEL_DIR = Path(".tandem/models/tiny-llama")
 
 
 def ensure_default_model(path: Path = DEFAULT_MODEL_DIR) -> Path:
-    """The generated tiny model used when no --model is given (created on first use)."""
+    """The generated tiny model used when no --model is given (created on first use).
+
+    Written to a temporary directory and renamed into place, so two ``tandem up`` started side
+    by side never load a half-written directory.
+    """
     if not (path / "config.json").is_file():
+        import shutil
+        import tempfile
+
         from tandem.model_gen import generate_model_dir
 
-        generate_model_dir(ModelGenOptions(arch="llama", out=path, layers=4, hidden=128, intermediate=256))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+        generate_model_dir(ModelGenOptions(arch="llama", out=staging, layers=4, hidden=128, intermediate=256))
+        try:
+            staging.rename(path)
+        except OSError:  # another process got there first: its directory is complete too
+            shutil.rmtree(staging, ignore_errors=True)
     return path
 
 

@@ -1,8 +1,8 @@
 """``tandem up``: the whole system on one machine, each service its own process.
 
-``LocalCluster`` starts prefill and decode workers and the router (kvstore with its Redis once
-that service exists) on free localhost ports, waits until every one reports healthy, and stops
-them all. ``tandem up`` runs one until Ctrl-C / SIGTERM or until a service dies; the end-to-end
+``LocalCluster`` starts kvstore with an embedded Redis (unless given a Redis URL), prefill and
+decode workers and the router on free localhost ports, waits until every one reports healthy
+and the router routes to every worker, and stops them all. ``tandem up`` runs one until Ctrl-C / SIGTERM or until a service dies; the end-to-end
 tests use the same class. Each child's output is relayed with its name in front.
 """
 
@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
+
+GPU_MEMORY_UTILIZATION = 0.9
+"""The GPU memory fraction (the engine's default) that workers sharing one GPU split equally."""
 
 
 class UpOptions(BaseModel):
@@ -38,8 +41,9 @@ class UpOptions(BaseModel):
     """Prefill workers (0: everything runs colocated on the decode workers)."""
     decode: int = Field(1, ge=1)
     """Decode workers."""
-    device: str = "cpu"
-    """torch device of the workers: cpu or cuda (workers share it)."""
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+    """torch device of the workers: cpu, cuda or cuda:N (workers share it; on a GPU each gets an
+    equal share of --gpu-memory-utilization's 0.9 unless --num-kv-blocks or worker args say otherwise)."""
     num_kv_blocks: int | None = Field(None, gt=0)
     """KV blocks per worker (default: from memory)."""
     colocate_below_tokens: int = Field(0, ge=0)
@@ -84,6 +88,20 @@ def http_healthy(url: str) -> bool:
         return httpx.get(url, timeout=1.0).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def router_sees_every_pod(url: str, prefill: int, decode: int) -> bool:
+    """The router is healthy and routes to every worker started (its /health counts them)."""
+    import httpx
+
+    try:
+        r = httpx.get(url, timeout=1.0)
+    except httpx.HTTPError:
+        return False
+    if r.status_code != 200:
+        return False
+    body = r.json()
+    return body.get("prefill_pods", 0) >= prefill and body.get("decode_pods", 0) >= decode
 
 
 class RedisProcess:
@@ -168,6 +186,7 @@ class LocalCluster:
         common = ["--model", str(self.model), "--host", "127.0.0.1", "--device", opts.device, *opts.worker_args]
         if opts.num_kv_blocks:
             common += ["--num-kv-blocks", str(opts.num_kv_blocks)]
+        common += self.gpu_share_args()
         kvstore = None
         if opts.kvstore and opts.prefill:
             kvstore = f"127.0.0.1:{free_port()}"
@@ -198,8 +217,19 @@ class LocalCluster:
             *(["--kvstore", kvstore] if kvstore else []), *opts.router_args,
         ]
         url = f"http://{opts.host}:{http_port}/health"
-        self.services.append(Service("router", router, f"{opts.host}:{http_port}", lambda: http_healthy(url),
+        ready = lambda: router_sees_every_pod(url, opts.prefill, opts.decode)  # noqa: E731
+        self.services.append(Service("router", router, f"{opts.host}:{http_port}", ready,
                                      f"http://{opts.host}:{http_port}/metrics"))
+
+    def gpu_share_args(self) -> list[str]:
+        """Split one GPU's memory between the workers sharing it (each engine sizes its KV pool
+        from its own --gpu-memory-utilization, as vLLM's instances do)."""
+        opts = self.opts
+        workers = opts.prefill + opts.decode
+        chosen = any(a.split("=")[0] in ("--gpu-memory-utilization", "--num-kv-blocks") for a in opts.worker_args)
+        if not opts.device.startswith("cuda") or workers < 2 or opts.num_kv_blocks or chosen:
+            return []
+        return ["--gpu-memory-utilization", f"{GPU_MEMORY_UTILIZATION / workers:.4f}"]
 
     def start_redis(self) -> None:
         """Start the embedded Redis for kvstore (before plan()), unless a URL was given."""
@@ -296,7 +326,8 @@ def run(opts: UpOptions) -> int:
         if problem is not None:
             print(f"tandem: {problem}", flush=True)
             return 1
-        print(f"tandem ready: {cluster.router_url} (gRPC: {cluster.router_grpc})", flush=True)
+        print(f"tandem: router gRPC (RouterService, for the SDK) on {cluster.router_grpc}", flush=True)
+        print(f"tandem ready: {cluster.router_url}", flush=True)
         while not stopping.is_set():
             dead = cluster.dead()
             if dead is not None:

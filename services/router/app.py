@@ -133,7 +133,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
         if prefix_index is not None:
             await prefix_index.start()
         server = GrpcServer(settings.host, settings.grpc_port, ["tandem.router.v1.RouterService"])
-        router_pb2_grpc.add_RouterServiceServicer_to_server(RouterServicer(serving), server.server)
+        router_pb2_grpc.add_RouterServiceServicer_to_server(RouterServicer(serving, metrics), server.server)
         await server.start()
         app.state.grpc_port = server.port
         logger.info("router gRPC on port %d; %d prefill, %d decode pods (%s discovery)", server.port,
@@ -174,12 +174,9 @@ def _add_error_handlers(app: FastAPI, settings: RouterSettings) -> None:
 def _add_openai_routes(app: FastAPI, serving: OpenAIServing, metrics: RouterMetrics) -> None:
     dispatcher = serving.dispatcher
 
-    def count_routes(routes: list[Route]) -> None:
-        for r in routes:
-            metrics.routing_decisions.labels(r.mode or "unplaced").inc()
-            metrics.attempts.inc(r.attempts)
-            if r.prefill_reason:
-                metrics.prefill_choices.labels(r.prefill_reason).inc()
+    def count_routes(routes: list[Route], jobs) -> None:
+        for route, job in zip(routes, jobs):
+            metrics.observe_route(route, len(job.prompt_token_ids))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -189,10 +186,10 @@ def _add_openai_routes(app: FastAPI, serving: OpenAIServing, metrics: RouterMetr
         routes = [Route(trace=trace) for _ in jobs]
         if body.stream:
             events = await run_unless_disconnected(request, serving.open_stream(merge_events(dispatcher, jobs, routes)))
-            count_routes(routes)
+            count_routes(routes, jobs)
             return StreamingResponse(serving.completion_sse(body, rid, events), media_type="text/event-stream")
         result = await run_unless_disconnected(request, serving.completion(body, jobs, rid, routes))
-        count_routes(routes)
+        count_routes(routes, jobs)
         return JSONResponse(result)
 
     @app.post("/v1/chat/completions")
@@ -202,10 +199,10 @@ def _add_openai_routes(app: FastAPI, serving: OpenAIServing, metrics: RouterMetr
         route = Route(trace=RequestTrace("chat", rid, serving.model_name, [job]))
         if body.stream:
             events = await run_unless_disconnected(request, serving.open_stream(merge_events(dispatcher, [job], [route])))
-            count_routes([route])
+            count_routes([route], [job])
             return StreamingResponse(serving.chat_sse(body, rid, events), media_type="text/event-stream")
         result = await run_unless_disconnected(request, serving.chat(body, job, rid, route))
-        count_routes([route])
+        count_routes([route], [job])
         return JSONResponse(result)
 
     @app.get("/v1/models")

@@ -6,6 +6,7 @@ import uuid
 import grpc
 
 from services.router.flow import Route
+from services.router.metrics import RouterMetrics
 from services.router.openai_api import OpenAIServing
 from services.router.request_trace import RequestTrace
 from tandem import telemetry
@@ -17,8 +18,9 @@ from tandem.serving.status import abort_with
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
-    def __init__(self, serving: OpenAIServing) -> None:
+    def __init__(self, serving: OpenAIServing, metrics: RouterMetrics) -> None:
         self.serving = serving
+        self.metrics = metrics
 
     def _job(self, request: router_pb2.GenerateRequest) -> Job:
         self.serving.check_model(request.model)
@@ -43,7 +45,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             job = await asyncio.to_thread(self._job, request)  # tokenizing a long prompt: off the loop
             route = Route(trace=RequestTrace("text_completion", job.request_id, self.serving.model_name, [job],
                                              span=span))
+            counted = False
             async for event in self.serving.dispatcher.generate(job, route):
+                if not counted:  # placed (as the HTTP API counts: when the stream starts)
+                    self.metrics.observe_route(route, len(job.prompt_token_ids))
+                    counted = True
                 response = router_pb2.GenerateResponse(request_id=job.request_id, chunk=convert.event_chunk(event))
                 if event.usage is not None:
                     response.usage.CopyFrom(convert.usage_to_proto(event.usage))

@@ -2,6 +2,8 @@
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from services.router.flow import Route
+
 
 class RouterMetrics:
     def __init__(self) -> None:
@@ -27,3 +29,33 @@ class RouterMetrics:
             "tandem_router_attempts", "Attempts to run requests on pods (more than requests: retries)",
             registry=self.registry,
         )
+        # The prefill choice's score breakdown (the chosen pod's terms; every candidate's are on
+        # the request's `route` span and in the DEBUG log).
+        self.prefill_cached_fraction = Histogram(
+            "tandem_router_prefill_cached_fraction",
+            "Fraction of the prompt the chosen prefill pod caches (kvstore's answer), per choice",
+            buckets=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0), registry=self.registry,
+        )
+        self.prefill_queued_tokens = Histogram(
+            "tandem_router_prefill_queued_tokens",
+            "Prefill tokens queued on the chosen pod when it was chosen (its load term)",
+            buckets=(0, 256, 1024, 4096, 16384, 65536, 262144), registry=self.registry,
+        )
+        self.prefill_hotspot_choices = Counter(
+            "tandem_router_prefill_hotspot_choices",
+            "Prefill choices where the hot-spot guard denied some pod credit for its cache",
+            registry=self.registry,
+        )
+
+    def observe_route(self, route: Route, prompt_tokens: int) -> None:
+        """Count one request's placement: mode, attempts, and the prefill choice's breakdown."""
+        self.routing_decisions.labels(route.mode or "unplaced").inc()
+        self.attempts.inc(route.attempts)
+        if route.prefill_reason:
+            self.prefill_choices.labels(route.prefill_reason).inc()
+        chosen = next((c for c in route.candidates if c.pod.address == route.prefill), None)
+        if chosen is not None:
+            self.prefill_cached_fraction.observe(chosen.cached_tokens / max(1, prompt_tokens))
+            self.prefill_queued_tokens.observe(chosen.queued_tokens)
+            if any(c.hot for c in route.candidates):
+                self.prefill_hotspot_choices.inc()

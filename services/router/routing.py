@@ -8,6 +8,10 @@ Prefill: the pod where the prompt would finish prefilling soonest, measured in t
 whose queue is far above the least loaded one (``hotspot_ratio``) gets no credit for its cache,
 so a popular prefix cannot pile every request onto one pod. Ties break by rendezvous hashing of
 the prompt, so every router replica sends the same prompt to the same pod.
+
+NOTE: the issue speaks of combining the cached-prefix *fraction* with load; the cost uses the
+uncached token count instead (the fraction times the prompt length), so that both terms are in
+tokens of prefill work and one weight trades them without depending on the prompt's length.
 """
 
 import logging

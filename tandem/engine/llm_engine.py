@@ -15,6 +15,7 @@ from tandem.engine.block_manager import BlockManager
 from tandem.engine.config import EngineConfig, ResolvedLimits, SchedulerConfig
 from tandem.engine.output_processor import OutputProcessor, RequestState
 from tandem.engine.outputs import OutputKind, RequestMetrics, RequestOutput, TokenLogprob
+from tandem.engine.models.loader import DUMMY_SEED
 from tandem.engine.request_validation import RequestValidator
 from tandem.engine.runner import ModelRunner
 from tandem.engine.sampling_params import SamplingParams
@@ -99,8 +100,10 @@ class LLMEngine:
         mc = self.model_config
         self.fingerprint = ModelFingerprint(
             architecture=mc.architecture,
-            # Dummy weights are random: no other engine can hold the same KV.
-            weights_digest=weights_digest(config.model) if config.load_format != "dummy" else f"dummy-{id(self):x}",
+            # Dummy weights are drawn from a fixed seed (models/loader.py): engines on the same kind
+            # of device hold the same ones, so a benchmark's prefill and decode pods can share KV.
+            weights_digest=(weights_digest(config.model) if config.load_format != "dummy"
+                            else f"dummy-seed{DUMMY_SEED}-{self.runner.device.type}"),
             num_layers=mc.num_layers,
             num_kv_heads=mc.num_kv_heads,
             head_dim=mc.head_dim,

@@ -141,20 +141,27 @@ class ModelRunner:
             )
         return int(num)
 
+    GPU_HEADROOM_BYTES = 512 << 20
+    """Left free besides the budget: CUDA graphs, cuBLAS workspaces, the allocator's slack."""
+
     def _free_gpu_bytes(self) -> int:
-        # NOTE: a first estimate: the GPU budget minus weights and a reserve for activations of a
-        # full step (hidden states, MLP intermediates and logits, with slack). The GPU issue
-        # replaces this with a profiled forward.
+        """KV bytes on CUDA: this engine's share of the GPU minus its weights and activations.
+
+        As in vLLM (V1), ``gpu_memory_utilization`` is this instance's share of the whole GPU, so
+        two engines on one GPU take e.g. 0.45 each; and never more than is free right now, so an
+        engine started beside others cannot take memory they already hold.
+        """
+        # NOTE: activations are an estimate (hidden states, MLP intermediates and logits of a
+        # full step, with slack), not a profiled forward.
         torch.cuda.empty_cache()  # return blocks the caching allocator holds but does not use
         free, total = torch.cuda.mem_get_info(self.device)
-        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
         cfg, mc = self.config, self.model_config
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         activations = 4 * cfg.max_num_batched_tokens * (
             4 * mc.hidden_size + 2 * mc.intermediate_size + mc.num_heads * mc.head_dim
         ) * itemsize + cfg.max_num_seqs * mc.vocab_size * 4 * 3
-        budget = int(total * cfg.gpu_memory_utilization) - used_by_others
-        return budget - torch.cuda.memory_allocated(self.device) - activations
+        share = int(total * cfg.gpu_memory_utilization) - torch.cuda.memory_allocated(self.device)
+        return min(share, free - self.GPU_HEADROOM_BYTES) - activations
 
     def set_kv_layer_hook(self, hook: KVLayerHook | None) -> None:
         """Have ``hook`` see each layer's KV as soon as the forward wrote it (prefill pods)."""

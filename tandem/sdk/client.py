@@ -54,8 +54,29 @@ def _request(
     return req
 
 
-def _backoff(attempt: int) -> float:
-    return min(2.0, 0.1 * 2**attempt)
+class _Attempts:
+    """Retry policy of one call: UNAVAILABLE is retried, with backoff, only before the first
+    chunk arrived (after it, a retry would repeat tokens the caller already has), and every
+    attempt fits in the call's one overall ``timeout``."""
+
+    def __init__(self, timeout: float | None, max_retries: int) -> None:
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.max_retries = max_retries
+        self.retries = 0
+
+    def timeout(self) -> float | None:
+        """What is left of the overall deadline, for the next attempt."""
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def backoff(self, error: grpc.RpcError, started: bool) -> float | None:
+        """Seconds to wait before retrying after ``error``, or None: give up and raise it."""
+        if started or error.code() != grpc.StatusCode.UNAVAILABLE or self.retries >= self.max_retries:
+            return None
+        delay = min(2.0, 0.1 * 2**self.retries)
+        if self.deadline is not None and time.monotonic() + delay >= self.deadline:
+            return None
+        self.retries += 1
+        return delay
 
 
 class Client:
@@ -80,11 +101,12 @@ class Client:
         self, prompt: str | Sequence[int], *, model: str = "", timeout: float | None = None, priority: int = 0,
         cache_salt: str | None = None, request_id: str | None = None, **sampling: Any,
     ) -> Iterator[GenerateChunk]:
-        """Chunks as the tokens are generated. Retries UNAVAILABLE only before the first chunk."""
+        """Chunks as the tokens are generated. ``timeout`` bounds the whole call, retries included;
+        UNAVAILABLE is retried (``max_retries``) only before the first chunk."""
         request = _request(prompt, model, priority, cache_salt, request_id, sampling)
-        deadline = timeout if timeout is not None else self.timeout
-        for attempt in range(self.max_retries + 1):
-            call = self._stub.Generate(request, timeout=deadline, metadata=_trace_metadata())
+        attempts = _Attempts(timeout if timeout is not None else self.timeout, self.max_retries)
+        while True:
+            call = self._stub.Generate(request, timeout=attempts.timeout(), metadata=_trace_metadata())
             started = False
             try:
                 for resp in call:
@@ -92,9 +114,10 @@ class Client:
                     yield GenerateChunk.from_proto(resp)
                 return
             except grpc.RpcError as e:
-                if started or e.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.max_retries:
+                delay = attempts.backoff(e, started)
+                if delay is None:
                     raise error_from_rpc(e) from None
-                time.sleep(_backoff(attempt))
+                time.sleep(delay)
             finally:
                 call.cancel()
 
@@ -132,11 +155,12 @@ class AsyncClient:
         self, prompt: str | Sequence[int], *, model: str = "", timeout: float | None = None, priority: int = 0,
         cache_salt: str | None = None, request_id: str | None = None, **sampling: Any,
     ) -> AsyncIterator[GenerateChunk]:
-        """Chunks as the tokens are generated. Retries UNAVAILABLE only before the first chunk."""
+        """Chunks as the tokens are generated. ``timeout`` bounds the whole call, retries included;
+        UNAVAILABLE is retried (``max_retries``) only before the first chunk."""
         request = _request(prompt, model, priority, cache_salt, request_id, sampling)
-        deadline = timeout if timeout is not None else self.timeout
-        for attempt in range(self.max_retries + 1):
-            call = self._stub.Generate(request, timeout=deadline, metadata=_trace_metadata())
+        attempts = _Attempts(timeout if timeout is not None else self.timeout, self.max_retries)
+        while True:
+            call = self._stub.Generate(request, timeout=attempts.timeout(), metadata=_trace_metadata())
             started = False
             try:
                 async for resp in call:
@@ -144,9 +168,10 @@ class AsyncClient:
                     yield GenerateChunk.from_proto(resp)
                 return
             except grpc.RpcError as e:
-                if started or e.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.max_retries:
+                delay = attempts.backoff(e, started)
+                if delay is None:
                     raise error_from_rpc(e) from None
-                await asyncio.sleep(_backoff(attempt))
+                await asyncio.sleep(delay)
             finally:
                 call.cancel()
 

@@ -12,6 +12,10 @@ from tandem.proto.prefill.v1 import prefill_pb2, prefill_pb2_grpc
 NUM_KV_BLOCKS = 256
 
 
+THRESHOLD_TOKENS = 24
+"""The "router-threshold" router runs prompts shorter than this colocated, longer ones disaggregated."""
+
+
 def start_cluster(model, *, prefill=1, decode=2, colocated_router=False, **opts) -> LocalCluster:
     cluster = LocalCluster(
         UpOptions(model=model, port=0, prefill=prefill, decode=decode, num_kv_blocks=opts.pop("num_kv_blocks", NUM_KV_BLOCKS),
@@ -22,14 +26,16 @@ def start_cluster(model, *, prefill=1, decode=2, colocated_router=False, **opts)
     cluster.start_redis()
     cluster.plan()
     if colocated_router:
-        # A second router over the same pods that runs every prompt colocated.
-        port = free_port()
-        args = list(cluster.by_name("router").args)
-        args[args.index("--port") + 1] = str(port)
-        args[args.index("--grpc-port") + 1] = str(free_port())
-        args[args.index("--colocate-below-tokens") + 1] = "1000000"
-        url = f"http://127.0.0.1:{port}/health"
-        cluster.services.append(Service("router-colocated", args, f"127.0.0.1:{port}", lambda: http_healthy(url)))
+        # More routers over the same pods: one runs every prompt colocated, one only short ones.
+        for name, threshold in (("router-colocated", 1_000_000), ("router-threshold", THRESHOLD_TOKENS)):
+            port = free_port()
+            args = list(cluster.by_name("router").args)
+            args[args.index("--port") + 1] = str(port)
+            args[args.index("--grpc-port") + 1] = str(free_port())
+            args[args.index("--colocate-below-tokens") + 1] = str(threshold)
+            url = f"http://127.0.0.1:{port}/health"
+            cluster.services.append(Service(name, args, f"127.0.0.1:{port}", lambda u=url: http_healthy(u),
+                                            f"http://127.0.0.1:{port}/metrics"))
     cluster.start()
     problem = cluster.wait_ready(300)
     if problem is not None:
@@ -70,7 +76,8 @@ def e2e_model(tiny_model):
 
 @pytest.fixture(scope="module")
 def cluster(e2e_model):
-    """1 prefill + 2 decode pods, a disaggregating router and a colocated router."""
+    """1 prefill + 2 decode pods, a disaggregating router, a colocated one and one that colocates
+    prompts shorter than THRESHOLD_TOKENS."""
     c = start_cluster(e2e_model, prefill=1, decode=2, colocated_router=True)
     yield c
     c.stop()

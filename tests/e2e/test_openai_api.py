@@ -7,10 +7,11 @@ import time
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tandem.engine import SamplingParams
 
-from .conftest import pod_stats, wait_idle
+from .conftest import THRESHOLD_TOKENS, pod_stats, wait_idle
 
 pytestmark = pytest.mark.integration
 
@@ -51,6 +52,32 @@ def test_disaggregated_and_colocated_outputs_match_offline_engine_and_transforme
         assert completion_token_ids(colocated, prompt)[0] == want
     # The disaggregating router really used the prefill pod: it saw all 8 prompts.
     assert pod_stats(cluster.pods("prefill")[0]).prefix_cache_queries - before == sum(map(len, batch))
+    wait_idle(cluster)
+
+
+def decisions(metrics_url: str) -> dict[str, float]:
+    """The router's tandem_router_routing_decisions_total by mode."""
+    found = {}
+    for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=10).text):
+        if family.name == "tandem_router_routing_decisions":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    found[sample.labels["mode"]] = sample.value
+    return found
+
+
+def test_short_prompts_run_colocated_and_long_ones_disaggregated(cluster, reference):
+    router = cluster.by_name("router-threshold")
+    short, long = prompts(1, seed=7, lo=5, hi=THRESHOLD_TOKENS - 1)[0], prompts(1, seed=8, lo=THRESHOLD_TOKENS, hi=60)[0]
+    prefill = cluster.pods("prefill")[0]
+    for prompt, prefill_used in ((short, False), (long, True)):
+        queries, modes = pod_stats(prefill).prefix_cache_queries, decisions(router.metrics_url)
+        want = reference.generate([prompt], SamplingParams(temperature=0, max_tokens=MAX_NEW))[0].outputs[0].token_ids
+        assert completion_token_ids(f"http://{router.address}", prompt)[0] == want
+        mode = "disaggregated" if prefill_used else "colocated"
+        after = decisions(router.metrics_url)
+        assert after.get(mode, 0) == modes.get(mode, 0) + 1, (after, modes)
+        assert pod_stats(prefill).prefix_cache_queries - queries == (len(prompt) if prefill_used else 0)
     wait_idle(cluster)
 
 

@@ -14,6 +14,9 @@ from openai import OpenAI
 
 pytestmark = pytest.mark.integration
 
+READY = re.compile(r"tandem ready: (http://\S+)\n")
+"""The one line `tandem up` prints once every service is healthy (exactly this, for scripts)."""
+
 
 def processes_mentioning(text: str) -> list[int]:
     found = []
@@ -36,14 +39,7 @@ def test_tandem_up_serves_the_openai_api_and_stops_on_ctrl_c(e2e_model):
     )
     lines = []
     try:
-        deadline = time.monotonic() + 180
-        url = None
-        while url is None:
-            line = proc.stdout.readline()
-            assert line and time.monotonic() < deadline, "".join(lines[-40:])
-            lines.append(line)
-            if match := re.match(r"tandem ready: (http://\S+)", line):
-                url = match.group(1)
+        url = wait_ready_line(proc, lines, 180)
         assert len(processes_mentioning(str(e2e_model))) >= 4  # tandem up + prefill + 2 decode + router
         client = OpenAI(base_url=f"{url}/v1", api_key="unused")
         chat = client.chat.completions.create(
@@ -71,3 +67,54 @@ def test_tandem_up_reports_a_service_that_cannot_start(tmp_path):
     )
     assert result.returncode == 1
     assert "no config.json" in result.stderr and "Traceback" not in result.stderr + result.stdout
+
+
+def wait_ready_line(proc: subprocess.Popen, lines: list[str], timeout_s: float = 240) -> str:
+    """The router URL from `tandem up`'s ready line (every line read is kept in ``lines``)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        line = proc.stdout.readline()
+        assert line and time.monotonic() < deadline, "".join(lines[-40:])
+        lines.append(line)
+        if match := READY.fullmatch(line):
+            return match.group(1)
+
+
+def processes_in(directory: Path) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if Path(os.readlink(proc / "cwd")) == directory:
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_two_instances_run_side_by_side_and_stop_on_sigterm(tmp_path):
+    """Both generate the default model at once (one wins the rename), pick their own ports, serve,
+    and stop every child on SIGTERM."""
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "tandem.cli", "up", "--port", "0", "--num-kv-blocks", "64"],
+                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
+    logs: list[list[str]] = [[], []]
+    try:
+        urls = [wait_ready_line(proc, lines) for proc, lines in zip(procs, logs)]
+        assert len(set(urls)) == 2
+        for url in urls:
+            r = httpx.post(f"{url}/v1/completions", json={"model": "tiny-llama", "prompt": "hi", "max_tokens": 3},
+                           timeout=60)
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] <= 3
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        codes = [proc.wait(60) for proc in procs]
+    assert codes == [0, 0], "".join(logs[0][-20:] + logs[1][-20:])
+    deadline = time.monotonic() + 10
+    while processes_in(tmp_path):
+        assert time.monotonic() < deadline, "children outlived tandem up"
+        time.sleep(0.2)

@@ -42,6 +42,10 @@ def _shard_rows(config: ModelConfig, fused_name: str, shard: int) -> slice:
     return slice(bounds[shard], bounds[shard + 1])
 
 
+DUMMY_SEED = 0
+"""Seed of ``load_format="dummy"`` weights: processes on the same kind of device draw the same ones."""
+
+
 def load_model(
     model_dir: str | Path,
     config: ModelConfig,
@@ -66,7 +70,7 @@ def load_model(
             module.inv_freq = inv_freq
     params = dict(model.named_parameters())
     if dummy:
-        generator = torch.Generator(device=device).manual_seed(0)
+        generator = torch.Generator(device=device).manual_seed(DUMMY_SEED)
         for name, p in params.items():
             if name.endswith("norm.weight"):
                 p.data.fill_(1.0)

@@ -27,9 +27,9 @@ PROMPT = 37  # 10 blocks, the last one partial
 class Receiver:
     """A real gRPC server whose PushKV writes into a KVReceiver (the decode pod's path)."""
 
-    def __init__(self, fingerprint="fp", delay_s=0.0):
+    def __init__(self, fingerprint="fp", delay_s=0.0, max_chunk_bytes=1024):
         self.cache = PagedKVCache(SPEC, 32, torch.device("cpu"))
-        self.receiver = KVReceiver(self.cache, fingerprint)
+        self.receiver = KVReceiver(self.cache, fingerprint, max_chunk_bytes=max_chunk_bytes)
         self.delay_s = delay_s
         self.reading = threading.Event()
         handler = grpc.stream_unary_rpc_method_handler(
@@ -96,6 +96,23 @@ def test_pages_arrive_intact_and_buffers_come_back():
         result = s.finish("r1", end("r1")).result(10)
         assert result.bytes == kv[:, :, blocks].numel() * 4 and result.chunks > 2  # several chunks, 2 streams
         assert torch.equal(r.cache.tensor[:, :, :10], kv[:, :, blocks])
+        assert s.staging.in_use == 0
+    finally:
+        s.close()
+        r.stop()
+
+
+def test_chunks_over_the_receivers_size_limit_are_refused_before_any_write():
+    r = Receiver(max_chunk_bytes=1024)
+    s = sender(max_chunk_bytes=4096)  # a sender configured above what the decode pod accepts
+    try:
+        kv, blocks = source()
+        r.receiver.expect("big", list(range(10)), 0)
+        s.start("big", KVTarget(f"127.0.0.1:{r.port}", "big", 0, "fp"), PROMPT)
+        run_prefill(s, "big", kv, blocks)
+        with pytest.raises(KVTransferError, match="exceeds the 1024-byte limit"):
+            s.finish("big", end("big")).result(10)
+        assert not r.cache.tensor.any()  # nothing was written
         assert s.staging.in_use == 0
     finally:
         s.close()

@@ -1,0 +1,56 @@
+"""The serving benchmarks still run end to end (tiny shapes, CPU) and record what they measured.
+
+Speed is not asserted here (BENCHMARKS.md: performance is measured in bench/, not in timed
+tests); these catch a benchmark broken by a change elsewhere, e.g. a page check that no longer
+matches the KV pool's layout.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+pytestmark = pytest.mark.integration
+
+
+def run_bench(script: str, tmp_path: Path, *args: str, timeout: int = 240) -> dict:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), *args, "--out-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (written,) = tmp_path.glob("*.json")
+    return json.loads(written.read_text())
+
+
+def test_kv_transfer_bench_moves_verified_pages(tmp_path):
+    result = run_bench("kv_transfer.py", tmp_path, "--shapes", "tiny", "--tokens", "256", "--streams", "1", "2",
+                       "--repeats", "1")
+    assert [row["streams"] for row in result["rows"]] == [1, 2]
+    for row in result["rows"]:
+        assert row["bytes"] == 4 * 2 * 256 * 2 * 32 * 2  # layers x K/V x tokens x heads x dim x bf16
+        assert row["grpc_gb_s"] > 0 and row["raw_tcp_gb_s"] > 0
+
+
+def test_kvstore_bench_compares_lookups_with_a_redis_get(tmp_path):
+    result = run_bench("kvstore.py", tmp_path, "--requests", "50", "--concurrency", "4", "--lengths", "16")
+    ops = {row["op"] for row in result["rows"]}
+    assert len(ops) >= 3 and any("GET" in op for op in ops)
+    assert all(row["p50_ms"] > 0 for row in result["rows"])
+
+
+def test_serve_bench_runs_both_modes_and_reports_pod_hit_rates(tmp_path, tiny_model):
+    result = run_bench("serve.py", tmp_path, "--model", str(tiny_model("llama")), "--workload", "prefix-repetition",
+                       "--modes", "prefix-aware", "load-only", "--num-prefixes", "2", "--prefix-len", "32",
+                       "--suffix-len", "8", "--num-prompts", "6", "--output-len", "4", "--rate", "50",
+                       "--worker-args", "--max-num-seqs 8", "--num-kv-blocks", "128", timeout=300)
+    assert set(result["results"]) == {"prefix-aware", "load-only"}
+    assert result["workers"]["prefix-aware"] == {"prefill": 2, "decode": 1}
+    for mode in result["results"].values():
+        assert mode["completed"] == 6 and mode["failed"] == 0
+        assert mode["ttft_ms"]["median"] > 0 and mode["tpot_ms"]["median"] > 0
+        assert 0 < mode["pod_cache_hit_rate"]["prefill"] < 1  # each prefix misses once, then hits
