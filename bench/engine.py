@@ -303,8 +303,10 @@ def _hf_generate_batch(hf, prompts, out_lens) -> tuple[float, int]:
     from transformers import GenerationConfig
 
     n = max(out_lens)
-    config = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                              pad_token_id=hf.config.pad_token_id, eos_token_id=hf.config.eos_token_id)
+    # No EOS at all (rather than min_new_tokens, a logits processor that continuous batching runs
+    # per request or drops): every request generates exactly n tokens.
+    config = GenerationConfig(max_new_tokens=n, do_sample=False, pad_token_id=hf.config.pad_token_id,
+                              eos_token_id=None)
     hf.generate_batch(inputs=[prompts[0][:16]], generation_config=config, progress_bar=False)  # warm-up
     t0 = time.perf_counter()
     out = hf.generate_batch(inputs=prompts, generation_config=config, progress_bar=False)
