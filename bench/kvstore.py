@@ -8,6 +8,9 @@ concurrent ones (throughput):
 - ``index``: ``RedisIndex.lookup`` of a whole chain (one Lua script: one round trip);
 - ``kvstore``: the same lookup through the kvstore gRPC service, as the router makes it.
 
+Then the Redis memory an index entry costs (``--memory-entries`` entries, two holders each):
+what the Helm chart's Redis sizing rests on.
+
     python bench/kvstore.py [--requests 2000]
 """
 
@@ -95,11 +98,28 @@ async def run(args) -> list[dict]:
                              "p50_vs_get": m["p50_ms"] / get["p50_ms"], "ops_vs_get": m["ops_per_s"] / get["ops_per_s"]})
         rows.insert(0, {"op": "GET", "blocks": 0, **get, "get_p50_ms": get["p50_ms"], "p50_vs_get": 1.0, "ops_vs_get": 1.0})
         await channel.close()
+        memory = await memory_per_entry(client, args.memory_entries)
     finally:
         kvstore.terminate()
         await client.aclose()
         redis_server.stop()
-    return rows
+    return rows, memory
+
+
+async def memory_per_entry(client, entries: int) -> dict:
+    """Redis memory of ``entries`` index entries, each held by two pods (the chart's sizing rule)."""
+    from services.kvstore.redis_index import RedisIndex
+
+    index = RedisIndex(client, capacity=10 * entries, prefix="mem")
+    now = time.time()
+    before = (await client.info("memory"))["used_memory"]
+    hashes = chain(entries, seed=7)
+    for pod in ("pod-a", "pod-b"):
+        await index.heartbeat(pod, "i1", 3600, now)
+        for i in range(0, entries, 1000):  # events carry a step's new blocks: batches, not one call
+            await index.add("ns", pod, "i1", hashes[i:i + 1000], now)
+    used = (await client.info("memory"))["used_memory"] - before
+    return {"entries": entries, "holders_per_entry": 2, "bytes": used, "bytes_per_entry": used / entries}
 
 
 def main() -> None:
@@ -107,15 +127,19 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--lengths", type=int, nargs="+", default=[16, 256])
+    ap.add_argument("--memory-entries", type=int, default=150_000,
+                    help="index entries (two holders each) whose Redis memory is measured")
     ap.add_argument("--out-dir", type=Path, default=None)
     args = ap.parse_args()
-    rows = asyncio.run(run(args))
+    rows, memory = asyncio.run(run(args))
     payload = {"workload": "kvstore lookups", "pods": PODS, "requests": args.requests,
-               "concurrency": args.concurrency, "command": " ".join(sys.argv), "rows": rows}
+               "concurrency": args.concurrency, "command": " ".join(sys.argv), "rows": rows, "memory": memory}
     path = write_result("kvstore", "cpu", payload, args.out_dir)
     print_table(["op", "blocks", "p50 ms", "p99 ms", "ops/s", "p50 / GET", "ops/s / GET"],
                 [[r["op"], r["blocks"], r["p50_ms"], r["p99_ms"], r["ops_per_s"], r["p50_vs_get"], r["ops_vs_get"]]
                  for r in rows])
+    print(f"Redis memory: {memory['bytes'] / 2**20:.1f} MiB for {memory['entries']} entries held by two pods each: "
+          f"{memory['bytes_per_entry']:.0f} bytes an entry")
     print(f"wrote {path}")
 
 

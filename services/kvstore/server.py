@@ -1,16 +1,19 @@
 """The kvstore service: ``KVStoreService`` over an Index (Redis, or memory for one replica).
 
 It is the only component that talks to Redis. Event batches are validated (hash algorithm,
-block size, identity) and applied in order; batches from an older incarnation of a pod are
-refused; a gap in a pod's sequence numbers is logged and counted (the pod repairs the index by
-resending its whole cache when a heartbeat says the index does not know it). Redis calls that
-fail to connect or time out are retried briefly; if Redis stays down, calls fail with
-UNAVAILABLE and the router routes by load alone.
+block size, identity) and applied in order; batches from an incarnation that is not the pod's
+registered one are refused, and so are heartbeats from an incarnation older than the registered
+one while its lease is alive; a gap in a pod's sequence numbers is logged and counted (the pod
+repairs the index by resending its whole cache when a heartbeat says the index does not know
+it). Redis calls that fail to connect or time out are retried briefly; if Redis stays down, calls
+fail with UNAVAILABLE and the router routes by load alone. A background task sweeps dead entries
+and forgets the sequence numbers of pods gone silent.
 """
 
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -40,6 +43,10 @@ class KVStoreMetrics:
         self.lookups = Counter("tandem_kvstore_lookups", "Prefix lookups", registry=r)
         self.hit_blocks = Counter("tandem_kvstore_lookup_hit_blocks", "Blocks matched by lookups", registry=r)
         self.evictions = Gauge("tandem_kvstore_evictions", "Entries evicted by LRU (index lifetime)", registry=r)
+        self.retired_generations = Gauge(
+            "tandem_kvstore_retired_generations", "Retired pod generations the sweep has still to drain",
+            registry=r,
+        )
         self.lookup_duration = Histogram(
             "tandem_kvstore_lookup_duration_seconds", "Lookup latency, Redis included", registry=r,
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25),
@@ -54,12 +61,22 @@ class KVStoreMetrics:
         self.redis_errors = Counter("tandem_kvstore_redis_errors", "Index calls that failed after retries", registry=r)
 
 
+@dataclass(slots=True)
+class _Sequence:
+    """The last accepted event batch of a pod's incarnation, and when the pod was last heard."""
+
+    incarnation: str
+    number: int
+    seen_at: float
+
+
 class KVStoreServicer(kvstore_pb2_grpc.KVStoreServiceServicer):
     def __init__(self, index: Index, settings: KVStoreSettings, metrics: KVStoreMetrics) -> None:
         self.index = index
         self.settings = settings
         self.metrics = metrics
-        self._last_seq: dict[tuple[str, str], int] = {}
+        self._last_seq: dict[str, _Sequence] = {}
+        """pod id -> its current incarnation's last batch; pods silent for a lease are forgotten."""
         self.rejected_batches = 0
         self.sequence_gaps = 0
 
@@ -96,11 +113,23 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServiceServicer):
         try:
             if not request.pod_id or not request.incarnation:
                 raise InvalidRequest("pod_id and incarnation are required", param="pod_id")
+            now = time.time()
             registration = await self._call(
-                lambda: self.index.heartbeat(PodId(request.pod_id), request.incarnation, self.settings.lease_s, time.time())
+                lambda: self.index.heartbeat(PodId(request.pod_id), request.incarnation, self.settings.lease_s, now)
             )
+            if registration.superseded:
+                logger.debug("refused a heartbeat of pod %s's old incarnation %s", request.pod_id, request.incarnation)
+                # NOTE: HeartbeatResponse has no "superseded" field (the proto is shared with the
+                # pods); a lease of 0 s with known=False tells the old process it holds no lease.
+                # Publishers of releases before this one read it as "heartbeat every 0 s" and
+                # resync every flush; the chart's pods never share a pod id across a rollout, and
+                # docs/kubernetes.md ("Upgrade") says to upgrade stable-id pods before kvstore.
+                return kvstore_pb2.HeartbeatResponse(lease_seconds=0.0, known=False)
             if not registration.known:
                 logger.info("pod %s (incarnation %s) registered", request.pod_id, request.incarnation)
+            sequence = self._last_seq.get(request.pod_id)
+            if sequence is not None and sequence.incarnation == request.incarnation:
+                sequence.seen_at = now
             return kvstore_pb2.HeartbeatResponse(lease_seconds=self.settings.lease_s, known=registration.known)
         except TandemError as exc:
             await abort_with(context, exc)
@@ -112,13 +141,14 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServiceServicer):
                 self.rejected_batches += 1
                 self.metrics.rejected.labels(reason).inc()
                 raise InvalidRequest(f"event batch refused: {reason}", param=reason)
-            self._check_sequence(request)
             accepted = await self._call(lambda: self._apply(request))
             if not accepted:
                 self.rejected_batches += 1
                 self.metrics.rejected.labels("stale_incarnation").inc()
                 logger.info("ignored events of %s's old incarnation %s", request.pod_id, request.incarnation)
-            elif request.sent_at:
+                return kvstore_pb2.PublishEventsResponse(accepted=False)
+            self._check_sequence(request)
+            if request.sent_at:
                 self.metrics.event_lag.observe(max(0.0, time.time() - request.sent_at))
             return kvstore_pb2.PublishEventsResponse(accepted=accepted)
         except TandemError as exc:
@@ -136,14 +166,24 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServiceServicer):
         return None
 
     def _check_sequence(self, request: kvstore_pb2.PublishEventsRequest) -> None:
-        key = (request.pod_id, request.incarnation)
-        last = self._last_seq.get(key)
-        if last is not None and request.sequence_number != last + 1:
+        """Count a gap in an accepted batch's sequence (a new incarnation starts afresh)."""
+        last = self._last_seq.get(request.pod_id)
+        if last is not None and last.incarnation == request.incarnation and request.sequence_number != last.number + 1:
             self.sequence_gaps += 1
             self.metrics.gaps.inc()
             logger.warning("pod %s: event batch %d after %d (events lost or reordered)",
-                           request.pod_id, request.sequence_number, last)
-        self._last_seq[key] = request.sequence_number
+                           request.pod_id, request.sequence_number, last.number)
+        self._last_seq[request.pod_id] = _Sequence(request.incarnation, request.sequence_number, time.time())
+
+    def forget_silent_pods(self, now: float) -> int:
+        """Drop the sequence state of pods not heard from for a lease; returns how many.
+
+        The index retires such pods too, so a returning one registers afresh and resyncs.
+        """
+        silent = [pod for pod, seq in self._last_seq.items() if seq.seen_at + self.settings.lease_s <= now]
+        for pod in silent:
+            del self._last_seq[pod]
+        return len(silent)
 
     async def _apply(self, request: kvstore_pb2.PublishEventsRequest) -> bool:
         pod, inc, ns, now = PodId(request.pod_id), request.incarnation, request.model_fingerprint, time.time()
@@ -197,32 +237,43 @@ def make_index(settings: KVStoreSettings) -> Index:
     return RedisIndex(client, capacity=settings.capacity, prefix=settings.key_prefix)
 
 
-async def _sweeper(index: Index, settings: KVStoreSettings, metrics: KVStoreMetrics) -> None:
+async def _sweeper(servicer: KVStoreServicer, settings: KVStoreSettings, metrics: KVStoreMetrics) -> None:
+    """Every ``sweep_interval_s``: one bounded sweep step, and forget silent pods' sequences.
+
+    A failed step is logged and the next one runs on time: whatever Redis answers (down, OOM,
+    BUSY, a script error), a dead sweeper would let retired entries pile up for good.
+    """
+    index = servicer.index
     while True:
         await asyncio.sleep(settings.sweep_interval_s)
         try:
+            servicer.forget_silent_pods(time.time())
             removed = await index.sweep(time.time(), settings.sweep_batch)
             stats = await index.stats(time.time())
             metrics.entries.set(stats.num_entries)
             metrics.evictions.set(stats.evictions)
+            metrics.retired_generations.set(stats.retired_generations)
             if removed:
                 logger.debug("swept %d dead entries", removed)
         except (RedisConnectionError, RedisTimeoutError) as e:
             logger.warning("sweep skipped: %s", e)
+        except Exception:
+            logger.exception("sweep failed; retrying in %.1f s", settings.sweep_interval_s)
 
 
 async def start(settings: KVStoreSettings) -> RunningService:
     index = make_index(settings)
     metrics = KVStoreMetrics()
     server = GrpcServer(settings.host, settings.port, ["tandem.kvstore.v1.KVStoreService"])
-    kvstore_pb2_grpc.add_KVStoreServiceServicer_to_server(KVStoreServicer(index, settings, metrics), server.server)
+    servicer = KVStoreServicer(index, settings, metrics)
+    kvstore_pb2_grpc.add_KVStoreServiceServicer_to_server(servicer, server.server)
     if settings.metrics_port is not None:
         start_http_server(settings.metrics_port, registry=metrics.registry)
     await server.start()
-    sweeper = asyncio.create_task(_sweeper(index, settings, metrics))
+    sweeper = asyncio.create_task(_sweeper(servicer, settings, metrics))
     backend = f"Redis at {settings.redis_url}" if settings.redis_url else "memory"
     logger.info("kvstore serving on port %d (index in %s, capacity %d)", server.port, backend, settings.capacity)
-    return RunningService(server, [sweeper.cancel], index=index, metrics=metrics)
+    return RunningService(server, [sweeper.cancel], index=index, metrics=metrics, servicer=servicer)
 
 
 async def serve(settings: KVStoreSettings) -> None:

@@ -34,9 +34,11 @@ class KVStoreSettings(BaseSettings):
     redis_max_connections: int = Field(64, gt=0)
     """Size of the Redis connection pool."""
     sweep_interval_s: float = Field(5.0, gt=0)
-    """How often dead entries (silent, restarted or cleared pods) are swept."""
+    """How often dead entries (silent, restarted or cleared pods) are swept and silent pods forgotten."""
     sweep_batch: int = Field(10_000, gt=0)
-    """Oldest entries examined per sweep."""
+    """Most dead holdings examined (and expired pods retired) per sweep: one Lua script, so this
+    bounds how long a sweep holds Redis. Dead entries drain at sweep_batch / sweep_interval_s
+    per second; until then they do not count (and lookups no longer refresh them in LRU order)."""
 
     def cli_cmd(self) -> None:
         import asyncio

@@ -6,6 +6,7 @@ also a CLI flag of ``tandem <service>`` (kebab-case), generated from the same de
 
 import os
 import socket
+import time
 import uuid
 from pathlib import Path
 
@@ -48,7 +49,11 @@ class PodSettings(BaseSettings, EngineOptions):
         return self.advertise_address or f"{socket.gethostname()}:{bound_port}"
 
     def identity(self, engine, role: int, address: str) -> dict:
-        """PodStats identity fields of this pod (the incarnation is new at every process start)."""
+        """PodStats identity fields of this pod (the incarnation is new at every process start).
+
+        The incarnation starts with the start time in microseconds, fixed width, so that a later
+        process sorts after an earlier one: kvstore refuses heartbeats of an older incarnation.
+        """
         return dict(
             role=role,
             pod_id=self.pod_id or address,
@@ -56,7 +61,7 @@ class PodSettings(BaseSettings, EngineOptions):
             model_fingerprint=engine.fingerprint.digest(),
             block_size=engine.config.block_size,
             max_model_len=engine.limits.max_model_len,
-            incarnation=f"{os.getpid()}-{uuid.uuid4().hex[:8]}",
+            incarnation=f"{time.time_ns() // 1000:016d}-{os.getpid()}-{uuid.uuid4().hex[:8]}",
         )
 
     def cache_config_info(self, engine) -> dict[str, str]:

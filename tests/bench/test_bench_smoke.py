@@ -37,10 +37,12 @@ def test_kv_transfer_bench_moves_verified_pages(tmp_path):
 
 
 def test_kvstore_bench_compares_lookups_with_a_redis_get(tmp_path):
-    result = run_bench("kvstore.py", tmp_path, "--requests", "50", "--concurrency", "4", "--lengths", "16")
+    result = run_bench("kvstore.py", tmp_path, "--requests", "50", "--concurrency", "4", "--lengths", "16",
+                       "--memory-entries", "2000")
     ops = {row["op"] for row in result["rows"]}
     assert len(ops) >= 3 and any("GET" in op for op in ops)
     assert all(row["p50_ms"] > 0 for row in result["rows"])
+    assert result["memory"]["entries"] == 2000 and result["memory"]["bytes_per_entry"] > 50
 
 
 def test_serve_bench_runs_both_modes_and_reports_pod_hit_rates(tmp_path, tiny_model):

@@ -139,3 +139,45 @@ def test_publisher_resyncs_when_the_index_forgets_it():
 
     publisher = None
     asyncio.run(go())
+
+
+def test_the_sweeper_outlives_any_index_error_and_forgets_silent_pods(caplog):
+    """A Redis error other than a lost connection (BUSY, OOM, a script error) skips one sweep only."""
+    import time
+
+    from redis.exceptions import ResponseError
+
+    from services.kvstore.memory_index import MemoryIndex
+
+    class FlakyIndex(MemoryIndex):
+        sweeps = 0
+
+        async def sweep(self, now, max_entries):
+            self.sweeps += 1
+            if self.sweeps == 1:
+                raise ResponseError("BUSY Redis is busy running a script")
+            return await super().sweep(now, max_entries)
+
+    async def go():
+        index = FlakyIndex(100)
+        settings = KVStoreSettings(sweep_interval_s=0.01, lease_s=30)
+        metrics = kvstore_server.KVStoreMetrics()
+        servicer = kvstore_server.KVStoreServicer(index, settings, metrics)
+        servicer._last_seq["p1"] = kvstore_server._Sequence("i1", 1, seen_at=time.time() - 60)  # silent a minute
+        now = time.time()
+        await index.heartbeat("p2", "a1", 600, now)
+        await index.add("ns", "p2", "a1", [h(1), h(2)], now)
+        await index.heartbeat("p2", "a2", 600, now)  # restarted: a1's two entries are dead
+        task = asyncio.create_task(kvstore_server._sweeper(servicer, settings, metrics))
+        try:
+            for _ in range(500):
+                if index.sweeps >= 3:
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            task.cancel()
+        assert index.sweeps >= 3 and "sweep failed" in caplog.text
+        assert (await index.stats(now)).num_entries == 0 and servicer._last_seq == {}
+        assert metrics.registry.get_sample_value("tandem_kvstore_retired_generations") == 0
+
+    asyncio.run(go())
