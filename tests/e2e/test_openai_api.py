@@ -204,6 +204,24 @@ def test_client_disconnect_mid_stream_frees_every_block(cluster):
     assert time_to_idle(cluster) < 1995 * per_token / 3
 
 
+def test_disconnects_during_prefill_and_kv_transfer_free_every_block(cluster, reference):
+    """Clients that give up before their first token (while the router looks up, the prefill pod
+    computes or the KV pages travel) leave every pod as it was, and the service keeps serving."""
+    wait_idle(cluster)
+    prompt = [(7 * i) % 997 + 3 for i in range(1500)]  # a long prompt: prefill and transfer take a while
+    for delay in (0.0, 0.02, 0.05, 0.1, 0.2, 0.4):
+        body = {"prompt": prompt, "max_tokens": 50, "temperature": 0, "stream": True}
+        try:  # gone after `delay`, or as soon as the response starts (its first token), if sooner
+            with httpx.stream("POST", f"{cluster.router_url}/v1/completions", json=body,
+                              timeout=httpx.Timeout(60, read=delay or 0.001)):
+                pass
+        except httpx.TimeoutException:
+            pass
+    wait_idle(cluster)
+    want = reference.generate([prompt], SamplingParams(temperature=0, max_tokens=MAX_NEW))[0].outputs[0].token_ids
+    assert completion_token_ids(cluster.router_url, prompt)[0] == want
+
+
 def test_non_streaming_client_disconnect_is_cancelled_too(cluster):
     wait_idle(cluster)
     per_token = seconds_per_token(cluster.router_url)

@@ -14,13 +14,14 @@ from .conftest import wait_idle
 pytestmark = pytest.mark.integration
 
 
-def test_generate_and_stream_match_the_offline_engine(cluster, reference):
+def test_generate_and_stream_match_the_offline_engine_and_transformers(cluster, reference, e2e_model, hf_reference):
     prompts = ["sdk prompt one", [11, 22, 33, 44, 55, 66, 77, 88, 99, 111, 222, 333, 444, 555, 666, 777, 888]]
     want = reference.generate(prompts, SamplingParams(temperature=0, max_tokens=10, logprobs=2))
+    hf = hf_reference(e2e_model, 10)
     with Client(cluster.router_grpc, timeout=60) as client:
         for prompt, w in zip(prompts, want):
             result = client.generate(prompt, max_tokens=10, temperature=0, logprobs=2)
-            assert list(result.token_ids) == w.outputs[0].token_ids
+            assert list(result.token_ids) == w.outputs[0].token_ids == hf.generate(w.prompt_token_ids)
             assert result.text == w.outputs[0].text
             assert result.finish_reason == w.outputs[0].finish_reason
             assert result.usage.prompt_tokens == len(w.prompt_token_ids)
