@@ -137,6 +137,35 @@ def _eos_ids(model_dir: Path, raw: dict[str, Any]) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, list) else (int(eos),)
 
 
+GENERATION_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+"""Sampling fields of generation_config.json that become a request's defaults (vLLM's set)."""
+
+
+def generation_defaults(model_dir: str | Path) -> dict[str, Any]:
+    """The model's recommended sampling (e.g. an instruct model's temperature 0.6, top_p 0.9) from
+    its generation_config.json: the defaults for what a request leaves unset, as vLLM serves with
+    ``--generation-config auto``. Empty without the file.
+
+    Raises:
+        ModelLoadError: the file is not valid JSON, or a field is not a number.
+    """
+    path = Path(model_dir) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    raw = _read_json(path)
+    defaults = {}
+    for name in GENERATION_DEFAULT_FIELDS:
+        value = raw.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ModelLoadError(f"{path}: {name} must be a number, not {value!r}")
+        if name == "top_k" and value <= 0:
+            continue  # 0 or -1: no top-k (HF's and vLLM's "off")
+        defaults[name] = int(value) if name == "top_k" else float(value)
+    return defaults
+
+
 def load_model_config(model_dir: str | Path) -> ModelConfig:
     """Parse ``config.json`` (and ``generation_config.json``) of a model directory.
 

@@ -123,7 +123,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
     serving = OpenAIServing(
         tokenizer, dispatcher, model_name=settings.model_name(),
         max_model_len=settings.max_model_len or model_config.max_position_embeddings,
-        vocab_size=model_config.vocab_size,
+        vocab_size=model_config.vocab_size, sampling_defaults=settings.sampling_defaults(),
     )
     metrics = RouterMetrics()
 

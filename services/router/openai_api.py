@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from services.router.flow import Dispatcher, Job, Route, TokenEvent, Usage
 from services.router.http_errors import error_body, status_for
@@ -53,13 +54,16 @@ def usage_json(usages: list[Usage]) -> dict:
 
 class OpenAIServing:
     def __init__(
-        self, tokenizer: Tokenizer, dispatcher: Dispatcher, *, model_name: str, max_model_len: int, vocab_size: int
+        self, tokenizer: Tokenizer, dispatcher: Dispatcher, *, model_name: str, max_model_len: int, vocab_size: int,
+        sampling_defaults: dict[str, Any] | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.dispatcher = dispatcher
         self.model_name = model_name
         self._configured_max_model_len = max_model_len
         self.vocab_size = vocab_size
+        self.sampling_defaults = sampling_defaults or {}
+        """Sampling values requests leave unset get (the model's generation config, by default)."""
 
     @property
     def max_model_len(self) -> int:
@@ -80,7 +84,7 @@ class OpenAIServing:
         logprobs: int | None, prompt_param: str,
     ) -> Job:
         max_tokens = self.resolve_max_tokens(prompt_ids, requested_max, prompt_param)
-        params = req.sampling_params(max_tokens=max_tokens, logprobs=logprobs)
+        params = req.sampling_params(max_tokens=max_tokens, logprobs=logprobs, defaults=self.sampling_defaults)
         if any(t >= self.vocab_size for t in params.stop_token_ids):
             raise InvalidRequest(f"stop_token_ids must be below the vocabulary size {self.vocab_size}",
                                  param="stop_token_ids")

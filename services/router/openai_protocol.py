@@ -57,16 +57,22 @@ class _GenerationFields(BaseModel):
         if self.cache_salt is not None and not self.cache_salt:
             raise InvalidRequest("cache_salt must be a non-empty string", param="cache_salt")
 
-    def sampling_params(self, *, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        """Engine parameters (``max_tokens`` resolved by the caller against the context length)."""
+    def sampling_params(
+        self, *, max_tokens: int, logprobs: int | None, defaults: dict[str, Any] | None = None
+    ) -> SamplingParams:
+        """Engine parameters (``max_tokens`` resolved by the caller against the context length);
+        ``defaults`` (the model's generation config) fill what the request leaves unset."""
         self._check_supported()
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = dict(defaults or {})
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "seed"):
             value = getattr(self, name)
             if value is not None:
                 kwargs[name] = value
-        if self.top_k is not None and self.top_k not in (0, -1):  # 0 and -1 mean "off" in vLLM
-            kwargs["top_k"] = self.top_k
+        if self.top_k is not None:
+            if self.top_k in (0, -1):  # 0 and -1 mean "off" in vLLM
+                kwargs.pop("top_k", None)
+            else:
+                kwargs["top_k"] = self.top_k
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return SamplingParams(
             max_tokens=max_tokens,
@@ -165,4 +171,6 @@ class ChatCompletionRequest(_GenerationFields):
             if self.top_logprobs:
                 raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
             return None
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
+            raise InvalidRequest("top_logprobs must be an integer in [0, 20]", param="top_logprobs")
         return self.top_logprobs or 0

@@ -1,10 +1,13 @@
 """Settings of the router (``tandem router``, ``TANDEM_ROUTER_*``)."""
 
+import logging
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+logger = logging.getLogger(__name__)
 
 
 class RouterSettings(BaseSettings):
@@ -18,6 +21,10 @@ class RouterSettings(BaseSettings):
     """Model directory (the router reads its tokenizer, chat template and config.json only)."""
     served_model_name: str | None = None
     """Model name clients must use (default: the directory's name)."""
+    generation_config: Literal["auto", "vllm"] = "auto"
+    """auto: sampling values an OpenAI request leaves unset (temperature, top_p, top_k, min_p,
+    repetition_penalty) come from the model's generation_config.json, as vLLM does; vllm: the
+    plain defaults (temperature 1, no top-p/top-k)."""
     host: str = "0.0.0.0"
     """Interface for HTTP and gRPC."""
     port: int = Field(8000, ge=0, le=65535)
@@ -100,6 +107,24 @@ class RouterSettings(BaseSettings):
         if self.discovery == "kubernetes":
             return KubernetesDiscovery(self.namespace or _own_namespace(), services)
         return StaticDiscovery(self.prefill, self.decode)
+
+    def sampling_defaults(self) -> dict:
+        """Defaults for unset sampling fields of OpenAI requests (``generation_config``)."""
+        if self.generation_config == "vllm":
+            return {}
+        from tandem.engine.sampling_params import SamplingParams
+        from tandem.errors import InvalidRequest, ModelLoadError
+        from tandem.model_dir import generation_defaults
+
+        defaults = generation_defaults(self.model)
+        try:
+            SamplingParams(**defaults)  # a bad value fails the start, not every request
+        except InvalidRequest as e:
+            raise ModelLoadError(f"{self.model}/generation_config.json: {e}") from None
+        if defaults:
+            logger.info("default sampling from %s/generation_config.json: %s (--generation-config vllm to ignore it)",
+                        self.model, defaults)
+        return defaults
 
     def cli_cmd(self) -> None:
         from services.router.server import serve

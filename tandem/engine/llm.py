@@ -9,6 +9,7 @@ from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
 from tandem.engine.outputs import OutputKind, RequestOutput
 from tandem.engine.sampling_params import SamplingParams
+from tandem.model_dir import generation_defaults
 from tandem.errors import InvalidRequest
 
 Prompt = str | list[int]
@@ -44,7 +45,7 @@ class LLM:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # a single prompt
         prompts = list(prompts)
-        params = self._per_prompt(sampling_params or SamplingParams(), len(prompts), "sampling_params")
+        params = self._per_prompt(sampling_params or self.get_default_sampling_params(), len(prompts), "sampling_params")
         prios = self._per_prompt(0, len(prompts), "priorities") if priorities is None else list(priorities)
         if len(prios) != len(prompts):
             raise InvalidRequest("priorities must have one entry per prompt", param="priorities")
@@ -57,6 +58,12 @@ class LLM:
                 self.engine.abort_request(rid)
             raise
         return self._run(ids)
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What ``generate`` uses without sampling params: the model's recommended sampling from
+        generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty), as vLLM's
+        ``LLM`` does, else ``SamplingParams()``."""
+        return SamplingParams(**generation_defaults(self.engine.config.model))
 
     def chat(
         self,

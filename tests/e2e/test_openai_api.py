@@ -251,6 +251,8 @@ def test_non_streaming_client_disconnect_is_cancelled_too(cluster):
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400, "tools"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "presence_penalty": 9}, 400, "presence_penalty"),
         ("/v1/chat/completions", {"messages": "hello"}, 400, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 50},
+         400, "top_logprobs"),
     ],
 )
 def test_bad_input_gets_the_openai_error_envelope(cluster, path, body, status, param):

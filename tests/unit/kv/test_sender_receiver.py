@@ -62,6 +62,15 @@ class Receiver:
         self.server.stop(0)
 
 
+def wait_buffers_back(s: KVSender, timeout_s: float = 5.0) -> None:
+    """Every staging buffer released (a gRPC thread may still be finishing a chunk it dequeued
+    when the call ended: it releases the buffer a moment later, or never if one leaked)."""
+    deadline = time.monotonic() + timeout_s
+    while s.staging.in_use:
+        assert time.monotonic() < deadline, f"{s.staging.in_use} staging buffers never came back"
+        time.sleep(0.01)
+
+
 def sender(**kw) -> KVSender:
     defaults = dict(layers_per_group=2, max_chunk_bytes=1024, num_streams=2, device=torch.device("cpu"))
     return KVSender(SPEC, "fp", **{**defaults, **kw})
@@ -96,7 +105,7 @@ def test_pages_arrive_intact_and_buffers_come_back():
         result = s.finish("r1", end("r1")).result(10)
         assert result.bytes == kv[:, :, blocks].numel() * 4 and result.chunks > 2  # several chunks, 2 streams
         assert torch.equal(r.cache.tensor[:, :, :10], kv[:, :, blocks])
-        assert s.staging.in_use == 0
+        wait_buffers_back(s)
     finally:
         s.close()
         r.stop()
@@ -113,7 +122,7 @@ def test_chunks_over_the_receivers_size_limit_are_refused_before_any_write():
         with pytest.raises(KVTransferError, match="exceeds the 1024-byte limit"):
             s.finish("big", end("big")).result(10)
         assert not r.cache.tensor.any()  # nothing was written
-        assert s.staging.in_use == 0
+        wait_buffers_back(s)
     finally:
         s.close()
         r.stop()
@@ -152,7 +161,7 @@ def test_a_refused_transfer_releases_everything_and_stops_gathering():
         assert s._transfers["r1"].chunks == queued
         with pytest.raises(KVTransferError, match="DATA_LOSS"):
             s.finish("r1", end("r1")).result(10)
-        assert s.staging.in_use == 0
+        wait_buffers_back(s)
     finally:
         s.close()
         r.stop()
@@ -169,10 +178,7 @@ def test_cancel_mid_transfer_releases_queued_buffers():
         # Usually chunks are still queued here (gRPC may also have taken them all already: the
         # receiver's flow-control window holds this small prompt; either way nothing may leak).
         s.abort("r1")
-        deadline = time.monotonic() + 10
-        while s.staging.in_use:
-            assert time.monotonic() < deadline, f"{s.staging.in_use} buffers never came back"
-            time.sleep(0.01)
+        wait_buffers_back(s, timeout_s=10)
     finally:
         s.close()
         r.stop()
@@ -189,7 +195,8 @@ def test_an_exhausted_pool_never_blocks_the_engine_thread():
         run_prefill(s, "r1", kv, blocks)
         assert time.monotonic() - start < 0.3  # queued without waiting for the slow receiver
         s.finish("r1", end("r1")).result(10)
-        assert torch.equal(r.cache.tensor[:, :, :10], kv[:, :, blocks]) and s.staging.in_use == 0
+        assert torch.equal(r.cache.tensor[:, :, :10], kv[:, :, blocks])
+        wait_buffers_back(s)
     finally:
         s.close()
         r.stop()
