@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tandem.kv.hashing import BlockHasher
-from tandem.local_cluster import RedisProcess, Service, free_port, http_healthy
+from tandem.local_cluster import RedisProcess, Service, free_port, grpc_healthy, http_healthy
 from tandem.proto.kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
 
 from ..e2e.conftest import pod_stats, start_cluster
@@ -101,27 +101,38 @@ def test_prompts_sharing_a_system_prompt_land_on_the_pod_that_caches_it(cluster)
 
 
 def test_two_router_replicas_route_a_prompt_to_the_same_pod(cluster):
-    router = cluster.by_name("router")
-    args = list(router.args)
+    """Each router with its own kvstore replica, both replicas on the one Redis: the pods publish
+    to the first, the second router's lookups go through the second."""
+    kv_args = list(cluster.by_name("kvstore").args)
+    kv_port = free_port()
+    kv_args[kv_args.index("--port") + 1] = str(kv_port)
+    kv_args[kv_args.index("--metrics-port") + 1] = str(free_port())
+    kvstore_2 = Service("kvstore-2", kv_args, f"127.0.0.1:{kv_port}", lambda: grpc_healthy(f"127.0.0.1:{kv_port}"))
+    kvstore_2.proc, kvstore_2.relay = cluster.spawn("kvstore-2", kv_args)
+    args = list(cluster.by_name("router").args)
     port = free_port()
     args[args.index("--port") + 1] = str(port)
     args[args.index("--grpc-port") + 1] = str(free_port())
+    args[args.index("--kvstore") + 1] = kvstore_2.address
     second = Service("router-2", args, f"127.0.0.1:{port}", lambda: http_healthy(f"http://127.0.0.1:{port}/health"))
     second.proc, second.relay = cluster.spawn("router-2", args)
     try:
+        wait_until(kvstore_2.ready, 60, "the second kvstore")
         wait_until(second.ready, 60, "the second router")
         system = tokens(256, seed=2)
         warm(cluster, cluster.router_url, system)  # router 1 places it
         before = hits(cluster)
         complete(cluster.router_url, system + tokens(16, 7))
         first_pod = served_by(cluster, before, hits(cluster))
-        before = hits(cluster)
+        before, second_choices = hits(cluster), choices(f"http://{second.address}")
         out = complete(f"http://{second.address}", system + tokens(16, 8))  # router 2 finds it
         assert served_by(cluster, before, hits(cluster)) == first_pod
+        assert choices(f"http://{second.address}").get("prefix", 0) == second_choices.get("prefix", 0) + 1
         assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == 256
     finally:
-        second.proc.terminate()
-        second.proc.wait(10)
+        for service in (second, kvstore_2):
+            service.proc.terminate()
+            service.proc.wait(10)
 
 
 def test_requests_survive_redis_dying_and_routing_recovers(cluster):
