@@ -153,7 +153,7 @@ def grpc_transfer(sender, case: Case, address: str, kv, block_ids, device) -> fl
     from tandem.engine.sampling_params import SamplingParams
     from tandem.engine.scheduler import ScheduledSequence
     from tandem.engine.sequence import Sequence
-    from tandem.kv.sender import KVTarget
+    from tandem.kv.transfer import KVTarget
     from tandem.proto.common.v1 import common_pb2
 
     layers = SHAPES[case.shape][0]

@@ -21,7 +21,8 @@ from tandem.engine.outputs import OutputKind
 from tandem.engine.sampling_params import SamplingParams
 from tandem.errors import CapacityExceeded, InvalidRequest, KVFingerprintMismatch, TandemError
 from tandem.kv.publisher import KVEventPublisher
-from tandem.kv.sender import KVSender, KVTarget
+from tandem.kv.sender import KVSender
+from tandem.kv.transfer import KVTarget
 from tandem.proto.common.v1 import common_pb2
 from tandem.proto.prefill.v1 import prefill_pb2, prefill_pb2_grpc
 from tandem.serving import convert

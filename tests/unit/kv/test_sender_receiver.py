@@ -16,7 +16,8 @@ from tandem.engine.sequence import Sequence
 from tandem.errors import InvalidRequest, KVTransferError
 from tandem.kv import codec
 from tandem.kv.receiver import KVReceiver
-from tandem.kv.sender import KVSender, KVTarget
+from tandem.kv.sender import KVSender
+from tandem.kv.transfer import KVTarget
 from tandem.proto.common.v1 import common_pb2
 from tandem.proto.decode.v1 import decode_pb2
 
