@@ -151,14 +151,23 @@ def workload(args, vocab: int):
     return prompts, arrivals
 
 
+async def warm_up(url: str, vocab: int) -> None:
+    """One short request outside the measurement (and outside the pods' counters): connections,
+    first-use allocations. Its tokens share no prefix with the workload's prompts."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None)) as client:
+        result = await one_request(client, url, [vocab - 1 - i for i in range(16)], 4, 0.0, time.perf_counter())
+    if not result.ok:
+        raise SystemExit(f"the warm-up request failed: {result.error}")
+
+
 async def run_load(url: str, args, vocab: int) -> dict:
     import httpx
 
     prompts, arrivals = workload(args, vocab)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
-        # One warm-up request, not counted.
-        await one_request(client, url, prompts[0][:16], 4, 0.0, time.perf_counter())
         t0 = time.perf_counter()
         results = await asyncio.gather(*(one_request(client, url, p, args.output_len, a, t0)
                                          for p, a in zip(prompts, arrivals)))
@@ -200,6 +209,18 @@ def routing_counts(cluster) -> dict[str, float]:
             elif sample.name == "tandem_router_attempts_total":
                 counts["attempts"] += sample.value
     return counts
+
+
+def settled_routing_counts(cluster, before: dict, requests: int, timeout_s: float = 5.0) -> dict:
+    """The router's counts once it counted all ``requests`` (a stream is counted as it closes,
+    a moment after the client read its end)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        after = routing_counts(cluster)
+        placed = sum(after[k] - before[k] for k in ("colocated", "disaggregated"))
+        if placed >= requests or time.monotonic() > deadline:
+            return after
+        time.sleep(0.05)
 
 
 def routing_problem(mode: str, before: dict, after: dict) -> str | None:
@@ -269,7 +290,8 @@ def main() -> None:
     ap.add_argument("--suffix-len", type=int, default=256)
     ap.add_argument("--num-kv-blocks", type=int, default=None)
     ap.add_argument("--worker-args", type=shlex.split, default=[],
-                    help='extra flags for every worker, one string: --worker-args "--load-format dummy"')
+                    help='extra flags for every worker, one string: --worker-args "--load-format dummy" '
+                         '(a lone flag: --worker-args=--enforce-eager)')
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=32)
@@ -291,11 +313,13 @@ def main() -> None:
     vocab = load_model_config(model).vocab_size
     results, problems = {}, []
     if args.url:
+        asyncio.run(warm_up(args.url, vocab))
         results["target"] = asyncio.run(run_load(args.url, args, vocab))
     else:
         for mode in args.modes:
             cluster = start_system(model, mode, args)
             try:
+                asyncio.run(warm_up(cluster.router_url, vocab))
                 before, routed = prefix_cache_counters(cluster), routing_counts(cluster)
                 results[mode] = asyncio.run(run_load(cluster.router_url, args, vocab))
                 # usage.cached_tokens also counts blocks the decode pod had cached (they are not
@@ -303,7 +327,7 @@ def main() -> None:
                 results[mode]["pod_cache_hit_rate"] = hit_rates(before, prefix_cache_counters(cluster))
                 # A disaggregated request whose prefill fails is retried colocated and still
                 # succeeds: check the run measured the mode it claims.
-                problem = routing_problem(mode, routed, routing_counts(cluster))
+                problem = routing_problem(mode, routed, settled_routing_counts(cluster, routed, args.num_prompts))
                 if problem:
                     problems.append(problem)
                     print(f"warning: {problem}; the workers' last lines:\n{''.join(list(cluster.log)[-20:])}",

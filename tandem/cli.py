@@ -36,11 +36,14 @@ def ensure_default_model(path: Path = DEFAULT_MODEL_DIR) -> Path:
 
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-        generate_model_dir(ModelGenOptions(arch="llama", out=staging, layers=4, hidden=128, intermediate=256))
         try:
+            generate_model_dir(ModelGenOptions(arch="llama", out=staging, layers=4, hidden=128, intermediate=256))
             staging.rename(path)
-        except OSError:  # another process got there first: its directory is complete too
-            shutil.rmtree(staging, ignore_errors=True)
+        except OSError:
+            if not (path / "config.json").is_file():
+                raise  # not another process's complete directory in the way: a real failure
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone already if the rename won
     return path
 
 

@@ -42,8 +42,9 @@ class UpOptions(BaseModel):
     decode: int = Field(1, ge=1)
     """Decode workers."""
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
-    """torch device of the workers: cpu, cuda or cuda:N (workers share it; on a GPU each gets an
-    equal share of --gpu-memory-utilization's 0.9 unless --num-kv-blocks or worker args say otherwise)."""
+    """torch device of the workers: cpu, cuda or cuda:N (workers share it; on a GPU each engine
+    gets an equal share of 0.9 of its memory as its --gpu-memory-utilization, unless
+    --num-kv-blocks or --worker-args choose otherwise)."""
     num_kv_blocks: int | None = Field(None, gt=0)
     """KV blocks per worker (default: from memory)."""
     colocate_below_tokens: int = Field(0, ge=0)
@@ -226,8 +227,18 @@ class LocalCluster:
         from its own --gpu-memory-utilization, as vLLM's instances do)."""
         opts = self.opts
         workers = opts.prefill + opts.decode
-        chosen = any(a.split("=")[0] in ("--gpu-memory-utilization", "--num-kv-blocks") for a in opts.worker_args)
-        if not opts.device.startswith("cuda") or workers < 2 or opts.num_kv_blocks or chosen:
+        if not opts.device.startswith("cuda") or workers < 2 or opts.num_kv_blocks:
+            return []
+        args = opts.worker_args
+        chosen = [a for a in args if a.split("=")[0] == "--gpu-memory-utilization"]
+        if chosen:
+            flag = chosen[-1]
+            share = float(flag.split("=", 1)[1] if "=" in flag else args[args.index(flag) + 1])
+            if share * workers > 1:
+                raise ValueError(f"--gpu-memory-utilization {share:g} for each of {workers} workers on one GPU "
+                                 f"asks for {share * workers:.0%} of it; give each at most {1 / workers:.2f}")
+            return []
+        if any(a.split("=")[0] == "--num-kv-blocks" for a in args):
             return []
         return ["--gpu-memory-utilization", f"{GPU_MEMORY_UTILIZATION / workers:.4f}"]
 

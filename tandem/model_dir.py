@@ -233,6 +233,13 @@ def weight_files(model_dir: str | Path) -> list[Path]:
     return files
 
 
+def config_digest(model_dir: str | Path) -> str:
+    """A digest of config.json's content (key order aside): names a model's shape, e.g. for
+    dummy weights, whose values depend on nothing else."""
+    raw = _read_json(_require_dir(Path(model_dir)) / "config.json")
+    return xxhash.xxh3_64_hexdigest(json.dumps(raw, sort_keys=True).encode())
+
+
 def weights_digest(model_dir: str | Path) -> str:
     """A cheap identity of the weights: config plus each shard's size, head and tail bytes.
 

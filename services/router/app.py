@@ -178,6 +178,15 @@ def _add_openai_routes(app: FastAPI, serving: OpenAIServing, metrics: RouterMetr
         for route, job in zip(routes, jobs):
             metrics.observe_route(route, len(job.prompt_token_ids))
 
+    async def counted(stream, routes: list[Route], jobs):
+        """An SSE stream whose requests are counted when it ends: by then every prompt of it is
+        placed (or failed), retries included."""
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            count_routes(routes, jobs)
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         rid = request.state.request_id
@@ -185,11 +194,17 @@ def _add_openai_routes(app: FastAPI, serving: OpenAIServing, metrics: RouterMetr
         trace = RequestTrace("text_completion", rid, serving.model_name, jobs)
         routes = [Route(trace=trace) for _ in jobs]
         if body.stream:
-            events = await run_unless_disconnected(request, serving.open_stream(merge_events(dispatcher, jobs, routes)))
+            try:
+                events = await run_unless_disconnected(request, serving.open_stream(merge_events(dispatcher, jobs, routes)))
+            except BaseException:
+                count_routes(routes, jobs)
+                raise
+            return StreamingResponse(counted(serving.completion_sse(body, rid, events), routes, jobs),
+                                     media_type="text/event-stream")
+        try:
+            result = await run_unless_disconnected(request, serving.completion(body, jobs, rid, routes))
+        finally:
             count_routes(routes, jobs)
-            return StreamingResponse(serving.completion_sse(body, rid, events), media_type="text/event-stream")
-        result = await run_unless_disconnected(request, serving.completion(body, jobs, rid, routes))
-        count_routes(routes, jobs)
         return JSONResponse(result)
 
     @app.post("/v1/chat/completions")
@@ -198,11 +213,17 @@ def _add_openai_routes(app: FastAPI, serving: OpenAIServing, metrics: RouterMetr
         job = await asyncio.to_thread(serving.chat_job, body, rid)
         route = Route(trace=RequestTrace("chat", rid, serving.model_name, [job]))
         if body.stream:
-            events = await run_unless_disconnected(request, serving.open_stream(merge_events(dispatcher, [job], [route])))
+            try:
+                events = await run_unless_disconnected(request, serving.open_stream(merge_events(dispatcher, [job], [route])))
+            except BaseException:
+                count_routes([route], [job])
+                raise
+            return StreamingResponse(counted(serving.chat_sse(body, rid, events), [route], [job]),
+                                     media_type="text/event-stream")
+        try:
+            result = await run_unless_disconnected(request, serving.chat(body, job, rid, route))
+        finally:
             count_routes([route], [job])
-            return StreamingResponse(serving.chat_sse(body, rid, events), media_type="text/event-stream")
-        result = await run_unless_disconnected(request, serving.chat(body, job, rid, route))
-        count_routes([route], [job])
         return JSONResponse(result)
 
     @app.get("/v1/models")

@@ -41,15 +41,12 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     async def Generate(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         span = telemetry.start_server_span(context, "/tandem.router.v1.RouterService/Generate")
         error: TandemError | None = None
+        route: Route | None = None
         try:
             job = await asyncio.to_thread(self._job, request)  # tokenizing a long prompt: off the loop
             route = Route(trace=RequestTrace("text_completion", job.request_id, self.serving.model_name, [job],
                                              span=span))
-            counted = False
             async for event in self.serving.dispatcher.generate(job, route):
-                if not counted:  # placed (as the HTTP API counts: when the stream starts)
-                    self.metrics.observe_route(route, len(job.prompt_token_ids))
-                    counted = True
                 response = router_pb2.GenerateResponse(request_id=job.request_id, chunk=convert.event_chunk(event))
                 if event.usage is not None:
                     response.usage.CopyFrom(convert.usage_to_proto(event.usage))
@@ -58,6 +55,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             error = exc
             await abort_with(context, exc)
         finally:
+            if route is not None:  # counted once it ran (or failed), retries included, as over HTTP
+                self.metrics.observe_route(route, len(job.prompt_token_ids))
             telemetry.end_server_span(span, error)
 
     async def ListModels(self, request, context):

@@ -33,12 +33,12 @@ class RouterMetrics:
         # the request's `route` span and in the DEBUG log).
         self.prefill_cached_fraction = Histogram(
             "tandem_router_prefill_cached_fraction",
-            "Fraction of the prompt the chosen prefill pod caches (kvstore's answer), per choice",
+            "Fraction of the prompt the chosen prefill pod caches (kvstore's answer), per request (its final choice)",
             buckets=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0), registry=self.registry,
         )
         self.prefill_queued_tokens = Histogram(
             "tandem_router_prefill_queued_tokens",
-            "Prefill tokens queued on the chosen pod when it was chosen (its load term)",
+            "Prefill tokens queued on the chosen pod when it was chosen (its load term), per request",
             buckets=(0, 256, 1024, 4096, 16384, 65536, 262144), registry=self.registry,
         )
         self.prefill_hotspot_choices = Counter(
@@ -51,7 +51,7 @@ class RouterMetrics:
         """Count one request's placement: mode, attempts, and the prefill choice's breakdown."""
         self.routing_decisions.labels(route.mode or "unplaced").inc()
         self.attempts.inc(route.attempts)
-        if route.prefill_reason:
+        if route.prefill_reason and route.prefill:  # not when the last attempt ran colocated
             self.prefill_choices.labels(route.prefill_reason).inc()
         chosen = next((c for c in route.candidates if c.pod.address == route.prefill), None)
         if chosen is not None:

@@ -26,7 +26,7 @@ from tandem.ids import BlockId, RequestId
 from tandem.kv.events import KVEvent
 from tandem.kv.fingerprint import ModelFingerprint
 from tandem.kv.hashing import BlockHasher
-from tandem.model_dir import load_model_config, weights_digest
+from tandem.model_dir import config_digest, load_model_config, weights_digest
 from tandem.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class LLMEngine:
             # Dummy weights are drawn from a fixed seed (models/loader.py): engines on the same kind
             # of device hold the same ones, so a benchmark's prefill and decode pods can share KV.
             weights_digest=(weights_digest(config.model) if config.load_format != "dummy"
-                            else f"dummy-seed{DUMMY_SEED}-{self.runner.device.type}"),
+                            else f"dummy-seed{DUMMY_SEED}-{self.runner.device.type}-{config_digest(config.model)}"),
             num_layers=mc.num_layers,
             num_kv_heads=mc.num_kv_heads,
             head_dim=mc.head_dim,

@@ -142,7 +142,8 @@ class ModelRunner:
         return int(num)
 
     GPU_HEADROOM_BYTES = 512 << 20
-    """Left free besides the budget: CUDA graphs, cuBLAS workspaces, the allocator's slack."""
+    """Kept free when the pool is sized by what is free right now (others hold the rest): CUDA
+    graphs, cuBLAS workspaces, the allocator's slack."""
 
     def _free_gpu_bytes(self) -> int:
         """KV bytes on CUDA: this engine's share of the GPU minus its weights and activations.
@@ -161,6 +162,12 @@ class ModelRunner:
             4 * mc.hidden_size + 2 * mc.intermediate_size + mc.num_heads * mc.head_dim
         ) * itemsize + cfg.max_num_seqs * mc.vocab_size * 4 * 3
         share = int(total * cfg.gpu_memory_utilization) - torch.cuda.memory_allocated(self.device)
+        if free - self.GPU_HEADROOM_BYTES < share:
+            logger.warning(
+                "gpu_memory_utilization %.2f asks for %.1f GiB more, but %.1f GiB is free on %s (other processes "
+                "hold the rest): the KV pool takes what is free", cfg.gpu_memory_utilization, share / 2**30,
+                free / 2**30, self.device,
+            )
         return min(share, free - self.GPU_HEADROOM_BYTES) - activations
 
     def set_kv_layer_hook(self, hook: KVLayerHook | None) -> None:

@@ -60,6 +60,8 @@ class _Attempts:
     attempt fits in the call's one overall ``timeout``."""
 
     def __init__(self, timeout: float | None, max_retries: int) -> None:
+        if timeout is not None and not timeout > 0:
+            raise InvalidRequest(f"timeout must be > 0 seconds or None, not {timeout!r}", param="timeout")
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.max_retries = max_retries
         self.retries = 0
@@ -101,8 +103,9 @@ class Client:
         self, prompt: str | Sequence[int], *, model: str = "", timeout: float | None = None, priority: int = 0,
         cache_salt: str | None = None, request_id: str | None = None, **sampling: Any,
     ) -> Iterator[GenerateChunk]:
-        """Chunks as the tokens are generated. ``timeout`` bounds the whole call, retries included;
-        UNAVAILABLE is retried (``max_retries``) only before the first chunk."""
+        """Chunks as the tokens are generated. ``timeout`` bounds the whole call, retries included,
+        from the first chunk asked for; UNAVAILABLE is retried (``max_retries``) only before the
+        first chunk."""
         request = _request(prompt, model, priority, cache_salt, request_id, sampling)
         attempts = _Attempts(timeout if timeout is not None else self.timeout, self.max_retries)
         while True:
@@ -155,8 +158,9 @@ class AsyncClient:
         self, prompt: str | Sequence[int], *, model: str = "", timeout: float | None = None, priority: int = 0,
         cache_salt: str | None = None, request_id: str | None = None, **sampling: Any,
     ) -> AsyncIterator[GenerateChunk]:
-        """Chunks as the tokens are generated. ``timeout`` bounds the whole call, retries included;
-        UNAVAILABLE is retried (``max_retries``) only before the first chunk."""
+        """Chunks as the tokens are generated. ``timeout`` bounds the whole call, retries included,
+        from the first chunk asked for; UNAVAILABLE is retried (``max_retries``) only before the
+        first chunk."""
         request = _request(prompt, model, priority, cache_salt, request_id, sampling)
         attempts = _Attempts(timeout if timeout is not None else self.timeout, self.max_retries)
         while True:

@@ -5,7 +5,7 @@ import time
 import grpc
 import pytest
 
-from tandem.local_cluster import LocalCluster, Service, UpOptions, free_port, http_healthy
+from tandem.local_cluster import LocalCluster, Service, UpOptions, free_port, http_healthy, router_sees_every_pod
 from tandem.proto.decode.v1 import decode_pb2, decode_pb2_grpc
 from tandem.proto.prefill.v1 import prefill_pb2, prefill_pb2_grpc
 
@@ -34,8 +34,8 @@ def start_cluster(model, *, prefill=1, decode=2, colocated_router=False, **opts)
             args[args.index("--grpc-port") + 1] = str(free_port())
             args[args.index("--colocate-below-tokens") + 1] = str(threshold)
             url = f"http://127.0.0.1:{port}/health"
-            cluster.services.append(Service(name, args, f"127.0.0.1:{port}", lambda u=url: http_healthy(u),
-                                            f"http://127.0.0.1:{port}/metrics"))
+            ready = lambda u=url: router_sees_every_pod(u, prefill, decode)  # noqa: E731
+            cluster.services.append(Service(name, args, f"127.0.0.1:{port}", ready, f"http://127.0.0.1:{port}/metrics"))
     cluster.start()
     problem = cluster.wait_ready(300)
     if problem is not None:

@@ -169,7 +169,8 @@ def test_requests_survive_redis_dying_and_routing_recovers(cluster):
     def resynced() -> bool:
         with grpc.insecure_channel(cluster.by_name("kvstore").address) as channel:
             live = kvstore_pb2_grpc.KVStoreServiceStub(channel).Stats(kvstore_pb2.StatsRequest(), timeout=5).live_pods
-        return live == 2 and max(kvstore_holders(cluster, system).values(), default=0) == len(system) // 16
+        block_size = pod_stats(cluster.pods("prefill")[0]).block_size
+        return live == 2 and max(kvstore_holders(cluster, system).values(), default=0) == len(system) // block_size
 
     wait_until(resynced, 20, lambda: f"the pods to resync the index (holders: {kvstore_holders(cluster, system)})")
     before = choices(cluster.router_url)

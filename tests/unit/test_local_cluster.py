@@ -41,3 +41,9 @@ def test_no_split_when_not_shared_or_already_chosen(opts):
 def test_unknown_devices_are_refused(device):
     with pytest.raises(ValidationError, match="device"):
         UpOptions(model=Path("m"), device=device)
+
+
+@pytest.mark.parametrize("args", [["--gpu-memory-utilization", "0.9"], ["--gpu-memory-utilization=0.6"]])
+def test_shares_that_add_up_to_more_than_the_gpu_are_refused(args):
+    with pytest.raises(ValueError, match="give each at most 0.50"):
+        worker_args(device="cuda", prefill=1, decode=1, worker_args=args)

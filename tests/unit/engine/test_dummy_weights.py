@@ -4,6 +4,7 @@ Benchmarks run real shapes without checkpoints; a prefill pod and a decode pod m
 same weights (and say so in their fingerprints), or every KV transfer between them is refused.
 """
 
+import json
 import shutil
 
 from tandem.engine import LLM, SamplingParams
@@ -22,3 +23,10 @@ def test_dummy_engines_agree_on_weights_and_fingerprint(llama_dir, tmp_path):
     assert outputs[0] == outputs[1]
     real = LLM(llama_dir, num_kv_blocks=64)
     assert real.engine.fingerprint.digest() != first.engine.fingerprint.digest()
+    # Another shape whose KV layout is the same (only the MLP width differs) is another model.
+    config = json.loads((shape_only / "config.json").read_text())
+    other = tmp_path / "other-shape"
+    shutil.copytree(shape_only, other)
+    (other / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] * 2}))
+    wider = LLM(other, load_format="dummy", num_kv_blocks=64)
+    assert wider.engine.fingerprint.digest() != first.engine.fingerprint.digest()
