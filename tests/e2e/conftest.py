@@ -5,7 +5,7 @@ import time
 import grpc
 import pytest
 
-from tandem.local_cluster import LocalCluster, Service, UpOptions, free_port, http_healthy, router_sees_every_pod
+from tandem.local_cluster import LocalCluster, Service, UpOptions, free_port, router_sees_every_pod
 from tandem.proto.decode.v1 import decode_pb2, decode_pb2_grpc
 from tandem.proto.prefill.v1 import prefill_pb2, prefill_pb2_grpc
 
