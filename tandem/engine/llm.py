@@ -26,6 +26,7 @@ class LLM:
     def __init__(self, model: str | Path, **config: Any) -> None:
         self.engine = LLMEngine(EngineConfig(model=str(model), **config))
         self._ids = itertools.count()
+        self._default_sampling = SamplingParams(**generation_defaults(model))  # invalid values fail here
 
     @property
     def tokenizer(self):
@@ -63,7 +64,7 @@ class LLM:
         """What ``generate`` uses without sampling params: the model's recommended sampling from
         generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty), as vLLM's
         ``LLM`` does, else ``SamplingParams()``."""
-        return SamplingParams(**generation_defaults(self.engine.config.model))
+        return self._default_sampling
 
     def chat(
         self,
