@@ -34,7 +34,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         sp = request.sampling_params
         requested = sp.max_tokens if sp.HasField("max_tokens") else None
         max_tokens = self.serving.resolve_max_tokens(ids, requested, "prompt")
-        params = convert.sampling_params_from_proto(sp, max_tokens=max_tokens)
+        params = convert.sampling_params_from_proto(sp, max_tokens=max_tokens, defaults=self.serving.sampling_defaults)
         rid = request.request_id or uuid.uuid4().hex
         return Job(rid, ids, params, request.priority, request.cache_salt or None)
 

@@ -17,6 +17,7 @@ from opentelemetry import propagate
 
 from tandem.engine.sampling_params import SamplingParams
 from tandem.errors import InvalidRequest
+from tandem.model_dir import GENERATION_DEFAULT_FIELDS
 from tandem.proto.router.v1 import router_pb2, router_pb2_grpc
 from tandem.sdk.results import GenerateChunk, GenerateResult, ModelInfo
 from tandem.serving import convert
@@ -46,6 +47,9 @@ def _request(
     pb = convert.sampling_params_to_proto(params)
     if "max_tokens" not in sampling:
         pb.ClearField("max_tokens")  # the router then allows up to the context length
+    for name in GENERATION_DEFAULT_FIELDS:
+        if name not in sampling:
+            pb.ClearField(name)  # the router fills it from the model's generation config
     req.sampling_params.CopyFrom(pb)
     if isinstance(prompt, str):
         req.text = prompt

@@ -33,16 +33,20 @@ _OPTIONAL_FIELDS = (
 # ---- sampling parameters -----------------------------------------------------------------------
 
 
-def sampling_params_from_proto(pb: common_pb2.SamplingParams, *, max_tokens: int | None = None) -> SamplingParams:
-    """Engine SamplingParams; unset optional fields keep the engine defaults.
+def sampling_params_from_proto(
+    pb: common_pb2.SamplingParams, *, max_tokens: int | None = None, defaults: dict | None = None
+) -> SamplingParams:
+    """Engine SamplingParams; unset optional fields take ``defaults``, else the engine's.
 
     Args:
         max_tokens: overrides the message's max_tokens (the router resolves it against the context).
+        defaults: values for unset fields (the router's: the model's generation config).
 
     Raises:
         InvalidRequest: a value is out of range (``param`` names the field).
     """
-    kwargs: dict = {name: getattr(pb, name) for name in _OPTIONAL_FIELDS if pb.HasField(name)}
+    kwargs: dict = dict(defaults or {})
+    kwargs.update({name: getattr(pb, name) for name in _OPTIONAL_FIELDS if pb.HasField(name)})
     if max_tokens is not None:
         kwargs["max_tokens"] = max_tokens
     elif pb.HasField("max_tokens"):

@@ -64,3 +64,30 @@ def test_llm_without_sampling_params_uses_the_models_defaults(model_with):
     prompt = list(range(3, 20))
     out = llm.generate([prompt])[0].outputs[0].token_ids
     assert out == llm.generate([prompt], SamplingParams(temperature=0.0, repetition_penalty=1.3))[0].outputs[0].token_ids
+
+
+def test_the_sdk_sends_only_the_sampling_fields_it_was_given():
+    from tandem.sdk.client import _request
+
+    sent = _request("hi", "", 0, None, None, {"max_tokens": 3, "top_p": 0.5}).sampling_params
+    assert sent.HasField("top_p") and not sent.HasField("temperature") and not sent.HasField("top_k")
+
+
+def test_the_grpc_api_fills_the_same_defaults_as_http(model_with):
+    from types import SimpleNamespace
+
+    from services.router.grpc_api import RouterServicer
+    from services.router.metrics import RouterMetrics
+    from services.router.openai_api import OpenAIServing
+    from tandem.sdk.client import _request
+    from tandem.tokenizer import Tokenizer
+
+    path = model_with(temperature=0.6, top_p=0.9)
+    no_pods = SimpleNamespace(registry=SimpleNamespace(by_role=lambda role: []))
+    serving = OpenAIServing(Tokenizer(path), no_pods, model_name="m", max_model_len=512, vocab_size=1024,
+                            sampling_defaults=RouterSettings(model=path).sampling_defaults())
+    servicer = RouterServicer(serving, RouterMetrics())
+    job = servicer._job(_request("hi", "", 0, None, None, {"max_tokens": 3}))
+    assert (job.params.temperature, job.params.top_p) == (0.6, 0.9)
+    own = servicer._job(_request("hi", "", 0, None, None, {"max_tokens": 3, "temperature": 0.0}))
+    assert (own.params.temperature, own.params.top_p) == (0.0, 0.9)
