@@ -177,38 +177,23 @@ async def run_load(url: str, args, vocab: int) -> dict:
 
 def prefix_cache_counters(cluster) -> dict[str, tuple[int, int]]:
     """Per role, the pods' summed (prefix-cache queries, hits) in tokens, from their GetStats."""
-    import grpc
+    from tandem.local_cluster import pod_stats
 
-    from tandem.proto.decode.v1 import decode_pb2, decode_pb2_grpc
-    from tandem.proto.prefill.v1 import prefill_pb2, prefill_pb2_grpc
-
-    rpcs = {"prefill": (prefill_pb2_grpc.PrefillServiceStub, prefill_pb2.GetStatsRequest),
-            "decode": (decode_pb2_grpc.DecodeServiceStub, decode_pb2.GetStatsRequest)}
     totals = {}
-    for role, (stub, request) in rpcs.items():
-        queries = hits = 0
-        for pod in cluster.pods(role):
-            with grpc.insecure_channel(pod.address) as channel:
-                stats = stub(channel).GetStats(request(), timeout=10).stats
-            queries, hits = queries + stats.prefix_cache_queries, hits + stats.prefix_cache_hits
-        totals[role] = (queries, hits)
+    for role in ("prefill", "decode"):
+        stats = [pod_stats(pod) for pod in cluster.pods(role)]
+        totals[role] = (sum(st.prefix_cache_queries for st in stats), sum(st.prefix_cache_hits for st in stats))
     return totals
 
 
 def routing_counts(cluster) -> dict[str, float]:
     """The router's requests placed by mode, and its attempts (more than requests: retries)."""
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
+    from tandem.local_cluster import counter_totals
 
-    counts = {"colocated": 0.0, "disaggregated": 0.0, "attempts": 0.0}
-    text = httpx.get(cluster.by_name("router").metrics_url, timeout=10).text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "tandem_router_routing_decisions_total" and sample.labels["mode"] in counts:
-                counts[sample.labels["mode"]] += sample.value
-            elif sample.name == "tandem_router_attempts_total":
-                counts["attempts"] += sample.value
-    return counts
+    url = cluster.by_name("router").metrics_url
+    modes = counter_totals(url, "tandem_router_routing_decisions", "mode")
+    return {"colocated": modes.get("colocated", 0.0), "disaggregated": modes.get("disaggregated", 0.0),
+            "attempts": counter_totals(url, "tandem_router_attempts").get(None, 0.0)}
 
 
 def settled_routing_counts(cluster, before: dict, requests: int, timeout_s: float = 5.0) -> dict:

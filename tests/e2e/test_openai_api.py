@@ -7,11 +7,12 @@ import time
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tandem.engine import SamplingParams
 
-from .conftest import THRESHOLD_TOKENS, pod_stats, wait_idle
+from tandem.local_cluster import counter_totals, pod_stats
+
+from .conftest import THRESHOLD_TOKENS, wait_idle
 
 pytestmark = pytest.mark.integration
 
@@ -57,13 +58,7 @@ def test_disaggregated_and_colocated_outputs_match_offline_engine_and_transforme
 
 def decisions(metrics_url: str) -> dict[str, float]:
     """The router's tandem_router_routing_decisions_total by mode."""
-    found = {}
-    for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=10).text):
-        if family.name == "tandem_router_routing_decisions":
-            for sample in family.samples:
-                if sample.name.endswith("_total"):
-                    found[sample.labels["mode"]] = sample.value
-    return found
+    return counter_totals(metrics_url, "tandem_router_routing_decisions", "mode")
 
 
 def test_short_prompts_run_colocated_and_long_ones_disaggregated(cluster, reference):

@@ -2,7 +2,6 @@
 
 import concurrent.futures
 import random
-import re
 import threading
 import time
 
@@ -11,10 +10,10 @@ import httpx
 import pytest
 
 from tandem.kv.hashing import BlockHasher
-from tandem.local_cluster import RedisProcess, Service, free_port, grpc_healthy, http_healthy
+from tandem.local_cluster import RedisProcess, Service, counter_totals, free_port, grpc_healthy, http_healthy, pod_stats
 from tandem.proto.kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
 
-from ..e2e.conftest import pod_stats, start_cluster
+from ..e2e.conftest import start_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -47,9 +46,7 @@ def queries(cluster) -> dict[str, int]:
 
 
 def choices(url: str) -> dict[str, float]:
-    text = httpx.get(f"{url}/metrics").text
-    return {m.group(1): float(m.group(2))
-            for m in re.finditer(r'tandem_router_prefill_choices_total\{reason="(\w+)"\} (\S+)', text)}
+    return counter_totals(f"{url}/metrics", "tandem_router_prefill_choices", "reason")
 
 
 def kvstore_entries(cluster) -> int:
