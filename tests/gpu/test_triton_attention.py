@@ -11,6 +11,7 @@ from tandem.engine import LLM, SamplingParams
 
 pytest.importorskip("triton")  # CUDA builds of torch bring it; elsewhere these tests cannot run
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "engine"))
+import fused_check  # noqa: E402
 import kernel_check  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -70,6 +71,30 @@ def test_fused_elementwise_kernels_match_the_reference_ops(dtype):
     gu = torch.randn(37, 2 * 3000, device="cuda", generator=g).to(dtype)
     gate, up = gu.split(3000, -1)
     torch.testing.assert_close(fused_ops.silu_and_mul(gu), torch.nn.functional.silu(gate) * up, atol=2e-2, rtol=2e-2)
+
+
+NORM_BIG_CASES = [(37, 2048), (1, 4096), (300, 3000)]  # Llama-3.2-1B / 8B hidden sizes, a padded one
+ROTARY_BIG_CASES = [
+    # (block_size, tokens, Hq, Hkv, D, padding rows)
+    (16, 1, 32, 8, 64, 7),  # a Llama-3.2-1B decode in a CUDA graph of 8
+    (16, 37, 32, 8, 64, 0),
+    (32, 300, 32, 8, 128, 0),  # Llama-3.1-8B heads, a prefill chunk
+    (32, 9, 28, 4, 128, 3),  # Qwen2.5-7B heads (28: not a power of two)
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", fused_check.NORM_CASES + NORM_BIG_CASES)
+def test_fused_add_rms_norm_matches_the_reference_ops(case, dtype):
+    """The residual bit-equal to PyTorch's half add; the norm within two ulps of RMSNorm's ops."""
+    fused_check.check_add_rms_norm(*case, device="cuda", dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", fused_check.ROTARY_CASES + ROTARY_BIG_CASES)
+def test_fused_rotary_and_store_matches_the_reference_ops(case, dtype):
+    """q_rot, k_rot against float32 rotary; the slots hold exactly k_rot and v; other slots untouched."""
+    fused_check.check_rotary_and_store(*case, device="cuda", dtype=dtype)
 
 
 def test_bfloat16_engine_with_fused_kernels_tracks_the_float32_engine(tiny_model):

@@ -50,8 +50,13 @@ class AttentionBackend(Protocol):
         *,
         scale: float,
         sliding_window: int | None,
+        kv_stored: bool = False,
     ) -> torch.Tensor:
-        """q: [T, Hq, D]; k, v: [T, Hkv, D]; kv_cache: [2, blocks, block_size, Hkv, D] -> [T, Hq, D]."""
+        """q: [T, Hq, D]; k, v: [T, Hkv, D]; kv_cache: [2, blocks, block_size, Hkv, D] -> [T, Hq, D].
+
+        ``kv_stored``: the caller already wrote k and v into their slots (a kernel fused with
+        rotary did); the backend must not write them again.
+        """
         ...
 
 

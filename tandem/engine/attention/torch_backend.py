@@ -25,9 +25,11 @@ class TorchAttentionBackend:
         *,
         scale: float,
         sliding_window: int | None,
+        kv_stored: bool = False,
     ) -> torch.Tensor:
         k_cache, v_cache = kv_cache[0], kv_cache[1]
-        self.store(k, v, k_cache, v_cache, meta)
+        if not kv_stored:
+            self.store(k, v, k_cache, v_cache, meta)
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:

@@ -6,7 +6,11 @@ Parameter names follow transformers' checkpoints, except that q/k/v and gate/up 
 fused into one matrix each (one GEMM instead of three or two); the loader fills the shards.
 
 The forward works on a flat batch of tokens from many sequences: no padding, no per-token
-Python; attention reads and writes the paged KV cache through the attention backend.
+Python; attention reads and writes the paged KV cache through the attention backend. As in
+vLLM, the residual stream travels beside the hidden states: each norm takes the previous
+block's output and the residual, adds them and normalises the sum (one fused kernel in half
+precision on CUDA, where rotary and the KV cache write are fused too), so a layer maps
+``(h, residual)`` to ``(h, residual)`` and the final norm adds the last MLP's output.
 """
 
 from collections.abc import Callable
@@ -31,14 +35,29 @@ def _fused_ops(x: torch.Tensor):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32, as transformers does (exactness matters for parity tests)."""
+    """RMSNorm computed in float32, as transformers does (exactness matters for parity tests).
+
+    Called with a ``residual``, it first adds ``x`` to it and returns ``(norm(x + residual),
+    x + residual)``: the pre-norm block's residual add, fused into the norm that follows it.
+    """
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return self._norm(x)
+        if (ops := _fused_ops(x)) is not None:
+            return ops.add_rms_norm(x, residual, self.weight, self.eps)
+        # transformers adds `residual + hidden`; IEEE addition commutes, so the bits are its bits.
+        residual = x + residual
+        return self._norm(residual), residual
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         if (ops := _fused_ops(x)) is not None:
             return ops.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
@@ -76,12 +95,13 @@ class Attention(nn.Module):
         v = v.view(n, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.pow2_head_dim and (ops := _fused_ops(q)) is not None:
-            q, k = ops.rotary(q, *rope), ops.rotary(k, *rope)
+        kv_stored = self.pow2_head_dim and (ops := _fused_ops(q)) is not None
+        if kv_stored:  # rotary of q and k and the cache write of k and v: one kernel
+            q, k = ops.rotary_and_store(q, k, v, *rope, kv_cache[0], kv_cache[1], meta.slot_mapping)
         else:
             q, k = apply_rotary(q, k, *rope)
         o = self.backend.forward(
-            q, k, v, kv_cache, meta, scale=self.scale, sliding_window=self.sliding_window
+            q, k, v, kv_cache, meta, scale=self.scale, sliding_window=self.sliding_window, kv_stored=kv_stored
         )
         return self.o_proj(o.reshape(n, self.q_size))
 
@@ -103,7 +123,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual block: attention then MLP."""
+    """Pre-norm residual block: attention then MLP, the residual adds fused into the norms."""
 
     def __init__(self, config: ModelConfig, layer_idx: int, backend: AttentionBackend) -> None:
         super().__init__()
@@ -112,9 +132,17 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, rope, h, kv_cache, meta):
-        h = h + self.self_attn(rope, self.input_layernorm(h), kv_cache, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, rope, h, residual, kv_cache, meta):
+        """``(h, residual)`` -> ``(h, residual)``: ``h`` is the previous layer's MLP output, not
+        yet added to ``residual`` (the first layer gets the embeddings and ``residual=None``)."""
+        if residual is None:
+            residual = h
+            x = self.input_layernorm(h)
+        else:
+            x, residual = self.input_layernorm(h, residual)
+        x = self.self_attn(rope, x, kv_cache, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class DecoderBody(nn.Module):
@@ -153,11 +181,13 @@ class DecoderLM(nn.Module):
         """
         h = self.model.embed_tokens(input_ids)
         rope = self.model.rotary_emb(positions, h.dtype)
+        residual = None
         for i, layer in enumerate(self.model.layers):
-            h = layer(rope, h, kv_caches[i], meta)
+            h, residual = layer(rope, h, residual, kv_caches[i], meta)
             if layer_hook is not None:
                 layer_hook(i + 1)
-        return self.model.norm(h)
+        h, _ = self.model.norm(h, residual)
+        return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [N, vocab] of the given hidden states (the LM head, tied or not)."""

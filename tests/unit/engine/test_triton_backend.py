@@ -1,4 +1,5 @@
-"""The Triton backend's logic on CPU: its kernel runs in Triton's interpreter (TRITON_INTERPRET=1).
+"""The Triton kernels' logic on CPU: the paged-decode kernel and the fused elementwise kernels
+(``fused_ops``) run in Triton's interpreter (TRITON_INTERPRET=1).
 
 Compiled on a GPU, the same kernels are checked by tests/gpu/test_triton_attention.py. Each check
 runs in a subprocess: Triton reads TRITON_INTERPRET when a kernel is defined.
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 HERE = Path(__file__).resolve().parent
 pytest.importorskip("triton")  # a test dependency on Linux x86_64 (CI); absent elsewhere
@@ -51,6 +53,81 @@ def test_engine_on_the_triton_backend_matches_the_torch_backend(tiny_model):
         "print('ok', got['triton'][0])\n"
     )
     assert out.startswith("ok")
+
+
+def test_fused_kernels_match_the_reference_ops():
+    """add_rms_norm and rotary_and_store in float32 and float16 (the interpreter's bfloat16 casts
+    truncate): strided rows, fragmented slots, block sizes 16 and 32, padding rows, untouched slots."""
+    out = run_interpreted(
+        "import torch, fused_check\n"
+        "for dtype in (torch.float32, torch.float16):\n"
+        "    for case in fused_check.NORM_CASES:\n"
+        "        fused_check.check_add_rms_norm(*case, dtype=dtype)\n"
+        "    for case in fused_check.ROTARY_CASES:\n"
+        "        fused_check.check_rotary_and_store(*case, dtype=dtype)\n"
+        "print('ok')\n"
+    )
+    assert out.split() == ["ok"]
+
+
+def test_model_on_the_fused_kernels_tracks_the_unfused_model(tiny_model):
+    """float16 generations with the fused kernels forced on (CPU tensors, interpreted) against the
+    model's reference ops: the residual-stream plumbing, q/k norm before the fused rotary, and
+    both backends attending over the K/V that rotary_and_store wrote (``kv_stored``)."""
+    model = tiny_model("qwen3")
+    out = run_interpreted(
+        "import kernel_check, torch\n"  # installs the interpreter fix-up (the paged-decode kernel)
+        "import tandem.engine.models.llama as llama\n"
+        "from tandem.engine import LLM, SamplingParams\n"
+        "from tandem.engine.models import fused_ops\n"
+        f"model = {str(model)!r}\n"
+        "shared = list(range(5, 40))\n"
+        "prompts = [shared + [7, 8], shared + [9], list(range(50, 53)), list(range(3, 90))]\n"
+        "params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0)\n"
+        "kw = dict(dtype='float16', num_kv_blocks=64, max_num_batched_tokens=32, max_num_seqs=8)\n"
+        "want = LLM(model, attention_backend='torch', **kw).generate(prompts, params)\n"
+        "calls = []\n"
+        "def fused(x):\n"
+        "    calls.append(x.shape)\n"
+        "    return fused_ops if x.dtype == torch.float16 else None\n"
+        "llama._fused_ops = fused\n"
+        "for backend in ('torch', 'triton'):\n"
+        "    got = LLM(model, attention_backend=backend, **kw).generate(prompts, params)\n"
+        "    for a, b in zip(got, want):\n"
+        "        x, y = a.outputs[0], b.outputs[0]\n"
+        "        same = next((i for i, (s, t) in enumerate(zip(x.token_ids, y.token_ids)) if s != t), 6)\n"
+        "        assert same >= 4, (backend, x.token_ids, y.token_ids)\n"  # fp16 rounding may split a near-tie
+        "        for p, q in zip(x.logprobs[:same], y.logprobs[:same]):\n"
+        "            assert abs(p.logprob - q.logprob) < 0.02, (backend, p.logprob, q.logprob)\n"
+        "assert calls\n"
+        "print('ok')\n"
+    )
+    assert out.split() == ["ok"]
+
+
+@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_a_backend_does_not_store_kv_the_caller_stored(name):
+    """``kv_stored=True`` (rotary_and_store wrote the slots): no store, the same attention."""
+    from tandem.engine.attention import AttentionMetadata, get_attention_backend
+
+    g = torch.Generator().manual_seed(0)
+    bs, h, d = 4, 2, 8
+    q, k, v = (torch.randn(3, h, d, generator=g) for _ in range(3))
+    slots = torch.tensor([9, 10, 11])  # block 2, offsets 1..3, after one cached token at offset 0
+    meta = AttentionMetadata(
+        slot_mapping=slots, block_tables=torch.tensor([[2]]), seq_lens=torch.tensor([4]),
+        query_start_loc=torch.tensor([0, 3]), num_decodes=0, seq_lens_cpu=[4], query_start_loc_cpu=[0, 3],
+        block_size=bs)
+    kv_cache = torch.randn(2, 4, bs, h, d, generator=g)
+    kv_cache[0].view(-1, h, d)[slots], kv_cache[1].view(-1, h, d)[slots] = k, v  # the caller's write
+    before = kv_cache.clone()
+    want = get_attention_backend("torch").forward(q, k, v, kv_cache.clone(), meta, scale=0.3, sliding_window=None)
+
+    backend = get_attention_backend(name)
+    backend.store = lambda *args: pytest.fail("stored again")
+    got = backend.forward(q, k, v, kv_cache, meta, scale=0.3, sliding_window=None, kv_stored=True)
+    assert torch.equal(kv_cache, before)
+    torch.testing.assert_close(got, want)
 
 
 def test_auto_picks_torch_on_cpu_and_an_unknown_backend_is_refused():
