@@ -13,7 +13,8 @@ params x N + 2 x N^2 x q_heads x head_dim x layers) / matmul rate. Weights are r
 (``load_format="dummy"``): speed does not depend on their values.
 
 offline: nano-vllm's protocol (256 requests, input and output lengths uniform in [100, 1024],
-seed 0, EOS ignored) on the same random weights through Tandem and through transformers:
+seed 0, EOS ignored) on the same random weights through Tandem (once per ``--async-outputs``
+mode) and through transformers:
 batched ``generate`` (static batches) and ``generate_batch`` (continuous batching, paged
 attention) when the installed version has it. Ratios printed last.
 
@@ -197,54 +198,87 @@ def nano_vllm_requests(n: int, lo: int, hi: int, vocab: int, seed: int):
     return prompts, [rng.randint(lo, hi) for _ in range(n)]
 
 
-def offline(args, device: torch.device, out: Path) -> dict:
+def tandem_offline(model: Path, args, prompts, out_lens, async_outputs: str) -> dict:
+    """One Tandem run of the offline protocol: seconds, tokens/s and where the steps' time went."""
     from tandem.engine import LLM, SamplingParams
 
+    llm = LLM(model, device=args.device, dtype=args.dtype, max_num_seqs=256, max_num_batched_tokens=8192,
+              async_output_processing=async_outputs)
+    wanted = sum(out_lens)
+    llm.generate([prompts[0][:16]], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
+    runner, timing = llm.engine.runner, {"steps": 0, "execute_s": 0.0}
+    launch = runner.launch
+    per_step: list[tuple[int, int, float]] = []
+
+    class TimedStep:
+        """A launched step whose ``result()`` records the time from launch to tokens read (with
+        async output processing this includes the previous step's outputs, built meanwhile)."""
+
+        def __init__(self, scheduled, launched, t0):
+            self.scheduled, self.launched, self.t0 = scheduled, launched, t0
+
+        def result(self):
+            try:
+                return self.launched.result()
+            finally:
+                took = time.perf_counter() - self.t0
+                timing["steps"] += 1
+                timing["execute_s"] += took
+                per_step.append((len(self.scheduled), sum(s.num_new_tokens for s in self.scheduled), took))
+
+    def timed_launch(scheduled):
+        t = time.perf_counter()
+        return TimedStep(scheduled, launch(scheduled), t)
+
+    runner.launch = timed_launch  # where the time goes: model steps vs the engine around them
+    replays = runner.graphs.replays if runner.graphs else 0
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, [SamplingParams(temperature=0, ignore_eos=True, max_tokens=n) for n in out_lens])
+    seconds = time.perf_counter() - t0
+    timing["graph_steps"] = (runner.graphs.replays if runner.graphs else 0) - replays
+    timing["async_output_processing"] = llm.engine.async_output_processing
+    for lo, hi in ((1, 64), (65, 128), (129, 192), (193, 256)):
+        sel = [s for b, n, s in per_step if lo <= b <= hi and n == b]
+        if sel:
+            print(f"  decode steps of {lo}-{hi} sequences: {len(sel)}, median {statistics.median(sel) * 1e3:.2f} ms,"
+                  f" total {sum(sel):.1f} s", flush=True)
+    mixed = [s for b, n, s in per_step if n != b]
+    print(f"  steps with prompt tokens: {len(mixed)}, total {sum(mixed):.1f} s", flush=True)
+    print(f"async outputs {async_outputs}: {timing['steps']} steps ({timing['graph_steps']} from CUDA graphs), "
+          f"{timing['execute_s']:.1f} s launch to tokens, {seconds - timing['execute_s']:.1f} s around it", flush=True)
+    assert sum(len(o.outputs[0].token_ids) for o in outs) == wanted
+    print(f"tandem ({async_outputs}): {wanted} tokens in {seconds:.1f} s", flush=True)
+    return {"seconds": seconds, "tok_s": wanted / seconds, "timing": timing}
+
+
+def release_gpu_memory() -> None:
+    """Collect a finished engine: its CUDA graphs and KV pool must be gone before the next loads."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def offline(args, device: torch.device, out: Path) -> dict:
     rows, records = [], []
     for name in args.shapes:
         model = shape_dir(name, out, with_weights=True, device=args.device)
-        llm = LLM(model, device=args.device, dtype=args.dtype, max_num_seqs=256, max_num_batched_tokens=8192)
-        vocab = llm.engine.model_config.vocab_size
+        from tandem.model_dir import load_model_config
+
+        vocab = load_model_config(model).vocab_size
         prompts, out_lens = nano_vllm_requests(args.num_requests, args.min_len, args.max_len, vocab, 0)
         wanted = sum(out_lens)
-        llm.generate([prompts[0][:16]], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
-        runner, timing = llm.engine.runner, {"steps": 0, "execute_s": 0.0}
-        execute = runner.execute
-        per_step: list[tuple[int, int, float]] = []
-
-        def timed_execute(scheduled):
-            t = time.perf_counter()
-            try:
-                return execute(scheduled)
-            finally:
-                timing["steps"] += 1
-                timing["execute_s"] += time.perf_counter() - t
-                per_step.append((len(scheduled), sum(s.num_new_tokens for s in scheduled), time.perf_counter() - t))
-
-        runner.execute = timed_execute  # where the time goes: model steps vs the engine around them
-        replays = runner.graphs.replays if runner.graphs else 0
-        t0 = time.perf_counter()
-        outs = llm.generate(prompts, [SamplingParams(temperature=0, ignore_eos=True, max_tokens=n) for n in out_lens])
-        tandem_s = time.perf_counter() - t0
-        timing["graph_steps"] = (runner.graphs.replays if runner.graphs else 0) - replays
-        for lo, hi in ((1, 64), (65, 128), (129, 192), (193, 256)):
-            sel = [s for b, n, s in per_step if lo <= b <= hi and n == b]
-            if sel:
-                print(f"  decode steps of {lo}-{hi} sequences: {len(sel)}, median {statistics.median(sel) * 1e3:.2f} ms,"
-                      f" total {sum(sel):.1f} s", flush=True)
-        mixed = [s for b, n, s in per_step if n != b]
-        print(f"  steps with prompt tokens: {len(mixed)}, total {sum(mixed):.1f} s", flush=True)
-        print(f"{name}: {timing['steps']} steps ({timing['graph_steps']} from CUDA graphs), "
-              f"{timing['execute_s']:.1f} s in the runner, {tandem_s - timing['execute_s']:.1f} s around it", flush=True)
-        assert sum(len(o.outputs[0].token_ids) for o in outs) == wanted
-        print(f"{name}: tandem {wanted} tokens in {tandem_s:.1f} s", flush=True)
-        result = {"shape": name, "requests": len(prompts), "output_tokens": wanted,
-                  "tandem_s": tandem_s, "tandem_tok_s": wanted / tandem_s, "tandem_timing": timing}
-        rows.append([name, "tandem", wanted, tandem_s, wanted / tandem_s, 1.0])
-        del llm, runner, execute, timed_execute
-        gc.collect()  # the engine's CUDA graphs and KV pool must be gone before transformers loads
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        runs = {}
+        for mode in args.async_outputs:
+            runs[mode] = tandem_offline(model, args, prompts, out_lens, mode)
+            release_gpu_memory()
+        first = runs[args.async_outputs[0]]
+        tandem_s = first["seconds"]
+        result = {"shape": name, "requests": len(prompts), "output_tokens": wanted, "tandem_s": tandem_s,
+                  "tandem_tok_s": wanted / tandem_s, "tandem_timing": first["timing"],
+                  "tandem_by_async_output_processing": runs}
+        for mode, run in runs.items():
+            rows.append([name, f"tandem (async outputs {mode})", wanted, run["seconds"], run["tok_s"],
+                         first["tok_s"] / run["tok_s"]])
         for mode, measured in hf_offline(model, prompts, out_lens, device, args.hf_modes).items():
             if measured is None:
                 rows.append([name, f"hf {mode}", "", "not available", "", ""])
@@ -255,7 +289,7 @@ def offline(args, device: torch.device, out: Path) -> dict:
                            f"tandem_over_hf_{mode}_tok_s": ratio})
             rows.append([name, f"hf {mode}", tokens, seconds, tokens / seconds, ratio])
         records.append(result)
-    print_table(["shape", "engine", "out tokens", "s", "out tok/s", "tandem tok/s over this"], rows)
+    print_table(["shape", "engine", "out tokens", "s", "out tok/s", "first tandem row's tok/s over this"], rows)
     return {"results": records}
 
 
@@ -265,7 +299,7 @@ def hf_offline(model_dir: Path, prompts, out_lens, device: torch.device, modes) 
     transformers takes one ``max_new_tokens`` per call, so its requests generate the batch's
     longest output: compare output tokens per second, not wall time.
     """
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
     results = {}
@@ -329,6 +363,8 @@ def main() -> None:
     ap.add_argument("--min-len", type=int, default=100)
     ap.add_argument("--max-len", type=int, default=1024)
     ap.add_argument("--hf-modes", nargs="+", default=["generate", "generate_batch"])
+    ap.add_argument("--async-outputs", nargs="+", choices=["auto", "on", "off"], default=["auto"],
+                    help="offline: one Tandem run per async_output_processing mode (ratios against the first)")
     ap.add_argument("--models-dir", type=Path, default=None, help="where shape directories are written")
     ap.add_argument("--out-dir", type=Path, default=None)
     args = ap.parse_args()

@@ -1,6 +1,7 @@
 """Block manager: allocation of KV blocks, reference counts, prefix caching, eviction order.
 
-Each request owns a block table (a list of blocks, append-only while the request lives). A full
+Each request owns a block table (a list of blocks, append-only while the request lives), mirrored
+as an int64 array of block ids that the runner copies into its step inputs row by row. A full
 block whose KV has been computed is registered under its chained hash; another request whose
 prompt starts with the same tokens reuses it (reference count > 1). When the last owner lets go,
 a registered block is not wiped: it stays in an LRU set of *evictable* blocks and is handed out
@@ -20,9 +21,15 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from tandem.ids import BlockId, RequestId
 from tandem.kv.events import BlocksRemoved, BlocksStored, CacheCleared, KVEvent
 from tandem.kv.hashing import BlockHash
+
+
+_NO_BLOCKS = np.empty(0, dtype=np.int64)
+_NO_BLOCKS.flags.writeable = False
 
 
 @dataclass(slots=True, eq=False)
@@ -75,6 +82,8 @@ class BlockManager:
         """Cached blocks no request holds, least recently released first."""
         self._cached: dict[BlockHash, KVBlock] = {}
         self._tables: dict[RequestId, list[KVBlock]] = {}
+        self._ids: dict[RequestId, np.ndarray] = {}
+        """Each table's block ids (a buffer with spare room at the end; the first len(table) count)."""
         self._num_hashed: dict[RequestId, int] = {}
         """How many leading blocks of a request's table have been offered to the cache."""
         self._events: list[KVEvent] = []
@@ -104,9 +113,17 @@ class BlockManager:
         """Blocks that hold ``num_tokens`` tokens."""
         return math.ceil(num_tokens / self.block_size)
 
-    def block_ids(self, request_id: RequestId) -> list[BlockId]:
-        """The request's block table, in token order."""
-        return [b.block_id for b in self._tables.get(request_id, ())]
+    def block_ids(self, request_id: RequestId) -> np.ndarray:
+        """The request's block ids in token order: a read-only int64 array (empty if it holds none).
+
+        A snapshot: the table only grows at its end, so later allocations never change it.
+        """
+        table = self._tables.get(request_id)
+        if not table:
+            return _NO_BLOCKS
+        ids = self._ids[request_id][: len(table)]
+        ids.flags.writeable = False
+        return ids
 
     def holds(self, request_id: RequestId) -> bool:
         """Whether the request currently owns a block table."""
@@ -199,6 +216,10 @@ class BlockManager:
             False, changing nothing, when too few blocks are free.
         """
         table = self._tables.get(request_id)
+        if table and cached_prefix is None and keep_free <= self.num_free_blocks:
+            # The common case, a running sequence that still has room in its last block.
+            if self.blocks_needed(num_tokens) <= len(table):
+                return True
         prefix = cached_prefix.blocks if cached_prefix is not None else ()
         assert not (table and prefix), "a cached prefix is only taken at a request's first allocation"
         have = len(table) if table else len(prefix)
@@ -213,6 +234,7 @@ class BlockManager:
             if cached_prefix is not None and record_stats:
                 self.stats.queries += cached_prefix.num_query_tokens
                 self.stats.hits += cached_prefix.num_tokens
+        start = len(table)
         for block in prefix:
             if block.ref_count == 0:
                 del self._evictable[block.block_id]
@@ -220,7 +242,18 @@ class BlockManager:
             table.append(block)
         for _ in range(need):
             table.append(self._take_free_block())
+        self._record_ids(request_id, table, start)
         return True
+
+    def _record_ids(self, request_id: RequestId, table: list[KVBlock], start: int) -> None:
+        """Mirror ``table[start:]`` into the request's id array, growing it by doubling."""
+        ids = self._ids.get(request_id)
+        if ids is None or len(ids) < len(table):
+            grown = np.empty(max(16, len(table), 2 * (len(ids) if ids is not None else 0)), dtype=np.int64)
+            if ids is not None:
+                grown[:start] = ids[:start]
+            ids = self._ids[request_id] = grown  # views handed out earlier keep the old buffer
+        ids[start : len(table)] = [b.block_id for b in table[start:]]
 
     def free(self, request_id: RequestId) -> None:
         """Release all of the request's blocks (no-op if it holds none).
@@ -229,6 +262,7 @@ class BlockManager:
         are least recently used and evicted first while the shared head stays longest.
         """
         table = self._tables.pop(request_id, None)
+        self._ids.pop(request_id, None)
         self._num_hashed.pop(request_id, None)
         for block in reversed(table or ()):
             block.ref_count -= 1

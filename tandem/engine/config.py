@@ -52,6 +52,10 @@ class EngineOptions(BaseModel):
     """Replay decode-only steps from CUDA graphs captured per padded batch size (CUDA + triton)."""
     max_cuda_graph_batch: int = Field(256, ge=1)
     """Largest decode batch replayed from a graph; bigger batches run eagerly."""
+    async_output_processing: Literal["auto", "on", "off"] = "auto"
+    """Build step N's outputs (detokenize, stop strings) while the GPU runs step N+1, as vLLM
+    V0's async output processing: outputs reach callers one step later. ``auto``: on for CUDA
+    engines without a per-layer KV hook (not on prefill pods, whose output is the first token)."""
     load_format: Literal["auto", "dummy"] = "auto"
     """``dummy``: random weights instead of reading safetensors (benchmarks of model shapes)."""
     seed: int = 0

@@ -122,6 +122,10 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self._states: dict[RequestId, RequestState] = {}
         self._arrivals = itertools.count()
+        self._unemitted: list[tuple[Sequence, TokenLogprob | None]] = []
+        """Sequences that received a token in the last step, whose outputs are not built yet."""
+        self._ready: list[RequestOutput] = []
+        """Outputs built during a step that then failed: the next ``step`` returns them."""
         self.last_step_num_tokens = 0
         """Tokens the latest step computed (0: nothing was schedulable)."""
         self.num_prompt_tokens = 0
@@ -243,7 +247,7 @@ class LLMEngine:
                 f"{self.block_manager.num_free_blocks} of {self.block_manager.num_total_blocks} blocks free"
             )
         self._track(seq, prompt_token_ids, output_kind)
-        block_ids = tuple(self.block_manager.block_ids(seq.request_id))
+        block_ids = tuple(self.block_manager.block_ids(seq.request_id).tolist())
         return Reservation(seq.request_id, block_ids, seq.num_computed_tokens)
 
     def complete_remote_prefill(
@@ -286,31 +290,55 @@ class LLMEngine:
         return list(self._states)
 
     def has_unfinished_requests(self) -> bool:
-        """Whether ``step`` has work (requests waiting for remote KV need none)."""
-        return self.scheduler.has_unfinished
+        """Whether ``step`` has work: sequences to run or outputs still to return (requests
+        waiting for remote KV need none)."""
+        return self.scheduler.has_unfinished or bool(self._unemitted) or bool(self._ready)
 
     # ---- one step ---------------------------------------------------------------------------
+
+    @property
+    def async_output_processing(self) -> bool:
+        """Whether a step's outputs are built during the next step's forward (``step``)."""
+        mode = self.config.async_output_processing
+        if mode == "auto":
+            return self.runner.device.type == "cuda" and self.runner.kv_layer_hook is None
+        return mode == "on"
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step and forward; return the outputs that are due.
 
+        With async output processing, the outputs of a step's tokens (detokenization, stop
+        strings, RequestOutputs: host work that grows with the batch) are built while the GPU
+        runs the next step, and returned by that next call; a call with nothing to schedule
+        returns what is left. A sequence that a stop string ends then has computed one more
+        token, which is dropped. Without it, a step returns its own tokens' outputs.
+
         Raises:
             EngineStepError: the forward failed; the step's requests were aborted (the engine
-                stays usable for the others).
+                stays usable for the others; outputs already built are returned by the next call).
         """
+        outputs, self._ready = self._ready, []
         sched = self.scheduler.schedule()
         self.last_step_num_tokens = sched.num_batched_tokens
         if sched.is_empty:
-            return []
+            return outputs + self._emit_unemitted()
         now = time.monotonic()
         for s in sched.scheduled:
             metrics = self._states[s.seq.request_id].metrics
             if metrics.first_scheduled_time is None:
                 metrics.first_scheduled_time = now
+        launched = None
         try:
-            sampled, result = self.runner.execute(sched.scheduled)
+            launched = self.runner.launch(sched.scheduled)
+            if self.async_output_processing:
+                outputs += self._emit_unemitted()  # host work while the device computes
+            sampled, result = launched.result()
         except Exception as exc:
+            if launched is not None:
+                self.runner.synchronize()  # the step must be over before its blocks are freed
             ids = [s.seq.request_id for s in sched.scheduled]
+            failed = set(ids)  # their outputs end with the error; the others' are kept for later
+            self._ready = [o for o in outputs + self._emit_unemitted() if o.request_id not in failed]
             logger.exception("forward failed; aborting %d requests", len(ids))
             for rid in ids:
                 self.abort_request(rid)
@@ -325,18 +353,34 @@ class LLMEngine:
                 if lp is not None:
                     logprobs[rid] = TokenLogprob(result.token_ids[i], lp[0], lp[1], tuple(lp[2]))
         progressed = self.scheduler.update(sched, tokens)
-        outputs = []
         self.num_generation_tokens += len(progressed)
         for seq in progressed:
             if seq.num_output_tokens == 1:
                 self.num_prompt_tokens += seq.num_prompt_tokens
-            out = self._emit(seq, logprobs.get(seq.request_id))
-            if out is not None:
-                outputs.append(out)
+            self._unemitted.append((seq, logprobs.get(seq.request_id)))
+        if not self.async_output_processing:
+            outputs += self._emit_unemitted()
+        return outputs
+
+    def _emit_unemitted(self) -> list[RequestOutput]:
+        """Outputs of the tokens the last step appended (requests aborted since are skipped)."""
+        pending, self._unemitted = self._unemitted, []
+        outputs = []
+        for seq, logprob in pending:
+            if seq.request_id in self._states and self._states[seq.request_id].seq is seq:
+                out = self._emit(seq, logprob)
+                if out is not None:
+                    outputs.append(out)
         return outputs
 
     def _emit(self, seq: Sequence, logprob: TokenLogprob | None) -> RequestOutput | None:
-        """Detokenize a sequence's new token, apply stop strings, build its output if due."""
+        """Detokenize a sequence's new token, apply stop strings, build its output if due.
+
+        A stop string may end a sequence that the step in flight also computes: its blocks are
+        freed now, while the device may still write that step's KV into them. That is safe
+        because every later use of a freed block (an allocation, a KV push into a reservation)
+        happens on this thread after the step's tokens are read, i.e. after the step finished.
+        """
         state = self._states[seq.request_id]
         stop = self.output_processor.on_new_token(state, logprob)
         if stop is not None:

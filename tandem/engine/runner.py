@@ -39,10 +39,15 @@ def resolve_dtype(name: str, device: torch.device, model_dtype: str | None) -> t
 
 
 def block_tables(scheduled: list[ScheduledSequence]) -> np.ndarray:
-    """[sequences, most blocks] int64 block ids, one row per sequence, padded with 0."""
-    tables = np.zeros((len(scheduled), max(len(s.block_ids) for s in scheduled)), dtype=np.int64)
-    for i, s in enumerate(scheduled):
-        tables[i, : len(s.block_ids)] = s.block_ids
+    """[sequences, most blocks] int64 block ids, one row per sequence, padded with 0.
+
+    One concatenation and one masked write: no per-row Python work beyond collecting the rows
+    (the block manager hands out its tables as arrays already).
+    """
+    rows = [s.block_ids for s in scheduled]
+    lens = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    tables = np.zeros((len(rows), int(lens.max())), dtype=np.int64)
+    tables[np.arange(tables.shape[1]) < lens[:, None]] = np.concatenate(rows)
     return tables
 
 
@@ -67,6 +72,24 @@ class ForwardBatch:
     """Rows of the hidden states whose logits are sampled (each sampling sequence's last token)."""
     sampling: list[ScheduledSequence]
     """The sequences that sample, aligned with ``logits_indices``."""
+
+
+class LaunchedStep:
+    """A step queued on the device; ``result()`` waits for its tokens (once)."""
+
+    __slots__ = ("sampled", "_pending")
+
+    def __init__(self, sampled: list[ScheduledSequence], pending: torch.Tensor | SamplerOutput | None) -> None:
+        self.sampled = sampled
+        """The sequences that sample a token this step, in the output's row order."""
+        self._pending = pending
+        """Device tokens not read yet, or the finished sampler output (None: nothing sampled)."""
+
+    def result(self) -> tuple[list[ScheduledSequence], SamplerOutput | None]:
+        """The sequences that sampled and their sampler output (reading tokens syncs the device)."""
+        if isinstance(self._pending, torch.Tensor):
+            self._pending = SamplerOutput(self._pending.tolist(), [None] * len(self.sampled))
+        return self.sampled, self._pending
 
 
 class ModelRunner:
@@ -170,6 +193,10 @@ class ModelRunner:
             )
         return min(share, free - self.GPU_HEADROOM_BYTES) - activations
 
+    @property
+    def kv_layer_hook(self) -> KVLayerHook | None:
+        return self._kv_layer_hook
+
     def set_kv_layer_hook(self, hook: KVLayerHook | None) -> None:
         """Have ``hook`` see each layer's KV as soon as the forward wrote it (prefill pods)."""
         self._kv_layer_hook = hook
@@ -215,13 +242,22 @@ class ModelRunner:
             sampling=sampling,
         )
 
-    @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence]) -> tuple[list[ScheduledSequence], SamplerOutput | None]:
         """Run one step. Returns the sequences that sampled and their sampler output."""
+        return self.launch(scheduled).result()
+
+    @torch.inference_mode()
+    def launch(self, scheduled: list[ScheduledSequence]) -> "LaunchedStep":
+        """Queue one step on the device and return before it finishes (on CUDA).
+
+        The step's only synchronisation is ``result()`` reading the sampled tokens, so the caller
+        can do host work meanwhile. Rows that need more than an argmax (logprobs, seeds,
+        penalties, min_tokens) are sampled here, synchronously.
+        """
         if self.device.type == "cuda" and torch.cuda.current_device() != self.device.index:
             torch.cuda.set_device(self.device)  # the engine thread's own current device
         if self._graph_step(scheduled):
-            return self._execute_graph(scheduled)
+            return self._launch_graph(scheduled)
         batch = self.prepare(scheduled)
         kv = self.kv_cache.tensor
         hook = None
@@ -233,10 +269,22 @@ class ModelRunner:
 
         hidden = self.model(batch.input_ids, batch.positions, kv, batch.attn, hook)
         if not batch.sampling:
-            return [], None
+            return LaunchedStep([], None)
         logits = self.model.compute_logits(hidden[batch.logits_indices])
-        rows = [self._sampling_row(s) for s in batch.sampling]
-        return batch.sampling, self.sampler(logits, rows)
+        return self._sample(logits, batch.sampling)
+
+    def _sample(self, logits: torch.Tensor, sampling: list[ScheduledSequence]) -> "LaunchedStep":
+        """Tokens for the sampling rows: one argmax on the device when every row is plain greedy
+        (the common batch; no per-row Python beyond the check), else the full sampler."""
+        if all(s.seq.sampling_params.argmax_only and s.seq.num_output_tokens >= s.seq.sampling_params.min_tokens
+               for s in sampling):
+            return LaunchedStep(sampling, self.sampler.argmax_tokens(logits))
+        return LaunchedStep(sampling, self.sampler(logits, [self._sampling_row(s) for s in sampling]))
+
+    def synchronize(self) -> None:
+        """Wait until every step launched on the device has finished."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _graph_step(self, scheduled: list[ScheduledSequence]) -> bool:
         """Whether this step can replay a decode CUDA graph (capturing them first if needed)."""
@@ -264,15 +312,14 @@ class ModelRunner:
                 return False
         return True
 
-    def _execute_graph(self, scheduled: list[ScheduledSequence]) -> tuple[list[ScheduledSequence], SamplerOutput]:
+    def _launch_graph(self, scheduled: list[ScheduledSequence]) -> "LaunchedStep":
         bs = self.config.block_size
         starts = np.fromiter((s.start for s in scheduled), dtype=np.int64, count=len(scheduled))
         ids = np.fromiter((s.seq.token_ids[s.start] for s in scheduled), dtype=np.int64, count=len(scheduled))
         tables = block_tables(scheduled)
         slots = tables[np.arange(len(scheduled)), starts // bs] * bs + starts % bs
         logits = self.graphs.run(ids, starts, slots, starts + 1, tables)
-        rows = [self._sampling_row(s) for s in scheduled]
-        return scheduled, self.sampler(logits, rows)
+        return self._sample(logits, scheduled)
 
     def _sampling_row(self, s: ScheduledSequence) -> SamplingRow:
         seq = s.seq

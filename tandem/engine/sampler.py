@@ -54,6 +54,15 @@ class Sampler:
         token_list = tokens.tolist()
         return SamplerOutput(token_list, self._gather_logprobs(raw_logprobs, tokens, rows))
 
+    def argmax_tokens(self, logits: torch.Tensor) -> torch.Tensor:
+        """Greedy tokens (on the device, not read yet) of rows that need nothing else
+        (``SamplingParams.argmax_only``).
+
+        The argmax of the logits in their own dtype: widening to float32 is exact, so the token
+        is the one ``__call__`` picks, without a float32 copy of a [batch, vocab] tensor.
+        """
+        return logits.argmax(dim=-1)
+
     # ---- logits processing ------------------------------------------------------------------
 
     def _mask_until_min_tokens(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:

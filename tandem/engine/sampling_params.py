@@ -1,7 +1,7 @@
 """SamplingParams: how one request's tokens are chosen and when it stops (vLLM's fields)."""
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tandem.errors import InvalidRequest
 
@@ -49,6 +49,9 @@ class SamplingParams:
     logprobs: int | None = None
     """Return the sampled token's logprob and this many top alternatives (0: sampled only)."""
     skip_special_tokens: bool = True
+    argmax_only: bool = field(init=False, repr=False, compare=False)
+    """Derived: greedy, no logprobs, no penalties, so a token is one argmax of the raw logits
+    (once ``min_tokens`` is reached). The sampler's fast path, checked per row every step."""
 
     def __post_init__(self) -> None:
         # Lists given by callers become tuples, so the object stays hashable and immutable.
@@ -57,6 +60,7 @@ class SamplingParams:
         if not isinstance(self.stop_token_ids, tuple):
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         self._validate()
+        object.__setattr__(self, "argmax_only", self.is_greedy and self.logprobs is None and not self.has_penalties)
 
     def _validate(self) -> None:
         def bad(param: str, why: str) -> InvalidRequest:

@@ -15,6 +15,8 @@ Memory never runs out; a request that could never fit is refused at admission by
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from tandem.engine.block_manager import BlockManager
 from tandem.engine.config import SchedulerConfig
 from tandem.engine.scheduling_policy import WaitingQueue, get_scheduling_policy
@@ -33,7 +35,8 @@ class ScheduledSequence:
     seq: Sequence
     start: int
     num_new_tokens: int
-    block_ids: list[BlockId]
+    block_ids: np.ndarray | list[BlockId]
+    """The sequence's block table (the block manager's read-only snapshot; lists in tests/benchmarks)."""
     samples: bool
     """This step computes the sequence's last token, so a new token is sampled."""
 
@@ -259,6 +262,7 @@ class Scheduler:
         already freed).
         """
         progressed = []
+        bs = self.block_manager.block_size
         for s in out.scheduled:
             seq = s.seq
             if seq.is_finished:
@@ -267,7 +271,11 @@ class Scheduler:
             token = sampled.get(seq.request_id)
             if token is not None:
                 seq.token_ids.append(token)
-            if self._hasher is not None:
+            # A one-token step fills a block only when a count reaches a block boundary; other
+            # steps have nothing new to hash or cache (the common decode step skips both calls).
+            boundary = (s.num_new_tokens > 1 or seq.num_computed_tokens % bs == 0
+                        or len(seq.token_ids) % bs == 0)
+            if self._hasher is not None and boundary:
                 self._hasher.extend(seq.block_hashes, seq.token_ids, seq.cache_salt)
                 self.block_manager.cache_full_blocks(
                     seq.request_id, seq.block_hashes, seq.num_computed_tokens

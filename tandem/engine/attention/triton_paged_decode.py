@@ -102,8 +102,12 @@ def _merge_splits_kernel(
 
 
 def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, *, scale: float, window: int | None,
-                 num_splits: int, out=None):
-    """Attention of one new token per sequence over its paged context -> [B, Hq, D] in q's dtype."""
+                 num_splits: int, out=None, tile: int | None = None, num_warps: int = 4, num_stages: int = 3):
+    """Attention of one new token per sequence over its paged context -> [B, Hq, D] in q's dtype.
+
+    ``tile`` (tokens per loop iteration, default max(64, block size)), ``num_warps`` and
+    ``num_stages`` are the launch's tuning knobs (bench/tune_paged_decode.py sweeps them).
+    """
     import torch
 
     batch, num_heads, head_dim = q.shape
@@ -119,7 +123,7 @@ def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, *, scale: float, w
     part_max = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
     part_sum = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
     block_size = k_cache.shape[1]
-    tile = max(64, block_size)
+    tile = tile or max(64, block_size)
     _paged_decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens,
         part_acc, part_max, part_sum,
@@ -132,6 +136,7 @@ def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, *, scale: float, w
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, TILE=tile,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # float32 stays exact (no TF32)
+        num_warps=num_warps, num_stages=num_stages,
     )
     _merge_splits_kernel[(batch, num_heads)](
         part_acc, part_max, part_sum, out, out.stride(0), out.stride(1), num_heads, num_splits,

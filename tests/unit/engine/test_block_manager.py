@@ -1,6 +1,8 @@
 """Block manager: exact block ids, ref counts, eviction order, hit lengths, invariants."""
 
 import hypothesis.strategies as st
+import numpy as np
+import pytest
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -19,7 +21,7 @@ def admit(bm: BlockManager, rid: str, tokens: list[int]) -> tuple[list[int], int
     prefix = bm.find_cached_prefix(hashes, len(tokens))
     assert bm.allocate(RequestId(rid), len(tokens), prefix, record_stats=True)
     bm.cache_full_blocks(RequestId(rid), hashes, len(tokens))
-    return bm.block_ids(RequestId(rid)), prefix.num_tokens
+    return bm.block_ids(RequestId(rid)).tolist(), prefix.num_tokens
 
 
 def ref_counts(bm: BlockManager) -> list[int]:
@@ -37,6 +39,8 @@ def check_invariants(bm: BlockManager) -> None:
     assert not set(free_ids) & set(evictable_ids), "a block is both free and evictable"
     assert not (set(free_ids) | set(evictable_ids)) & set(owners), "a block is both free and owned"
     assert len(free_ids) + len(evictable_ids) + len(owners) == bm.num_total_blocks
+    for rid, table in bm._tables.items():
+        assert bm.block_ids(rid).tolist() == [b.block_id for b in table], "the id array mirrors the table"
     for b in bm._blocks:
         assert b.ref_count >= 0
         assert b.ref_count == owners.get(b.block_id, 0)
@@ -63,16 +67,36 @@ def test_allocation_is_all_or_nothing():
     assert bm.num_free_blocks == 3 and not bm.holds(RequestId("a"))
     assert bm.allocate(RequestId("a"), 12)
     assert not bm.allocate(RequestId("a"), 13)
-    assert bm.block_ids(RequestId("a")) == [0, 1, 2]
+    assert bm.block_ids(RequestId("a")).tolist() == [0, 1, 2]
 
 
 def test_block_tables_are_append_only():
     bm = BlockManager(8, BS)
     assert bm.allocate(RequestId("a"), 3)
-    assert bm.block_ids(RequestId("a")) == [0]
+    assert bm.block_ids(RequestId("a")).tolist() == [0]
     assert bm.allocate(RequestId("b"), 4)
     assert bm.allocate(RequestId("a"), 9)
-    assert bm.block_ids(RequestId("a")) == [0, 2, 3]
+    assert bm.block_ids(RequestId("a")).tolist() == [0, 2, 3]
+
+
+def test_block_ids_are_read_only_snapshots_that_growth_does_not_change():
+    bm = BlockManager(64, BS)
+    assert bm.block_ids(RequestId("a")).tolist() == []
+    assert bm.allocate(RequestId("a"), 3)
+    first = bm.block_ids(RequestId("a"))
+    with pytest.raises(ValueError):
+        first[0] = 5  # callers get a view of the manager's array: it must not be writable
+    assert bm.allocate(RequestId("b"), 4)
+    assert bm.allocate(RequestId("a"), 4 * 40)  # grows past the array's first capacity (16)
+    assert first.tolist() == [0]
+    grown = bm.block_ids(RequestId("a"))
+    assert grown.tolist() == [0] + list(range(2, 41)) and grown.dtype == np.int64
+    bm.free(RequestId("a"))
+    assert grown.tolist() == [0] + list(range(2, 41))  # a snapshot outlives the table
+    assert bm.block_ids(RequestId("a")).tolist() == []
+    assert bm.allocate(RequestId("a"), 5)
+    assert len(bm.block_ids(RequestId("a"))) == 2
+    check_invariants(bm)
 
 
 def test_prefix_hit_shares_blocks_and_counts_refs():
@@ -118,11 +142,11 @@ def test_free_keeps_cached_blocks_and_evicts_tail_first():
     assert bm.num_cached_blocks == 3 and bm.num_free_blocks == 4
     # Never-cached block 3 goes first; then cached blocks, deepest (2) first, shared head last.
     assert bm.allocate(RequestId("b"), 4)
-    assert bm.block_ids(RequestId("b")) == [3]
+    assert bm.block_ids(RequestId("b")).tolist() == [3]
     assert bm.allocate(RequestId("c"), 4)
-    assert bm.block_ids(RequestId("c")) == [2]
+    assert bm.block_ids(RequestId("c")).tolist() == [2]
     assert bm.allocate(RequestId("d"), 4)
-    assert bm.block_ids(RequestId("d")) == [1]
+    assert bm.block_ids(RequestId("d")).tolist() == [1]
     assert bm.num_cached_blocks == 1
     check_invariants(bm)
 
@@ -137,7 +161,7 @@ def test_lru_order_follows_release_time():
     order = []
     for i in range(4):
         assert bm.allocate(RequestId(f"x{i}"), 1)
-        order += bm.block_ids(RequestId(f"x{i}"))
+        order += bm.block_ids(RequestId(f"x{i}")).tolist()
     assert order == [3, 1, 2, 0]
 
 

@@ -398,18 +398,19 @@ def test_interrupted_generate_leaves_nothing_behind(llama_dir, monkeypatch):
     assert_clean(llm.engine)
 
 
-def test_failed_forward_aborts_its_requests_and_engine_recovers(llama_dir, monkeypatch):
+@pytest.mark.parametrize("async_outputs", ["off", "on"])
+def test_failed_forward_aborts_its_requests_and_engine_recovers(llama_dir, monkeypatch, async_outputs):
     from tandem.engine.llm_engine import EngineStepError
 
-    engine = LLM(llama_dir, num_kv_blocks=64).engine
+    engine = LLM(llama_dir, num_kv_blocks=64, async_output_processing=async_outputs).engine
     engine.add_request("victim", "a prompt", SamplingParams(max_tokens=5))
-    real = engine.runner.execute
-    monkeypatch.setattr(engine.runner, "execute", lambda scheduled: 1 / 0)
+    real = engine.runner.launch
+    monkeypatch.setattr(engine.runner, "launch", lambda scheduled: 1 / 0)
     with pytest.raises(EngineStepError) as e:
         engine.step()
     assert e.value.request_ids == ["victim"]
     assert_clean(engine)
-    monkeypatch.setattr(engine.runner, "execute", real)
+    monkeypatch.setattr(engine.runner, "launch", real)
     engine.add_request("next", "a prompt", SamplingParams(max_tokens=5, ignore_eos=True))
     outs = []
     while engine.has_unfinished_requests():

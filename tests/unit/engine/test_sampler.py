@@ -16,11 +16,30 @@ def sampler():
     return Sampler(torch.device("cpu"), seed=0)
 
 
+def test_argmax_only_is_greedy_without_logprobs_or_penalties():
+    assert SamplingParams(temperature=0).argmax_only
+    assert SamplingParams(temperature=0, min_tokens=3, stop=("x",)).argmax_only  # min_tokens: the runner checks
+    for params in (SamplingParams(), SamplingParams(temperature=0, logprobs=0),
+                   SamplingParams(temperature=0, repetition_penalty=1.1),
+                   SamplingParams(temperature=0, presence_penalty=0.5)):
+        assert not params.argmax_only
+
+
 def test_greedy_is_argmax(sampler):
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
     out = sampler(logits.clone(), [row(SamplingParams(temperature=0))] * 4)
     assert out.token_ids == logits.argmax(-1).tolist()
     assert out.logprobs == [None] * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_argmax_fast_path_picks_what_the_full_sampler_picks(sampler, dtype):
+    """In the logits' own dtype, ties included (half precision ties often): the first maximum."""
+    logits = torch.randn(64, 300, generator=torch.Generator().manual_seed(1)).to(dtype)
+    logits[::3, 7] = logits[::3, 200] = logits[::3].max() + 1  # exact ties in every third row
+    want = sampler(logits.clone(), [row(SamplingParams(temperature=0))] * 64)
+    got = sampler.argmax_tokens(logits).tolist()
+    assert got == want.token_ids and got[0] == 7
 
 
 @pytest.mark.parametrize(

@@ -167,7 +167,7 @@ def test_preemption_picks_latest_arrival_and_requeues_it():
     assert b.num_preemptions == 1 and sched.num_preemptions == 1
     assert not sched.block_manager.holds(RequestId("b"))
     # b's blocks were freed tail-first (3, then 2), so a's new block is 3.
-    assert sched.block_manager.block_ids(RequestId("a")) == [0, 1, 3]
+    assert sched.block_manager.block_ids(RequestId("a")).tolist() == [0, 1, 3]
     assert "b" in sched.waiting
     # b's recompute covers its prompt and its first output token.
     while not a.is_finished:
