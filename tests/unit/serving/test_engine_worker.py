@@ -48,16 +48,16 @@ def test_a_failed_step_fails_only_its_requests(engine, monkeypatch):
         worker.start()
         try:
             qa, qb = worker.open_stream("fails"), worker.open_stream("waits")
-            real_execute = engine.runner.execute
+            real_launch = engine.runner.launch
             calls = []
 
-            def execute(scheduled):
+            def launch(scheduled):
                 calls.append([s.seq.request_id for s in scheduled])
                 if len(calls) == 1:
                     raise RuntimeError("CUDA out of memory (simulated)")
-                return real_execute(scheduled)
+                return real_launch(scheduled)
 
-            monkeypatch.setattr(engine.runner, "execute", execute)
+            monkeypatch.setattr(engine.runner, "launch", launch)
             await worker.call(lambda e: e.add_request("fails", [5] * 20, SamplingParams(max_tokens=3)))
             failed = await collect(qa)
             assert isinstance(failed[-1], EngineFailure) and "out of memory" in str(failed[-1])
