@@ -7,14 +7,17 @@
 micro: one decode step (the runner's step: inputs, forward, sampling; a CUDA graph where the
 engine would use one) at batch {1, 8, 32, 128, 256} x context {1k, 4k} on fragmented block
 tables, and one prefill of {1k, 8k, 32k} tokens, each with its floor and the fraction reached.
+Then the engine loop: ``engine.step()`` while a batch of {1, 256} requests decodes at 1k context
+(scheduler, runner and outputs: the time per output token a user sees), synchronous and with
+async scheduling, which overlaps the host's part of a step with the device's next step.
 Floors use the copy bandwidth and bf16 matmul rate measured at the start of the same run:
 decode >= (weights read + batch x context x KV bytes/token) / bandwidth; prefill >= (2 x linear
 params x N + 2 x N^2 x q_heads x head_dim x layers) / matmul rate. Weights are random
 (``load_format="dummy"``): speed does not depend on their values.
 
 offline: nano-vllm's protocol (256 requests, input and output lengths uniform in [100, 1024],
-seed 0, EOS ignored) on the same random weights through Tandem (once per ``--async-outputs``
-mode) and through transformers:
+seed 0, EOS ignored) on the same random weights through Tandem (once per ``--async`` mode) and
+through transformers:
 batched ``generate`` (static batches) and ``generate_batch`` (continuous batching, paged
 attention) when the installed version has it. Ratios printed last.
 
@@ -30,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -122,7 +126,9 @@ def synthetic_step(engine, batch: int, context: int, new_tokens: int, rng: rando
     for i in range(batch):
         seq = Sequence(f"bench-{i}", [rng.randrange(3, vocab) for _ in range(total)], params,
                        arrival_time=0.0, arrival_index=i)
-        blocks = pool[i * per_seq:(i + 1) * per_seq]
+        # A read-only int64 array, as the block manager hands out tables (the runner's fast path).
+        blocks = np.array(pool[i * per_seq:(i + 1) * per_seq], dtype=np.int64)
+        blocks.flags.writeable = False
         steps.append(ScheduledSequence(seq, start=context, num_new_tokens=new_tokens, block_ids=blocks, samples=True))
     return steps
 
@@ -141,6 +147,38 @@ def time_steps(engine, steps, warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
+def loop_decode(engine, batch: int, context: int, steps: int, async_mode: str, rng: random.Random) -> float | None:
+    """Seconds per ``engine.step()`` while ``batch`` requests decode at ``context`` tokens: the
+    engine's whole step (scheduler, runner, outputs), i.e. the time per output token a user sees,
+    under one async mode. None when the KV pool cannot hold the batch."""
+    from tandem.engine.sampling_params import SamplingParams
+
+    bs = engine.config.block_size
+    if batch * -(-(context + steps + 16) // bs) > engine.block_manager.num_free_blocks:
+        return None
+    engine.config = engine.config.model_copy(update=ASYNC_MODES[async_mode])  # read at every step
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(temperature=0, max_tokens=steps + 16, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"loop-{async_mode}-{batch}-{i}", [rng.randrange(3, vocab) for _ in range(context)], params)
+    sched = engine.scheduler
+    while len(sched.waiting) or any(s.num_computed_tokens < s.num_prompt_tokens for s in sched.running):
+        engine.step()  # the prefills
+    for _ in range(4):
+        engine.step()
+    if engine.runner.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    seconds = (time.perf_counter() - t0) / steps
+    for rid in engine.request_ids():
+        engine.abort_request(rid)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return seconds
+
+
 def micro(args, device: torch.device, out: Path) -> dict:
     from tandem.engine.llm_engine import LLMEngine
     from tandem.engine.config import EngineConfig
@@ -151,7 +189,7 @@ def micro(args, device: torch.device, out: Path) -> dict:
     rng = random.Random(0)
     for name in args.shapes:
         model = shape_dir(name, out)
-        longest = max(max(args.prefill), max(args.contexts) + 1)
+        longest = max(max(args.prefill), max(args.contexts) + 1, args.loop_context + args.loop_steps + 16)
         engine = LLMEngine(EngineConfig(
             model=str(model), device=args.device, dtype=args.dtype, load_format="dummy",
             max_num_seqs=max(args.batches), max_num_batched_tokens=max(args.prefill),
@@ -171,6 +209,22 @@ def micro(args, device: torch.device, out: Path) -> dict:
                 rows.append([name, "decode", batch, context, t * 1e3, floor * 1e3, floor / t, nominal / t, backend])
                 records.append(dict(shape=name, kind="decode", batch=batch, context=context, seconds=t,
                                     floor_seconds=floor, fraction_of_floor=floor / t,
+                                    nominal_floor_seconds=nominal, fraction_of_nominal_floor=nominal / t,
+                                    backend=backend))
+        for batch in args.loop_batches:
+            context = args.loop_context
+            floor = shape.decode_floor(batch, context, bandwidth)
+            nominal = shape.decode_floor(batch, context, NOMINAL_BANDWIDTH)
+            for mode in args.loop_async:
+                t = loop_decode(engine, batch, context, args.loop_steps, mode, rng)
+                if t is None:
+                    rows.append([name, f"engine loop ({mode})", batch, context, "KV does not fit", floor * 1e3,
+                                 "", "", backend])
+                    continue
+                rows.append([name, f"engine loop ({mode})", batch, context, t * 1e3, floor * 1e3, floor / t,
+                             nominal / t, backend])
+                records.append(dict(shape=name, kind="engine-loop", async_mode=mode, batch=batch, context=context,
+                                    seconds=t, floor_seconds=floor, fraction_of_floor=floor / t,
                                     nominal_floor_seconds=nominal, fraction_of_nominal_floor=nominal / t,
                                     backend=backend))
         for tokens in args.prefill:
@@ -198,12 +252,20 @@ def nano_vllm_requests(n: int, lo: int, hi: int, vocab: int, seed: int):
     return prompts, [rng.randint(lo, hi) for _ in range(n)]
 
 
-def tandem_offline(model: Path, args, prompts, out_lens, async_outputs: str) -> dict:
+ASYNC_MODES = {  # --async: the engine's async_output_processing and async_scheduling
+    "auto": dict(async_output_processing="auto", async_scheduling="auto"),
+    "off": dict(async_output_processing="off", async_scheduling="off"),
+    "outputs": dict(async_output_processing="on", async_scheduling="off"),
+    "scheduling": dict(async_output_processing="on", async_scheduling="on"),
+}
+
+
+def tandem_offline(model: Path, args, prompts, out_lens, async_mode: str) -> dict:
     """One Tandem run of the offline protocol: seconds, tokens/s and where the steps' time went."""
     from tandem.engine import LLM, SamplingParams
 
     llm = LLM(model, device=args.device, dtype=args.dtype, max_num_seqs=256, max_num_batched_tokens=8192,
-              async_output_processing=async_outputs)
+              **ASYNC_MODES[async_mode])
     wanted = sum(out_lens)
     llm.generate([prompts[0][:16]], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
     runner, timing = llm.engine.runner, {"steps": 0, "execute_s": 0.0}
@@ -212,10 +274,12 @@ def tandem_offline(model: Path, args, prompts, out_lens, async_outputs: str) -> 
 
     class TimedStep:
         """A launched step whose ``result()`` records the time from launch to tokens read (with
-        async output processing this includes the previous step's outputs, built meanwhile)."""
+        async output processing or scheduling this includes host work done meanwhile: the
+        previous step's outputs)."""
 
         def __init__(self, scheduled, launched, t0):
             self.scheduled, self.launched, self.t0 = scheduled, launched, t0
+            self.sampled, self.tokens = launched.sampled, launched.tokens  # what async scheduling reads
 
         def result(self):
             try:
@@ -226,9 +290,9 @@ def tandem_offline(model: Path, args, prompts, out_lens, async_outputs: str) -> 
                 timing["execute_s"] += took
                 per_step.append((len(self.scheduled), sum(s.num_new_tokens for s in self.scheduled), took))
 
-    def timed_launch(scheduled):
+    def timed_launch(scheduled, input_ids=None):
         t = time.perf_counter()
-        return TimedStep(scheduled, launch(scheduled), t)
+        return TimedStep(scheduled, launch(scheduled, input_ids), t)
 
     runner.launch = timed_launch  # where the time goes: model steps vs the engine around them
     replays = runner.graphs.replays if runner.graphs else 0
@@ -237,6 +301,7 @@ def tandem_offline(model: Path, args, prompts, out_lens, async_outputs: str) -> 
     seconds = time.perf_counter() - t0
     timing["graph_steps"] = (runner.graphs.replays if runner.graphs else 0) - replays
     timing["async_output_processing"] = llm.engine.async_output_processing
+    timing["async_scheduling"] = llm.engine.async_scheduling
     for lo, hi in ((1, 64), (65, 128), (129, 192), (193, 256)):
         sel = [s for b, n, s in per_step if lo <= b <= hi and n == b]
         if sel:
@@ -244,10 +309,10 @@ def tandem_offline(model: Path, args, prompts, out_lens, async_outputs: str) -> 
                   f" total {sum(sel):.1f} s", flush=True)
     mixed = [s for b, n, s in per_step if n != b]
     print(f"  steps with prompt tokens: {len(mixed)}, total {sum(mixed):.1f} s", flush=True)
-    print(f"async outputs {async_outputs}: {timing['steps']} steps ({timing['graph_steps']} from CUDA graphs), "
+    print(f"async {async_mode}: {timing['steps']} steps ({timing['graph_steps']} from CUDA graphs), "
           f"{timing['execute_s']:.1f} s launch to tokens, {seconds - timing['execute_s']:.1f} s around it", flush=True)
     assert sum(len(o.outputs[0].token_ids) for o in outs) == wanted
-    print(f"tandem ({async_outputs}): {wanted} tokens in {seconds:.1f} s", flush=True)
+    print(f"tandem (async {async_mode}): {wanted} tokens in {seconds:.1f} s", flush=True)
     return {"seconds": seconds, "tok_s": wanted / seconds, "timing": timing}
 
 
@@ -268,16 +333,16 @@ def offline(args, device: torch.device, out: Path) -> dict:
         prompts, out_lens = nano_vllm_requests(args.num_requests, args.min_len, args.max_len, vocab, 0)
         wanted = sum(out_lens)
         runs = {}
-        for mode in args.async_outputs:
+        for mode in args.async_modes:
             runs[mode] = tandem_offline(model, args, prompts, out_lens, mode)
             release_gpu_memory()
-        first = runs[args.async_outputs[0]]
+        first = runs[args.async_modes[0]]
         tandem_s = first["seconds"]
         result = {"shape": name, "requests": len(prompts), "output_tokens": wanted, "tandem_s": tandem_s,
                   "tandem_tok_s": wanted / tandem_s, "tandem_timing": first["timing"],
-                  "tandem_by_async_output_processing": runs}
+                  "tandem_by_async_mode": runs}
         for mode, run in runs.items():
-            rows.append([name, f"tandem (async outputs {mode})", wanted, run["seconds"], run["tok_s"],
+            rows.append([name, f"tandem (async {mode})", wanted, run["seconds"], run["tok_s"],
                          first["tok_s"] / run["tok_s"]])
         for mode, measured in hf_offline(model, prompts, out_lens, device, args.hf_modes).items():
             if measured is None:
@@ -357,14 +422,20 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128, 256])
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--prefill", type=int, nargs="+", default=[1024, 8192, 32768])
+    ap.add_argument("--loop-batches", type=int, nargs="*", default=[1, 256],
+                    help="micro: decode batches also timed through the whole engine loop (engine.step)")
+    ap.add_argument("--loop-context", type=int, default=1024)
+    ap.add_argument("--loop-steps", type=int, default=50)
+    ap.add_argument("--loop-async", nargs="+", choices=list(ASYNC_MODES), default=["off", "scheduling"])
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--num-requests", type=int, default=256)
     ap.add_argument("--min-len", type=int, default=100)
     ap.add_argument("--max-len", type=int, default=1024)
     ap.add_argument("--hf-modes", nargs="+", default=["generate", "generate_batch"])
-    ap.add_argument("--async-outputs", nargs="+", choices=["auto", "on", "off"], default=["auto"],
-                    help="offline: one Tandem run per async_output_processing mode (ratios against the first)")
+    ap.add_argument("--async", dest="async_modes", nargs="+", choices=list(ASYNC_MODES), default=["auto"],
+                    help="offline: one Tandem run per mode (off, outputs: async output processing, scheduling: "
+                         "async scheduling too, auto: the engine's default); ratios against the first")
     ap.add_argument("--models-dir", type=Path, default=None, help="where shape directories are written")
     ap.add_argument("--out-dir", type=Path, default=None)
     args = ap.parse_args()

@@ -56,6 +56,10 @@ class EngineOptions(BaseModel):
     """Build step N's outputs (detokenize, stop strings) while the GPU runs step N+1, as vLLM
     V0's async output processing: outputs reach callers one step later. ``auto``: on for CUDA
     engines without a per-layer KV hook (not on prefill pods, whose output is the first token)."""
+    async_scheduling: Literal["auto", "on", "off"] = "auto"
+    """Launch a decode step before the previous one's tokens are read when nothing else waits
+    (vLLM's async scheduling): the host's per-step work overlaps the GPU. ``auto``: on for CUDA
+    engines without a per-layer KV hook."""
     load_format: Literal["auto", "dummy"] = "auto"
     """``dummy``: random weights instead of reading safetensors (benchmarks of model shapes)."""
     seed: int = 0

@@ -120,8 +120,12 @@ class DecodeGraphs:
         self._graphs[size] = graph
 
     def run(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, seq_lens: np.ndarray,
-            tables: np.ndarray) -> torch.Tensor:
-        """Logits [batch, vocab] of one decode step (the inputs are per real sequence, in order)."""
+            tables: np.ndarray, device_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [batch, vocab] of one decode step (the inputs are per real sequence, in order).
+
+        ``device_ids``: the token ids as a device tensor instead of ``input_ids`` (the tokens of
+        a step still in flight: async scheduling); copied into the graph's input on the device.
+        """
         batch = len(input_ids)
         size = self.bucket(batch)
         if size not in self._graphs:
@@ -138,6 +142,8 @@ class DecodeGraphs:
         h[4 * n + 1:used] = tables.reshape(-1)
         self._device_buf[:used].copy_(self._host_buf[:used], non_blocking=True)
         self._copied.record()
+        if device_ids is not None:
+            self.input_ids[:batch].copy_(device_ids)
         self._graphs[size].replay()
         self.replays += 1
         return self.model.compute_logits(self._hidden[size][:batch])

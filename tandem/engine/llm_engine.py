@@ -11,15 +11,17 @@ import time
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
 
+import torch
+
 from tandem.engine.block_manager import BlockManager
 from tandem.engine.config import EngineConfig, ResolvedLimits, SchedulerConfig
 from tandem.engine.output_processor import OutputProcessor, RequestState
 from tandem.engine.outputs import OutputKind, RequestMetrics, RequestOutput, TokenLogprob
 from tandem.engine.models.loader import DUMMY_SEED
 from tandem.engine.request_validation import RequestValidator
-from tandem.engine.runner import ModelRunner
+from tandem.engine.runner import LaunchedStep, ModelRunner
 from tandem.engine.sampling_params import SamplingParams
-from tandem.engine.scheduler import Scheduler
+from tandem.engine.scheduler import Scheduler, SchedulerOutput
 from tandem.engine.sequence import Sequence, SequenceStatus
 from tandem.errors import CapacityExceeded, InvalidRequest, ModelLoadError, TandemError
 from tandem.ids import BlockId, RequestId
@@ -126,6 +128,8 @@ class LLMEngine:
         """Sequences that received a token in the last step, whose outputs are not built yet."""
         self._ready: list[RequestOutput] = []
         """Outputs built during a step that then failed: the next ``step`` returns them."""
+        self._inflight: tuple[SchedulerOutput, LaunchedStep] | None = None
+        """A step launched ahead by ``step`` (async scheduling), whose tokens are not read yet."""
         self.last_step_num_tokens = 0
         """Tokens the latest step computed (0: nothing was schedulable)."""
         self.num_prompt_tokens = 0
@@ -292,14 +296,22 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         """Whether ``step`` has work: sequences to run or outputs still to return (requests
         waiting for remote KV need none)."""
-        return self.scheduler.has_unfinished or bool(self._unemitted) or bool(self._ready)
+        return (self.scheduler.has_unfinished or self._inflight is not None or bool(self._unemitted)
+                or bool(self._ready))
 
     # ---- one step ---------------------------------------------------------------------------
 
     @property
     def async_output_processing(self) -> bool:
         """Whether a step's outputs are built during the next step's forward (``step``)."""
-        mode = self.config.async_output_processing
+        return self._async_mode(self.config.async_output_processing)
+
+    @property
+    def async_scheduling(self) -> bool:
+        """Whether a decode step is launched before the previous one's tokens are read (``step``)."""
+        return self._async_mode(self.config.async_scheduling)
+
+    def _async_mode(self, mode: str) -> bool:
         if mode == "auto":
             return self.runner.device.type == "cuda" and self.runner.kv_layer_hook is None
         return mode == "on"
@@ -307,42 +319,95 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step and forward; return the outputs that are due.
 
-        With async output processing, the outputs of a step's tokens (detokenization, stop
-        strings, RequestOutputs: host work that grows with the batch) are built while the GPU
-        runs the next step, and returned by that next call; a call with nothing to schedule
-        returns what is left. A sequence that a stop string ends then has computed one more
-        token, which is dropped. Without it, a step returns its own tokens' outputs.
+        Synchronously, a step returns its own tokens' outputs. With async output processing,
+        the outputs of a step's tokens (detokenization, stop strings, RequestOutputs: host work
+        that grows with the batch) are built while the GPU runs the next step, and returned by
+        that next call; a call with nothing to schedule returns what is left.
+
+        With async scheduling, a decode step that leaves nothing else to schedule launches the
+        next one (same sequences, one position further, its input tokens taken on the device)
+        before reading its own tokens, and returns with that next step in flight: the host's
+        work for a step (reading tokens, the scheduler's update, outputs) overlaps the device's
+        next step instead of leaving the GPU idle between steps. New requests end the run of
+        such steps. Either way, a sequence that an EOS, stop token or stop string ends may have
+        computed one more token, which is dropped.
 
         Raises:
             EngineStepError: the forward failed; the step's requests were aborted (the engine
                 stays usable for the others; outputs already built are returned by the next call).
         """
         outputs, self._ready = self._ready, []
-        sched = self.scheduler.schedule()
-        self.last_step_num_tokens = sched.num_batched_tokens
-        if sched.is_empty:
-            return outputs + self._emit_unemitted()
-        now = time.monotonic()
-        for s in sched.scheduled:
-            metrics = self._states[s.seq.request_id].metrics
-            if metrics.first_scheduled_time is None:
-                metrics.first_scheduled_time = now
-        launched = None
+        current, self._inflight = self._inflight, None
+        if current is None:
+            sched = self.scheduler.schedule()
+            self.last_step_num_tokens = sched.num_batched_tokens
+            if sched.is_empty:
+                return outputs + self._emit_unemitted()
+            now = time.monotonic()
+            for s in sched.scheduled:
+                metrics = self._states[s.seq.request_id].metrics
+                if metrics.first_scheduled_time is None:
+                    metrics.first_scheduled_time = now
+            try:
+                current = (sched, self.runner.launch(sched.scheduled))
+            except Exception as exc:
+                raise self._step_failed(sched, outputs, exc, launched=False) from exc
+        else:
+            self.last_step_num_tokens = current[0].num_batched_tokens
+        sched, launched = current
+        nxt = self._launch_next_decode(sched, launched) if self.async_scheduling else None
+        overlap = nxt is not None or self.async_output_processing
         try:
-            launched = self.runner.launch(sched.scheduled)
-            if self.async_output_processing:
-                outputs += self._emit_unemitted()  # host work while the device computes
+            # The last step's outputs, if still due: host work while the device computes, and
+            # always before this step's tokens are appended (an output is built from its token
+            # being the sequence's newest).
+            outputs += self._emit_unemitted()
             sampled, result = launched.result()
         except Exception as exc:
-            if launched is not None:
-                self.runner.synchronize()  # the step must be over before its blocks are freed
-            ids = [s.seq.request_id for s in sched.scheduled]
-            failed = set(ids)  # their outputs end with the error; the others' are kept for later
-            self._ready = [o for o in outputs + self._emit_unemitted() if o.request_id not in failed]
-            logger.exception("forward failed; aborting %d requests", len(ids))
-            for rid in ids:
-                self.abort_request(rid)
-            raise EngineStepError(f"the forward failed: {exc}", ids) from exc
+            raise self._step_failed(sched, outputs, exc, launched=True) from exc
+        self._apply(sched, sampled, result)
+        self._inflight = nxt
+        if not overlap:
+            outputs += self._emit_unemitted()
+        return outputs
+
+    def _launch_next_decode(self, sched: SchedulerOutput, launched: LaunchedStep):
+        """Schedule and launch the decode step after ``sched`` before its tokens are read, if the
+        batch allows it (``Scheduler.schedule_next_decode``); None otherwise."""
+        if launched.tokens is None or len(launched.sampled) != len(sched.scheduled):
+            return None  # tokens read on the host (logprobs), or not every sequence sampled
+        plan = self.scheduler.schedule_next_decode(sched)
+        if plan is None:
+            return None
+        nxt, rows = plan
+        ids = launched.tokens
+        if len(rows) != len(sched.scheduled):  # some sequences end with the pending token
+            index = torch.tensor(rows)
+            if ids.is_cuda:  # pinned, so the copy does not wait for the step in flight
+                index = index.pin_memory().to(ids.device, non_blocking=True)
+            ids = ids[index]
+        try:
+            return nxt, self.runner.launch(nxt.scheduled, input_ids=ids)
+        except Exception:  # noqa: BLE001 - the step is scheduled again, normally, once tokens are read
+            logger.exception("launching a decode step ahead failed; it runs after the current one instead")
+            return None
+
+    def _step_failed(self, sched: SchedulerOutput, outputs: list[RequestOutput], exc: Exception, *,
+                     launched: bool) -> EngineStepError:
+        """Abort a failed step's requests (and a step launched after it: a subset of them); keep
+        the other requests' outputs for the next call. Returns the error to raise."""
+        if launched:
+            self.runner.synchronize()  # the step must be over before its blocks are freed
+        ids = [s.seq.request_id for s in sched.scheduled]
+        failed = set(ids)  # their outputs end with the error; the others' are kept for later
+        self._ready = [o for o in outputs + self._emit_unemitted() if o.request_id not in failed]
+        logger.exception("forward failed; aborting %d requests", len(ids))
+        for rid in ids:
+            self.abort_request(rid)
+        return EngineStepError(f"the forward failed: {exc}", ids)
+
+    def _apply(self, sched: SchedulerOutput, sampled, result) -> None:
+        """Advance the scheduler by a finished step's tokens; queue their outputs."""
         tokens: dict[RequestId, int] = {}
         logprobs: dict[RequestId, TokenLogprob] = {}
         if result is not None:
@@ -358,9 +423,6 @@ class LLMEngine:
             if seq.num_output_tokens == 1:
                 self.num_prompt_tokens += seq.num_prompt_tokens
             self._unemitted.append((seq, logprobs.get(seq.request_id)))
-        if not self.async_output_processing:
-            outputs += self._emit_unemitted()
-        return outputs
 
     def _emit_unemitted(self) -> list[RequestOutput]:
         """Outputs of the tokens the last step appended (requests aborted since are skipped)."""

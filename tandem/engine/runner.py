@@ -75,21 +75,38 @@ class ForwardBatch:
 
 
 class LaunchedStep:
-    """A step queued on the device; ``result()`` waits for its tokens (once)."""
+    """A step queued on the device; ``result()`` waits for its tokens (once).
 
-    __slots__ = ("sampled", "_pending")
+    Tokens sampled without logprobs stay on the device (``tokens``), so that the next step can
+    be launched with them as inputs before the host has read them (async scheduling); their copy
+    to the host is queued at once and ``result()`` waits for that copy only, not for any step
+    launched after this one.
+    """
 
-    def __init__(self, sampled: list[ScheduledSequence], pending: torch.Tensor | SamplerOutput | None) -> None:
+    __slots__ = ("sampled", "tokens", "_host", "_copied", "_output")
+
+    def __init__(self, sampled: list[ScheduledSequence], tokens: torch.Tensor | None = None,
+                 output: SamplerOutput | None = None) -> None:
         self.sampled = sampled
         """The sequences that sample a token this step, in the output's row order."""
-        self._pending = pending
-        """Device tokens not read yet, or the finished sampler output (None: nothing sampled)."""
+        self.tokens = tokens
+        """The sampled tokens on the device (None: sampled with logprobs, or nothing sampled)."""
+        self._output = output
+        self._host = self._copied = None
+        if tokens is not None:
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=tokens.is_cuda)
+            self._host.copy_(tokens, non_blocking=True)
+            if tokens.is_cuda:
+                self._copied = torch.cuda.Event()
+                self._copied.record()
 
     def result(self) -> tuple[list[ScheduledSequence], SamplerOutput | None]:
-        """The sequences that sampled and their sampler output (reading tokens syncs the device)."""
-        if isinstance(self._pending, torch.Tensor):
-            self._pending = SamplerOutput(self._pending.tolist(), [None] * len(self.sampled))
-        return self.sampled, self._pending
+        """The sequences that sampled and their sampler output."""
+        if self._output is None and self._host is not None:
+            if self._copied is not None:
+                self._copied.synchronize()
+            self._output = SamplerOutput(self._host.tolist(), [None] * len(self.sampled))
+        return self.sampled, self._output
 
 
 class ModelRunner:
@@ -203,8 +220,12 @@ class ModelRunner:
 
     # ---- one step ---------------------------------------------------------------------------
 
-    def prepare(self, scheduled: list[ScheduledSequence]) -> ForwardBatch:
-        """Flat inputs and attention metadata for a step; decodes are placed first."""
+    def prepare(self, scheduled: list[ScheduledSequence], input_ids: torch.Tensor | None = None) -> ForwardBatch:
+        """Flat inputs and attention metadata for a step; decodes are placed first.
+
+        ``input_ids``: a decode-only step's tokens already on the device (see ``launch``).
+        """
+        assert input_ids is None or all(s.num_new_tokens == 1 for s in scheduled)
         order = sorted(scheduled, key=lambda s: s.num_new_tokens != 1)
         bs = self.config.block_size
         starts = np.fromiter((s.start for s in order), dtype=np.int64, count=len(order))
@@ -215,9 +236,11 @@ class ModelRunner:
         seq_index = np.repeat(np.arange(len(order)), qlens)
         positions = np.arange(num_tokens, dtype=np.int64) - qsl[:-1][seq_index] + starts[seq_index]
         tables = block_tables(order)
-        input_ids: list[int] = []
-        for s in order:
-            input_ids.extend(s.seq.token_ids[s.start : s.start + s.num_new_tokens])
+        if input_ids is None:
+            ids: list[int] = []
+            for s in order:
+                ids.extend(s.seq.token_ids[s.start : s.start + s.num_new_tokens])
+            input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         slots = tables[seq_index, positions // bs] * bs + positions % bs
         seq_lens = starts + qlens
         sampling = [s for s in order if s.samples]
@@ -234,7 +257,7 @@ class ModelRunner:
             block_size=bs,
         )
         return ForwardBatch(
-            input_ids=torch.tensor(input_ids, dtype=torch.long, device=dev),
+            input_ids=input_ids,
             positions=torch.from_numpy(positions).to(dev),
             attn=meta,
             order=order,
@@ -247,18 +270,21 @@ class ModelRunner:
         return self.launch(scheduled).result()
 
     @torch.inference_mode()
-    def launch(self, scheduled: list[ScheduledSequence]) -> "LaunchedStep":
+    def launch(self, scheduled: list[ScheduledSequence], input_ids: torch.Tensor | None = None) -> LaunchedStep:
         """Queue one step on the device and return before it finishes (on CUDA).
 
         The step's only synchronisation is ``result()`` reading the sampled tokens, so the caller
-        can do host work meanwhile. Rows that need more than an argmax (logprobs, seeds,
-        penalties, min_tokens) are sampled here, synchronously.
+        can do host work meanwhile. A step with logprobs is sampled here, synchronously.
+
+        ``input_ids``: the (decode-only) step's input tokens as a device tensor, one per
+        sequence, when the host does not have them yet: the tokens of the step before, still
+        in flight (async scheduling).
         """
         if self.device.type == "cuda" and torch.cuda.current_device() != self.device.index:
             torch.cuda.set_device(self.device)  # the engine thread's own current device
         if self._graph_step(scheduled):
-            return self._launch_graph(scheduled)
-        batch = self.prepare(scheduled)
+            return self._launch_graph(scheduled, input_ids)
+        batch = self.prepare(scheduled, input_ids)
         kv = self.kv_cache.tensor
         hook = None
         if self._kv_layer_hook is not None:
@@ -269,17 +295,21 @@ class ModelRunner:
 
         hidden = self.model(batch.input_ids, batch.positions, kv, batch.attn, hook)
         if not batch.sampling:
-            return LaunchedStep([], None)
+            return LaunchedStep([])
         logits = self.model.compute_logits(hidden[batch.logits_indices])
         return self._sample(logits, batch.sampling)
 
-    def _sample(self, logits: torch.Tensor, sampling: list[ScheduledSequence]) -> "LaunchedStep":
-        """Tokens for the sampling rows: one argmax on the device when every row is plain greedy
-        (the common batch; no per-row Python beyond the check), else the full sampler."""
-        if all(s.seq.sampling_params.argmax_only and s.seq.num_output_tokens >= s.seq.sampling_params.min_tokens
-               for s in sampling):
-            return LaunchedStep(sampling, self.sampler.argmax_tokens(logits))
-        return LaunchedStep(sampling, self.sampler(logits, [self._sampling_row(s) for s in sampling]))
+    def _sample(self, logits: torch.Tensor, sampling: list[ScheduledSequence]) -> LaunchedStep:
+        """Tokens for the sampling rows, on the device: one argmax when every row is plain greedy
+        (the common batch; no per-row Python beyond the check), else the full sampler; read on
+        the host here only when a row wants logprobs."""
+        if all(s.seq.sampling_params.argmax_only
+               and s.seq.num_output_tokens + s.ahead >= s.seq.sampling_params.min_tokens for s in sampling):
+            return LaunchedStep(sampling, tokens=self.sampler.argmax_tokens(logits))
+        rows = [self._sampling_row(s) for s in sampling]
+        if all(r.params.logprobs is None for r in rows):
+            return LaunchedStep(sampling, tokens=self.sampler.tokens(logits, rows))
+        return LaunchedStep(sampling, output=self.sampler(logits, rows))
 
     def synchronize(self) -> None:
         """Wait until every step launched on the device has finished."""
@@ -312,13 +342,16 @@ class ModelRunner:
                 return False
         return True
 
-    def _launch_graph(self, scheduled: list[ScheduledSequence]) -> "LaunchedStep":
+    def _launch_graph(self, scheduled: list[ScheduledSequence], input_ids: torch.Tensor | None) -> LaunchedStep:
         bs = self.config.block_size
         starts = np.fromiter((s.start for s in scheduled), dtype=np.int64, count=len(scheduled))
-        ids = np.fromiter((s.seq.token_ids[s.start] for s in scheduled), dtype=np.int64, count=len(scheduled))
+        if input_ids is None:
+            ids = np.fromiter((s.seq.token_ids[s.start] for s in scheduled), dtype=np.int64, count=len(scheduled))
+        else:
+            ids = np.zeros(len(scheduled), dtype=np.int64)  # overwritten on the device by input_ids
         tables = block_tables(scheduled)
         slots = tables[np.arange(len(scheduled)), starts // bs] * bs + starts % bs
-        logits = self.graphs.run(ids, starts, slots, starts + 1, tables)
+        logits = self.graphs.run(ids, starts, slots, starts + 1, tables, device_ids=input_ids)
         return self._sample(logits, scheduled)
 
     def _sampling_row(self, s: ScheduledSequence) -> SamplingRow:
@@ -326,7 +359,7 @@ class ModelRunner:
         params = seq.sampling_params
         generator = self._generator_for(seq) if params.seed is not None and not params.is_greedy else None
         stop_ids: tuple[int, ...] = ()
-        if seq.num_output_tokens < params.min_tokens:
+        if seq.num_output_tokens + s.ahead < params.min_tokens:
             eos = () if params.ignore_eos else self.eos_token_ids
             stop_ids = tuple(eos) + params.stop_token_ids
         penalties = params.has_penalties

@@ -43,16 +43,21 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         logits = logits.float()
         raw_logprobs = self._logprobs(logits, rows)
+        tokens = self._choose(logits, rows)
+        return SamplerOutput(tokens.tolist(), self._gather_logprobs(raw_logprobs, tokens, rows))
+
+    def tokens(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """The tokens ``__call__`` would pick, left on the device (rows that want no logprobs)."""
+        return self._choose(logits.float(), rows)
+
+    def _choose(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         self._mask_until_min_tokens(logits, rows)
         if any(r.params.has_penalties for r in rows):
             logits = self._apply_penalties(logits, rows)
         greedy = logits.argmax(dim=-1)
         if all(r.params.is_greedy for r in rows):
-            tokens = greedy
-        else:
-            tokens = torch.where(self._greedy_mask(rows), greedy, self._random(logits, rows))
-        token_list = tokens.tolist()
-        return SamplerOutput(token_list, self._gather_logprobs(raw_logprobs, tokens, rows))
+            return greedy
+        return torch.where(self._greedy_mask(rows), greedy, self._random(logits, rows))
 
     def argmax_tokens(self, logits: torch.Tensor) -> torch.Tensor:
         """Greedy tokens (on the device, not read yet) of rows that need nothing else
@@ -95,10 +100,17 @@ class Sampler:
         return counts[:, :vocab]
 
     def _column(self, values: list[float]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32, device=self.device)[:, None]
+        return self._upload(torch.tensor(values, dtype=torch.float32))[:, None]
 
     def _greedy_mask(self, rows: list[SamplingRow]) -> torch.Tensor:
-        return torch.tensor([r.params.is_greedy for r in rows], device=self.device)
+        return self._upload(torch.tensor([r.params.is_greedy for r in rows]))
+
+    def _upload(self, values: torch.Tensor) -> torch.Tensor:
+        """Host values to the device without waiting for the device: a copy from pageable memory
+        would wait for every queued kernel, i.e. for a step still in flight (async scheduling)."""
+        if self.device.type != "cuda":
+            return values
+        return values.pin_memory().to(self.device, non_blocking=True)
 
     def _random(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         temps = self._column([1.0 if r.params.is_greedy else r.params.temperature for r in rows])
@@ -119,7 +131,7 @@ class Sampler:
     def _top_k_top_p(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         vocab = logits.shape[1]
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        top_k = torch.tensor([min(r.params.top_k or vocab, vocab) for r in rows], device=self.device)
+        top_k = self._upload(torch.tensor([min(r.params.top_k or vocab, vocab) for r in rows]))
         ranks = torch.arange(vocab, device=self.device)[None, :]
         drop = ranks >= top_k[:, None]
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))

@@ -39,6 +39,9 @@ class ScheduledSequence:
     """The sequence's block table (the block manager's read-only snapshot; lists in tests/benchmarks)."""
     samples: bool
     """This step computes the sequence's last token, so a new token is sampled."""
+    ahead: int = 0
+    """Tokens already sampled for the sequence by a step still in flight and not appended to it
+    yet (async scheduling: 1 for a step scheduled before the previous one's tokens were read)."""
 
 
 @dataclass(slots=True)
@@ -252,6 +255,37 @@ class Scheduler:
         self.waiting.push(victim)
         out.preempted.append(victim.request_id)
         logger.debug("preempted %s (recompute later)", victim.request_id)
+
+    def schedule_next_decode(self, prev: SchedulerOutput) -> tuple[SchedulerOutput, list[int]] | None:
+        """The step after ``prev``, scheduled before ``prev``'s tokens are known (async scheduling).
+
+        Only the steady state qualifies: ``prev`` decoded every running sequence (one token each)
+        and nothing waits, so the next step is the same sequences one position further. A
+        sequence that ``prev``'s token ends by length is left out; one that an EOS, stop token
+        or stop string ends is computed once more and its token dropped (``update`` skips
+        finished sequences). Rows with penalties need the full output history, so they stop
+        it. Nothing is preempted: if a block cannot be had, there is no such step (None).
+
+        Returns the step and, for each of its sequences, the row of ``prev`` whose sampled
+        token is its input.
+        """
+        if len(self.waiting) or not prev.scheduled or len(self.running) != len(prev.scheduled):
+            return None
+        out, rows = SchedulerOutput(), []
+        for i, s in enumerate(prev.scheduled):
+            seq, params = s.seq, s.seq.sampling_params
+            if s.num_new_tokens != 1 or not s.samples or params.has_penalties:
+                return None
+            if seq.status != SequenceStatus.RUNNING or seq.num_computed_tokens != s.start:
+                continue  # aborted since (or not the pending step)
+            if seq.num_output_tokens + 1 >= params.max_tokens or seq.num_tokens + 1 >= self.config.max_model_len:
+                continue  # the pending token is its last
+            if not self.block_manager.allocate(seq.request_id, s.start + 2):
+                return None
+            block_ids = self.block_manager.block_ids(seq.request_id)
+            out.scheduled.append(ScheduledSequence(seq, s.start + 1, 1, block_ids, True, ahead=1))
+            rows.append(i)
+        return (out, rows) if out.scheduled else None
 
     # ---- after the forward ------------------------------------------------------------------
 

@@ -30,6 +30,11 @@ class _Inbound:
     first_write: float | None = None
     closed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
+    engine_done: "torch.cuda.Event | None" = None
+    """Recorded on the device's current (default) stream, where the engine runs its steps, when the
+    blocks were handed over: the pages are written
+    after it, so a step still in flight (async scheduling) that wrote into these blocks while
+    they belonged to a finished request cannot land on top of the pushed KV."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -60,6 +65,9 @@ class KVReceiver:
             first_block=first_block,
             received=torch.zeros((self.layout.num_layers, len(block_ids)), dtype=torch.bool),
         )
+        if self._stream is not None:
+            inbound.engine_done = torch.cuda.Event()
+            inbound.engine_done.record(torch.cuda.current_stream(self.kv.device))
         with self._lock:
             if request_id in self._inbound:
                 raise KVTransferError(f"request {request_id!r} already expects KV")
@@ -97,6 +105,7 @@ class KVReceiver:
             if bool(region.any()):
                 raise KVTransferError(f"KV chunk layers [{l0}, {l1}) blocks [{b0}, {b1}) overlaps pages already received")
             if self._stream is not None:
+                self._stream.wait_event(inbound.engine_done)
                 with torch.cuda.stream(self._stream):
                     self.kv[l0:l1, :, inbound.block_ids[b0:b1]] = pages.to(self.kv.device, non_blocking=True)
             else:

@@ -61,18 +61,22 @@ def test_serve_bench_runs_both_modes_and_reports_pod_hit_rates(tmp_path, tiny_mo
 
 def test_engine_bench_micro_reports_each_step_against_its_floor(tmp_path):
     result = run_bench("engine.py", tmp_path, "--shapes", "tiny", "--batches", "1", "4", "--contexts", "64",
-                       "--prefill", "64", "--warmup", "1", "--iters", "2")
-    kinds = [(r["kind"], r.get("batch"), r.get("context", r.get("tokens"))) for r in result["results"]]
-    assert kinds == [("decode", 1, 64), ("decode", 4, 64), ("prefill", None, 64)]
+                       "--prefill", "64", "--warmup", "1", "--iters", "2", "--loop-batches", "4",
+                       "--loop-context", "64", "--loop-steps", "5")
+    kinds = [(r["kind"], r.get("async_mode"), r.get("batch"), r.get("context", r.get("tokens")))
+             for r in result["results"]]
+    assert kinds == [("decode", None, 1, 64), ("decode", None, 4, 64), ("engine-loop", "off", 4, 64),
+                     ("engine-loop", "scheduling", 4, 64), ("prefill", None, None, 64)]
     assert all(r["seconds"] > 0 and r["floor_seconds"] > 0 for r in result["results"])
 
 
-def test_engine_bench_offline_compares_async_outputs_and_transformers(tmp_path):
+def test_engine_bench_offline_compares_async_modes_and_transformers(tmp_path):
     result = run_bench("engine.py", tmp_path, "--section", "offline", "--shapes", "tiny", "--num-requests", "6",
-                       "--min-len", "8", "--max-len", "24", "--hf-modes", "generate", "--async-outputs", "on", "off",
+                       "--min-len", "8", "--max-len", "24", "--hf-modes", "generate", "--async", "scheduling", "off",
                        timeout=300)
     (row,) = result["results"]
-    runs = row["tandem_by_async_output_processing"]
-    assert [runs[m]["timing"]["async_output_processing"] for m in ("on", "off")] == [True, False]
+    runs = row["tandem_by_async_mode"]
+    assert [(runs[m]["timing"]["async_output_processing"], runs[m]["timing"]["async_scheduling"])
+            for m in ("scheduling", "off")] == [(True, True), (False, False)]
     assert row["output_tokens"] > 6 and row["hf_generate_output_tokens"] >= row["output_tokens"]
     assert row["tandem_over_hf_generate_tok_s"] > 0

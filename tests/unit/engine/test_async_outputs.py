@@ -1,8 +1,10 @@
-"""Async output processing: a step's outputs are built while the next step runs (engine.step).
+"""Async output processing and async scheduling (engine.step), against synchronous steps.
 
-On CPU nothing actually overlaps (the forward finishes before ``launch`` returns), but the
-bookkeeping is the same as on CUDA: outputs arrive one step later, a stop string found then ends
-a sequence that the next step already computed, aborts and failures in between lose nothing.
+Async output processing builds a step's outputs while the next step runs; async scheduling
+launches the next decode step before the current one's tokens are read. On CPU nothing actually
+overlaps (the forward finishes before ``launch`` returns), but the bookkeeping is the same as on
+CUDA: outputs arrive later, a sequence that a stop ends has computed one more token (dropped),
+and aborts, new requests, preemption and failures in between lose nothing.
 """
 
 import sys
@@ -17,8 +19,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_engine import assert_clean, prompt_ids  # noqa: E402
 
 
-def engine_for(model, mode):
-    return LLM(model, num_kv_blocks=96, max_num_seqs=8, async_output_processing=mode).engine
+ASYNC_MODES = {
+    "outputs": dict(async_output_processing="on"),
+    "scheduling": dict(async_scheduling="on"),
+    "both": dict(async_output_processing="on", async_scheduling="on"),
+}
+
+
+def engine_for(model, mode="off", num_kv_blocks=96, **kw):
+    kw.setdefault("async_output_processing", mode)
+    return LLM(model, num_kv_blocks=num_kv_blocks, max_num_seqs=8, **kw).engine
+
+
+def count_launches_ahead(engine, monkeypatch) -> list[int]:
+    """Record, for each launch, how many of its input tokens came from the device."""
+    launch, seen = engine.runner.launch, []
+
+    def recording(scheduled, input_ids=None):
+        seen.append(0 if input_ids is None else len(input_ids))
+        return launch(scheduled, input_ids)
+
+    monkeypatch.setattr(engine.runner, "launch", recording)
+    return seen
 
 
 def run(engine, requests, kind=OutputKind.DELTA):
@@ -51,31 +73,53 @@ def test_auto_is_off_on_cpu_and_on_means_outputs_arrive_one_step_later(llama_dir
     assert_clean(engine)
 
 
-def test_same_tokens_text_and_stops_as_synchronous_outputs(llama_dir):
-    """Greedy and seeded rows, logprobs, stop tokens, min_tokens, and a stop string that ends a
-    sequence while the next step (which computed one more token for it) is in flight."""
-    probe = run(engine_for(llama_dir, "off"), [("p", prompt_ids(30), SamplingParams(temperature=0, max_tokens=40,
-                                                                                       ignore_eos=True))])
-    text = probe["p"][1]
+def mixed_requests(model, *, logprobs: bool):
+    """Greedy and seeded rows, stop tokens at and around min_tokens, a stop string that ends a
+    sequence while the next step (which computed one more token for it) is in flight, lengths
+    that end at different steps; with ``logprobs``, rows that read their tokens on the host."""
+    probe = run(engine_for(model), [("p", prompt_ids(30), SamplingParams(temperature=0, max_tokens=40,
+                                                                          ignore_eos=True))])
+    tokens, text = probe["p"][0], probe["p"][1]
     stop = text[len(text) // 2 : len(text) // 2 + 3]
     assert stop.strip(), text
+    greedy = dict(temperature=0, ignore_eos=True)
     requests = [
-        ("greedy", prompt_ids(30), SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[stop])),
-        ("plain", prompt_ids(30), SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)),
-        ("seeded", prompt_ids(12, 40), SamplingParams(temperature=0.8, seed=7, max_tokens=25, logprobs=2)),
-        ("stop-id", prompt_ids(9, 70), SamplingParams(temperature=0, max_tokens=30, ignore_eos=True,
-                                                      stop_token_ids=[probe["p"][0][5]], min_tokens=2)),
+        ("stop-string", prompt_ids(30), SamplingParams(max_tokens=40, stop=[stop], **greedy)),
+        ("plain", prompt_ids(30), SamplingParams(max_tokens=33, **greedy)),
+        ("seeded", prompt_ids(12, 40), SamplingParams(temperature=0.8, seed=7, max_tokens=25,
+                                                      logprobs=2 if logprobs else None)),
         ("short", prompt_ids(50, 90), SamplingParams(temperature=0, max_tokens=1)),
+        ("two", prompt_ids(7, 90), SamplingParams(max_tokens=2, **greedy)),
     ]
-    sync = run(engine_for(llama_dir, "off"), requests)
-    overlapped = run(engine_for(llama_dir, "on"), requests)
-    assert sync["greedy"][2:4] == ["stop", stop]  # the stop string did cut it short
-    assert len(sync["greedy"][0]) < 40
+    # The probe's 5th token as a stop token, suppressed until min_tokens: the boundary where a
+    # step scheduled ahead must count the token still in flight as an output already.
+    for min_tokens in (3, 4, 5, 6):
+        requests.append((f"stop-id-min{min_tokens}", prompt_ids(30), SamplingParams(
+            max_tokens=30, stop_token_ids=[tokens[4]], min_tokens=min_tokens, **greedy)))
+    return requests, stop
+
+
+@pytest.mark.parametrize("logprobs", [False, True], ids=["device-tokens", "logprobs"])
+@pytest.mark.parametrize("mode", list(ASYNC_MODES))
+def test_same_tokens_text_and_stops_as_synchronous_steps(llama_dir, monkeypatch, mode, logprobs):
+    requests, stop = mixed_requests(llama_dir, logprobs=logprobs)
+    sync = run(engine_for(llama_dir), requests)
+    assert sync["stop-string"][2:4] == ["stop", stop] and len(sync["stop-string"][0]) < 40  # it did cut short
+    stop_id = requests[-1][2].stop_token_ids[0]
+    assert sync["stop-id-min3"][0][-1] == stop_id and len(sync["stop-id-min3"][0]) == 5  # stopped at it
+    assert sync["stop-id-min6"][0][4] != stop_id  # suppressed there: min_tokens not reached
+    engine = engine_for(llama_dir, **ASYNC_MODES[mode])
+    ahead = count_launches_ahead(engine, monkeypatch)
+    overlapped = run(engine, requests)
     for rid in sync:
         assert overlapped[rid][:4] == sync[rid][:4], rid
-    cumulative = run(engine_for(llama_dir, "on"), requests, OutputKind.FINAL_ONLY)
+    if mode != "outputs" and not logprobs:
+        assert sum(1 for n in ahead if n) >= 15  # most decode steps were launched ahead
+    if mode == "outputs":
+        assert not any(ahead)
+    final_only = run(engine_for(llama_dir, **ASYNC_MODES[mode]), requests, OutputKind.FINAL_ONLY)
     for rid in sync:
-        assert cumulative[rid][:4] == sync[rid][:4] and cumulative[rid][4] == 1, rid
+        assert final_only[rid][:4] == sync[rid][:4] and final_only[rid][4] == 1, rid
 
 
 def test_abort_between_steps_returns_the_final_output_and_frees_everything(llama_dir):
@@ -119,3 +163,84 @@ def test_a_failed_step_returns_the_outputs_built_before_it_next_time(llama_dir, 
     outs = engine.step()
     assert [(o.request_id, o.finished, o.outputs[0].finish_reason) for o in outs] == [("done", True, "length")]
     assert_clean(engine)
+
+
+def test_async_scheduling_never_launches_ahead_of_a_step_whose_tokens_the_host_must_read(llama_dir, monkeypatch):
+    engine = engine_for(llama_dir, async_scheduling="on")
+    launch, launches = engine.runner.launch, []
+
+    def recording(scheduled, input_ids=None):
+        launches.append((input_ids is not None, {s.seq.request_id for s in scheduled}))
+        return launch(scheduled, input_ids)
+
+    monkeypatch.setattr(engine.runner, "launch", recording)
+    got = run(engine, [
+        ("logprobs", prompt_ids(20), SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)),
+        ("penalised", prompt_ids(20, 50), SamplingParams(temperature=0, max_tokens=9, ignore_eos=True,
+                                                         repetition_penalty=1.3)),
+        ("plain", prompt_ids(20, 80), SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)),
+    ])
+    assert [len(got[r][0]) for r in ("logprobs", "penalised", "plain")] == [6, 9, 24]
+    ahead = [ids for early, ids in launches if early]
+    assert ahead and all(ids == {"plain"} for ids in ahead)  # only once the others were done
+
+
+def test_abort_and_new_requests_while_a_step_is_in_flight(llama_dir):
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    want = run(engine_for(llama_dir), [("a", prompt_ids(20), params), ("late", prompt_ids(25, 60), params)])
+    engine = engine_for(llama_dir, async_scheduling="on")
+    engine.add_request("a", prompt_ids(20), params)
+    engine.add_request("b", prompt_ids(25), params)
+    outs = []
+    for _ in range(6):
+        outs += engine.step()
+    assert engine._inflight is not None  # a step launched ahead is running
+    assert engine.abort_request("b").finished
+    engine.add_request("late", prompt_ids(25, 60), params)  # ends the run of steps launched ahead
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    assert_clean(engine)
+    for rid in ("a", "late"):
+        tokens = [t for o in outs if o.request_id == rid for t in o.outputs[0].token_ids]
+        assert tokens == want[rid][0], rid
+    assert not [o for o in outs if o.request_id == "b" and o.finished]  # its end came from abort_request
+
+
+def test_async_scheduling_under_preemption_gives_the_synchronous_tokens(llama_dir):
+    """A pool too small for every sequence to grow: steps ahead stop where a block is missing,
+    the normal schedule preempts, and every request still gets exactly its synchronous tokens."""
+    requests = [(f"r{i}", prompt_ids(20 + 3 * i, 10 + i), SamplingParams(temperature=0, max_tokens=40,
+                                                                         ignore_eos=True)) for i in range(6)]
+    small = dict(num_kv_blocks=16, max_model_len=96)
+    sync_engine = engine_for(llama_dir, **small)
+    want = run(sync_engine, requests)
+    engine = engine_for(llama_dir, async_scheduling="on", **small)
+    got = run(engine, requests)
+    assert sync_engine.scheduler.num_preemptions > 0 and engine.scheduler.num_preemptions > 0
+    assert {r: g[:3] for r, g in got.items()} == {r: w[:3] for r, w in want.items()}
+
+
+def test_a_failed_step_with_the_next_one_launched_aborts_both_and_the_engine_recovers(llama_dir, monkeypatch):
+    engine = engine_for(llama_dir, async_scheduling="on")
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    engine.add_request("x", prompt_ids(20), params)
+    engine.add_request("y", prompt_ids(22), params)
+    for _ in range(3):
+        engine.step()
+    assert engine._inflight is not None
+    in_flight = engine._inflight[1]
+
+    class Broken:
+        sampled, tokens = in_flight.sampled, in_flight.tokens
+
+        def result(self):
+            in_flight.result()
+            raise RuntimeError("device fault")
+
+    engine._inflight = (engine._inflight[0], Broken())
+    with pytest.raises(EngineStepError) as e:
+        engine.step()  # had launched the step after the broken one before reading it
+    assert sorted(e.value.request_ids) == ["x", "y"]
+    assert_clean(engine)
+    got = run(engine, [("z", prompt_ids(20), params)])
+    assert len(got["z"][0]) == 12

@@ -9,9 +9,12 @@ from tandem.errors import InvalidRequest
 from tandem.serving.engine_worker import EngineFailure, EngineWorker
 
 
-@pytest.fixture(scope="module")
-def engine(llama_dir):
-    return LLMEngine(EngineConfig(model=str(llama_dir), num_kv_blocks=64))
+@pytest.fixture(scope="module", params=["sync", "async"])
+def engine(llama_dir, request):
+    """Synchronous steps, and async output processing + scheduling (a GPU engine's default)."""
+    mode = "off" if request.param == "sync" else "on"
+    return LLMEngine(EngineConfig(model=str(llama_dir), num_kv_blocks=64, async_output_processing=mode,
+                                  async_scheduling=mode))
 
 
 async def collect(q: asyncio.Queue):
