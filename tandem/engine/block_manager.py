@@ -1,7 +1,7 @@
 """Block manager: allocation of KV blocks, reference counts, prefix caching, eviction order.
 
 Each request owns a block table (a list of blocks, append-only while the request lives), mirrored
-as an int64 array of block ids that the runner copies into its step inputs row by row. A full
+as an int64 array of block ids that the runner gathers into a step's table in one write. A full
 block whose KV has been computed is registered under its chained hash; another request whose
 prompt starts with the same tokens reuses it (reference count > 1). When the last owner lets go,
 a registered block is not wiped: it stays in an LRU set of *evictable* blocks and is handed out

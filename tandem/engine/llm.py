@@ -90,6 +90,8 @@ class LLM:
                 if rid not in done:
                     self.engine.abort_request(rid)
             raise
+        while self.engine.has_unfinished_requests() and not self.engine.request_ids():
+            self.engine.step()  # a step launched ahead for sequences that ended meanwhile
         return [done[rid] for rid in ids]
 
     @staticmethod

@@ -285,6 +285,11 @@ class LLMEngine:
         state = self._states.pop(RequestId(request_id), None)
         if state is None:
             return None
+        pending = [(seq, lp) for seq, lp in self._unemitted if seq is state.seq]
+        if pending:  # its newest tokens' text (async outputs) belongs in this final output
+            self._unemitted = [(seq, lp) for seq, lp in self._unemitted if seq is not state.seq]
+            for _, logprob in pending:
+                self.output_processor.on_new_token(state, logprob)
         self.scheduler.finish(state.seq, SequenceStatus.FINISHED_ABORTED)
         self.runner.release(state.seq.request_id)
         return self.output_processor.make_output(state)
@@ -330,7 +335,8 @@ class LLMEngine:
         work for a step (reading tokens, the scheduler's update, outputs) overlaps the device's
         next step instead of leaving the GPU idle between steps. New requests end the run of
         such steps. Either way, a sequence that an EOS, stop token or stop string ends may have
-        computed one more token, which is dropped.
+        computed a token or two more, which are dropped (unseeded random rows therefore see
+        other draws of the shared generator than in synchronous steps; seeded rows do not).
 
         Raises:
             EngineStepError: the forward failed; the step's requests were aborted (the engine
@@ -376,17 +382,17 @@ class LLMEngine:
         batch allows it (``Scheduler.schedule_next_decode``); None otherwise."""
         if launched.tokens is None or len(launched.sampled) != len(sched.scheduled):
             return None  # tokens read on the host (logprobs), or not every sequence sampled
-        plan = self.scheduler.schedule_next_decode(sched)
-        if plan is None:
-            return None
-        nxt, rows = plan
-        ids = launched.tokens
-        if len(rows) != len(sched.scheduled):  # some sequences end with the pending token
-            index = torch.tensor(rows)
-            if ids.is_cuda:  # pinned, so the copy does not wait for the step in flight
-                index = index.pin_memory().to(ids.device, non_blocking=True)
-            ids = ids[index]
         try:
+            plan = self.scheduler.schedule_next_decode(sched)
+            if plan is None:
+                return None
+            nxt, rows = plan
+            ids = launched.tokens
+            if len(rows) != len(sched.scheduled):  # some sequences end with the pending token
+                index = torch.tensor(rows)
+                if ids.is_cuda:  # pinned, so the copy does not wait for the step in flight
+                    index = index.pin_memory().to(ids.device, non_blocking=True)
+                ids = ids[index]
             return nxt, self.runner.launch(nxt.scheduled, input_ids=ids)
         except Exception:  # noqa: BLE001 - the step is scheduled again, normally, once tokens are read
             logger.exception("launching a decode step ahead failed; it runs after the current one instead")
@@ -398,9 +404,13 @@ class LLMEngine:
         the other requests' outputs for the next call. Returns the error to raise."""
         if launched:
             self.runner.synchronize()  # the step must be over before its blocks are freed
-        ids = [s.seq.request_id for s in sched.scheduled]
+        outputs = outputs + self._emit_unemitted()
+        # The victims: the step's sequences still live. A step launched ahead may hold one that
+        # finished meanwhile (its final output stands) or whose id was aborted and reused.
+        ids = [s.seq.request_id for s in sched.scheduled
+               if not s.seq.is_finished and (st := self._states.get(s.seq.request_id)) is not None and st.seq is s.seq]
         failed = set(ids)  # their outputs end with the error; the others' are kept for later
-        self._ready = [o for o in outputs + self._emit_unemitted() if o.request_id not in failed]
+        self._ready = [o for o in outputs if o.request_id not in failed]
         logger.exception("forward failed; aborting %d requests", len(ids))
         for rid in ids:
             self.abort_request(rid)
@@ -438,10 +448,11 @@ class LLMEngine:
     def _emit(self, seq: Sequence, logprob: TokenLogprob | None) -> RequestOutput | None:
         """Detokenize a sequence's new token, apply stop strings, build its output if due.
 
-        A stop string may end a sequence that the step in flight also computes: its blocks are
-        freed now, while the device may still write that step's KV into them. That is safe
-        because every later use of a freed block (an allocation, a KV push into a reservation)
-        happens on this thread after the step's tokens are read, i.e. after the step finished.
+        A stop string may end a sequence that the steps in flight also compute: its blocks are
+        freed now, while the device may still write those steps' KV into them. That is safe
+        because every later use of a freed block comes after them on the device: the next
+        steps run on the same stream, and pages pushed by a prefill pod wait for an event
+        recorded when their blocks were reserved (``KVReceiver.expect``).
         """
         state = self._states[seq.request_id]
         stop = self.output_processor.on_new_token(state, logprob)

@@ -20,6 +20,7 @@ from tandem.engine.kv_cache import KVCacheSpec, PagedKVCache
 from tandem.engine.models import load_model
 from tandem.engine.sampler import Sampler, SamplerOutput, SamplingRow
 from tandem.engine.scheduler import ScheduledSequence
+from tandem.engine.uploads import upload
 from tandem.errors import ModelLoadError
 from tandem.ids import RequestId
 from tandem.model_dir import ModelConfig
@@ -240,17 +241,17 @@ class ModelRunner:
             ids: list[int] = []
             for s in order:
                 ids.extend(s.seq.token_ids[s.start : s.start + s.num_new_tokens])
-            input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+            input_ids = upload(torch.tensor(ids, dtype=torch.long), self.device)
         slots = tables[seq_index, positions // bs] * bs + positions % bs
         seq_lens = starts + qlens
         sampling = [s for s in order if s.samples]
         last_rows = [int(qsl[i + 1]) - 1 for i, s in enumerate(order) if s.samples]
         dev = self.device
         meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(slots).to(dev),
-            block_tables=torch.from_numpy(tables).to(dev),
-            seq_lens=torch.from_numpy(seq_lens).to(dev),
-            query_start_loc=torch.from_numpy(qsl).to(dev),
+            slot_mapping=upload(slots, dev),
+            block_tables=upload(tables, dev),
+            seq_lens=upload(seq_lens, dev),
+            query_start_loc=upload(qsl, dev),
             num_decodes=int(np.count_nonzero(qlens == 1)),
             seq_lens_cpu=seq_lens.tolist(),
             query_start_loc_cpu=qsl.tolist(),
@@ -258,10 +259,10 @@ class ModelRunner:
         )
         return ForwardBatch(
             input_ids=input_ids,
-            positions=torch.from_numpy(positions).to(dev),
+            positions=upload(positions, dev),
             attn=meta,
             order=order,
-            logits_indices=torch.tensor(last_rows, dtype=torch.long, device=dev),
+            logits_indices=upload(torch.tensor(last_rows, dtype=torch.long), dev),
             sampling=sampling,
         )
 

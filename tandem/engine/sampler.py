@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from tandem.engine.sampling_params import SamplingParams
+from tandem.engine.uploads import upload
 
 
 @dataclass(slots=True)
@@ -73,8 +74,8 @@ class Sampler:
     def _mask_until_min_tokens(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:
         idx = [(i, t) for i, r in enumerate(rows) for t in r.stop_ids_for_min_tokens if t < logits.shape[1]]
         if idx:
-            r, c = zip(*idx)
-            logits[list(r), list(c)] = float("-inf")
+            r, c = self._upload(torch.tensor(idx, dtype=torch.long)).unbind(1)
+            logits[r, c] = float("-inf")
 
     def _apply_penalties(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         vocab = logits.shape[1]
@@ -106,11 +107,7 @@ class Sampler:
         return self._upload(torch.tensor([r.params.is_greedy for r in rows]))
 
     def _upload(self, values: torch.Tensor) -> torch.Tensor:
-        """Host values to the device without waiting for the device: a copy from pageable memory
-        would wait for every queued kernel, i.e. for a step still in flight (async scheduling)."""
-        if self.device.type != "cuda":
-            return values
-        return values.pin_memory().to(self.device, non_blocking=True)
+        return upload(values, self.device)
 
     def _random(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         temps = self._column([1.0 if r.params.is_greedy else r.params.temperature for r in rows])

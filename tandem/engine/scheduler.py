@@ -269,7 +269,10 @@ class Scheduler:
         Returns the step and, for each of its sequences, the row of ``prev`` whose sampled
         token is its input.
         """
-        if len(self.waiting) or not prev.scheduled or len(self.running) != len(prev.scheduled):
+        # Sequences finished since ``prev`` was scheduled drop out; nothing joins ``running``
+        # while a step is in flight, so anyone else running means ``prev`` did not cover the batch.
+        live = sum(1 for s in prev.scheduled if s.seq.status == SequenceStatus.RUNNING)
+        if len(self.waiting) or not prev.scheduled or len(self.running) != live:
             return None
         out, rows = SchedulerOutput(), []
         for i, s in enumerate(prev.scheduled):

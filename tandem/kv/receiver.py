@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tandem.engine.kv_cache import PagedKVCache
+from tandem.engine.uploads import upload
 from tandem.errors import KVTransferError
 from tandem.kv.wire import DEFAULT_MAX_CHUNK_BYTES, PageLayout, check_fingerprint, validate_chunk
 from tandem.proto.common.v1 import common_pb2
@@ -31,10 +32,10 @@ class _Inbound:
     closed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
     engine_done: "torch.cuda.Event | None" = None
-    """Recorded on the device's current (default) stream, where the engine runs its steps, when the
-    blocks were handed over: the pages are written
-    after it, so a step still in flight (async scheduling) that wrote into these blocks while
-    they belonged to a finished request cannot land on top of the pushed KV."""
+    """Recorded on the device's current (default) stream, where the engine runs its steps, when
+    the blocks were handed over: the pages are written after it, so a step still in flight
+    (async scheduling) that wrote into these blocks while they belonged to a finished request
+    cannot land on top of the pushed KV."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -61,7 +62,7 @@ class KVReceiver:
     def expect(self, request_id: str, block_ids: list[int], first_block: int) -> None:
         """Accept chunks for ``request_id``'s blocks ``[first_block, len(block_ids))``."""
         inbound = _Inbound(
-            block_ids=torch.tensor(block_ids, dtype=torch.long, device=self.kv.device),
+            block_ids=upload(torch.tensor(block_ids, dtype=torch.long), self.kv.device),
             first_block=first_block,
             received=torch.zeros((self.layout.num_layers, len(block_ids)), dtype=torch.bool),
         )

@@ -87,3 +87,31 @@ def test_disaggregated_path_on_cuda_matches_the_offline_engine(tiny_model):
             await d.stop()
 
     assert asyncio.run(main()) == want
+
+
+@pytest.mark.parametrize("cuda_graphs", [True, False], ids=["graphs", "eager"])
+def test_async_scheduling_on_cuda_gives_the_synchronous_tokens(tiny_model, monkeypatch, cuda_graphs):
+    """Steps launched ahead on a real stream (device input ids, pinned token copies behind
+    events), with graphs and eagerly: the tokens of synchronous steps, for greedy, seeded and
+    stop-token rows that end at different steps."""
+    model_dir = tiny_model("llama")
+    batch = prompts(1000, seed=4)
+    params = [SamplingParams(temperature=0, max_tokens=MAX_NEW + i, ignore_eos=True) for i in range(4)]
+    params += [SamplingParams(temperature=0.9, top_p=0.9, seed=i, max_tokens=MAX_NEW, ignore_eos=True)
+               for i in range(2)]
+    params += [SamplingParams(temperature=0, max_tokens=MAX_NEW, stop_token_ids=[t]) for t in (5, 77)]
+    kw = dict(device="cuda", dtype="float32", num_kv_blocks=256, max_num_seqs=8, cuda_graphs=cuda_graphs)
+    want = [o.outputs[0].token_ids for o in LLM(model_dir, async_scheduling="off", async_output_processing="off",
+                                                 **kw).generate(batch, params)]
+    llm = LLM(model_dir, async_scheduling="on", async_output_processing="on", **kw)
+    launch, ahead = llm.engine.runner.launch, []
+
+    def recording(scheduled, input_ids=None):
+        ahead.append(input_ids is not None)
+        return launch(scheduled, input_ids)
+
+    monkeypatch.setattr(llm.engine.runner, "launch", recording)
+    got = [o.outputs[0].token_ids for o in llm.generate(batch, params)]
+    assert got == want
+    assert sum(ahead) >= MAX_NEW // 2
+    assert (llm.engine.runner.graphs is not None) == cuda_graphs

@@ -244,3 +244,76 @@ def test_a_failed_step_with_the_next_one_launched_aborts_both_and_the_engine_rec
     assert_clean(engine)
     got = run(engine, [("z", prompt_ids(20), params)])
     assert len(got["z"][0]) == 12
+
+
+def test_steps_keep_running_ahead_when_sequences_finish(llama_dir, monkeypatch):
+    """A sequence ending (by length or by a stop token) does not break the run of steps launched
+    ahead: the next one goes on with the others."""
+    engine = engine_for(llama_dir, async_scheduling="on")
+    ahead = count_launches_ahead(engine, monkeypatch)
+    probe = run(engine_for(llama_dir), [("p", prompt_ids(20, 30), SamplingParams(temperature=0, max_tokens=12,
+                                                                                   ignore_eos=True))])
+    got = run(engine, [
+        ("long", prompt_ids(20), SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)),
+        ("length", prompt_ids(20, 60), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)),
+        ("stop-id", prompt_ids(20, 30), SamplingParams(temperature=0, max_tokens=30, ignore_eos=True,
+                                                       stop_token_ids=[probe["p"][0][9]])),
+    ])
+    assert [len(got[r][0]) for r in ("long", "length")] == [30, 8] and got["stop-id"][2] == "stop"
+    batch_sizes = [n for n in ahead if n]
+    assert 3 in batch_sizes and 2 in batch_sizes and 1 in batch_sizes
+    assert ahead[1:].count(0) <= 1  # only the prefill step was launched normally (and a tail)
+
+
+def test_a_failed_step_launched_ahead_spares_what_finished_or_was_replaced_meanwhile(llama_dir, monkeypatch):
+    """Step N was launched ahead with X and B in it; before it is read, X ends at step N-1 and
+    B is aborted and its id reused. N then fails: only the live sequences are failed."""
+    probe = run(engine_for(llama_dir), [("p", prompt_ids(20), SamplingParams(temperature=0, max_tokens=6,
+                                                                              ignore_eos=True))])
+    engine = engine_for(llama_dir, async_scheduling="on")
+    greedy = dict(temperature=0, ignore_eos=True)
+    engine.add_request("x", prompt_ids(20), SamplingParams(max_tokens=30, stop_token_ids=[probe["p"][0][4]],
+                                                           **greedy))
+    engine.add_request("b", prompt_ids(25, 60), SamplingParams(max_tokens=30, **greedy))
+    engine.add_request("live", prompt_ids(22, 90), SamplingParams(max_tokens=30, **greedy))
+    outs = []
+    while not engine._states["x"].seq.is_finished:  # x's stop token read; its output not built yet
+        outs += engine.step()
+    assert engine._inflight is not None and "x" in {s.seq.request_id for s in engine._inflight[0].scheduled}
+    assert engine.abort_request("b").finished
+    engine.add_request("b", prompt_ids(10, 120), SamplingParams(max_tokens=4, **greedy))  # the id, reused
+    inflight = engine._inflight[1]
+
+    class Broken:
+        sampled, tokens = inflight.sampled, inflight.tokens
+
+        def result(self):
+            inflight.result()
+            raise RuntimeError("device fault")
+
+    engine._inflight = (engine._inflight[0], Broken())
+    with pytest.raises(EngineStepError) as e:
+        engine.step()
+    assert e.value.request_ids == ["live"]
+    rest = []
+    assert engine.has_unfinished_requests()  # x's final output, built before the failure, is due
+    while engine.has_unfinished_requests():
+        rest += engine.step()
+    assert [(o.request_id, o.outputs[0].finish_reason) for o in rest if o.finished] == [("x", "stop"), ("b", "length")]
+    assert_clean(engine)
+
+
+@pytest.mark.parametrize("mode", list(ASYNC_MODES))
+def test_an_aborted_requests_final_output_has_the_text_of_all_its_tokens(llama_dir, mode):
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    want = run(engine_for(llama_dir), [("r", prompt_ids(20), params)], OutputKind.FINAL_ONLY)["r"]
+    engine = engine_for(llama_dir, **ASYNC_MODES[mode])
+    engine.add_request("r", prompt_ids(20), SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+                       output_kind=OutputKind.FINAL_ONLY)
+    while engine._states["r"].seq.num_output_tokens < 5:
+        assert engine.step() == []
+    final = engine.abort_request("r")  # its 5th token's output was not built yet
+    assert final.outputs[0].token_ids[:5] == want[0] and final.outputs[0].text.startswith(want[1])
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert_clean(engine)

@@ -54,11 +54,11 @@ def test_a_failed_step_fails_only_its_requests(engine, monkeypatch):
             real_launch = engine.runner.launch
             calls = []
 
-            def launch(scheduled):
+            def launch(scheduled, input_ids=None):
                 calls.append([s.seq.request_id for s in scheduled])
                 if len(calls) == 1:
                     raise RuntimeError("CUDA out of memory (simulated)")
-                return real_launch(scheduled)
+                return real_launch(scheduled, input_ids)
 
             monkeypatch.setattr(engine.runner, "launch", launch)
             await worker.call(lambda e: e.add_request("fails", [5] * 20, SamplingParams(max_tokens=3)))
