@@ -22,6 +22,7 @@ from tandem.engine.request_validation import RequestValidator
 from tandem.engine.runner import LaunchedStep, ModelRunner
 from tandem.engine.sampling_params import SamplingParams
 from tandem.engine.scheduler import Scheduler, SchedulerOutput
+from tandem.engine.uploads import upload
 from tandem.engine.sequence import Sequence, SequenceStatus
 from tandem.errors import CapacityExceeded, InvalidRequest, ModelLoadError, TandemError
 from tandem.ids import BlockId, RequestId
@@ -286,11 +287,11 @@ class LLMEngine:
         if state is None:
             return None
         pending = [(seq, lp) for seq, lp in self._unemitted if seq is state.seq]
-        if pending:  # its newest tokens' text (async outputs) belongs in this final output
+        if pending:  # its newest token's text (async outputs) belongs in this final output
             self._unemitted = [(seq, lp) for seq, lp in self._unemitted if seq is not state.seq]
             for _, logprob in pending:
-                self.output_processor.on_new_token(state, logprob)
-        self.scheduler.finish(state.seq, SequenceStatus.FINISHED_ABORTED)
+                self._apply_stop(state.seq, self.output_processor.on_new_token(state, logprob))
+        self.scheduler.finish(state.seq, SequenceStatus.FINISHED_ABORTED)  # no-op if that stop ended it
         self.runner.release(state.seq.request_id)
         return self.output_processor.make_output(state)
 
@@ -389,10 +390,7 @@ class LLMEngine:
             nxt, rows = plan
             ids = launched.tokens
             if len(rows) != len(sched.scheduled):  # some sequences end with the pending token
-                index = torch.tensor(rows)
-                if ids.is_cuda:  # pinned, so the copy does not wait for the step in flight
-                    index = index.pin_memory().to(ids.device, non_blocking=True)
-                ids = ids[index]
+                ids = ids[upload(torch.tensor(rows), ids.device)]
             return nxt, self.runner.launch(nxt.scheduled, input_ids=ids)
         except Exception:  # noqa: BLE001 - the step is scheduled again, normally, once tokens are read
             logger.exception("launching a decode step ahead failed; it runs after the current one instead")
@@ -455,17 +453,20 @@ class LLMEngine:
         recorded when their blocks were reserved (``KVReceiver.expect``).
         """
         state = self._states[seq.request_id]
-        stop = self.output_processor.on_new_token(state, logprob)
-        if stop is not None:
-            if seq.is_finished:
-                seq.status = stop  # a stop string outranks a simultaneous length stop
-            else:
-                self.scheduler.finish(seq, stop)
+        self._apply_stop(seq, self.output_processor.on_new_token(state, logprob))
         out = self.output_processor.make_output(state)
         if seq.is_finished:
             del self._states[seq.request_id]
             self.runner.release(seq.request_id)
         return out
+
+    def _apply_stop(self, seq: Sequence, stop: SequenceStatus | None) -> None:
+        """End ``seq`` with a stop string's status, if its newest text completed one."""
+        if stop is not None:
+            if seq.is_finished:
+                seq.status = stop  # a stop string outranks a simultaneous length stop
+            else:
+                self.scheduler.finish(seq, stop)
 
     # ---- introspection ----------------------------------------------------------------------
 

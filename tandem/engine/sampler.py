@@ -75,7 +75,8 @@ class Sampler:
         idx = [(i, t) for i, r in enumerate(rows) for t in r.stop_ids_for_min_tokens if t < logits.shape[1]]
         if idx:
             r, c = self._upload(torch.tensor(idx, dtype=torch.long)).unbind(1)
-            logits[r, c] = float("-inf")
+            # The value as a device tensor: a Python float would be copied from pageable memory.
+            logits[r, c] = logits.new_full((), float("-inf"))
 
     def _apply_penalties(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         vocab = logits.shape[1]

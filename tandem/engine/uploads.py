@@ -12,7 +12,11 @@ import torch
 
 
 def upload(values: torch.Tensor | np.ndarray, device: torch.device) -> torch.Tensor:
-    """``values`` (a host tensor or array) on ``device``, queued without waiting for the device."""
+    """``values`` (a host tensor or array) on ``device``, queued without waiting for the device.
+
+    Pass fresh host memory: ordinary memory is copied into pinned memory first, but a tensor
+    that is already pinned is copied from directly, so reusing it at once would race the copy.
+    """
     if isinstance(values, np.ndarray):
         values = torch.from_numpy(values)
     if device.type != "cuda":

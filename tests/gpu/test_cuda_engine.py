@@ -93,13 +93,14 @@ def test_disaggregated_path_on_cuda_matches_the_offline_engine(tiny_model):
 def test_async_scheduling_on_cuda_gives_the_synchronous_tokens(tiny_model, monkeypatch, cuda_graphs):
     """Steps launched ahead on a real stream (device input ids, pinned token copies behind
     events), with graphs and eagerly: the tokens of synchronous steps, for greedy, seeded and
-    stop-token rows that end at different steps."""
+    stop-token rows (one under min_tokens) that end at different steps."""
     model_dir = tiny_model("llama")
     batch = prompts(1000, seed=4)
     params = [SamplingParams(temperature=0, max_tokens=MAX_NEW + i, ignore_eos=True) for i in range(4)]
     params += [SamplingParams(temperature=0.9, top_p=0.9, seed=i, max_tokens=MAX_NEW, ignore_eos=True)
                for i in range(2)]
-    params += [SamplingParams(temperature=0, max_tokens=MAX_NEW, stop_token_ids=[t]) for t in (5, 77)]
+    params += [SamplingParams(temperature=0, max_tokens=MAX_NEW, stop_token_ids=[t], min_tokens=m)
+               for t, m in ((5, 0), (77, 4))]  # min_tokens: the masked sampling path, launched ahead
     kw = dict(device="cuda", dtype="float32", num_kv_blocks=256, max_num_seqs=8, cuda_graphs=cuda_graphs)
     want = [o.outputs[0].token_ids for o in LLM(model_dir, async_scheduling="off", async_output_processing="off",
                                                  **kw).generate(batch, params)]

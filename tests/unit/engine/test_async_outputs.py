@@ -317,3 +317,24 @@ def test_an_aborted_requests_final_output_has_the_text_of_all_its_tokens(llama_d
     while engine.has_unfinished_requests():
         engine.step()
     assert_clean(engine)
+
+
+def test_an_abort_that_comes_after_a_stop_string_reports_the_stop(llama_dir):
+    """The pending token's text completes a stop string when the abort arrives: the request
+    ended by that stop (as synchronous steps report), not by the abort."""
+    greedy = dict(temperature=0, ignore_eos=True)
+    texts = [run(engine_for(llama_dir), [("p", prompt_ids(20), SamplingParams(max_tokens=k, **greedy))])["p"][1]
+             for k in range(1, 9)]
+    k, stop = next((k, texts[k][len(texts[k - 1]):]) for k in range(3, 8)
+                   if texts[k][len(texts[k - 1]):].strip() and texts[k][len(texts[k - 1]):] not in texts[k - 1])
+    engine = engine_for(llama_dir, async_output_processing="on")
+    engine.add_request("r", prompt_ids(20), SamplingParams(max_tokens=30, stop=[stop], **greedy),
+                       output_kind=OutputKind.FINAL_ONLY)
+    while engine._states["r"].seq.num_output_tokens < k + 1:
+        engine.step()  # the token completing the stop string is appended, its output not built
+    final = engine.abort_request("r")
+    assert (final.outputs[0].finish_reason, final.outputs[0].stop_reason) == ("stop", stop)
+    assert final.outputs[0].text == texts[k - 1]
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert_clean(engine)
