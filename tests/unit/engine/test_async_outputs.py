@@ -43,6 +43,20 @@ def count_launches_ahead(engine, monkeypatch) -> list[int]:
     return seen
 
 
+def break_step_in_flight(engine) -> None:
+    """Make reading the tokens of the step launched ahead fail, as a device fault would."""
+    sched, launched = engine._inflight
+
+    class Broken:
+        sampled, tokens = launched.sampled, launched.tokens
+
+        def result(self):
+            launched.result()
+            raise RuntimeError("device fault")
+
+    engine._inflight = (sched, Broken())
+
+
 def run(engine, requests, kind=OutputKind.DELTA):
     """Step to the end; per request: (token ids, text, finish reason, stop reason, number of outputs)."""
     for rid, prompt, params in requests:
@@ -228,16 +242,7 @@ def test_a_failed_step_with_the_next_one_launched_aborts_both_and_the_engine_rec
     for _ in range(3):
         engine.step()
     assert engine._inflight is not None
-    in_flight = engine._inflight[1]
-
-    class Broken:
-        sampled, tokens = in_flight.sampled, in_flight.tokens
-
-        def result(self):
-            in_flight.result()
-            raise RuntimeError("device fault")
-
-    engine._inflight = (engine._inflight[0], Broken())
+    break_step_in_flight(engine)
     with pytest.raises(EngineStepError) as e:
         engine.step()  # had launched the step after the broken one before reading it
     assert sorted(e.value.request_ids) == ["x", "y"]
@@ -282,16 +287,7 @@ def test_a_failed_step_launched_ahead_spares_what_finished_or_was_replaced_meanw
     assert engine._inflight is not None and "x" in {s.seq.request_id for s in engine._inflight[0].scheduled}
     assert engine.abort_request("b").finished
     engine.add_request("b", prompt_ids(10, 120), SamplingParams(max_tokens=4, **greedy))  # the id, reused
-    inflight = engine._inflight[1]
-
-    class Broken:
-        sampled, tokens = inflight.sampled, inflight.tokens
-
-        def result(self):
-            inflight.result()
-            raise RuntimeError("device fault")
-
-    engine._inflight = (engine._inflight[0], Broken())
+    break_step_in_flight(engine)
     with pytest.raises(EngineStepError) as e:
         engine.step()
     assert e.value.request_ids == ["live"]
