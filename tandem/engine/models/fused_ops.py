@@ -94,35 +94,6 @@ def add_rms_norm(
 
 
 @triton.jit
-def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, stride_xt, stride_xh, stride_ot, stride_oh,
-                   stride_ct, num_heads, HALF: tl.constexpr, HEADS_PAD: tl.constexpr):
-    token = tl.program_id(0).to(tl.int64)
-    heads = tl.arange(0, HEADS_PAD)[:, None]
-    dims = tl.arange(0, HALF)[None, :]
-    ok = heads < num_heads
-    base = x_ptr + token * stride_xt + heads * stride_xh
-    x1 = tl.load(base + dims, mask=ok, other=0.0).to(tl.float32)
-    x2 = tl.load(base + HALF + dims, mask=ok, other=0.0).to(tl.float32)
-    # cos/sin rows are [cos(f), cos(f)] for the two halves (rotate-half convention).
-    c = tl.load(cos_ptr + token * stride_ct + dims).to(tl.float32)
-    s = tl.load(sin_ptr + token * stride_ct + dims).to(tl.float32)
-    obase = out_ptr + token * stride_ot + heads * stride_oh
-    tl.store(obase + dims, (x1 * c - x2 * s).to(out_ptr.dtype.element_ty), mask=ok)
-    tl.store(obase + HALF + dims, (x2 * c + x1 * s).to(out_ptr.dtype.element_ty), mask=ok)
-
-
-def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, H, D] by cos/sin [T, 1, D] (rotate-half convention) into a new tensor."""
-    tokens, heads, dim = x.shape
-    out = torch.empty((tokens, heads, dim), dtype=x.dtype, device=x.device)
-    if tokens:
-        cos2, sin2 = cos.reshape(tokens, dim), sin.reshape(tokens, dim)
-        _rotary_kernel[(tokens,)](x, cos2, sin2, out, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-                                  cos2.stride(0), heads, HALF=dim // 2, HEADS_PAD=triton.next_power_of_2(heads))
-    return out
-
-
-@triton.jit
 def _rotary_and_store_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, q_out_ptr, k_out_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos, stride_sin,
@@ -135,8 +106,8 @@ def _rotary_and_store_kernel(
     c = tl.load(cos_ptr + token * stride_cos + dims).to(tl.float32)
     s = tl.load(sin_ptr + token * stride_sin + dims).to(tl.float32)
 
-    # q: every head rotated into q_out (contiguous [T, Hq, 2 * HALF]); the math and the one
-    # rounding of _rotary_kernel.
+    # q: every head rotated into q_out (contiguous [T, Hq, 2 * HALF]); float32 math, rounded once
+    # (cos/sin rows are [cos(f), cos(f)] for the two halves: the rotate-half convention).
     qh = tl.arange(0, Q_HEADS_PAD)[:, None]
     q_ok = qh < num_q_heads
     src = q_ptr + token * stride_qt + qh * stride_qh

@@ -97,9 +97,8 @@ def check_rotary_and_store(block_size, tokens, hq, hkv, d, padding, *, device="c
     assert q_rot.is_contiguous() and k_rot.is_contiguous()
     torch.testing.assert_close(q_rot.float(), want_q, **_tolerance(dtype))
     torch.testing.assert_close(k_rot.float(), want_k, **_tolerance(dtype))
-    if not q_rot.is_cuda:
-        assert torch.equal(q_rot, fused_ops.rotary(q, cos, sin))
-        assert torch.equal(k_rot, fused_ops.rotary(k, cos, sin))
+    if not q_rot.is_cuda:  # the interpreter has no fused multiply-add: the same float32 math, rounded once
+        assert torch.equal(q_rot, want_q.to(dtype)) and torch.equal(k_rot, want_k.to(dtype))
 
     k_flat, v_flat = k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d)
     live = live.to(device)
