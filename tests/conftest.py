@@ -1,5 +1,6 @@
 """Shared fixtures: tiny model directories of every supported architecture, generated once."""
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -97,6 +98,39 @@ class HFReference:
 def hf_reference():
     """Factory: (model_dir, max_new_tokens) -> HFReference."""
     return HFReference
+
+
+@contextlib.asynccontextmanager
+async def _in_process_pods(model_dir, *, prefill: dict | None = None, decode: dict | None = None, **common):
+    """One prefill and one decode pod served in this process, and the router's Dispatcher over
+    them: yields (dispatcher, prefill service, decode service); everything is stopped after."""
+    from services.decode import server as decode_server
+    from services.decode.settings import DecodeSettings
+    from services.prefill import server as prefill_server
+    from services.prefill.settings import PrefillSettings
+    from services.router.discovery import StaticDiscovery
+    from services.router.flow import Dispatcher
+    from services.router.pods import PodRegistry
+    from services.router.settings import RouterSettings
+
+    common = dict(model=model_dir, host="127.0.0.1", port=0, **common)
+    async with contextlib.AsyncExitStack() as stack:
+        p = await prefill_server.start(PrefillSettings(**common, **(prefill or {})))
+        stack.push_async_callback(p.stop)
+        d = await decode_server.start(DecodeSettings(**common, **(decode or {})))
+        stack.push_async_callback(d.stop)
+        pa, da = f"127.0.0.1:{p.port}", f"127.0.0.1:{d.port}"
+        registry = PodRegistry(StaticDiscovery([pa], [da]), interval_s=60, timeout_s=5)
+        await registry.start()
+        stack.push_async_callback(registry.close)
+        yield Dispatcher(registry, RouterSettings(model=model_dir, prefill=[pa], decode=[da])), p, d
+
+
+@pytest.fixture(scope="session")
+def in_process_pods():
+    """Async context manager factory: ``async with in_process_pods(model_dir, prefill={...},
+    decode={...}, **settings_for_both) as (dispatcher, prefill, decode)``."""
+    return _in_process_pods
 
 
 @pytest.fixture(scope="session")

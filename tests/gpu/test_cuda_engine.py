@@ -45,17 +45,9 @@ def test_bfloat16_logits_within_bf16_tolerance_of_transformers(arch, tiny_model)
     torch.testing.assert_close(ours, theirs, atol=0.05, rtol=0.02)
 
 
-def test_disaggregated_path_on_cuda_matches_the_offline_engine(tiny_model):
+def test_disaggregated_path_on_cuda_matches_the_offline_engine(tiny_model, in_process_pods):
     """Prefill and decode servers on the GPU (pinned staging, receiver stream): same tokens."""
-
-    from services.decode import server as decode_server
-    from services.decode.settings import DecodeSettings
-    from services.prefill import server as prefill_server
-    from services.prefill.settings import PrefillSettings
-    from services.router.discovery import StaticDiscovery
-    from services.router.flow import Dispatcher, Job, Route
-    from services.router.pods import PodRegistry
-    from services.router.settings import RouterSettings
+    from services.router.flow import Job, Route
 
     model_dir = tiny_model("qwen3")
     batch = prompts(1000, seed=3)
@@ -66,14 +58,8 @@ def test_disaggregated_path_on_cuda_matches_the_offline_engine(tiny_model):
     want = [offline.generate([p], params)[0].outputs[0].token_ids for p in batch]
 
     async def main():
-        common = dict(model=model_dir, host="127.0.0.1", port=0, device="cuda", num_kv_blocks=256)
-        p = await prefill_server.start(PrefillSettings(**common, kv_layers_per_group=1, kv_chunk_bytes=64 << 10))
-        d = await decode_server.start(DecodeSettings(**common))
-        pa, da = f"127.0.0.1:{p.port}", f"127.0.0.1:{d.port}"
-        registry = PodRegistry(StaticDiscovery([pa], [da]), interval_s=60, timeout_s=5)
-        await registry.start()
-        try:
-            dispatcher = Dispatcher(registry, RouterSettings(model=model_dir, prefill=[pa], decode=[da]))
+        prefill = dict(kv_layers_per_group=1, kv_chunk_bytes=64 << 10)
+        async with in_process_pods(model_dir, prefill=prefill, device="cuda", num_kv_blocks=256) as (dispatcher, _, _):
             got = []
             for i, prompt in enumerate(batch):
                 route = Route()
@@ -81,10 +67,6 @@ def test_disaggregated_path_on_cuda_matches_the_offline_engine(tiny_model):
                 assert route.mode == "disaggregated" and route.prefill_response is not None
                 got.append([t for e in events for t in e.token_ids])
             return got
-        finally:
-            await registry.close()
-            await p.stop()
-            await d.stop()
 
     assert asyncio.run(main()) == want
 

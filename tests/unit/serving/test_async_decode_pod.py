@@ -10,15 +10,8 @@ import random
 from tandem.engine import LLM, SamplingParams
 
 
-def test_disaggregated_requests_on_an_async_decode_pod_get_the_offline_tokens(tiny_model):
-    from services.decode import server as decode_server
-    from services.decode.settings import DecodeSettings
-    from services.prefill import server as prefill_server
-    from services.prefill.settings import PrefillSettings
-    from services.router.discovery import StaticDiscovery
-    from services.router.flow import Dispatcher, Job, Route
-    from services.router.pods import PodRegistry
-    from services.router.settings import RouterSettings
+def test_disaggregated_requests_on_an_async_decode_pod_get_the_offline_tokens(tiny_model, in_process_pods):
+    from services.router.flow import Job, Route
 
     model_dir = tiny_model("llama")
     rng = random.Random(5)
@@ -29,15 +22,9 @@ def test_disaggregated_requests_on_an_async_decode_pod_get_the_offline_tokens(ti
     want = [o.outputs[0].token_ids for o in offline.generate(batch, params)]
 
     async def main():
-        common = dict(model=model_dir, host="127.0.0.1", port=0, num_kv_blocks=256)
-        p = await prefill_server.start(PrefillSettings(**common))
-        d = await decode_server.start(DecodeSettings(**common, async_scheduling="on", async_output_processing="on"))
-        assert d.parts["engine"].async_scheduling
-        pa, da = f"127.0.0.1:{p.port}", f"127.0.0.1:{d.port}"
-        registry = PodRegistry(StaticDiscovery([pa], [da]), interval_s=60, timeout_s=5)
-        await registry.start()
-        try:
-            dispatcher = Dispatcher(registry, RouterSettings(model=model_dir, prefill=[pa], decode=[da]))
+        decode = dict(async_scheduling="on", async_output_processing="on")
+        async with in_process_pods(model_dir, decode=decode, num_kv_blocks=256) as (dispatcher, _, d):
+            assert d.parts["engine"].async_scheduling
 
             async def one(i):
                 await asyncio.sleep(0.05 * i)  # arrivals while the others decode
@@ -50,9 +37,5 @@ def test_disaggregated_requests_on_an_async_decode_pod_get_the_offline_tokens(ti
             stats = d.parts["engine"].get_stats()
             assert stats.num_free_blocks == stats.num_total_blocks  # nothing leaked
             return got
-        finally:
-            await registry.close()
-            await p.stop()
-            await d.stop()
 
     assert asyncio.run(main()) == want
