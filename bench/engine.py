@@ -40,7 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, print_table, write_result  # noqa: E402
 from shapes import shape_dir  # noqa: E402
 
-
 NOMINAL_BANDWIDTH = 3.0e12
 NOMINAL_FLOPS = 790e12
 """The issue's H100 80GB figures (../shared/BENCHMARKS.md): floors against them are comparable
@@ -103,7 +102,10 @@ class Shape:
         return (self.weight_bytes + batch * context * self.kv_bytes_per_token) / bandwidth
 
     def prefill_floor(self, tokens: int, flops: float) -> float:
-        work = 2 * self.linear_params * tokens + 2 * tokens**2 * self.q_heads * self.head_dim * self.layers
+        work = (
+            2 * self.linear_params * tokens
+            + 2 * tokens**2 * self.q_heads * self.head_dim * self.layers
+        )
         return work / flops
 
 
@@ -124,12 +126,21 @@ def synthetic_step(engine, batch: int, context: int, new_tokens: int, rng: rando
     params = SamplingParams(temperature=0, max_tokens=1 << 20, ignore_eos=True)
     steps = []
     for i in range(batch):
-        seq = Sequence(f"bench-{i}", [rng.randrange(3, vocab) for _ in range(total)], params,
-                       arrival_time=0.0, arrival_index=i)
+        seq = Sequence(
+            f"bench-{i}",
+            [rng.randrange(3, vocab) for _ in range(total)],
+            params,
+            arrival_time=0.0,
+            arrival_index=i,
+        )
         # A read-only int64 array, as the block manager hands out tables (the runner's fast path).
-        blocks = np.array(pool[i * per_seq:(i + 1) * per_seq], dtype=np.int64)
+        blocks = np.array(pool[i * per_seq : (i + 1) * per_seq], dtype=np.int64)
         blocks.flags.writeable = False
-        steps.append(ScheduledSequence(seq, start=context, num_new_tokens=new_tokens, block_ids=blocks, samples=True))
+        steps.append(
+            ScheduledSequence(
+                seq, start=context, num_new_tokens=new_tokens, block_ids=blocks, samples=True
+            )
+        )
     return steps
 
 
@@ -147,7 +158,9 @@ def time_steps(engine, steps, warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
-def loop_decode(engine, batch: int, context: int, steps: int, async_mode: str, rng: random.Random) -> float | None:
+def loop_decode(
+    engine, batch: int, context: int, steps: int, async_mode: str, rng: random.Random
+) -> float | None:
     """Seconds per ``engine.step()`` while ``batch`` requests decode at ``context`` tokens: the
     engine's whole step (scheduler, runner, outputs), i.e. the time per output token a user sees,
     under one async mode. None when the KV pool cannot hold the batch."""
@@ -160,9 +173,15 @@ def loop_decode(engine, batch: int, context: int, steps: int, async_mode: str, r
     vocab = engine.model_config.vocab_size
     params = SamplingParams(temperature=0, max_tokens=steps + 16, ignore_eos=True)
     for i in range(batch):
-        engine.add_request(f"loop-{async_mode}-{batch}-{i}", [rng.randrange(3, vocab) for _ in range(context)], params)
+        engine.add_request(
+            f"loop-{async_mode}-{batch}-{i}",
+            [rng.randrange(3, vocab) for _ in range(context)],
+            params,
+        )
     sched = engine.scheduler
-    while len(sched.waiting) or any(s.num_computed_tokens < s.num_prompt_tokens for s in sched.running):
+    while len(sched.waiting) or any(
+        s.num_computed_tokens < s.num_prompt_tokens for s in sched.running
+    ):
         engine.step()  # the prefills
     for _ in range(4):
         engine.step()
@@ -180,8 +199,8 @@ def loop_decode(engine, batch: int, context: int, steps: int, async_mode: str, r
 
 
 def micro(args, device: torch.device, out: Path) -> dict:
-    from tandem.engine.llm_engine import LLMEngine
     from tandem.engine.config import EngineConfig
+    from tandem.engine.llm_engine import LLMEngine
 
     bandwidth, flops = measure_bandwidth(device), measure_matmul(device)
     print(f"measured: copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s")
@@ -189,12 +208,21 @@ def micro(args, device: torch.device, out: Path) -> dict:
     rng = random.Random(0)
     for name in args.shapes:
         model = shape_dir(name, out)
-        longest = max(max(args.prefill), max(args.contexts) + 1, args.loop_context + args.loop_steps + 16)
-        engine = LLMEngine(EngineConfig(
-            model=str(model), device=args.device, dtype=args.dtype, load_format="dummy",
-            max_num_seqs=max(args.batches), max_num_batched_tokens=max(args.prefill),
-            max_model_len=longest + 16, enable_prefix_caching=False,
-        ))
+        longest = max(
+            max(args.prefill), max(args.contexts) + 1, args.loop_context + args.loop_steps + 16
+        )
+        engine = LLMEngine(
+            EngineConfig(
+                model=str(model),
+                device=args.device,
+                dtype=args.dtype,
+                load_format="dummy",
+                max_num_seqs=max(args.batches),
+                max_num_batched_tokens=max(args.prefill),
+                max_model_len=longest + 16,
+                enable_prefix_caching=False,
+            )
+        )
         shape = Shape(engine)
         backend = f"{engine.runner.backend_name}{'+graphs' if engine.runner.graphs else ''}"
         for context in args.contexts:
@@ -203,14 +231,48 @@ def micro(args, device: torch.device, out: Path) -> dict:
                 floor = shape.decode_floor(batch, context, bandwidth)
                 nominal = shape.decode_floor(batch, context, NOMINAL_BANDWIDTH)
                 if steps is None:
-                    rows.append([name, "decode", batch, context, "KV does not fit", floor * 1e3, "", "", backend])
+                    rows.append(
+                        [
+                            name,
+                            "decode",
+                            batch,
+                            context,
+                            "KV does not fit",
+                            floor * 1e3,
+                            "",
+                            "",
+                            backend,
+                        ]
+                    )
                     continue
                 t = time_steps(engine, steps, args.warmup, args.iters)
-                rows.append([name, "decode", batch, context, t * 1e3, floor * 1e3, floor / t, nominal / t, backend])
-                records.append(dict(shape=name, kind="decode", batch=batch, context=context, seconds=t,
-                                    floor_seconds=floor, fraction_of_floor=floor / t,
-                                    nominal_floor_seconds=nominal, fraction_of_nominal_floor=nominal / t,
-                                    backend=backend))
+                rows.append(
+                    [
+                        name,
+                        "decode",
+                        batch,
+                        context,
+                        t * 1e3,
+                        floor * 1e3,
+                        floor / t,
+                        nominal / t,
+                        backend,
+                    ]
+                )
+                records.append(
+                    dict(
+                        shape=name,
+                        kind="decode",
+                        batch=batch,
+                        context=context,
+                        seconds=t,
+                        floor_seconds=floor,
+                        fraction_of_floor=floor / t,
+                        nominal_floor_seconds=nominal,
+                        fraction_of_nominal_floor=nominal / t,
+                        backend=backend,
+                    )
+                )
         for batch in args.loop_batches:
             context = args.loop_context
             floor = shape.decode_floor(batch, context, bandwidth)
@@ -218,31 +280,98 @@ def micro(args, device: torch.device, out: Path) -> dict:
             for mode in args.loop_async:
                 t = loop_decode(engine, batch, context, args.loop_steps, mode, rng)
                 if t is None:
-                    rows.append([name, f"engine loop ({mode})", batch, context, "KV does not fit", floor * 1e3,
-                                 "", "", backend])
+                    rows.append(
+                        [
+                            name,
+                            f"engine loop ({mode})",
+                            batch,
+                            context,
+                            "KV does not fit",
+                            floor * 1e3,
+                            "",
+                            "",
+                            backend,
+                        ]
+                    )
                     continue
-                rows.append([name, f"engine loop ({mode})", batch, context, t * 1e3, floor * 1e3, floor / t,
-                             nominal / t, backend])
-                records.append(dict(shape=name, kind="engine-loop", async_mode=mode, batch=batch, context=context,
-                                    seconds=t, floor_seconds=floor, fraction_of_floor=floor / t,
-                                    nominal_floor_seconds=nominal, fraction_of_nominal_floor=nominal / t,
-                                    backend=backend))
+                rows.append(
+                    [
+                        name,
+                        f"engine loop ({mode})",
+                        batch,
+                        context,
+                        t * 1e3,
+                        floor * 1e3,
+                        floor / t,
+                        nominal / t,
+                        backend,
+                    ]
+                )
+                records.append(
+                    dict(
+                        shape=name,
+                        kind="engine-loop",
+                        async_mode=mode,
+                        batch=batch,
+                        context=context,
+                        seconds=t,
+                        floor_seconds=floor,
+                        fraction_of_floor=floor / t,
+                        nominal_floor_seconds=nominal,
+                        fraction_of_nominal_floor=nominal / t,
+                        backend=backend,
+                    )
+                )
         for tokens in args.prefill:
             steps = synthetic_step(engine, 1, 0, tokens, rng)
             floor = shape.prefill_floor(tokens, flops)
             nominal = shape.prefill_floor(tokens, NOMINAL_FLOPS)
             t = time_steps(engine, steps, 1, max(3, args.iters // 4))
             achieved = shape.prefill_floor(tokens, 1.0) / t
-            rows.append([name, "prefill", 1, tokens, t * 1e3, floor * 1e3, floor / t, nominal / t,
-                         f"{backend} {achieved / 1e12:.0f} TFLOP/s"])
-            records.append(dict(shape=name, kind="prefill", tokens=tokens, seconds=t, floor_seconds=floor,
-                                fraction_of_floor=floor / t, nominal_floor_seconds=nominal,
-                                fraction_of_nominal_floor=nominal / t, tflops=achieved / 1e12, backend=backend))
+            rows.append(
+                [
+                    name,
+                    "prefill",
+                    1,
+                    tokens,
+                    t * 1e3,
+                    floor * 1e3,
+                    floor / t,
+                    nominal / t,
+                    f"{backend} {achieved / 1e12:.0f} TFLOP/s",
+                ]
+            )
+            records.append(
+                dict(
+                    shape=name,
+                    kind="prefill",
+                    tokens=tokens,
+                    seconds=t,
+                    floor_seconds=floor,
+                    fraction_of_floor=floor / t,
+                    nominal_floor_seconds=nominal,
+                    fraction_of_nominal_floor=nominal / t,
+                    tflops=achieved / 1e12,
+                    backend=backend,
+                )
+            )
         del engine
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    print_table(["shape", "step", "batch", "context/tokens", "ms", "floor ms", "of floor", "of H100 floor",
-                 "backend"], rows)
+    print_table(
+        [
+            "shape",
+            "step",
+            "batch",
+            "context/tokens",
+            "ms",
+            "floor ms",
+            "of floor",
+            "of H100 floor",
+            "backend",
+        ],
+        rows,
+    )
     return {"bandwidth_Bps": bandwidth, "matmul_flops": flops, "results": records}
 
 
@@ -264,8 +393,14 @@ def tandem_offline(model: Path, args, prompts, out_lens, async_mode: str) -> dic
     """One Tandem run of the offline protocol: seconds, tokens/s and where the steps' time went."""
     from tandem.engine import LLM, SamplingParams
 
-    llm = LLM(model, device=args.device, dtype=args.dtype, max_num_seqs=256, max_num_batched_tokens=8192,
-              **ASYNC_MODES[async_mode])
+    llm = LLM(
+        model,
+        device=args.device,
+        dtype=args.dtype,
+        max_num_seqs=256,
+        max_num_batched_tokens=8192,
+        **ASYNC_MODES[async_mode],
+    )
     wanted = sum(out_lens)
     llm.generate([prompts[0][:16]], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
     runner, timing = llm.engine.runner, {"steps": 0, "execute_s": 0.0}
@@ -279,7 +414,10 @@ def tandem_offline(model: Path, args, prompts, out_lens, async_mode: str) -> dic
 
         def __init__(self, scheduled, launched, t0):
             self.scheduled, self.launched, self.t0 = scheduled, launched, t0
-            self.sampled, self.tokens = launched.sampled, launched.tokens  # what async scheduling reads
+            self.sampled, self.tokens = (
+                launched.sampled,
+                launched.tokens,
+            )  # what async scheduling reads
 
         def result(self):
             try:
@@ -288,7 +426,9 @@ def tandem_offline(model: Path, args, prompts, out_lens, async_mode: str) -> dic
                 took = time.perf_counter() - self.t0
                 timing["steps"] += 1
                 timing["execute_s"] += took
-                per_step.append((len(self.scheduled), sum(s.num_new_tokens for s in self.scheduled), took))
+                per_step.append(
+                    (len(self.scheduled), sum(s.num_new_tokens for s in self.scheduled), took)
+                )
 
     def timed_launch(scheduled, input_ids=None):
         t = time.perf_counter()
@@ -297,7 +437,9 @@ def tandem_offline(model: Path, args, prompts, out_lens, async_mode: str) -> dic
     runner.launch = timed_launch  # where the time goes: model steps vs the engine around them
     replays = runner.graphs.replays if runner.graphs else 0
     t0 = time.perf_counter()
-    outs = llm.generate(prompts, [SamplingParams(temperature=0, ignore_eos=True, max_tokens=n) for n in out_lens])
+    outs = llm.generate(
+        prompts, [SamplingParams(temperature=0, ignore_eos=True, max_tokens=n) for n in out_lens]
+    )
     seconds = time.perf_counter() - t0
     timing["graph_steps"] = (runner.graphs.replays if runner.graphs else 0) - replays
     timing["async_output_processing"] = llm.engine.async_output_processing
@@ -305,12 +447,18 @@ def tandem_offline(model: Path, args, prompts, out_lens, async_mode: str) -> dic
     for lo, hi in ((1, 64), (65, 128), (129, 192), (193, 256)):
         sel = [s for b, n, s in per_step if lo <= b <= hi and n == b]
         if sel:
-            print(f"  decode steps of {lo}-{hi} sequences: {len(sel)}, median {statistics.median(sel) * 1e3:.2f} ms,"
-                  f" total {sum(sel):.1f} s", flush=True)
+            print(
+                f"  decode steps of {lo}-{hi} sequences: {len(sel)}, median {statistics.median(sel) * 1e3:.2f} ms,"
+                f" total {sum(sel):.1f} s",
+                flush=True,
+            )
     mixed = [s for b, n, s in per_step if n != b]
     print(f"  steps with prompt tokens: {len(mixed)}, total {sum(mixed):.1f} s", flush=True)
-    print(f"async {async_mode}: {timing['steps']} steps ({timing['graph_steps']} from CUDA graphs), "
-          f"{timing['execute_s']:.1f} s launch to tokens, {seconds - timing['execute_s']:.1f} s around it", flush=True)
+    print(
+        f"async {async_mode}: {timing['steps']} steps ({timing['graph_steps']} from CUDA graphs), "
+        f"{timing['execute_s']:.1f} s launch to tokens, {seconds - timing['execute_s']:.1f} s around it",
+        flush=True,
+    )
     assert sum(len(o.outputs[0].token_ids) for o in outs) == wanted
     print(f"tandem (async {async_mode}): {wanted} tokens in {seconds:.1f} s", flush=True)
     return {"seconds": seconds, "tok_s": wanted / seconds, "timing": timing}
@@ -330,7 +478,9 @@ def offline(args, device: torch.device, out: Path) -> dict:
         from tandem.model_dir import load_model_config
 
         vocab = load_model_config(model).vocab_size
-        prompts, out_lens = nano_vllm_requests(args.num_requests, args.min_len, args.max_len, vocab, 0)
+        prompts, out_lens = nano_vllm_requests(
+            args.num_requests, args.min_len, args.max_len, vocab, 0
+        )
         wanted = sum(out_lens)
         runs = {}
         for mode in args.async_modes:
@@ -338,23 +488,45 @@ def offline(args, device: torch.device, out: Path) -> dict:
             release_gpu_memory()
         first = runs[args.async_modes[0]]
         tandem_s = first["seconds"]
-        result = {"shape": name, "requests": len(prompts), "output_tokens": wanted, "tandem_s": tandem_s,
-                  "tandem_tok_s": wanted / tandem_s, "tandem_timing": first["timing"],
-                  "tandem_by_async_mode": runs}
+        result = {
+            "shape": name,
+            "requests": len(prompts),
+            "output_tokens": wanted,
+            "tandem_s": tandem_s,
+            "tandem_tok_s": wanted / tandem_s,
+            "tandem_timing": first["timing"],
+            "tandem_by_async_mode": runs,
+        }
         for mode, run in runs.items():
-            rows.append([name, f"tandem (async {mode})", wanted, run["seconds"], run["tok_s"],
-                         first["tok_s"] / run["tok_s"]])
+            rows.append(
+                [
+                    name,
+                    f"tandem (async {mode})",
+                    wanted,
+                    run["seconds"],
+                    run["tok_s"],
+                    first["tok_s"] / run["tok_s"],
+                ]
+            )
         for mode, measured in hf_offline(model, prompts, out_lens, device, args.hf_modes).items():
             if measured is None:
                 rows.append([name, f"hf {mode}", "", "not available", "", ""])
                 continue
             seconds, tokens = measured
             ratio = (wanted / tandem_s) / (tokens / seconds)
-            result.update({f"hf_{mode}_s": seconds, f"hf_{mode}_output_tokens": tokens,
-                           f"tandem_over_hf_{mode}_tok_s": ratio})
+            result.update(
+                {
+                    f"hf_{mode}_s": seconds,
+                    f"hf_{mode}_output_tokens": tokens,
+                    f"tandem_over_hf_{mode}_tok_s": ratio,
+                }
+            )
             rows.append([name, f"hf {mode}", tokens, seconds, tokens / seconds, ratio])
         records.append(result)
-    print_table(["shape", "engine", "out tokens", "s", "out tok/s", "first tandem row's tok/s over this"], rows)
+    print_table(
+        ["shape", "engine", "out tokens", "s", "out tok/s", "first tandem row's tok/s over this"],
+        rows,
+    )
     return {"results": records}
 
 
@@ -374,16 +546,28 @@ def hf_offline(model_dir: Path, prompts, out_lens, device: torch.device, modes) 
         t0 = time.perf_counter()
         for i in range(0, len(prompts), 64):
             print(f"hf generate: batch {i // 64} at {time.perf_counter() - t0:.1f} s", flush=True)
-            batch, lens = prompts[i:i + 64], out_lens[i:i + 64]
+            batch, lens = prompts[i : i + 64], out_lens[i : i + 64]
             width = max(len(p) for p in batch)
             ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+            mask = torch.tensor(
+                [[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device
+            )
             with torch.no_grad():
-                hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(lens), min_new_tokens=max(lens),
-                            do_sample=False)
+                hf.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=max(lens),
+                    min_new_tokens=max(lens),
+                    do_sample=False,
+                )
         print(f"hf generate: {time.perf_counter() - t0:.1f} s", flush=True)
-        results["generate"] = (time.perf_counter() - t0,
-                               sum(len(prompts[i:i + 64]) * max(out_lens[i:i + 64]) for i in range(0, len(prompts), 64)))
+        results["generate"] = (
+            time.perf_counter() - t0,
+            sum(
+                len(prompts[i : i + 64]) * max(out_lens[i : i + 64])
+                for i in range(0, len(prompts), 64)
+            ),
+        )
     if "generate_batch" in modes:
         if not hasattr(hf, "generate_batch"):
             results["generate_batch"] = None
@@ -404,9 +588,12 @@ def _hf_generate_batch(hf, prompts, out_lens) -> tuple[float, int]:
     n = max(out_lens)
     # No EOS at all (rather than min_new_tokens, a logits processor that continuous batching runs
     # per request or drops): every request generates exactly n tokens.
-    config = GenerationConfig(max_new_tokens=n, do_sample=False, pad_token_id=hf.config.pad_token_id,
-                              eos_token_id=None)
-    hf.generate_batch(inputs=[prompts[0][:16]], generation_config=config, progress_bar=False)  # warm-up
+    config = GenerationConfig(
+        max_new_tokens=n, do_sample=False, pad_token_id=hf.config.pad_token_id, eos_token_id=None
+    )
+    hf.generate_batch(
+        inputs=[prompts[0][:16]], generation_config=config, progress_bar=False
+    )  # warm-up
     t0 = time.perf_counter()
     out = hf.generate_batch(inputs=prompts, generation_config=config, progress_bar=False)
     seconds = time.perf_counter() - t0
@@ -414,7 +601,9 @@ def _hf_generate_batch(hf, prompts, out_lens) -> tuple[float, int]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--section", choices=["micro", "offline"], default="micro")
@@ -422,29 +611,50 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128, 256])
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--prefill", type=int, nargs="+", default=[1024, 8192, 32768])
-    ap.add_argument("--loop-batches", type=int, nargs="*", default=[1, 256],
-                    help="micro: decode batches also timed through the whole engine loop (engine.step)")
+    ap.add_argument(
+        "--loop-batches",
+        type=int,
+        nargs="*",
+        default=[1, 256],
+        help="micro: decode batches also timed through the whole engine loop (engine.step)",
+    )
     ap.add_argument("--loop-context", type=int, default=1024)
     ap.add_argument("--loop-steps", type=int, default=50)
-    ap.add_argument("--loop-async", nargs="+", choices=list(ASYNC_MODES), default=["off", "scheduling"])
+    ap.add_argument(
+        "--loop-async", nargs="+", choices=list(ASYNC_MODES), default=["off", "scheduling"]
+    )
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--num-requests", type=int, default=256)
     ap.add_argument("--min-len", type=int, default=100)
     ap.add_argument("--max-len", type=int, default=1024)
     ap.add_argument("--hf-modes", nargs="+", default=["generate", "generate_batch"])
-    ap.add_argument("--async", dest="async_modes", nargs="+", choices=list(ASYNC_MODES), default=["auto"],
-                    help="offline: one Tandem run per mode (off, outputs: async output processing, scheduling: "
-                         "async scheduling too, auto: the engine's default); ratios against the first")
-    ap.add_argument("--models-dir", type=Path, default=None, help="where shape directories are written")
+    ap.add_argument(
+        "--async",
+        dest="async_modes",
+        nargs="+",
+        choices=list(ASYNC_MODES),
+        default=["auto"],
+        help="offline: one Tandem run per mode (off, outputs: async output processing, scheduling: "
+        "async scheduling too, auto: the engine's default); ratios against the first",
+    )
+    ap.add_argument(
+        "--models-dir", type=Path, default=None, help="where shape directories are written"
+    )
     ap.add_argument("--out-dir", type=Path, default=None)
     args = ap.parse_args()
     if args.shapes is None:
-        args.shapes = ["llama-3.2-1b", "llama-3.1-8b"] if args.section == "micro" else ["qwen3-0.6b", "llama-3.2-1b"]
+        args.shapes = (
+            ["llama-3.2-1b", "llama-3.1-8b"]
+            if args.section == "micro"
+            else ["qwen3-0.6b", "llama-3.2-1b"]
+        )
     device = torch.device(args.device)
     out = args.models_dir or Path(tempfile.gettempdir()) / "tandem-bench-models"
     payload = micro(args, device, out) if args.section == "micro" else offline(args, device, out)
-    payload.update(device=device_name(args.device), section=args.section, command=" ".join(sys.argv))
+    payload.update(
+        device=device_name(args.device), section=args.section, command=" ".join(sys.argv)
+    )
     path = write_result(f"engine-{args.section}", args.device, payload, args.out_dir)
     print(f"wrote {path}")
 

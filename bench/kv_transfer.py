@@ -51,7 +51,11 @@ def kv_source(case: Case, device: str, seed: int = 0):
     layers, heads, dim = SHAPES[case.shape]
     dtype = getattr(torch, case.dtype)
     g = torch.Generator().manual_seed(seed)
-    kv = torch.randn((layers, 2, case.num_blocks, BLOCK, heads, dim), generator=g).to(dtype).to(device)
+    kv = (
+        torch.randn((layers, 2, case.num_blocks, BLOCK, heads, dim), generator=g)
+        .to(dtype)
+        .to(device)
+    )
     block_ids = torch.randperm(case.num_blocks, generator=g).tolist()
     return kv, block_ids
 
@@ -95,7 +99,9 @@ def receiver_main(case: Case) -> None:
                 await loop.run_in_executor(None, receiver.complete, msg.end)
                 completed[0] += 1
                 # Check every page of the first (warm-up) transfer; timed ones stay untouched.
-                if completed[0] == 1 and not torch.equal(cache.tensor[:, :, : case.num_blocks], expected):
+                if completed[0] == 1 and not torch.equal(
+                    cache.tensor[:, :, : case.num_blocks], expected
+                ):
                     await context.abort(grpc.StatusCode.DATA_LOSS, "pages differ from the source")
         return decode_pb2.PushKVResponse(chunks_received=n)
 
@@ -118,10 +124,16 @@ def receiver_main(case: Case) -> None:
     async def serve():
         server = grpc.aio.server(options=SERVER_OPTIONS)
         handler = grpc.stream_unary_rpc_method_handler(
-            push_kv, request_deserializer=codec.decode, response_serializer=decode_pb2.PushKVResponse.SerializeToString
+            push_kv,
+            request_deserializer=codec.decode,
+            response_serializer=decode_pb2.PushKVResponse.SerializeToString,
         )
         server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler("tandem.decode.v1.DecodeService", {"PushKV": handler}),)
+            (
+                grpc.method_handlers_generic_handler(
+                    "tandem.decode.v1.DecodeService", {"PushKV": handler}
+                ),
+            )
         )
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
@@ -143,8 +155,14 @@ def make_sender(case: Case, kv, streams: int, group: int, chunk: int, device: st
 
     layers, heads, dim = SHAPES[case.shape]
     spec = KVCacheSpec(layers, heads, dim, BLOCK, kv.dtype)
-    return KVSender(spec, "bench", layers_per_group=group, max_chunk_bytes=chunk, num_streams=streams,
-                    device=torch.device(device))
+    return KVSender(
+        spec,
+        "bench",
+        layers_per_group=group,
+        max_chunk_bytes=chunk,
+        num_streams=streams,
+        device=torch.device(device),
+    )
 
 
 def grpc_transfer(sender, case: Case, address: str, kv, block_ids, device) -> float:
@@ -157,7 +175,9 @@ def grpc_transfer(sender, case: Case, address: str, kv, block_ids, device) -> fl
     from tandem.proto.common.v1 import common_pb2
 
     layers = SHAPES[case.shape][0]
-    seq = Sequence("r", [0] * case.tokens, SamplingParams(max_tokens=1), arrival_time=0.0, arrival_index=0)
+    seq = Sequence(
+        "r", [0] * case.tokens, SamplingParams(max_tokens=1), arrival_time=0.0, arrival_index=0
+    )
     scheduled = [ScheduledSequence(seq, 0, case.tokens, block_ids, True)]
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -165,7 +185,9 @@ def grpc_transfer(sender, case: Case, address: str, kv, block_ids, device) -> fl
     sender.start("r", KVTarget(address, "r", 0, "bench"), case.tokens)
     for n in range(1, layers + 1):
         sender.on_layers_computed(scheduled, n, kv)
-    future = sender.finish("r", common_pb2.KVTransferEnd(request_id="r", model_fingerprint="bench", first_token_id=1))
+    future = sender.finish(
+        "r", common_pb2.KVTransferEnd(request_id="r", model_fingerprint="bench", first_token_id=1)
+    )
     result = future.result()  # raises if the receiver refused anything (or found pages differ)
     elapsed = time.perf_counter() - start
     assert result.bytes == kv.numel() * kv.element_size()
@@ -185,7 +207,9 @@ def raw_transfer(address: str, payload: bytes) -> float:
 
 def run_case(case: Case, args) -> list[dict]:
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--receiver", json.dumps(case.__dict__)], stdout=subprocess.PIPE, text=True
+        [sys.executable, __file__, "--receiver", json.dumps(case.__dict__)],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         ports = json.loads(proc.stdout.readline())
@@ -193,27 +217,46 @@ def run_case(case: Case, args) -> list[dict]:
         host_bytes = kv.cpu().contiguous().view(__import__("torch").uint8).numpy().tobytes()
         gb = len(host_bytes) / 1e9
         rows = []
-        raw_times = [raw_transfer(f"127.0.0.1:{ports['raw']}", host_bytes) for _ in range(args.repeats + 1)][1:]
+        raw_times = [
+            raw_transfer(f"127.0.0.1:{ports['raw']}", host_bytes) for _ in range(args.repeats + 1)
+        ][1:]
         raw_gbs = gb / statistics.median(raw_times)
         for streams in args.streams:
-            sender = make_sender(case, kv, streams, args.layers_per_group, args.chunk_bytes, args.device)
+            sender = make_sender(
+                case, kv, streams, args.layers_per_group, args.chunk_bytes, args.device
+            )
             times = []
             for _ in range(args.repeats + 1):  # the first is a warm-up (and checked page by page)
-                times.append(grpc_transfer(sender, case, f"127.0.0.1:{ports['grpc']}", kv, block_ids, args.device))
+                times.append(
+                    grpc_transfer(
+                        sender, case, f"127.0.0.1:{ports['grpc']}", kv, block_ids, args.device
+                    )
+                )
             sender.close()
             grpc_gbs = gb / statistics.median(times[1:])
-            rows.append({
-                "shape": case.shape, "tokens": case.tokens, "dtype": case.dtype, "bytes": len(host_bytes),
-                "streams": streams, "grpc_gb_s": grpc_gbs, "raw_tcp_gb_s": raw_gbs, "ratio": grpc_gbs / raw_gbs,
-                "grpc_seconds": statistics.median(times[1:]), "raw_seconds": statistics.median(raw_times),
-            })
+            rows.append(
+                {
+                    "shape": case.shape,
+                    "tokens": case.tokens,
+                    "dtype": case.dtype,
+                    "bytes": len(host_bytes),
+                    "streams": streams,
+                    "grpc_gb_s": grpc_gbs,
+                    "raw_tcp_gb_s": raw_gbs,
+                    "ratio": grpc_gbs / raw_gbs,
+                    "grpc_seconds": statistics.median(times[1:]),
+                    "raw_seconds": statistics.median(raw_times),
+                }
+            )
         return rows
     finally:
         proc.kill()
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--receiver", help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--shapes", nargs="+", default=None, choices=sorted(SHAPES))
@@ -235,12 +278,27 @@ def main() -> None:
     for shape in shapes:
         for n in tokens:
             rows += run_case(Case(shape, n, args.dtype), args)
-    payload = {"workload": "W0 KV transfer", "device": args.device, "command": " ".join(sys.argv), "rows": rows}
+    payload = {
+        "workload": "W0 KV transfer",
+        "device": args.device,
+        "command": " ".join(sys.argv),
+        "rows": rows,
+    }
     path = write_result("kv_transfer", args.device, payload, args.out_dir)
     print_table(
         ["shape", "tokens", "MiB", "streams", "gRPC GB/s", "raw TCP GB/s", "gRPC/raw"],
-        [[r["shape"], r["tokens"], r["bytes"] / 2**20, r["streams"], r["grpc_gb_s"], r["raw_tcp_gb_s"], r["ratio"]]
-         for r in rows],
+        [
+            [
+                r["shape"],
+                r["tokens"],
+                r["bytes"] / 2**20,
+                r["streams"],
+                r["grpc_gb_s"],
+                r["raw_tcp_gb_s"],
+                r["ratio"],
+            ]
+            for r in rows
+        ],
     )
     print(f"wrote {path}")
 

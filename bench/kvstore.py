@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, write_result  # noqa: E402
-
 import xxhash  # noqa: E402
+from common import print_table, write_result  # noqa: E402
 
 PODS = 8
 
@@ -70,8 +69,19 @@ async def run(args) -> list[dict]:
     client = aioredis.Redis.from_url(redis_server.url, max_connections=64)
     port = free_port()
     kvstore = LocalCluster(UpOptions(), Path("."), relay=False).spawn(
-        "kvstore", ["kvstore", "--host", "127.0.0.1", "--port", str(port), "--redis-url", redis_server.url,
-                    "--key-prefix", "bench"])[0]
+        "kvstore",
+        [
+            "kvstore",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--redis-url",
+            redis_server.url,
+            "--key-prefix",
+            "bench",
+        ],
+    )[0]
     rows = []
     try:
         index = RedisIndex(client, capacity=10_000_000, prefix="bench")
@@ -79,7 +89,13 @@ async def run(args) -> list[dict]:
         for length in args.lengths:
             for pod in range(PODS):
                 await index.heartbeat(f"pod-{pod}", "i1", 3600, now)
-                await index.add("ns", f"pod-{pod}", "i1", chain(length, seed=pod % 2) + chain(8, seed=100 + pod), now)
+                await index.add(
+                    "ns",
+                    f"pod-{pod}",
+                    "i1",
+                    chain(length, seed=pod % 2) + chain(8, seed=100 + pod),
+                    now,
+                )
         await client.set("plain-key", b"x" * 16)
         while not grpc_healthy(f"127.0.0.1:{port}"):
             await asyncio.sleep(0.1)
@@ -91,12 +107,32 @@ async def run(args) -> list[dict]:
             result = await index.lookup("ns", hashes, time.time())
             assert len(result) == PODS // 2 and set(result.values()) == {length}, result
             request = kvstore_pb2.LookupRequest(model_fingerprint="ns", block_hashes=hashes)
-            for op_name, op in (("index", lambda h=hashes: index.lookup("ns", h, time.time())),
-                                ("kvstore", lambda r=request: stub.Lookup(r))):
+            for op_name, op in (
+                ("index", lambda h=hashes: index.lookup("ns", h, time.time())),
+                ("kvstore", lambda r=request: stub.Lookup(r)),
+            ):
                 m = await measure(op, args.requests, args.concurrency)
-                rows.append({"op": op_name, "blocks": length, **m, "get_p50_ms": get["p50_ms"],
-                             "p50_vs_get": m["p50_ms"] / get["p50_ms"], "ops_vs_get": m["ops_per_s"] / get["ops_per_s"]})
-        rows.insert(0, {"op": "GET", "blocks": 0, **get, "get_p50_ms": get["p50_ms"], "p50_vs_get": 1.0, "ops_vs_get": 1.0})
+                rows.append(
+                    {
+                        "op": op_name,
+                        "blocks": length,
+                        **m,
+                        "get_p50_ms": get["p50_ms"],
+                        "p50_vs_get": m["p50_ms"] / get["p50_ms"],
+                        "ops_vs_get": m["ops_per_s"] / get["ops_per_s"],
+                    }
+                )
+        rows.insert(
+            0,
+            {
+                "op": "GET",
+                "blocks": 0,
+                **get,
+                "get_p50_ms": get["p50_ms"],
+                "p50_vs_get": 1.0,
+                "ops_vs_get": 1.0,
+            },
+        )
         await channel.close()
         memory = await memory_per_entry(client, args.memory_entries)
     finally:
@@ -117,29 +153,61 @@ async def memory_per_entry(client, entries: int) -> dict:
     for pod in ("pod-a", "pod-b"):
         await index.heartbeat(pod, "i1", 3600, now)
         for i in range(0, entries, 1000):  # events carry a step's new blocks: batches, not one call
-            await index.add("ns", pod, "i1", hashes[i:i + 1000], now)
+            await index.add("ns", pod, "i1", hashes[i : i + 1000], now)
     used = (await client.info("memory"))["used_memory"] - before
-    return {"entries": entries, "holders_per_entry": 2, "bytes": used, "bytes_per_entry": used / entries}
+    return {
+        "entries": entries,
+        "holders_per_entry": 2,
+        "bytes": used,
+        "bytes_per_entry": used / entries,
+    }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--lengths", type=int, nargs="+", default=[16, 256])
-    ap.add_argument("--memory-entries", type=int, default=150_000,
-                    help="index entries (two holders each) whose Redis memory is measured")
+    ap.add_argument(
+        "--memory-entries",
+        type=int,
+        default=150_000,
+        help="index entries (two holders each) whose Redis memory is measured",
+    )
     ap.add_argument("--out-dir", type=Path, default=None)
     args = ap.parse_args()
     rows, memory = asyncio.run(run(args))
-    payload = {"workload": "kvstore lookups", "pods": PODS, "requests": args.requests,
-               "concurrency": args.concurrency, "command": " ".join(sys.argv), "rows": rows, "memory": memory}
+    payload = {
+        "workload": "kvstore lookups",
+        "pods": PODS,
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "command": " ".join(sys.argv),
+        "rows": rows,
+        "memory": memory,
+    }
     path = write_result("kvstore", "cpu", payload, args.out_dir)
-    print_table(["op", "blocks", "p50 ms", "p99 ms", "ops/s", "p50 / GET", "ops/s / GET"],
-                [[r["op"], r["blocks"], r["p50_ms"], r["p99_ms"], r["ops_per_s"], r["p50_vs_get"], r["ops_vs_get"]]
-                 for r in rows])
-    print(f"Redis memory: {memory['bytes'] / 2**20:.1f} MiB for {memory['entries']} entries held by two pods each: "
-          f"{memory['bytes_per_entry']:.0f} bytes an entry")
+    print_table(
+        ["op", "blocks", "p50 ms", "p99 ms", "ops/s", "p50 / GET", "ops/s / GET"],
+        [
+            [
+                r["op"],
+                r["blocks"],
+                r["p50_ms"],
+                r["p99_ms"],
+                r["ops_per_s"],
+                r["p50_vs_get"],
+                r["ops_vs_get"],
+            ]
+            for r in rows
+        ],
+    )
+    print(
+        f"Redis memory: {memory['bytes'] / 2**20:.1f} MiB for {memory['entries']} entries held by two pods each: "
+        f"{memory['bytes_per_entry']:.0f} bytes an entry"
+    )
     print(f"wrote {path}")
 
 

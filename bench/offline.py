@@ -29,7 +29,9 @@ def make_requests(n: int, lo: int, hi: int, vocab: int, seed: int):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", type=Path, help="model directory (default: a generated tiny llama)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto")
@@ -49,7 +51,9 @@ def main() -> None:
     if model is None:
         from tandem.model_gen import ModelGenOptions, generate_model_dir
 
-        model = generate_model_dir(ModelGenOptions(arch="llama", out=Path(tempfile.mkdtemp()) / "tiny"))
+        model = generate_model_dir(
+            ModelGenOptions(arch="llama", out=Path(tempfile.mkdtemp()) / "tiny")
+        )
     llm = LLM(
         model,
         device=args.device,
@@ -59,7 +63,9 @@ def main() -> None:
         num_kv_blocks=args.num_kv_blocks,
     )
     vocab = llm.engine.model_config.vocab_size
-    prompts, out_lens = make_requests(args.num_requests, args.min_len, args.max_len, vocab, args.seed)
+    prompts, out_lens = make_requests(
+        args.num_requests, args.min_len, args.max_len, vocab, args.seed
+    )
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n) for n in out_lens]
     llm.generate(["Benchmark: "], SamplingParams(max_tokens=8))  # warm-up
     t0 = time.perf_counter()
@@ -90,8 +96,17 @@ def main() -> None:
     path = write_result("offline", args.device, result, args.out_dir)
     print_table(
         ["engine", "requests", "in tok", "out tok", "time s", "out tok/s", "total tok/s"],
-        [["tandem", args.num_requests, in_tokens, out_tokens, elapsed, result["output_tok_per_s"],
-          result["total_tok_per_s"]]],
+        [
+            [
+                "tandem",
+                args.num_requests,
+                in_tokens,
+                out_tokens,
+                elapsed,
+                result["output_tok_per_s"],
+                result["total_tok_per_s"],
+            ]
+        ],
     )
     print(json.dumps(result, indent=2))
     print(f"wrote {path}", file=sys.stderr)

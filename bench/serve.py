@@ -53,15 +53,25 @@ class RequestResult:
 
     @property
     def tpot(self) -> float | None:
-        return (self.e2el - self.ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else None
+        return (
+            (self.e2el - self.ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else None
+        )
 
 
-async def one_request(client, url: str, prompt: list[int], output_len: int, start_at: float, t0: float) -> RequestResult:
+async def one_request(
+    client, url: str, prompt: list[int], output_len: int, start_at: float, t0: float
+) -> RequestResult:
     import httpx
 
     await asyncio.sleep(max(0.0, t0 + start_at - time.perf_counter()))
-    body = {"prompt": prompt, "max_tokens": output_len, "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "prompt": prompt,
+        "max_tokens": output_len,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     result = RequestResult(ok=False, prompt_tokens=len(prompt))
     sent = time.perf_counter()
     last = None
@@ -102,13 +112,19 @@ def percentiles(values: list[float]) -> dict:
     def pct(p):
         return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
 
-    return {"mean": statistics.fmean(s), "median": statistics.median(s), "p90": pct(90), "p99": pct(99)}
+    return {
+        "mean": statistics.fmean(s),
+        "median": statistics.median(s),
+        "p90": pct(90),
+        "p99": pct(99),
+    }
 
 
 def summarize(results: list[RequestResult], wall: float, slo: dict) -> dict:
     ok = [r for r in results if r.ok]
     good = [
-        r for r in ok
+        r
+        for r in ok
         if (slo["ttft"] is None or r.ttft * 1000 <= slo["ttft"])
         and (slo["tpot"] is None or (r.tpot or 0) * 1000 <= slo["tpot"])
         and (slo["e2el"] is None or r.e2el * 1000 <= slo["e2el"])
@@ -125,22 +141,43 @@ def summarize(results: list[RequestResult], wall: float, slo: dict) -> dict:
         "total_token_throughput": (in_tokens + out_tokens) / wall,
         "goodput": len(good) / wall,
         "cache_hit_rate": sum(r.cached_tokens for r in ok) / max(1, in_tokens),
-        "ttft_ms": {k: v * 1000 if v is not None else None for k, v in percentiles([r.ttft for r in ok]).items()},
-        "tpot_ms": {k: v * 1000 if v is not None else None for k, v in percentiles([r.tpot for r in ok if r.tpot]).items()},
-        "itl_ms": {k: v * 1000 if v is not None else None for k, v in percentiles([g for r in ok for g in r.itls]).items()},
-        "e2el_ms": {k: v * 1000 if v is not None else None for k, v in percentiles([r.e2el for r in ok]).items()},
+        "ttft_ms": {
+            k: v * 1000 if v is not None else None
+            for k, v in percentiles([r.ttft for r in ok]).items()
+        },
+        "tpot_ms": {
+            k: v * 1000 if v is not None else None
+            for k, v in percentiles([r.tpot for r in ok if r.tpot]).items()
+        },
+        "itl_ms": {
+            k: v * 1000 if v is not None else None
+            for k, v in percentiles([g for r in ok for g in r.itls]).items()
+        },
+        "e2el_ms": {
+            k: v * 1000 if v is not None else None
+            for k, v in percentiles([r.e2el for r in ok]).items()
+        },
     }
 
 
 def workload(args, vocab: int):
     rng = random.Random(args.seed)
     if args.workload == "prefix-repetition":
-        prefixes = [[rng.randrange(3, vocab) for _ in range(args.prefix_len)] for _ in range(args.num_prefixes)]
-        prompts = [prefixes[i % args.num_prefixes] + [rng.randrange(3, vocab) for _ in range(args.suffix_len)]
-                   for i in range(args.num_prompts)]
+        prefixes = [
+            [rng.randrange(3, vocab) for _ in range(args.prefix_len)]
+            for _ in range(args.num_prefixes)
+        ]
+        prompts = [
+            prefixes[i % args.num_prefixes]
+            + [rng.randrange(3, vocab) for _ in range(args.suffix_len)]
+            for i in range(args.num_prompts)
+        ]
         rng.shuffle(prompts)
     else:
-        prompts = [[rng.randrange(3, vocab) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
+        prompts = [
+            [rng.randrange(3, vocab) for _ in range(args.input_len)]
+            for _ in range(args.num_prompts)
+        ]
     if args.rate == float("inf"):
         arrivals = [0.0] * args.num_prompts
     else:
@@ -157,7 +194,9 @@ async def warm_up(url: str, vocab: int) -> None:
     import httpx
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(None)) as client:
-        result = await one_request(client, url, [vocab - 1 - i for i in range(16)], 4, 0.0, time.perf_counter())
+        result = await one_request(
+            client, url, [vocab - 1 - i for i in range(16)], 4, 0.0, time.perf_counter()
+        )
     if not result.ok:
         raise SystemExit(f"the warm-up request failed: {result.error}")
 
@@ -169,10 +208,18 @@ async def run_load(url: str, args, vocab: int) -> dict:
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(one_request(client, url, p, args.output_len, a, t0)
-                                         for p, a in zip(prompts, arrivals)))
+        results = await asyncio.gather(
+            *(
+                one_request(client, url, p, args.output_len, a, t0)
+                for p, a in zip(prompts, arrivals)
+            )
+        )
         wall = time.perf_counter() - t0
-    return summarize(list(results), wall, {"ttft": args.slo_ttft_ms, "tpot": args.slo_tpot_ms, "e2el": args.slo_e2el_ms})
+    return summarize(
+        list(results),
+        wall,
+        {"ttft": args.slo_ttft_ms, "tpot": args.slo_tpot_ms, "e2el": args.slo_e2el_ms},
+    )
 
 
 def prefix_cache_counters(cluster) -> dict[str, tuple[int, int]]:
@@ -182,7 +229,10 @@ def prefix_cache_counters(cluster) -> dict[str, tuple[int, int]]:
     totals = {}
     for role in ("prefill", "decode"):
         stats = [pod_stats(pod) for pod in cluster.pods(role)]
-        totals[role] = (sum(st.prefix_cache_queries for st in stats), sum(st.prefix_cache_hits for st in stats))
+        totals[role] = (
+            sum(st.prefix_cache_queries for st in stats),
+            sum(st.prefix_cache_hits for st in stats),
+        )
     return totals
 
 
@@ -192,8 +242,11 @@ def routing_counts(cluster) -> dict[str, float]:
 
     url = cluster.by_name("router").metrics_url
     modes = counter_totals(url, "tandem_router_routing_decisions", "mode")
-    return {"colocated": modes.get("colocated", 0.0), "disaggregated": modes.get("disaggregated", 0.0),
-            "attempts": counter_totals(url, "tandem_router_attempts").get(None, 0.0)}
+    return {
+        "colocated": modes.get("colocated", 0.0),
+        "disaggregated": modes.get("disaggregated", 0.0),
+        "attempts": counter_totals(url, "tandem_router_attempts").get(None, 0.0),
+    }
 
 
 def settled_routing_counts(cluster, before: dict, requests: int, timeout_s: float = 5.0) -> dict:
@@ -245,8 +298,14 @@ def start_system(model: Path, mode: str, args):
 
     prefill, decode = mode_workers(mode, args)
     opts = UpOptions(
-        model=model, port=0, device=args.device, num_kv_blocks=args.num_kv_blocks, prefill=prefill, decode=decode,
-        worker_args=args.worker_args, kvstore=mode != "load-only",
+        model=model,
+        port=0,
+        device=args.device,
+        num_kv_blocks=args.num_kv_blocks,
+        prefill=prefill,
+        decode=decode,
+        worker_args=args.worker_args,
+        kvstore=mode != "load-only",
     )
     cluster = LocalCluster(opts, model, relay=False)
     cluster.start_redis()
@@ -260,13 +319,21 @@ def start_system(model: Path, mode: str, args):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--url", help="benchmark this running router instead of starting the system")
     ap.add_argument("--model", type=Path, help="model directory (default: a generated tiny llama)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--modes", nargs="+", default=["colocated", "disaggregated"],
-                    choices=["colocated", "disaggregated", "prefix-aware", "load-only"])
-    ap.add_argument("--workers", type=int, default=2, help="GPU workers per mode (disaggregated: half prefill)")
+    ap.add_argument(
+        "--modes",
+        nargs="+",
+        default=["colocated", "disaggregated"],
+        choices=["colocated", "disaggregated", "prefix-aware", "load-only"],
+    )
+    ap.add_argument(
+        "--workers", type=int, default=2, help="GPU workers per mode (disaggregated: half prefill)"
+    )
     ap.add_argument("--prefill-workers", type=int, default=2, help="prefix-aware / load-only modes")
     ap.add_argument("--decode-workers", type=int, default=1, help="prefix-aware / load-only modes")
     ap.add_argument("--workload", choices=["random", "prefix-repetition"], default="random")
@@ -274,13 +341,19 @@ def main() -> None:
     ap.add_argument("--prefix-len", type=int, default=256)
     ap.add_argument("--suffix-len", type=int, default=256)
     ap.add_argument("--num-kv-blocks", type=int, default=None)
-    ap.add_argument("--worker-args", type=shlex.split, default=[],
-                    help='extra flags for every worker, one string: --worker-args "--load-format dummy" '
-                         '(a lone flag: --worker-args=--enforce-eager)')
+    ap.add_argument(
+        "--worker-args",
+        type=shlex.split,
+        default=[],
+        help='extra flags for every worker, one string: --worker-args "--load-format dummy" '
+        "(a lone flag: --worker-args=--enforce-eager)",
+    )
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=32)
-    ap.add_argument("--rate", type=float, default=float("inf"), help="requests/s (Poisson), inf: all at once")
+    ap.add_argument(
+        "--rate", type=float, default=float("inf"), help="requests/s (Poisson), inf: all at once"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--slo-ttft-ms", type=float, default=None)
     ap.add_argument("--slo-tpot-ms", type=float, default=None)
@@ -294,7 +367,9 @@ def main() -> None:
     if model is None:
         from tandem.model_gen import ModelGenOptions, generate_model_dir
 
-        model = generate_model_dir(ModelGenOptions(arch="llama", out=Path(tempfile.mkdtemp()) / "tiny"))
+        model = generate_model_dir(
+            ModelGenOptions(arch="llama", out=Path(tempfile.mkdtemp()) / "tiny")
+        )
     vocab = load_model_config(model).vocab_size
     results, problems = {}, []
     if args.url:
@@ -309,37 +384,81 @@ def main() -> None:
                 results[mode] = asyncio.run(run_load(cluster.router_url, args, vocab))
                 # usage.cached_tokens also counts blocks the decode pod had cached (they are not
                 # sent): the prefill pods' own rate is what prefix-aware routing moves.
-                results[mode]["pod_cache_hit_rate"] = hit_rates(before, prefix_cache_counters(cluster))
+                results[mode]["pod_cache_hit_rate"] = hit_rates(
+                    before, prefix_cache_counters(cluster)
+                )
                 # A disaggregated request whose prefill fails is retried colocated and still
                 # succeeds: check the run measured the mode it claims.
-                problem = routing_problem(mode, routed, settled_routing_counts(cluster, routed, args.num_prompts))
+                problem = routing_problem(
+                    mode, routed, settled_routing_counts(cluster, routed, args.num_prompts)
+                )
                 if problem:
                     problems.append(problem)
-                    print(f"warning: {problem}; the workers' last lines:\n{''.join(list(cluster.log)[-20:])}",
-                          file=sys.stderr)
+                    print(
+                        f"warning: {problem}; the workers' last lines:\n{''.join(list(cluster.log)[-20:])}",
+                        file=sys.stderr,
+                    )
             finally:
                 cluster.stop()
-    shape = (f"{args.num_prefixes} prefixes x ({args.prefix_len} + {args.suffix_len}) in"
-             if args.workload == "prefix-repetition" else f"{args.input_len} in")
-    payload = {"workload": f"{args.workload}: {shape} / {args.output_len} out, {args.num_prompts} prompts, rate {args.rate}",
-               "device": args.device, "model": model.name, "worker_args": args.worker_args,
-               "workers": {m: dict(zip(("prefill", "decode"), mode_workers(m, args))) for m in args.modes},
-               "command": shlex.join(sys.argv),
-               "results": results}
+    shape = (
+        f"{args.num_prefixes} prefixes x ({args.prefix_len} + {args.suffix_len}) in"
+        if args.workload == "prefix-repetition"
+        else f"{args.input_len} in"
+    )
+    payload = {
+        "workload": f"{args.workload}: {shape} / {args.output_len} out, {args.num_prompts} prompts, rate {args.rate}",
+        "device": args.device,
+        "model": model.name,
+        "worker_args": args.worker_args,
+        "workers": {m: dict(zip(("prefill", "decode"), mode_workers(m, args))) for m in args.modes},
+        "command": shlex.join(sys.argv),
+        "results": results,
+    }
     path = write_result(f"serve-{args.workload}", args.device, payload, args.out_dir)
     rows = []
     for mode, r in results.items():
-        rows.append([mode, r["completed"], r["failed"], r["request_throughput"], r["output_throughput"],
-                     r["ttft_ms"]["median"], r["ttft_ms"]["p99"], r["tpot_ms"]["median"], r["itl_ms"]["median"],
-                     r["e2el_ms"]["median"], r["goodput"], r["cache_hit_rate"],
-                     r.get("pod_cache_hit_rate", {}).get("prefill")])
-    print_table(["mode", "ok", "failed", "req/s", "out tok/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms",
-                 "ITL p50 ms", "E2EL p50 ms", "goodput req/s", "cached (usage)", "prefill pods' hit rate"], rows)
+        rows.append(
+            [
+                mode,
+                r["completed"],
+                r["failed"],
+                r["request_throughput"],
+                r["output_throughput"],
+                r["ttft_ms"]["median"],
+                r["ttft_ms"]["p99"],
+                r["tpot_ms"]["median"],
+                r["itl_ms"]["median"],
+                r["e2el_ms"]["median"],
+                r["goodput"],
+                r["cache_hit_rate"],
+                r.get("pod_cache_hit_rate", {}).get("prefill"),
+            ]
+        )
+    print_table(
+        [
+            "mode",
+            "ok",
+            "failed",
+            "req/s",
+            "out tok/s",
+            "TTFT p50 ms",
+            "TTFT p99 ms",
+            "TPOT p50 ms",
+            "ITL p50 ms",
+            "E2EL p50 ms",
+            "goodput req/s",
+            "cached (usage)",
+            "prefill pods' hit rate",
+        ],
+        rows,
+    )
     if len(results) == 2 and all(r["completed"] for r in results.values()):
         a, b = (results[m] for m in args.modes)
-        print(f"{args.modes[1]}/{args.modes[0]}: output throughput x{b['output_throughput'] / a['output_throughput']:.2f}, "
-              f"TTFT p50 x{b['ttft_ms']['median'] / a['ttft_ms']['median']:.2f}, "
-              f"TPOT p50 x{b['tpot_ms']['median'] / a['tpot_ms']['median']:.2f}")
+        print(
+            f"{args.modes[1]}/{args.modes[0]}: output throughput x{b['output_throughput'] / a['output_throughput']:.2f}, "
+            f"TTFT p50 x{b['ttft_ms']['median'] / a['ttft_ms']['median']:.2f}, "
+            f"TPOT p50 x{b['tpot_ms']['median'] / a['tpot_ms']['median']:.2f}"
+        )
     print(f"wrote {path}")
     failed = sum(r["failed"] for r in results.values())
     if failed:

@@ -10,29 +10,71 @@ from pathlib import Path
 
 SHAPES = {
     "llama-3.2-1b": dict(
-        arch="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
-        max_position_embeddings=131072, rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 8192},
+        arch="llama",
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
     ),
     "llama-3.1-8b": dict(
-        arch="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
-        max_position_embeddings=131072, rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 8192},
+        arch="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
     ),
     "qwen3-0.6b": dict(
-        arch="qwen3", hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-        num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True,
-        max_position_embeddings=40960, rope_theta=1000000.0,
+        arch="qwen3",
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        max_position_embeddings=40960,
+        rope_theta=1000000.0,
     ),
     # A few-MB stand-in with the same code paths, for trying the benchmarks on CPU.
     "tiny": dict(
-        arch="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, vocab_size=1024, tie_word_embeddings=True,
-        max_position_embeddings=65536, rope_theta=10000.0,
+        arch="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=1024,
+        tie_word_embeddings=True,
+        max_position_embeddings=65536,
+        rope_theta=10000.0,
     ),
 }
 
@@ -45,8 +87,14 @@ def hf_config(name: str, eos_token_id: int, bos_token_id: int):
     rope = fields.pop("rope_scaling", None)
     theta = fields.pop("rope_theta")
     cls = LlamaConfig if arch == "llama" else Qwen3Config
-    config = cls(**fields, rms_norm_eps=1e-5, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
-                 pad_token_id=bos_token_id, torch_dtype="bfloat16")
+    config = cls(
+        **fields,
+        rms_norm_eps=1e-5,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=bos_token_id,
+        torch_dtype="bfloat16",
+    )
     config.architectures = ["LlamaForCausalLM" if arch == "llama" else "Qwen3ForCausalLM"]
     config.rope_theta = theta
     if rope is not None:

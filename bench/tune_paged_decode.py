@@ -47,7 +47,9 @@ def time_kernel(fn, iters: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
     ap.add_argument("--block-size", type=int, default=16)
@@ -81,30 +83,93 @@ def main() -> None:
             kv_bytes = 2 * batch * context * hkv * d * 2
             results = []
             for tile, warps, stages in configs:
+
                 def run():
-                    paged_decode(q, kv[0], kv[1], tables, lens, scale=d**-0.5, window=None, num_splits=splits,
-                                 tile=tile, num_warps=warps, num_stages=stages)
+                    paged_decode(
+                        q,
+                        kv[0],
+                        kv[1],
+                        tables,
+                        lens,
+                        scale=d**-0.5,
+                        window=None,
+                        num_splits=splits,
+                        tile=tile,
+                        num_warps=warps,
+                        num_stages=stages,
+                    )
+
                 try:
                     t = time_kernel(run, args.iters)
                 except Exception as e:  # noqa: BLE001 - a config that does not compile is skipped
-                    print(f"{name} b{batch} ctx{context} tile {tile} warps {warps} stages {stages}: {e}")
+                    print(
+                        f"{name} b{batch} ctx{context} tile {tile} warps {warps} stages {stages}: {e}"
+                    )
                     continue
                 results.append((t, tile, warps, stages))
             best = min(results)
             for t, tile, warps, stages in results:
                 rate = kv_bytes / t
-                rows.append([name, batch, context, splits, tile, warps, stages, t * 1e6, rate / 1e9,
-                             rate / bandwidth, "best" if (t, tile, warps, stages) == best else ""])
-                records.append(dict(shape=name, batch=batch, context=context, splits=splits, tile=tile,
-                                    num_warps=warps, num_stages=stages, seconds=t, read_Bps=rate,
-                                    of_copy_bandwidth=rate / bandwidth))
+                rows.append(
+                    [
+                        name,
+                        batch,
+                        context,
+                        splits,
+                        tile,
+                        warps,
+                        stages,
+                        t * 1e6,
+                        rate / 1e9,
+                        rate / bandwidth,
+                        "best" if (t, tile, warps, stages) == best else "",
+                    ]
+                )
+                records.append(
+                    dict(
+                        shape=name,
+                        batch=batch,
+                        context=context,
+                        splits=splits,
+                        tile=tile,
+                        num_warps=warps,
+                        num_stages=stages,
+                        seconds=t,
+                        read_Bps=rate,
+                        of_copy_bandwidth=rate / bandwidth,
+                    )
+                )
             kv = q = None  # free this case's pool before the next allocates
-    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (bytes read + written per second, the decode floor's rate)")
-    print_table(["shape", "batch", "context", "splits", "tile", "warps", "stages", "us", "GB/s read",
-                 "of copy bw", ""], rows)
-    path = write_result("tune-paged-decode", args.device,
-                        {"bandwidth_Bps": bandwidth, "results": records, "device": device_name(args.device),
-                         "command": " ".join(sys.argv)}, args.out_dir)
+    print(
+        f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (bytes read + written per second, the decode floor's rate)"
+    )
+    print_table(
+        [
+            "shape",
+            "batch",
+            "context",
+            "splits",
+            "tile",
+            "warps",
+            "stages",
+            "us",
+            "GB/s read",
+            "of copy bw",
+            "",
+        ],
+        rows,
+    )
+    path = write_result(
+        "tune-paged-decode",
+        args.device,
+        {
+            "bandwidth_Bps": bandwidth,
+            "results": records,
+            "device": device_name(args.device),
+            "command": " ".join(sys.argv),
+        },
+        args.out_dir,
+    )
     print(f"wrote {path}")
 
 

@@ -47,15 +47,23 @@ _writer = JsonlWriter(None)
 def _add_arguments(parser) -> None:
     group = parser.add_argument_group("Tandem")
     group.add_argument("--model", default="", help="model name (default: the router's first model)")
-    group.add_argument("--grpc-target", default="", help="router gRPC host:port (default: the --host's host, port 50050)")
+    group.add_argument(
+        "--grpc-target",
+        default="",
+        help="router gRPC host:port (default: the --host's host, port 50050)",
+    )
     group.add_argument("--workload", choices=WORKLOADS, default="random")
     group.add_argument("--prompt-words-min", type=int, default=20)
     group.add_argument("--prompt-words-max", type=int, default=200)
-    group.add_argument("--system-prompts", type=int, default=4, help="shared-prefix / multi-turn: system prompts")
+    group.add_argument(
+        "--system-prompts", type=int, default=4, help="shared-prefix / multi-turn: system prompts"
+    )
     group.add_argument("--system-prompt-words", type=int, default=300)
     group.add_argument("--turns", type=int, default=4, help="multi-turn: turns per conversation")
     group.add_argument("--max-tokens", type=int, default=64, help="output tokens per request")
-    group.add_argument("--respect-eos", action="store_true", help="stop at EOS (default: always max-tokens)")
+    group.add_argument(
+        "--respect-eos", action="store_true", help="stop at EOS (default: always max-tokens)"
+    )
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--jsonl", default="", help="append one JSON row per request to this file")
     group.add_argument("--request-timeout", type=float, default=300.0)
@@ -89,8 +97,12 @@ def _on_quit(environment, **kwargs) -> None:
 
 def _workload_options(opts) -> WorkloadOptions:
     return WorkloadOptions(
-        workload=opts.workload, prompt_words_min=opts.prompt_words_min, prompt_words_max=opts.prompt_words_max,
-        system_prompts=opts.system_prompts, system_prompt_words=opts.system_prompt_words, turns=opts.turns,
+        workload=opts.workload,
+        prompt_words_min=opts.prompt_words_min,
+        prompt_words_max=opts.prompt_words_max,
+        system_prompts=opts.system_prompts,
+        system_prompt_words=opts.system_prompt_words,
+        turns=opts.turns,
         seed=opts.seed,
     )
 
@@ -105,31 +117,72 @@ class _TandemUser(User):
         self.opts = opts
         self.conversation = Conversation(_workload_options(opts), next(_user_numbers))
 
-    def _report(self, record: RequestRecord, request_type: str, exception: Exception | None = None) -> None:
+    def _report(
+        self, record: RequestRecord, request_type: str, exception: Exception | None = None
+    ) -> None:
         """Fire the request's locust events and write its JSONL row."""
         fire = self.environment.events.request.fire
         name = self.api
         if exception is None:
             record.ok = True
             ms = lambda s: s * 1000.0  # noqa: E731
-            fire(request_type=request_type, name=name, response_time=ms(record.e2e_s),
-                 response_length=record.output_tokens, exception=None, context={"request_id": record.request_id})
-            fire(request_type="TTFT", name=name, response_time=ms(record.ttft_s), response_length=0, exception=None)
+            fire(
+                request_type=request_type,
+                name=name,
+                response_time=ms(record.e2e_s),
+                response_length=record.output_tokens,
+                exception=None,
+                context={"request_id": record.request_id},
+            )
+            fire(
+                request_type="TTFT",
+                name=name,
+                response_time=ms(record.ttft_s),
+                response_length=0,
+                exception=None,
+            )
             if record.output_tokens > 1:
-                fire(request_type="TPOT", name=name, response_time=ms(record.tpot_s), response_length=0, exception=None)
+                fire(
+                    request_type="TPOT",
+                    name=name,
+                    response_time=ms(record.tpot_s),
+                    response_length=0,
+                    exception=None,
+                )
             for gap in record.itl_s:
-                fire(request_type="ITL", name=name, response_time=ms(gap), response_length=0, exception=None)
-            fire(request_type="TOKENS", name=name, response_time=record.output_tokens, response_length=0,
-                 exception=None)
+                fire(
+                    request_type="ITL",
+                    name=name,
+                    response_time=ms(gap),
+                    response_length=0,
+                    exception=None,
+                )
+            fire(
+                request_type="TOKENS",
+                name=name,
+                response_time=record.output_tokens,
+                response_length=0,
+                exception=None,
+            )
         else:
             record.error = f"{type(exception).__name__}: {exception}"
             elapsed = time.time() - record.started_at
-            fire(request_type=request_type, name=name, response_time=elapsed * 1000.0, response_length=0,
-                 exception=exception, context={"request_id": record.request_id})
+            fire(
+                request_type=request_type,
+                name=name,
+                response_time=elapsed * 1000.0,
+                response_length=0,
+                exception=exception,
+                context={"request_id": record.request_id},
+            )
         _writer.write(record)
 
     def _sampling(self) -> dict:
-        return {"max_tokens": self.opts.max_tokens, "temperature": 0.0, "ignore_eos": not self.opts.respect_eos}
+        return {
+            "max_tokens": self.opts.max_tokens,
+            "temperature": 0.0,
+            "ignore_eos": not self.opts.respect_eos,
+        }
 
 
 class _OpenAIUser(_TandemUser):
@@ -152,13 +205,23 @@ class _OpenAIUser(_TandemUser):
         """POST a streaming request, time its content chunks, report it."""
         request_id = f"locust-{uuid.uuid4().hex[:16]}"
         record = RequestRecord(api=self.api, workload=self.opts.workload, request_id=request_id)
-        body = {"model": self.model, "stream": True, "stream_options": {"include_usage": True},
-                **self._sampling(), **body}
+        body = {
+            "model": self.model,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            **self._sampling(),
+            **body,
+        }
         timer = StreamTimer()
         text: list[str] = []
         try:
-            with self.session.post(f"{self.host}{path}", json=body, stream=True, timeout=self.opts.request_timeout,
-                                   headers={"x-request-id": request_id}) as r:
+            with self.session.post(
+                f"{self.host}{path}",
+                json=body,
+                stream=True,
+                timeout=self.opts.request_timeout,
+                headers={"x-request-id": request_id},
+            ) as r:
                 if r.status_code != 200:
                     raise StreamError(f"HTTP {r.status_code}: {r.text[:300]}")
                 usage = None
@@ -190,7 +253,11 @@ class ChatStreamUser(_OpenAIUser):
     @task
     def chat(self) -> None:
         messages = self.conversation.next_messages()
-        self._stream("/v1/chat/completions", {"messages": messages}, lambda c: c.get("delta", {}).get("content"))
+        self._stream(
+            "/v1/chat/completions",
+            {"messages": messages},
+            lambda c: c.get("delta", {}).get("content"),
+        )
 
 
 class CompletionUser(_OpenAIUser):
@@ -226,7 +293,9 @@ class GrpcUser(_TandemUser):
         text: list[str] = []
         try:
             usage = None
-            for chunk in self.client.stream(prompt, model=self.opts.model, request_id=request_id, **self._sampling()):
+            for chunk in self.client.stream(
+                prompt, model=self.opts.model, request_id=request_id, **self._sampling()
+            ):
                 if chunk.token_ids:
                     timer.content()
                     text.append(chunk.text)

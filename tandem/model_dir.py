@@ -124,7 +124,9 @@ def _sliding_windows(raw: dict[str, Any], arch: str, num_layers: int) -> tuple[i
 
 def _has_bias(arch: str, raw: dict[str, Any]) -> bool:
     """``attention_bias`` as transformers reads it: honoured by Llama and Qwen3 only."""
-    return arch in ("LlamaForCausalLM", "Qwen3ForCausalLM") and bool(raw.get("attention_bias", False))
+    return arch in ("LlamaForCausalLM", "Qwen3ForCausalLM") and bool(
+        raw.get("attention_bias", False)
+    )
 
 
 def _eos_ids(model_dir: Path, raw: dict[str, Any]) -> tuple[int, ...]:
@@ -163,7 +165,9 @@ def generation_defaults(model_dir: str | Path) -> dict[str, Any]:
         if name == "top_k" and value <= 0:
             continue  # 0 or -1: no top-k (HF's and vLLM's "off")
         defaults[name] = int(value) if name == "top_k" else float(value)
-    from tandem.engine.sampling_params import SamplingParams  # here: tandem.engine imports this module
+    from tandem.engine.sampling_params import (
+        SamplingParams,
+    )  # here: tandem.engine imports this module
     from tandem.errors import InvalidRequest
 
     try:

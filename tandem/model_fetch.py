@@ -82,17 +82,25 @@ def fetch_model(options: ModelFetchOptions) -> Path:
         logger.info("%s already holds %s", dest, shown)
         return dest
     dest.mkdir(parents=True, exist_ok=True)
-    for stale in dest.glob(".fetch-*"):  # left by a fetch that was killed (the init container restarts)
+    for stale in dest.glob(
+        ".fetch-*"
+    ):  # left by a fetch that was killed (the init container restarts)
         shutil.rmtree(stale, ignore_errors=True)
     if any(dest.iterdir()):
-        raise ModelFetchError(f"{dest} is not empty and holds no fetch of {shown}; refusing to mix models")
+        raise ModelFetchError(
+            f"{dest} is not empty and holds no fetch of {shown}; refusing to mix models"
+        )
     url = urlparse(options.uri)
     with tempfile.TemporaryDirectory(dir=dest, prefix=".fetch-") as work:
         staging = Path(work) / "model"
         if url.scheme == "file":
             source = Path(unquote(url.path))
             if source.is_dir():
-                ignore = shutil.ignore_patterns(*(f"*{s}" for s in WEIGHT_SUFFIXES)) if options.metadata_only else None
+                ignore = (
+                    shutil.ignore_patterns(*(f"*{s}" for s in WEIGHT_SUFFIXES))
+                    if options.metadata_only
+                    else None
+                )
                 shutil.copytree(source, staging, ignore=ignore)
             elif source.is_file():
                 with source.open("rb") as f:
@@ -104,13 +112,20 @@ def fetch_model(options: ModelFetchOptions) -> Path:
                 raise ModelFetchError(f"{shown}: expected a {'/'.join(ARCHIVE_SUFFIXES)} archive")
             _download_and_unpack(options, staging, shown)
         else:
-            raise ModelFetchError(f"{shown}: unsupported scheme {url.scheme!r} (use http, https or file)")
+            raise ModelFetchError(
+                f"{shown}: unsupported scheme {url.scheme!r} (use http, https or file)"
+            )
         root = _model_root(staging)
         _check_loadable(root, options.metadata_only)
         for item in root.iterdir():
             item.rename(dest / item.name)
     marker.write_text(_marker_text(options))
-    logger.info("fetched %s into %s%s", shown, dest, " (config and tokenizer only)" if options.metadata_only else "")
+    logger.info(
+        "fetched %s into %s%s",
+        shown,
+        dest,
+        " (config and tokenizer only)" if options.metadata_only else "",
+    )
     return dest
 
 
@@ -140,7 +155,9 @@ def _download_and_unpack(options: ModelFetchOptions, staging: Path, shown: str) 
     )
     def attempt() -> None:
         shutil.rmtree(staging, ignore_errors=True)  # a retry starts from scratch
-        with httpx.stream("GET", options.uri, timeout=options.timeout_s, follow_redirects=True) as response:
+        with httpx.stream(
+            "GET", options.uri, timeout=options.timeout_s, follow_redirects=True
+        ) as response:
             if response.status_code != 200:
                 raise ModelFetchError(f"GET {shown}: HTTP {response.status_code}")
             _unpack_stream(_IteratorReader(response.iter_bytes(1 << 20)), staging, options, shown)
@@ -148,7 +165,9 @@ def _download_and_unpack(options: ModelFetchOptions, staging: Path, shown: str) 
     try:
         attempt()
     except httpx.TransportError as e:
-        raise ModelFetchError(f"GET {shown}: {type(e).__name__} (after {options.retries} retries)") from None
+        raise ModelFetchError(
+            f"GET {shown}: {type(e).__name__} (after {options.retries} retries)"
+        ) from None
 
 
 class _IteratorReader(io.RawIOBase):
@@ -194,14 +213,18 @@ def _unpack_stream(raw, into: Path, options: ModelFetchOptions, shown: str) -> N
     try:
         with tarfile.open(fileobj=io.BufferedReader(reader, 1 << 20), mode="r|*") as tar:
             tar.extractall(into, filter=_member_filter(options.metadata_only))
-        while reader.read(1 << 20):  # the padding after the archive's end: the hash covers the whole file
+        while reader.read(
+            1 << 20
+        ):  # the padding after the archive's end: the hash covers the whole file
             pass
     except tarfile.FilterError as e:
         raise ModelFetchError(f"{shown}: unsafe archive member refused: {e}") from None
     except (tarfile.TarError, EOFError) as e:
         raise ModelFetchError(f"{shown}: not a readable tar archive ({e})") from None
     if options.sha256 and reader.digest.hexdigest() != options.sha256.lower():
-        raise ModelFetchError(f"sha256 of {shown} is {reader.digest.hexdigest()}, expected {options.sha256.lower()}")
+        raise ModelFetchError(
+            f"sha256 of {shown} is {reader.digest.hexdigest()}, expected {options.sha256.lower()}"
+        )
 
 
 def _links_filter_is_trustworthy() -> bool:
@@ -234,7 +257,9 @@ def _model_root(staging: Path) -> Path:
     entries = list(staging.iterdir()) if staging.is_dir() else []
     if len(entries) == 1 and (entries[0] / "config.json").is_file():
         return entries[0]
-    raise ModelFetchError("no config.json at the archive's root or in its single top-level directory")
+    raise ModelFetchError(
+        "no config.json at the archive's root or in its single top-level directory"
+    )
 
 
 def _check_loadable(root: Path, metadata_only: bool) -> None:

@@ -180,7 +180,9 @@ def generate_model_dir(opts: ModelGenOptions) -> Path:
     save_kwargs = {"max_shard_size": opts.max_shard_size} if opts.max_shard_size else {}
     model.save_pretrained(out, **save_kwargs)
     tokenizer.save_pretrained(out)
-    logger.info("wrote a tiny %s model (%d parameters) to %s", opts.arch, model.num_parameters(), out)
+    logger.info(
+        "wrote a tiny %s model (%d parameters) to %s", opts.arch, model.num_parameters(), out
+    )
     return out
 
 

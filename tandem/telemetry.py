@@ -49,7 +49,10 @@ REQUEST_ID = "tandem.request_id"
 UNTRACED_METHODS = ("GetStats", "Stats", "Heartbeat", "PublishEvents")
 """RPCs that belong to no request (polls, heartbeats, event batches): never traced."""
 
-SELF_TRACED_METHODS = ("/tandem.decode.v1.DecodeService/Generate", "/tandem.router.v1.RouterService/Generate")
+SELF_TRACED_METHODS = (
+    "/tandem.decode.v1.DecodeService/Generate",
+    "/tandem.router.v1.RouterService/Generate",
+)
 """Response-streaming RPCs that open their SERVER span themselves (``start_server_span``).
 
 The instrumentation's interceptor keeps its context attached across the handler's yields; when
@@ -62,12 +65,19 @@ _enabled = False
 
 def tracing_configured(env: dict[str, str] | None = None) -> bool:
     env = os.environ if env is None else env
-    if env.get("OTEL_SDK_DISABLED", "").lower() == "true" or env.get("OTEL_TRACES_EXPORTER", "").lower() == "none":
+    if (
+        env.get("OTEL_SDK_DISABLED", "").lower() == "true"
+        or env.get("OTEL_TRACES_EXPORTER", "").lower() == "none"
+    ):
         return False
-    return bool(env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+    return bool(
+        env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
 
 
-def setup_tracing(service: str, *, instance: str | None = None, starts_traces: bool = False) -> bool:
+def setup_tracing(
+    service: str, *, instance: str | None = None, starts_traces: bool = False
+) -> bool:
     """Install the global tracer provider for this process if tracing is configured.
 
     Args:
@@ -88,8 +98,11 @@ def setup_tracing(service: str, *, instance: str | None = None, starts_traces: b
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 
-    attributes = {"service.name": os.environ.get("OTEL_SERVICE_NAME") or f"tandem-{service}",
-                  "service.namespace": "tandem", "tandem.role": service}
+    attributes = {
+        "service.name": os.environ.get("OTEL_SERVICE_NAME") or f"tandem-{service}",
+        "service.namespace": "tandem",
+        "tandem.role": service,
+    }
     attributes["service.instance.id"] = instance or f"{socket.gethostname()}-{os.getpid()}"
     kwargs = {} if starts_traces else {"sampler": ParentBased(root=ALWAYS_OFF)}
     provider = TracerProvider(resource=Resource.create(attributes), **kwargs)
@@ -97,8 +110,11 @@ def setup_tracing(service: str, *, instance: str | None = None, starts_traces: b
     trace.set_tracer_provider(provider)
     atexit.register(provider.shutdown)  # flush what is batched
     _enabled = True
-    logger.info("tracing on: OTLP to %s", os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-                or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    logger.info(
+        "tracing on: OTLP to %s",
+        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
+    )
     return True
 
 
@@ -110,7 +126,9 @@ def tracer() -> trace.Tracer:
     return trace.get_tracer(TRACER_NAME)
 
 
-def outgoing_metadata(metadata: tuple[tuple[str, str], ...] = (), context=None) -> tuple[tuple[str, str], ...]:
+def outgoing_metadata(
+    metadata: tuple[tuple[str, str], ...] = (), context=None
+) -> tuple[tuple[str, str], ...]:
     """gRPC metadata carrying the current (or ``context``'s) trace, for a call that serves a request."""
     if not _enabled:
         return tuple(metadata)
@@ -125,8 +143,11 @@ def server_interceptors() -> list:
         return []
     from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
-    untraced = filters.any_of(filters.health_check(), *(filters.method_name(m) for m in UNTRACED_METHODS),
-                              *(filters.full_method_name(m) for m in SELF_TRACED_METHODS))
+    untraced = filters.any_of(
+        filters.health_check(),
+        *(filters.method_name(m) for m in UNTRACED_METHODS),
+        *(filters.full_method_name(m) for m in SELF_TRACED_METHODS),
+    )
     return [aio_server_interceptor(filter_=filters.negate(untraced))]
 
 
@@ -140,7 +161,9 @@ def start_server_span(context, full_method: str) -> trace.Span:
     carrier = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
     service, method = full_method.lstrip("/").split("/", 1)
     return tracer().start_span(
-        full_method, context=propagate.extract(carrier), kind=trace.SpanKind.SERVER,
+        full_method,
+        context=propagate.extract(carrier),
+        kind=trace.SpanKind.SERVER,
         attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
     )
 
@@ -159,7 +182,9 @@ def instrument_fastapi(app) -> None:
         return
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
-    FastAPIInstrumentor.instrument_app(app, excluded_urls="health,metrics", exclude_spans=["receive", "send"])
+    FastAPIInstrumentor.instrument_app(
+        app, excluded_urls="health,metrics", exclude_spans=["receive", "send"]
+    )
 
 
 def instrument_redis() -> None:

@@ -64,7 +64,9 @@ class Tokenizer:
             InvalidRequest: the model has no chat template, or the template rejects the messages.
         """
         if not self.has_chat_template:
-            raise InvalidRequest("this model has no chat template; use completions", param="messages")
+            raise InvalidRequest(
+                "this model has no chat template; use completions", param="messages"
+            )
         from jinja2 import TemplateError
 
         try:
@@ -75,7 +77,9 @@ class Tokenizer:
                 **(chat_template_kwargs or {}),
             )
         except (TemplateError, KeyError, TypeError, ValueError) as e:
-            raise InvalidRequest(f"the chat template rejected the messages: {e}", param="messages") from e
+            raise InvalidRequest(
+                f"the chat template rejected the messages: {e}", param="messages"
+            ) from e
 
     def encode_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
         """Token ids of a rendered conversation (the template writes any BOS itself)."""
@@ -85,7 +89,9 @@ class Tokenizer:
         self, *, skip_special_tokens: bool = True, prompt_token_ids: Sequence[int] = ()
     ) -> "StreamDecoder":
         """An incremental decoder for the tokens that continue ``prompt_token_ids``."""
-        return StreamDecoder(self, skip_special_tokens=skip_special_tokens, context=prompt_token_ids)
+        return StreamDecoder(
+            self, skip_special_tokens=skip_special_tokens, context=prompt_token_ids
+        )
 
 
 class StreamDecoder:
@@ -98,14 +104,18 @@ class StreamDecoder:
 
     CONTEXT_TOKENS = 6
 
-    def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool, context: Sequence[int] = ()) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, *, skip_special_tokens: bool, context: Sequence[int] = ()
+    ) -> None:
         from tokenizers.decoders import DecodeStream
 
         self._backend = tokenizer.backend
         self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
         tail = list(context)[-self.CONTEXT_TOKENS :]
         # A prompt ending inside a UTF-8 character would leak its stray bytes into the output.
-        while tail and self._backend.decode(tail, skip_special_tokens=skip_special_tokens).endswith("\ufffd"):
+        while tail and self._backend.decode(tail, skip_special_tokens=skip_special_tokens).endswith(
+            "\ufffd"
+        ):
             tail.pop()
         for token_id in tail:
             self._stream.step(self._backend, token_id)

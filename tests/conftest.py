@@ -33,7 +33,9 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if item.get_closest_marker("gpu") is not None:  # not item.keywords: a param id "gpu" is one too
+        if (
+            item.get_closest_marker("gpu") is not None
+        ):  # not item.keywords: a param id "gpu" is one too
             item.add_marker(skip)
 
 
@@ -51,7 +53,9 @@ def tiny_model(model_root):
 
     def get(name: str) -> Path:
         if name not in made:
-            made[name] = generate_model_dir(ModelGenOptions(out=model_root / name, **TINY_MODELS[name]))
+            made[name] = generate_model_dir(
+                ModelGenOptions(out=model_root / name, **TINY_MODELS[name])
+            )
         return made[name]
 
     return get
@@ -70,7 +74,9 @@ class HFReference:
         from transformers import AutoModelForCausalLM
 
         self.device = device
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+        self.model = (
+            AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+        )
         self.max_new_tokens = max_new_tokens
         self.cache: dict[tuple[int, ...], list[int]] = {}
 
@@ -82,7 +88,10 @@ class HFReference:
             ids = torch.tensor([prompt], device=self.device)
             with torch.no_grad():
                 out = self.model.generate(
-                    ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=self.max_new_tokens
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    do_sample=False,
+                    max_new_tokens=self.max_new_tokens,
                 )
             self.cache[key] = out[0, len(prompt) :].tolist()
         return self.cache[key]
@@ -101,7 +110,9 @@ def hf_reference():
 
 
 @contextlib.asynccontextmanager
-async def _in_process_pods(model_dir, *, prefill: dict | None = None, decode: dict | None = None, **common):
+async def _in_process_pods(
+    model_dir, *, prefill: dict | None = None, decode: dict | None = None, **common
+):
     """One prefill and one decode pod served in this process, and the router's Dispatcher over
     them: yields (dispatcher, prefill service, decode service); everything is stopped after."""
     from services.decode import server as decode_server

@@ -43,7 +43,12 @@ def release_request(receiver: KVReceiver, engine: LLMEngine, rid: str) -> None:
 
 class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
     def __init__(
-        self, settings: DecodeSettings, worker: EngineWorker, receiver: KVReceiver, identity: dict, metrics: PodMetrics
+        self,
+        settings: DecodeSettings,
+        worker: EngineWorker,
+        receiver: KVReceiver,
+        identity: dict,
+        metrics: PodMetrics,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -52,11 +57,15 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         self.identity = identity
         self.block_size = worker.engine.config.block_size
         self.fingerprint = worker.engine.fingerprint.digest()
-        self._kv_writers = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-write")
+        self._kv_writers = concurrent.futures.ThreadPoolExecutor(
+            max_workers=4, thread_name_prefix="kv-write"
+        )
 
     # ---- Generate ---------------------------------------------------------------------------
 
-    async def Generate(self, request: decode_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+    async def Generate(
+        self, request: decode_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ):
         rid = request.request_id
         stream = None
         finished = False
@@ -83,7 +92,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 try:
                     item = await asyncio.wait_for(stream.get(), timeout)
                 except TimeoutError:
-                    raise KVTransferError(f"KV pages did not arrive within {self.settings.kv_timeout_s:g} s") from None
+                    raise KVTransferError(
+                        f"KV pages did not arrive within {self.settings.kv_timeout_s:g} s"
+                    ) from None
                 if isinstance(item, BaseException):
                     raise item
                 new_tokens = len(item.outputs[0].token_ids)
@@ -118,9 +129,14 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
     async def _admit(self, request, ids, params) -> decode_pb2.Admitted:
         rid = request.request_id
         if request.prefill_mode == decode_pb2.PREFILL_MODE_REMOTE:
+
             def reserve(engine: LLMEngine):
                 r = engine.reserve_remote_prefill(
-                    rid, ids, params, priority=request.priority, cache_salt=request.cache_salt or None
+                    rid,
+                    ids,
+                    params,
+                    priority=request.priority,
+                    cache_salt=request.cache_salt or None,
                 )
                 self.receiver.expect(rid, r.block_ids, r.num_cached_tokens // self.block_size)
                 return r
@@ -138,7 +154,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
 
         def admit_local(engine: LLMEngine) -> None:
             engine.add_request(
-                rid, ids, params, priority=request.priority, cache_salt=request.cache_salt or None,
+                rid,
+                ids,
+                params,
+                priority=request.priority,
+                cache_salt=request.cache_salt or None,
                 output_kind=OutputKind.DELTA,
             )
             if not engine.has_room_for(len(ids)):  # checked after validation: bad input stays a 400
@@ -182,13 +202,19 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                         raise KVTransferError(
                             f"KV chunk {chunk.sequence_number} arrived where chunk {chunks} was expected"
                         )
-                    nbytes += await loop.run_in_executor(self._kv_writers, self.receiver.write, chunk, msg.data)
+                    nbytes += await loop.run_in_executor(
+                        self._kv_writers, self.receiver.write, chunk, msg.data
+                    )
                     chunks += 1
                 elif msg.end is not None:
                     if rid is not None and msg.end.request_id != rid:
-                        raise KVTransferError("the end message names another request than the stream's chunks")
+                        raise KVTransferError(
+                            "the end message names another request than the stream's chunks"
+                        )
                     rid = msg.end.request_id
-                    summary = await loop.run_in_executor(self._kv_writers, self.receiver.complete, msg.end)
+                    summary = await loop.run_in_executor(
+                        self._kv_writers, self.receiver.complete, msg.end
+                    )
                     await self.worker.call(lambda e, end=msg.end: self._complete(e, end))
                     self.metrics.transfer("ok", summary.bytes, summary.seconds)
                     ended = True
@@ -198,7 +224,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         except asyncio.CancelledError:
             if rid is not None and not ended:
                 self.metrics.transfer("broken")
-                self.worker.fail(rid, KVTransferError("the KV stream from the prefill pod broke off"))
+                self.worker.fail(
+                    rid, KVTransferError("the KV stream from the prefill pod broke off")
+                )
             raise
         except Exception as exc:  # noqa: BLE001 - whatever broke the stream fails its request
             if not isinstance(exc, TandemError):
@@ -211,9 +239,16 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             await abort_with(context, exc)
 
     def _complete(self, engine: LLMEngine, end: common_pb2.KVTransferEnd) -> None:
-        logprob = convert.logprob_from_proto(end.first_token_logprob) if end.HasField("first_token_logprob") else None
+        logprob = (
+            convert.logprob_from_proto(end.first_token_logprob)
+            if end.HasField("first_token_logprob")
+            else None
+        )
         outputs = engine.complete_remote_prefill(
-            end.request_id, end.first_token_id, logprob=logprob, num_cached_tokens=end.num_cached_tokens
+            end.request_id,
+            end.first_token_id,
+            logprob=logprob,
+            num_cached_tokens=end.num_cached_tokens,
         )
         self.worker.dispatch(outputs)
 
@@ -221,7 +256,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
 
     async def GetStats(self, request, context):
         stats = convert.pod_stats(self.worker.stats, **self.identity)
-        stats.engine_steps, stats.seconds_since_progress = self.worker.steps, self.worker.seconds_since_progress
+        stats.engine_steps, stats.seconds_since_progress = (
+            self.worker.steps,
+            self.worker.seconds_since_progress,
+        )
         return decode_pb2.GetStatsResponse(stats=stats)
 
 
@@ -239,14 +277,16 @@ class _DecodeTrace:
     def admitted(self, request: decode_pb2.GenerateRequest, prompt_tokens: int, admitted) -> None:
         self.admitted_at = time.monotonic()
         remote = request.prefill_mode == decode_pb2.PREFILL_MODE_REMOTE
-        self.span.set_attributes({
-            telemetry.REQUEST_ID: request.request_id,
-            "tandem.decode.prefill_mode": "remote" if remote else "local",
-            telemetry.GEN_AI_USAGE_INPUT_TOKENS: prompt_tokens,
-            telemetry.GEN_AI_REQUEST_MAX_TOKENS: request.sampling_params.max_tokens,
-            "tandem.decode.admission_seconds": self.admitted_at - self.started,
-            "tandem.decode.reserved_blocks": admitted.num_reserved_blocks,
-        })
+        self.span.set_attributes(
+            {
+                telemetry.REQUEST_ID: request.request_id,
+                "tandem.decode.prefill_mode": "remote" if remote else "local",
+                telemetry.GEN_AI_USAGE_INPUT_TOKENS: prompt_tokens,
+                telemetry.GEN_AI_REQUEST_MAX_TOKENS: request.sampling_params.max_tokens,
+                "tandem.decode.admission_seconds": self.admitted_at - self.started,
+                "tandem.decode.reserved_blocks": admitted.num_reserved_blocks,
+            }
+        )
 
     def output(self, now: float, new_tokens: int, item) -> None:
         self.output_tokens += new_tokens
@@ -254,15 +294,21 @@ class _DecodeTrace:
         if new_tokens and self.first_token_at is None:
             self.first_token_at = now
             # Remote prefill: the wait for the KV pages (the prefill pod's queue, compute, transfer).
-            self.span.set_attributes({"tandem.decode.kv_wait_seconds": now - (self.admitted_at or now),
-                                      "tandem.decode.ttft_seconds": now - self.started})
+            self.span.set_attributes(
+                {
+                    "tandem.decode.kv_wait_seconds": now - (self.admitted_at or now),
+                    "tandem.decode.ttft_seconds": now - self.started,
+                }
+            )
         if item.finished:
-            self.span.set_attributes({
-                telemetry.GEN_AI_USAGE_OUTPUT_TOKENS: self.output_tokens,
-                "tandem.decode.steps": self.steps,
-                "tandem.decode.cached_tokens": item.num_cached_tokens,
-                telemetry.GEN_AI_RESPONSE_FINISH_REASONS: [item.outputs[0].finish_reason or ""],
-            })
+            self.span.set_attributes(
+                {
+                    telemetry.GEN_AI_USAGE_OUTPUT_TOKENS: self.output_tokens,
+                    "tandem.decode.steps": self.steps,
+                    "tandem.decode.cached_tokens": item.num_cached_tokens,
+                    telemetry.GEN_AI_RESPONSE_FINISH_REASONS: [item.outputs[0].finish_reason or ""],
+                }
+            )
 
 
 def add_decode_service(servicer: DecodeServicer, server: grpc.aio.Server) -> None:
@@ -284,21 +330,31 @@ def add_decode_service(servicer: DecodeServicer, server: grpc.aio.Server) -> Non
             response_serializer=decode_pb2.GetStatsResponse.SerializeToString,
         ),
     }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("tandem.decode.v1.DecodeService", handlers),))
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("tandem.decode.v1.DecodeService", handlers),)
+    )
 
 
 async def start(settings: DecodeSettings) -> RunningService:
     """Load the model and start serving; returns once the gRPC server is up."""
     engine = LLMEngine(settings.engine_config())
-    receiver = KVReceiver(engine.runner.kv_cache, engine.fingerprint.digest(), max_chunk_bytes=settings.kv_max_chunk_bytes)
+    receiver = KVReceiver(
+        engine.runner.kv_cache,
+        engine.fingerprint.digest(),
+        max_chunk_bytes=settings.kv_max_chunk_bytes,
+    )
 
     worker = EngineWorker(
         engine, asyncio.get_running_loop(), release=lambda e, rid: release_request(receiver, e, rid)
     )
     server = GrpcServer(settings.host, settings.port, ["tandem.decode.v1.DecodeService"])
     identity = settings.identity(engine, common_pb2.POD_ROLE_DECODE, settings.address(server.port))
-    metrics = PodMetrics(worker, model_name=settings.model_name(), role="decode",
-                         cache_config=settings.cache_config_info(engine))
+    metrics = PodMetrics(
+        worker,
+        model_name=settings.model_name(),
+        role="decode",
+        cache_config=settings.cache_config_info(engine),
+    )
     if settings.metrics_port is not None:
         metrics.serve(settings.metrics_port)
     servicer = DecodeServicer(settings, worker, receiver, identity, metrics)
@@ -307,11 +363,15 @@ async def start(settings: DecodeSettings) -> RunningService:
     worker.start()
     await server.start()
     logger.info("decode pod %s serving on port %d", identity["pod_id"], server.port)
-    return RunningService(server, [worker.stop], engine=engine, worker=worker, servicer=servicer, metrics=metrics)
+    return RunningService(
+        server, [worker.stop], engine=engine, worker=worker, servicer=servicer, metrics=metrics
+    )
 
 
 async def serve(settings: DecodeSettings) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     telemetry.setup_tracing("decode", instance=settings.pod_id)
     service = await start(settings)
     await service.serve_until_signalled(settings.shutdown_grace_s)

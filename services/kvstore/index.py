@@ -62,7 +62,9 @@ class Registration:
 
 
 class Index(Protocol):
-    async def heartbeat(self, pod: PodId, incarnation: str, lease_s: float, now: float) -> Registration:
+    async def heartbeat(
+        self, pod: PodId, incarnation: str, lease_s: float, now: float
+    ) -> Registration:
         """Register or renew a pod's lease; a newer incarnation retires the old one's entries.
 
         An incarnation older than the registered one is refused while the registered lease is
@@ -77,11 +79,15 @@ class Index(Protocol):
         """
         ...
 
-    async def add(self, namespace: str, pod: PodId, incarnation: str, hashes: list[BlockHash], now: float) -> bool:
+    async def add(
+        self, namespace: str, pod: PodId, incarnation: str, hashes: list[BlockHash], now: float
+    ) -> bool:
         """Record that the pod holds these blocks. False (nothing recorded) for a stale incarnation."""
         ...
 
-    async def remove(self, namespace: str, pod: PodId, incarnation: str, hashes: list[BlockHash]) -> bool:
+    async def remove(
+        self, namespace: str, pod: PodId, incarnation: str, hashes: list[BlockHash]
+    ) -> bool:
         """Record that the pod no longer holds these blocks. False for a stale incarnation."""
         ...
 

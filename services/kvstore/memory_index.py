@@ -52,7 +52,9 @@ class MemoryIndex:
         if (pod, generation) in self._held:
             self._dead.append((pod, generation))
 
-    async def heartbeat(self, pod: PodId, incarnation: str, lease_s: float, now: float) -> Registration:
+    async def heartbeat(
+        self, pod: PodId, incarnation: str, lease_s: float, now: float
+    ) -> Registration:
         state = self._pods.get(pod)
         if state is not None and state.incarnation == incarnation:
             state.expiry = now + lease_s
@@ -94,7 +96,9 @@ class MemoryIndex:
             if not held:  # a retired one may stay queued in _dead: the drain skips it
                 del self._held[(pod, generation)]
 
-    async def add(self, namespace: str, pod: PodId, incarnation: str, hashes: list[BlockHash], now: float) -> bool:
+    async def add(
+        self, namespace: str, pod: PodId, incarnation: str, hashes: list[BlockHash], now: float
+    ) -> bool:
         state = self._current(pod, incarnation)
         if state is None:
             return False
@@ -117,7 +121,9 @@ class MemoryIndex:
             self._counters["evictions"] += 1
         return True
 
-    async def remove(self, namespace: str, pod: PodId, incarnation: str, hashes: list[BlockHash]) -> bool:
+    async def remove(
+        self, namespace: str, pod: PodId, incarnation: str, hashes: list[BlockHash]
+    ) -> bool:
         if self._current(pod, incarnation) is None:
             return False
         for h in hashes:
@@ -140,7 +146,9 @@ class MemoryIndex:
 
     async def sweep(self, now: float, max_entries: int) -> int:
         # Soonest expired first, as the Redis index takes them from its lease sorted set.
-        expired = heapq.nsmallest(max_entries, ((s.expiry, p) for p, s in self._pods.items() if s.expiry <= now))
+        expired = heapq.nsmallest(
+            max_entries, ((s.expiry, p) for p, s in self._pods.items() if s.expiry <= now)
+        )
         for _, pod in expired:
             self._retire(pod, self._pods.pop(pod).generation)
         deleted, budget = 0, max_entries
@@ -163,5 +171,10 @@ class MemoryIndex:
 
     async def stats(self, now: float) -> IndexStats:
         live = sum(1 for p in self._pods if self._generation(p, now) is not None)
-        return IndexStats(len(self._entries), self.capacity, live_pods=live, retired_generations=len(self._dead),
-                          **self._counters)
+        return IndexStats(
+            len(self._entries),
+            self.capacity,
+            live_pods=live,
+            retired_generations=len(self._dead),
+            **self._counters,
+        )

@@ -72,7 +72,10 @@ local function older(a, b)
 end
 """
 
-HEARTBEAT = _GENERATIONS + _ORDER + """
+HEARTBEAT = (
+    _GENERATIONS
+    + _ORDER
+    + """
 local P, pod, inc, lease, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local gen = redis.call('HGET', P..':pods', pod)
 if gen then
@@ -92,8 +95,11 @@ redis.call('HSET', P..':pods', pod, new_generation(P, inc))
 redis.call('ZADD', P..':leases', now + lease, pod)
 return 0
 """
+)
 
-LOOKUP = _TOUCH + """
+LOOKUP = (
+    _TOUCH
+    + """
 local P, now, ns = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local live = {}
 for _, pod in ipairs(redis.call('ZRANGEBYSCORE', P..':leases', '('..now, '+inf')) do
@@ -128,8 +134,12 @@ for pod, n in pairs(counts) do
 end
 return out
 """
+)
 
-ADD = _GENERATIONS + _TOUCH + """
+ADD = (
+    _GENERATIONS
+    + _TOUCH
+    + """
 local P, ns, pod, inc, capacity = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local gen = current_generation(P, pod, inc)
 if not gen then return -1 end
@@ -158,8 +168,11 @@ redis.call('ZREMRANGEBYRANK', P..':lru', 0, n - capacity - 1)
 redis.call('HINCRBY', P..':stats', 'evictions', #victims)
 return #victims
 """
+)
 
-REMOVE = _GENERATIONS + """
+REMOVE = (
+    _GENERATIONS
+    + """
 local P, ns, pod, inc = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 if not current_generation(P, pod, inc) then return -1 end
 for i = 5, #ARGV do
@@ -177,8 +190,11 @@ for i = 5, #ARGV do
 end
 return 0
 """
+)
 
-CLEAR_POD = _GENERATIONS + """
+CLEAR_POD = (
+    _GENERATIONS
+    + """
 local P, pod, inc = ARGV[1], ARGV[2], ARGV[3]
 local gen = current_generation(P, pod, inc)
 if not gen then return -1 end
@@ -186,10 +202,13 @@ retire(P, pod, gen)
 redis.call('HSET', P..':pods', pod, new_generation(P, inc))
 return 0
 """
+)
 
 # Step 1 retires pods whose lease expired (their records go: a returning pod resyncs); step 2
 # pops up to `limit` holdings of the oldest retired generations and deletes those still current.
-SWEEP = _GENERATIONS + """
+SWEEP = (
+    _GENERATIONS
+    + """
 local P, now, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 for _, pod in ipairs(redis.call('ZRANGEBYSCORE', P..':leases', '-inf', now, 'LIMIT', 0, limit)) do
   local gen = redis.call('HGET', P..':pods', pod)
@@ -219,6 +238,7 @@ while budget > 0 do
 end
 return deleted
 """
+)
 
 STATS = """
 local P, now = ARGV[1], tonumber(ARGV[2])
@@ -243,14 +263,23 @@ class RedisIndex:
         """``P`` of the key names: the prefix and the schema version."""
         self._scripts = {
             name: client.register_script(src)
-            for name, src in (("heartbeat", HEARTBEAT), ("lookup", LOOKUP), ("add", ADD), ("remove", REMOVE),
-                              ("clear", CLEAR_POD), ("sweep", SWEEP), ("stats", STATS))
+            for name, src in (
+                ("heartbeat", HEARTBEAT),
+                ("lookup", LOOKUP),
+                ("add", ADD),
+                ("remove", REMOVE),
+                ("clear", CLEAR_POD),
+                ("sweep", SWEEP),
+                ("stats", STATS),
+            )
         }
 
     async def _run(self, name: str, *args) -> object:
         return await self._scripts[name](keys=[], args=[self.root, *args])
 
-    async def heartbeat(self, pod: PodId, incarnation: str, lease_s: float, now: float) -> Registration:
+    async def heartbeat(
+        self, pod: PodId, incarnation: str, lease_s: float, now: float
+    ) -> Registration:
         result = int(await self._run("heartbeat", pod, incarnation, lease_s, now))
         return Registration(known=result == 1, superseded=result < 0)
 
@@ -258,12 +287,21 @@ class RedisIndex:
         flat = await self._run("lookup", now, namespace, *(h.hex() for h in hashes))
         return {PodId(_text(flat[i])): int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
-    async def add(self, namespace: str, pod: PodId, incarnation: str, hashes: list[BlockHash], now: float) -> bool:
-        result = await self._run("add", namespace, pod, incarnation, self.capacity, *(h.hex() for h in hashes))
+    async def add(
+        self, namespace: str, pod: PodId, incarnation: str, hashes: list[BlockHash], now: float
+    ) -> bool:
+        result = await self._run(
+            "add", namespace, pod, incarnation, self.capacity, *(h.hex() for h in hashes)
+        )
         return int(result) >= 0
 
-    async def remove(self, namespace: str, pod: PodId, incarnation: str, hashes: list[BlockHash]) -> bool:
-        return int(await self._run("remove", namespace, pod, incarnation, *(h.hex() for h in hashes))) >= 0
+    async def remove(
+        self, namespace: str, pod: PodId, incarnation: str, hashes: list[BlockHash]
+    ) -> bool:
+        return (
+            int(await self._run("remove", namespace, pod, incarnation, *(h.hex() for h in hashes)))
+            >= 0
+        )
 
     async def clear_pod(self, pod: PodId, incarnation: str) -> bool:
         return int(await self._run("clear", pod, incarnation)) >= 0
@@ -275,9 +313,13 @@ class RedisIndex:
         out = await self._run("stats", now)
         counters = {_text(out[i]): int(out[i + 1]) for i in range(3, len(out), 2)}
         return IndexStats(
-            num_entries=int(out[0]), capacity=self.capacity, live_pods=int(out[1]),
-            lookups=counters.get("lookups", 0), hit_blocks=counters.get("hit_blocks", 0),
-            evictions=counters.get("evictions", 0), retired_generations=int(out[2]),
+            num_entries=int(out[0]),
+            capacity=self.capacity,
+            live_pods=int(out[1]),
+            lookups=counters.get("lookups", 0),
+            hit_blocks=counters.get("hit_blocks", 0),
+            evictions=counters.get("evictions", 0),
+            retired_generations=int(out[2]),
         )
 
 

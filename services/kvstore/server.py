@@ -39,26 +39,48 @@ MAX_LOOKUP_BLOCKS = 1 << 16
 class KVStoreMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.entries = Gauge("tandem_kvstore_index_entries", "Block entries in the index", registry=r)
+        self.entries = Gauge(
+            "tandem_kvstore_index_entries", "Block entries in the index", registry=r
+        )
         self.lookups = Counter("tandem_kvstore_lookups", "Prefix lookups", registry=r)
-        self.hit_blocks = Counter("tandem_kvstore_lookup_hit_blocks", "Blocks matched by lookups", registry=r)
-        self.evictions = Gauge("tandem_kvstore_evictions", "Entries evicted by LRU (index lifetime)", registry=r)
+        self.hit_blocks = Counter(
+            "tandem_kvstore_lookup_hit_blocks", "Blocks matched by lookups", registry=r
+        )
+        self.evictions = Gauge(
+            "tandem_kvstore_evictions", "Entries evicted by LRU (index lifetime)", registry=r
+        )
         self.retired_generations = Gauge(
-            "tandem_kvstore_retired_generations", "Retired pod generations the sweep has still to drain",
+            "tandem_kvstore_retired_generations",
+            "Retired pod generations the sweep has still to drain",
             registry=r,
         )
         self.lookup_duration = Histogram(
-            "tandem_kvstore_lookup_duration_seconds", "Lookup latency, Redis included", registry=r,
+            "tandem_kvstore_lookup_duration_seconds",
+            "Lookup latency, Redis included",
+            registry=r,
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25),
         )
         self.event_lag = Histogram(
-            "tandem_kvstore_event_lag_seconds", "From a pod sending an event batch to its application",
-            registry=r, buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
+            "tandem_kvstore_event_lag_seconds",
+            "From a pod sending an event batch to its application",
+            registry=r,
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
         )
-        self.events = Counter("tandem_kvstore_events", "Events applied, by kind", ["kind"], registry=r)
-        self.rejected = Counter("tandem_kvstore_rejected_batches", "Event batches refused, by reason", ["reason"], registry=r)
-        self.gaps = Counter("tandem_kvstore_sequence_gaps", "Gaps in pods' event sequence numbers", registry=r)
-        self.redis_errors = Counter("tandem_kvstore_redis_errors", "Index calls that failed after retries", registry=r)
+        self.events = Counter(
+            "tandem_kvstore_events", "Events applied, by kind", ["kind"], registry=r
+        )
+        self.rejected = Counter(
+            "tandem_kvstore_rejected_batches",
+            "Event batches refused, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.gaps = Counter(
+            "tandem_kvstore_sequence_gaps", "Gaps in pods' event sequence numbers", registry=r
+        )
+        self.redis_errors = Counter(
+            "tandem_kvstore_redis_errors", "Index calls that failed after retries", registry=r
+        )
 
 
 @dataclass(slots=True)
@@ -99,12 +121,16 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServiceServicer):
         try:
             hashes = _hashes(request.block_hashes)
             start = time.perf_counter()
-            counts = await self._call(lambda: self.index.lookup(request.model_fingerprint, hashes, time.time()))
+            counts = await self._call(
+                lambda: self.index.lookup(request.model_fingerprint, hashes, time.time())
+            )
             self.metrics.lookup_duration.observe(time.perf_counter() - start)
             self.metrics.lookups.inc()
             self.metrics.hit_blocks.inc(max(counts.values(), default=0))
             return kvstore_pb2.LookupResponse(
-                matches=[kvstore_pb2.PodMatch(pod_id=p, num_blocks=n) for p, n in sorted(counts.items())]
+                matches=[
+                    kvstore_pb2.PodMatch(pod_id=p, num_blocks=n) for p, n in sorted(counts.items())
+                ]
             )
         except TandemError as exc:
             await abort_with(context, exc)
@@ -115,10 +141,16 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServiceServicer):
                 raise InvalidRequest("pod_id and incarnation are required", param="pod_id")
             now = time.time()
             registration = await self._call(
-                lambda: self.index.heartbeat(PodId(request.pod_id), request.incarnation, self.settings.lease_s, now)
+                lambda: self.index.heartbeat(
+                    PodId(request.pod_id), request.incarnation, self.settings.lease_s, now
+                )
             )
             if registration.superseded:
-                logger.debug("refused a heartbeat of pod %s's old incarnation %s", request.pod_id, request.incarnation)
+                logger.debug(
+                    "refused a heartbeat of pod %s's old incarnation %s",
+                    request.pod_id,
+                    request.incarnation,
+                )
                 # NOTE: HeartbeatResponse has no "superseded" field (the proto is shared with the
                 # pods); a lease of 0 s with known=False tells the old process it holds no lease.
                 # Publishers of releases before this one read it as "heartbeat every 0 s" and
@@ -126,11 +158,15 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServiceServicer):
                 # docs/kubernetes.md ("Upgrade") says to upgrade stable-id pods before kvstore.
                 return kvstore_pb2.HeartbeatResponse(lease_seconds=0.0, known=False)
             if not registration.known:
-                logger.info("pod %s (incarnation %s) registered", request.pod_id, request.incarnation)
+                logger.info(
+                    "pod %s (incarnation %s) registered", request.pod_id, request.incarnation
+                )
             sequence = self._last_seq.get(request.pod_id)
             if sequence is not None and sequence.incarnation == request.incarnation:
                 sequence.seen_at = now
-            return kvstore_pb2.HeartbeatResponse(lease_seconds=self.settings.lease_s, known=registration.known)
+            return kvstore_pb2.HeartbeatResponse(
+                lease_seconds=self.settings.lease_s, known=registration.known
+            )
         except TandemError as exc:
             await abort_with(context, exc)
 
@@ -145,7 +181,9 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServiceServicer):
             if not accepted:
                 self.rejected_batches += 1
                 self.metrics.rejected.labels("stale_incarnation").inc()
-                logger.info("ignored events of %s's old incarnation %s", request.pod_id, request.incarnation)
+                logger.info(
+                    "ignored events of %s's old incarnation %s", request.pod_id, request.incarnation
+                )
                 return kvstore_pb2.PublishEventsResponse(accepted=False)
             self._check_sequence(request)
             if request.sent_at:
@@ -168,25 +206,42 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServiceServicer):
     def _check_sequence(self, request: kvstore_pb2.PublishEventsRequest) -> None:
         """Count a gap in an accepted batch's sequence (a new incarnation starts afresh)."""
         last = self._last_seq.get(request.pod_id)
-        if last is not None and last.incarnation == request.incarnation and request.sequence_number != last.number + 1:
+        if (
+            last is not None
+            and last.incarnation == request.incarnation
+            and request.sequence_number != last.number + 1
+        ):
             self.sequence_gaps += 1
             self.metrics.gaps.inc()
-            logger.warning("pod %s: event batch %d after %d (events lost or reordered)",
-                           request.pod_id, request.sequence_number, last.number)
-        self._last_seq[request.pod_id] = _Sequence(request.incarnation, request.sequence_number, time.time())
+            logger.warning(
+                "pod %s: event batch %d after %d (events lost or reordered)",
+                request.pod_id,
+                request.sequence_number,
+                last.number,
+            )
+        self._last_seq[request.pod_id] = _Sequence(
+            request.incarnation, request.sequence_number, time.time()
+        )
 
     def forget_silent_pods(self, now: float) -> int:
         """Drop the sequence state of pods not heard from for a lease; returns how many.
 
         The index retires such pods too, so a returning one registers afresh and resyncs.
         """
-        silent = [pod for pod, seq in self._last_seq.items() if seq.seen_at + self.settings.lease_s <= now]
+        silent = [
+            pod for pod, seq in self._last_seq.items() if seq.seen_at + self.settings.lease_s <= now
+        ]
         for pod in silent:
             del self._last_seq[pod]
         return len(silent)
 
     async def _apply(self, request: kvstore_pb2.PublishEventsRequest) -> bool:
-        pod, inc, ns, now = PodId(request.pod_id), request.incarnation, request.model_fingerprint, time.time()
+        pod, inc, ns, now = (
+            PodId(request.pod_id),
+            request.incarnation,
+            request.model_fingerprint,
+            time.time(),
+        )
         for event in request.events:
             kind = event.WhichOneof("event")
             if kind == "stored":
@@ -206,8 +261,12 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServiceServicer):
         try:
             stats = await self._call(lambda: self.index.stats(time.time()))
             return kvstore_pb2.StatsResponse(
-                num_entries=stats.num_entries, capacity=stats.capacity, lookups=stats.lookups,
-                hit_blocks=stats.hit_blocks, evictions=stats.evictions, live_pods=stats.live_pods,
+                num_entries=stats.num_entries,
+                capacity=stats.capacity,
+                lookups=stats.lookups,
+                hit_blocks=stats.hit_blocks,
+                evictions=stats.evictions,
+                live_pods=stats.live_pods,
                 rejected_batches=self.rejected_batches,
                 sequence_gaps=self.sequence_gaps,
             )
@@ -217,7 +276,9 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServiceServicer):
 
 def _hashes(raw) -> list[BlockHash]:
     if len(raw) > MAX_LOOKUP_BLOCKS:
-        raise InvalidRequest(f"at most {MAX_LOOKUP_BLOCKS} block hashes per call", param="block_hashes")
+        raise InvalidRequest(
+            f"at most {MAX_LOOKUP_BLOCKS} block hashes per call", param="block_hashes"
+        )
     if any(len(h) != 16 for h in raw):
         raise InvalidRequest("block hashes are 16 bytes (xxh3_128)", param="block_hashes")
     return [BlockHash(bytes(h)) for h in raw]
@@ -237,7 +298,9 @@ def make_index(settings: KVStoreSettings) -> Index:
     return RedisIndex(client, capacity=settings.capacity, prefix=settings.key_prefix)
 
 
-async def _sweeper(servicer: KVStoreServicer, settings: KVStoreSettings, metrics: KVStoreMetrics) -> None:
+async def _sweeper(
+    servicer: KVStoreServicer, settings: KVStoreSettings, metrics: KVStoreMetrics
+) -> None:
     """Every ``sweep_interval_s``: one bounded sweep step, and forget silent pods' sequences.
 
     A failed step is logged and the next one runs on time: whatever Redis answers (down, OOM,
@@ -272,12 +335,19 @@ async def start(settings: KVStoreSettings) -> RunningService:
     await server.start()
     sweeper = asyncio.create_task(_sweeper(servicer, settings, metrics))
     backend = f"Redis at {settings.redis_url}" if settings.redis_url else "memory"
-    logger.info("kvstore serving on port %d (index in %s, capacity %d)", server.port, backend, settings.capacity)
+    logger.info(
+        "kvstore serving on port %d (index in %s, capacity %d)",
+        server.port,
+        backend,
+        settings.capacity,
+    )
     return RunningService(server, [sweeper.cancel], index=index, metrics=metrics, servicer=servicer)
 
 
 async def serve(settings: KVStoreSettings) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     telemetry.setup_tracing("kvstore")
     telemetry.instrument_redis()
     service = await start(settings)

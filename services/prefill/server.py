@@ -44,7 +44,12 @@ def prefill_only(params: SamplingParams) -> SamplingParams:
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
     def __init__(
-        self, settings: PrefillSettings, worker: EngineWorker, sender: KVSender, identity: dict, metrics: PodMetrics
+        self,
+        settings: PrefillSettings,
+        worker: EngineWorker,
+        sender: KVSender,
+        identity: dict,
+        metrics: PodMetrics,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -57,7 +62,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         with telemetry.tracer().start_as_current_span("prefill") as span:
             return await self._prefill(request, context, span)
 
-    async def _prefill(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext, span):
+    async def _prefill(
+        self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext, span
+    ):
         rid = request.request_id
         stream = None
         done = False
@@ -66,15 +73,24 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             ids = convert.prompt_ids(request.prompt_token_ids)
             params = prefill_only(convert.sampling_params_from_proto(request.sampling_params))
             if span.is_recording():
-                span.set_attributes({telemetry.REQUEST_ID: rid, telemetry.GEN_AI_USAGE_INPUT_TOKENS: len(ids),
-                                     "tandem.prefill.decode_pod": target.address,
-                                     "tandem.prefill.skip_blocks": target.skip_blocks})
+                span.set_attributes(
+                    {
+                        telemetry.REQUEST_ID: rid,
+                        telemetry.GEN_AI_USAGE_INPUT_TOKENS: len(ids),
+                        "tandem.prefill.decode_pod": target.address,
+                        "tandem.prefill.skip_blocks": target.skip_blocks,
+                    }
+                )
             if self.worker.stats.num_waiting >= self.settings.max_waiting:
-                raise CapacityExceeded(f"{self.worker.stats.num_waiting} prompts are already waiting")
+                raise CapacityExceeded(
+                    f"{self.worker.stats.num_waiting} prompts are already waiting"
+                )
             stream = self.worker.open_stream(rid)
             # The kv_transfer span's parent, handed to the engine thread explicitly.
             trace_context = otel_context.get_current() if span.is_recording() else None
-            await self.worker.call(lambda e: self._add(e, request, ids, params, target, trace_context))
+            await self.worker.call(
+                lambda e: self._add(e, request, ids, params, target, trace_context)
+            )
             item = await stream.get()
             if isinstance(item, BaseException):
                 raise item
@@ -89,13 +105,16 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             done = True
             timing = convert.prefill_timing(item.metrics, result.seconds)
             if span.is_recording():
-                span.set_attributes({
-                    "tandem.prefill.cached_tokens": item.num_cached_tokens,
-                    "tandem.prefill.queue_seconds": timing.queue_seconds,
-                    "tandem.prefill.compute_seconds": timing.compute_seconds,
-                    "tandem.prefill.transfer_seconds": timing.transfer_seconds,
-                    "tandem.kv.bytes": result.bytes, "tandem.kv.chunks": result.chunks,
-                })
+                span.set_attributes(
+                    {
+                        "tandem.prefill.cached_tokens": item.num_cached_tokens,
+                        "tandem.prefill.queue_seconds": timing.queue_seconds,
+                        "tandem.prefill.compute_seconds": timing.compute_seconds,
+                        "tandem.prefill.transfer_seconds": timing.transfer_seconds,
+                        "tandem.kv.bytes": result.bytes,
+                        "tandem.kv.chunks": result.chunks,
+                    }
+                )
             return prefill_pb2.PrefillResponse(
                 first_token_id=end.first_token_id,
                 num_cached_tokens=item.num_cached_tokens,
@@ -118,7 +137,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         if not request.request_id:
             raise InvalidRequest("request_id is required", param="request_id")
         if not t.address or not t.request_id:
-            raise InvalidRequest("decode_target needs an address and a request_id", param="decode_target")
+            raise InvalidRequest(
+                "decode_target needs an address and a request_id", param="decode_target"
+            )
         if t.model_fingerprint and t.model_fingerprint != self.fingerprint:
             raise KVFingerprintMismatch(
                 f"the decode pod's model fingerprint {t.model_fingerprint!r} differs from this "
@@ -126,13 +147,19 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             )
         return KVTarget(t.address, t.request_id, t.skip_blocks, self.fingerprint)
 
-    def _add(self, engine: LLMEngine, request, ids, params, target: KVTarget, trace_context) -> None:
+    def _add(
+        self, engine: LLMEngine, request, ids, params, target: KVTarget, trace_context
+    ) -> None:
         """Engine thread: register the KV transfer, then queue the prompt."""
         rid = request.request_id
         self.sender.start(rid, target, len(ids), trace_context)
         try:
             engine.add_request(
-                rid, ids, params, priority=request.priority, cache_salt=request.cache_salt or None,
+                rid,
+                ids,
+                params,
+                priority=request.priority,
+                cache_salt=request.cache_salt or None,
                 output_kind=OutputKind.FINAL_ONLY,
             )
         except BaseException:
@@ -145,7 +172,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
 
     async def GetStats(self, request, context):
         stats = convert.pod_stats(self.worker.stats, **self.identity)
-        stats.engine_steps, stats.seconds_since_progress = self.worker.steps, self.worker.seconds_since_progress
+        stats.engine_steps, stats.seconds_since_progress = (
+            self.worker.steps,
+            self.worker.seconds_since_progress,
+        )
         return prefill_pb2.GetStatsResponse(stats=stats)
 
 
@@ -166,6 +196,7 @@ async def start(settings: PrefillSettings) -> RunningService:
     publisher: KVEventPublisher | None = None
     after_step = None
     if settings.kvstore is not None:
+
         def after_step(e: LLMEngine) -> None:
             publisher.enqueue(e.take_kv_events())
 
@@ -173,19 +204,31 @@ async def start(settings: PrefillSettings) -> RunningService:
     server = GrpcServer(settings.host, settings.port, ["tandem.prefill.v1.PrefillService"])
     address = settings.address(server.port)
     identity = settings.identity(engine, common_pb2.POD_ROLE_PREFILL, address)
-    metrics = PodMetrics(worker, model_name=settings.model_name(), role="prefill",
-                         cache_config=settings.cache_config_info(engine))
+    metrics = PodMetrics(
+        worker,
+        model_name=settings.model_name(),
+        role="prefill",
+        cache_config=settings.cache_config_info(engine),
+    )
     if settings.metrics_port is not None:
         metrics.serve(settings.metrics_port)
     cleanups = [worker.stop, sender.close]
     if settings.kvstore is not None:
+
         async def snapshot():
             # On the engine thread: queued events are superseded by the full list of cached blocks.
-            return await worker.call(lambda e: (publisher.drop_pending(), e.take_kv_events(), e.cached_block_hashes())[2])
+            return await worker.call(
+                lambda e: (publisher.drop_pending(), e.take_kv_events(), e.cached_block_hashes())[2]
+            )
 
         publisher = KVEventPublisher(
-            settings.kvstore, pod_id=identity["pod_id"], pod_address=address, incarnation=identity["incarnation"],
-            fingerprint=identity["model_fingerprint"], block_size=engine.config.block_size, snapshot=snapshot,
+            settings.kvstore,
+            pod_id=identity["pod_id"],
+            pod_address=address,
+            incarnation=identity["incarnation"],
+            fingerprint=identity["model_fingerprint"],
+            block_size=engine.config.block_size,
+            snapshot=snapshot,
             heartbeat_interval_s=settings.kvstore_heartbeat_s,
         )
     servicer = PrefillServicer(settings, worker, sender, identity, metrics)
@@ -195,12 +238,21 @@ async def start(settings: PrefillSettings) -> RunningService:
     if publisher is not None:
         cleanups.insert(0, asyncio.create_task(publisher.run(), name="kv-events").cancel)
     logger.info("prefill pod %s serving on port %d", identity["pod_id"], server.port)
-    return RunningService(server, cleanups, engine=engine, worker=worker, sender=sender, publisher=publisher,
-                          metrics=metrics)
+    return RunningService(
+        server,
+        cleanups,
+        engine=engine,
+        worker=worker,
+        sender=sender,
+        publisher=publisher,
+        metrics=metrics,
+    )
 
 
 async def serve(settings: PrefillSettings) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     telemetry.setup_tracing("prefill", instance=settings.pod_id)
     service = await start(settings)
     await service.serve_until_signalled(settings.shutdown_grace_s)

@@ -57,7 +57,9 @@ _UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "literal"}
 
 def _is_field(part) -> bool:
     """Location parts that name a field or an index, not a union member's type tag."""
-    return isinstance(part, int) or ("[" not in part and part.split("-")[0].lower() not in _UNION_TAGS)
+    return isinstance(part, int) or (
+        "[" not in part and part.split("-")[0].lower() not in _UNION_TAGS
+    )
 
 
 class RequestIdAndMetrics:
@@ -78,7 +80,9 @@ class RequestIdAndMetrics:
         headers = dict(scope.get("headers") or ())
         request_id = headers.get(REQUEST_ID_HEADER.encode(), b"").decode() or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
-        trace.get_current_span().set_attribute(telemetry.REQUEST_ID, request_id)  # the HTTP server span
+        trace.get_current_span().set_attribute(
+            telemetry.REQUEST_ID, request_id
+        )  # the HTTP server span
         start = time.perf_counter()
         status = 500
 
@@ -86,8 +90,13 @@ class RequestIdAndMetrics:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message = {**message, "headers": [*message.get("headers", []),
-                                                  (REQUEST_ID_HEADER.encode(), request_id.encode())]}
+                message = {
+                    **message,
+                    "headers": [
+                        *message.get("headers", []),
+                        (REQUEST_ID_HEADER.encode(), request_id.encode()),
+                    ],
+                }
             await send(message)
 
         try:
@@ -106,7 +115,11 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
         message, param = "the request body is not valid JSON", None
     else:
         param = ".".join(loc) or None
-        message = f"{param}: {err.get('msg', 'invalid value')}" if param else err.get("msg", "invalid request")
+        message = (
+            f"{param}: {err.get('msg', 'invalid value')}"
+            if param
+            else err.get("msg", "invalid request")
+        )
     return JSONResponse(error_body(message, 400, "BadRequestError", param), status_code=400)
 
 
@@ -115,15 +128,24 @@ def create_app(settings: RouterSettings) -> FastAPI:
     tokenizer = Tokenizer(settings.model)
     model_config = load_model_config(settings.model)
     registry = PodRegistry(
-        settings.make_discovery(), interval_s=settings.stats_interval_s, timeout_s=settings.pod_timeout_s,
+        settings.make_discovery(),
+        interval_s=settings.stats_interval_s,
+        timeout_s=settings.pod_timeout_s,
         stall_timeout_s=settings.stall_timeout_s,
     )
-    prefix_index = PrefixIndexClient(settings.kvstore, settings.kvstore_timeout_s) if settings.kvstore else None
+    prefix_index = (
+        PrefixIndexClient(settings.kvstore, settings.kvstore_timeout_s)
+        if settings.kvstore
+        else None
+    )
     dispatcher = Dispatcher(registry, settings, prefix_index)
     serving = OpenAIServing(
-        tokenizer, dispatcher, model_name=settings.model_name(),
+        tokenizer,
+        dispatcher,
+        model_name=settings.model_name(),
         max_model_len=settings.max_model_len or model_config.max_position_embeddings,
-        vocab_size=model_config.vocab_size, sampling_defaults=settings.sampling_defaults(),
+        vocab_size=model_config.vocab_size,
+        sampling_defaults=settings.sampling_defaults(),
     )
     metrics = RouterMetrics()
 
@@ -133,11 +155,18 @@ def create_app(settings: RouterSettings) -> FastAPI:
         if prefix_index is not None:
             await prefix_index.start()
         server = GrpcServer(settings.host, settings.grpc_port, ["tandem.router.v1.RouterService"])
-        router_pb2_grpc.add_RouterServiceServicer_to_server(RouterServicer(serving, metrics), server.server)
+        router_pb2_grpc.add_RouterServiceServicer_to_server(
+            RouterServicer(serving, metrics), server.server
+        )
         await server.start()
         app.state.grpc_port = server.port
-        logger.info("router gRPC on port %d; %d prefill, %d decode pods (%s discovery)", server.port,
-                    len(registry.by_role("prefill")), len(registry.by_role("decode")), settings.discovery)
+        logger.info(
+            "router gRPC on port %d; %d prefill, %d decode pods (%s discovery)",
+            server.port,
+            len(registry.by_role("prefill")),
+            len(registry.by_role("decode")),
+            settings.discovery,
+        )
         try:
             yield
         finally:
@@ -192,11 +221,15 @@ def _add_openai_routes(app: FastAPI, serving: OpenAIServing, metrics: RouterMetr
         placements are counted once every one is final."""
         if sse is not None:
             try:
-                events = await run_unless_disconnected(request, serving.open_stream(merge_events(dispatcher, jobs, routes)))
+                events = await run_unless_disconnected(
+                    request, serving.open_stream(merge_events(dispatcher, jobs, routes))
+                )
             except BaseException:
                 count_routes(routes, jobs)
                 raise
-            return StreamingResponse(counted(sse(events), routes, jobs), media_type="text/event-stream")
+            return StreamingResponse(
+                counted(sse(events), routes, jobs), media_type="text/event-stream"
+            )
         try:
             return JSONResponse(await run_unless_disconnected(request, result()))
         finally:
@@ -209,7 +242,10 @@ def _add_openai_routes(app: FastAPI, serving: OpenAIServing, metrics: RouterMetr
         trace = RequestTrace("text_completion", rid, serving.model_name, jobs)
         routes = [Route(trace=trace) for _ in jobs]
         return await respond(
-            request, jobs, routes, (lambda events: serving.completion_sse(body, rid, events)) if body.stream else None,
+            request,
+            jobs,
+            routes,
+            (lambda events: serving.completion_sse(body, rid, events)) if body.stream else None,
             lambda: serving.completion(body, jobs, rid, routes),
         )
 
@@ -219,7 +255,10 @@ def _add_openai_routes(app: FastAPI, serving: OpenAIServing, metrics: RouterMetr
         job = await asyncio.to_thread(serving.chat_job, body, rid)
         route = Route(trace=RequestTrace("chat", rid, serving.model_name, [job]))
         return await respond(
-            request, [job], [route], (lambda events: serving.chat_sse(body, rid, events)) if body.stream else None,
+            request,
+            [job],
+            [route],
+            (lambda events: serving.chat_sse(body, rid, events)) if body.stream else None,
             lambda: serving.chat(body, job, rid, route),
         )
 
@@ -227,8 +266,16 @@ def _add_openai_routes(app: FastAPI, serving: OpenAIServing, metrics: RouterMetr
     async def models():
         return {
             "object": "list",
-            "data": [{"id": serving.model_name, "object": "model", "created": 0, "owned_by": "tandem",
-                      "root": serving.model_name, "max_model_len": serving.max_model_len}],
+            "data": [
+                {
+                    "id": serving.model_name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "tandem",
+                    "root": serving.model_name,
+                    "max_model_len": serving.max_model_len,
+                }
+            ],
         }
 
 
@@ -239,8 +286,11 @@ def _add_operational_routes(app: FastAPI, serving: OpenAIServing, metrics: Route
     async def health():
         if not registry.by_role("decode"):
             raise UpstreamUnavailable("no decode pod is ready")
-        return {"status": "ok", "prefill_pods": len(registry.by_role("prefill")),
-                "decode_pods": len(registry.by_role("decode"))}
+        return {
+            "status": "ok",
+            "prefill_pods": len(registry.by_role("prefill")),
+            "decode_pods": len(registry.by_role("decode")),
+        }
 
     @app.get("/metrics")
     async def prometheus():

@@ -55,7 +55,9 @@ class DnsDiscovery:
     failure keeps the last answer rather than dropping every pod.
     """
 
-    def __init__(self, services: dict[str, str], port: dict[str, int], interval_s: float = 1.0) -> None:
+    def __init__(
+        self, services: dict[str, str], port: dict[str, int], interval_s: float = 1.0
+    ) -> None:
         self.services = services
         self.port = port
         self.interval_s = interval_s
@@ -82,7 +84,9 @@ class DnsDiscovery:
                 if e.errno in _NO_SUCH_NAME:
                     self._found[role] = []  # the Service has no ready pod (or does not exist)
                 else:
-                    logger.warning("resolving %s (%s pods): %s; keeping the last answer", host, role, e)
+                    logger.warning(
+                        "resolving %s (%s pods): %s; keeping the last answer", host, role, e
+                    )
                 continue
             self._found[role] = sorted({join_host_port(info[4][0], info[4][1]) for info in infos})
 
@@ -138,7 +142,9 @@ class KubernetesDiscovery:
             self._api_client = client.ApiClient()
         self._api = client.DiscoveryV1Api(self._api_client)
         for role, service in self.services.items():
-            t = threading.Thread(target=self._follow, args=(role, service), name=f"discovery-{role}", daemon=True)
+            t = threading.Thread(
+                target=self._follow, args=(role, service), name=f"discovery-{role}", daemon=True
+            )
             t.start()
             self._threads.append(t)
         deadline = time.monotonic() + wait_s
@@ -173,8 +179,11 @@ class KubernetesDiscovery:
                 self._listed[role].set()
                 backoff = 1.0
                 stream = watch.Watch().stream(
-                    self._api.list_namespaced_endpoint_slice, self.namespace, label_selector=selector,
-                    resource_version=listed.metadata.resource_version, timeout_seconds=self.watch_timeout_s,
+                    self._api.list_namespaced_endpoint_slice,
+                    self.namespace,
+                    label_selector=selector,
+                    resource_version=listed.metadata.resource_version,
+                    timeout_seconds=self.watch_timeout_s,
                     # The server ends the watch after timeout_seconds; a silent half-open
                     # connection is cut a little later by the client.
                     _request_timeout=(self.request_timeout_s, self.watch_timeout_s + 30),
@@ -183,9 +192,16 @@ class KubernetesDiscovery:
                     if self._stop.is_set():
                         return
                     self._apply(role, event["type"], event["object"])
-            except Exception as e:  # any failure (410 Gone, 5xx, dropped or timed-out connection): re-list
-                logger.warning("discovery of %s pods (Service %s): %s; re-listing in %.0f s", role, service,
-                               _short(e), backoff)
+            except (
+                Exception
+            ) as e:  # any failure (410 Gone, 5xx, dropped or timed-out connection): re-list
+                logger.warning(
+                    "discovery of %s pods (Service %s): %s; re-listing in %.0f s",
+                    role,
+                    service,
+                    _short(e),
+                    backoff,
+                )
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
 

@@ -102,7 +102,10 @@ class Dispatcher:
         self.settings = settings
         self.prefix_index = prefix_index
         self.scorer = scorer or PrefixLoadScorer(
-            settings.prefix_weight, settings.load_weight, settings.hotspot_ratio, settings.hotspot_min_tokens
+            settings.prefix_weight,
+            settings.load_weight,
+            settings.hotspot_ratio,
+            settings.hotspot_min_tokens,
         )
         self._attempt_ids = itertools.count()
         self._instance = uuid.uuid4().hex[:8]
@@ -116,11 +119,16 @@ class Dispatcher:
             return {}
         start = time.perf_counter()
         cached = await self.prefix_index.cached_tokens(
-            job.prompt_token_ids, job.cache_salt, reference.model_fingerprint, reference.block_size,
+            job.prompt_token_ids,
+            job.cache_salt,
+            reference.model_fingerprint,
+            reference.block_size,
             metadata=telemetry.outgoing_metadata(),
         )
-        route.lookup = {"status": "ok" if cached is not None else "unavailable",
-                        "seconds": time.perf_counter() - start}
+        route.lookup = {
+            "status": "ok" if cached is not None else "unavailable",
+            "seconds": time.perf_counter() - start,
+        }
         return cached
 
     def _choose_prefill(self, job: Job, route: Route, cached: dict[str, int] | None) -> Pod | None:
@@ -136,13 +144,21 @@ class Dispatcher:
         if not ranked:
             return None
         best = ranked[0]
-        route.prefill_reason = "index_unavailable" if cached is None else ("prefix" if best.cached_tokens else "load")
+        route.prefill_reason = (
+            "index_unavailable" if cached is None else ("prefix" if best.cached_tokens else "load")
+        )
         route.expected_cached_tokens = best.cached_tokens
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
-                "request %s -> prefill %s (%s); candidates: %s", job.request_id, best.pod.address, route.prefill_reason,
-                "; ".join(f"{c.pod.address} cached={c.cached_tokens} queued={c.queued_tokens} cost={c.cost:g}"
-                          f"{' hot' if c.hot else ''}" for c in ranked),
+                "request %s -> prefill %s (%s); candidates: %s",
+                job.request_id,
+                best.pod.address,
+                route.prefill_reason,
+                "; ".join(
+                    f"{c.pod.address} cached={c.cached_tokens} queued={c.queued_tokens} cost={c.cost:g}"
+                    f"{' hot' if c.hot else ''}"
+                    for c in ranked
+                ),
             )
         return best.pod
 
@@ -166,7 +182,9 @@ class Dispatcher:
                     if refusals:
                         raise CapacityExceeded("every decode pod is at capacity; retry later")
                     if failures:
-                        raise UpstreamUnavailable(f"the request failed on every pod tried ({failures} attempts)")
+                        raise UpstreamUnavailable(
+                            f"the request failed on every pod tried ({failures} attempts)"
+                        )
                     raise UpstreamUnavailable("no decode pod is ready")
                 prefill = None
                 if not colocate and failures < self.settings.max_attempts - 1:
@@ -176,12 +194,18 @@ class Dispatcher:
                     prefill = self._choose_prefill(job, route, cached)
                 route.attempts += 1
                 if span.is_recording():
-                    span.set_attributes(route_attributes(
-                        attempt=route.attempts, mode="disaggregated" if prefill else "colocated",
-                        decode=decode.address, prefill=prefill.address if prefill else None,
-                        reason=route.prefill_reason if prefill else "", candidates=route.candidates if prefill else (),
-                        expected_cached_tokens=route.expected_cached_tokens if prefill else 0, lookup=route.lookup,
-                    ))
+                    span.set_attributes(
+                        route_attributes(
+                            attempt=route.attempts,
+                            mode="disaggregated" if prefill else "colocated",
+                            decode=decode.address,
+                            prefill=prefill.address if prefill else None,
+                            reason=route.prefill_reason if prefill else "",
+                            candidates=route.candidates if prefill else (),
+                            expected_cached_tokens=route.expected_cached_tokens if prefill else 0,
+                            lookup=route.lookup,
+                        )
+                    )
             try:
                 async for event in self._attempt(job, decode, prefill, route, metadata):
                     if event.finish_reason is not None and route.trace is not None:
@@ -194,18 +218,30 @@ class Dispatcher:
                     refusals.append(retry.error)
                     continue
                 failures += 1
-                logger.warning("request %s attempt %d failed: %s", job.request_id, route.attempts, retry.error)
+                logger.warning(
+                    "request %s attempt %d failed: %s", job.request_id, route.attempts, retry.error
+                )
                 if failures >= self.settings.max_attempts:
                     raise retry.error from None
 
     async def _attempt(
-        self, job: Job, decode: Pod, prefill: Pod | None, route: Route, metadata: tuple[tuple[str, str], ...]
+        self,
+        job: Job,
+        decode: Pod,
+        prefill: Pod | None,
+        route: Route,
+        metadata: tuple[tuple[str, str], ...],
     ) -> AsyncIterator[TokenEvent]:
         # Unique across router replicas and restarts: pods refuse a request id already in use.
         rid = f"{job.request_id}.{self._instance}.{next(self._attempt_ids)}"
-        route.mode, route.decode, route.prefill = ("disaggregated" if prefill else "colocated"), decode.address, None
-        call = decode.stub.Generate(convert.decode_generate_request(job, rid, remote=prefill is not None),
-                                    metadata=metadata)
+        route.mode, route.decode, route.prefill = (
+            ("disaggregated" if prefill else "colocated"),
+            decode.address,
+            None,
+        )
+        call = decode.stub.Generate(
+            convert.decode_generate_request(job, rid, remote=prefill is not None), metadata=metadata
+        )
         state = _AttemptState()
         prefill_task: asyncio.Task | None = None
         decode.inflight += 1
@@ -215,12 +251,16 @@ class Dispatcher:
             admitted = await self._admission(call, decode, route)
             if prefill is not None:
                 route.prefill = prefill.address
-                prefill_task = self._start_prefill(job, rid, prefill, decode, admitted, call, route, state, metadata)
+                prefill_task = self._start_prefill(
+                    job, rid, prefill, decode, admitted, call, route, state, metadata
+                )
             while True:
                 try:
                     resp = await call.read()
                 except asyncio.CancelledError:
-                    if state.prefill_error is not None:  # we cancelled the call: the KV will never come
+                    if (
+                        state.prefill_error is not None
+                    ):  # we cancelled the call: the KV will never come
                         self._raise_prefill_failure(state.prefill_error, prefill, route)
                     raise  # the caller is gone: not a failure, no retry
                 except grpc.RpcError as e:
@@ -230,7 +270,9 @@ class Dispatcher:
                 if resp is grpc.aio.EOF:
                     raise UpstreamUnavailable(f"decode pod {decode.address} ended the stream early")
                 event = convert.token_event(resp)
-                state.started = state.started or bool(event.token_ids) or event.finish_reason is not None
+                state.started = (
+                    state.started or bool(event.token_ids) or event.finish_reason is not None
+                )
                 yield event
                 if event.finish_reason is not None:
                     break
@@ -249,7 +291,9 @@ class Dispatcher:
         except TimeoutError:
             decode.mark_down("admission timed out")
             route.tried_decode.add(decode.address)
-            raise _Retry(UpstreamUnavailable(f"decode pod {decode.address} did not answer admission")) from None
+            raise _Retry(
+                UpstreamUnavailable(f"decode pod {decode.address} did not answer admission")
+            ) from None
         except grpc.RpcError as e:
             error = error_from_rpc(e)
             if isinstance(error, (CapacityExceeded, RequestTooLarge)):
@@ -257,18 +301,30 @@ class Dispatcher:
             self._raise_decode_failure(e, decode, route, started=False)
         if first is grpc.aio.EOF or first.WhichOneof("event") != "admitted":
             route.tried_decode.add(decode.address)
-            raise _Retry(UpstreamUnavailable(f"decode pod {decode.address} did not admit the request"))
+            raise _Retry(
+                UpstreamUnavailable(f"decode pod {decode.address} did not admit the request")
+            )
         decode.inflight_blocks += first.admitted.num_reserved_blocks
         return first.admitted
 
     def _start_prefill(
-        self, job: Job, rid: str, prefill: Pod, decode: Pod, admitted, call, route: Route, state: "_AttemptState",
+        self,
+        job: Job,
+        rid: str,
+        prefill: Pod,
+        decode: Pod,
+        admitted,
+        call,
+        route: Route,
+        state: "_AttemptState",
         metadata: tuple[tuple[str, str], ...],
     ) -> asyncio.Task:
         # Blocks the decode pod already caches are not sent (admission tells how many tokens).
         block_size = decode.stats.block_size if decode.stats else 0
         skip_blocks = admitted.num_cached_tokens // block_size if block_size else 0
-        request = convert.prefill_request(job, rid, decode.address, skip_blocks, admitted.model_fingerprint)
+        request = convert.prefill_request(
+            job, rid, decode.address, skip_blocks, admitted.model_fingerprint
+        )
         # The prefill computes the prompt minus what that pod caches (kvstore's estimate).
         work = max(1, len(job.prompt_token_ids) - route.expected_cached_tokens)
         prefill.prefill_started(work)
@@ -290,7 +346,11 @@ class Dispatcher:
         return task
 
     def _raise_prefill_failure(self, exc: BaseException, prefill: Pod, route: Route):
-        error = error_from_rpc(exc) if isinstance(exc, grpc.RpcError) else UpstreamUnavailable(repr(exc))
+        error = (
+            error_from_rpc(exc)
+            if isinstance(exc, grpc.RpcError)
+            else UpstreamUnavailable(repr(exc))
+        )
         if isinstance(error, UpstreamUnavailable):
             prefill.mark_down(str(error))
             error = UpstreamUnavailable(f"prefill pod {prefill.address} failed: {error}")

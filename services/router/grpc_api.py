@@ -34,20 +34,31 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         sp = request.sampling_params
         requested = sp.max_tokens if sp.HasField("max_tokens") else None
         max_tokens = self.serving.resolve_max_tokens(ids, requested, "prompt")
-        params = convert.sampling_params_from_proto(sp, max_tokens=max_tokens, defaults=self.serving.sampling_defaults)
+        params = convert.sampling_params_from_proto(
+            sp, max_tokens=max_tokens, defaults=self.serving.sampling_defaults
+        )
         rid = request.request_id or uuid.uuid4().hex
         return Job(rid, ids, params, request.priority, request.cache_salt or None)
 
-    async def Generate(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+    async def Generate(
+        self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ):
         span = telemetry.start_server_span(context, "/tandem.router.v1.RouterService/Generate")
         error: TandemError | None = None
         route: Route | None = None
         try:
-            job = await asyncio.to_thread(self._job, request)  # tokenizing a long prompt: off the loop
-            route = Route(trace=RequestTrace("text_completion", job.request_id, self.serving.model_name, [job],
-                                             span=span))
+            job = await asyncio.to_thread(
+                self._job, request
+            )  # tokenizing a long prompt: off the loop
+            route = Route(
+                trace=RequestTrace(
+                    "text_completion", job.request_id, self.serving.model_name, [job], span=span
+                )
+            )
             async for event in self.serving.dispatcher.generate(job, route):
-                response = router_pb2.GenerateResponse(request_id=job.request_id, chunk=convert.event_chunk(event))
+                response = router_pb2.GenerateResponse(
+                    request_id=job.request_id, chunk=convert.event_chunk(event)
+                )
                 if event.usage is not None:
                     response.usage.CopyFrom(convert.usage_to_proto(event.usage))
                 yield response
@@ -60,5 +71,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             telemetry.end_server_span(span, error)
 
     async def ListModels(self, request, context):
-        model = router_pb2.Model(id=self.serving.model_name, max_model_len=self.serving.max_model_len)
+        model = router_pb2.Model(
+            id=self.serving.model_name, max_model_len=self.serving.max_model_len
+        )
         return router_pb2.ListModelsResponse(models=[model])

@@ -9,24 +9,32 @@ class RouterMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "tandem_router_requests", "HTTP requests by route and status code", ["route", "status"],
+            "tandem_router_requests",
+            "HTTP requests by route and status code",
+            ["route", "status"],
             registry=self.registry,
         )
         self.request_duration = Histogram(
-            "tandem_router_request_duration_seconds", "Time to the response (non-streaming) or the stream start",
-            ["route"], registry=self.registry,
+            "tandem_router_request_duration_seconds",
+            "Time to the response (non-streaming) or the stream start",
+            ["route"],
+            registry=self.registry,
         )
         self.routing_decisions = Counter(
-            "tandem_router_routing_decisions", "Requests placed, by mode (disaggregated or colocated)", ["mode"],
+            "tandem_router_routing_decisions",
+            "Requests placed, by mode (disaggregated or colocated)",
+            ["mode"],
             registry=self.registry,
         )
         self.prefill_choices = Counter(
             "tandem_router_prefill_choices",
             "Prefill pod choices by reason: prefix (a cached prefix won), load, index_unavailable",
-            ["reason"], registry=self.registry,
+            ["reason"],
+            registry=self.registry,
         )
         self.attempts = Counter(
-            "tandem_router_attempts", "Attempts to run requests on pods (more than requests: retries)",
+            "tandem_router_attempts",
+            "Attempts to run requests on pods (more than requests: retries)",
             registry=self.registry,
         )
         # The prefill choice's score breakdown (the chosen pod's terms; every candidate's are on
@@ -34,12 +42,14 @@ class RouterMetrics:
         self.prefill_cached_fraction = Histogram(
             "tandem_router_prefill_cached_fraction",
             "Fraction of the prompt the chosen prefill pod caches (kvstore's answer), per request (its final choice)",
-            buckets=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0), registry=self.registry,
+            buckets=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0),
+            registry=self.registry,
         )
         self.prefill_queued_tokens = Histogram(
             "tandem_router_prefill_queued_tokens",
             "Prefill tokens queued on the chosen pod when it was chosen (its load term), per request",
-            buckets=(0, 256, 1024, 4096, 16384, 65536, 262144), registry=self.registry,
+            buckets=(0, 256, 1024, 4096, 16384, 65536, 262144),
+            registry=self.registry,
         )
         self.prefill_hotspot_choices = Counter(
             "tandem_router_prefill_hotspot_choices",

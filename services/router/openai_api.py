@@ -17,7 +17,11 @@ from typing import Any
 
 from services.router.flow import Dispatcher, Job, Route, TokenEvent, Usage
 from services.router.http_errors import error_body, status_for
-from services.router.openai_protocol import ChatCompletionRequest, CompletionRequest, _GenerationFields
+from services.router.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    _GenerationFields,
+)
 from tandem.errors import InvalidRequest, ModelNotFound, RequestTooLarge, TandemError
 from tandem.tokenizer import Tokenizer
 
@@ -54,7 +58,13 @@ def usage_json(usages: list[Usage]) -> dict:
 
 class OpenAIServing:
     def __init__(
-        self, tokenizer: Tokenizer, dispatcher: Dispatcher, *, model_name: str, max_model_len: int, vocab_size: int,
+        self,
+        tokenizer: Tokenizer,
+        dispatcher: Dispatcher,
+        *,
+        model_name: str,
+        max_model_len: int,
+        vocab_size: int,
         sampling_defaults: dict[str, Any] | None = None,
     ) -> None:
         self.tokenizer = tokenizer
@@ -69,35 +79,54 @@ class OpenAIServing:
     def max_model_len(self) -> int:
         """The context served: the configured one, or less if a decode pod reports less (a pod
         caps it to what its KV pool holds)."""
-        reported = [p.stats.max_model_len for p in self.dispatcher.registry.by_role("decode")
-                    if p.stats and p.stats.max_model_len]
+        reported = [
+            p.stats.max_model_len
+            for p in self.dispatcher.registry.by_role("decode")
+            if p.stats and p.stats.max_model_len
+        ]
         return min([self._configured_max_model_len, *reported])
 
     # ---- request -> jobs --------------------------------------------------------------------
 
     def check_model(self, model: str | None) -> None:
         if model and model != self.model_name:
-            raise ModelNotFound(f"the model {model!r} does not exist; this server serves {self.model_name!r}")
+            raise ModelNotFound(
+                f"the model {model!r} does not exist; this server serves {self.model_name!r}"
+            )
 
     def make_job(
-        self, request_id: str, prompt_ids: list[int], req: _GenerationFields, requested_max: int | None,
-        logprobs: int | None, prompt_param: str,
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        req: _GenerationFields,
+        requested_max: int | None,
+        logprobs: int | None,
+        prompt_param: str,
     ) -> Job:
         max_tokens = self.resolve_max_tokens(prompt_ids, requested_max, prompt_param)
-        params = req.sampling_params(max_tokens=max_tokens, logprobs=logprobs, defaults=self.sampling_defaults)
+        params = req.sampling_params(
+            max_tokens=max_tokens, logprobs=logprobs, defaults=self.sampling_defaults
+        )
         if any(t >= self.vocab_size for t in params.stop_token_ids):
-            raise InvalidRequest(f"stop_token_ids must be below the vocabulary size {self.vocab_size}",
-                                 param="stop_token_ids")
+            raise InvalidRequest(
+                f"stop_token_ids must be below the vocabulary size {self.vocab_size}",
+                param="stop_token_ids",
+            )
         return Job(request_id, prompt_ids, params, req.priority, req.cache_salt)
 
-    def resolve_max_tokens(self, prompt_ids: list[int], requested_max: int | None, prompt_param: str) -> int:
+    def resolve_max_tokens(
+        self, prompt_ids: list[int], requested_max: int | None, prompt_param: str
+    ) -> int:
         """Check the prompt against vocabulary and context; the max_tokens to use (default: the rest)."""
         n = len(prompt_ids)
         if n == 0:
             raise InvalidRequest("the prompt is empty", param=prompt_param)
         bad = next((t for t in prompt_ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
-            raise InvalidRequest(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})", param=prompt_param)
+            raise InvalidRequest(
+                f"token id {bad} is outside the vocabulary [0, {self.vocab_size})",
+                param=prompt_param,
+            )
         if n >= self.max_model_len:
             raise RequestTooLarge(
                 f"this model's maximum context length is {self.max_model_len} tokens, but the prompt has {n}",
@@ -118,16 +147,22 @@ class OpenAIServing:
         jobs = []
         for i, prompt in enumerate(req.prompts()):
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-            jobs.append(self.make_job(f"{request_id}-{i}", ids, req, req.max_tokens, req.logprobs, "prompt"))
+            jobs.append(
+                self.make_job(f"{request_id}-{i}", ids, req, req.max_tokens, req.logprobs, "prompt")
+            )
         return jobs
 
     def chat_job(self, req: ChatCompletionRequest, request_id: str) -> Job:
         self.check_model(req.model)
         messages = req.template_messages()
         ids = self.tokenizer.encode_chat(
-            messages, add_generation_prompt=req.add_generation_prompt, chat_template_kwargs=req.chat_template_kwargs
+            messages,
+            add_generation_prompt=req.add_generation_prompt,
+            chat_template_kwargs=req.chat_template_kwargs,
         )
-        return self.make_job(request_id, ids, req, req.requested_max_tokens, req.num_logprobs, "messages")
+        return self.make_job(
+            request_id, ids, req, req.requested_max_tokens, req.num_logprobs, "messages"
+        )
 
     # ---- logprobs in OpenAI's two formats ---------------------------------------------------
 
@@ -139,7 +174,12 @@ class OpenAIServing:
             text = self._token(token_id, as_ids)
             return {"token": text, "logprob": lp, "bytes": list(text.encode())}
 
-        return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in lps]}
+        return {
+            "content": [
+                {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+                for lp in lps
+            ]
+        }
 
     def _completion_logprobs(self, lps, as_ids: bool, offset: int = 0) -> dict:
         tokens, offsets = [], []
@@ -153,7 +193,8 @@ class OpenAIServing:
             "token_logprobs": [lp.logprob for lp in lps],
             # As vLLM: the top alternatives, plus the sampled token if it is not among them.
             "top_logprobs": [
-                {self._token(t, as_ids): v for t, v in (*lp.top, (lp.token_id, lp.logprob))} for lp in lps
+                {self._token(t, as_ids): v for t, v in (*lp.top, (lp.token_id, lp.logprob))}
+                for lp in lps
             ],
             "text_offset": offsets,
         }
@@ -167,10 +208,16 @@ class OpenAIServing:
             choice.token_ids += event.token_ids
             choice.logprobs += event.logprobs
             if event.finish_reason is not None:
-                choice.finish_reason, choice.stop_reason, choice.usage = event.finish_reason, event.stop_reason, event.usage
+                choice.finish_reason, choice.stop_reason, choice.usage = (
+                    event.finish_reason,
+                    event.stop_reason,
+                    event.usage,
+                )
         return choice
 
-    async def completion(self, req: CompletionRequest, jobs: list[Job], request_id: str, routes: list[Route]) -> dict:
+    async def completion(
+        self, req: CompletionRequest, jobs: list[Job], request_id: str, routes: list[Route]
+    ) -> dict:
         tasks = [asyncio.ensure_future(self._collect(j, r)) for j, r in zip(jobs, routes)]
         try:
             choices = await asyncio.gather(*tasks)
@@ -188,7 +235,8 @@ class OpenAIServing:
                     "text": c.text,
                     "logprobs": (
                         self._completion_logprobs(c.logprobs, req.return_tokens_as_token_ids)
-                        if req.logprobs is not None else None
+                        if req.logprobs is not None
+                        else None
                     ),
                     "finish_reason": c.finish_reason,
                     "stop_reason": c.stop_reason,
@@ -198,7 +246,9 @@ class OpenAIServing:
             "usage": usage_json([c.usage for c in choices if c.usage]),
         }
 
-    async def chat(self, req: ChatCompletionRequest, job: Job, request_id: str, route: Route) -> dict:
+    async def chat(
+        self, req: ChatCompletionRequest, job: Job, request_id: str, route: Route
+    ) -> dict:
         c = await self._collect(job, route)
         return {
             "id": f"chatcmpl-{request_id}",
@@ -209,7 +259,9 @@ class OpenAIServing:
                 {
                     "index": 0,
                     "message": {"role": "assistant", "content": c.text},
-                    "logprobs": self._chat_logprobs(c.logprobs, req.return_tokens_as_token_ids) if req.logprobs else None,
+                    "logprobs": self._chat_logprobs(c.logprobs, req.return_tokens_as_token_ids)
+                    if req.logprobs
+                    else None,
                     "finish_reason": c.finish_reason,
                     "stop_reason": c.stop_reason,
                 }
@@ -219,7 +271,9 @@ class OpenAIServing:
 
     # ---- streaming --------------------------------------------------------------------------
 
-    async def open_stream(self, events: AsyncIterator[tuple[int, TokenEvent]]) -> AsyncIterator[tuple[int, TokenEvent]]:
+    async def open_stream(
+        self, events: AsyncIterator[tuple[int, TokenEvent]]
+    ) -> AsyncIterator[tuple[int, TokenEvent]]:
         """Wait for the first event (so errors before it become HTTP statuses), then relay all."""
         first = await events.__anext__()
 
@@ -233,8 +287,15 @@ class OpenAIServing:
 
         return relay()
 
-    async def completion_sse(self, req: CompletionRequest, request_id: str, events) -> AsyncIterator[str]:
-        head = {"id": f"cmpl-{request_id}", "object": "text_completion", "created": int(time.time()), "model": self.model_name}
+    async def completion_sse(
+        self, req: CompletionRequest, request_id: str, events
+    ) -> AsyncIterator[str]:
+        head = {
+            "id": f"cmpl-{request_id}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+        }
         usages, offsets = [], {}
         async for body in self._guard(events):
             if isinstance(body, str):
@@ -244,13 +305,26 @@ class OpenAIServing:
             if event.text or event.logprobs:
                 lp = None
                 if req.logprobs is not None:
-                    lp = self._completion_logprobs(event.logprobs, req.return_tokens_as_token_ids, offsets.get(i, 0))
+                    lp = self._completion_logprobs(
+                        event.logprobs, req.return_tokens_as_token_ids, offsets.get(i, 0)
+                    )
                     offsets[i] = offsets.get(i, 0) + len(event.text)
-                choice = {"index": i, "text": event.text, "logprobs": lp, "finish_reason": None, "stop_reason": None}
+                choice = {
+                    "index": i,
+                    "text": event.text,
+                    "logprobs": lp,
+                    "finish_reason": None,
+                    "stop_reason": None,
+                }
                 yield sse({**head, "choices": [choice]})
             if event.finish_reason is not None:
-                finish = {"index": i, "text": "", "logprobs": None, "finish_reason": event.finish_reason,
-                          "stop_reason": event.stop_reason}
+                finish = {
+                    "index": i,
+                    "text": "",
+                    "logprobs": None,
+                    "finish_reason": event.finish_reason,
+                    "stop_reason": event.stop_reason,
+                }
                 yield sse({**head, "choices": [finish]})
                 if event.usage:
                     usages.append(event.usage)
@@ -258,10 +332,21 @@ class OpenAIServing:
             yield sse({**head, "choices": [], "usage": usage_json(usages)})
         yield sse("[DONE]")
 
-    async def chat_sse(self, req: ChatCompletionRequest, request_id: str, events) -> AsyncIterator[str]:
-        head = {"id": f"chatcmpl-{request_id}", "object": "chat.completion.chunk", "created": int(time.time()),
-                "model": self.model_name}
-        role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+    async def chat_sse(
+        self, req: ChatCompletionRequest, request_id: str, events
+    ) -> AsyncIterator[str]:
+        head = {
+            "id": f"chatcmpl-{request_id}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": self.model_name,
+        }
+        role = {
+            "index": 0,
+            "delta": {"role": "assistant", "content": ""},
+            "logprobs": None,
+            "finish_reason": None,
+        }
         yield sse({**head, "choices": [role]})
         usage = None
         async for body in self._guard(events):
@@ -270,12 +355,26 @@ class OpenAIServing:
                 return
             _, event = body
             if event.text or event.logprobs:
-                lp = self._chat_logprobs(event.logprobs, req.return_tokens_as_token_ids) if req.logprobs else None
-                delta = {"index": 0, "delta": {"content": event.text}, "logprobs": lp, "finish_reason": None}
+                lp = (
+                    self._chat_logprobs(event.logprobs, req.return_tokens_as_token_ids)
+                    if req.logprobs
+                    else None
+                )
+                delta = {
+                    "index": 0,
+                    "delta": {"content": event.text},
+                    "logprobs": lp,
+                    "finish_reason": None,
+                }
                 yield sse({**head, "choices": [delta]})
             if event.finish_reason is not None:
-                finish = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": event.finish_reason,
-                          "stop_reason": event.stop_reason}
+                finish = {
+                    "index": 0,
+                    "delta": {},
+                    "logprobs": None,
+                    "finish_reason": event.finish_reason,
+                    "stop_reason": event.stop_reason,
+                }
                 yield sse({**head, "choices": [finish]})
                 usage = event.usage
         if req.include_usage:
@@ -292,11 +391,19 @@ class OpenAIServing:
             if not isinstance(exc, TandemError):
                 logger.exception("stream failed unexpectedly")
             status, err_type = status_for(exc)
-            message = str(exc) if isinstance(exc, TandemError) else f"internal error: {type(exc).__name__}"
-            yield sse(error_body(message, status, err_type, getattr(exc, "param", None))) + sse("[DONE]")
+            message = (
+                str(exc)
+                if isinstance(exc, TandemError)
+                else f"internal error: {type(exc).__name__}"
+            )
+            yield sse(error_body(message, status, err_type, getattr(exc, "param", None))) + sse(
+                "[DONE]"
+            )
 
 
-async def merge_events(dispatcher: Dispatcher, jobs: list[Job], routes: list[Route]) -> AsyncIterator[tuple[int, TokenEvent]]:
+async def merge_events(
+    dispatcher: Dispatcher, jobs: list[Job], routes: list[Route]
+) -> AsyncIterator[tuple[int, TokenEvent]]:
     """The events of several jobs, tagged with their index, as they come."""
     if len(jobs) == 1:
         async for event in dispatcher.generate(jobs[0], routes[0]):

@@ -64,7 +64,15 @@ class _GenerationFields(BaseModel):
         ``defaults`` (the model's generation config) fill what the request leaves unset."""
         self._check_supported()
         kwargs: dict[str, Any] = dict(defaults or {})
-        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "seed"):
+        for name in (
+            "temperature",
+            "top_p",
+            "min_p",
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+            "seed",
+        ):
             value = getattr(self, name)
             if value is not None:
                 kwargs[name] = value
@@ -134,7 +142,10 @@ class ChatMessage(BaseModel):
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        return {
+            "role": "system" if self.role == "developer" else self.role,
+            "content": content or "",
+        }
 
 
 class ResponseFormat(BaseModel):
@@ -158,12 +169,18 @@ class ChatCompletionRequest(_GenerationFields):
         if self.tools:
             raise InvalidRequest("tools are not supported", param="tools")
         if self.response_format is not None and self.response_format.type != "text":
-            raise InvalidRequest("only response_format type 'text' is supported", param="response_format")
+            raise InvalidRequest(
+                "only response_format type 'text' is supported", param="response_format"
+            )
         return [m.as_template_message() for m in self.messages]
 
     @property
     def requested_max_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return (
+            self.max_completion_tokens
+            if self.max_completion_tokens is not None
+            else self.max_tokens
+        )
 
     @property
     def num_logprobs(self) -> int | None:

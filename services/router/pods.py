@@ -69,7 +69,11 @@ class Pod:
 
 def _make_pod(address: str, role: str) -> Pod:
     channel = grpc.aio.insecure_channel(address, options=CLIENT_OPTIONS)
-    stub = (prefill_pb2_grpc.PrefillServiceStub if role == "prefill" else decode_pb2_grpc.DecodeServiceStub)(channel)
+    stub = (
+        prefill_pb2_grpc.PrefillServiceStub
+        if role == "prefill"
+        else decode_pb2_grpc.DecodeServiceStub
+    )(channel)
     return Pod(address, role, channel, stub)
 
 
@@ -125,13 +129,19 @@ class PodRegistry:
         await asyncio.gather(*(self._refresh(p) for p in self.pods))
 
     async def _reconcile(self) -> None:
-        wanted = {(a, role) for role in ("prefill", "decode") for a in self.discovery.addresses(role)}
+        wanted = {
+            (a, role) for role in ("prefill", "decode") for a in self.discovery.addresses(role)
+        }
         current = {(p.address, p.role): p for p in self.pods}
         now = time.monotonic()
         for key, pod in current.items():
             if key not in wanted:
-                logger.info("%s pod %s left; finishing this router's %d requests on it", pod.role, pod.address,
-                            pod.inflight)
+                logger.info(
+                    "%s pod %s left; finishing this router's %d requests on it",
+                    pod.role,
+                    pod.address,
+                    pod.inflight,
+                )
                 self._retired[pod] = now
         kept = [p for key, p in current.items() if key in wanted]
         added = [_make_pod(address, role) for address, role in sorted(wanted - set(current))]
@@ -142,7 +152,9 @@ class PodRegistry:
             if pod.inflight == 0 or now - since > self.drain_s:
                 del self._retired[pod]
                 # RPCs still running (a prefill finishing after its first token) get the grace.
-                task = asyncio.create_task(pod.channel.close(grace=self.drain_s), name=f"close-{pod.address}")
+                task = asyncio.create_task(
+                    pod.channel.close(grace=self.drain_s), name=f"close-{pod.address}"
+                )
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
 
@@ -155,7 +167,9 @@ class PodRegistry:
                 logger.exception("pod refresh failed; retrying in %.1f s", self.interval_s)
 
     async def _refresh(self, pod: Pod) -> None:
-        request = prefill_pb2.GetStatsRequest() if pod.role == "prefill" else decode_pb2.GetStatsRequest()
+        request = (
+            prefill_pb2.GetStatsRequest() if pod.role == "prefill" else decode_pb2.GetStatsRequest()
+        )
         try:
             response = await pod.stub.GetStats(request, timeout=self.timeout_s)
         except grpc.RpcError as e:

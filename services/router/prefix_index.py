@@ -41,7 +41,11 @@ class PrefixIndexClient:
         return self._hashers[key]
 
     async def cached_tokens(
-        self, prompt: list[int], cache_salt: str | None, fingerprint: str, block_size: int,
+        self,
+        prompt: list[int],
+        cache_salt: str | None,
+        fingerprint: str,
+        block_size: int,
         metadata: tuple[tuple[str, str], ...] = (),
     ) -> dict[str, int] | None:
         """pod_id -> prompt tokens cached there; None if kvstore did not answer in time."""
@@ -50,7 +54,8 @@ class PrefixIndexClient:
             return {}
         try:
             resp = await self._stub.Lookup(
-                kvstore_pb2.LookupRequest(model_fingerprint=fingerprint, block_hashes=hashes), timeout=self.timeout_s,
+                kvstore_pb2.LookupRequest(model_fingerprint=fingerprint, block_hashes=hashes),
+                timeout=self.timeout_s,
                 metadata=metadata,
             )
         except grpc.RpcError as e:

@@ -20,11 +20,18 @@ class RequestTrace:
     """The server span of one API request (HTTP or gRPC), possibly running several jobs."""
 
     def __init__(
-        self, operation: str, request_id: str, model: str, jobs: Sequence[Job], span: trace.Span | None = None
+        self,
+        operation: str,
+        request_id: str,
+        model: str,
+        jobs: Sequence[Job],
+        span: trace.Span | None = None,
     ) -> None:
         """``span``: the server span if it is not the current one (streaming gRPC handlers)."""
         self.span = span if span is not None else trace.get_current_span()
-        self.context = trace.set_span_in_context(span) if span is not None else otel_context.get_current()
+        self.context = (
+            trace.set_span_in_context(span) if span is not None else otel_context.get_current()
+        )
         """Parent of every span the request's jobs open (explicit: they run in other tasks)."""
         self._input_tokens = 0
         self._output_tokens = 0
@@ -32,16 +39,18 @@ class RequestTrace:
         if not self.span.is_recording():
             return
         params = jobs[0].params
-        self.span.set_attributes({
-            telemetry.REQUEST_ID: request_id,
-            telemetry.GEN_AI_OPERATION: operation,
-            telemetry.GEN_AI_PROVIDER: "tandem",
-            telemetry.GEN_AI_REQUEST_MODEL: model,
-            telemetry.GEN_AI_REQUEST_MAX_TOKENS: params.max_tokens,
-            telemetry.GEN_AI_REQUEST_TEMPERATURE: params.temperature,
-            telemetry.GEN_AI_REQUEST_TOP_P: params.top_p,
-            telemetry.GEN_AI_USAGE_INPUT_TOKENS: sum(len(j.prompt_token_ids) for j in jobs),
-        })
+        self.span.set_attributes(
+            {
+                telemetry.REQUEST_ID: request_id,
+                telemetry.GEN_AI_OPERATION: operation,
+                telemetry.GEN_AI_PROVIDER: "tandem",
+                telemetry.GEN_AI_REQUEST_MODEL: model,
+                telemetry.GEN_AI_REQUEST_MAX_TOKENS: params.max_tokens,
+                telemetry.GEN_AI_REQUEST_TEMPERATURE: params.temperature,
+                telemetry.GEN_AI_REQUEST_TOP_P: params.top_p,
+                telemetry.GEN_AI_USAGE_INPUT_TOKENS: sum(len(j.prompt_token_ids) for j in jobs),
+            }
+        )
 
     def finished(self, event: TokenEvent) -> None:
         """A job's last event: add its usage and finish reason to the request's totals."""
@@ -50,15 +59,24 @@ class RequestTrace:
         if event.usage is not None:
             self._output_tokens += event.usage.completion_tokens
         self._finish_reasons.append(event.finish_reason)
-        self.span.set_attributes({
-            telemetry.GEN_AI_USAGE_OUTPUT_TOKENS: self._output_tokens,
-            telemetry.GEN_AI_RESPONSE_FINISH_REASONS: list(self._finish_reasons),
-        })
+        self.span.set_attributes(
+            {
+                telemetry.GEN_AI_USAGE_OUTPUT_TOKENS: self._output_tokens,
+                telemetry.GEN_AI_RESPONSE_FINISH_REASONS: list(self._finish_reasons),
+            }
+        )
 
 
 def route_attributes(
-    *, attempt: int, mode: str, decode: str, prefill: str | None, reason: str, expected_cached_tokens: int,
-    candidates: Sequence[PrefillCandidate], lookup: dict[str, float | str] | None,
+    *,
+    attempt: int,
+    mode: str,
+    decode: str,
+    prefill: str | None,
+    reason: str,
+    expected_cached_tokens: int,
+    candidates: Sequence[PrefillCandidate],
+    lookup: dict[str, float | str] | None,
 ) -> dict:
     """The ``route`` span's attributes: the decision and the score breakdown behind it."""
     attributes = {

@@ -46,7 +46,10 @@ class PrefillScorer(Protocol):
 
 class PrefixLoadScorer:
     def __init__(
-        self, prefix_weight: float = 1.0, load_weight: float = 1.0, hotspot_ratio: float = 2.0,
+        self,
+        prefix_weight: float = 1.0,
+        load_weight: float = 1.0,
+        hotspot_ratio: float = 2.0,
         hotspot_min_tokens: int = 4096,
     ) -> None:
         self.prefix_weight = prefix_weight
@@ -54,7 +57,9 @@ class PrefixLoadScorer:
         self.hotspot_ratio = hotspot_ratio
         self.hotspot_min_tokens = hotspot_min_tokens
 
-    def rank(self, pods: list[Pod], prompt_tokens: int, cached: dict[str, int], tie_key: bytes) -> list[PrefillCandidate]:
+    def rank(
+        self, pods: list[Pod], prompt_tokens: int, cached: dict[str, int], tie_key: bytes
+    ) -> list[PrefillCandidate]:
         if not pods:
             return []
         least = min(p.queued_tokens for p in pods)
@@ -66,7 +71,10 @@ class PrefixLoadScorer:
             hit = 0 if hot else min(cached.get(pod_id, 0), prompt_tokens)
             cost = self.load_weight * queued + self.prefix_weight * (prompt_tokens - hit)
             candidates.append(PrefillCandidate(pod, hit, queued, cost, hot))
-        return sorted(candidates, key=lambda c: (c.cost, xxhash.xxh3_64_intdigest(tie_key + c.pod.address.encode())))
+        return sorted(
+            candidates,
+            key=lambda c: (c.cost, xxhash.xxh3_64_intdigest(tie_key + c.pod.address.encode())),
+        )
 
 
 def pick_decode(pods: list[Pod], exclude: set[str]) -> Pod | None:

@@ -10,10 +10,17 @@ from tandem import telemetry
 
 
 def serve(settings: RouterSettings) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     telemetry.setup_tracing("router", starts_traces=True)
     app = create_app(settings)
     # On SIGTERM uvicorn stops accepting and lets HTTP streams in flight finish (up to the grace),
     # then the lifespan stops the gRPC server with the same grace.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning",
-                timeout_graceful_shutdown=settings.shutdown_grace_s)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
+    )

@@ -85,13 +85,17 @@ class RouterSettings(BaseSettings):
     @model_validator(mode="after")
     def _discovery_has_its_inputs(self) -> "RouterSettings":
         if self.discovery == "static" and (self.prefill_service or self.decode_service):
-            raise ValueError("--prefill-service/--decode-service need --discovery dns or kubernetes")
+            raise ValueError(
+                "--prefill-service/--decode-service need --discovery dns or kubernetes"
+            )
         if self.discovery != "static":
             if not self.decode_service:
                 raise ValueError(f"--discovery {self.discovery} needs --decode-service")
             if self.prefill or self.decode:
-                raise ValueError(f"--prefill/--decode are static addresses; with --discovery {self.discovery} "
-                                 "name the Services instead")
+                raise ValueError(
+                    f"--prefill/--decode are static addresses; with --discovery {self.discovery} "
+                    "name the Services instead"
+                )
         return self
 
     def model_name(self) -> str:
@@ -100,7 +104,11 @@ class RouterSettings(BaseSettings):
     def make_discovery(self):
         from services.router.discovery import DnsDiscovery, KubernetesDiscovery, StaticDiscovery
 
-        services = {r: s for r, s in (("prefill", self.prefill_service), ("decode", self.decode_service)) if s}
+        services = {
+            r: s
+            for r, s in (("prefill", self.prefill_service), ("decode", self.decode_service))
+            if s
+        }
         if self.discovery == "dns":
             ports = {"prefill": self.prefill_port, "decode": self.decode_port}
             return DnsDiscovery(services, ports, interval_s=self.stats_interval_s)
@@ -116,8 +124,11 @@ class RouterSettings(BaseSettings):
 
         defaults = generation_defaults(self.model)  # a bad value fails the start, not every request
         if defaults:
-            logger.info("default sampling from %s/generation_config.json: %s (--generation-config vllm to ignore it)",
-                        self.model, defaults)
+            logger.info(
+                "default sampling from %s/generation_config.json: %s (--generation-config vllm to ignore it)",
+                self.model,
+                defaults,
+            )
         return defaults
 
     def cli_cmd(self) -> None:
@@ -131,4 +142,6 @@ def _own_namespace() -> str:
     try:
         return path.read_text().strip()
     except OSError:
-        raise ValueError(f"--discovery kubernetes outside a pod needs --namespace ({path} is unreadable)") from None
+        raise ValueError(
+            f"--discovery kubernetes outside a pod needs --namespace ({path} is unreadable)"
+        ) from None

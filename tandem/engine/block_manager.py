@@ -27,7 +27,6 @@ from tandem.ids import BlockId, RequestId
 from tandem.kv.events import BlocksRemoved, BlocksStored, CacheCleared, KVEvent
 from tandem.kv.hashing import BlockHash
 
-
 _NO_BLOCKS = np.empty(0, dtype=np.int64)
 _NO_BLOCKS.flags.writeable = False
 
@@ -131,7 +130,9 @@ class BlockManager:
 
     # ---- prefix cache -----------------------------------------------------------------------
 
-    def find_cached_prefix(self, block_hashes: Sequence[BlockHash], num_tokens: int) -> CachedPrefix:
+    def find_cached_prefix(
+        self, block_hashes: Sequence[BlockHash], num_tokens: int
+    ) -> CachedPrefix:
         """Longest run of leading blocks whose hashes are cached, leaving the last token uncached.
 
         Changes nothing; pass the result to ``allocate`` in the same step to take the blocks.
@@ -221,7 +222,9 @@ class BlockManager:
             if self.blocks_needed(num_tokens) <= len(table):
                 return True
         prefix = cached_prefix.blocks if cached_prefix is not None else ()
-        assert not (table and prefix), "a cached prefix is only taken at a request's first allocation"
+        assert not (table and prefix), (
+            "a cached prefix is only taken at a request's first allocation"
+        )
         have = len(table) if table else len(prefix)
         need = max(0, self.blocks_needed(num_tokens) - have)
         # Idle prefix blocks sit in the evictable set: taking them makes them unavailable too.
@@ -249,7 +252,9 @@ class BlockManager:
         """Mirror ``table[start:]`` into the request's id array, growing it by doubling."""
         ids = self._ids.get(request_id)
         if ids is None or len(ids) < len(table):
-            grown = np.empty(max(16, len(table), 2 * (len(ids) if ids is not None else 0)), dtype=np.int64)
+            grown = np.empty(
+                max(16, len(table), 2 * (len(ids) if ids is not None else 0)), dtype=np.int64
+            )
             if ids is not None:
                 grown[:start] = ids[:start]
             ids = self._ids[request_id] = grown  # views handed out earlier keep the old buffer

@@ -47,8 +47,15 @@ def _spread_tables_kernel(packed_ptr, width_ptr, table_ptr, max_blocks, BLOCK: t
 
 
 class DecodeGraphs:
-    def __init__(self, model, kv_cache, block_size: int, max_batch: int, max_blocks: int,
-                 device: torch.device) -> None:
+    def __init__(
+        self,
+        model,
+        kv_cache,
+        block_size: int,
+        max_batch: int,
+        max_blocks: int,
+        device: torch.device,
+    ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
@@ -62,9 +69,11 @@ class DecodeGraphs:
         self._host_buf = torch.zeros(total, dtype=torch.int64, pin_memory=True)
         self._host = self._host_buf.numpy()
         d = self._device_buf
-        self.input_ids, self.positions, self.slots, self.seq_lens = (d[i * n:(i + 1) * n] for i in range(4))
-        self._width = d[4 * n:4 * n + 1]
-        self._packed = d[4 * n + 1:]
+        self.input_ids, self.positions, self.slots, self.seq_lens = (
+            d[i * n : (i + 1) * n] for i in range(4)
+        )
+        self._width = d[4 * n : 4 * n + 1]
+        self._packed = d[4 * n + 1 :]
         self.tables = torch.zeros((n, max_blocks), dtype=torch.int64, device=device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._hidden: dict[int, torch.Tensor] = {}
@@ -81,24 +90,36 @@ class DecodeGraphs:
 
     def _meta(self, size: int) -> AttentionMetadata:
         return AttentionMetadata(
-            slot_mapping=self.slots[:size], block_tables=self.tables[:size], seq_lens=self.seq_lens[:size],
-            query_start_loc=self.seq_lens[: size + 1], num_decodes=size, seq_lens_cpu=[1] * size,
-            query_start_loc_cpu=list(range(size + 1)), block_size=self.block_size,
+            slot_mapping=self.slots[:size],
+            block_tables=self.tables[:size],
+            seq_lens=self.seq_lens[:size],
+            query_start_loc=self.seq_lens[: size + 1],
+            num_decodes=size,
+            seq_lens_cpu=[1] * size,
+            query_start_loc_cpu=list(range(size + 1)),
+            block_size=self.block_size,
         )
 
     def _step(self, size: int) -> torch.Tensor:
         """What a graph replays: spread the packed tables, then the forward (hidden states)."""
         _spread_tables_kernel[(size, triton.cdiv(self.max_blocks, 1024))](
-            self._packed, self._width, self.tables, self.max_blocks, BLOCK=1024)
-        return self.model(self.input_ids[:size], self.positions[:size], self.kv_cache.tensor, self._meta(size))
+            self._packed, self._width, self.tables, self.max_blocks, BLOCK=1024
+        )
+        return self.model(
+            self.input_ids[:size], self.positions[:size], self.kv_cache.tensor, self._meta(size)
+        )
 
     def capture_all(self) -> None:
         """Capture every size, largest first (the smaller graphs reuse its memory)."""
         start = time.perf_counter()
         for size in reversed(self.sizes):
             self._capture(size)
-        logger.info("captured %d decode CUDA graphs (batch 1..%d) in %.1f s", len(self.sizes), self.max_batch,
-                    time.perf_counter() - start)
+        logger.info(
+            "captured %d decode CUDA graphs (batch 1..%d) in %.1f s",
+            len(self.sizes),
+            self.max_batch,
+            time.perf_counter() - start,
+        )
 
     def _capture(self, size: int) -> None:
         torch.cuda.synchronize(self.device)
@@ -119,8 +140,15 @@ class DecodeGraphs:
         self._pool = graph.pool()
         self._graphs[size] = graph
 
-    def run(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, seq_lens: np.ndarray,
-            tables: np.ndarray, device_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def run(
+        self,
+        input_ids: np.ndarray,
+        positions: np.ndarray,
+        slots: np.ndarray,
+        seq_lens: np.ndarray,
+        tables: np.ndarray,
+        device_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Logits [batch, vocab] of one decode step (the inputs are per real sequence, in order).
 
         ``device_ids``: the token ids as a device tensor instead of ``input_ids`` (the tokens of
@@ -132,14 +160,18 @@ class DecodeGraphs:
             self._capture(size)
         n, h = self.max_batch, self._host
         self._copied.synchronize()  # the previous step's copy has left the pinned buffer
-        for i, values, pad in ((0, input_ids, 0), (1, positions, 0), (2, slots, self.kv_cache.scratch_slot),
-                               (3, seq_lens, 0)):
-            h[i * n:i * n + batch] = values
-            h[i * n + batch:i * n + size] = pad
+        for i, values, pad in (
+            (0, input_ids, 0),
+            (1, positions, 0),
+            (2, slots, self.kv_cache.scratch_slot),
+            (3, seq_lens, 0),
+        ):
+            h[i * n : i * n + batch] = values
+            h[i * n + batch : i * n + size] = pad
         width = tables.shape[1]
         h[4 * n] = width
         used = 4 * n + 1 + batch * width
-        h[4 * n + 1:used] = tables.reshape(-1)
+        h[4 * n + 1 : used] = tables.reshape(-1)
         self._device_buf[:used].copy_(self._host_buf[:used], non_blocking=True)
         self._copied.record()
         if device_ids is not None:

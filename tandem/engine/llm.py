@@ -9,8 +9,8 @@ from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
 from tandem.engine.outputs import OutputKind, RequestOutput
 from tandem.engine.sampling_params import SamplingParams
-from tandem.model_dir import generation_defaults
 from tandem.errors import InvalidRequest
+from tandem.model_dir import generation_defaults
 
 Prompt = str | list[int]
 
@@ -46,14 +46,22 @@ class LLM:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # a single prompt
         prompts = list(prompts)
-        params = self._per_prompt(sampling_params or self.get_default_sampling_params(), len(prompts), "sampling_params")
-        prios = self._per_prompt(0, len(prompts), "priorities") if priorities is None else list(priorities)
+        params = self._per_prompt(
+            sampling_params or self.get_default_sampling_params(), len(prompts), "sampling_params"
+        )
+        prios = (
+            self._per_prompt(0, len(prompts), "priorities")
+            if priorities is None
+            else list(priorities)
+        )
         if len(prios) != len(prompts):
             raise InvalidRequest("priorities must have one entry per prompt", param="priorities")
         ids = [f"offline-{next(self._ids)}" for _ in prompts]
         try:
             for rid, prompt, p, prio in zip(ids, prompts, params, prios):
-                self.engine.add_request(rid, prompt, p, priority=prio, output_kind=OutputKind.FINAL_ONLY)
+                self.engine.add_request(
+                    rid, prompt, p, priority=prio, output_kind=OutputKind.FINAL_ONLY
+                )
         except Exception:
             for rid in ids:
                 self.engine.abort_request(rid)

@@ -15,15 +15,15 @@ import torch
 
 from tandem.engine.block_manager import BlockManager
 from tandem.engine.config import EngineConfig, ResolvedLimits, SchedulerConfig
+from tandem.engine.models.loader import DUMMY_SEED
 from tandem.engine.output_processor import OutputProcessor, RequestState
 from tandem.engine.outputs import OutputKind, RequestMetrics, RequestOutput, TokenLogprob
-from tandem.engine.models.loader import DUMMY_SEED
 from tandem.engine.request_validation import RequestValidator
 from tandem.engine.runner import LaunchedStep, ModelRunner
 from tandem.engine.sampling_params import SamplingParams
 from tandem.engine.scheduler import Scheduler, SchedulerOutput
-from tandem.engine.uploads import upload
 from tandem.engine.sequence import Sequence, SequenceStatus
+from tandem.engine.uploads import upload
 from tandem.errors import CapacityExceeded, InvalidRequest, ModelLoadError, TandemError
 from tandem.ids import BlockId, RequestId
 from tandem.kv.events import KVEvent
@@ -96,17 +96,24 @@ class LLMEngine:
             # A request as long as the context could never fit: serve what the pool can hold.
             logger.warning(
                 "the KV pool holds %d tokens, less than max_model_len %d: serving contexts up to %d tokens",
-                pool_context - 1, max_model_len, pool_context,
+                pool_context - 1,
+                max_model_len,
+                pool_context,
             )
             max_model_len = pool_context
-        self.limits = ResolvedLimits(num_kv_blocks=self.runner.kv_cache.num_blocks, max_model_len=max_model_len)
+        self.limits = ResolvedLimits(
+            num_kv_blocks=self.runner.kv_cache.num_blocks, max_model_len=max_model_len
+        )
         mc = self.model_config
         self.fingerprint = ModelFingerprint(
             architecture=mc.architecture,
             # Dummy weights are drawn from a fixed seed (models/loader.py): engines on the same kind
             # of device hold the same ones, so a benchmark's prefill and decode pods can share KV.
-            weights_digest=(weights_digest(config.model) if config.load_format != "dummy"
-                            else f"dummy-seed{DUMMY_SEED}-{self.runner.device.type}-{config_digest(config.model)}"),
+            weights_digest=(
+                weights_digest(config.model)
+                if config.load_format != "dummy"
+                else f"dummy-seed{DUMMY_SEED}-{self.runner.device.type}-{config_digest(config.model)}"
+            ),
             num_layers=mc.num_layers,
             num_kv_heads=mc.num_kv_heads,
             head_dim=mc.head_dim,
@@ -121,7 +128,9 @@ class LLMEngine:
         )
         self.hasher = BlockHasher(self.fingerprint.digest(), config.block_size)
         self.scheduler = Scheduler(self._scheduler_config(), self.block_manager, self.hasher, eos)
-        self.validator = RequestValidator(self.tokenizer, mc.vocab_size, self.limits, config.block_size)
+        self.validator = RequestValidator(
+            self.tokenizer, mc.vocab_size, self.limits, config.block_size
+        )
         self.output_processor = OutputProcessor(self.tokenizer)
         self._states: dict[RequestId, RequestState] = {}
         self._arrivals = itertools.count()
@@ -139,8 +148,12 @@ class LLMEngine:
         """Cumulative: tokens sampled here."""
         logger.info(
             "engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
-            mc.architecture, config.device, self.fingerprint.dtype, self.limits.num_kv_blocks,
-            config.block_size, self.limits.max_model_len,
+            mc.architecture,
+            config.device,
+            self.fingerprint.dtype,
+            self.limits.num_kv_blocks,
+            config.block_size,
+            self.limits.max_model_len,
         )
 
     def _max_model_len(self) -> int:
@@ -189,7 +202,9 @@ class LLMEngine:
             cache_salt=cache_salt,
         )
 
-    def _track(self, seq: Sequence, prompt: str | SequenceABC[int], output_kind: OutputKind) -> None:
+    def _track(
+        self, seq: Sequence, prompt: str | SequenceABC[int], output_kind: OutputKind
+    ) -> None:
         text = prompt if isinstance(prompt, str) else None
         self._states[seq.request_id] = self.output_processor.new_state(
             seq, output_kind, text, RequestMetrics(arrival_time=seq.arrival_time)
@@ -270,10 +285,14 @@ class LLMEngine:
         """
         state = self._states.get(RequestId(request_id))
         if state is None or state.seq.status != SequenceStatus.WAITING_FOR_KV:
-            raise InvalidRequest(f"request {request_id!r} is not waiting for KV", param="request_id")
+            raise InvalidRequest(
+                f"request {request_id!r} is not waiting for KV", param="request_id"
+            )
         seq = state.seq
         if not 0 <= first_token_id < self.model_config.vocab_size:
-            raise InvalidRequest(f"first token id {first_token_id} is outside the vocabulary", param="first_token_id")
+            raise InvalidRequest(
+                f"first token id {first_token_id} is outside the vocabulary", param="first_token_id"
+            )
         seq.num_cached_tokens = num_cached_tokens
         state.metrics.first_scheduled_time = time.monotonic()
         self.scheduler.complete_remote_prefill(seq, first_token_id)
@@ -291,7 +310,9 @@ class LLMEngine:
             self._unemitted = [(seq, lp) for seq, lp in self._unemitted if seq is not state.seq]
             for _, logprob in pending:
                 self._apply_stop(state.seq, self.output_processor.on_new_token(state, logprob))
-        self.scheduler.finish(state.seq, SequenceStatus.FINISHED_ABORTED)  # no-op if that stop ended it
+        self.scheduler.finish(
+            state.seq, SequenceStatus.FINISHED_ABORTED
+        )  # no-op if that stop ended it
         self.runner.release(state.seq.request_id)
         return self.output_processor.make_output(state)
 
@@ -302,8 +323,12 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         """Whether ``step`` has work: sequences to run or outputs still to return (requests
         waiting for remote KV need none)."""
-        return (self.scheduler.has_unfinished or self._inflight is not None or bool(self._unemitted)
-                or bool(self._ready))
+        return (
+            self.scheduler.has_unfinished
+            or self._inflight is not None
+            or bool(self._unemitted)
+            or bool(self._ready)
+        )
 
     # ---- one step ---------------------------------------------------------------------------
 
@@ -393,11 +418,19 @@ class LLMEngine:
                 ids = ids[upload(torch.tensor(rows), ids.device)]
             return nxt, self.runner.launch(nxt.scheduled, input_ids=ids)
         except Exception:  # noqa: BLE001 - the step is scheduled again, normally, once tokens are read
-            logger.exception("launching a decode step ahead failed; it runs after the current one instead")
+            logger.exception(
+                "launching a decode step ahead failed; it runs after the current one instead"
+            )
             return None
 
-    def _step_failed(self, sched: SchedulerOutput, outputs: list[RequestOutput], exc: Exception, *,
-                     launched: bool) -> EngineStepError:
+    def _step_failed(
+        self,
+        sched: SchedulerOutput,
+        outputs: list[RequestOutput],
+        exc: Exception,
+        *,
+        launched: bool,
+    ) -> EngineStepError:
         """Abort a failed step's requests (and a step launched after it: a subset of them); keep
         the other requests' outputs for the next call. Returns the error to raise."""
         if launched:
@@ -405,8 +438,13 @@ class LLMEngine:
         outputs = outputs + self._emit_unemitted()
         # The victims: the step's sequences still live. A step launched ahead may hold one that
         # finished meanwhile (its final output stands) or whose id was aborted and reused.
-        ids = [s.seq.request_id for s in sched.scheduled
-               if not s.seq.is_finished and (st := self._states.get(s.seq.request_id)) is not None and st.seq is s.seq]
+        ids = [
+            s.seq.request_id
+            for s in sched.scheduled
+            if not s.seq.is_finished
+            and (st := self._states.get(s.seq.request_id)) is not None
+            and st.seq is s.seq
+        ]
         failed = set(ids)  # their outputs end with the error; the others' are kept for later
         self._ready = [o for o in outputs if o.request_id not in failed]
         logger.exception("forward failed; aborting %d requests", len(ids))

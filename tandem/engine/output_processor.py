@@ -27,11 +27,28 @@ from tandem.tokenizer import StreamDecoder, Tokenizer
 class RequestState:
     """Per-request output state: text so far, what was already sent, logprobs."""
 
-    __slots__ = ("seq", "kind", "prompt", "decoder", "text", "sent_chars", "sent_tokens",
-                 "logprobs", "sent_logprobs", "hold_back", "stop_check_start", "metrics")
+    __slots__ = (
+        "seq",
+        "kind",
+        "prompt",
+        "decoder",
+        "text",
+        "sent_chars",
+        "sent_tokens",
+        "logprobs",
+        "sent_logprobs",
+        "hold_back",
+        "stop_check_start",
+        "metrics",
+    )
 
     def __init__(
-        self, seq: Sequence, kind: OutputKind, prompt: str | None, decoder: StreamDecoder, metrics: RequestMetrics
+        self,
+        seq: Sequence,
+        kind: OutputKind,
+        prompt: str | None,
+        decoder: StreamDecoder,
+        metrics: RequestMetrics,
     ) -> None:
         self.seq = seq
         self.kind = kind
@@ -40,7 +57,9 @@ class RequestState:
         self.text = ""
         self.sent_chars = 0
         self.sent_tokens = 0
-        self.logprobs: list[TokenLogprob] | None = [] if seq.sampling_params.logprobs is not None else None
+        self.logprobs: list[TokenLogprob] | None = (
+            [] if seq.sampling_params.logprobs is not None else None
+        )
         self.sent_logprobs = 0
         params = seq.sampling_params
         longest = max((len(s) for s in params.stop), default=1)
@@ -65,7 +84,9 @@ class OutputProcessor:
         )
         return RequestState(seq, kind, prompt, decoder, metrics)
 
-    def on_new_token(self, state: RequestState, logprob: TokenLogprob | None) -> SequenceStatus | None:
+    def on_new_token(
+        self, state: RequestState, logprob: TokenLogprob | None
+    ) -> SequenceStatus | None:
         """Detokenize the sequence's newest token. Returns FINISHED_STOPPED if a stop string hit."""
         seq = state.seq
         if state.metrics.first_token_time is None:
@@ -83,11 +104,15 @@ class OutputProcessor:
         if seq.num_output_tokens <= params.min_tokens:
             state.stop_check_start = len(state.text)
             return None
-        hit = find_stop_string(state.text, len(piece), params.stop, min_start=state.stop_check_start)
+        hit = find_stop_string(
+            state.text, len(piece), params.stop, min_start=state.stop_check_start
+        )
         if hit is None:
             return None
         idx, stop = hit
-        state.text = state.text[: idx + len(stop)] if params.include_stop_str_in_output else state.text[:idx]
+        state.text = (
+            state.text[: idx + len(stop)] if params.include_stop_str_in_output else state.text[:idx]
+        )
         seq.stop_reason = stop
         return SequenceStatus.FINISHED_STOPPED
 
@@ -100,7 +125,11 @@ class OutputProcessor:
         if finished and state.metrics.finished_time is None:
             state.metrics.finished_time = time.monotonic()
         state.metrics.num_preemptions = seq.num_preemptions
-        text_end = len(state.text) if finished else max(state.sent_chars, len(state.text) - state.hold_back)
+        text_end = (
+            len(state.text)
+            if finished
+            else max(state.sent_chars, len(state.text) - state.hold_back)
+        )
         if state.kind is OutputKind.DELTA:
             text = state.text[state.sent_chars : text_end]
             token_ids = seq.token_ids[seq.num_prompt_tokens + state.sent_tokens :]

@@ -14,7 +14,9 @@ from tandem.tokenizer import Tokenizer
 
 
 class RequestValidator:
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int, limits: ResolvedLimits, block_size: int) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, vocab_size: int, limits: ResolvedLimits, block_size: int
+    ) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.limits = limits
@@ -22,8 +24,14 @@ class RequestValidator:
 
     def check_fields(self, params: SamplingParams, priority: int, cache_salt: str | None) -> None:
         if not isinstance(params, SamplingParams):
-            raise InvalidRequest("sampling params must be a SamplingParams", param="sampling_params")
-        if not isinstance(priority, int) or isinstance(priority, bool) or not -(2**31) <= priority < 2**31:
+            raise InvalidRequest(
+                "sampling params must be a SamplingParams", param="sampling_params"
+            )
+        if (
+            not isinstance(priority, int)
+            or isinstance(priority, bool)
+            or not -(2**31) <= priority < 2**31
+        ):
             raise InvalidRequest("priority must be a 32-bit integer", param="priority")
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise InvalidRequest("cache_salt must be a non-empty string", param="cache_salt")
@@ -44,7 +52,9 @@ class RequestValidator:
         vocab = self.vocab_size
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
-            raise InvalidRequest(f"prompt token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
+            raise InvalidRequest(
+                f"prompt token id {bad} is outside the vocabulary [0, {vocab})", param="prompt"
+            )
         return ids
 
     def check_fits(self, num_prompt_tokens: int, params: SamplingParams) -> None:
@@ -73,4 +83,3 @@ class RequestValidator:
                 f"the request needs {needed} KV blocks but the pool holds {self.limits.num_kv_blocks}",
                 param="max_tokens",
             )
-

@@ -86,8 +86,12 @@ class LaunchedStep:
 
     __slots__ = ("sampled", "tokens", "_host", "_copied", "_output")
 
-    def __init__(self, sampled: list[ScheduledSequence], tokens: torch.Tensor | None = None,
-                 output: SamplerOutput | None = None) -> None:
+    def __init__(
+        self,
+        sampled: list[ScheduledSequence],
+        tokens: torch.Tensor | None = None,
+        output: SamplerOutput | None = None,
+    ) -> None:
         self.sampled = sampled
         """The sequences that sample a token this step, in the output's row order."""
         self.tokens = tokens
@@ -133,17 +137,28 @@ class ModelRunner:
         if self.device.type == "cuda":
             if self.device.index is None:
                 self.device = torch.device("cuda", torch.cuda.current_device())
-            torch.cuda.set_device(self.device)  # Triton launches on the current device: make it ours
+            torch.cuda.set_device(
+                self.device
+            )  # Triton launches on the current device: make it ours
         self.dtype = resolve_dtype(config.dtype, self.device, model_config.torch_dtype)
         self.backend_name = resolve_backend_name(config.attention_backend, self.device.type)
-        if self.backend_name == "triton" and not triton_supports(model_config.head_dim, config.block_size):
-            logger.warning("the triton backend needs a power-of-two head_dim and block size <= 128 "
-                           "(head_dim %d, block size %d): using the torch backend", model_config.head_dim,
-                           config.block_size)
+        if self.backend_name == "triton" and not triton_supports(
+            model_config.head_dim, config.block_size
+        ):
+            logger.warning(
+                "the triton backend needs a power-of-two head_dim and block size <= 128 "
+                "(head_dim %d, block size %d): using the torch backend",
+                model_config.head_dim,
+                config.block_size,
+            )
             self.backend_name = "torch"
         self.backend = get_attention_backend(self.backend_name)
         self.model = load_model(
-            config.model, model_config, self.backend, device=self.device, dtype=self.dtype,
+            config.model,
+            model_config,
+            self.backend,
+            device=self.device,
+            dtype=self.dtype,
             dummy=config.load_format == "dummy",
         )
         self.kv_spec = KVCacheSpec.for_model(model_config, config.block_size, self.dtype)
@@ -154,8 +169,12 @@ class ModelRunner:
             from tandem.engine.cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(
-                self.model, self.kv_cache, config.block_size, min(config.max_cuda_graph_batch, config.max_num_seqs),
-                -(-max_model_len // config.block_size), self.device,
+                self.model,
+                self.kv_cache,
+                config.block_size,
+                min(config.max_cuda_graph_batch, config.max_num_seqs),
+                -(-max_model_len // config.block_size),
+                self.device,
             )
         self.sampler = Sampler(self.device, config.seed)
         self._generators: dict[RequestId, torch.Generator] = {}
@@ -199,15 +218,22 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info(self.device)
         cfg, mc = self.config, self.model_config
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        activations = 4 * cfg.max_num_batched_tokens * (
-            4 * mc.hidden_size + 2 * mc.intermediate_size + mc.num_heads * mc.head_dim
-        ) * itemsize + cfg.max_num_seqs * mc.vocab_size * 4 * 3
+        activations = (
+            4
+            * cfg.max_num_batched_tokens
+            * (4 * mc.hidden_size + 2 * mc.intermediate_size + mc.num_heads * mc.head_dim)
+            * itemsize
+            + cfg.max_num_seqs * mc.vocab_size * 4 * 3
+        )
         share = int(total * cfg.gpu_memory_utilization) - torch.cuda.memory_allocated(self.device)
         if free - self.GPU_HEADROOM_BYTES < share:
             logger.warning(
                 "gpu_memory_utilization %.2f asks for %.1f GiB more, but %.1f GiB is free on %s (other processes "
-                "hold the rest): the KV pool takes what is free", cfg.gpu_memory_utilization, share / 2**30,
-                free / 2**30, self.device,
+                "hold the rest): the KV pool takes what is free",
+                cfg.gpu_memory_utilization,
+                share / 2**30,
+                free / 2**30,
+                self.device,
             )
         return min(share, free - self.GPU_HEADROOM_BYTES) - activations
 
@@ -221,7 +247,9 @@ class ModelRunner:
 
     # ---- one step ---------------------------------------------------------------------------
 
-    def prepare(self, scheduled: list[ScheduledSequence], input_ids: torch.Tensor | None = None) -> ForwardBatch:
+    def prepare(
+        self, scheduled: list[ScheduledSequence], input_ids: torch.Tensor | None = None
+    ) -> ForwardBatch:
         """Flat inputs and attention metadata for a step; decodes are placed first.
 
         ``input_ids``: a decode-only step's tokens already on the device (see ``launch``).
@@ -266,12 +294,16 @@ class ModelRunner:
             sampling=sampling,
         )
 
-    def execute(self, scheduled: list[ScheduledSequence]) -> tuple[list[ScheduledSequence], SamplerOutput | None]:
+    def execute(
+        self, scheduled: list[ScheduledSequence]
+    ) -> tuple[list[ScheduledSequence], SamplerOutput | None]:
         """Run one step. Returns the sequences that sampled and their sampler output."""
         return self.launch(scheduled).result()
 
     @torch.inference_mode()
-    def launch(self, scheduled: list[ScheduledSequence], input_ids: torch.Tensor | None = None) -> LaunchedStep:
+    def launch(
+        self, scheduled: list[ScheduledSequence], input_ids: torch.Tensor | None = None
+    ) -> LaunchedStep:
         """Queue one step on the device and return before it finishes (on CUDA).
 
         The step's only synchronisation is ``result()`` reading the sampled tokens, so the caller
@@ -304,8 +336,11 @@ class ModelRunner:
         """Tokens for the sampling rows, on the device: one argmax when every row is plain greedy
         (the common batch; no per-row Python beyond the check), else the full sampler; read on
         the host here only when a row wants logprobs."""
-        if all(s.seq.sampling_params.argmax_only
-               and s.seq.num_output_tokens + s.ahead >= s.seq.sampling_params.min_tokens for s in sampling):
+        if all(
+            s.seq.sampling_params.argmax_only
+            and s.seq.num_output_tokens + s.ahead >= s.seq.sampling_params.min_tokens
+            for s in sampling
+        ):
             return LaunchedStep(sampling, tokens=self.sampler.argmax_tokens(logits))
         rows = [self._sampling_row(s) for s in sampling]
         if all(r.params.logprobs is None for r in rows):
@@ -321,8 +356,13 @@ class ModelRunner:
         """Whether this step can replay a decode CUDA graph (capturing them first if needed)."""
         g = self.graphs
         return (
-            g is not None and self._kv_layer_hook is None and len(scheduled) <= g.max_batch
-            and all(s.num_new_tokens == 1 and s.samples and len(s.block_ids) <= g.max_blocks for s in scheduled)
+            g is not None
+            and self._kv_layer_hook is None
+            and len(scheduled) <= g.max_batch
+            and all(
+                s.num_new_tokens == 1 and s.samples and len(s.block_ids) <= g.max_blocks
+                for s in scheduled
+            )
             and self.capture_decode_graphs()  # prefill pods (with a hook) never get here
         )
 
@@ -343,11 +383,15 @@ class ModelRunner:
                 return False
         return True
 
-    def _launch_graph(self, scheduled: list[ScheduledSequence], input_ids: torch.Tensor | None) -> LaunchedStep:
+    def _launch_graph(
+        self, scheduled: list[ScheduledSequence], input_ids: torch.Tensor | None
+    ) -> LaunchedStep:
         bs = self.config.block_size
         starts = np.fromiter((s.start for s in scheduled), dtype=np.int64, count=len(scheduled))
         if input_ids is None:
-            ids = np.fromiter((s.seq.token_ids[s.start] for s in scheduled), dtype=np.int64, count=len(scheduled))
+            ids = np.fromiter(
+                (s.seq.token_ids[s.start] for s in scheduled), dtype=np.int64, count=len(scheduled)
+            )
         else:
             ids = np.zeros(len(scheduled), dtype=np.int64)  # overwritten on the device by input_ids
         tables = block_tables(scheduled)
@@ -358,7 +402,9 @@ class ModelRunner:
     def _sampling_row(self, s: ScheduledSequence) -> SamplingRow:
         seq = s.seq
         params = seq.sampling_params
-        generator = self._generator_for(seq) if params.seed is not None and not params.is_greedy else None
+        generator = (
+            self._generator_for(seq) if params.seed is not None and not params.is_greedy else None
+        )
         stop_ids: tuple[int, ...] = ()
         if seq.num_output_tokens + s.ahead < params.min_tokens:
             eos = () if params.ignore_eos else self.eos_token_ids

@@ -72,7 +72,12 @@ class Sampler:
     # ---- logits processing ------------------------------------------------------------------
 
     def _mask_until_min_tokens(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:
-        idx = [(i, t) for i, r in enumerate(rows) for t in r.stop_ids_for_min_tokens if t < logits.shape[1]]
+        idx = [
+            (i, t)
+            for i, r in enumerate(rows)
+            for t in r.stop_ids_for_min_tokens
+            if t < logits.shape[1]
+        ]
         if idx:
             r, c = self._upload(torch.tensor(idx, dtype=torch.long)).unbind(1)
             # The value as a device tensor: a Python float would be copied from pageable memory.
@@ -116,7 +121,9 @@ class Sampler:
         if any(r.params.min_p > 0 for r in rows):
             probs = logits.softmax(dim=-1)
             min_p = self._column([r.params.min_p for r in rows])
-            logits = logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
+            logits = logits.masked_fill(
+                probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf")
+            )
         if any(r.params.top_k is not None or r.params.top_p < 1.0 for r in rows):
             logits = self._top_k_top_p(logits, rows)
         probs = logits.softmax(dim=-1)
@@ -153,7 +160,9 @@ class Sampler:
         n = max(r.params.logprobs or 0 for r in rows)
         chosen = logprobs.gather(1, tokens[:, None])
         ranks = (logprobs > chosen).sum(dim=-1) + 1
-        top_lp, top_ids = logprobs.topk(n, dim=-1) if n else (logprobs[:, :0], tokens[:, None][:, :0])
+        top_lp, top_ids = (
+            logprobs.topk(n, dim=-1) if n else (logprobs[:, :0], tokens[:, None][:, :0])
+        )
         chosen, ranks = chosen[:, 0].tolist(), ranks.tolist()
         top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
         out = []

@@ -56,11 +56,15 @@ class SamplingParams:
     def __post_init__(self) -> None:
         # Lists given by callers become tuples, so the object stays hashable and immutable.
         if not isinstance(self.stop, tuple):
-            object.__setattr__(self, "stop", tuple([self.stop] if isinstance(self.stop, str) else self.stop))
+            object.__setattr__(
+                self, "stop", tuple([self.stop] if isinstance(self.stop, str) else self.stop)
+            )
         if not isinstance(self.stop_token_ids, tuple):
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         self._validate()
-        object.__setattr__(self, "argmax_only", self.is_greedy and self.logprobs is None and not self.has_penalties)
+        object.__setattr__(
+            self, "argmax_only", self.is_greedy and self.logprobs is None and not self.has_penalties
+        )
 
     def _validate(self) -> None:
         def bad(param: str, why: str) -> InvalidRequest:
@@ -76,7 +80,9 @@ class SamplingParams:
             raise bad("top_k", "must be an integer >= 1 or null")
         if not _is_finite(self.min_p) or not 0 <= self.min_p <= 1:
             raise bad("min_p", "must be in [0, 1]")
-        if self.seed is not None and (not _is_int(self.seed) or not _INT64[0] <= self.seed <= _INT64[1]):
+        if self.seed is not None and (
+            not _is_int(self.seed) or not _INT64[0] <= self.seed <= _INT64[1]
+        ):
             raise bad("seed", "must be a 64-bit integer")
         for name in ("presence_penalty", "frequency_penalty"):
             if not _is_finite(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
@@ -85,7 +91,9 @@ class SamplingParams:
             raise bad("repetition_penalty", "must be > 0")
         if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             raise bad("min_tokens", "must be an integer in [0, max_tokens]")
-        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
+        if self.logprobs is not None and (
+            not _is_int(self.logprobs) or not 0 <= self.logprobs <= 20
+        ):
             raise bad("logprobs", "must be an integer in [0, 20]")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "must be non-empty strings")
@@ -98,7 +106,9 @@ class SamplingParams:
 
     @property
     def has_penalties(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+        return bool(
+            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+        )
 
 
 def _is_int(v: object) -> bool:

@@ -148,7 +148,9 @@ class Scheduler:
         seq.token_ids.append(first_token)
         if self._hasher is not None:
             self._hasher.extend(seq.block_hashes, seq.token_ids, seq.cache_salt)
-            self.block_manager.cache_full_blocks(seq.request_id, seq.block_hashes, seq.num_computed_tokens)
+            self.block_manager.cache_full_blocks(
+                seq.request_id, seq.block_hashes, seq.num_computed_tokens
+            )
         status = token_stop_status(seq, self._eos, self.config.max_model_len)
         if status is not None:  # the first token already ends it (EOS, max_tokens=1, ...)
             self.block_manager.free(seq.request_id)
@@ -194,7 +196,9 @@ class Scheduler:
             if seq.status != SequenceStatus.RUNNING or seq.request_id in scheduled:
                 continue  # preempted earlier in this loop, or admitted in this step already
             num_new = min(seq.num_uncomputed_tokens, budget.tokens)
-            while not self.block_manager.allocate(seq.request_id, seq.num_computed_tokens + num_new):
+            while not self.block_manager.allocate(
+                seq.request_id, seq.num_computed_tokens + num_new
+            ):
                 victim = max(self.running, key=self.policy.sort_key)
                 self._preempt(victim, budget, out)
                 if victim is seq:
@@ -221,8 +225,11 @@ class Scheduler:
                 num_new = min(seq.num_tokens - prefix.num_tokens, budget.tokens)
                 first_admission = seq.num_cached_tokens is None
                 if not bm.allocate(
-                    seq.request_id, prefix.num_tokens + num_new, prefix,
-                    keep_free=keep_free, record_stats=first_admission,
+                    seq.request_id,
+                    prefix.num_tokens + num_new,
+                    prefix,
+                    keep_free=keep_free,
+                    record_stats=first_admission,
                 ):
                     break  # head-of-line: later sequences wait too, so order is kept
                 self.waiting.pop()
@@ -233,7 +240,9 @@ class Scheduler:
             self.running.append(seq)
             self._add_scheduled(seq, num_new, budget, out)
 
-    def _add_scheduled(self, seq: Sequence, num_new: int, budget: _Budget, out: SchedulerOutput) -> None:
+    def _add_scheduled(
+        self, seq: Sequence, num_new: int, budget: _Budget, out: SchedulerOutput
+    ) -> None:
         block_ids = self.block_manager.block_ids(seq.request_id)
         start = seq.num_computed_tokens
         samples = start + num_new == seq.num_tokens
@@ -256,7 +265,9 @@ class Scheduler:
         out.preempted.append(victim.request_id)
         logger.debug("preempted %s (recompute later)", victim.request_id)
 
-    def schedule_next_decode(self, prev: SchedulerOutput) -> tuple[SchedulerOutput, list[int]] | None:
+    def schedule_next_decode(
+        self, prev: SchedulerOutput
+    ) -> tuple[SchedulerOutput, list[int]] | None:
         """The step after ``prev``, scheduled before ``prev``'s tokens are known (async scheduling).
 
         Only the steady state qualifies: ``prev`` decoded every running sequence (one token each)
@@ -281,7 +292,10 @@ class Scheduler:
                 return None
             if seq.status != SequenceStatus.RUNNING or seq.num_computed_tokens != s.start:
                 continue  # aborted since (or not the pending step)
-            if seq.num_output_tokens + 1 >= params.max_tokens or seq.num_tokens + 1 >= self.config.max_model_len:
+            if (
+                seq.num_output_tokens + 1 >= params.max_tokens
+                or seq.num_tokens + 1 >= self.config.max_model_len
+            ):
                 continue  # the pending token is its last
             if not self.block_manager.allocate(seq.request_id, s.start + 2):
                 return None
@@ -310,8 +324,11 @@ class Scheduler:
                 seq.token_ids.append(token)
             # A one-token step fills a block only when a count reaches a block boundary; other
             # steps have nothing new to hash or cache (the common decode step skips both calls).
-            boundary = (s.num_new_tokens > 1 or seq.num_computed_tokens % bs == 0
-                        or len(seq.token_ids) % bs == 0)
+            boundary = (
+                s.num_new_tokens > 1
+                or seq.num_computed_tokens % bs == 0
+                or len(seq.token_ids) % bs == 0
+            )
             if self._hasher is not None and boundary:
                 self._hasher.extend(seq.block_hashes, seq.token_ids, seq.cache_salt)
                 self.block_manager.cache_full_blocks(

@@ -128,4 +128,6 @@ class WaitingQueue:
 
     def __iter__(self) -> Iterator[Sequence]:
         """Live sequences in policy order (a sorted copy; for inspection, not the hot path)."""
-        return iter(sorted(self._live.values(), key=lambda s: (self._policy.sort_key(s), s.arrival_index)))
+        return iter(
+            sorted(self._live.values(), key=lambda s: (self._policy.sort_key(s), s.arrival_index))
+        )

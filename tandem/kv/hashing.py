@@ -87,6 +87,8 @@ class BlockHasher:
             hashes.append(parent)
         return hashes
 
-    def hash_prompt(self, token_ids: Sequence[int], cache_salt: str | None = None) -> list[BlockHash]:
+    def hash_prompt(
+        self, token_ids: Sequence[int], cache_salt: str | None = None
+    ) -> list[BlockHash]:
         """Hashes of every full block of ``token_ids``."""
         return self.extend([], token_ids, cache_salt)

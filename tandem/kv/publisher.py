@@ -37,9 +37,13 @@ seconds of a busy engine's events: a kvstore slower than that costs one snapshot
 
 def to_proto(event: KVEvent) -> kvstore_pb2.KVCacheEvent:
     if isinstance(event, BlocksStored):
-        return kvstore_pb2.KVCacheEvent(stored=kvstore_pb2.BlocksStored(block_hashes=list(event.block_hashes)))
+        return kvstore_pb2.KVCacheEvent(
+            stored=kvstore_pb2.BlocksStored(block_hashes=list(event.block_hashes))
+        )
     if isinstance(event, BlocksRemoved):
-        return kvstore_pb2.KVCacheEvent(removed=kvstore_pb2.BlocksRemoved(block_hashes=list(event.block_hashes)))
+        return kvstore_pb2.KVCacheEvent(
+            removed=kvstore_pb2.BlocksRemoved(block_hashes=list(event.block_hashes))
+        )
     return kvstore_pb2.KVCacheEvent(cleared=kvstore_pb2.CacheCleared())
 
 
@@ -102,8 +106,11 @@ class KVEventPublisher:
                 return
             self._discard_locked()
             self.overflows += 1
-        logger.warning("more than %d block hashes queued for kvstore %s: dropped; the index will be resynced",
-                       self.max_pending_hashes, self.address)
+        logger.warning(
+            "more than %d block hashes queued for kvstore %s: dropped; the index will be resynced",
+            self.max_pending_hashes,
+            self.address,
+        )
 
     @property
     def num_pending(self) -> int:
@@ -147,7 +154,9 @@ class KVEventPublisher:
         try:
             resp = await stub.Heartbeat(
                 kvstore_pb2.HeartbeatRequest(
-                    pod_id=self.pod_id, incarnation=self.incarnation, model_fingerprint=self.fingerprint,
+                    pod_id=self.pod_id,
+                    incarnation=self.incarnation,
+                    model_fingerprint=self.fingerprint,
                     address=self.pod_address,
                 ),
                 timeout=self.timeout_s,
@@ -159,7 +168,9 @@ class KVEventPublisher:
             self._supersede()
             return self.heartbeat_interval_s
         if self.superseded:
-            logger.info("kvstore accepts incarnation %s of pod %s again", self.incarnation, self.pod_id)
+            logger.info(
+                "kvstore accepts incarnation %s of pod %s again", self.incarnation, self.pod_id
+            )
             self.superseded = False
         if not resp.known:
             self._resync_due()
@@ -171,8 +182,12 @@ class KVEventPublisher:
     def _supersede(self) -> None:
         """Stop publishing (kvstore ignores this process's events) until a heartbeat is accepted."""
         if not self.superseded:
-            logger.warning("a newer incarnation of pod %s holds its kvstore lease: incarnation %s stops "
-                           "publishing KV events", self.pod_id, self.incarnation)
+            logger.warning(
+                "a newer incarnation of pod %s holds its kvstore lease: incarnation %s stops "
+                "publishing KV events",
+                self.pod_id,
+                self.incarnation,
+            )
         self.superseded = True
         self.connected = False
         self._resync_due()
@@ -196,7 +211,8 @@ class KVEventPublisher:
         if resync:
             hashes = await self._snapshot()
             batches = [[CacheCleared()]] + [
-                [BlocksStored(tuple(hashes[i : i + RESYNC_BATCH]))] for i in range(0, len(hashes), RESYNC_BATCH)
+                [BlocksStored(tuple(hashes[i : i + RESYNC_BATCH]))]
+                for i in range(0, len(hashes), RESYNC_BATCH)
             ]
             self.resyncs += 1
         else:
@@ -211,18 +227,26 @@ class KVEventPublisher:
     async def _publish(self, stub, events: list[KVEvent]) -> bool:
         self._seq += 1
         request = kvstore_pb2.PublishEventsRequest(
-            pod_id=self.pod_id, incarnation=self.incarnation, sequence_number=self._seq,
-            model_fingerprint=self.fingerprint, block_size=self.block_size, hash_algorithm=HASH_ALGORITHM,
-            events=[to_proto(e) for e in events], sent_at=time.time(),
+            pod_id=self.pod_id,
+            incarnation=self.incarnation,
+            sequence_number=self._seq,
+            model_fingerprint=self.fingerprint,
+            block_size=self.block_size,
+            hash_algorithm=HASH_ALGORITHM,
+            events=[to_proto(e) for e in events],
+            sent_at=time.time(),
         )
         try:
             resp = await stub.PublishEvents(request, timeout=self.timeout_s)
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 self.refused = e.details() or "invalid events"
-                logger.error("kvstore %s refuses this pod's KV events (%s): KV events stop; prefix-aware "
-                             "routing will not see this pod's cache until its configuration matches kvstore's",
-                             self.address, self.refused)
+                logger.error(
+                    "kvstore %s refuses this pod's KV events (%s): KV events stop; prefix-aware "
+                    "routing will not see this pod's cache until its configuration matches kvstore's",
+                    self.address,
+                    self.refused,
+                )
                 self._resync_due()  # nothing is queued from now on
                 return False
             self._lost(f"publishing events failed: {e.code().name}")

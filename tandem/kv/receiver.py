@@ -48,11 +48,17 @@ class TransferSummary:
 
 class KVReceiver:
     def __init__(
-        self, kv_cache: PagedKVCache, fingerprint: str, *, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
+        self,
+        kv_cache: PagedKVCache,
+        fingerprint: str,
+        *,
+        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
     ) -> None:
         spec = kv_cache.spec
         self.kv = kv_cache.tensor
-        self.layout = PageLayout(spec.num_layers, spec.block_size, spec.num_kv_heads, spec.head_dim, spec.dtype)
+        self.layout = PageLayout(
+            spec.num_layers, spec.block_size, spec.num_kv_heads, spec.head_dim, spec.dtype
+        )
         self.fingerprint = fingerprint
         self.max_chunk_bytes = max_chunk_bytes
         self._inbound: dict[str, _Inbound] = {}
@@ -104,11 +110,15 @@ class KVReceiver:
                 raise KVTransferError(f"the KV transfer of {chunk.request_id!r} was cancelled")
             region = inbound.received[l0:l1, b0:b1]
             if bool(region.any()):
-                raise KVTransferError(f"KV chunk layers [{l0}, {l1}) blocks [{b0}, {b1}) overlaps pages already received")
+                raise KVTransferError(
+                    f"KV chunk layers [{l0}, {l1}) blocks [{b0}, {b1}) overlaps pages already received"
+                )
             if self._stream is not None:
                 self._stream.wait_event(inbound.engine_done)
                 with torch.cuda.stream(self._stream):
-                    self.kv[l0:l1, :, inbound.block_ids[b0:b1]] = pages.to(self.kv.device, non_blocking=True)
+                    self.kv[l0:l1, :, inbound.block_ids[b0:b1]] = pages.to(
+                        self.kv.device, non_blocking=True
+                    )
             else:
                 self.kv[l0:l1, :, inbound.block_ids[b0:b1]] = pages
             region.fill_(True)
@@ -142,7 +152,9 @@ class KVReceiver:
             inbound.closed = True
         with self._lock:
             self._inbound.pop(end.request_id, None)
-        seconds = time.perf_counter() - inbound.first_write if inbound.first_write is not None else 0.0
+        seconds = (
+            time.perf_counter() - inbound.first_write if inbound.first_write is not None else 0.0
+        )
         return TransferSummary(inbound.chunks, inbound.bytes, seconds)
 
     def discard(self, request_id: str) -> None:

@@ -23,7 +23,6 @@ import threading
 
 import grpc
 import torch
-
 from opentelemetry.context import Context
 
 from tandem.engine.kv_cache import KVCacheSpec
@@ -65,7 +64,10 @@ class ChannelPool:
         with self._lock:
             calls = self._calls.get(address)
             if calls is None:
-                channels = [grpc.insecure_channel(address, options=CHANNEL_OPTIONS) for _ in range(self.num_streams)]
+                channels = [
+                    grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+                    for _ in range(self.num_streams)
+                ]
                 self._channels[address] = channels
                 calls = [
                     c.stream_unary(
@@ -102,7 +104,9 @@ class KVSender:
         staging_buffers: int = 64,
         device: torch.device,
     ) -> None:
-        self.layout = PageLayout(spec.num_layers, spec.block_size, spec.num_kv_heads, spec.head_dim, spec.dtype)
+        self.layout = PageLayout(
+            spec.num_layers, spec.block_size, spec.num_kv_heads, spec.head_dim, spec.dtype
+        )
         per_block_layer = self.layout.bytes_per_block_layer
         if per_block_layer > max_chunk_bytes:
             raise ValueError(
@@ -114,22 +118,34 @@ class KVSender:
         fitting = max_chunk_bytes // per_block_layer
         self.layers_per_group = max(1, min(layers_per_group, spec.num_layers, fitting))
         if self.layers_per_group < layers_per_group:
-            logger.info("KV layer groups of %d layers (%d do not fit %d-byte chunks)",
-                        self.layers_per_group, layers_per_group, max_chunk_bytes)
+            logger.info(
+                "KV layer groups of %d layers (%d do not fit %d-byte chunks)",
+                self.layers_per_group,
+                layers_per_group,
+                max_chunk_bytes,
+            )
         self.max_chunk_bytes = max_chunk_bytes
         self.push_timeout_s = push_timeout_s
         self.channels = ChannelPool(num_streams)
         self.device = device
         self._transfers: dict[str, KVTransfer] = {}
         self._finishing: dict[str, KVTransfer] = {}
-        self._finisher = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="kv-finish")
+        self._finisher = concurrent.futures.ThreadPoolExecutor(
+            max_workers=16, thread_name_prefix="kv-finish"
+        )
         # Chunk-sized host buffers, reused: pinned on CUDA (asynchronous copies), plain on CPU
         # (the gather writes straight into them instead of into a fresh allocation per chunk).
-        self.staging = PinnedBufferPool(max_chunk_bytes, staging_buffers, pin_memory=device.type == "cuda")
+        self.staging = PinnedBufferPool(
+            max_chunk_bytes, staging_buffers, pin_memory=device.type == "cuda"
+        )
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def start(
-        self, request_id: str, target: KVTarget, num_prompt_tokens: int, trace_context: Context | None = None
+        self,
+        request_id: str,
+        target: KVTarget,
+        num_prompt_tokens: int,
+        trace_context: Context | None = None,
     ) -> KVTransfer:
         """Register a request's transfer before the engine schedules it.
 
@@ -142,7 +158,11 @@ class KVSender:
             raise InvalidRequest(f"request id {request_id!r} is already in use", param="request_id")
         num_blocks = -(-num_prompt_tokens // self.layout.block_size)
         transfer = KVTransfer(
-            target, num_blocks, self.channels.push_kv(target.address), self.fingerprint, self.push_timeout_s,
+            target,
+            num_blocks,
+            self.channels.push_kv(target.address),
+            self.fingerprint,
+            self.push_timeout_s,
             trace_context,
         )
         transfer.sent_blocks = min(target.skip_blocks, num_blocks)
@@ -193,13 +213,26 @@ class KVSender:
             if transfer is None or transfer.failed:
                 continue  # not exported, or its decode pod stopped listening: stop spending on it
             # Blocks whose every token is computed after this step (all of them at the end).
-            done = transfer.num_prompt_blocks if s.samples else (s.start + s.num_new_tokens) // self.layout.block_size
+            done = (
+                transfer.num_prompt_blocks
+                if s.samples
+                else (s.start + s.num_new_tokens) // self.layout.block_size
+            )
             if done > transfer.sent_blocks:
-                self._send(transfer, s.block_ids, (l0, num_layers_done), transfer.sent_blocks, done, kv_cache)
+                self._send(
+                    transfer,
+                    s.block_ids,
+                    (l0, num_layers_done),
+                    transfer.sent_blocks,
+                    done,
+                    kv_cache,
+                )
             if num_layers_done == total:
                 transfer.sent_blocks = max(transfer.sent_blocks, done)
 
-    def _send(self, transfer: KVTransfer, block_ids, layers: tuple[int, int], b0: int, b1: int, kv) -> None:
+    def _send(
+        self, transfer: KVTransfer, block_ids, layers: tuple[int, int], b0: int, b1: int, kv
+    ) -> None:
         step = blocks_per_chunk(self.layout, layers[1] - layers[0], self.max_chunk_bytes)
         ids = torch.tensor(block_ids[b0:b1], dtype=torch.long, device=kv.device)
         rid, fp = transfer.target.request_id, self.fingerprint
@@ -210,7 +243,9 @@ class KVSender:
 
             def encode(seq_no: int, wait=wait, blocks=(start, end)) -> bytes:
                 host = wait()
-                return codec.encode_chunk(chunk_header(rid, fp, seq_no, layers, blocks, host), page_buffer(host))
+                return codec.encode_chunk(
+                    chunk_header(rid, fp, seq_no, layers, blocks, host), page_buffer(host)
+                )
 
             transfer.submit(encode, release, nbytes)
 

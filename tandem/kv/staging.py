@@ -13,7 +13,9 @@ import torch
 
 
 class PinnedBufferPool:
-    def __init__(self, buffer_bytes: int, max_buffers: int = 64, *, pin_memory: bool = True) -> None:
+    def __init__(
+        self, buffer_bytes: int, max_buffers: int = 64, *, pin_memory: bool = True
+    ) -> None:
         self.buffer_bytes = buffer_bytes
         self.max_buffers = max_buffers
         self.pin_memory = pin_memory

@@ -85,7 +85,12 @@ class KVTransfer:
     """One request's outgoing KV: chunks queued by the engine thread, sent by gRPC's threads."""
 
     def __init__(
-        self, target: KVTarget, num_prompt_blocks: int, push_calls, fingerprint: str, timeout_s: float,
+        self,
+        target: KVTarget,
+        num_prompt_blocks: int,
+        push_calls,
+        fingerprint: str,
+        timeout_s: float,
         trace_context: Context | None = None,
     ) -> None:
         self.target = target
@@ -116,12 +121,18 @@ class KVTransfer:
         """The first chunk (or the end message) is about to go: the transfer starts now."""
         self.started = time.perf_counter()
         if self._trace_context is not None:
-            self._span = telemetry.tracer().start_span("kv_transfer", context=self._trace_context, attributes={
-                "tandem.kv.target": self.target.address,
-                "tandem.kv.skip_blocks": self.target.skip_blocks,
-                "tandem.kv.streams": len(self._streams),
-            })
-            self._metadata = telemetry.outgoing_metadata(context=trace.set_span_in_context(self._span))
+            self._span = telemetry.tracer().start_span(
+                "kv_transfer",
+                context=self._trace_context,
+                attributes={
+                    "tandem.kv.target": self.target.address,
+                    "tandem.kv.skip_blocks": self.target.skip_blocks,
+                    "tandem.kv.streams": len(self._streams),
+                },
+            )
+            self._metadata = telemetry.outgoing_metadata(
+                context=trace.set_span_in_context(self._span)
+            )
 
     def _end_span(self, error: str | None = None) -> None:
         with self._lock:
@@ -129,10 +140,14 @@ class KVTransfer:
         if span is None:
             return
         seconds = time.perf_counter() - self.started
-        span.set_attributes({
-            "tandem.kv.bytes": self.bytes, "tandem.kv.chunks": self.chunks, "tandem.kv.seconds": seconds,
-            "tandem.kv.gbps": self.bytes / seconds / 1e9 if seconds > 0 else 0.0,
-        })
+        span.set_attributes(
+            {
+                "tandem.kv.bytes": self.bytes,
+                "tandem.kv.chunks": self.chunks,
+                "tandem.kv.seconds": seconds,
+                "tandem.kv.gbps": self.bytes / seconds / 1e9 if seconds > 0 else 0.0,
+            }
+        )
         if error is not None:
             span.set_status(trace.StatusCode.ERROR, error)
         span.end()
@@ -154,7 +169,9 @@ class KVTransfer:
         while (item := q.get()) is not _CLOSE:
             yield item.encode() if isinstance(item, _Chunk) else item
 
-    def submit(self, encode: Callable[[int], bytes], release: Callable[[], None], nbytes: int) -> None:
+    def submit(
+        self, encode: Callable[[int], bytes], release: Callable[[], None], nbytes: int
+    ) -> None:
         """Queue a chunk; ``encode(sequence_number)`` runs on a sending thread, then ``release``."""
         if self.started is None:
             self._begin()

@@ -131,19 +131,25 @@ def validate_chunk(
     check_fingerprint(chunk.model_fingerprint, fingerprint)
     dtype = WIRE_TO_DTYPE.get(chunk.dtype)
     if dtype != layout.dtype:
-        raise KVTransferError(f"KV dtype {common_pb2.KVDtype.Name(chunk.dtype)} does not match {layout.dtype}")
+        raise KVTransferError(
+            f"KV dtype {common_pb2.KVDtype.Name(chunk.dtype)} does not match {layout.dtype}"
+        )
     l0, l1, b0, b1 = chunk.layer_start, chunk.layer_end, chunk.block_start, chunk.block_end
     if not 0 <= l0 < l1 <= layout.num_layers:
         raise KVTransferError(f"layer range [{l0}, {l1}) outside [0, {layout.num_layers})")
     if not first_block <= b0 < b1 <= num_blocks:
-        raise KVTransferError(f"block range [{b0}, {b1}) outside the expected [{first_block}, {num_blocks})")
+        raise KVTransferError(
+            f"block range [{b0}, {b1}) outside the expected [{first_block}, {num_blocks})"
+        )
     expected_shape = layout.shape(l1 - l0, b1 - b0)
     if list(chunk.shape) != expected_shape:
         raise KVTransferError(f"KV chunk shape {list(chunk.shape)} != expected {expected_shape}")
     expected_bytes = (l1 - l0) * (b1 - b0) * layout.bytes_per_block_layer
     data = memoryview(data).cast("B")
     if len(data) > max_chunk_bytes:
-        raise KVTransferError(f"KV chunk of {len(data)} bytes exceeds the {max_chunk_bytes}-byte limit")
+        raise KVTransferError(
+            f"KV chunk of {len(data)} bytes exceeds the {max_chunk_bytes}-byte limit"
+        )
     if len(data) != expected_bytes:
         raise KVTransferError(f"KV chunk holds {len(data)} bytes, its shape needs {expected_bytes}")
     return _read_only_view(data).view(dtype).view(expected_shape)

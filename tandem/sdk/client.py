@@ -33,16 +33,25 @@ def _trace_metadata() -> tuple[tuple[str, str], ...]:
 
 
 def _request(
-    prompt: str | Sequence[int], model: str, priority: int, cache_salt: str | None, request_id: str | None,
+    prompt: str | Sequence[int],
+    model: str,
+    priority: int,
+    cache_salt: str | None,
+    request_id: str | None,
     sampling: dict[str, Any],
 ) -> router_pb2.GenerateRequest:
     try:
         # Without max_tokens the router allows up to the context length; validate with a stand-in.
-        params = SamplingParams(**{"max_tokens": max(16, sampling.get("min_tokens") or 0), **sampling})
+        params = SamplingParams(
+            **{"max_tokens": max(16, sampling.get("min_tokens") or 0), **sampling}
+        )
     except TypeError as e:
         raise InvalidRequest(f"unknown sampling option: {e}") from None
     req = router_pb2.GenerateRequest(
-        model=model, priority=priority, cache_salt=cache_salt or "", request_id=request_id or "",
+        model=model,
+        priority=priority,
+        cache_salt=cache_salt or "",
+        request_id=request_id or "",
     )
     pb = convert.sampling_params_to_proto(params)
     if "max_tokens" not in sampling:
@@ -65,7 +74,9 @@ class _Attempts:
 
     def __init__(self, timeout: float | None, max_retries: int) -> None:
         if timeout is not None and not timeout > 0:
-            raise InvalidRequest(f"timeout must be > 0 seconds or None, not {timeout!r}", param="timeout")
+            raise InvalidRequest(
+                f"timeout must be > 0 seconds or None, not {timeout!r}", param="timeout"
+            )
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.max_retries = max_retries
         self.retries = 0
@@ -76,7 +87,11 @@ class _Attempts:
 
     def backoff(self, error: grpc.RpcError, started: bool) -> float | None:
         """Seconds to wait before retrying after ``error``, or None: give up and raise it."""
-        if started or error.code() != grpc.StatusCode.UNAVAILABLE or self.retries >= self.max_retries:
+        if (
+            started
+            or error.code() != grpc.StatusCode.UNAVAILABLE
+            or self.retries >= self.max_retries
+        ):
             return None
         delay = min(2.0, 0.1 * 2**self.retries)
         if self.deadline is not None and time.monotonic() + delay >= self.deadline:
@@ -104,8 +119,15 @@ class Client:
         self._channel.close()
 
     def stream(
-        self, prompt: str | Sequence[int], *, model: str = "", timeout: float | None = None, priority: int = 0,
-        cache_salt: str | None = None, request_id: str | None = None, **sampling: Any,
+        self,
+        prompt: str | Sequence[int],
+        *,
+        model: str = "",
+        timeout: float | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        request_id: str | None = None,
+        **sampling: Any,
     ) -> Iterator[GenerateChunk]:
         """Chunks as the tokens are generated. ``timeout`` bounds the whole call, retries included,
         from the first chunk asked for; UNAVAILABLE is retried (``max_retries``) only before the
@@ -113,7 +135,9 @@ class Client:
         request = _request(prompt, model, priority, cache_salt, request_id, sampling)
         attempts = _Attempts(timeout if timeout is not None else self.timeout, self.max_retries)
         while True:
-            call = self._stub.Generate(request, timeout=attempts.timeout(), metadata=_trace_metadata())
+            call = self._stub.Generate(
+                request, timeout=attempts.timeout(), metadata=_trace_metadata()
+            )
             started = False
             try:
                 for resp in call:
@@ -159,8 +183,15 @@ class AsyncClient:
         await self._channel.close()
 
     async def stream(
-        self, prompt: str | Sequence[int], *, model: str = "", timeout: float | None = None, priority: int = 0,
-        cache_salt: str | None = None, request_id: str | None = None, **sampling: Any,
+        self,
+        prompt: str | Sequence[int],
+        *,
+        model: str = "",
+        timeout: float | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        request_id: str | None = None,
+        **sampling: Any,
     ) -> AsyncIterator[GenerateChunk]:
         """Chunks as the tokens are generated. ``timeout`` bounds the whole call, retries included,
         from the first chunk asked for; UNAVAILABLE is retried (``max_retries``) only before the
@@ -168,7 +199,9 @@ class AsyncClient:
         request = _request(prompt, model, priority, cache_salt, request_id, sampling)
         attempts = _Attempts(timeout if timeout is not None else self.timeout, self.max_retries)
         while True:
-            call = self._stub.Generate(request, timeout=attempts.timeout(), metadata=_trace_metadata())
+            call = self._stub.Generate(
+                request, timeout=attempts.timeout(), metadata=_trace_metadata()
+            )
             started = False
             try:
                 async for resp in call:

@@ -3,9 +3,9 @@
 from dataclasses import dataclass
 
 from tandem.engine.outputs import TokenLogprob
-from tandem.serving.requests import Usage
 from tandem.proto.router.v1 import router_pb2
 from tandem.serving import convert
+from tandem.serving.requests import Usage
 
 
 @dataclass(slots=True, frozen=True)

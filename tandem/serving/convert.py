@@ -26,8 +26,16 @@ FINISH_REASON_TO_PROTO = {
 FINISH_REASON_FROM_PROTO = {v: k for k, v in FINISH_REASON_TO_PROTO.items()}
 
 _OPTIONAL_FIELDS = (
-    "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
-    "frequency_penalty", "repetition_penalty", "logprobs", "skip_special_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logprobs",
+    "skip_special_tokens",
 )
 
 # ---- sampling parameters -----------------------------------------------------------------------
@@ -51,7 +59,14 @@ def sampling_params_from_proto(
         kwargs["max_tokens"] = max_tokens
     elif pb.HasField("max_tokens"):
         kwargs["max_tokens"] = pb.max_tokens
-    for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+    for name in (
+        "temperature",
+        "top_p",
+        "min_p",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+    ):
         if name in kwargs:
             kwargs[name] = _round_float32(kwargs[name])
     return SamplingParams(
@@ -108,10 +123,14 @@ def logprob_to_proto(lp: TokenLogprob) -> common_pb2.TokenLogprob:
 
 
 def logprob_from_proto(pb: common_pb2.TokenLogprob) -> TokenLogprob:
-    return TokenLogprob(pb.token_id, pb.logprob, pb.rank, tuple((t.token_id, t.logprob) for t in pb.top))
+    return TokenLogprob(
+        pb.token_id, pb.logprob, pb.rank, tuple((t.token_id, t.logprob) for t in pb.top)
+    )
 
 
-def _chunk(token_ids: Iterable[int], text: str, logprobs: Iterable[TokenLogprob], finish_reason, stop) -> common_pb2.TokenChunk:
+def _chunk(
+    token_ids: Iterable[int], text: str, logprobs: Iterable[TokenLogprob], finish_reason, stop
+) -> common_pb2.TokenChunk:
     chunk = common_pb2.TokenChunk(
         token_ids=list(token_ids),
         text=text,
@@ -128,12 +147,16 @@ def _chunk(token_ids: Iterable[int], text: str, logprobs: Iterable[TokenLogprob]
 def token_chunk(out: RequestOutput) -> common_pb2.TokenChunk:
     """The engine's output for one request, as the decode pod streams it."""
     comp = out.outputs[0]
-    return _chunk(comp.token_ids, comp.text, comp.logprobs or (), comp.finish_reason, comp.stop_reason)
+    return _chunk(
+        comp.token_ids, comp.text, comp.logprobs or (), comp.finish_reason, comp.stop_reason
+    )
 
 
 def event_chunk(event: TokenEvent) -> common_pb2.TokenChunk:
     """A router token event, as RouterService streams it."""
-    return _chunk(event.token_ids, event.text, event.logprobs, event.finish_reason, event.stop_reason)
+    return _chunk(
+        event.token_ids, event.text, event.logprobs, event.finish_reason, event.stop_reason
+    )
 
 
 def stop_reason(chunk: common_pb2.TokenChunk) -> str | int | None:
@@ -150,7 +173,11 @@ def usage(out: RequestOutput, completion_tokens: int) -> common_pb2.Usage:
 
 
 def usage_to_proto(u: Usage) -> common_pb2.Usage:
-    return common_pb2.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, cached_tokens=u.cached_tokens)
+    return common_pb2.Usage(
+        prompt_tokens=u.prompt_tokens,
+        completion_tokens=u.completion_tokens,
+        cached_tokens=u.cached_tokens,
+    )
 
 
 def usage_from_proto(u: common_pb2.Usage) -> Usage:
@@ -173,7 +200,9 @@ def token_event(resp: decode_pb2.GenerateResponse) -> TokenEvent:
 # ---- requests between router and pods ----------------------------------------------------------
 
 
-def decode_generate_request(job: Job, request_id: str, *, remote: bool) -> decode_pb2.GenerateRequest:
+def decode_generate_request(
+    job: Job, request_id: str, *, remote: bool
+) -> decode_pb2.GenerateRequest:
     return decode_pb2.GenerateRequest(
         request_id=request_id,
         prompt_token_ids=job.prompt_token_ids,
@@ -194,7 +223,10 @@ def prefill_request(
         priority=job.priority,
         cache_salt=job.cache_salt or "",
         decode_target=prefill_pb2.DecodeTarget(
-            address=decode_address, request_id=request_id, skip_blocks=skip_blocks, model_fingerprint=fingerprint
+            address=decode_address,
+            request_id=request_id,
+            skip_blocks=skip_blocks,
+            model_fingerprint=fingerprint,
         ),
     )
 

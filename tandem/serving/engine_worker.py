@@ -48,7 +48,9 @@ class EngineWorker:
         self._loop = loop
         self._after_step = after_step
         self._release = release or (lambda e, rid: e.abort_request(rid))
-        self._commands: queue.SimpleQueue[tuple[Command, concurrent.futures.Future]] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[tuple[Command, concurrent.futures.Future]] = (
+            queue.SimpleQueue()
+        )
         self._streams: dict[str, asyncio.Queue] = {}
         self._stopped = threading.Event()
         self._draining = False
@@ -95,7 +97,9 @@ class EngineWorker:
         if self._draining:
             raise ShuttingDown("this pod is shutting down")
         if request_id in self._streams:
-            raise InvalidRequest(f"request id {request_id!r} is already in use on this pod", param="request_id")
+            raise InvalidRequest(
+                f"request id {request_id!r} is already in use on this pod", param="request_id"
+            )
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = q
         return q
@@ -150,7 +154,9 @@ class EngineWorker:
 
     def _drain(self, timeout: float | None) -> None:
         try:
-            item = self._commands.get(timeout=timeout) if timeout != 0 else self._commands.get_nowait()
+            item = (
+                self._commands.get(timeout=timeout) if timeout != 0 else self._commands.get_nowait()
+            )
         except queue.Empty:
             return
         while True:

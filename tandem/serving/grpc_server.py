@@ -19,7 +19,9 @@ class GrpcServer:
 
     def __init__(self, host: str, port: int, service_names: list[str]) -> None:
         # A traced RPC runs inside a SERVER span continuing the caller's trace (when tracing is on).
-        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=telemetry.server_interceptors())
+        self.server = grpc.aio.server(
+            options=SERVER_OPTIONS, interceptors=telemetry.server_interceptors()
+        )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names = service_names
@@ -74,7 +76,11 @@ class RunningService:
             while worker.open_streams and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.1)
             if worker.open_streams:
-                logger.warning("%d requests still in flight after %.0f s; stopping anyway", worker.open_streams, grace)
+                logger.warning(
+                    "%d requests still in flight after %.0f s; stopping anyway",
+                    worker.open_streams,
+                    grace,
+                )
         await self.stop(1.0 if worker is not None else grace)
 
     async def serve_until_signalled(self, grace: float = 5.0) -> None:

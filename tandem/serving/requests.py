@@ -37,5 +37,3 @@ class TokenEvent:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     usage: Usage | None = None
-
-

@@ -20,7 +20,9 @@ pytestmark = pytest.mark.integration
 def run_bench(script: str, tmp_path: Path, *args: str, timeout: int = 240) -> dict:
     proc = subprocess.run(
         [sys.executable, str(BENCH / script), *args, "--out-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=timeout,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (written,) = tmp_path.glob("*.json")
@@ -28,17 +30,40 @@ def run_bench(script: str, tmp_path: Path, *args: str, timeout: int = 240) -> di
 
 
 def test_kv_transfer_bench_moves_verified_pages(tmp_path):
-    result = run_bench("kv_transfer.py", tmp_path, "--shapes", "tiny", "--tokens", "256", "--streams", "1", "2",
-                       "--repeats", "1")
+    result = run_bench(
+        "kv_transfer.py",
+        tmp_path,
+        "--shapes",
+        "tiny",
+        "--tokens",
+        "256",
+        "--streams",
+        "1",
+        "2",
+        "--repeats",
+        "1",
+    )
     assert [row["streams"] for row in result["rows"]] == [1, 2]
     for row in result["rows"]:
-        assert row["bytes"] == 4 * 2 * 256 * 2 * 32 * 2  # layers x K/V x tokens x heads x dim x bf16
+        assert (
+            row["bytes"] == 4 * 2 * 256 * 2 * 32 * 2
+        )  # layers x K/V x tokens x heads x dim x bf16
         assert row["grpc_gb_s"] > 0 and row["raw_tcp_gb_s"] > 0
 
 
 def test_kvstore_bench_compares_lookups_with_a_redis_get(tmp_path):
-    result = run_bench("kvstore.py", tmp_path, "--requests", "50", "--concurrency", "4", "--lengths", "16",
-                       "--memory-entries", "2000")
+    result = run_bench(
+        "kvstore.py",
+        tmp_path,
+        "--requests",
+        "50",
+        "--concurrency",
+        "4",
+        "--lengths",
+        "16",
+        "--memory-entries",
+        "2000",
+    )
     ops = {row["op"] for row in result["rows"]}
     assert len(ops) >= 3 and any("GET" in op for op in ops)
     assert all(row["p50_ms"] > 0 for row in result["rows"])
@@ -46,10 +71,34 @@ def test_kvstore_bench_compares_lookups_with_a_redis_get(tmp_path):
 
 
 def test_serve_bench_runs_both_modes_and_reports_pod_hit_rates(tmp_path, tiny_model):
-    result = run_bench("serve.py", tmp_path, "--model", str(tiny_model("llama")), "--workload", "prefix-repetition",
-                       "--modes", "prefix-aware", "load-only", "--num-prefixes", "2", "--prefix-len", "32",
-                       "--suffix-len", "8", "--num-prompts", "8", "--output-len", "4", "--rate", "4",
-                       "--worker-args", "--max-num-seqs 8", "--num-kv-blocks", "128", timeout=300)
+    result = run_bench(
+        "serve.py",
+        tmp_path,
+        "--model",
+        str(tiny_model("llama")),
+        "--workload",
+        "prefix-repetition",
+        "--modes",
+        "prefix-aware",
+        "load-only",
+        "--num-prefixes",
+        "2",
+        "--prefix-len",
+        "32",
+        "--suffix-len",
+        "8",
+        "--num-prompts",
+        "8",
+        "--output-len",
+        "4",
+        "--rate",
+        "4",
+        "--worker-args",
+        "--max-num-seqs 8",
+        "--num-kv-blocks",
+        "128",
+        timeout=300,
+    )
     assert set(result["results"]) == {"prefix-aware", "load-only"}
     assert result["workers"]["prefix-aware"] == {"prefill": 2, "decode": 1}
     for mode in result["results"].values():
@@ -60,23 +109,69 @@ def test_serve_bench_runs_both_modes_and_reports_pod_hit_rates(tmp_path, tiny_mo
 
 
 def test_engine_bench_micro_reports_each_step_against_its_floor(tmp_path):
-    result = run_bench("engine.py", tmp_path, "--shapes", "tiny", "--batches", "1", "4", "--contexts", "64",
-                       "--prefill", "64", "--warmup", "1", "--iters", "2", "--loop-batches", "4",
-                       "--loop-context", "64", "--loop-steps", "5")
-    kinds = [(r["kind"], r.get("async_mode"), r.get("batch"), r.get("context", r.get("tokens")))
-             for r in result["results"]]
-    assert kinds == [("decode", None, 1, 64), ("decode", None, 4, 64), ("engine-loop", "off", 4, 64),
-                     ("engine-loop", "scheduling", 4, 64), ("prefill", None, None, 64)]
+    result = run_bench(
+        "engine.py",
+        tmp_path,
+        "--shapes",
+        "tiny",
+        "--batches",
+        "1",
+        "4",
+        "--contexts",
+        "64",
+        "--prefill",
+        "64",
+        "--warmup",
+        "1",
+        "--iters",
+        "2",
+        "--loop-batches",
+        "4",
+        "--loop-context",
+        "64",
+        "--loop-steps",
+        "5",
+    )
+    kinds = [
+        (r["kind"], r.get("async_mode"), r.get("batch"), r.get("context", r.get("tokens")))
+        for r in result["results"]
+    ]
+    assert kinds == [
+        ("decode", None, 1, 64),
+        ("decode", None, 4, 64),
+        ("engine-loop", "off", 4, 64),
+        ("engine-loop", "scheduling", 4, 64),
+        ("prefill", None, None, 64),
+    ]
     assert all(r["seconds"] > 0 and r["floor_seconds"] > 0 for r in result["results"])
 
 
 def test_engine_bench_offline_compares_async_modes_and_transformers(tmp_path):
-    result = run_bench("engine.py", tmp_path, "--section", "offline", "--shapes", "tiny", "--num-requests", "6",
-                       "--min-len", "8", "--max-len", "24", "--hf-modes", "generate", "--async", "scheduling", "off",
-                       timeout=300)
+    result = run_bench(
+        "engine.py",
+        tmp_path,
+        "--section",
+        "offline",
+        "--shapes",
+        "tiny",
+        "--num-requests",
+        "6",
+        "--min-len",
+        "8",
+        "--max-len",
+        "24",
+        "--hf-modes",
+        "generate",
+        "--async",
+        "scheduling",
+        "off",
+        timeout=300,
+    )
     (row,) = result["results"]
     runs = row["tandem_by_async_mode"]
-    assert [(runs[m]["timing"]["async_output_processing"], runs[m]["timing"]["async_scheduling"])
-            for m in ("scheduling", "off")] == [(True, True), (False, False)]
+    assert [
+        (runs[m]["timing"]["async_output_processing"], runs[m]["timing"]["async_scheduling"])
+        for m in ("scheduling", "off")
+    ] == [(True, True), (False, False)]
     assert row["output_tokens"] > 6 and row["hf_generate_output_tokens"] >= row["output_tokens"]
     assert row["tandem_over_hf_generate_tok_s"] > 0

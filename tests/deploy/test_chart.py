@@ -34,17 +34,29 @@ def chart() -> Chart:
 
 def render(chart: Chart, values: dict | None = None) -> list[dict]:
     out = chart.render(values or {}, name=RELEASE, namespace=NAMESPACE, is_install=True)
-    return [doc for path, text in out.items() if path.endswith(".yaml") for doc in yaml.safe_load_all(text) if doc]
+    return [
+        doc
+        for path, text in out.items()
+        if path.endswith(".yaml")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
 
 
 def find(objects: list[dict], kind: str, name_suffix: str | None = None) -> list[dict]:
-    return [o for o in objects if o["kind"] == kind
-            and (name_suffix is None or o["metadata"]["name"] == f"{RELEASE}-{name_suffix}")]
+    return [
+        o
+        for o in objects
+        if o["kind"] == kind
+        and (name_suffix is None or o["metadata"]["name"] == f"{RELEASE}-{name_suffix}")
+    ]
 
 
 def one(objects: list[dict], kind: str, name_suffix: str) -> dict:
     found = find(objects, kind, name_suffix)
-    assert len(found) == 1, f"{kind} {name_suffix}: {[o['metadata']['name'] for o in find(objects, kind)]}"
+    assert len(found) == 1, (
+        f"{kind} {name_suffix}: {[o['metadata']['name'] for o in find(objects, kind)]}"
+    )
     return found[0]
 
 
@@ -90,16 +102,23 @@ def test_examples_cover_the_common_shapes(chart):
     assert {p.stem for p in EXAMPLES} == {"values-1p1d", "values-xpyd", "values-colocated"}
     by_name = {p.stem: render(chart, example_values(p)) for p in EXAMPLES}
     colocated = by_name["values-colocated"]
-    assert not find(colocated, "Deployment", "prefill") and not find(colocated, "Deployment", "kvstore")
+    assert not find(colocated, "Deployment", "prefill") and not find(
+        colocated, "Deployment", "kvstore"
+    )
     assert not find(colocated, "StatefulSet")
     assert one(colocated, "Deployment", "decode")["spec"]["replicas"] == 2
     one_one = by_name["values-1p1d"]
     for role in ("prefill", "decode"):
         assert one(one_one, "Deployment", role)["spec"]["replicas"] == 1
-        assert pod_spec(one(one_one, "Deployment", role))["nodeSelector"] == {"kubernetes.io/hostname": "gpu-node-1"}
+        assert pod_spec(one(one_one, "Deployment", role))["nodeSelector"] == {
+            "kubernetes.io/hostname": "gpu-node-1"
+        }
     xpyd = by_name["values-xpyd"]
     assert "replicas" not in one(xpyd, "Deployment", "prefill")["spec"]  # the autoscaler owns it
-    assert {o["metadata"]["name"] for o in find(xpyd, "ScaledObject")} == {"tandem-prefill", "tandem-decode"}
+    assert {o["metadata"]["name"] for o in find(xpyd, "ScaledObject")} == {
+        "tandem-prefill",
+        "tandem-decode",
+    }
 
 
 # -- What the CLI receives ---------------------------------------------------------------------
@@ -110,7 +129,9 @@ def parse_cli(args: list[str]):
     from tandem.cli import Tandem
 
     concrete = [re.sub(r"\$\((POD_IP|POD_NAME)\)", "10.0.0.7", a) for a in args]
-    source = CliSettingsSource(Tandem, cli_parse_args=concrete, cli_kebab_case=True, cli_implicit_flags=True)
+    source = CliSettingsSource(
+        Tandem, cli_parse_args=concrete, cli_kebab_case=True, cli_implicit_flags=True
+    )
     parsed = Tandem(_cli_settings_source=source)
     return getattr(parsed, args[0].replace("-", "_"))
 
@@ -136,7 +157,10 @@ def test_pods_are_wired_to_each_other(chart):
     decode = parse_cli(pod_spec(one(objects, "Deployment", "decode"))["containers"][0]["args"])
     kvstore = parse_cli(pod_spec(one(objects, "Deployment", "kvstore"))["containers"][0]["args"])
     assert prefill.kvstore == router.kvstore and prefill.device == decode.device == "cuda"
-    assert prefill.advertise_address == "10.0.0.7:50051" and decode.advertise_address == "10.0.0.7:50052"
+    assert (
+        prefill.advertise_address == "10.0.0.7:50051"
+        and decode.advertise_address == "10.0.0.7:50052"
+    )
     assert prefill.block_size == decode.block_size == kvstore.block_size
     assert kvstore.redis_url == "redis://tandem-redis:6379/0" and kvstore.key_prefix == "tandem"
     # The Services' named ports are what discovery and probes use.
@@ -144,8 +168,11 @@ def test_pods_are_wired_to_each_other(chart):
         service = one(objects, "Service", role)
         assert service["spec"]["clusterIP"] == "None"  # headless: pods are addressed one by one
         assert {p["name"]: p["port"] for p in service["spec"]["ports"]}["grpc"] == port
-    dns = parse_cli(pod_spec(one(render(chart, {"router": {"discovery": "dns"}}), "Deployment", "router"))
-                    ["containers"][0]["args"])
+    dns = parse_cli(
+        pod_spec(one(render(chart, {"router": {"discovery": "dns"}}), "Deployment", "router"))[
+            "containers"
+        ][0]["args"]
+    )
     assert dns.decode_service == f"tandem-decode.{NAMESPACE}.svc" and dns.decode_port == 50052
 
 
@@ -165,7 +192,9 @@ def test_gpus_are_requested_by_prefill_and_decode_only_with_requests_equal_to_li
         if obj["metadata"]["name"] in ("tandem-prefill", "tandem-decode"):
             continue
         for c in pod_spec(obj)["containers"]:
-            assert not any("gpu" in k for part in c.get("resources", {}).values() for k in part), obj["metadata"]["name"]
+            assert not any("gpu" in k for part in c.get("resources", {}).values() for k in part), (
+                obj["metadata"]["name"]
+            )
     custom = render(chart, {"global": {"gpuResourceName": "amd.com/gpu"}})
     assert container_of(custom, "decode")["resources"]["limits"]["amd.com/gpu"] == "1"
     assert GPU not in container_of(custom, "decode")["resources"]["limits"]
@@ -178,7 +207,9 @@ def test_probes(chart):
     for role in ("prefill", "decode", "kvstore"):
         c = container_of(objects, role)
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert c[probe]["grpc"]["port"] == next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
+            assert c[probe]["grpc"]["port"] == next(
+                p["containerPort"] for p in c["ports"] if p["name"] == "grpc"
+            )
     for role in ("prefill", "decode"):  # model load: at least 10 minutes before the pod is killed
         startup = container_of(objects, role)["startupProbe"]
         assert startup["failureThreshold"] * startup["periodSeconds"] >= 600
@@ -194,12 +225,16 @@ def test_shutdown_drains_within_the_termination_grace(chart):
         container = spec["containers"][0]
         assert container["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", "5"]}}
         settings = parse_cli(container["args"])
-        drains = settings.shutdown_grace_s * (2 if role == "router" else 1)  # router: HTTP, then gRPC
+        drains = settings.shutdown_grace_s * (
+            2 if role == "router" else 1
+        )  # router: HTTP, then gRPC
         assert spec["terminationGracePeriodSeconds"] >= 5 + drains + 5
 
 
 def test_every_pod_runs_restricted(chart):
-    values = {"model": {"source": {"type": "init", "init": {"uri": "https://example.com/m.tar.gz"}}}}
+    values = {
+        "model": {"source": {"type": "init", "init": {"uri": "https://example.com/m.tar.gz"}}}
+    }
     for obj in workloads(render(chart, values)):
         spec = pod_spec(obj)
         assert spec["securityContext"]["runAsNonRoot"] is True
@@ -225,7 +260,9 @@ def test_every_pod_runs_restricted(chart):
 def test_the_image_user_matches_the_pods_user(chart):
     dockerfile = (CHART.parents[1] / "docker/Dockerfile").read_text()
     uid = int(re.search(r"^USER (\d+):(\d+)$", dockerfile, re.M).group(1))
-    assert pod_spec(one(render(chart), "Deployment", "router"))["securityContext"]["runAsUser"] == uid
+    assert (
+        pod_spec(one(render(chart), "Deployment", "router"))["securityContext"]["runAsUser"] == uid
+    )
 
 
 # -- Discovery RBAC ------------------------------------------------------------------------------
@@ -234,17 +271,31 @@ def test_the_image_user_matches_the_pods_user(chart):
 def test_discovery_rbac_is_limited_to_endpointslices(chart):
     objects = render(chart)
     role = one(objects, "Role", "discovery")
-    assert role["rules"] == [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
-                              "verbs": ["get", "list", "watch"]}]
+    assert role["rules"] == [
+        {
+            "apiGroups": ["discovery.k8s.io"],
+            "resources": ["endpointslices"],
+            "verbs": ["get", "list", "watch"],
+        }
+    ]
     binding = one(objects, "RoleBinding", "discovery")
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "tandem", "namespace": NAMESPACE}]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "tandem", "namespace": NAMESPACE}
+    ]
     assert not find(objects, "ClusterRole") and not find(objects, "ClusterRoleBinding")
     [account] = find(objects, "ServiceAccount")
-    assert account["metadata"]["name"] == "tandem" and account["automountServiceAccountToken"] is False
+    assert (
+        account["metadata"]["name"] == "tandem" and account["automountServiceAccountToken"] is False
+    )
     for obj in workloads(objects):  # only the router gets an API token
-        assert pod_spec(obj)["automountServiceAccountToken"] is (obj["metadata"]["name"] == "tandem-router")
+        assert pod_spec(obj)["automountServiceAccountToken"] is (
+            obj["metadata"]["name"] == "tandem-router"
+        )
     dns = render(chart, {"router": {"discovery": "dns"}})
-    assert not find(dns, "Role") and pod_spec(one(dns, "Deployment", "router"))["automountServiceAccountToken"] is False
+    assert (
+        not find(dns, "Role")
+        and pod_spec(one(dns, "Deployment", "router"))["automountServiceAccountToken"] is False
+    )
 
 
 # -- NetworkPolicy -------------------------------------------------------------------------------
@@ -261,7 +312,9 @@ def allowed_sources(objects, target: str, port: str) -> list:
                 if "podSelector" in peer:
                     peers.append(peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"])
                 elif "namespaceSelector" in peer:
-                    peers.append(("namespace", json.dumps(peer["namespaceSelector"], sort_keys=True)))
+                    peers.append(
+                        ("namespace", json.dumps(peer["namespaceSelector"], sort_keys=True))
+                    )
                 else:
                     peers.append("anyone")
     return peers
@@ -269,7 +322,10 @@ def allowed_sources(objects, target: str, port: str) -> list:
 
 def test_network_policy_rules(chart):
     objects = render(chart)
-    monitoring = ("namespace", json.dumps({"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}, sort_keys=True))
+    monitoring = (
+        "namespace",
+        json.dumps({"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}, sort_keys=True),
+    )
     assert allowed_sources(objects, "router", "http") == ["anyone"]
     assert allowed_sources(objects, "prefill", "grpc") == ["router"]
     assert allowed_sources(objects, "decode", "grpc") == ["router", "prefill"]
@@ -280,10 +336,14 @@ def test_network_policy_rules(chart):
     clients = [{"namespaceSelector": {"matchLabels": {"team": "chat"}}}]
     restricted = render(chart, {"networkPolicy": {"clients": clients}})
     assert allowed_sources(restricted, "router", "http") == [
-        ("namespace", json.dumps({"matchLabels": {"team": "chat"}}, sort_keys=True)), monitoring]
+        ("namespace", json.dumps({"matchLabels": {"team": "chat"}}, sort_keys=True)),
+        monitoring,
+    ]
     colocated = render(chart, {"prefill": {"enabled": False}})
     assert allowed_sources(colocated, "decode", "grpc") == ["router"]
-    assert not find(colocated, "NetworkPolicy", "kvstore") and not find(colocated, "NetworkPolicy", "redis")
+    assert not find(colocated, "NetworkPolicy", "kvstore") and not find(
+        colocated, "NetworkPolicy", "redis"
+    )
     assert not find(render(chart, {"networkPolicy": {"enabled": False}}), "NetworkPolicy")
 
 
@@ -295,11 +355,21 @@ def test_pod_disruption_budgets(chart):
     assert one(objects, "PodDisruptionBudget", "router")["spec"]["minAvailable"] == 1
     assert one(objects, "PodDisruptionBudget", "decode")["spec"]["maxUnavailable"] == 1
     assert not find(objects, "PodDisruptionBudget", "kvstore")  # off by default
-    off = render(chart, {"decode": {"podDisruptionBudget": {"enabled": False}},
-                         "kvstore": {"podDisruptionBudget": {"enabled": True}}})
-    assert not find(off, "PodDisruptionBudget", "decode") and find(off, "PodDisruptionBudget", "kvstore")
+    off = render(
+        chart,
+        {
+            "decode": {"podDisruptionBudget": {"enabled": False}},
+            "kvstore": {"podDisruptionBudget": {"enabled": True}},
+        },
+    )
+    assert not find(off, "PodDisruptionBudget", "decode") and find(
+        off, "PodDisruptionBudget", "kvstore"
+    )
     pdb = one(objects, "PodDisruptionBudget", "prefill")
-    assert pdb["spec"]["selector"]["matchLabels"] == one(objects, "Deployment", "prefill")["spec"]["selector"]["matchLabels"]
+    assert (
+        pdb["spec"]["selector"]["matchLabels"]
+        == one(objects, "Deployment", "prefill")["spec"]["selector"]["matchLabels"]
+    )
 
 
 def test_autoscaling_toggles(chart):
@@ -307,21 +377,31 @@ def test_autoscaling_toggles(chart):
     assert not find(objects, "HorizontalPodAutoscaler") and not find(objects, "ScaledObject")
     assert one(objects, "Deployment", "router")["spec"]["replicas"] == 2
     on = {"enabled": True}
-    scaled = render(chart, {"router": {"autoscaling": on}, "kvstore": {"autoscaling": on},
-                            "prefill": {"autoscaling": on}, "decode": {"autoscaling": {"enabled": True, "type": "hpa"}}})
+    scaled = render(
+        chart,
+        {
+            "router": {"autoscaling": on},
+            "kvstore": {"autoscaling": on},
+            "prefill": {"autoscaling": on},
+            "decode": {"autoscaling": {"enabled": True, "type": "hpa"}},
+        },
+    )
     for role in ("router", "kvstore"):
         hpa = one(scaled, "HorizontalPodAutoscaler", role)
         assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
         assert hpa["spec"]["scaleTargetRef"]["name"] == f"tandem-{role}"
         assert "replicas" not in one(scaled, "Deployment", role)["spec"]
     keda = one(scaled, "ScaledObject", "prefill")
-    assert keda["apiVersion"] == "keda.sh/v1alpha1" and keda["spec"]["scaleTargetRef"] == {"name": "tandem-prefill"}
+    assert keda["apiVersion"] == "keda.sh/v1alpha1" and keda["spec"]["scaleTargetRef"] == {
+        "name": "tandem-prefill"
+    }
     behavior = keda["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
     assert behavior["scaleDown"]["stabilizationWindowSeconds"] == 600
     trigger = keda["spec"]["triggers"][0]
     assert trigger["type"] == "prometheus" and trigger["metadata"]["threshold"] == "8"
     assert trigger["metadata"]["query"] == (
-        f'sum(vllm:num_requests_waiting{{namespace="{NAMESPACE}",pod=~"tandem-prefill-.*",role="prefill"}})')
+        f'sum(vllm:num_requests_waiting{{namespace="{NAMESPACE}",pod=~"tandem-prefill-.*",role="prefill"}})'
+    )
     hpa = one(scaled, "HorizontalPodAutoscaler", "decode")
     assert hpa["spec"]["metrics"][0]["type"] == "Pods"
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "vllm_num_requests_waiting"
@@ -337,19 +417,31 @@ def test_redis_bundled_or_external(chart):
     assert "volumeClaimTemplates" not in redis["spec"]  # persistence is off by default
     assert "--maxmemory-policy" in redis["spec"]["template"]["spec"]["containers"][0]["args"]
     assert one(bundled, "Service", "redis")["spec"]["ports"][0]["port"] == 6379
-    persistent = one(render(chart, {"redis": {"persistence": {"enabled": True, "size": "20Gi"}}}), "StatefulSet", "redis")
-    assert persistent["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "20Gi"
+    persistent = one(
+        render(chart, {"redis": {"persistence": {"enabled": True, "size": "20Gi"}}}),
+        "StatefulSet",
+        "redis",
+    )
+    assert (
+        persistent["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
+        == "20Gi"
+    )
 
     external = render(chart, {"redis": {"external": {"url": "redis://redis.infra:6379/2"}}})
     assert not find(external, "StatefulSet") and not find(external, "Service", "redis")
     assert not find(external, "NetworkPolicy", "redis")
-    assert parse_cli(container_of(external, "kvstore")["args"]).redis_url == "redis://redis.infra:6379/2"
+    assert (
+        parse_cli(container_of(external, "kvstore")["args"]).redis_url
+        == "redis://redis.infra:6379/2"
+    )
 
     secret = render(chart, {"redis": {"external": {"urlSecret": {"name": "creds"}}}})
     kvstore = container_of(secret, "kvstore")
     assert "--redis-url" not in kvstore["args"] and not find(secret, "StatefulSet")
     env = {e["name"]: e for e in kvstore["env"]}
-    assert env["TANDEM_KVSTORE_REDIS_URL"]["valueFrom"] == {"secretKeyRef": {"name": "creds", "key": "url"}}
+    assert env["TANDEM_KVSTORE_REDIS_URL"]["valueFrom"] == {
+        "secretKeyRef": {"name": "creds", "key": "url"}
+    }
 
     with pytest.raises(HelmError, match="kvstore needs a Redis"):
         render(chart, {"redis": {"enabled": False}})
@@ -360,53 +452,118 @@ def test_redis_bundled_or_external(chart):
 
 
 def model_volume(objects, role: str) -> dict:
-    return next(v for v in pod_spec(one(objects, "Deployment", role))["volumes"] if v["name"] == "model")
+    return next(
+        v for v in pod_spec(one(objects, "Deployment", role))["volumes"] if v["name"] == "model"
+    )
 
 
 def test_model_sources(chart):
-    pvc = render(chart, {"model": {"source": {"pvc": {"claimName": "weights", "subPath": "llama"}}}})
-    assert model_volume(pvc, "decode")["persistentVolumeClaim"] == {"claimName": "weights", "readOnly": True}
+    pvc = render(
+        chart, {"model": {"source": {"pvc": {"claimName": "weights", "subPath": "llama"}}}}
+    )
+    assert model_volume(pvc, "decode")["persistentVolumeClaim"] == {
+        "claimName": "weights",
+        "readOnly": True,
+    }
     mount = next(m for m in container_of(pvc, "decode")["volumeMounts"] if m["name"] == "model")
-    assert mount == {"name": "model", "mountPath": "/models/model", "readOnly": True, "subPath": "llama"}
-    host = render(chart, {"model": {"source": {"type": "hostPath", "hostPath": {"path": "/mnt/m"}}}})
+    assert mount == {
+        "name": "model",
+        "mountPath": "/models/model",
+        "readOnly": True,
+        "subPath": "llama",
+    }
+    host = render(
+        chart, {"model": {"source": {"type": "hostPath", "hostPath": {"path": "/mnt/m"}}}}
+    )
     assert model_volume(host, "prefill")["hostPath"] == {"path": "/mnt/m", "type": "Directory"}
     digest = "ab" * 32
-    init = render(chart, {"model": {"name": "m1", "source": {"type": "init", "init": {"uri": "https://x/m.tar.gz",
-                                                                                      "sha256": digest}}}})
+    init = render(
+        chart,
+        {
+            "model": {
+                "name": "m1",
+                "source": {"type": "init", "init": {"uri": "https://x/m.tar.gz", "sha256": digest}},
+            }
+        },
+    )
     for role in ("router", "prefill", "decode"):
         assert "emptyDir" in model_volume(init, role)
         fetch = parse_cli(pod_spec(one(init, "Deployment", role))["initContainers"][0]["args"])
-        assert (fetch.uri, str(fetch.dest), fetch.sha256) == ("https://x/m.tar.gz", "/models/model", digest)
-        assert fetch.metadata_only is (role == "router")  # the router reads only config and tokenizer
+        assert (fetch.uri, str(fetch.dest), fetch.sha256) == (
+            "https://x/m.tar.gz",
+            "/models/model",
+            digest,
+        )
+        assert fetch.metadata_only is (
+            role == "router"
+        )  # the router reads only config and tokenizer
         assert parse_cli(container_of(init, role)["args"]).served_model_name == "m1"
     with pytest.raises(HelmError, match=r"model.source.init.uri \(or uriSecret.name\) is required"):
         render(chart, {"model": {"source": {"type": "init"}}})
-    secret = render(chart, {"model": {"source": {"type": "init", "init": {"uriSecret": {"name": "presigned"}}}}})
+    secret = render(
+        chart, {"model": {"source": {"type": "init", "init": {"uriSecret": {"name": "presigned"}}}}}
+    )
     fetch = pod_spec(one(secret, "Deployment", "decode"))["initContainers"][0]
     assert "--uri" not in fetch["args"]
     env = {e["name"]: e for e in fetch["env"]}
-    assert env["TANDEM_MODEL_FETCH_URI"]["valueFrom"] == {"secretKeyRef": {"name": "presigned", "key": "uri"}}
+    assert env["TANDEM_MODEL_FETCH_URI"]["valueFrom"] == {
+        "secretKeyRef": {"name": "presigned", "key": "uri"}
+    }
     with pytest.raises(HelmError, match="claimName is required"):
         render(chart, {"model": {"source": {"pvc": {"claimName": ""}}}})
 
 
 def test_observability_toggles(chart):
     objects = render(chart)
-    assert not find(objects, "ServiceMonitor") and not find(objects, "PodMonitor") and not find(objects, "ConfigMap")
-    assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in {e["name"] for e in container_of(objects, "router")["env"]}
-    on = render(chart, {"observability": {"otlpEndpoint": "http://collector:4317", "serviceMonitor": {"enabled": True},
-                                          "podMonitor": {"enabled": True}, "grafanaDashboards": {"enabled": True},
-                                          "tracesSampler": "parentbased_traceidratio", "tracesSamplerArg": "0.25"}})
+    assert (
+        not find(objects, "ServiceMonitor")
+        and not find(objects, "PodMonitor")
+        and not find(objects, "ConfigMap")
+    )
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in {
+        e["name"] for e in container_of(objects, "router")["env"]
+    }
+    on = render(
+        chart,
+        {
+            "observability": {
+                "otlpEndpoint": "http://collector:4317",
+                "serviceMonitor": {"enabled": True},
+                "podMonitor": {"enabled": True},
+                "grafanaDashboards": {"enabled": True},
+                "tracesSampler": "parentbased_traceidratio",
+                "tracesSamplerArg": "0.25",
+            }
+        },
+    )
     for role in ("router", "prefill", "decode", "kvstore"):
         env = {e["name"]: e.get("value") for e in container_of(on, role)["env"]}
         assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://collector:4317"
-        assert (env["OTEL_TRACES_SAMPLER"], env["OTEL_TRACES_SAMPLER_ARG"]) == ("parentbased_traceidratio", "0.25")
+        assert (env["OTEL_TRACES_SAMPLER"], env["OTEL_TRACES_SAMPLER_ARG"]) == (
+            "parentbased_traceidratio",
+            "0.25",
+        )
     with pytest.raises(Exception, match="tracesSampler"):
-        render(chart, {"observability": {"otlpEndpoint": "http://collector:4317", "tracesSampler": "sometimes"}})
+        render(
+            chart,
+            {
+                "observability": {
+                    "otlpEndpoint": "http://collector:4317",
+                    "tracesSampler": "sometimes",
+                }
+            },
+        )
     monitor = one(on, "ServiceMonitor", "router")
-    assert monitor["spec"]["endpoints"][0]["port"] == "http" and monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    assert (
+        monitor["spec"]["endpoints"][0]["port"] == "http"
+        and monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    )
     pods = one(on, "PodMonitor", "pods")
-    assert pods["spec"]["selector"]["matchExpressions"][0]["values"] == ["prefill", "decode", "kvstore"]
+    assert pods["spec"]["selector"]["matchExpressions"][0]["values"] == [
+        "prefill",
+        "decode",
+        "kvstore",
+    ]
     assert pods["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
     dashboards = one(on, "ConfigMap", "dashboards")
     assert dashboards["metadata"]["labels"]["grafana_dashboard"] == "1"
@@ -423,7 +580,10 @@ def test_observability_toggles(chart):
         ({"router": {"discovery": "consul"}}, "/router/discovery"),
         ({"router": {"replicas": 3}}, "replicas"),  # a typo of replicaCount is not silently ignored
         ({"prefill": {"kv": {"chunkBytes": 1024}}}, "/prefill/kv/chunkBytes"),
-        ({"decode": {"engine": {"gpuMemoryUtilization": 1.5}}}, "/decode/engine/gpuMemoryUtilization"),
+        (
+            {"decode": {"engine": {"gpuMemoryUtilization": 1.5}}},
+            "/decode/engine/gpuMemoryUtilization",
+        ),
         ({"router": {"podDisruptionBudget": {"maxUnavailable": 1}}}, "/router/podDisruptionBudget"),
         ({"model": {"source": {"type": "s3"}}}, "/model/source/type"),
         ({"redis": {"external": {"url": "localhost:6379"}}}, "/redis/external/url"),
@@ -439,18 +599,26 @@ def test_values_schema_rejects_bad_values(chart, values, message):
 
 
 def test_values_that_must_agree_are_checked(chart):
-    with pytest.raises(HelmError, match="prefill.engine.blockSize and decode.engine.blockSize must be equal"):
+    with pytest.raises(
+        HelmError, match="prefill.engine.blockSize and decode.engine.blockSize must be equal"
+    ):
         render(chart, {"decode": {"engine": {"blockSize": 32}}})
     with pytest.raises(HelmError, match="dtype must be equal"):
         render(chart, {"decode": {"engine": {"dtype": "float16"}}})
-    render(chart, {"prefill": {"enabled": False}, "decode": {"engine": {"blockSize": 32}}})  # no prefill: no constraint
+    render(
+        chart, {"prefill": {"enabled": False}, "decode": {"engine": {"blockSize": 32}}}
+    )  # no prefill: no constraint
 
 
 def leaf_paths(tree: dict, prefix: str = "") -> list[str]:
     paths = []
     for key, value in tree.items():
         path = f"{prefix}{key}"
-        if isinstance(value, dict) and value and not path.endswith(("Selector", "labels", "annotations", "resources")):
+        if (
+            isinstance(value, dict)
+            and value
+            and not path.endswith(("Selector", "labels", "annotations", "resources"))
+        ):
             paths += leaf_paths(value, path + ".")
         else:
             paths.append(path)
@@ -486,4 +654,3 @@ def test_every_default_has_a_schema_entry():
                 walk(value, props[key], f"{path}{key}.")
 
     walk(defaults, schema, "")
-

@@ -17,8 +17,13 @@ DASHBOARDS = ROOT / "deploy/helm/tandem/files/dashboards"
 
 
 def test_committed_dashboards_are_what_the_generator_writes():
-    r = subprocess.run([sys.executable, "scripts/gen_dashboards.py", "--check"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "scripts/gen_dashboards.py", "--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
 
 
@@ -32,11 +37,17 @@ def test_dashboards_are_well_formed():
         for p in d["panels"]:
             g = p["gridPos"]
             assert 0 <= g["x"] and g["x"] + g["w"] <= 24, p["title"]
-            area = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+            area = {
+                (x, y)
+                for x in range(g["x"], g["x"] + g["w"])
+                for y in range(g["y"], g["y"] + g["h"])
+            }
             assert not cells & area, f"{path.name}: {p['title']} overlaps another panel"
             cells |= area
             if p["type"] != "row":
-                assert p["targets"] and all(t["expr"] and t["refId"] for t in p["targets"]), p["title"]
+                assert p["targets"] and all(t["expr"] and t["refId"] for t in p["targets"]), p[
+                    "title"
+                ]
                 assert p["datasource"]["uid"] == "${datasource}"
         names = {v["name"] for v in d["templating"]["list"]}
         assert {"datasource", "namespace", "model"} <= names
@@ -44,7 +55,8 @@ def test_dashboards_are_well_formed():
 
 def test_the_chart_ships_every_dashboard():
     out = Chart.load(ROOT / "deploy/helm/tandem").render(
-        {"observability": {"grafanaDashboards": {"enabled": True}}}, name="tandem", namespace="ns")
+        {"observability": {"grafanaDashboards": {"enabled": True}}}, name="tandem", namespace="ns"
+    )
     [config_map] = [d for d in yaml.safe_load_all(out["tandem/templates/dashboards.yaml"]) if d]
     assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert set(config_map["data"]) == {p.name for p in DASHBOARDS.glob("*.json")}

@@ -4,7 +4,14 @@ import time
 
 import pytest
 
-from tandem.local_cluster import LocalCluster, Service, UpOptions, free_port, pod_stats, router_sees_every_pod
+from tandem.local_cluster import (
+    LocalCluster,
+    Service,
+    UpOptions,
+    free_port,
+    pod_stats,
+    router_sees_every_pod,
+)
 
 NUM_KV_BLOCKS = 256
 
@@ -15,8 +22,14 @@ THRESHOLD_TOKENS = 24
 
 def start_cluster(model, *, prefill=1, decode=2, colocated_router=False, **opts) -> LocalCluster:
     cluster = LocalCluster(
-        UpOptions(model=model, port=0, prefill=prefill, decode=decode, num_kv_blocks=opts.pop("num_kv_blocks", NUM_KV_BLOCKS),
-                  **opts),
+        UpOptions(
+            model=model,
+            port=0,
+            prefill=prefill,
+            decode=decode,
+            num_kv_blocks=opts.pop("num_kv_blocks", NUM_KV_BLOCKS),
+            **opts,
+        ),
         model,
         relay=False,
     )
@@ -24,7 +37,10 @@ def start_cluster(model, *, prefill=1, decode=2, colocated_router=False, **opts)
     cluster.plan()
     if colocated_router:
         # More routers over the same pods: one runs every prompt colocated, one only short ones.
-        for name, threshold in (("router-colocated", 1_000_000), ("router-threshold", THRESHOLD_TOKENS)):
+        for name, threshold in (
+            ("router-colocated", 1_000_000),
+            ("router-threshold", THRESHOLD_TOKENS),
+        ):
             port = free_port()
             args = list(cluster.by_name("router").args)
             args[args.index("--port") + 1] = str(port)
@@ -32,7 +48,9 @@ def start_cluster(model, *, prefill=1, decode=2, colocated_router=False, **opts)
             args[args.index("--colocate-below-tokens") + 1] = str(threshold)
             url = f"http://127.0.0.1:{port}/health"
             ready = lambda u=url: router_sees_every_pod(u, prefill, decode)  # noqa: E731
-            cluster.services.append(Service(name, args, f"127.0.0.1:{port}", ready, f"http://127.0.0.1:{port}/metrics"))
+            cluster.services.append(
+                Service(name, args, f"127.0.0.1:{port}", ready, f"http://127.0.0.1:{port}/metrics")
+            )
     cluster.start()
     problem = cluster.wait_ready(300)
     if problem is not None:
@@ -45,11 +63,24 @@ def wait_idle(cluster: LocalCluster, timeout: float = 20.0) -> None:
     """Until every pod holds no request and all its KV blocks are free again (else fail)."""
     deadline = time.monotonic() + timeout
     while True:
-        stats = {s.name: pod_stats(s) for s in cluster.services if s.name.split("-")[0] in ("prefill", "decode")}
+        stats = {
+            s.name: pod_stats(s)
+            for s in cluster.services
+            if s.name.split("-")[0] in ("prefill", "decode")
+        }
         busy = {
-            name: (st.num_running, st.num_waiting, st.num_waiting_for_kv, st.num_free_blocks, st.num_total_blocks)
+            name: (
+                st.num_running,
+                st.num_waiting,
+                st.num_waiting_for_kv,
+                st.num_free_blocks,
+                st.num_total_blocks,
+            )
             for name, st in stats.items()
-            if st.num_running or st.num_waiting or st.num_waiting_for_kv or st.num_free_blocks != st.num_total_blocks
+            if st.num_running
+            or st.num_waiting
+            or st.num_waiting_for_kv
+            or st.num_free_blocks != st.num_total_blocks
         }
         if not busy:
             return

@@ -52,12 +52,20 @@ class OTLPReceiver(trace_service_pb2_grpc.TraceServiceServicer):
             resource = {kv.key: _value(kv.value) for kv in rs.resource.attributes}
             for ss in rs.scope_spans:
                 for s in ss.spans:
-                    spans.append(ReceivedSpan(
-                        service=resource.get("service.name", ""), name=s.name, trace_id=s.trace_id.hex(),
-                        span_id=s.span_id.hex(), parent_id=s.parent_span_id.hex(), kind=s.kind,
-                        attributes={kv.key: _value(kv.value) for kv in s.attributes}, status_code=s.status.code,
-                        start_ns=s.start_time_unix_nano, end_ns=s.end_time_unix_nano,
-                    ))
+                    spans.append(
+                        ReceivedSpan(
+                            service=resource.get("service.name", ""),
+                            name=s.name,
+                            trace_id=s.trace_id.hex(),
+                            span_id=s.span_id.hex(),
+                            parent_id=s.parent_span_id.hex(),
+                            kind=s.kind,
+                            attributes={kv.key: _value(kv.value) for kv in s.attributes},
+                            status_code=s.status.code,
+                            start_ns=s.start_time_unix_nano,
+                            end_ns=s.end_time_unix_nano,
+                        )
+                    )
         with self._lock:
             self._spans.extend(spans)
         return trace_service_pb2.ExportTraceServiceResponse()
@@ -70,7 +78,9 @@ class OTLPReceiver(trace_service_pb2_grpc.TraceServiceServicer):
         with self._lock:
             return list(self._spans)
 
-    def wait_for(self, condition: Callable[[list[ReceivedSpan]], bool], timeout: float = 30.0) -> list[ReceivedSpan]:
+    def wait_for(
+        self, condition: Callable[[list[ReceivedSpan]], bool], timeout: float = 30.0
+    ) -> list[ReceivedSpan]:
         """Spans once ``condition(spans)`` holds (AssertionError with what arrived, after ``timeout``)."""
         deadline = time.monotonic() + timeout
         while True:

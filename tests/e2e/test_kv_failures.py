@@ -16,12 +16,11 @@ import torch
 from tandem.engine.sampling_params import SamplingParams
 from tandem.errors import RequestTooLarge
 from tandem.kv.wire import make_chunk
+from tandem.local_cluster import pod_stats
 from tandem.model_dir import load_model_config
 from tandem.proto.common.v1 import common_pb2
 from tandem.proto.decode.v1 import decode_pb2, decode_pb2_grpc
 from tandem.serving.convert import sampling_params_to_proto
-
-from tandem.local_cluster import pod_stats
 
 from .conftest import start_cluster, wait_idle
 
@@ -41,7 +40,9 @@ class Reservation:
             decode_pb2.GenerateRequest(
                 request_id=request_id,
                 prompt_token_ids=prompt,
-                sampling_params=sampling_params_to_proto(SamplingParams(temperature=0, max_tokens=4)),
+                sampling_params=sampling_params_to_proto(
+                    SamplingParams(temperature=0, max_tokens=4)
+                ),
                 prefill_mode=decode_pb2.PREFILL_MODE_REMOTE,
             ),
             timeout=60,
@@ -63,15 +64,21 @@ def pages(model_dir, num_layers: int, num_blocks: int) -> torch.Tensor:
 
 
 def chunk_msg(res: Reservation, data: torch.Tensor, *, layers, blocks, seq=0, fingerprint=None):
-    c = make_chunk(res.request_id, fingerprint or res.admitted.model_fingerprint, seq, layers, blocks, data)
+    c = make_chunk(
+        res.request_id, fingerprint or res.admitted.model_fingerprint, seq, layers, blocks, data
+    )
     return decode_pb2.PushKVRequest(chunk=c)
 
 
 def end_msg(res: Reservation, total: int, *, first_token=5):
-    return decode_pb2.PushKVRequest(end=common_pb2.KVTransferEnd(
-        request_id=res.request_id, model_fingerprint=res.admitted.model_fingerprint, total_chunks=total,
-        first_token_id=first_token,
-    ))
+    return decode_pb2.PushKVRequest(
+        end=common_pb2.KVTransferEnd(
+            request_id=res.request_id,
+            model_fingerprint=res.admitted.model_fingerprint,
+            total_chunks=total,
+            first_token_id=first_token,
+        )
+    )
 
 
 @pytest.fixture
@@ -93,8 +100,14 @@ def test_a_complete_handmade_transfer_is_accepted(cluster, decode_pod, e2e_model
     """The harness itself is right: a correct transfer yields tokens (so failures below are real)."""
     res = Reservation(decode_pod.address, "ok-1")
     cfg = load_model_config(e2e_model)
-    resp = res.push([chunk_msg(res, pages(e2e_model, cfg.num_layers, 3), layers=(0, cfg.num_layers), blocks=(0, 3)),
-                     end_msg(res, 1)])
+    resp = res.push(
+        [
+            chunk_msg(
+                res, pages(e2e_model, cfg.num_layers, 3), layers=(0, cfg.num_layers), blocks=(0, 3)
+            ),
+            end_msg(res, 1),
+        ]
+    )
     assert resp.chunks_received == 1
     tokens = [t for r in res.call if r.HasField("chunk") for t in r.chunk.token_ids]
     assert res.admitted.num_cached_tokens == 0 and res.admitted.num_reserved_blocks == 3
@@ -103,8 +116,18 @@ def test_a_complete_handmade_transfer_is_accepted(cluster, decode_pod, e2e_model
     wait_idle(cluster)
 
 
-@pytest.mark.parametrize("case", ["fingerprint", "short data", "wrong shape", "out of range", "missing chunks",
-                                  "out of order", "duplicate"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "fingerprint",
+        "short data",
+        "wrong shape",
+        "out of range",
+        "missing chunks",
+        "out of order",
+        "duplicate",
+    ],
+)
 def test_bad_kv_streams_fail_the_request_and_free_it(cluster, decode_pod, e2e_model, case):
     cfg = load_model_config(e2e_model)
     L = cfg.num_layers
@@ -112,7 +135,13 @@ def test_bad_kv_streams_fail_the_request_and_free_it(cluster, decode_pod, e2e_mo
     good = pages(e2e_model, L, 3)
     if case == "fingerprint":
         msgs = [chunk_msg(res, good, layers=(0, L), blocks=(0, 3), fingerprint="0123456789abcdef")]
-        expect_failure(res, msgs, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.FAILED_PRECONDITION, "fingerprint")
+        expect_failure(
+            res,
+            msgs,
+            grpc.StatusCode.FAILED_PRECONDITION,
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "fingerprint",
+        )
     elif case == "short data":
         msg = chunk_msg(res, good, layers=(0, L), blocks=(0, 3))
         msg.chunk.data = msg.chunk.data[:-10]
@@ -122,16 +151,27 @@ def test_bad_kv_streams_fail_the_request_and_free_it(cluster, decode_pod, e2e_mo
         expect_failure(res, [msg], grpc.StatusCode.DATA_LOSS, grpc.StatusCode.DATA_LOSS, "shape")
     elif case == "out of range":
         msg = chunk_msg(res, pages(e2e_model, L, 2), layers=(0, L), blocks=(2, 4))
-        expect_failure(res, [msg], grpc.StatusCode.DATA_LOSS, grpc.StatusCode.DATA_LOSS, "block range")
+        expect_failure(
+            res, [msg], grpc.StatusCode.DATA_LOSS, grpc.StatusCode.DATA_LOSS, "block range"
+        )
     elif case == "missing chunks":
-        msgs = [chunk_msg(res, pages(e2e_model, L, 2), layers=(0, L), blocks=(0, 2)), end_msg(res, 2)]
-        expect_failure(res, msgs, grpc.StatusCode.DATA_LOSS, grpc.StatusCode.DATA_LOSS, "1 of 2 chunks")
+        msgs = [
+            chunk_msg(res, pages(e2e_model, L, 2), layers=(0, L), blocks=(0, 2)),
+            end_msg(res, 2),
+        ]
+        expect_failure(
+            res, msgs, grpc.StatusCode.DATA_LOSS, grpc.StatusCode.DATA_LOSS, "1 of 2 chunks"
+        )
     elif case == "out of order":
         msgs = [chunk_msg(res, pages(e2e_model, L, 1), layers=(0, L), blocks=(0, 1), seq=1)]
-        expect_failure(res, msgs, grpc.StatusCode.DATA_LOSS, grpc.StatusCode.DATA_LOSS, "arrived where chunk 0")
+        expect_failure(
+            res, msgs, grpc.StatusCode.DATA_LOSS, grpc.StatusCode.DATA_LOSS, "arrived where chunk 0"
+        )
     elif case == "duplicate":
-        msgs = [chunk_msg(res, pages(e2e_model, L, 2), layers=(0, L), blocks=(0, 2)),
-                chunk_msg(res, pages(e2e_model, 1, 1), layers=(0, 1), blocks=(1, 2), seq=1)]
+        msgs = [
+            chunk_msg(res, pages(e2e_model, L, 2), layers=(0, L), blocks=(0, 2)),
+            chunk_msg(res, pages(e2e_model, 1, 1), layers=(0, 1), blocks=(1, 2), seq=1),
+        ]
         expect_failure(res, msgs, grpc.StatusCode.DATA_LOSS, grpc.StatusCode.DATA_LOSS, "overlaps")
     res.close()
     wait_idle(cluster)
@@ -143,8 +183,11 @@ def assert_still_serves(pod):
     with grpc.insecure_channel(pod.address) as channel:
         call = decode_pb2_grpc.DecodeServiceStub(channel).Generate(
             decode_pb2.GenerateRequest(
-                request_id=f"alive-{random.random()}", prompt_token_ids=[5, 6, 7],
-                sampling_params=sampling_params_to_proto(SamplingParams(temperature=0, max_tokens=3)),
+                request_id=f"alive-{random.random()}",
+                prompt_token_ids=[5, 6, 7],
+                sampling_params=sampling_params_to_proto(
+                    SamplingParams(temperature=0, max_tokens=3)
+                ),
                 prefill_mode=decode_pb2.PREFILL_MODE_LOCAL,
             ),
             timeout=30,
@@ -153,16 +196,29 @@ def assert_still_serves(pod):
     assert responses[-1].usage.completion_tokens == 3
 
 
-def test_a_duplicate_request_id_is_refused_without_touching_the_first(cluster, decode_pod, e2e_model):
+def test_a_duplicate_request_id_is_refused_without_touching_the_first(
+    cluster, decode_pod, e2e_model
+):
     first = Reservation(decode_pod.address, "dup-1")
     with pytest.raises(grpc.RpcError) as e:
         Reservation(decode_pod.address, "dup-1")
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "already in use" in e.value.details()
+    assert (
+        e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "already in use" in e.value.details()
+    )
     # The first reservation still holds its blocks and completes normally.
     assert pod_stats(decode_pod).num_waiting_for_kv == 1
     cfg = load_model_config(e2e_model)
-    first.push([chunk_msg(first, pages(e2e_model, cfg.num_layers, 3), layers=(0, cfg.num_layers), blocks=(0, 3)),
-                end_msg(first, 1)])
+    first.push(
+        [
+            chunk_msg(
+                first,
+                pages(e2e_model, cfg.num_layers, 3),
+                layers=(0, cfg.num_layers),
+                blocks=(0, 3),
+            ),
+            end_msg(first, 1),
+        ]
+    )
     assert len([t for r in first.call if r.HasField("chunk") for t in r.chunk.token_ids]) == 4
     first.close()
     wait_idle(cluster)
@@ -174,7 +230,9 @@ def test_kv_for_an_unknown_request_is_refused(decode_pod, e2e_model):
         c = make_chunk("never-admitted", "x", 0, (0, 1), (0, 1), pages(e2e_model, 1, 1))
         with pytest.raises(grpc.RpcError) as e:
             stub.PushKV(iter([decode_pb2.PushKVRequest(chunk=c)]), timeout=10)
-        assert e.value.code() == grpc.StatusCode.DATA_LOSS and "no KV reservation" in e.value.details()
+        assert (
+            e.value.code() == grpc.StatusCode.DATA_LOSS and "no KV reservation" in e.value.details()
+        )
 
 
 def test_full_decode_pods_refuse_admission_and_the_router_answers_429(cluster):
@@ -187,16 +245,27 @@ def test_full_decode_pods_refuse_admission_and_the_router_answers_429(cluster):
                 holds.append(Reservation(pod.address, f"hold-{pod.name}-{i}", [7] * 2000))
             with pytest.raises(grpc.RpcError) as e:
                 Reservation(pod.address, f"refused-{pod.name}", [7] * 300)
-            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "no room" in e.value.details()
+            assert (
+                e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                and "no room" in e.value.details()
+            )
         time.sleep(1.0)  # let the router's stats catch up; refusals are handled either way
-        r = httpx.post(f"{cluster.router_url}/v1/completions", json={"prompt": [9] * 300, "max_tokens": 4}, timeout=30)
+        r = httpx.post(
+            f"{cluster.router_url}/v1/completions",
+            json={"prompt": [9] * 300, "max_tokens": 4},
+            timeout=30,
+        )
         assert r.status_code == 429, r.text
         assert r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "RateLimitError"
     finally:
         for h in holds:
             h.close()
     wait_idle(cluster)
-    r = httpx.post(f"{cluster.router_url}/v1/completions", json={"prompt": [9] * 300, "max_tokens": 4}, timeout=30)
+    r = httpx.post(
+        f"{cluster.router_url}/v1/completions",
+        json={"prompt": [9] * 300, "max_tokens": 4},
+        timeout=30,
+    )
     assert r.status_code == 200
 
 
@@ -210,8 +279,12 @@ def test_admission_refused_on_one_pod_goes_to_the_other(e2e_model):
     from services.router.settings import RouterSettings
 
     async def main():
-        full = await decode_server.start(DecodeSettings(model=e2e_model, host="127.0.0.1", port=0, num_kv_blocks=8))
-        free = await decode_server.start(DecodeSettings(model=e2e_model, host="127.0.0.1", port=0, num_kv_blocks=64))
+        full = await decode_server.start(
+            DecodeSettings(model=e2e_model, host="127.0.0.1", port=0, num_kv_blocks=8)
+        )
+        free = await decode_server.start(
+            DecodeSettings(model=e2e_model, host="127.0.0.1", port=0, num_kv_blocks=64)
+        )
         a, b = f"127.0.0.1:{full.port}", f"127.0.0.1:{free.port}"
         registry = PodRegistry(StaticDiscovery([], [a, b]), interval_s=60, timeout_s=5)
         try:
@@ -231,7 +304,11 @@ def test_admission_refused_on_one_pod_goes_to_the_other(e2e_model):
             assert hold.get_stats().num_waiting_for_kv == 1
             # A job that no pod could ever hold is a 400-class error, not a 429.
             with pytest.raises(RequestTooLarge):
-                big = Job("r2", [10 + i % 900 for i in range(1090)], SamplingParams(temperature=0, max_tokens=4))
+                big = Job(
+                    "r2",
+                    [10 + i % 900 for i in range(1090)],
+                    SamplingParams(temperature=0, max_tokens=4),
+                )
                 [e async for e in dispatcher.generate(big, Route())]
             return events, route, a, b
         finally:
@@ -244,7 +321,7 @@ def test_admission_refused_on_one_pod_goes_to_the_other(e2e_model):
     assert route.tried_decode == {a} and route.decode == b and route.mode == "colocated"
 
 
-CRASHING_PREFILL = '''
+CRASHING_PREFILL = """
 import os, sys
 from tandem.kv import transfer
 original = transfer.KVTransfer.submit
@@ -255,42 +332,65 @@ def submit(self, *args):
 transfer.KVTransfer.submit = submit
 from tandem.cli import main
 main(sys.argv[1:])
-'''
+"""
 
 
 def test_prefill_pod_dying_mid_transfer_is_retried_colocated(e2e_model, tmp_path):
     script = tmp_path / "crashing_prefill.py"
     script.write_text(CRASHING_PREFILL)
     cluster = start_cluster(
-        e2e_model, prefill=1, decode=1, worker_args=["--max-num-seqs", "16"],
+        e2e_model,
+        prefill=1,
+        decode=1,
+        worker_args=["--max-num-seqs", "16"],
     )
     try:
         prefill = cluster.pods("prefill")[0]
         # Replace the healthy prefill pod by one that crashes during its first transfer.
         prefill.proc.terminate()
         prefill.proc.wait()
-        args = [a for a in prefill.args] + ["--kv-layers-per-group", "1", "--kv-chunk-bytes", "65536"]
+        args = [a for a in prefill.args] + [
+            "--kv-layers-per-group",
+            "1",
+            "--kv-chunk-bytes",
+            "65536",
+        ]
         log = open(tmp_path / "crashing_prefill.log", "w")
-        prefill.proc = subprocess.Popen([sys.executable, str(script), *args], stdout=log, stderr=subprocess.STDOUT)
+        prefill.proc = subprocess.Popen(
+            [sys.executable, str(script), *args], stdout=log, stderr=subprocess.STDOUT
+        )
         deadline = time.monotonic() + 60
-        while httpx.get(f"{cluster.router_url}/health").json()["prefill_pods"] != 1:  # the router sees it
+        while (
+            httpx.get(f"{cluster.router_url}/health").json()["prefill_pods"] != 1
+        ):  # the router sees it
             assert time.monotonic() < deadline and prefill.proc.poll() is None
             time.sleep(0.2)
         prompt = list(range(5, 205))
-        r = httpx.post(f"{cluster.router_url}/v1/completions",
-                       json={"prompt": prompt, "max_tokens": 6, "temperature": 0}, timeout=60)
+        r = httpx.post(
+            f"{cluster.router_url}/v1/completions",
+            json={"prompt": prompt, "max_tokens": 6, "temperature": 0},
+            timeout=60,
+        )
         try:
             code = prefill.proc.wait(10)
         except subprocess.TimeoutExpired:
             code = None
-        assert code == 17, "the prefill pod did not crash mid-transfer:\n" + (tmp_path / "crashing_prefill.log").read_text()[-3000:] + "".join(list(cluster.log)[-30:])
+        assert code == 17, (
+            "the prefill pod did not crash mid-transfer:\n"
+            + (tmp_path / "crashing_prefill.log").read_text()[-3000:]
+            + "".join(list(cluster.log)[-30:])
+        )
         assert r.status_code == 200, r.text
         metrics = httpx.get(f"{cluster.router_url}/metrics").text
-        assert 'tandem_router_routing_decisions_total{mode="colocated"} 1.0' in metrics  # retried colocated
+        assert (
+            'tandem_router_routing_decisions_total{mode="colocated"} 1.0' in metrics
+        )  # retried colocated
         assert "tandem_router_attempts_total 2.0" in metrics
         from tandem.engine import LLM
 
-        want = LLM(e2e_model, num_kv_blocks=64).generate([prompt], SamplingParams(temperature=0, max_tokens=6))
+        want = LLM(e2e_model, num_kv_blocks=64).generate(
+            [prompt], SamplingParams(temperature=0, max_tokens=6)
+        )
         assert r.json()["choices"][0]["text"] == want[0].outputs[0].text
         decode = cluster.pods("decode")[0]
         deadline = time.monotonic() + 15
@@ -323,18 +423,29 @@ def assert_router_serves_with_one_decode_pod(cluster) -> None:
     while httpx.get(f"{cluster.router_url}/health").json().get("decode_pods") != 1:
         assert time.monotonic() < deadline, "the router never settled on the one live decode pod"
         time.sleep(0.1)
-    ok = httpx.post(f"{cluster.router_url}/v1/completions", json={"prompt": "still up", "max_tokens": 3}, timeout=30)
+    ok = httpx.post(
+        f"{cluster.router_url}/v1/completions",
+        json={"prompt": "still up", "max_tokens": 3},
+        timeout=30,
+    )
     assert ok.status_code == 200
 
 
 def test_a_decode_pod_dying_mid_stream_is_reported_and_marked_down(e2e_model):
     cluster = start_cluster(e2e_model, prefill=0, decode=2, kvstore=False)
     try:
-        body = {"prompt": "a stream whose pod dies", "max_tokens": 2000, "stream": True, "ignore_eos": True}
+        body = {
+            "prompt": "a stream whose pod dies",
+            "max_tokens": 2000,
+            "stream": True,
+            "ignore_eos": True,
+        }
         serving, rest = interrupt_a_stream(cluster, body, lambda proc: proc.kill())
-        error = json.loads(rest[-2][len("data: "):])["error"]
+        error = json.loads(rest[-2][len("data: ") :])["error"]
         assert rest[-1] == "data: [DONE]"
-        assert error["code"] == 503 and error["message"].startswith(f"decode pod {serving.address} failed: ")
+        assert error["code"] == 503 and error["message"].startswith(
+            f"decode pod {serving.address} failed: "
+        )
         assert_router_serves_with_one_decode_pod(cluster)
     finally:
         cluster.stop()
@@ -344,11 +455,18 @@ def test_a_decode_pod_stopped_by_sigterm_finishes_its_streams_and_takes_no_new_o
     """A rollout's SIGTERM: health turns NOT_SERVING, new work goes elsewhere, streams in flight finish."""
     cluster = start_cluster(e2e_model, prefill=0, decode=2, kvstore=False)
     try:
-        body = {"prompt": "a stream during a rollout", "max_tokens": 400, "stream": True, "ignore_eos": True,
-                "stream_options": {"include_usage": True}}
-        serving, lines = interrupt_a_stream(cluster, body, lambda proc: proc.send_signal(signal.SIGTERM))
+        body = {
+            "prompt": "a stream during a rollout",
+            "max_tokens": 400,
+            "stream": True,
+            "ignore_eos": True,
+            "stream_options": {"include_usage": True},
+        }
+        serving, lines = interrupt_a_stream(
+            cluster, body, lambda proc: proc.send_signal(signal.SIGTERM)
+        )
         assert lines[-1] == "data: [DONE]"
-        rest = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+        rest = [json.loads(line[len("data: ") :]) for line in lines[:-1]]
         assert not any("error" in event for event in rest)
         assert rest[-1]["usage"]["completion_tokens"] == 400
         assert serving.proc.wait(timeout=30) == 0  # it exits by itself once drained
@@ -368,10 +486,21 @@ def test_a_draining_decode_pod_still_takes_the_kv_of_requests_it_admitted(e2e_mo
         time.sleep(0.5)
         with pytest.raises(grpc.RpcError) as e:
             Reservation(pod.address, "drain-2")
-        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in e.value.details()
+        assert (
+            e.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in e.value.details()
+        )
         cfg = load_model_config(e2e_model)
-        res.push([chunk_msg(res, pages(e2e_model, cfg.num_layers, 3), layers=(0, cfg.num_layers), blocks=(0, 3)),
-                  end_msg(res, 1)])
+        res.push(
+            [
+                chunk_msg(
+                    res,
+                    pages(e2e_model, cfg.num_layers, 3),
+                    layers=(0, cfg.num_layers),
+                    blocks=(0, 3),
+                ),
+                end_msg(res, 1),
+            ]
+        )
         tokens = [t for r in res.call if r.HasField("chunk") for t in r.chunk.token_ids]
         assert len(tokens) == 4 and tokens[0] == 5
         res.close()
@@ -387,9 +516,11 @@ def test_requests_without_max_tokens_fit_a_pool_smaller_than_the_model_context(e
         time.sleep(1.0)  # one stats poll
         models = httpx.get(f"{cluster.router_url}/v1/models").json()
         assert models["data"][0]["max_model_len"] == 257
-        r = httpx.post(f"{cluster.router_url}/v1/chat/completions",
-                       json={"messages": [{"role": "user", "content": "no max_tokens"}], "ignore_eos": True},
-                       timeout=60)
+        r = httpx.post(
+            f"{cluster.router_url}/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "no max_tokens"}], "ignore_eos": True},
+            timeout=60,
+        )
         assert r.status_code == 200, r.text
         usage = r.json()["usage"]
         assert usage["prompt_tokens"] + usage["completion_tokens"] == 257

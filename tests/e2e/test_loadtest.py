@@ -25,11 +25,34 @@ def system(e2e_model):
     cluster.stop()
 
 
-def locust(cluster, tmp_path: Path, *args: str, seconds: int = 8) -> tuple[subprocess.CompletedProcess, list[dict]]:
+def locust(
+    cluster, tmp_path: Path, *args: str, seconds: int = 8
+) -> tuple[subprocess.CompletedProcess, list[dict]]:
     rows = tmp_path / "rows.jsonl"
-    cmd = [str(LOCUST), "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless", "-H", cluster.router_url,
-           "--grpc-target", cluster.router_grpc, "-u", "3", "-r", "3", "-t", f"{seconds}s", "--stop-timeout", "60",
-           "--only-summary", "--exit-code-on-error", "1", "--jsonl", str(rows), *args]
+    cmd = [
+        str(LOCUST),
+        "-f",
+        str(ROOT / "loadtest" / "locustfile.py"),
+        "--headless",
+        "-H",
+        cluster.router_url,
+        "--grpc-target",
+        cluster.router_grpc,
+        "-u",
+        "3",
+        "-r",
+        "3",
+        "-t",
+        f"{seconds}s",
+        "--stop-timeout",
+        "60",
+        "--only-summary",
+        "--exit-code-on-error",
+        "1",
+        "--jsonl",
+        str(rows),
+        *args,
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path)
     found = [json.loads(line) for line in rows.read_text().splitlines()] if rows.exists() else []
     return result, found
@@ -37,8 +60,18 @@ def locust(cluster, tmp_path: Path, *args: str, seconds: int = 8) -> tuple[subpr
 
 @pytest.mark.parametrize("workload", ["shared-prefix", "multi-turn"])
 def test_every_user_type_runs_without_failures(system, tmp_path, workload):
-    result, rows = locust(system, tmp_path, "--workload", workload, "--max-tokens", "8", "--prompt-words-max", "30",
-                          "--system-prompt-words", "100")
+    result, rows = locust(
+        system,
+        tmp_path,
+        "--workload",
+        workload,
+        "--max-tokens",
+        "8",
+        "--prompt-words-max",
+        "30",
+        "--system-prompt-words",
+        "100",
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert {r["api"] for r in rows} == set(API_OF_USER.values())
     failed = [r for r in rows if not r["ok"]]
@@ -54,13 +87,18 @@ def test_every_user_type_runs_without_failures(system, tmp_path, workload):
     # locust's own table has the TTFT/TPOT/ITL/TOKENS events of each user type.
     for api in API_OF_USER.values():
         for kind in ("TTFT", "TPOT", "ITL", "TOKENS"):
-            assert any(line.split()[:2] == [kind, api] for line in result.stderr.splitlines()), (kind, api)
+            assert any(line.split()[:2] == [kind, api] for line in result.stderr.splitlines()), (
+                kind,
+                api,
+            )
     wait_idle(system)
 
 
 def test_failed_requests_are_reported_with_their_error(system, tmp_path):
     """A request the router refuses is a locust failure, with the router's message in its row."""
-    result, rows = locust(system, tmp_path, "ChatStreamUser", "--max-tokens", "100000000", seconds=3)
+    result, rows = locust(
+        system, tmp_path, "ChatStreamUser", "--max-tokens", "100000000", seconds=3
+    )
     assert result.returncode == 1
     assert rows and all(not r["ok"] for r in rows)
     assert all("HTTP 400" in r["error"] and "max_tokens" in r["error"] for r in rows), rows[0]
@@ -69,11 +107,18 @@ def test_failed_requests_are_reported_with_their_error(system, tmp_path):
 
 def router_requests(cluster) -> float:
     text = httpx.get(cluster.router_url + "/metrics", timeout=10).text
-    return sum(s.value for f in text_string_to_metric_families(text) if f.name == "tandem_router_requests"
-               for s in f.samples if s.name == "tandem_router_requests_total" and s.labels["route"].startswith("/v1/"))
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        if f.name == "tandem_router_requests"
+        for s in f.samples
+        if s.name == "tandem_router_requests_total" and s.labels["route"].startswith("/v1/")
+    )
 
 
-@pytest.mark.parametrize("bad", [["--prompt-words-min", "50", "--prompt-words-max", "10"], ["--max-tokens", "0"]])
+@pytest.mark.parametrize(
+    "bad", [["--prompt-words-min", "50", "--prompt-words-max", "10"], ["--max-tokens", "0"]]
+)
 def test_bad_options_stop_the_run_before_any_request(system, tmp_path, bad):
     before = router_requests(system)
     started = time.monotonic()

@@ -53,17 +53,25 @@ def scrape(url: str) -> dict:
 def value(families: dict, name: str, suffix: str = "", **labels) -> float:
     total = 0.0
     for sample in families[name].samples:
-        if sample.name == name + suffix and all(sample.labels.get(k) == v for k, v in labels.items()):
+        if sample.name == name + suffix and all(
+            sample.labels.get(k) == v for k, v in labels.items()
+        ):
             total += sample.value
     return total
 
 
 def test_every_service_exports_its_metrics_and_counters_move(cluster):
     pods = cluster.pods("prefill") + cluster.pods("decode")
-    before = {s.name: scrape(s.metrics_url) for s in pods + [cluster.by_name("router"), cluster.by_name("kvstore")]}
+    before = {
+        s.name: scrape(s.metrics_url)
+        for s in pods + [cluster.by_name("router"), cluster.by_name("kvstore")]
+    }
     for i in range(3):
-        r = httpx.post(f"{cluster.router_url}/v1/completions",
-                       json={"prompt": f"metrics {i} " + "shared prefix " * 10, "max_tokens": 5}, timeout=60)
+        r = httpx.post(
+            f"{cluster.router_url}/v1/completions",
+            json={"prompt": f"metrics {i} " + "shared prefix " * 10, "max_tokens": 5},
+            timeout=60,
+        )
         assert r.status_code == 200
     after = {name: scrape(cluster.by_name(name).metrics_url) for name in before}
 
@@ -80,21 +88,42 @@ def test_every_service_exports_its_metrics_and_counters_move(cluster):
         assert info.labels["block_size"] == "16" and info.labels["num_gpu_blocks"] == "256"
     prefill = cluster.pods("prefill")[0].name
     decodes = [p.name for p in cluster.pods("decode")]
-    grew = lambda name, metric, suffix: value(after[name], metric, suffix) > value(before[name], metric, suffix)  # noqa: E731
+    grew = lambda name, metric, suffix: (
+        value(after[name], metric, suffix) > value(before[name], metric, suffix)
+    )  # noqa: E731
     assert grew(prefill, "vllm:prefix_cache_queries", "_total")
     assert grew(prefill, "tandem_kv_transfer_bytes", "_total")
     assert grew(prefill, "vllm:prompt_tokens", "_total")
     assert any(grew(d, "vllm:generation_tokens", "_total") for d in decodes)
     assert any(grew(d, "vllm:e2e_request_latency_seconds", "_count") for d in decodes)
     assert any(grew(d, "vllm:inter_token_latency_seconds", "_count") for d in decodes)
-    assert sum(value(after[d], "tandem_kv_transfer_bytes", "_total") - value(before[d], "tandem_kv_transfer_bytes", "_total")
-               for d in decodes) == value(after[prefill], "tandem_kv_transfer_bytes", "_total") - value(
-        before[prefill], "tandem_kv_transfer_bytes", "_total")  # every byte sent was received
+    assert sum(
+        value(after[d], "tandem_kv_transfer_bytes", "_total")
+        - value(before[d], "tandem_kv_transfer_bytes", "_total")
+        for d in decodes
+    ) == value(after[prefill], "tandem_kv_transfer_bytes", "_total") - value(
+        before[prefill], "tandem_kv_transfer_bytes", "_total"
+    )  # every byte sent was received
 
     for name, kind in ROUTER_METRICS.items():
         assert after["router"][name].type == kind
-    assert value(after["router"], "tandem_router_requests", "_total", route="/v1/completions", status="200") - value(
-        before["router"], "tandem_router_requests", "_total", route="/v1/completions", status="200") == 3
+    assert (
+        value(
+            after["router"],
+            "tandem_router_requests",
+            "_total",
+            route="/v1/completions",
+            status="200",
+        )
+        - value(
+            before["router"],
+            "tandem_router_requests",
+            "_total",
+            route="/v1/completions",
+            status="200",
+        )
+        == 3
+    )
     for name, kind in KVSTORE_METRICS.items():
         assert after["kvstore"][name].type == kind
     assert grew("kvstore", "tandem_kvstore_lookups", "_total")
@@ -106,7 +135,11 @@ DASHBOARDS = Path(__file__).resolve().parents[2] / "deploy/helm/tandem/files/das
 
 def queried_metrics(dashboard: dict) -> set[str]:
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
-    exprs += [v["query"]["query"] for v in dashboard["templating"]["list"] if isinstance(v.get("query"), dict)]
+    exprs += [
+        v["query"]["query"]
+        for v in dashboard["templating"]["list"]
+        if isinstance(v.get("query"), dict)
+    ]
     names = set()
     for expr in exprs:
         names |= set(re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{", expr))
@@ -120,8 +153,16 @@ def exported_series(families: dict) -> set[str]:
 
 
 def test_every_metric_the_dashboards_query_is_exported(cluster):
-    httpx.post(f"{cluster.router_url}/v1/completions", json={"prompt": "dashboards", "max_tokens": 3}, timeout=60)
-    services = cluster.pods("prefill") + cluster.pods("decode") + [cluster.by_name("router"), cluster.by_name("kvstore")]
+    httpx.post(
+        f"{cluster.router_url}/v1/completions",
+        json={"prompt": "dashboards", "max_tokens": 3},
+        timeout=60,
+    )
+    services = (
+        cluster.pods("prefill")
+        + cluster.pods("decode")
+        + [cluster.by_name("router"), cluster.by_name("kvstore")]
+    )
     exported = set().union(*(exported_series(scrape(s.metrics_url)) for s in services))
     files = sorted(DASHBOARDS.glob("*.json"))
     assert len(files) == 2

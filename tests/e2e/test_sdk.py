@@ -6,7 +6,13 @@ import time
 import pytest
 
 from tandem.engine import SamplingParams
-from tandem.errors import DeadlineExceeded, InvalidRequest, ModelNotFound, RequestTooLarge, UpstreamUnavailable
+from tandem.errors import (
+    DeadlineExceeded,
+    InvalidRequest,
+    ModelNotFound,
+    RequestTooLarge,
+    UpstreamUnavailable,
+)
 from tandem.sdk import AsyncClient, Client
 
 from .conftest import wait_idle
@@ -14,22 +20,35 @@ from .conftest import wait_idle
 pytestmark = pytest.mark.integration
 
 
-def test_generate_and_stream_match_the_offline_engine_and_transformers(cluster, reference, e2e_model, hf_reference):
-    prompts = ["sdk prompt one", [11, 22, 33, 44, 55, 66, 77, 88, 99, 111, 222, 333, 444, 555, 666, 777, 888]]
+def test_generate_and_stream_match_the_offline_engine_and_transformers(
+    cluster, reference, e2e_model, hf_reference
+):
+    prompts = [
+        "sdk prompt one",
+        [11, 22, 33, 44, 55, 66, 77, 88, 99, 111, 222, 333, 444, 555, 666, 777, 888],
+    ]
     want = reference.generate(prompts, SamplingParams(temperature=0, max_tokens=10, logprobs=2))
     hf = hf_reference(e2e_model, 10)
     with Client(cluster.router_grpc, timeout=60) as client:
         for prompt, w in zip(prompts, want):
             result = client.generate(prompt, max_tokens=10, temperature=0, logprobs=2)
-            assert list(result.token_ids) == w.outputs[0].token_ids == hf.generate(w.prompt_token_ids)
+            assert (
+                list(result.token_ids) == w.outputs[0].token_ids == hf.generate(w.prompt_token_ids)
+            )
             assert result.text == w.outputs[0].text
             assert result.finish_reason == w.outputs[0].finish_reason
             assert result.usage.prompt_tokens == len(w.prompt_token_ids)
             assert result.usage.completion_tokens == len(w.outputs[0].token_ids)
             assert [lp.token_id for lp in result.logprobs] == w.outputs[0].token_ids
-            assert [lp.logprob for lp in result.logprobs] == pytest.approx([lp.logprob for lp in w.outputs[0].logprobs], abs=1e-4)
+            assert [lp.logprob for lp in result.logprobs] == pytest.approx(
+                [lp.logprob for lp in w.outputs[0].logprobs], abs=1e-4
+            )
         chunks = list(client.stream(prompts[0], max_tokens=10, temperature=0))
-        assert len(chunks) >= 2 and chunks[-1].finish_reason is not None and chunks[-1].usage is not None
+        assert (
+            len(chunks) >= 2
+            and chunks[-1].finish_reason is not None
+            and chunks[-1].usage is not None
+        )
         assert all(c.finish_reason is None for c in chunks[:-1])
         assert "".join(c.text for c in chunks) == want[0].outputs[0].text
         assert [m.id for m in client.models()] == ["llama"]
@@ -44,7 +63,9 @@ def test_seeded_sampling_is_the_same_disaggregated_and_offline(cluster, referenc
 
 
 def test_async_client(cluster, reference):
-    want = reference.generate(["async one", "async two"], SamplingParams(temperature=0, max_tokens=8))
+    want = reference.generate(
+        ["async one", "async two"], SamplingParams(temperature=0, max_tokens=8)
+    )
 
     async def main():
         async with AsyncClient(cluster.router_grpc, timeout=60) as client:

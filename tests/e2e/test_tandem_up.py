@@ -33,19 +33,41 @@ def processes_mentioning(text: str) -> list[int]:
 
 def test_tandem_up_serves_the_openai_api_and_stops_on_ctrl_c(e2e_model):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tandem.cli", "up", "--model", str(e2e_model), "--port", "0", "--decode", "2",
-         "--num-kv-blocks", "64"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "tandem.cli",
+            "up",
+            "--model",
+            str(e2e_model),
+            "--port",
+            "0",
+            "--decode",
+            "2",
+            "--num-kv-blocks",
+            "64",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     lines = []
     try:
         url = wait_ready_line(proc, lines, 180)
-        assert len(processes_mentioning(str(e2e_model))) >= 4  # tandem up + prefill + 2 decode + router
+        assert (
+            len(processes_mentioning(str(e2e_model))) >= 4
+        )  # tandem up + prefill + 2 decode + router
         client = OpenAI(base_url=f"{url}/v1", api_key="unused")
         chat = client.chat.completions.create(
-            model="llama", messages=[{"role": "user", "content": "hello"}], max_tokens=5, temperature=0
+            model="llama",
+            messages=[{"role": "user", "content": "hello"}],
+            max_tokens=5,
+            temperature=0,
         )
-        assert chat.choices[0].finish_reason in ("length", "stop") and chat.usage.completion_tokens <= 5
+        assert (
+            chat.choices[0].finish_reason in ("length", "stop")
+            and chat.usage.completion_tokens <= 5
+        )
         streamed = client.completions.create(model="llama", prompt="hi", max_tokens=4, stream=True)
         assert [c.choices[0].finish_reason for c in streamed][-1] in ("length", "stop")
         assert httpx.get(f"{url}/health").status_code == 200
@@ -63,7 +85,9 @@ def test_tandem_up_reports_a_service_that_cannot_start(tmp_path):
     bad_model.mkdir()
     result = subprocess.run(
         [sys.executable, "-m", "tandem.cli", "up", "--model", str(bad_model), "--port", "0"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 1
     assert "no config.json" in result.stderr and "Traceback" not in result.stderr + result.stdout
@@ -96,8 +120,13 @@ def test_two_instances_run_side_by_side_and_stop_on_sigterm(tmp_path):
     """Both generate the default model at once (one wins the rename), pick their own ports, serve,
     and stop every child on SIGTERM."""
     procs = [
-        subprocess.Popen([sys.executable, "-m", "tandem.cli", "up", "--port", "0", "--num-kv-blocks", "64"],
-                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [sys.executable, "-m", "tandem.cli", "up", "--port", "0", "--num-kv-blocks", "64"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for _ in range(2)
     ]
     logs: list[list[str]] = [[], []]
@@ -105,8 +134,11 @@ def test_two_instances_run_side_by_side_and_stop_on_sigterm(tmp_path):
         urls = [wait_ready_line(proc, lines) for proc, lines in zip(procs, logs)]
         assert len(set(urls)) == 2
         for url in urls:
-            r = httpx.post(f"{url}/v1/completions", json={"model": "tiny-llama", "prompt": "hi", "max_tokens": 3},
-                           timeout=60)
+            r = httpx.post(
+                f"{url}/v1/completions",
+                json={"model": "tiny-llama", "prompt": "hi", "max_tokens": 3},
+                timeout=60,
+            )
             assert r.status_code == 200, r.text
             assert r.json()["usage"]["completion_tokens"] <= 3
     finally:

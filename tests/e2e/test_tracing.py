@@ -10,8 +10,8 @@ import time
 import httpx
 import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
+from opentelemetry.sdk.trace import TracerProvider
 
 from tandem.sdk import Client
 
@@ -34,7 +34,9 @@ def traced(e2e_model):
         mp.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
         mp.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
         # A generous kvstore timeout: this test wants the lookup's answer, not the fallback.
-        cluster = start_cluster(e2e_model, prefill=1, decode=1, router_args=["--kvstore-timeout-s", "2"])
+        cluster = start_cluster(
+            e2e_model, prefill=1, decode=1, router_args=["--kvstore-timeout-s", "2"]
+        )
         try:
             wait_for_pods(cluster)
             yield cluster, receiver
@@ -52,8 +54,13 @@ def wait_for_pods(cluster, timeout: float = 30.0) -> None:
 
 def trace_of(spans: list[ReceivedSpan], request_id: str) -> list[ReceivedSpan]:
     """Every span of the trace whose router server span carries ``request_id``."""
-    roots = [s for s in spans if s.service == "tandem-router" and s.kind == SERVER
-             and s.attributes.get("tandem.request_id") == request_id]
+    roots = [
+        s
+        for s in spans
+        if s.service == "tandem-router"
+        and s.kind == SERVER
+        and s.attributes.get("tandem.request_id") == request_id
+    ]
     if len(roots) != 1:
         return []
     return [s for s in spans if s.trace_id == roots[0].trace_id]
@@ -62,9 +69,16 @@ def trace_of(spans: list[ReceivedSpan], request_id: str) -> list[ReceivedSpan]:
 def complete(spans: list[ReceivedSpan]) -> bool:
     """Every span ``check_request_trace`` looks for has arrived (they come from four processes)."""
     names = {s.name for s in spans}
-    return {"route", "prefill", "kv_transfer", "decode", "/tandem.kvstore.v1.KVStoreService/Lookup",
-            "/tandem.prefill.v1.PrefillService/Prefill", "/tandem.decode.v1.DecodeService/Generate",
-            "/tandem.decode.v1.DecodeService/PushKV"} <= names
+    return {
+        "route",
+        "prefill",
+        "kv_transfer",
+        "decode",
+        "/tandem.kvstore.v1.KVStoreService/Lookup",
+        "/tandem.prefill.v1.PrefillService/Prefill",
+        "/tandem.decode.v1.DecodeService/Generate",
+        "/tandem.decode.v1.DecodeService/PushKV",
+    } <= names
 
 
 def one(spans: list[ReceivedSpan], name: str, service: str) -> ReceivedSpan:
@@ -73,17 +87,24 @@ def one(spans: list[ReceivedSpan], name: str, service: str) -> ReceivedSpan:
     return found[0]
 
 
-def check_request_trace(spans: list[ReceivedSpan], root: ReceivedSpan, *, operation: str, usage: dict) -> None:
+def check_request_trace(
+    spans: list[ReceivedSpan], root: ReceivedSpan, *, operation: str, usage: dict
+) -> None:
     """The span tree of one disaggregated request, its parent links across processes, its attributes."""
     by_id = {s.span_id: s for s in spans}
-    assert root.parent_id == "" or root.parent_id not in by_id  # the request's root (or the caller's child)
+    assert (
+        root.parent_id == "" or root.parent_id not in by_id
+    )  # the request's root (or the caller's child)
 
     route = one(spans, "route", "tandem-router")
     assert route.parent_id == root.span_id
     assert route.attributes["tandem.route.mode"] == "disaggregated"
     assert route.attributes["tandem.kvstore.lookup.status"] == "ok"
     assert route.attributes["tandem.kvstore.lookup.seconds"] >= 0
-    assert route.attributes["tandem.route.prefill_pod"] == route.attributes["tandem.route.candidates.pod"][0]
+    assert (
+        route.attributes["tandem.route.prefill_pod"]
+        == route.attributes["tandem.route.candidates.pod"][0]
+    )
     assert len(route.attributes["tandem.route.candidates.cost"]) == 1
     lookup = one(spans, "/tandem.kvstore.v1.KVStoreService/Lookup", "tandem-kvstore")
     assert lookup.parent_id == route.span_id  # kvstore continues the trace inside the route span
@@ -101,17 +122,27 @@ def check_request_trace(spans: list[ReceivedSpan], root: ReceivedSpan, *, operat
 
     transfer = one(spans, "kv_transfer", "tandem-prefill")
     assert transfer.parent_id == prefill.span_id
-    assert transfer.attributes["tandem.kv.bytes"] > 0 and transfer.attributes["tandem.kv.chunks"] >= 1
-    assert transfer.attributes["tandem.kv.gbps"] > 0 and transfer.attributes["tandem.kv.seconds"] > 0
+    assert (
+        transfer.attributes["tandem.kv.bytes"] > 0 and transfer.attributes["tandem.kv.chunks"] >= 1
+    )
+    assert (
+        transfer.attributes["tandem.kv.gbps"] > 0 and transfer.attributes["tandem.kv.seconds"] > 0
+    )
     pushes = [s for s in spans if s.name == "/tandem.decode.v1.DecodeService/PushKV"]
-    assert pushes and all(p.parent_id == transfer.span_id and p.service == "tandem-decode" for p in pushes)
+    assert pushes and all(
+        p.parent_id == transfer.span_id and p.service == "tandem-decode" for p in pushes
+    )
 
     decode = one(spans, "decode", "tandem-decode")
     assert decode.parent_id == decode_rpc.span_id
     assert decode.attributes["tandem.decode.prefill_mode"] == "remote"
     assert decode.attributes["gen_ai.usage.output_tokens"] == usage["completion_tokens"]
     assert decode.attributes["tandem.decode.steps"] >= 1
-    assert 0 <= decode.attributes["tandem.decode.admission_seconds"] <= decode.attributes["tandem.decode.ttft_seconds"]
+    assert (
+        0
+        <= decode.attributes["tandem.decode.admission_seconds"]
+        <= decode.attributes["tandem.decode.ttft_seconds"]
+    )
     assert decode.attributes["tandem.decode.kv_wait_seconds"] >= 0
     # The pods' work starts inside the request's span (their ends may trail the response by a hair:
     # the router does not wait for the prefill pod's answer once tokens flow).
@@ -133,19 +164,29 @@ def check_request_trace(spans: list[ReceivedSpan], root: ReceivedSpan, *, operat
 def test_each_request_is_one_trace_across_every_service(traced):
     cluster, receiver = traced
     requests = {
-        "trace-chat": ("chat", "/v1/chat/completions",
-                       {"messages": [{"role": "user", "content": PROMPT}], "stream": True,
-                        "stream_options": {"include_usage": True}}),
+        "trace-chat": (
+            "chat",
+            "/v1/chat/completions",
+            {
+                "messages": [{"role": "user", "content": PROMPT}],
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+        ),
         "trace-completion": ("text_completion", "/v1/completions", {"prompt": PROMPT + " again"}),
     }
     usages = {}
     for rid, (_, path, body) in requests.items():
         body = {"model": "llama", "max_tokens": 6, "temperature": 0, "ignore_eos": True, **body}
-        r = httpx.post(cluster.router_url + path, json=body, headers={"x-request-id": rid}, timeout=60)
+        r = httpx.post(
+            cluster.router_url + path, json=body, headers={"x-request-id": rid}, timeout=60
+        )
         assert r.status_code == 200, r.text
         assert r.headers["x-request-id"] == rid
         if body.get("stream"):
-            chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+            chunks = [
+                json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")
+            ]
             usages[rid] = chunks[-1]["usage"]
         else:
             usages[rid] = r.json()["usage"]
@@ -153,8 +194,11 @@ def test_each_request_is_one_trace_across_every_service(traced):
     spans = receiver.wait_for(lambda s: all(complete(trace_of(s, rid)) for rid in requests))
     for rid, (operation, _, _) in requests.items():
         request_spans = trace_of(spans, rid)
-        root = next(s for s in request_spans if s.attributes.get("tandem.request_id") == rid
-                    and s.service == "tandem-router")
+        root = next(
+            s
+            for s in request_spans
+            if s.attributes.get("tandem.request_id") == rid and s.service == "tandem-router"
+        )
         check_request_trace(request_spans, root, operation=operation, usage=usages[rid])
     # Distinct requests, distinct traces.
     assert len({trace_of(spans, rid)[0].trace_id for rid in requests}) == len(requests)
@@ -163,15 +207,26 @@ def test_each_request_is_one_trace_across_every_service(traced):
 def test_the_sdk_continues_the_callers_trace(traced):
     cluster, receiver = traced
     caller = TracerProvider().get_tracer("test-client")  # the application's own tracing
-    with caller.start_as_current_span("client-call") as span, Client(cluster.router_grpc, timeout=60) as client:
-        result = client.generate(PROMPT + " sdk", max_tokens=6, temperature=0, ignore_eos=True, request_id="trace-sdk")
-        trace_id, span_id = f"{span.get_span_context().trace_id:032x}", f"{span.get_span_context().span_id:016x}"
+    with (
+        caller.start_as_current_span("client-call") as span,
+        Client(cluster.router_grpc, timeout=60) as client,
+    ):
+        result = client.generate(
+            PROMPT + " sdk", max_tokens=6, temperature=0, ignore_eos=True, request_id="trace-sdk"
+        )
+        trace_id, span_id = (
+            f"{span.get_span_context().trace_id:032x}",
+            f"{span.get_span_context().span_id:016x}",
+        )
 
     spans = receiver.wait_for(lambda s: complete([x for x in s if x.trace_id == trace_id]))
     request_spans = [s for s in spans if s.trace_id == trace_id]
     root = one(request_spans, "/tandem.router.v1.RouterService/Generate", "tandem-router")
     assert root.parent_id == span_id  # a child of the caller's span
-    usage = {"prompt_tokens": result.usage.prompt_tokens, "completion_tokens": result.usage.completion_tokens}
+    usage = {
+        "prompt_tokens": result.usage.prompt_tokens,
+        "completion_tokens": result.usage.completion_tokens,
+    }
     check_request_trace(request_spans, root, operation="text_completion", usage=usage)
     assert trace.get_current_span() is trace.INVALID_SPAN  # nothing leaked into the test's context
 
@@ -179,15 +234,26 @@ def test_the_sdk_continues_the_callers_trace(traced):
 def test_a_rejected_request_is_traced_with_its_error_and_touches_no_pod(traced):
     cluster, receiver = traced
     body = {"model": "llama", "prompt": PROMPT, "max_tokens": 10**6}
-    r = httpx.post(cluster.router_url + "/v1/completions", json=body, headers={"x-request-id": "trace-bad"}, timeout=60)
+    r = httpx.post(
+        cluster.router_url + "/v1/completions",
+        json=body,
+        headers={"x-request-id": "trace-bad"},
+        timeout=60,
+    )
     assert r.status_code == 400
     spans = receiver.wait_for(lambda s: trace_of(s, "trace-bad"))
     request_spans = trace_of(spans, "trace-bad")
     root = next(s for s in request_spans if s.attributes.get("tandem.request_id") == "trace-bad")
     time.sleep(0.5)  # several export intervals: a pod span, had there been one, would be here now
     request_spans = trace_of(receiver.spans(), "trace-bad")
-    assert root.attributes["http.status_code" if "http.status_code" in root.attributes
-                           else "http.response.status_code"] == 400
+    assert (
+        root.attributes[
+            "http.status_code"
+            if "http.status_code" in root.attributes
+            else "http.response.status_code"
+        ]
+        == 400
+    )
     assert not {s.service for s in request_spans} - {"tandem-router"}
     wait_idle(cluster)
 
@@ -199,22 +265,39 @@ def test_polls_and_heartbeats_start_no_traces(traced):
     httpx.get(cluster.router_url + "/metrics", timeout=10)
     time.sleep(2.0)  # several stats polls, heartbeats and export intervals
     spans = receiver.spans()
-    request_traces = {s.trace_id for s in spans if s.service == "tandem-router" and s.kind == SERVER}
+    request_traces = {
+        s.trace_id for s in spans if s.service == "tandem-router" and s.kind == SERVER
+    }
     stray = [(s.service, s.name) for s in spans if s.trace_id not in request_traces]
     assert not stray, stray
     names = {s.name for s in spans}
-    assert not any(n.endswith(("/GetStats", "/Heartbeat", "/PublishEvents", "/Stats", "/Check", "/Watch"))
-                   for n in names), names
-    assert not any(s.attributes.get("http.target", s.attributes.get("url.path", "")) in ("/health", "/metrics")
-                   for s in spans)
+    assert not any(
+        n.endswith(("/GetStats", "/Heartbeat", "/PublishEvents", "/Stats", "/Check", "/Watch"))
+        for n in names
+    ), names
+    assert not any(
+        s.attributes.get("http.target", s.attributes.get("url.path", "")) in ("/health", "/metrics")
+        for s in spans
+    )
 
 
 def test_clients_leaving_mid_stream_leave_no_context_errors(traced):
     """A cancelled stream ends its spans cleanly (no 'Failed to detach context' in any log)."""
     cluster, receiver = traced
-    body = {"model": "llama", "prompt": PROMPT, "max_tokens": 200, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", cluster.router_url + "/v1/completions", json=body, timeout=60,
-                      headers={"x-request-id": "trace-gone"}) as r:
+    body = {
+        "model": "llama",
+        "prompt": PROMPT,
+        "max_tokens": 200,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with httpx.stream(
+        "POST",
+        cluster.router_url + "/v1/completions",
+        json=body,
+        timeout=60,
+        headers={"x-request-id": "trace-gone"},
+    ) as r:
         for i, _ in enumerate(r.iter_lines()):
             if i == 3:
                 break  # the client goes away

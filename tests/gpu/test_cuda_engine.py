@@ -21,7 +21,14 @@ def prompts(vocab: int, seed: int = 0):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_float32_greedy_is_token_identical_to_transformers(arch, tiny_model, hf_reference):
     model_dir = tiny_model(arch)
-    llm = LLM(model_dir, device="cuda", dtype="float32", num_kv_blocks=256, max_num_batched_tokens=64, max_num_seqs=8)
+    llm = LLM(
+        model_dir,
+        device="cuda",
+        dtype="float32",
+        num_kv_blocks=256,
+        max_num_batched_tokens=64,
+        max_num_seqs=8,
+    )
     batch = prompts(llm.engine.model_config.vocab_size)
     outs = llm.generate(batch, SamplingParams(temperature=0, max_tokens=MAX_NEW))
     ref = hf_reference(model_dir, MAX_NEW, device="cuda")
@@ -36,7 +43,9 @@ def test_bfloat16_logits_within_bf16_tolerance_of_transformers(arch, tiny_model)
     model_dir = tiny_model(arch)
     llm = LLM(model_dir, device="cuda", dtype="bfloat16", num_kv_blocks=64)
     prompt = prompts(llm.engine.model_config.vocab_size)[5]
-    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, logprobs=5))[0].outputs[0]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, logprobs=5))[
+        0
+    ].outputs[0]
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
     with torch.no_grad():
         ref = hf(torch.tensor([prompt], device="cuda")).logits[0, -1].float().log_softmax(-1)
@@ -59,7 +68,9 @@ def test_disaggregated_path_on_cuda_matches_the_offline_engine(tiny_model, in_pr
 
     async def main():
         prefill = dict(kv_layers_per_group=1, kv_chunk_bytes=64 << 10)
-        async with in_process_pods(model_dir, prefill=prefill, device="cuda", num_kv_blocks=256) as (dispatcher, _, _):
+        async with in_process_pods(
+            model_dir, prefill=prefill, device="cuda", num_kv_blocks=256
+        ) as (dispatcher, _, _):
             got = []
             for i, prompt in enumerate(batch):
                 route = Route()
@@ -72,20 +83,34 @@ def test_disaggregated_path_on_cuda_matches_the_offline_engine(tiny_model, in_pr
 
 
 @pytest.mark.parametrize("cuda_graphs", [True, False], ids=["graphs", "eager"])
-def test_async_scheduling_on_cuda_gives_the_synchronous_tokens(tiny_model, monkeypatch, cuda_graphs):
+def test_async_scheduling_on_cuda_gives_the_synchronous_tokens(
+    tiny_model, monkeypatch, cuda_graphs
+):
     """Steps launched ahead on a real stream (device input ids, pinned token copies behind
     events), with graphs and eagerly: the tokens of synchronous steps, for greedy, seeded and
     stop-token rows (one under min_tokens) that end at different steps."""
     model_dir = tiny_model("llama")
     batch = prompts(1000, seed=4)
-    params = [SamplingParams(temperature=0, max_tokens=MAX_NEW + i, ignore_eos=True) for i in range(4)]
-    params += [SamplingParams(temperature=0.9, top_p=0.9, seed=i, max_tokens=MAX_NEW, ignore_eos=True)
-               for i in range(2)]
-    params += [SamplingParams(temperature=0, max_tokens=MAX_NEW, stop_token_ids=[t], min_tokens=m)
-               for t, m in ((5, 0), (77, 4))]  # min_tokens: the masked sampling path, launched ahead
-    kw = dict(device="cuda", dtype="float32", num_kv_blocks=256, max_num_seqs=8, cuda_graphs=cuda_graphs)
-    want = [o.outputs[0].token_ids for o in LLM(model_dir, async_scheduling="off", async_output_processing="off",
-                                                 **kw).generate(batch, params)]
+    params = [
+        SamplingParams(temperature=0, max_tokens=MAX_NEW + i, ignore_eos=True) for i in range(4)
+    ]
+    params += [
+        SamplingParams(temperature=0.9, top_p=0.9, seed=i, max_tokens=MAX_NEW, ignore_eos=True)
+        for i in range(2)
+    ]
+    params += [
+        SamplingParams(temperature=0, max_tokens=MAX_NEW, stop_token_ids=[t], min_tokens=m)
+        for t, m in ((5, 0), (77, 4))
+    ]  # min_tokens: the masked sampling path, launched ahead
+    kw = dict(
+        device="cuda", dtype="float32", num_kv_blocks=256, max_num_seqs=8, cuda_graphs=cuda_graphs
+    )
+    want = [
+        o.outputs[0].token_ids
+        for o in LLM(
+            model_dir, async_scheduling="off", async_output_processing="off", **kw
+        ).generate(batch, params)
+    ]
     llm = LLM(model_dir, async_scheduling="on", async_output_processing="on", **kw)
     launch, ahead = llm.engine.runner.launch, []
 

@@ -35,10 +35,20 @@ def test_cuda_graph_decode_matches_eager_torch_backend(arch, tiny_model):
     model = tiny_model(arch)
     rng = random.Random(0)
     vocab = 1000
-    prompts = [[rng.randrange(3, vocab) for _ in range(n)] for n in (1, 5, 16, 33, 70)]  # 5 rows: padded to 8
+    prompts = [
+        [rng.randrange(3, vocab) for _ in range(n)] for n in (1, 5, 16, 33, 70)
+    ]  # 5 rows: padded to 8
     # Different lengths: the batch shrinks 5 -> 1 across buckets and table widths as requests end.
-    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (30, 4, 20, 9, 14)]
-    kw = dict(device="cuda", dtype="float32", num_kv_blocks=128, max_num_seqs=16, max_num_batched_tokens=256)
+    params = [
+        SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (30, 4, 20, 9, 14)
+    ]
+    kw = dict(
+        device="cuda",
+        dtype="float32",
+        num_kv_blocks=128,
+        max_num_seqs=16,
+        max_num_batched_tokens=256,
+    )
     graphed = LLM(model, attention_backend="triton", cuda_graphs=True, **kw)
     eager = LLM(model, attention_backend="torch", **kw)
     got = [o.outputs[0].token_ids for o in graphed.generate(prompts, params)]
@@ -58,13 +68,18 @@ def test_fused_elementwise_kernels_match_the_reference_ops(dtype):
     want = w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
     torch.testing.assert_close(fused_ops.rms_norm(x, w, 1e-5), want, atol=1e-2, rtol=1e-2)
 
-
     gu = torch.randn(37, 2 * 3000, device="cuda", generator=g).to(dtype)
     gate, up = gu.split(3000, -1)
-    torch.testing.assert_close(fused_ops.silu_and_mul(gu), torch.nn.functional.silu(gate) * up, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(
+        fused_ops.silu_and_mul(gu), torch.nn.functional.silu(gate) * up, atol=2e-2, rtol=2e-2
+    )
 
 
-NORM_BIG_CASES = [(37, 2048), (1, 4096), (300, 3000)]  # Llama-3.2-1B / 8B hidden sizes, a padded one
+NORM_BIG_CASES = [
+    (37, 2048),
+    (1, 4096),
+    (300, 3000),
+]  # Llama-3.2-1B / 8B hidden sizes, a padded one
 ROTARY_BIG_CASES = [
     # (block_size, tokens, Hq, Hkv, D, padding rows)
     (16, 1, 32, 8, 64, 7),  # a Llama-3.2-1B decode in a CUDA graph of 8
@@ -106,7 +121,9 @@ def test_bfloat16_graph_decode_matches_bfloat16_eager_decode(tiny_model):
     model = tiny_model("llama")
     rng = random.Random(1)
     prompts = [[rng.randrange(3, 1000) for _ in range(n)] for n in (3, 20, 41)]
-    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=1) for n in (12, 6, 9)]
+    params = [
+        SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=1) for n in (12, 6, 9)
+    ]
     kw = dict(device="cuda", dtype="bfloat16", num_kv_blocks=64, max_num_seqs=8)
     graphed_llm = LLM(model, attention_backend="triton", **kw)
     graphed = graphed_llm.generate(prompts, params)
@@ -114,7 +131,13 @@ def test_bfloat16_graph_decode_matches_bfloat16_eager_decode(tiny_model):
     assert graphed_llm.engine.runner.graphs.replays > 0
     for a, b in zip(graphed, eager):
         got, want = a.outputs[0], b.outputs[0]
-        same = next((i for i, (x, y) in enumerate(zip(got.token_ids, want.token_ids)) if x != y), len(got.token_ids))
-        assert same >= 4, (got.token_ids, want.token_ids)  # bf16 rounding may split a near-tie later on
+        same = next(
+            (i for i, (x, y) in enumerate(zip(got.token_ids, want.token_ids)) if x != y),
+            len(got.token_ids),
+        )
+        assert same >= 4, (
+            got.token_ids,
+            want.token_ids,
+        )  # bf16 rounding may split a near-tie later on
         for x, y in zip(got.logprobs[:same], want.logprobs[:same]):
             assert abs(x.logprob - y.logprob) < 0.05

@@ -10,7 +10,15 @@ import httpx
 import pytest
 
 from tandem.kv.hashing import BlockHasher
-from tandem.local_cluster import RedisProcess, Service, counter_totals, free_port, grpc_healthy, http_healthy, pod_stats
+from tandem.local_cluster import (
+    RedisProcess,
+    Service,
+    counter_totals,
+    free_port,
+    grpc_healthy,
+    http_healthy,
+    pod_stats,
+)
 from tandem.proto.kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
 
 from ..e2e.conftest import start_cluster
@@ -31,7 +39,11 @@ def tokens(n: int, seed: int) -> list[int]:
 
 
 def complete(url: str, prompt: list[int]) -> dict:
-    r = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 2, "temperature": 0}, timeout=60)
+    r = httpx.post(
+        f"{url}/v1/completions",
+        json={"prompt": prompt, "max_tokens": 2, "temperature": 0},
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -51,7 +63,11 @@ def choices(url: str) -> dict[str, float]:
 
 def kvstore_entries(cluster) -> int:
     with grpc.insecure_channel(cluster.by_name("kvstore").address) as channel:
-        return kvstore_pb2_grpc.KVStoreServiceStub(channel).Stats(kvstore_pb2.StatsRequest(), timeout=5).num_entries
+        return (
+            kvstore_pb2_grpc.KVStoreServiceStub(channel)
+            .Stats(kvstore_pb2.StatsRequest(), timeout=5)
+            .num_entries
+        )
 
 
 def kvstore_holders(cluster, prompt: list[int]) -> dict[str, int]:
@@ -60,14 +76,20 @@ def kvstore_holders(cluster, prompt: list[int]) -> dict[str, int]:
     hashes = BlockHasher(stats.model_fingerprint, stats.block_size).hash_prompt(prompt, None)
     with grpc.insecure_channel(cluster.by_name("kvstore").address) as channel:
         resp = kvstore_pb2_grpc.KVStoreServiceStub(channel).Lookup(
-            kvstore_pb2.LookupRequest(model_fingerprint=stats.model_fingerprint, block_hashes=hashes), timeout=5)
+            kvstore_pb2.LookupRequest(
+                model_fingerprint=stats.model_fingerprint, block_hashes=hashes
+            ),
+            timeout=5,
+        )
     return {m.pod_id: m.num_blocks for m in resp.matches}
 
 
 def wait_until(cond, timeout=15.0, what="condition"):
     deadline = time.monotonic() + timeout
     while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what() if callable(what) else what}"
+        assert time.monotonic() < deadline, (
+            f"timed out waiting for {what() if callable(what) else what}"
+        )
         time.sleep(0.1)
 
 
@@ -81,15 +103,22 @@ def warm(cluster, url, prefix) -> None:
     """Serve one request with the prefix and wait until kvstore indexed its blocks."""
     before = kvstore_entries(cluster)
     complete(url, prefix + tokens(8, 999))
-    wait_until(lambda: kvstore_entries(cluster) >= before + len(prefix) // 16, what="kvstore to index the prefix")
+    wait_until(
+        lambda: kvstore_entries(cluster) >= before + len(prefix) // 16,
+        what="kvstore to index the prefix",
+    )
 
 
 def test_prompts_sharing_a_system_prompt_land_on_the_pod_that_caches_it(cluster):
     system = tokens(256, seed=1)  # 16 blocks
     warm(cluster, cluster.router_url, system)
     before_hits, before_choices = hits(cluster), choices(cluster.router_url)
-    cached = [complete(cluster.router_url, system + tokens(32, 100 + i))["usage"]["prompt_tokens_details"]["cached_tokens"]
-              for i in range(6)]
+    cached = [
+        complete(cluster.router_url, system + tokens(32, 100 + i))["usage"][
+            "prompt_tokens_details"
+        ]["cached_tokens"]
+        for i in range(6)
+    ]
     after_hits, after_choices = hits(cluster), choices(cluster.router_url)
     assert cached == [256] * 6, (choices(cluster.router_url), hits(cluster))
     pod = served_by(cluster, before_hits, after_hits)
@@ -104,14 +133,21 @@ def test_two_router_replicas_route_a_prompt_to_the_same_pod(cluster):
     kv_port = free_port()
     kv_args[kv_args.index("--port") + 1] = str(kv_port)
     kv_args[kv_args.index("--metrics-port") + 1] = str(free_port())
-    kvstore_2 = Service("kvstore-2", kv_args, f"127.0.0.1:{kv_port}", lambda: grpc_healthy(f"127.0.0.1:{kv_port}"))
+    kvstore_2 = Service(
+        "kvstore-2", kv_args, f"127.0.0.1:{kv_port}", lambda: grpc_healthy(f"127.0.0.1:{kv_port}")
+    )
     kvstore_2.proc, kvstore_2.relay = cluster.spawn("kvstore-2", kv_args)
     args = list(cluster.by_name("router").args)
     port = free_port()
     args[args.index("--port") + 1] = str(port)
     args[args.index("--grpc-port") + 1] = str(free_port())
     args[args.index("--kvstore") + 1] = kvstore_2.address
-    second = Service("router-2", args, f"127.0.0.1:{port}", lambda: http_healthy(f"http://127.0.0.1:{port}/health"))
+    second = Service(
+        "router-2",
+        args,
+        f"127.0.0.1:{port}",
+        lambda: http_healthy(f"http://127.0.0.1:{port}/health"),
+    )
     second.proc, second.relay = cluster.spawn("router-2", args)
     try:
         wait_until(kvstore_2.ready, 60, "the second kvstore")
@@ -124,7 +160,10 @@ def test_two_router_replicas_route_a_prompt_to_the_same_pod(cluster):
         before, second_choices = hits(cluster), choices(f"http://{second.address}")
         out = complete(f"http://{second.address}", system + tokens(16, 8))  # router 2 finds it
         assert served_by(cluster, before, hits(cluster)) == first_pod
-        assert choices(f"http://{second.address}").get("prefix", 0) == second_choices.get("prefix", 0) + 1
+        assert (
+            choices(f"http://{second.address}").get("prefix", 0)
+            == second_choices.get("prefix", 0) + 1
+        )
         assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == 256
     finally:
         for service in (second, kvstore_2):
@@ -146,8 +185,11 @@ def test_requests_survive_redis_dying_and_routing_recovers(cluster):
             if i == 2 and worker == 0:
                 cluster.redis.stop()  # mid-run, with the other clients' requests in flight
                 redis_killed.set()
-            finishes.append(complete(cluster.router_url, system + tokens(16, 300 + 10 * worker + i))
-                            ["choices"][0]["finish_reason"])
+            finishes.append(
+                complete(cluster.router_url, system + tokens(16, 300 + 10 * worker + i))["choices"][
+                    0
+                ]["finish_reason"]
+            )
             if i == 2:
                 redis_killed.wait(30)
         return finishes
@@ -156,20 +198,35 @@ def test_requests_survive_redis_dying_and_routing_recovers(cluster):
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             finishes = [f for result in pool.map(client, range(4)) for f in result]
         assert len(finishes) == 24 and all(finishes)
-        unavailable = choices(cluster.router_url).get("index_unavailable", 0) - before.get("index_unavailable", 0)
+        unavailable = choices(cluster.router_url).get("index_unavailable", 0) - before.get(
+            "index_unavailable", 0
+        )
         assert unavailable >= 12  # at least every request sent after the kill routed by load alone
     finally:
         cluster.redis = RedisProcess.start(port=port)  # back, empty
+
     # The pods notice (heartbeat: unknown incarnation) and resend their caches; wait until both are
     # registered again and the index names a holder of the whole system prompt (load routing may
     # have put it on both pods, so the entry count says nothing about who resynced).
     def resynced() -> bool:
         with grpc.insecure_channel(cluster.by_name("kvstore").address) as channel:
-            live = kvstore_pb2_grpc.KVStoreServiceStub(channel).Stats(kvstore_pb2.StatsRequest(), timeout=5).live_pods
+            live = (
+                kvstore_pb2_grpc.KVStoreServiceStub(channel)
+                .Stats(kvstore_pb2.StatsRequest(), timeout=5)
+                .live_pods
+            )
         block_size = pod_stats(cluster.pods("prefill")[0]).block_size
-        return live == 2 and max(kvstore_holders(cluster, system).values(), default=0) == len(system) // block_size
+        return (
+            live == 2
+            and max(kvstore_holders(cluster, system).values(), default=0)
+            == len(system) // block_size
+        )
 
-    wait_until(resynced, 20, lambda: f"the pods to resync the index (holders: {kvstore_holders(cluster, system)})")
+    wait_until(
+        resynced,
+        20,
+        lambda: f"the pods to resync the index (holders: {kvstore_holders(cluster, system)})",
+    )
     before = choices(cluster.router_url)
     out = complete(cluster.router_url, system + tokens(16, 399))
     assert choices(cluster.router_url).get("prefix", 0) - before.get("prefix", 0) == 1
@@ -180,14 +237,26 @@ def test_a_restarted_prefill_pod_loses_its_old_entries(cluster):
     system = tokens(256, seed=4)
     before = queries(cluster)
     warm(cluster, cluster.router_url, system)
-    holder = next(p for p in cluster.pods("prefill") if p.name == served_by(cluster, before, queries(cluster)))
+    holder = next(
+        p for p in cluster.pods("prefill") if p.name == served_by(cluster, before, queries(cluster))
+    )
     holder.proc.terminate()
     holder.proc.wait(10)
-    holder.proc, holder.relay = cluster.spawn(holder.name, holder.args)  # same pod id, new incarnation, empty cache
+    holder.proc, holder.relay = cluster.spawn(
+        holder.name, holder.args
+    )  # same pod id, new incarnation, empty cache
     wait_until(holder.ready, 60, "the restarted pod")
-    wait_until(lambda: httpx.get(f"{cluster.router_url}/health").json()["prefill_pods"] == 2, 20, "the router")
+    wait_until(
+        lambda: httpx.get(f"{cluster.router_url}/health").json()["prefill_pods"] == 2,
+        20,
+        "the router",
+    )
     # Its first heartbeat retires the old incarnation's entries: kvstore then knows no holder.
-    wait_until(lambda: kvstore_holders(cluster, system) == {}, 20, "kvstore to drop the old incarnation's entries")
+    wait_until(
+        lambda: kvstore_holders(cluster, system) == {},
+        20,
+        "kvstore to drop the old incarnation's entries",
+    )
     before = choices(cluster.router_url)
     out = complete(cluster.router_url, system + tokens(16, 499))
     after = choices(cluster.router_url)

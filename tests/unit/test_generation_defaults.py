@@ -28,10 +28,22 @@ def model_with(llama_dir, tmp_path):
 
 
 def test_the_sampling_fields_are_read_and_the_rest_ignored(model_with):
-    path = model_with(temperature=0.6, top_p=0.9, top_k=20, min_p=0.05, repetition_penalty=1.1,
-                      do_sample=True, max_new_tokens=77)
-    assert generation_defaults(path) == {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "min_p": 0.05,
-                                         "repetition_penalty": 1.1}
+    path = model_with(
+        temperature=0.6,
+        top_p=0.9,
+        top_k=20,
+        min_p=0.05,
+        repetition_penalty=1.1,
+        do_sample=True,
+        max_new_tokens=77,
+    )
+    assert generation_defaults(path) == {
+        "temperature": 0.6,
+        "top_p": 0.9,
+        "top_k": 20,
+        "min_p": 0.05,
+        "repetition_penalty": 1.1,
+    }
     assert generation_defaults(model_with(top_k=0)) == {}  # 0 (or -1) means no top-k
     with pytest.raises(ModelLoadError, match="temperature must be a number"):
         generation_defaults(model_with(temperature="hot"))
@@ -44,33 +56,56 @@ def test_without_the_file_there_are_no_defaults(llama_dir, tmp_path):
 
 
 def test_the_router_fills_only_what_a_request_leaves_unset(model_with):
-    defaults = RouterSettings(model=model_with(temperature=0.6, top_p=0.9, top_k=20)).sampling_defaults()
-    plain = CompletionRequest(prompt="x").sampling_params(max_tokens=4, logprobs=None, defaults=defaults)
+    defaults = RouterSettings(
+        model=model_with(temperature=0.6, top_p=0.9, top_k=20)
+    ).sampling_defaults()
+    plain = CompletionRequest(prompt="x").sampling_params(
+        max_tokens=4, logprobs=None, defaults=defaults
+    )
     assert (plain.temperature, plain.top_p, plain.top_k) == (0.6, 0.9, 20)
     own = CompletionRequest(prompt="x", temperature=0, top_k=-1).sampling_params(
-        max_tokens=4, logprobs=None, defaults=defaults)
-    assert (own.temperature, own.top_p, own.top_k) == (0.0, 0.9, None)  # top_k -1: off, whatever the default
+        max_tokens=4, logprobs=None, defaults=defaults
+    )
+    assert (own.temperature, own.top_p, own.top_k) == (
+        0.0,
+        0.9,
+        None,
+    )  # top_k -1: off, whatever the default
 
 
 def test_generation_config_vllm_ignores_the_file_and_bad_values_fail_the_start(model_with):
-    assert RouterSettings(model=model_with(temperature=0.6), generation_config="vllm").sampling_defaults() == {}
+    assert (
+        RouterSettings(
+            model=model_with(temperature=0.6), generation_config="vllm"
+        ).sampling_defaults()
+        == {}
+    )
     with pytest.raises(ModelLoadError, match="generation_config.json.*top_p"):
         RouterSettings(model=model_with(top_p=1.5)).sampling_defaults()
 
 
 def test_llm_without_sampling_params_uses_the_models_defaults(model_with):
     llm = LLM(model_with(temperature=0.0, repetition_penalty=1.3), num_kv_blocks=64)
-    assert llm.get_default_sampling_params() == SamplingParams(temperature=0.0, repetition_penalty=1.3)
+    assert llm.get_default_sampling_params() == SamplingParams(
+        temperature=0.0, repetition_penalty=1.3
+    )
     prompt = list(range(3, 20))
     out = llm.generate([prompt])[0].outputs[0].token_ids
-    assert out == llm.generate([prompt], SamplingParams(temperature=0.0, repetition_penalty=1.3))[0].outputs[0].token_ids
+    assert (
+        out
+        == llm.generate([prompt], SamplingParams(temperature=0.0, repetition_penalty=1.3))[0]
+        .outputs[0]
+        .token_ids
+    )
 
 
 def test_the_sdk_sends_only_the_sampling_fields_it_was_given():
     from tandem.sdk.client import _request
 
     sent = _request("hi", "", 0, None, None, {"max_tokens": 3, "top_p": 0.5}).sampling_params
-    assert sent.HasField("top_p") and not sent.HasField("temperature") and not sent.HasField("top_k")
+    assert (
+        sent.HasField("top_p") and not sent.HasField("temperature") and not sent.HasField("top_k")
+    )
 
 
 def test_the_grpc_api_fills_the_same_defaults_as_http(model_with):
@@ -84,8 +119,14 @@ def test_the_grpc_api_fills_the_same_defaults_as_http(model_with):
 
     path = model_with(temperature=0.6, top_p=0.9)
     no_pods = SimpleNamespace(registry=SimpleNamespace(by_role=lambda role: []))
-    serving = OpenAIServing(Tokenizer(path), no_pods, model_name="m", max_model_len=512, vocab_size=1024,
-                            sampling_defaults=RouterSettings(model=path).sampling_defaults())
+    serving = OpenAIServing(
+        Tokenizer(path),
+        no_pods,
+        model_name="m",
+        max_model_len=512,
+        vocab_size=1024,
+        sampling_defaults=RouterSettings(model=path).sampling_defaults(),
+    )
     servicer = RouterServicer(serving, RouterMetrics())
     job = servicer._job(_request("hi", "", 0, None, None, {"max_tokens": 3}))
     assert (job.params.temperature, job.params.top_p) == (0.6, 0.9)

@@ -22,7 +22,11 @@ def test_sse_payloads_stop_at_done_and_skip_blank_lines():
 
 
 def test_an_error_inside_the_stream_is_a_failure_with_its_message():
-    lines = sse({"a": 1}, {"error": {"type": "ServiceUnavailableError", "message": "decode pod died"}}, "[DONE]")
+    lines = sse(
+        {"a": 1},
+        {"error": {"type": "ServiceUnavailableError", "message": "decode pod died"}},
+        "[DONE]",
+    )
     with pytest.raises(StreamError, match="ServiceUnavailableError: decode pod died"):
         list(sse_payloads(lines))
 
@@ -56,7 +60,10 @@ def test_jsonl_rows(tmp_path):
     writer.write(RequestRecord("chat", "random", "r2", error="HTTP 400"))
     writer.close()
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    assert [(r["request_id"], r["ok"], r["error"]) for r in rows] == [("r1", True, None), ("r2", False, "HTTP 400")]
+    assert [(r["request_id"], r["ok"], r["error"]) for r in rows] == [
+        ("r1", True, None),
+        ("r2", False, "HTTP 400"),
+    ]
 
 
 def test_random_prompts_vary_in_length_within_bounds():
@@ -72,18 +79,30 @@ def test_shared_prefix_users_share_a_few_system_prompts():
 
 
 def test_multi_turn_conversations_grow_then_start_over():
-    conv = Conversation(WorkloadOptions(workload="multi-turn", turns=2, prompt_words_min=2, prompt_words_max=5), 3)
+    conv = Conversation(
+        WorkloadOptions(workload="multi-turn", turns=2, prompt_words_min=2, prompt_words_max=5), 3
+    )
     first = conv.next_messages()
     conv.answered("reply one")
     second = conv.next_messages()
-    assert second[: len(first)] == first and second[len(first)] == {"role": "assistant", "content": "reply one"}
+    assert second[: len(first)] == first and second[len(first)] == {
+        "role": "assistant",
+        "content": "reply one",
+    }
     assert as_prompt(second).startswith(as_prompt(first)[: -len("\nassistant:")])
     conv.answered("reply two")
     assert len(conv.next_messages()) == 2  # a new conversation: system + first question
 
 
-@pytest.mark.parametrize("bad", [{"workload": "bursty"}, {"prompt_words_min": 0}, {"prompt_words_min": 9,
-                                 "prompt_words_max": 3}, {"turns": 0}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"workload": "bursty"},
+        {"prompt_words_min": 0},
+        {"prompt_words_min": 9, "prompt_words_max": 3},
+        {"turns": 0},
+    ],
+)
 def test_bad_workload_options_are_refused(bad):
     with pytest.raises(ValueError):
         WorkloadOptions(**bad)

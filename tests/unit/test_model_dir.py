@@ -48,9 +48,15 @@ def test_missing_directory_and_files(tmp_path, model_copy):
 @pytest.mark.parametrize(
     "changes, message",
     [
-        (dict(architectures=["GPT2LMHeadModel"]), "unsupported architecture \\['GPT2LMHeadModel'\\]"),
+        (
+            dict(architectures=["GPT2LMHeadModel"]),
+            "unsupported architecture \\['GPT2LMHeadModel'\\]",
+        ),
         (dict(hidden_size=None), "missing the field 'hidden_size'"),
-        (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}), "rope type 'yarn' is not supported"),
+        (
+            dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}),
+            "rope type 'yarn' is not supported",
+        ),
         (dict(hidden_act="gelu"), "hidden_act 'gelu'"),
     ],
 )
@@ -78,7 +84,9 @@ def test_missing_wrong_and_unexpected_weights(model_copy):
     missing = dict(tensors)
     del missing["model.layers.1.self_attn.k_proj.weight"]
     save_file(missing, path)
-    with pytest.raises(ModelLoadError, match="missing weights: model.layers.1.self_attn.k_proj.weight"):
+    with pytest.raises(
+        ModelLoadError, match="missing weights: model.layers.1.self_attn.k_proj.weight"
+    ):
         LLM(model_copy, num_kv_blocks=8)
     wrong = dict(tensors)
     wrong["model.norm.weight"] = torch.ones(3)
@@ -93,12 +101,19 @@ def test_missing_wrong_and_unexpected_weights(model_copy):
 
 
 def test_sharded_checkpoint_loads_like_a_single_file(llama_dir, tmp_path):
-    sharded = generate_model_dir(ModelGenOptions(arch="llama", out=tmp_path / "sharded", max_shard_size="100KB"))
+    sharded = generate_model_dir(
+        ModelGenOptions(arch="llama", out=tmp_path / "sharded", max_shard_size="100KB")
+    )
     files = weight_files(sharded)
     assert len(files) > 2 and (sharded / "model.safetensors.index.json").is_file()
     params = SamplingParams(temperature=0, max_tokens=12)
     a = LLM(sharded, num_kv_blocks=16).generate(["sharded weights"], params)[0].outputs[0].token_ids
-    b = LLM(llama_dir, num_kv_blocks=16).generate(["sharded weights"], params)[0].outputs[0].token_ids
+    b = (
+        LLM(llama_dir, num_kv_blocks=16)
+        .generate(["sharded weights"], params)[0]
+        .outputs[0]
+        .token_ids
+    )
     assert a == b
     files[1].unlink()
     with pytest.raises(ModelLoadError, match="missing weight shard"):

@@ -47,11 +47,14 @@ def test_http_archive_is_fetched_verified_and_not_fetched_twice(served, llama_di
     assert not list(dest.glob(".fetch-*"))  # no staging left behind
     (root / "model.tar.gz").unlink()  # a second run (pod restart) must not download again
     fetch_model(options)
-    assert (dest / MARKER).is_file() and options.uri not in (dest / MARKER).read_text()  # no URI kept on disk
+    assert (dest / MARKER).is_file() and options.uri not in (
+        dest / MARKER
+    ).read_text()  # no URI kept on disk
 
 
-def test_metadata_only_skips_the_weights_and_the_uri_can_come_from_the_environment(served, llama_dir, tmp_path,
-                                                                                    monkeypatch):
+def test_metadata_only_skips_the_weights_and_the_uri_can_come_from_the_environment(
+    served, llama_dir, tmp_path, monkeypatch
+):
     root, base = served
     make_archive(root / "meta.tar.gz", llama_dir, "tiny-llama")
     monkeypatch.setenv("TANDEM_MODEL_FETCH_URI", f"{base}/meta.tar.gz")  # a Secret in the chart
@@ -62,6 +65,7 @@ def test_metadata_only_skips_the_weights_and_the_uri_can_come_from_the_environme
     from tandem.tokenizer import Tokenizer
 
     assert Tokenizer(dest).encode("hello")  # what the router needs from it works
+
 
 def test_file_uris_of_a_directory_and_of_a_flat_archive(llama_dir, tmp_path):
     fetch_model(ModelFetchOptions(uri=f"file://{llama_dir}", dest=tmp_path / "a"))

@@ -11,10 +11,16 @@ BUF = ROOT / ".tools" / "node_modules" / ".bin" / "buf"
 
 def test_committed_stubs_match_a_fresh_generation(tmp_path):
     out = tmp_path / "proto"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--out", str(out)], check=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--out", str(out)], check=True
+    )
     committed = ROOT / "tandem" / "proto"
     fresh = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
-    ours = sorted(p.relative_to(committed) for p in committed.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    ours = sorted(
+        p.relative_to(committed)
+        for p in committed.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    )
     assert fresh == ours
     stale = [str(p) for p in fresh if not filecmp.cmp(out / p, committed / p, shallow=False)]
     assert not stale, f"regenerate with scripts/gen_protos.py: {stale}"

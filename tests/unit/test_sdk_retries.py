@@ -19,7 +19,9 @@ from tandem.sdk import AsyncClient, Client
 
 
 def chunk(token: int, last: bool = False) -> router_pb2.GenerateResponse:
-    resp = router_pb2.GenerateResponse(request_id="r", chunk=common_pb2.TokenChunk(token_ids=[token], text=f"<{token}>"))
+    resp = router_pb2.GenerateResponse(
+        request_id="r", chunk=common_pb2.TokenChunk(token_ids=[token], text=f"<{token}>")
+    )
     if last:
         resp.chunk.finish_reason = common_pb2.FINISH_REASON_LENGTH
         resp.usage.prompt_tokens, resp.usage.completion_tokens = 1, 2

@@ -11,8 +11,17 @@ from tandem import telemetry
         ({}, False),
         ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"}, True),
         ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4317"}, True),
-        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317", "OTEL_SDK_DISABLED": "true"}, False),
-        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317", "OTEL_TRACES_EXPORTER": "none"}, False),
+        (
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317", "OTEL_SDK_DISABLED": "true"},
+            False,
+        ),
+        (
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317",
+                "OTEL_TRACES_EXPORTER": "none",
+            },
+            False,
+        ),
         ({"OTEL_EXPORTER_OTLP_ENDPOINT": ""}, False),
     ],
 )
@@ -26,6 +35,8 @@ def test_off_by_default_everything_is_a_no_op(monkeypatch):
     assert telemetry.setup_tracing("prefill") is False
     assert not telemetry.tracing_enabled()
     assert telemetry.server_interceptors() == []
-    assert telemetry.outgoing_metadata((("k", "v"),)) == (("k", "v"),)  # nothing added, nothing lost
+    assert telemetry.outgoing_metadata((("k", "v"),)) == (
+        ("k", "v"),
+    )  # nothing added, nothing lost
     with telemetry.tracer().start_as_current_span("x") as span:
         assert not span.is_recording()

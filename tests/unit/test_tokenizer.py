@@ -11,7 +11,9 @@ def tok(llama_dir):
     return Tokenizer(llama_dir)
 
 
-@pytest.mark.parametrize("text", ["plain ascii text", "ünïcödé — 漢字 and emoji 🚀🚀", "a\nb\tc  d"])
+@pytest.mark.parametrize(
+    "text", ["plain ascii text", "ünïcödé — 漢字 and emoji 🚀🚀", "a\nb\tc  d"]
+)
 def test_stream_decode_equals_full_decode(tok, text):
     ids = tok.encode(text)
     stream = tok.decode_stream()
@@ -19,7 +21,9 @@ def test_stream_decode_equals_full_decode(tok, text):
 
 
 def test_chat_template_and_errors(tok):
-    ids = tok.encode_chat([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
+    ids = tok.encode_chat(
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    )
     text = tok.decode(ids, skip_special_tokens=False)
     assert text.endswith("<|im_start|>assistant\n")
     with pytest.raises(InvalidRequest) as e:
@@ -39,7 +43,14 @@ def test_stream_is_primed_with_the_prompt_for_sentencepiece_style_decoders(tmp_p
     from tokenizers import decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<unk>": 0, "\u2581The": 1, "\u2581capital": 2, "\u2581is": 3, "\u2581Paris": 4, ".": 5}
+    vocab = {
+        "<unk>": 0,
+        "\u2581The": 1,
+        "\u2581capital": 2,
+        "\u2581is": 3,
+        "\u2581Paris": 4,
+        ".": 5,
+    }
     raw = RawTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
     raw.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")

@@ -71,7 +71,9 @@ def triton_available() -> bool:
 def triton_supports(head_dim: int, block_size: int) -> bool:
     """Shapes the Triton kernels compile for: power-of-two head_dim (16..256), block size <= 128."""
     pow2 = head_dim & (head_dim - 1) == 0
-    return pow2 and 16 <= head_dim <= 256 and block_size <= 128 and block_size & (block_size - 1) == 0
+    return (
+        pow2 and 16 <= head_dim <= 256 and block_size <= 128 and block_size & (block_size - 1) == 0
+    )
 
 
 def resolve_backend_name(name: str, device_type: str) -> str:

@@ -37,7 +37,9 @@ class TorchAttentionBackend:
         qsl = meta.query_start_loc_cpu
         for i in range(nd, meta.num_seqs):
             rows = slice(qsl[i], qsl[i + 1])
-            out[rows] = self.prefill(q[rows], k[rows], v[rows], k_cache, v_cache, meta, i, scale, sliding_window)
+            out[rows] = self.prefill(
+                q[rows], k[rows], v[rows], k_cache, v_cache, meta, i, scale, sliding_window
+            )
         return out
 
     # The three steps of a forward; other backends override them.
@@ -52,7 +54,9 @@ class TorchAttentionBackend:
         """Attention of the leading one-token rows, into ``out``."""
         out[:] = self._decode(q, k_cache, v_cache, meta, scale, window)
 
-    def prefill(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, i, scale, window) -> torch.Tensor:
+    def prefill(
+        self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, i, scale, window
+    ) -> torch.Tensor:
         """Attention of sequence ``i``'s chunk (``k``/``v``: its new rows, already in the cache)."""
         return self._prefill(q, k_cache, v_cache, meta, i, scale, window)
 

@@ -20,22 +20,40 @@ import triton.language as tl
 # compile a variant per value class (1, multiple of 16, other) in the middle of serving.
 @triton.jit(do_not_specialize=["window", "stride_tb", "num_splits"])
 def _paged_decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr,
-    part_acc_ptr, part_max_ptr, part_sum_ptr,
-    scale, window,
-    stride_qb, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    tables_ptr,
+    lens_ptr,
+    part_acc_ptr,
+    part_max_ptr,
+    part_sum_ptr,
+    scale,
+    window,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
     stride_tb,
     num_splits,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    TILE: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
-    seq_len = tl.sum(tl.load(lens_ptr + b + tl.arange(0, 1)), 0).to(tl.int32)  # a scalar (interpreter too)
+    seq_len = tl.sum(tl.load(lens_ptr + b + tl.arange(0, 1)), 0).to(
+        tl.int32
+    )  # a scalar (interpreter too)
     num_pages = tl.cdiv(seq_len, BLOCK_SIZE)
     pages_per_split = tl.cdiv(num_pages, num_splits)
     tok_start = split * pages_per_split * BLOCK_SIZE
@@ -56,19 +74,39 @@ def _paged_decode_split_kernel(
     for start in tl.range(tok_start, tok_end, TILE):
         tok = start + offs
         tok_ok = tok < tok_end
-        page = tl.load(tables_ptr + b * stride_tb + tok // BLOCK_SIZE, mask=tok_ok, other=0).to(tl.int64)
+        page = tl.load(tables_ptr + b * stride_tb + tok // BLOCK_SIZE, mask=tok_ok, other=0).to(
+            tl.int64
+        )
         slot = tok % BLOCK_SIZE
-        k = tl.load(k_ptr + page[:, None] * stride_kb + slot[:, None] * stride_kt + kv_head * stride_kh
-                    + dims[None, :], mask=tok_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # [GROUP_PAD, TILE]
+        k = tl.load(
+            k_ptr
+            + page[:, None] * stride_kb
+            + slot[:, None] * stride_kt
+            + kv_head * stride_kh
+            + dims[None, :],
+            mask=tok_ok[:, None],
+            other=0.0,
+        )
+        s = (
+            tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
+        )  # [GROUP_PAD, TILE]
         s = tl.where(tok_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + page[:, None] * stride_vb + slot[:, None] * stride_vt + kv_head * stride_vh
-                    + dims[None, :], mask=tok_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
+        v = tl.load(
+            v_ptr
+            + page[:, None] * stride_vb
+            + slot[:, None] * stride_vt
+            + kv_head * stride_vh
+            + dims[None, :],
+            mask=tok_ok[:, None],
+            other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(
+            tl.float32
+        )
         m_i = m_new
 
     # Partials: [B, Hq, num_splits, (D | 1)] float32.
@@ -80,9 +118,16 @@ def _paged_decode_split_kernel(
 
 @triton.jit(do_not_specialize=["num_heads", "num_splits"])
 def _merge_splits_kernel(
-    part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr,
-    stride_ob, stride_oh, num_heads, num_splits,
-    HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    part_acc_ptr,
+    part_max_ptr,
+    part_sum_ptr,
+    out_ptr,
+    stride_ob,
+    stride_oh,
+    num_heads,
+    num_splits,
+    HEAD_DIM: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -96,7 +141,9 @@ def _merge_splits_kernel(
     w = tl.where(ok & (m > float("-inf")), tl.exp(m - m_safe), 0.0)
     total = tl.sum(l * w, 0)
     dims = tl.arange(0, HEAD_DIM)
-    acc = tl.load(part_acc_ptr + rows[:, None] * HEAD_DIM + dims[None, :], mask=ok[:, None], other=0.0)
+    acc = tl.load(
+        part_acc_ptr + rows[:, None] * HEAD_DIM + dims[None, :], mask=ok[:, None], other=0.0
+    )
     o = tl.sum(acc * w[:, None], 0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + dims, o.to(out_ptr.dtype.element_ty))
 
@@ -113,9 +160,21 @@ def launch_config(head_dim: int, block_size: int) -> tuple[int, int, int]:
     return max(64, block_size), 4, 3
 
 
-def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, *, scale: float, window: int | None,
-                 num_splits: int, out=None, tile: int | None = None, num_warps: int | None = None,
-                 num_stages: int | None = None):
+def paged_decode(
+    q,
+    k_cache,
+    v_cache,
+    block_tables,
+    seq_lens,
+    *,
+    scale: float,
+    window: int | None,
+    num_splits: int,
+    out=None,
+    tile: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+):
     """Attention of one new token per sequence over its paged context -> [B, Hq, D] in q's dtype.
 
     ``tile`` (tokens per loop iteration), ``num_warps`` and ``num_stages`` are the launch's
@@ -132,42 +191,89 @@ def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, *, scale: float, w
         return out
     # Per call: the caching allocator makes this cheap, eager steps give it back, and inside a
     # graph capture it lands in (and lives with) the graph's pool.
-    part_acc = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+    part_acc = torch.empty(
+        (batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
+    )
     part_max = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
     part_sum = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
     block_size = k_cache.shape[1]
     default_tile, default_warps, default_stages = launch_config(head_dim, block_size)
-    tile, num_warps, num_stages = tile or default_tile, num_warps or default_warps, num_stages or default_stages
+    tile, num_warps, num_stages = (
+        tile or default_tile,
+        num_warps or default_warps,
+        num_stages or default_stages,
+    )
     _paged_decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens,
-        part_acc, part_max, part_sum,
-        scale, window or 0,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        part_acc,
+        part_max,
+        part_sum,
+        scale,
+        window or 0,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
         block_tables.stride(0),
         num_splits,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, TILE=tile,
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        TILE=tile,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # float32 stays exact (no TF32)
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     _merge_splits_kernel[(batch, num_heads)](
-        part_acc, part_max, part_sum, out, out.stride(0), out.stride(1), num_heads, num_splits,
-        HEAD_DIM=head_dim, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
+        part_acc,
+        part_max,
+        part_sum,
+        out,
+        out.stride(0),
+        out.stride(1),
+        num_heads,
+        num_splits,
+        HEAD_DIM=head_dim,
+        SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
     )
     return out
 
 
 @triton.jit
-def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, stride_kt, stride_vt, row_size,
-                     BLOCK: tl.constexpr):
+def _store_kv_kernel(
+    k_ptr,
+    v_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slots_ptr,
+    stride_kt,
+    stride_vt,
+    row_size,
+    BLOCK: tl.constexpr,
+):
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < row_size
     slot = tl.sum(tl.load(slots_ptr + token + tl.arange(0, 1)), 0).to(tl.int64)
-    tl.store(k_cache_ptr + slot * row_size + cols, tl.load(k_ptr + token * stride_kt + cols, mask=ok), mask=ok)
-    tl.store(v_cache_ptr + slot * row_size + cols, tl.load(v_ptr + token * stride_vt + cols, mask=ok), mask=ok)
+    tl.store(
+        k_cache_ptr + slot * row_size + cols,
+        tl.load(k_ptr + token * stride_kt + cols, mask=ok),
+        mask=ok,
+    )
+    tl.store(
+        v_cache_ptr + slot * row_size + cols,
+        tl.load(v_ptr + token * stride_vt + cols, mask=ok),
+        mask=ok,
+    )
 
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
@@ -178,10 +284,13 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     row = k.shape[1] * k.shape[2]
     block = min(1024, triton.next_power_of_2(row))
     _store_kv_kernel[(tokens, triton.cdiv(row, block))](
-        k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0), row, BLOCK=block)
+        k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0), row, BLOCK=block
+    )
 
 
-def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, block_size: int, num_sms: int) -> int:
+def choose_num_splits(
+    batch: int, num_kv_heads: int, max_context: int, block_size: int, num_sms: int
+) -> int:
     """Splits per sequence: enough programs to fill the GPU twice over, each with 4+ pages to read."""
     if batch * num_kv_heads >= 2 * num_sms:
         return 1

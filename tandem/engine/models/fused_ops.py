@@ -43,14 +43,34 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x2 = x.reshape(-1, shape[-1])
     out = torch.empty_like(x2)
     if x2.shape[0]:
-        _rms_norm_kernel[(x2.shape[0],)](x2, weight, out, x2.stride(0), out.stride(0), shape[-1], eps,
-                                         BLOCK=triton.next_power_of_2(shape[-1]))
+        _rms_norm_kernel[(x2.shape[0],)](
+            x2,
+            weight,
+            out,
+            x2.stride(0),
+            out.stride(0),
+            shape[-1],
+            eps,
+            BLOCK=triton.next_power_of_2(shape[-1]),
+        )
     return out.view(shape)
 
 
 @triton.jit
-def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, stride_o, stride_ro,
-                         n_cols, eps, BLOCK: tl.constexpr):
+def _add_rms_norm_kernel(
+    x_ptr,
+    r_ptr,
+    w_ptr,
+    out_ptr,
+    res_out_ptr,
+    stride_x,
+    stride_r,
+    stride_o,
+    stride_ro,
+    n_cols,
+    eps,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < n_cols
@@ -88,18 +108,51 @@ def add_rms_norm(
     res_out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     if x2.shape[0]:
         _add_rms_norm_kernel[(x2.shape[0],)](
-            x2, r2, weight, out, res_out, x2.stride(0), r2.stride(0), out.stride(0), res_out.stride(0), shape[-1],
-            eps, BLOCK=triton.next_power_of_2(shape[-1]))
+            x2,
+            r2,
+            weight,
+            out,
+            res_out,
+            x2.stride(0),
+            r2.stride(0),
+            out.stride(0),
+            res_out.stride(0),
+            shape[-1],
+            eps,
+            BLOCK=triton.next_power_of_2(shape[-1]),
+        )
     return out.view(shape), res_out.view(shape)
 
 
 @triton.jit
 def _rotary_and_store_kernel(
-    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, q_out_ptr, k_out_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos, stride_sin,
-    stride_kcs, stride_kch, stride_vcs, stride_vch,
-    num_q_heads, num_kv_heads,
-    HALF: tl.constexpr, Q_HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    cos_ptr,
+    sin_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slots_ptr,
+    q_out_ptr,
+    k_out_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cos,
+    stride_sin,
+    stride_kcs,
+    stride_kch,
+    stride_vcs,
+    stride_vch,
+    num_q_heads,
+    num_kv_heads,
+    HALF: tl.constexpr,
+    Q_HEADS_PAD: tl.constexpr,
+    KV_HEADS_PAD: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     dims = tl.arange(0, HALF)[None, :]
@@ -118,7 +171,9 @@ def _rotary_and_store_kernel(
     tl.store(dst + HALF + dims, (x2 * c + x1 * s).to(q_out_ptr.dtype.element_ty), mask=q_ok)
 
     # k: rotated into k_out and into the cache slot; v: copied into the cache slot as it is.
-    slot = tl.sum(tl.load(slots_ptr + token + tl.arange(0, 1)), 0).to(tl.int64)  # a scalar (interpreter too)
+    slot = tl.sum(tl.load(slots_ptr + token + tl.arange(0, 1)), 0).to(
+        tl.int64
+    )  # a scalar (interpreter too)
     kh = tl.arange(0, KV_HEADS_PAD)[:, None]
     k_ok = kh < num_kv_heads
     src = k_ptr + token * stride_kt + kh * stride_kh
@@ -134,13 +189,22 @@ def _rotary_and_store_kernel(
     tl.store(dst + HALF + dims, y2.to(k_cache_ptr.dtype.element_ty), mask=k_ok)
     full = tl.arange(0, 2 * HALF)[None, :]
     val = tl.load(v_ptr + token * stride_vt + kh * stride_vh + full, mask=k_ok, other=0.0)
-    tl.store(v_cache_ptr + slot * stride_vcs + kh * stride_vch + full, val.to(v_cache_ptr.dtype.element_ty),
-             mask=k_ok)
+    tl.store(
+        v_cache_ptr + slot * stride_vcs + kh * stride_vch + full,
+        val.to(v_cache_ptr.dtype.element_ty),
+        mask=k_ok,
+    )
 
 
 def rotary_and_store(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q and k and write rotated k and v into their cache slots: one kernel for the three.
 
@@ -164,11 +228,34 @@ def rotary_and_store(
         cos2, sin2 = cos.reshape(tokens, dim), sin.reshape(tokens, dim)
         kc, vc = k_cache.view(-1, kv_heads, dim), v_cache.view(-1, kv_heads, dim)
         _rotary_and_store_kernel[(tokens,)](
-            q, k, v, cos2, sin2, kc, vc, slot_mapping, q_out, k_out,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos2.stride(0),
-            sin2.stride(0), kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1), q_heads, kv_heads,
-            HALF=dim // 2, Q_HEADS_PAD=triton.next_power_of_2(q_heads),
-            KV_HEADS_PAD=triton.next_power_of_2(kv_heads))
+            q,
+            k,
+            v,
+            cos2,
+            sin2,
+            kc,
+            vc,
+            slot_mapping,
+            q_out,
+            k_out,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            v.stride(0),
+            v.stride(1),
+            cos2.stride(0),
+            sin2.stride(0),
+            kc.stride(0),
+            kc.stride(1),
+            vc.stride(0),
+            vc.stride(1),
+            q_heads,
+            kv_heads,
+            HALF=dim // 2,
+            Q_HEADS_PAD=triton.next_power_of_2(q_heads),
+            KV_HEADS_PAD=triton.next_power_of_2(kv_heads),
+        )
     return q_out, k_out
 
 
@@ -191,5 +278,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((tokens, n), dtype=x.dtype, device=x.device)
     if tokens:
         block = 1024
-        _silu_and_mul_kernel[(tokens, triton.cdiv(n, block))](x, out, x.stride(0), out.stride(0), n, BLOCK=block)
+        _silu_and_mul_kernel[(tokens, triton.cdiv(n, block))](
+            x, out, x.stride(0), out.stride(0), n, BLOCK=block
+        )
     return out

@@ -77,7 +77,9 @@ def load_model(
             else:
                 p.data.normal_(0.0, 0.02, generator=generator)
         return model.eval()
-    expected = {(name, None) for name in params if ".qkv_proj." not in name and ".gate_up_proj." not in name}
+    expected = {
+        (name, None) for name in params if ".qkv_proj." not in name and ".gate_up_proj." not in name
+    }
     for name in params:
         if ".qkv_proj." in name:
             expected |= {(name, s) for s in range(3)}
@@ -99,7 +101,9 @@ def load_model(
     return model.eval()
 
 
-def _load_tensor(model, params, config, key: str, tensor: torch.Tensor) -> tuple[str, int | None] | None:
+def _load_tensor(
+    model, params, config, key: str, tensor: torch.Tensor
+) -> tuple[str, int | None] | None:
     if _IGNORED.search(key):
         return None
     if key == "lm_head.weight" and config.tie_word_embeddings:
@@ -115,14 +119,18 @@ def _load_tensor(model, params, config, key: str, tensor: torch.Tensor) -> tuple
             return (name, shard)
     param = params.get(key)
     if param is None:
-        raise ModelLoadError(f"unexpected weight {key!r} for a {config.architecture} with this config")
+        raise ModelLoadError(
+            f"unexpected weight {key!r} for a {config.architecture} with this config"
+        )
     _copy(param.data, tensor, key)
     return (key, None)
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor, key: str) -> None:
     if dst.shape != src.shape:
-        raise ModelLoadError(f"weight {key!r} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
+        raise ModelLoadError(
+            f"weight {key!r} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}"
+        )
     dst.copy_(src)
 
 

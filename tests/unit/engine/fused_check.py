@@ -41,7 +41,9 @@ def _tolerance(dtype: torch.dtype) -> dict[str, float]:
     return {"rtol": 2 * eps, "atol": eps}
 
 
-def check_add_rms_norm(rows, hidden, *, device="cpu", dtype=torch.float32, seed=0, eps=1e-5) -> None:
+def check_add_rms_norm(
+    rows, hidden, *, device="cpu", dtype=torch.float32, seed=0, eps=1e-5
+) -> None:
     """``add_rms_norm`` on strided rows: the residual bit-equal to PyTorch's add, the norm to RMSNorm's ops."""
     g = torch.Generator().manual_seed(seed)
     wide = (torch.randn(rows, hidden + 24, generator=g) * 2).to(device, dtype)
@@ -56,15 +58,23 @@ def check_add_rms_norm(rows, hidden, *, device="cpu", dtype=torch.float32, seed=
     r32 = want_res.float()
     want = w * (r32 * torch.rsqrt(r32.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
     assert normed.dtype == res_out.dtype == dtype and normed.shape == res_out.shape == x.shape
-    assert torch.equal(res_out, want_res), (rows, hidden, dtype, (res_out.float() - want_res.float()).abs().max())
+    assert torch.equal(res_out, want_res), (
+        rows,
+        hidden,
+        dtype,
+        (res_out.float() - want_res.float()).abs().max(),
+    )
     torch.testing.assert_close(normed, want, **_tolerance(dtype))
     if not normed.is_cuda:
         assert torch.equal(normed, fused_ops.rms_norm(want_res, w, eps))
-    assert torch.equal(wide, wide_before) and torch.equal(residual, residual_before)  # inputs are only read
+    assert torch.equal(wide, wide_before) and torch.equal(
+        residual, residual_before
+    )  # inputs are only read
 
 
-def check_rotary_and_store(block_size, tokens, hq, hkv, d, padding, *, device="cpu", dtype=torch.float32,
-                           seed=0) -> None:
+def check_rotary_and_store(
+    block_size, tokens, hq, hkv, d, padding, *, device="cpu", dtype=torch.float32, seed=0
+) -> None:
     """``rotary_and_store`` on strided q/k/v views and a fragmented slot mapping.
 
     q_rot and k_rot match rotary in float32 (rounded once); the cache holds exactly k_rot and v
@@ -73,8 +83,10 @@ def check_rotary_and_store(block_size, tokens, hq, hkv, d, padding, *, device="c
     g = torch.Generator().manual_seed(seed)
     n = tokens + padding
     width = (hq + 2 * hkv) * d
-    qkv = torch.randn(n, width + 16, generator=g).to(device, dtype)  # rows wider than q|k|v: strided
-    q = qkv[:, :hq * d].view(n, hq, d)
+    qkv = torch.randn(n, width + 16, generator=g).to(
+        device, dtype
+    )  # rows wider than q|k|v: strided
+    q = qkv[:, : hq * d].view(n, hq, d)
     k = qkv[:, hq * d : (hq + hkv) * d].view(n, hkv, d)
     v = qkv[:, (hq + hkv) * d : width].view(n, hkv, d)
     ang = torch.rand(n, 1, d // 2, generator=g) * 100
@@ -86,7 +98,7 @@ def check_rotary_and_store(block_size, tokens, hq, hkv, d, padding, *, device="c
     # Distinct slots spread over the whole pool (fragmented pages, any offset); padding rows
     # all write one scratch slot, as the CUDA graphs' padding rows do.
     perm = torch.randperm(num_blocks * block_size, generator=g)
-    live, scratch = perm[:tokens], perm[tokens:tokens + 1]
+    live, scratch = perm[:tokens], perm[tokens : tokens + 1]
     slots = torch.cat([live, scratch.expand(padding)])
     qkv_before, k_before, v_before = qkv.clone(), k_cache.clone(), v_cache.clone()
 
@@ -97,7 +109,9 @@ def check_rotary_and_store(block_size, tokens, hq, hkv, d, padding, *, device="c
     assert q_rot.is_contiguous() and k_rot.is_contiguous()
     torch.testing.assert_close(q_rot.float(), want_q, **_tolerance(dtype))
     torch.testing.assert_close(k_rot.float(), want_k, **_tolerance(dtype))
-    if not q_rot.is_cuda:  # the interpreter has no fused multiply-add: the same float32 math, rounded once
+    if (
+        not q_rot.is_cuda
+    ):  # the interpreter has no fused multiply-add: the same float32 math, rounded once
         assert torch.equal(q_rot, want_q.to(dtype)) and torch.equal(k_rot, want_k.to(dtype))
 
     k_flat, v_flat = k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d)

@@ -37,7 +37,9 @@ CASES = [
 ]
 
 
-def check_case(block_size, hq, hkv, d, lens, window, splits, *, device="cpu", dtype=torch.float32, seed=0):
+def check_case(
+    block_size, hq, hkv, d, lens, window, splits, *, device="cpu", dtype=torch.float32, seed=0
+):
     """Returns (max abs error, the output); raises AssertionError past tolerance."""
     g = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
@@ -54,14 +56,30 @@ def check_case(block_size, hq, hkv, d, lens, window, splits, *, device="cpu", dt
     q = torch.randn(len(lens), hq, d, generator=g).to(device, dtype)
     seq_lens = torch.tensor(lens, dtype=torch.int64)
     scale = d**-0.5
-    got = paged_decode(q, k_cache, v_cache, tables.to(device), seq_lens.to(device), scale=scale, window=window,
-                       num_splits=splits)
+    got = paged_decode(
+        q,
+        k_cache,
+        v_cache,
+        tables.to(device),
+        seq_lens.to(device),
+        scale=scale,
+        window=window,
+        num_splits=splits,
+    )
     live = [i for i, n in enumerate(lens) if n > 0]
     meta = AttentionMetadata(
-        slot_mapping=torch.zeros(0, dtype=torch.int64), block_tables=tables[live].to(device),
-        seq_lens=seq_lens[live].to(device), query_start_loc=torch.arange(len(live) + 1), num_decodes=len(live),
-        seq_lens_cpu=[lens[i] for i in live], query_start_loc_cpu=list(range(len(live) + 1)), block_size=block_size)
-    want = TorchAttentionBackend()._decode(q[live].float(), k_cache.float(), v_cache.float(), meta, scale, window)
+        slot_mapping=torch.zeros(0, dtype=torch.int64),
+        block_tables=tables[live].to(device),
+        seq_lens=seq_lens[live].to(device),
+        query_start_loc=torch.arange(len(live) + 1),
+        num_decodes=len(live),
+        seq_lens_cpu=[lens[i] for i in live],
+        query_start_loc_cpu=list(range(len(live) + 1)),
+        block_size=block_size,
+    )
+    want = TorchAttentionBackend()._decode(
+        q[live].float(), k_cache.float(), v_cache.float(), meta, scale, window
+    )
     err = (got[live].float() - want).abs().max().item()
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     assert err < tol, (block_size, hq, hkv, d, lens, window, splits, err)

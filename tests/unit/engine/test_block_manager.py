@@ -40,7 +40,9 @@ def check_invariants(bm: BlockManager) -> None:
     assert not (set(free_ids) | set(evictable_ids)) & set(owners), "a block is both free and owned"
     assert len(free_ids) + len(evictable_ids) + len(owners) == bm.num_total_blocks
     for rid, table in bm._tables.items():
-        assert bm.block_ids(rid).tolist() == [b.block_id for b in table], "the id array mirrors the table"
+        assert bm.block_ids(rid).tolist() == [b.block_id for b in table], (
+            "the id array mirrors the table"
+        )
     for b in bm._blocks:
         assert b.ref_count >= 0
         assert b.ref_count == owners.get(b.block_id, 0)
@@ -262,7 +264,10 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.content: dict[int, tuple[int, ...]] = {}
         self.n = 0
 
-    @rule(prefix=st.sampled_from([[], [1, 2, 3, 4], [1, 2, 3, 4, 5, 6, 7, 8]]), extra=st.integers(1, 12))
+    @rule(
+        prefix=st.sampled_from([[], [1, 2, 3, 4], [1, 2, 3, 4, 5, 6, 7, 8]]),
+        extra=st.integers(1, 12),
+    )
     def admit(self, prefix, extra):
         rid = f"r{self.n}"
         self.n += 1

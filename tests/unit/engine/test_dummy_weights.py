@@ -19,7 +19,9 @@ def test_dummy_engines_agree_on_weights_and_fingerprint(llama_dir, tmp_path):
     prompts = [[5, 6, 7, 8, 9], list(range(3, 40))]
     first, second = (LLM(shape_only, load_format="dummy", num_kv_blocks=64) for _ in range(2))
     assert first.engine.fingerprint == second.engine.fingerprint
-    outputs = [[o.outputs[0].token_ids for o in llm.generate(prompts, params)] for llm in (first, second)]
+    outputs = [
+        [o.outputs[0].token_ids for o in llm.generate(prompts, params)] for llm in (first, second)
+    ]
     assert outputs[0] == outputs[1]
     real = LLM(llama_dir, num_kv_blocks=64)
     assert real.engine.fingerprint.digest() != first.engine.fingerprint.digest()
@@ -27,6 +29,8 @@ def test_dummy_engines_agree_on_weights_and_fingerprint(llama_dir, tmp_path):
     config = json.loads((shape_only / "config.json").read_text())
     other = tmp_path / "other-shape"
     shutil.copytree(shape_only, other)
-    (other / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] * 2}))
+    (other / "config.json").write_text(
+        json.dumps({**config, "intermediate_size": config["intermediate_size"] * 2})
+    )
     wider = LLM(other, load_format="dummy", num_kv_blocks=64)
     assert wider.engine.fingerprint.digest() != first.engine.fingerprint.digest()

@@ -206,19 +206,25 @@ def test_aborting_preempted_and_recomputing_requests_returns_every_block(llama_d
 
 
 def test_text_is_the_decoded_tokens(llm):
-    out = llm.generate(["The router assigns each request"], SamplingParams(temperature=0, max_tokens=30))[0]
+    out = llm.generate(
+        ["The router assigns each request"], SamplingParams(temperature=0, max_tokens=30)
+    )[0]
     comp = out.outputs[0]
     assert comp.text == llm.tokenizer.decode(comp.token_ids)
     assert out.prompt == "The router assigns each request"
 
 
 def test_stop_string_truncates_text(llm):
-    base = llm.generate(["KV pages stream"], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0]
+    base = llm.generate(
+        ["KV pages stream"], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    )[0]
     text = base.outputs[0].text
     stop = text[6:9]
     assert len(stop) == 3 and stop.strip()
     first = text.find(stop)
-    out = llm.generate(["KV pages stream"], SamplingParams(temperature=0, max_tokens=30, stop=[stop]))[0]
+    out = llm.generate(
+        ["KV pages stream"], SamplingParams(temperature=0, max_tokens=30, stop=[stop])
+    )[0]
     comp = out.outputs[0]
     assert comp.finish_reason == "stop" and comp.stop_reason == stop
     assert comp.text == text[:first]
@@ -233,7 +239,9 @@ def test_stop_string_truncates_text(llm):
 def test_delta_outputs_concatenate_to_the_final_output(llm):
     engine = llm.engine
     params = SamplingParams(temperature=0, max_tokens=25, ignore_eos=True, logprobs=2)
-    engine.add_request("d", "Continuous batching over a paged cache", params, output_kind=OutputKind.DELTA)
+    engine.add_request(
+        "d", "Continuous batching over a paged cache", params, output_kind=OutputKind.DELTA
+    )
     text, tokens, lps, n_outputs = "", [], [], 0
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -286,13 +294,17 @@ def test_seeded_sampling_is_reproducible_across_batches_and_preemption(llama_dir
     outs = small.generate(prompts, [params, others, others, others], priorities=[9, 0, 0, 0])
     assert outs[0].metrics.num_preemptions > 0  # the seeded request itself was recomputed
     assert outs[0].outputs[0].token_ids == alone
-    other_seed = big.generate(["seeded prompt"], SamplingParams(temperature=1.0, seed=8, max_tokens=30))
+    other_seed = big.generate(
+        ["seeded prompt"], SamplingParams(temperature=1.0, seed=8, max_tokens=30)
+    )
     assert other_seed[0].outputs[0].token_ids != alone
 
 
 def test_priorities_decide_admission_order(llama_dir):
     llm = LLM(llama_dir, num_kv_blocks=64, max_num_seqs=1, scheduling_policy="priority")
-    outs = llm.generate(["first", "second", "third"], SamplingParams(max_tokens=3), priorities=[2, 0, 1])
+    outs = llm.generate(
+        ["first", "second", "third"], SamplingParams(max_tokens=3), priorities=[2, 0, 1]
+    )
     order = sorted(range(3), key=lambda i: outs[i].metrics.first_scheduled_time)
     assert order == [1, 2, 0]
 
@@ -333,9 +345,13 @@ def test_stop_string_spanning_two_tokens(llm):
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     base = llm.generate(["stop strings across tokens"], params)[0].outputs[0]
     pieces = [llm.tokenizer.decode([t]) for t in base.token_ids]
-    i = next(i for i in range(2, len(pieces) - 1) if len(pieces[i]) >= 2 and len(pieces[i + 1]) >= 2)
+    i = next(
+        i for i in range(2, len(pieces) - 1) if len(pieces[i]) >= 2 and len(pieces[i + 1]) >= 2
+    )
     stop = pieces[i][-2:] + pieces[i + 1][:2]  # straddles the boundary between tokens i and i+1
-    out = llm.generate(["stop strings across tokens"], SamplingParams(temperature=0, max_tokens=30, stop=[stop]))[0]
+    out = llm.generate(
+        ["stop strings across tokens"], SamplingParams(temperature=0, max_tokens=30, stop=[stop])
+    )[0]
     comp = out.outputs[0]
     assert comp.finish_reason == "stop" and comp.stop_reason == stop
     assert comp.text == base.text[: base.text.find(stop)]
@@ -346,7 +362,9 @@ def test_stop_strings_wait_for_min_tokens(llm):
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     base = llm.generate(["min tokens and stops"], params)[0].outputs[0]
     stop = llm.tokenizer.decode(base.token_ids[:1])[:2]
-    early = llm.generate(["min tokens and stops"], SamplingParams(temperature=0, max_tokens=30, stop=[stop]))[0]
+    early = llm.generate(
+        ["min tokens and stops"], SamplingParams(temperature=0, max_tokens=30, stop=[stop])
+    )[0]
     assert early.outputs[0].token_ids == base.token_ids[:1] and early.outputs[0].text == ""
     late = llm.generate(
         ["min tokens and stops"],
@@ -369,15 +387,23 @@ def test_stop_token_stays_in_tokens_but_not_in_text(llm):
         text = llm.tokenizer.decode([t])
         return text.isascii() and text.strip().isalnum()
 
-    stop_id = next(t for i, t in enumerate(base.token_ids) if i >= 3 and clean(t) and clean(base.token_ids[i - 1]))
+    stop_id = next(
+        t
+        for i, t in enumerate(base.token_ids)
+        if i >= 3 and clean(t) and clean(base.token_ids[i - 1])
+    )
     first = base.token_ids.index(stop_id)
-    out = llm.generate(["stop token text"], SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_id]))[0]
+    out = llm.generate(
+        ["stop token text"], SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_id])
+    )[0]
     comp = out.outputs[0]
     assert comp.token_ids == base.token_ids[: first + 1] and comp.stop_reason == stop_id
     assert comp.text == llm.tokenizer.decode(base.token_ids[:first])
     incl = llm.generate(
         ["stop token text"],
-        SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_id], include_stop_str_in_output=True),
+        SamplingParams(
+            temperature=0, max_tokens=30, stop_token_ids=[stop_id], include_stop_str_in_output=True
+        ),
     )[0].outputs[0]
     assert incl.text == llm.tokenizer.decode(base.token_ids[: first + 1])
 
@@ -399,7 +425,9 @@ def test_interrupted_generate_leaves_nothing_behind(llama_dir, monkeypatch):
 
 
 @pytest.mark.parametrize("async_outputs", ["off", "on"])
-def test_failed_forward_aborts_its_requests_and_engine_recovers(llama_dir, monkeypatch, async_outputs):
+def test_failed_forward_aborts_its_requests_and_engine_recovers(
+    llama_dir, monkeypatch, async_outputs
+):
     from tandem.engine.llm_engine import EngineStepError
 
     engine = LLM(llama_dir, num_kv_blocks=64, async_output_processing=async_outputs).engine

@@ -149,7 +149,9 @@ def test_forward_logits_match(arch, tiny_model, hf_refs):
         rid = RequestId(f"r{i}")
         seq = Sequence(rid, p, GREEDY, arrival_time=0.0, arrival_index=i)
         assert engine.block_manager.allocate(rid, len(p))
-        scheduled.append(ScheduledSequence(seq, 0, len(p), engine.block_manager.block_ids(rid), True))
+        scheduled.append(
+            ScheduledSequence(seq, 0, len(p), engine.block_manager.block_ids(rid), True)
+        )
     runner = engine.runner
     batch = runner.prepare(scheduled)
     with torch.inference_mode():

@@ -18,7 +18,13 @@ class LayerRecorder:
     def on_layers_computed(self, scheduled, num_layers_done: int, kv_cache: torch.Tensor) -> None:
         blocks = torch.tensor(scheduled[0].block_ids)
         pages = kv_cache[:, :, blocks]
-        self.calls.append((num_layers_done, bool(pages[num_layers_done - 1].any()), not pages[num_layers_done:].any()))
+        self.calls.append(
+            (
+                num_layers_done,
+                bool(pages[num_layers_done - 1].any()),
+                not pages[num_layers_done:].any(),
+            )
+        )
 
 
 def test_each_layers_kv_is_visible_before_the_next_layer_runs(llama_dir):
@@ -27,9 +33,13 @@ def test_each_layers_kv_is_visible_before_the_next_layer_runs(llama_dir):
     recorder = LayerRecorder()
     llm.engine.set_kv_layer_hook(recorder)
     llm.generate([list(range(3, 40))], SamplingParams(temperature=0, max_tokens=1))
-    assert [n for n, _, _ in recorder.calls] == list(range(1, layers + 1))  # one call per layer, in order
+    assert [n for n, _, _ in recorder.calls] == list(
+        range(1, layers + 1)
+    )  # one call per layer, in order
     assert all(written for _, written, _ in recorder.calls)
-    assert all(later_empty for _, _, later_empty in recorder.calls), "a later layer was written before its turn"
+    assert all(later_empty for _, _, later_empty in recorder.calls), (
+        "a later layer was written before its turn"
+    )
 
 
 def test_the_sender_queues_a_layer_groups_pages_before_the_last_layer(llama_dir):
@@ -37,8 +47,12 @@ def test_the_sender_queues_a_layer_groups_pages_before_the_last_layer(llama_dir)
     engine = llm.engine
     layers = engine.model_config.num_layers
     assert layers >= 2
-    sender = KVSender(engine.runner.kv_spec, engine.fingerprint.digest(), layers_per_group=1,
-                      device=engine.runner.device)
+    sender = KVSender(
+        engine.runner.kv_spec,
+        engine.fingerprint.digest(),
+        layers_per_group=1,
+        device=engine.runner.device,
+    )
     queued_at: list[tuple[int, int]] = []
 
     class Watch:

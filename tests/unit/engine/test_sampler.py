@@ -18,10 +18,15 @@ def sampler():
 
 def test_argmax_only_is_greedy_without_logprobs_or_penalties():
     assert SamplingParams(temperature=0).argmax_only
-    assert SamplingParams(temperature=0, min_tokens=3, stop=("x",)).argmax_only  # min_tokens: the runner checks
-    for params in (SamplingParams(), SamplingParams(temperature=0, logprobs=0),
-                   SamplingParams(temperature=0, repetition_penalty=1.1),
-                   SamplingParams(temperature=0, presence_penalty=0.5)):
+    assert SamplingParams(
+        temperature=0, min_tokens=3, stop=("x",)
+    ).argmax_only  # min_tokens: the runner checks
+    for params in (
+        SamplingParams(),
+        SamplingParams(temperature=0, logprobs=0),
+        SamplingParams(temperature=0, repetition_penalty=1.1),
+        SamplingParams(temperature=0, presence_penalty=0.5),
+    ):
         assert not params.argmax_only
 
 
@@ -86,7 +91,9 @@ def test_top_k_and_top_p_masks_match_transformers(sampler):
     for p in (0.3, 0.6, 0.9):
         hf = TopPLogitsWarper(top_p=p)(None, logits.clone())
         expected = set(torch.nonzero(hf[0] > float("-inf")).flatten().tolist())
-        assert _allowed(sampler, logits, SamplingParams(top_p=p, temperature=1.0), n=3000) == expected
+        assert (
+            _allowed(sampler, logits, SamplingParams(top_p=p, temperature=1.0), n=3000) == expected
+        )
 
 
 def test_min_p_drops_unlikely_tokens(sampler):
@@ -110,16 +117,25 @@ def test_repetition_penalty_matches_transformers(sampler):
 def test_presence_and_frequency_penalties(sampler):
     logits = torch.tensor([[1.0, 0.9, 0.0]])
     # frequency: 0.1 * 2 occurrences moves token 0 below token 1.
-    out = sampler(logits.clone(), [row(SamplingParams(temperature=0, frequency_penalty=0.1), output=[0, 0])])
+    out = sampler(
+        logits.clone(), [row(SamplingParams(temperature=0, frequency_penalty=0.1), output=[0, 0])]
+    )
     assert out.token_ids == [1]
-    out = sampler(logits.clone(), [row(SamplingParams(temperature=0, presence_penalty=0.05), output=[0, 0])])
+    out = sampler(
+        logits.clone(), [row(SamplingParams(temperature=0, presence_penalty=0.05), output=[0, 0])]
+    )
     assert out.token_ids == [0]  # 1.0 - 0.05 > 0.9
-    out = sampler(logits.clone(), [row(SamplingParams(temperature=0, presence_penalty=0.2), output=[0])])
+    out = sampler(
+        logits.clone(), [row(SamplingParams(temperature=0, presence_penalty=0.2), output=[0])]
+    )
     assert out.token_ids == [1]
     # Penalties apply per row only.
     out = sampler(
         logits.repeat(2, 1),
-        [row(SamplingParams(temperature=0, presence_penalty=0.2), output=[0]), row(SamplingParams(temperature=0))],
+        [
+            row(SamplingParams(temperature=0, presence_penalty=0.2), output=[0]),
+            row(SamplingParams(temperature=0)),
+        ],
     )
     assert out.token_ids == [1, 0]
 
@@ -138,7 +154,9 @@ def test_seeded_rows_do_not_depend_on_the_batch(sampler):
         gen = torch.Generator().manual_seed(42)
         toks = []
         for _ in range(20):
-            rows = [row(params, seed_gen=gen)] + [row(SamplingParams(temperature=1.0))] * (batch_size - 1)
+            rows = [row(params, seed_gen=gen)] + [row(SamplingParams(temperature=1.0))] * (
+                batch_size - 1
+            )
             toks.append(sampler(logits.repeat(batch_size, 1), rows).token_ids[0])
         return toks
 
@@ -150,7 +168,9 @@ def test_seeded_rows_do_not_depend_on_the_batch(sampler):
 def test_logprobs_are_raw_log_softmax_with_rank(sampler):
     logits = torch.tensor([[0.0, 2.0, 1.0, -1.0]])
     params = SamplingParams(temperature=0, logprobs=2, repetition_penalty=3.0)
-    out = sampler(logits.repeat(2, 1), [row(params, output=[1]), row(SamplingParams(temperature=0))])
+    out = sampler(
+        logits.repeat(2, 1), [row(params, output=[1]), row(SamplingParams(temperature=0))]
+    )
     lp = logits.log_softmax(-1)[0]
     chosen, rank, top = out.logprobs[0]
     # The penalty moved the pick to token 2; logprobs still describe the model's distribution.

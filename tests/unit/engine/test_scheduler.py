@@ -15,7 +15,9 @@ BS = 4
 EOS = 0
 
 
-def make_scheduler(*, blocks=64, budget=64, max_seqs=8, policy="fcfs", step="decode-first", caching=True):
+def make_scheduler(
+    *, blocks=64, budget=64, max_seqs=8, policy="fcfs", step="decode-first", caching=True
+):
     cfg = SchedulerConfig(
         max_num_seqs=max_seqs,
         max_num_batched_tokens=budget,
@@ -178,7 +180,11 @@ def test_preemption_picks_latest_arrival_and_requeues_it():
 
 def test_preemption_victim_is_lowest_priority():
     sched = make_scheduler(blocks=6, max_seqs=4, policy="priority", caching=False)
-    hi, lo, mid = seq("hi", 8, priority=0), seq("lo", 4, priority=5, base=20), seq("mid", 8, priority=1, base=40)
+    hi, lo, mid = (
+        seq("hi", 8, priority=0),
+        seq("lo", 4, priority=5, base=20),
+        seq("mid", 8, priority=1, base=40),
+    )
     for s in (hi, lo, mid):
         sched.add(s)
     step(sched)  # hi: 2 blocks, lo: 1, mid: 2 (+1 free)
@@ -232,8 +238,11 @@ def test_stop_rules_eos_stop_tokens_and_length():
     step(sched, token=EOS)
     assert s.status == SequenceStatus.FINISHED_STOPPED
     s2 = Sequence(
-        RequestId("b"), [1, 2, 3], SamplingParams(max_tokens=5, stop_token_ids=[9], min_tokens=2),
-        arrival_time=0.0, arrival_index=10**7,
+        RequestId("b"),
+        [1, 2, 3],
+        SamplingParams(max_tokens=5, stop_token_ids=[9], min_tokens=2),
+        arrival_time=0.0,
+        arrival_index=10**7,
     )
     sched.add(s2)
     step(sched, token=9)
@@ -241,8 +250,11 @@ def test_stop_rules_eos_stop_tokens_and_length():
     step(sched, token=9)
     assert s2.status == SequenceStatus.FINISHED_STOPPED and s2.stop_reason == 9
     s3 = Sequence(
-        RequestId("c"), [1, 2, 3], SamplingParams(max_tokens=2, ignore_eos=True),
-        arrival_time=0.0, arrival_index=10**7 + 1,
+        RequestId("c"),
+        [1, 2, 3],
+        SamplingParams(max_tokens=2, ignore_eos=True),
+        arrival_time=0.0,
+        arrival_index=10**7 + 1,
     )
     sched.add(s3)
     step(sched, token=EOS)

@@ -19,7 +19,9 @@ pytest.importorskip("triton")  # a test dependency on Linux x86_64 (CI); absent 
 
 def run_interpreted(code: str) -> str:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout
 
@@ -115,13 +117,24 @@ def test_a_backend_does_not_store_kv_the_caller_stored(name):
     q, k, v = (torch.randn(3, h, d, generator=g) for _ in range(3))
     slots = torch.tensor([9, 10, 11])  # block 2, offsets 1..3, after one cached token at offset 0
     meta = AttentionMetadata(
-        slot_mapping=slots, block_tables=torch.tensor([[2]]), seq_lens=torch.tensor([4]),
-        query_start_loc=torch.tensor([0, 3]), num_decodes=0, seq_lens_cpu=[4], query_start_loc_cpu=[0, 3],
-        block_size=bs)
+        slot_mapping=slots,
+        block_tables=torch.tensor([[2]]),
+        seq_lens=torch.tensor([4]),
+        query_start_loc=torch.tensor([0, 3]),
+        num_decodes=0,
+        seq_lens_cpu=[4],
+        query_start_loc_cpu=[0, 3],
+        block_size=bs,
+    )
     kv_cache = torch.randn(2, 4, bs, h, d, generator=g)
-    kv_cache[0].view(-1, h, d)[slots], kv_cache[1].view(-1, h, d)[slots] = k, v  # the caller's write
+    kv_cache[0].view(-1, h, d)[slots], kv_cache[1].view(-1, h, d)[slots] = (
+        k,
+        v,
+    )  # the caller's write
     before = kv_cache.clone()
-    want = get_attention_backend("torch").forward(q, k, v, kv_cache.clone(), meta, scale=0.3, sliding_window=None)
+    want = get_attention_backend("torch").forward(
+        q, k, v, kv_cache.clone(), meta, scale=0.3, sliding_window=None
+    )
 
     backend = get_attention_backend(name)
     backend.store = lambda *args: pytest.fail("stored again")

@@ -45,7 +45,9 @@ def test_standard_protobuf_decodes_with_the_codec(header, payload):
 
 
 def test_end_messages_and_passthrough():
-    end = decode_pb2.PushKVRequest(end=common_pb2.KVTransferEnd(request_id="r", total_chunks=7, first_token_id=3))
+    end = decode_pb2.PushKVRequest(
+        end=common_pb2.KVTransferEnd(request_id="r", total_chunks=7, first_token_id=3)
+    )
     raw = codec.encode(end)
     assert raw == end.SerializeToString()
     assert codec.encode(raw) is raw  # pre-encoded chunks pass through

@@ -34,12 +34,17 @@ class Receiver:
         self.delay_s = delay_s
         self.reading = threading.Event()
         handler = grpc.stream_unary_rpc_method_handler(
-            self.push_kv, request_deserializer=codec.decode,
+            self.push_kv,
+            request_deserializer=codec.decode,
             response_serializer=decode_pb2.PushKVResponse.SerializeToString,
         )
         self.server = grpc.server(futures.ThreadPoolExecutor(8))
         self.server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler("tandem.decode.v1.DecodeService", {"PushKV": handler}),)
+            (
+                grpc.method_handlers_generic_handler(
+                    "tandem.decode.v1.DecodeService", {"PushKV": handler}
+                ),
+            )
         )
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
@@ -73,7 +78,9 @@ def wait_buffers_back(s: KVSender, timeout_s: float = 5.0) -> None:
 
 
 def sender(**kw) -> KVSender:
-    defaults = dict(layers_per_group=2, max_chunk_bytes=1024, num_streams=2, device=torch.device("cpu"))
+    defaults = dict(
+        layers_per_group=2, max_chunk_bytes=1024, num_streams=2, device=torch.device("cpu")
+    )
     return KVSender(SPEC, "fp", **{**defaults, **kw})
 
 
@@ -85,7 +92,9 @@ def source():
 
 
 def run_prefill(s: KVSender, rid: str, kv, blocks, layers=4):
-    seq = Sequence(rid, [1] * PROMPT, SamplingParams(max_tokens=1), arrival_time=0.0, arrival_index=0)
+    seq = Sequence(
+        rid, [1] * PROMPT, SamplingParams(max_tokens=1), arrival_time=0.0, arrival_index=0
+    )
     scheduled = [ScheduledSequence(seq, 0, PROMPT, blocks, True)]
     for n in range(1, layers + 1):
         s.on_layers_computed(scheduled, n, kv)
@@ -104,7 +113,9 @@ def test_pages_arrive_intact_and_buffers_come_back():
         s.start("r1", KVTarget(f"127.0.0.1:{r.port}", "r1", 0, "fp"), PROMPT)
         run_prefill(s, "r1", kv, blocks)
         result = s.finish("r1", end("r1")).result(10)
-        assert result.bytes == kv[:, :, blocks].numel() * 4 and result.chunks > 2  # several chunks, 2 streams
+        assert (
+            result.bytes == kv[:, :, blocks].numel() * 4 and result.chunks > 2
+        )  # several chunks, 2 streams
         assert torch.equal(r.cache.tensor[:, :, :10], kv[:, :, blocks])
         wait_buffers_back(s)
     finally:

@@ -60,6 +60,7 @@ def test_longest_prefix_per_pod(make_index):
         assert await index.lookup(NS, [h(9), h(1)], 2) == {}
         assert await index.lookup(NS, [h(1)], 2) == {A: 1, B: 1}
         assert await index.lookup("other-model", [h(1), h(2)], 2) == {}
+
     run(go(), make_index)
 
 
@@ -69,6 +70,7 @@ def test_lookup_stops_at_the_first_gap(make_index):
         await index.heartbeat(A, "a1", 60, 0)
         await index.add(NS, A, "a1", [h(1), h(2), h(4)], 1)
         assert await index.lookup(NS, [h(1), h(2), h(3), h(4)], 2) == {A: 2}
+
     run(go(), make_index)
 
 
@@ -86,6 +88,7 @@ def test_exact_lru_eviction_order(make_index):
         assert (stats.num_entries, stats.evictions) == (4, 3)
         present = {i for i in range(1, 8) if await index.lookup(NS, [h(i)], 5)}
         assert present == {1, 5, 6, 7}
+
     run(go(), make_index)
 
 
@@ -96,6 +99,7 @@ def test_a_chains_head_outlives_its_tail(make_index):
         await index.add(NS, A, "a1", [h(1), h(2), h(3)], 1)
         await index.add(NS, A, "a1", [h(9)], 2)  # evicts the deepest block, h3
         assert await index.lookup(NS, [h(1), h(2), h(3)], 3) == {A: 2}
+
     run(go(), make_index)
 
 
@@ -109,6 +113,7 @@ def test_lease_expiry(make_index):
         assert (await index.stats(11)).live_pods == 0
         assert (await index.heartbeat(A, "a1", 10, 12)).known
         assert await index.lookup(NS, [h(1)], 13) == {A: 1}
+
     run(go(), make_index)
 
 
@@ -124,6 +129,7 @@ def test_restart_fences_the_old_incarnation(make_index):
         assert not await index.clear_pod(A, "a1")
         assert await index.add(NS, A, "a2", [h(1)], 4)
         assert await index.lookup(NS, [h(1), h(2)], 5) == {A: 1}
+
     run(go(), make_index)
 
 
@@ -140,6 +146,7 @@ def test_clear_and_remove(make_index):
         assert await index.lookup(NS, [h(1), h(2), h(3)], 2) == {B: 2}
         await index.add(NS, A, "a1", [h(1)], 3)  # after a clear, new entries count again
         assert await index.lookup(NS, [h(1)], 3) == {A: 1, B: 1}
+
     run(go(), make_index)
 
 
@@ -154,6 +161,7 @@ def test_sweep_removes_only_dead_entries(make_index):
         assert await index.sweep(3, 100) == 1  # h1 had only a; h2 keeps b
         assert (await index.stats(3)).num_entries == 2
         assert await index.lookup(NS, [h(2), h(3)], 3) == {B: 2}
+
     run(go(), make_index)
 
 
@@ -166,6 +174,7 @@ def test_stats_count_lookups_and_hit_blocks(make_index):
         await index.lookup(NS, [h(7)], 2)
         stats = await index.stats(2)
         assert (stats.lookups, stats.hit_blocks, stats.live_pods, stats.capacity) == (2, 2, 1, 100)
+
     run(go(), make_index)
 
 
@@ -195,6 +204,7 @@ L, D = PodId("pod-live"), PodId("10.0.0.7:50051")  # pod ids are addresses: ":" 
 @pytest.mark.parametrize("death", ["lease_expired", "restarted", "cleared"])
 def test_sweep_drains_dead_entries_behind_older_live_ones(make_index, death):
     """The sweep finds a dead pod's entries wherever they sit in LRU order, in bounded batches."""
+
     async def go():
         index = make_index()
         await index.heartbeat(L, "l1", 600, 0)
@@ -215,14 +225,20 @@ def test_sweep_drains_dead_entries_behind_older_live_ones(make_index, death):
         assert (await index.stats(now)).num_entries == 10
         assert await index.lookup(NS, [h(i) for i in range(10, 20)], now) == {L: 10}
         pods = [L] if death == "lease_expired" else [L, D]
-        assert await footprint(index) == (sorted(pods), 1, 0)  # only the live generation's block set
+        assert await footprint(index) == (
+            sorted(pods),
+            1,
+            0,
+        )  # only the live generation's block set
         if death == "lease_expired":  # the pod comes back: it must resend its cache
             assert not (await index.heartbeat(D, "d1", 10, now)).known
+
     run(go(), make_index)
 
 
 def test_a_drained_generation_is_never_reused(make_index):
     """A pod that re-registers mid-drain gets a new generation: its new entries survive the drain."""
+
     async def go():
         index = make_index()
         await index.heartbeat(D, "d1", 10, 0)
@@ -230,9 +246,14 @@ def test_a_drained_generation_is_never_reused(make_index):
         assert await index.sweep(20, 2) == 2  # lease expired: retired, two entries gone
         assert not (await index.heartbeat(D, "d1", 10, 20)).known  # same process, back: it resyncs
         assert await index.add(NS, D, "d1", [h(i) for i in range(5)], 20)
-        assert [await index.sweep(21, 2) for _ in range(3)] == [0, 0, 0]  # the three the drain skips
+        assert [await index.sweep(21, 2) for _ in range(3)] == [
+            0,
+            0,
+            0,
+        ]  # the three the drain skips
         assert await index.lookup(NS, [h(i) for i in range(5)], 21) == {D: 5}
         assert await footprint(index) == ([D], 1, 0)
+
     run(go(), make_index)
 
 
@@ -243,16 +264,20 @@ def test_eviction_and_removal_keep_the_generation_block_sets_exact(make_index):
         await index.add(NS, A, "a1", [h(1), h(2), h(3)], 1)  # evicts h3
         assert await index.remove(NS, A, "a1", [h(1), h(2)])
         assert await footprint(index) == ([A], 0, 0)
+
     run(go(), make_index)
 
 
 def test_a_late_heartbeat_of_an_old_incarnation_is_refused(make_index):
     """Incarnations are ordered: the newer process keeps the pod while its lease is alive."""
+
     async def go():
         index = make_index()
         await index.heartbeat(A, "a1", 60, 0)
         await index.add(NS, A, "a1", [h(1)], 1)
-        assert (await index.heartbeat(A, "a2", 60, 2)) == Registration(known=False, superseded=False)
+        assert (await index.heartbeat(A, "a2", 60, 2)) == Registration(
+            known=False, superseded=False
+        )
         await index.add(NS, A, "a2", [h(2)], 2)
         assert (await index.heartbeat(A, "a1", 60, 3)) == Registration(known=False, superseded=True)
         assert not await index.add(NS, A, "a1", [h(3)], 4)  # the old process's events stay ignored
@@ -261,22 +286,28 @@ def test_a_late_heartbeat_of_an_old_incarnation_is_refused(make_index):
         assert await index.lookup(NS, [h(1)], 5) == {}
         assert (await index.heartbeat(A, "a2", 60, 5)).known
         # Once the newer incarnation's lease lapsed (that process is gone), the older may take over.
-        assert (await index.heartbeat(A, "a1", 60, 70)) == Registration(known=False, superseded=False)
+        assert (await index.heartbeat(A, "a1", 60, 70)) == Registration(
+            known=False, superseded=False
+        )
         assert await index.add(NS, A, "a1", [h(5)], 71)
         assert await index.lookup(NS, [h(5)], 72) == {A: 1}
+
     run(go(), make_index)
 
 
 @pytest.mark.parametrize("how", ["cleared", "restarted"])
 def test_a_resync_moves_blocks_out_of_the_retired_generation(make_index, how):
     """A pod that resyncs often cannot outrun the drain: its retired sets lose what it stores again."""
+
     async def go():
         index = make_index()
         blocks = [h(i) for i in range(10)]
         await index.heartbeat(A, "a0", 60, 0)
         await index.add(NS, A, "a0", blocks, 1)
         inc = "a0"
-        for cycle in range(1, 6):  # the resync: CacheCleared (or a new process), then the whole cache
+        for cycle in range(
+            1, 6
+        ):  # the resync: CacheCleared (or a new process), then the whole cache
             if how == "cleared":
                 assert await index.clear_pod(A, inc)
             else:
@@ -288,11 +319,13 @@ def test_a_resync_moves_blocks_out_of_the_retired_generation(make_index, how):
         assert await index.sweep(6, 100) == 0  # nothing left to delete: every block is current
         assert await footprint(index) == ([A], 1, 0)
         assert await index.lookup(NS, blocks, 7) == {A: 10}
+
     run(go(), make_index)
 
 
 def test_incarnations_may_hold_colons(make_index):
     """An incarnation is compared whole, never by its prefix up to a ':'."""
+
     async def go():
         index = make_index()
         assert not (await index.heartbeat(A, "x:5", 60, 0)).known
@@ -301,7 +334,9 @@ def test_incarnations_may_hold_colons(make_index):
         assert not await index.add(NS, A, "x", [h(2)], 3)
         assert not await index.remove(NS, A, "x", [h(1)])
         assert not await index.clear_pod(A, "x")
-        assert await index.lookup(NS, [h(1)], 4) == {A: 1} and await index.lookup(NS, [h(2)], 4) == {}
+        assert (
+            await index.lookup(NS, [h(1)], 4) == {A: 1} and await index.lookup(NS, [h(2)], 4) == {}
+        )
         assert (await index.heartbeat(A, "x:5", 60, 5)).known
         assert not (await index.heartbeat(A, "x:5:1", 60, 6)).known  # a newer one takes over
         assert not await index.add(NS, A, "x:5", [h(3)], 7)
@@ -309,6 +344,7 @@ def test_incarnations_may_hold_colons(make_index):
         assert await index.add(NS, A, "x:5:1", [h(4)], 7)
         assert await index.lookup(NS, [h(1)], 8) == {} and await index.lookup(NS, [h(3)], 8) == {}
         assert await index.lookup(NS, [h(4)], 8) == {A: 1}
+
     run(go(), make_index)
 
 
@@ -336,7 +372,9 @@ def test_the_previous_releases_keys_are_ignored(redis_server):
             assert (await index.stats(2)).num_entries == 1
             await index.sweep(2, 100)
             assert await index.lookup(NS, [h(2)], 3) == {A: 1}
-            assert await client.hget(f"{P}:b:{member}", A) == b"a1:2"  # untouched: the upgrade note deletes them
+            assert (
+                await client.hget(f"{P}:b:{member}", A) == b"a1:2"
+            )  # untouched: the upgrade note deletes them
         finally:
             await client.aclose()
 
@@ -352,4 +390,5 @@ def test_sweep_retires_the_soonest_expired_pods_first(make_index):
         assert (await footprint(index))[0] == [B]
         await index.sweep(30, 1)
         assert (await footprint(index))[0] == []
+
     run(go(), make_index)

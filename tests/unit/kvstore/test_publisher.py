@@ -26,14 +26,25 @@ def h(i: int) -> bytes:
     return xxhash.xxh3_128_digest(str(i).encode())
 
 
-def make_publisher(address: str, cached: list[bytes], snapshots: list[int], **kw) -> KVEventPublisher:
+def make_publisher(
+    address: str, cached: list[bytes], snapshots: list[int], **kw
+) -> KVEventPublisher:
     async def snapshot():
         snapshots.append(len(cached))
         publisher.drop_pending()
         return list(cached)
 
-    publisher = KVEventPublisher(address, pod_id="p1", pod_address="x", fingerprint=FP, block_size=16,
-                                 snapshot=snapshot, flush_interval_s=0.01, heartbeat_interval_s=0.1, **kw)
+    publisher = KVEventPublisher(
+        address,
+        pod_id="p1",
+        pod_address="x",
+        fingerprint=FP,
+        block_size=16,
+        snapshot=snapshot,
+        flush_interval_s=0.01,
+        heartbeat_interval_s=0.1,
+        **kw,
+    )
     return publisher
 
 
@@ -71,7 +82,9 @@ async def synced_publisher(cached: list[bytes], snapshots: list[int], **kw):
 
 
 async def matched(stub, ids) -> dict[str, int]:
-    r = await stub.Lookup(kvstore_pb2.LookupRequest(model_fingerprint=FP, block_hashes=[h(i) for i in ids]))
+    r = await stub.Lookup(
+        kvstore_pb2.LookupRequest(model_fingerprint=FP, block_hashes=[h(i) for i in ids])
+    )
     return {m.pod_id: m.num_blocks for m in r.matches}
 
 
@@ -81,7 +94,9 @@ def test_nothing_is_queued_while_kvstore_is_down(caplog):
 
     async def go():
         async with synced_publisher(cached, snapshots, timeout_s=0.2, max_pending_hashes=5000) as (
-            publisher, _stub, service
+            publisher,
+            _stub,
+            service,
         ):
             await service.stop(0)
             await until(lambda: _true(not publisher.connected))
@@ -98,9 +113,19 @@ def test_the_queue_is_bounded_by_block_hashes_and_an_overflow_resyncs():
     cached, snapshots = [h(1)], []
 
     async def go():
-        async with synced_publisher(cached, snapshots, max_pending_hashes=10) as (publisher, stub, _service):
-            publisher.enqueue([BlocksStored((h(2),) * 5), BlocksStored((h(3),) * 5)])  # fits exactly
-            assert (publisher.num_pending, publisher.num_pending_hashes, publisher.overflows) == (2, 10, 0)
+        async with synced_publisher(cached, snapshots, max_pending_hashes=10) as (
+            publisher,
+            stub,
+            _service,
+        ):
+            publisher.enqueue(
+                [BlocksStored((h(2),) * 5), BlocksStored((h(3),) * 5)]
+            )  # fits exactly
+            assert (publisher.num_pending, publisher.num_pending_hashes, publisher.overflows) == (
+                2,
+                10,
+                0,
+            )
             publisher.drop_pending()
             # The engine stores 11 blocks in one step, one event: more than the queue holds.
             cached.extend(h(i) for i in range(100, 111))
@@ -124,9 +149,15 @@ def test_a_superseded_publisher_stops_publishing_until_the_newer_lease_lapses(ca
             newer = kvstore_pb2.HeartbeatRequest(pod_id="p1", incarnation="i2")
             await stub.Heartbeat(newer)
             request = kvstore_pb2.PublishEventsRequest(
-                pod_id="p1", incarnation="i2", sequence_number=1, model_fingerprint=FP, block_size=16,
+                pod_id="p1",
+                incarnation="i2",
+                sequence_number=1,
+                model_fingerprint=FP,
+                block_size=16,
                 hash_algorithm=HASH_ALGORITHM,
-                events=[kvstore_pb2.KVCacheEvent(stored=kvstore_pb2.BlocksStored(block_hashes=[h(9)]))],
+                events=[
+                    kvstore_pb2.KVCacheEvent(stored=kvstore_pb2.BlocksStored(block_hashes=[h(9)]))
+                ],
             )
             assert (await stub.PublishEvents(request)).accepted
 
@@ -147,7 +178,9 @@ def test_a_superseded_publisher_stops_publishing_until_the_newer_lease_lapses(ca
             # It heartbeats at its usual 0.1 s pace, not at every 0.01 s flush: a slow machine only lowers this.
             assert refused() <= (time.monotonic() - start) / 0.1 + 3
             assert snapshots == [] and publisher.resyncs == 0
-            assert (await stub.Stats(kvstore_pb2.StatsRequest())).rejected_batches == 0  # it sent nothing
+            assert (
+                await stub.Stats(kvstore_pb2.StatsRequest())
+            ).rejected_batches == 0  # it sent nothing
             assert await matched(stub, [9]) == {"p1": 1} and await matched(stub, [1]) == {}
             # The newer process dies: once its lease lapses, the old one takes the pod and resyncs.
             alive.cancel()
@@ -163,8 +196,14 @@ def test_a_publisher_superseded_while_connected_queues_nothing(caplog):
     cached, snapshots = [h(1)], []
 
     async def go():
-        async with synced_publisher(cached, snapshots, max_pending_hashes=1000) as (publisher, stub, _service):
-            await stub.Heartbeat(kvstore_pb2.HeartbeatRequest(pod_id="p1", incarnation="i2"))  # a newer process
+        async with synced_publisher(cached, snapshots, max_pending_hashes=1000) as (
+            publisher,
+            stub,
+            _service,
+        ):
+            await stub.Heartbeat(
+                kvstore_pb2.HeartbeatRequest(pod_id="p1", incarnation="i2")
+            )  # a newer process
             await until(lambda: _true(publisher.superseded))
             for _ in range(10):  # the engine goes on storing blocks: 3,000 hashes in all
                 publisher.enqueue([BlocksStored(tuple(h(i) for i in range(200, 500)))])
@@ -180,14 +219,23 @@ def test_a_publisher_superseded_while_connected_queues_nothing(caplog):
 def test_an_old_incarnation_gets_no_lease_and_silent_pods_are_forgotten(backend, redis_server):
     async def go():
         redis_url = redis_server.url if backend == "redis" else None
-        async with kvstore(lease_s=30, redis_url=redis_url, key_prefix=f"old-inc-{time.monotonic_ns()}") as (
-            _, stub, service, _tasks
-        ):
+        async with kvstore(
+            lease_s=30, redis_url=redis_url, key_prefix=f"old-inc-{time.monotonic_ns()}"
+        ) as (_, stub, service, _tasks):
+
             def batch(inc: str, seq: int, i: int) -> kvstore_pb2.PublishEventsRequest:
-                stored = kvstore_pb2.KVCacheEvent(stored=kvstore_pb2.BlocksStored(block_hashes=[h(i)]))
+                stored = kvstore_pb2.KVCacheEvent(
+                    stored=kvstore_pb2.BlocksStored(block_hashes=[h(i)])
+                )
                 return kvstore_pb2.PublishEventsRequest(
-                    pod_id="p1", incarnation=inc, sequence_number=seq, model_fingerprint=FP, block_size=16,
-                    hash_algorithm=HASH_ALGORITHM, events=[stored])
+                    pod_id="p1",
+                    incarnation=inc,
+                    sequence_number=seq,
+                    model_fingerprint=FP,
+                    block_size=16,
+                    hash_algorithm=HASH_ALGORITHM,
+                    events=[stored],
+                )
 
             await stub.Heartbeat(kvstore_pb2.HeartbeatRequest(pod_id="p1", incarnation="i1"))
             assert (await stub.PublishEvents(batch("i1", 1, 1))).accepted
@@ -196,7 +244,9 @@ def test_an_old_incarnation_gets_no_lease_and_silent_pods_are_forgotten(backend,
             late = await stub.Heartbeat(kvstore_pb2.HeartbeatRequest(pod_id="p1", incarnation="i1"))
             assert (late.lease_seconds, late.known) == (0.0, False)
             assert not (await stub.PublishEvents(batch("i1", 2, 3))).accepted
-            assert (await stub.Heartbeat(kvstore_pb2.HeartbeatRequest(pod_id="p1", incarnation="i2"))).known
+            assert (
+                await stub.Heartbeat(kvstore_pb2.HeartbeatRequest(pod_id="p1", incarnation="i2"))
+            ).known
             assert await matched(stub, [2]) == {"p1": 1} and await matched(stub, [1]) == {}
             stats = await stub.Stats(kvstore_pb2.StatsRequest())
             assert (stats.rejected_batches, stats.sequence_gaps) == (1, 0)
@@ -223,11 +273,17 @@ def test_a_later_process_gets_a_later_incarnation(monkeypatch):
 
     from tandem.serving.settings import PodSettings
 
-    engine = SimpleNamespace(fingerprint=SimpleNamespace(digest=lambda: FP), config=SimpleNamespace(block_size=16),
-                             limits=SimpleNamespace(max_model_len=64))
+    engine = SimpleNamespace(
+        fingerprint=SimpleNamespace(digest=lambda: FP),
+        config=SimpleNamespace(block_size=16),
+        limits=SimpleNamespace(max_model_len=64),
+    )
     settings = PodSettings(model=Path("/models/m"))
     incarnations = []
-    for start_ns, pid in ((9_000_000_000, 99_999), (10_000_000_000, 7)):  # the restart got a smaller pid
+    for start_ns, pid in (
+        (9_000_000_000, 99_999),
+        (10_000_000_000, 7),
+    ):  # the restart got a smaller pid
         monkeypatch.setattr("time.time_ns", lambda start_ns=start_ns: start_ns)
         monkeypatch.setattr("os.getpid", lambda pid=pid: pid)
         incarnations.append(settings.identity(engine, 1, "host:1")["incarnation"])
@@ -240,13 +296,22 @@ def test_a_pod_whose_events_kvstore_refuses_as_invalid_stops_publishing():
 
     async def go():
         async with kvstore(lease_s=3.0) as (address, stub, _service, tasks):
+
             async def snapshot():
                 snapshots.append(len(cached))
                 return list(cached)
 
-            publisher = KVEventPublisher(address, pod_id="p1", pod_address="x", incarnation="i1", fingerprint=FP,
-                                         block_size=32,
-                                         snapshot=snapshot, flush_interval_s=0.01, heartbeat_interval_s=0.05)
+            publisher = KVEventPublisher(
+                address,
+                pod_id="p1",
+                pod_address="x",
+                incarnation="i1",
+                fingerprint=FP,
+                block_size=32,
+                snapshot=snapshot,
+                flush_interval_s=0.01,
+                heartbeat_interval_s=0.05,
+            )
             tasks.append(asyncio.create_task(publisher.run()))
             await until(lambda: _true(publisher.refused is not None))
             assert "block_size" in publisher.refused

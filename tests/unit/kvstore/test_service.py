@@ -21,18 +21,29 @@ def h(i: int) -> bytes:
 
 
 def batch(seq: int, events, *, pod="p1", inc="i1", **over) -> kvstore_pb2.PublishEventsRequest:
-    fields = dict(pod_id=pod, incarnation=inc, sequence_number=seq, model_fingerprint=FP, block_size=16,
-                  hash_algorithm=HASH_ALGORITHM, events=events)
+    fields = dict(
+        pod_id=pod,
+        incarnation=inc,
+        sequence_number=seq,
+        model_fingerprint=FP,
+        block_size=16,
+        hash_algorithm=HASH_ALGORITHM,
+        events=events,
+    )
     fields.update(over)
     return kvstore_pb2.PublishEventsRequest(**fields)
 
 
 def stored(*ids):
-    return kvstore_pb2.KVCacheEvent(stored=kvstore_pb2.BlocksStored(block_hashes=[h(i) for i in ids]))
+    return kvstore_pb2.KVCacheEvent(
+        stored=kvstore_pb2.BlocksStored(block_hashes=[h(i) for i in ids])
+    )
 
 
 async def with_kvstore(test, redis_url=None):
-    service = await kvstore_server.start(KVStoreSettings(host="127.0.0.1", port=0, redis_url=redis_url, lease_s=30))
+    service = await kvstore_server.start(
+        KVStoreSettings(host="127.0.0.1", port=0, redis_url=redis_url, lease_s=30)
+    )
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
             return await test(kvstore_pb2_grpc.KVStoreServiceStub(channel), service)
@@ -45,32 +56,50 @@ def test_events_lookups_fencing_and_validation(backend, redis_server):
     async def test(stub, service):
         hb = await stub.Heartbeat(kvstore_pb2.HeartbeatRequest(pod_id="p1", incarnation="i1"))
         assert not hb.known and hb.lease_seconds == 30
-        assert (await stub.Heartbeat(kvstore_pb2.HeartbeatRequest(pod_id="p1", incarnation="i1"))).known
+        assert (
+            await stub.Heartbeat(kvstore_pb2.HeartbeatRequest(pod_id="p1", incarnation="i1"))
+        ).known
         assert (await stub.PublishEvents(batch(1, [stored(1, 2, 3)]))).accepted
-        lookup = await stub.Lookup(kvstore_pb2.LookupRequest(model_fingerprint=FP, block_hashes=[h(1), h(2), h(9)]))
+        lookup = await stub.Lookup(
+            kvstore_pb2.LookupRequest(model_fingerprint=FP, block_hashes=[h(1), h(2), h(9)])
+        )
         assert [(m.pod_id, m.num_blocks) for m in lookup.matches] == [("p1", 2)]
         # A gap in sequence numbers is applied, counted and logged.
         removed = kvstore_pb2.KVCacheEvent(removed=kvstore_pb2.BlocksRemoved(block_hashes=[h(2)]))
         assert (await stub.PublishEvents(batch(5, [removed]))).accepted
-        lookup = await stub.Lookup(kvstore_pb2.LookupRequest(model_fingerprint=FP, block_hashes=[h(1), h(2)]))
+        lookup = await stub.Lookup(
+            kvstore_pb2.LookupRequest(model_fingerprint=FP, block_hashes=[h(1), h(2)])
+        )
         assert [m.num_blocks for m in lookup.matches] == [1]
         # Mismatched batches are refused with the field named.
-        for over, param in (({"hash_algorithm": "sha256"}, "hash_algorithm"), ({"block_size": 32}, "block_size"),
-                            ({"pod_id": ""}, "pod_id"), ({"model_fingerprint": ""}, "model_fingerprint")):
+        for over, param in (
+            ({"hash_algorithm": "sha256"}, "hash_algorithm"),
+            ({"block_size": 32}, "block_size"),
+            ({"pod_id": ""}, "pod_id"),
+            ({"model_fingerprint": ""}, "model_fingerprint"),
+        ):
             with pytest.raises(grpc.RpcError) as e:
                 await stub.PublishEvents(batch(6, [stored(7)], **over))
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and param in e.value.details()
         # The pod restarts: its old incarnation's entries and late events stop counting.
-        assert not (await stub.Heartbeat(kvstore_pb2.HeartbeatRequest(pod_id="p1", incarnation="i2"))).known
+        assert not (
+            await stub.Heartbeat(kvstore_pb2.HeartbeatRequest(pod_id="p1", incarnation="i2"))
+        ).known
         assert not (await stub.PublishEvents(batch(6, [stored(1)]))).accepted
-        lookup = await stub.Lookup(kvstore_pb2.LookupRequest(model_fingerprint=FP, block_hashes=[h(1)]))
+        lookup = await stub.Lookup(
+            kvstore_pb2.LookupRequest(model_fingerprint=FP, block_hashes=[h(1)])
+        )
         assert list(lookup.matches) == []
         with pytest.raises(grpc.RpcError) as e:
-            await stub.Lookup(kvstore_pb2.LookupRequest(model_fingerprint=FP, block_hashes=[b"short"]))
+            await stub.Lookup(
+                kvstore_pb2.LookupRequest(model_fingerprint=FP, block_hashes=[b"short"])
+            )
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         stats = await stub.Stats(kvstore_pb2.StatsRequest())
         assert (stats.sequence_gaps, stats.rejected_batches, stats.live_pods) == (1, 5, 1)
-        assert stats.lookups == 3 and stats.hit_blocks == 3  # the malformed lookup never reached the index
+        assert (
+            stats.lookups == 3 and stats.hit_blocks == 3
+        )  # the malformed lookup never reached the index
 
     asyncio.run(with_kvstore(test, redis_server.url if backend == "redis" else None))
 
@@ -83,7 +112,9 @@ def test_redis_down_means_unavailable_quickly(redis_server):
         loop = asyncio.get_running_loop()
         start = loop.time()
         with pytest.raises(grpc.RpcError) as e:
-            await stub.Lookup(kvstore_pb2.LookupRequest(model_fingerprint=FP, block_hashes=[h(1)]), timeout=5)
+            await stub.Lookup(
+                kvstore_pb2.LookupRequest(model_fingerprint=FP, block_hashes=[h(1)]), timeout=5
+            )
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "Redis" in e.value.details()
         assert loop.time() - start < 1.0
 
@@ -104,14 +135,27 @@ def test_publisher_resyncs_when_the_index_forgets_it():
         nonlocal publisher
         service = await kvstore_server.start(KVStoreSettings(host="127.0.0.1", port=0, lease_s=30))
         address = f"127.0.0.1:{service.port}"
-        publisher = KVEventPublisher(address, pod_id="p1", pod_address="x", incarnation="i1", fingerprint=FP,
-                                     block_size=16, snapshot=snapshot, flush_interval_s=0.01, heartbeat_interval_s=0.05)
+        publisher = KVEventPublisher(
+            address,
+            pod_id="p1",
+            pod_address="x",
+            incarnation="i1",
+            fingerprint=FP,
+            block_size=16,
+            snapshot=snapshot,
+            flush_interval_s=0.01,
+            heartbeat_interval_s=0.05,
+        )
         task = asyncio.create_task(publisher.run())
         async with grpc.aio.insecure_channel(address) as channel:
             stub = kvstore_pb2_grpc.KVStoreServiceStub(channel)
 
             async def matched(ids) -> int:
-                r = await stub.Lookup(kvstore_pb2.LookupRequest(model_fingerprint=FP, block_hashes=[h(i) for i in ids]))
+                r = await stub.Lookup(
+                    kvstore_pb2.LookupRequest(
+                        model_fingerprint=FP, block_hashes=[h(i) for i in ids]
+                    )
+                )
                 return r.matches[0].num_blocks if r.matches else 0
 
             async def until(cond):
@@ -163,7 +207,9 @@ def test_the_sweeper_outlives_any_index_error_and_forgets_silent_pods(caplog):
         settings = KVStoreSettings(sweep_interval_s=0.01, lease_s=30)
         metrics = kvstore_server.KVStoreMetrics()
         servicer = kvstore_server.KVStoreServicer(index, settings, metrics)
-        servicer._last_seq["p1"] = kvstore_server._Sequence("i1", 1, seen_at=time.time() - 60)  # silent a minute
+        servicer._last_seq["p1"] = kvstore_server._Sequence(
+            "i1", 1, seen_at=time.time() - 60
+        )  # silent a minute
         now = time.time()
         await index.heartbeat("p2", "a1", 600, now)
         await index.add("ns", "p2", "a1", [h(1), h(2)], now)

@@ -12,15 +12,27 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
 
-def endpoint_slice(name: str, service: str, port: int, endpoints: list[tuple[str, bool]], version: int,
-                   address_type: str = "IPv4") -> dict:
+def endpoint_slice(
+    name: str,
+    service: str,
+    port: int,
+    endpoints: list[tuple[str, bool]],
+    version: int,
+    address_type: str = "IPv4",
+) -> dict:
     return {
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
-        "metadata": {"name": name, "namespace": "ns", "resourceVersion": str(version),
-                     "labels": {"kubernetes.io/service-name": service}},
+        "metadata": {
+            "name": name,
+            "namespace": "ns",
+            "resourceVersion": str(version),
+            "labels": {"kubernetes.io/service-name": service},
+        },
         "addressType": address_type,
-        "endpoints": [{"addresses": [ip], "conditions": {"ready": ready}} for ip, ready in endpoints],
+        "endpoints": [
+            {"addresses": [ip], "conditions": {"ready": ready}} for ip, ready in endpoints
+        ],
         "ports": [{"name": "grpc", "port": port, "protocol": "TCP"}],
     }
 
@@ -50,13 +62,19 @@ class FakeKubernetesAPI:
                 watching = query.get("watch") in ("true", "True", "1")
                 with api.cond:
                     api.requests += 1
-                    fault = api.faults.pop(0) if api.faults and (watching or api.faults[0] != "gone") else None
+                    fault = (
+                        api.faults.pop(0)
+                        if api.faults and (watching or api.faults[0] != "gone")
+                        else None
+                    )
                 if fault == "drop":
                     self.close_connection = True
                     self.connection.shutdown(2)
                     return
                 if fault == "500":
-                    body = b'{"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 500}'
+                    body = (
+                        b'{"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 500}'
+                    )
                     self.send_response(500)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(body)))
@@ -67,7 +85,12 @@ class FakeKubernetesAPI:
                     api._gone(self)
                     return
                 if watching:
-                    api._watch(self, service, int(query.get("resourceVersion", "0")), float(query.get("timeoutSeconds", 5)))
+                    api._watch(
+                        self,
+                        service,
+                        int(query.get("resourceVersion", "0")),
+                        float(query.get("timeoutSeconds", 5)),
+                    )
                 else:
                     api._list(self, service)
 
@@ -100,11 +123,14 @@ class FakeKubernetesAPI:
 
     def _list(self, handler, service: str) -> None:
         with self.cond:
-            body = json.dumps({
-                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSliceList",
-                "metadata": {"resourceVersion": str(self.version)},
-                "items": [s for s in self.slices.values() if self._matches(s, service)],
-            }).encode()
+            body = json.dumps(
+                {
+                    "apiVersion": "discovery.k8s.io/v1",
+                    "kind": "EndpointSliceList",
+                    "metadata": {"resourceVersion": str(self.version)},
+                    "items": [s for s in self.slices.values() if self._matches(s, service)],
+                }
+            ).encode()
         handler.send_response(200)
         handler.send_header("Content-Type", "application/json")
         handler.send_header("Content-Length", str(len(body)))
@@ -117,8 +143,14 @@ class FakeKubernetesAPI:
         handler.send_header("Content-Type", "application/json")
         handler.send_header("Transfer-Encoding", "chunked")
         handler.end_headers()
-        status = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Expired", "code": 410,
-                  "message": "too old resource version"}
+        status = {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "status": "Failure",
+            "reason": "Expired",
+            "code": 410,
+            "message": "too old resource version",
+        }
         line = json.dumps({"type": "ERROR", "object": status}).encode() + b"\n"
         handler.wfile.write(f"{len(line):x}\r\n".encode() + line + b"\r\n" + b"0\r\n\r\n")
         handler.wfile.flush()

@@ -21,8 +21,13 @@ def api():
 def discovery_for(api: FakeKubernetesAPI) -> KubernetesDiscovery:
     config = client.Configuration(host=api.url)
     config.retries = False  # urllib3 would otherwise retry a dropped connection itself
-    return KubernetesDiscovery("ns", {"prefill": "tandem-prefill", "decode": "tandem-decode"},
-                               api_client=client.ApiClient(config), watch_timeout_s=2, request_timeout_s=5)
+    return KubernetesDiscovery(
+        "ns",
+        {"prefill": "tandem-prefill", "decode": "tandem-decode"},
+        api_client=client.ApiClient(config),
+        watch_timeout_s=2,
+        request_timeout_s=5,
+    )
 
 
 def eventually(fn, expected, timeout=10.0):
@@ -35,19 +40,35 @@ def eventually(fn, expected, timeout=10.0):
 
 
 def test_endpoint_slices_are_followed_through_additions_readiness_and_removals(api):
-    api.put(endpoint_slice("decode-a", "tandem-decode", 50052, [("10.0.0.1", True), ("10.0.0.2", False)], 0))
+    api.put(
+        endpoint_slice(
+            "decode-a", "tandem-decode", 50052, [("10.0.0.1", True), ("10.0.0.2", False)], 0
+        )
+    )
     api.put(endpoint_slice("prefill-a", "tandem-prefill", 50051, [("10.0.1.1", True)], 0))
     d = discovery_for(api)
     d.start()
     try:
-        assert wait_for(d, "decode", 1, 10) == ["10.0.0.1:50052"]  # not-ready endpoints are left out
+        assert wait_for(d, "decode", 1, 10) == [
+            "10.0.0.1:50052"
+        ]  # not-ready endpoints are left out
         assert d.addresses("prefill") == ["10.0.1.1:50051"]
         # A pod becomes ready, another slice appears (more replicas).
-        api.put(endpoint_slice("decode-a", "tandem-decode", 50052, [("10.0.0.1", True), ("10.0.0.2", True)], 0))
+        api.put(
+            endpoint_slice(
+                "decode-a", "tandem-decode", 50052, [("10.0.0.1", True), ("10.0.0.2", True)], 0
+            )
+        )
         api.put(endpoint_slice("decode-b", "tandem-decode", 50052, [("10.0.0.3", True)], 0))
-        eventually(lambda: d.addresses("decode"), ["10.0.0.1:50052", "10.0.0.2:50052", "10.0.0.3:50052"])
+        eventually(
+            lambda: d.addresses("decode"), ["10.0.0.1:50052", "10.0.0.2:50052", "10.0.0.3:50052"]
+        )
         # A pod stops being ready, a slice goes away (scale-down).
-        api.put(endpoint_slice("decode-a", "tandem-decode", 50052, [("10.0.0.1", False), ("10.0.0.2", True)], 0))
+        api.put(
+            endpoint_slice(
+                "decode-a", "tandem-decode", 50052, [("10.0.0.1", False), ("10.0.0.2", True)], 0
+            )
+        )
         api.delete("decode-b")
         eventually(lambda: d.addresses("decode"), ["10.0.0.2:50052"])
         assert d.addresses("prefill") == ["10.0.1.1:50051"]  # the other role is untouched
@@ -84,7 +105,9 @@ def test_api_failures_are_survived(api, faults):
         eventually(lambda: d.addresses("decode"), ["10.0.0.2:50052"], timeout=20)
         eventually(lambda: api.faults, [], timeout=20)  # every fault was served...
         api.put(endpoint_slice("decode-b", "tandem-decode", 50052, [("10.0.0.3", True)], 0))
-        eventually(lambda: d.addresses("decode"), ["10.0.0.2:50052", "10.0.0.3:50052"], timeout=20)  # ...and survived
+        eventually(
+            lambda: d.addresses("decode"), ["10.0.0.2:50052", "10.0.0.3:50052"], timeout=20
+        )  # ...and survived
     finally:
         d.close()
 
@@ -102,8 +125,16 @@ def test_an_unreachable_api_at_start_does_not_block_and_is_retried(api):
 
 def test_dual_stack_slices_count_each_pod_once_and_ipv6_is_bracketed(api):
     api.put(endpoint_slice("decode-v4", "tandem-decode", 50052, [("10.0.0.1", True)], 0))
-    api.put(endpoint_slice("decode-v6", "tandem-decode", 50052, [("fd00::1", True)], 0, address_type="IPv6"))
-    api.put(endpoint_slice("prefill-v6", "tandem-prefill", 50051, [("fd00::2", True)], 0, address_type="IPv6"))
+    api.put(
+        endpoint_slice(
+            "decode-v6", "tandem-decode", 50052, [("fd00::1", True)], 0, address_type="IPv6"
+        )
+    )
+    api.put(
+        endpoint_slice(
+            "prefill-v6", "tandem-prefill", 50051, [("fd00::2", True)], 0, address_type="IPv6"
+        )
+    )
     d = discovery_for(api)
     d.start()
     try:
@@ -157,8 +188,12 @@ def test_the_router_follows_discovery_to_new_pods_and_away_from_removed_ones(api
     from tandem.engine.sampling_params import SamplingParams
 
     async def main():
-        a = await decode_server.start(DecodeSettings(model=llama_dir, host="127.0.0.1", port=0, num_kv_blocks=32))
-        b = await decode_server.start(DecodeSettings(model=llama_dir, host="127.0.0.1", port=0, num_kv_blocks=32))
+        a = await decode_server.start(
+            DecodeSettings(model=llama_dir, host="127.0.0.1", port=0, num_kv_blocks=32)
+        )
+        b = await decode_server.start(
+            DecodeSettings(model=llama_dir, host="127.0.0.1", port=0, num_kv_blocks=32)
+        )
         api.put(endpoint_slice("decode", "tandem-decode", a.port, [("127.0.0.1", True)], 0))
         registry = PodRegistry(discovery_for(api), interval_s=0.1, timeout_s=5)
         dispatcher = Dispatcher(registry, RouterSettings(model=llama_dir))
@@ -178,7 +213,9 @@ def test_the_router_follows_discovery_to_new_pods_and_away_from_removed_ones(api
             # Pod a is replaced by pod b (a rollout) while a request streams from a: the router
             # follows without a restart, and the stream in flight on a finishes.
             route = Route()
-            long_job = Job("long", [5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=300, ignore_eos=True))
+            long_job = Job(
+                "long", [5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
+            )
             streaming = dispatcher.generate(long_job, route)
             tokens = (await anext(streaming)).token_ids
             api.put(endpoint_slice("decode", "tandem-decode", b.port, [("127.0.0.1", True)], 0))
@@ -188,7 +225,9 @@ def test_the_router_follows_discovery_to_new_pods_and_away_from_removed_ones(api
                     break
                 await asyncio.sleep(0.05)
             assert await run(1) == f"127.0.0.1:{b.port}"
-            assert [p.address for p in registry.pods] == [f"127.0.0.1:{b.port}"]  # a is no longer routed to
+            assert [p.address for p in registry.pods] == [
+                f"127.0.0.1:{b.port}"
+            ]  # a is no longer routed to
             async for event in streaming:
                 tokens += event.token_ids
             assert route.decode == f"127.0.0.1:{a.port}" and len(tokens) == 300
@@ -212,10 +251,17 @@ def test_router_settings_reject_inconsistent_discovery_flags(llama_dir):
         RouterSettings(model=llama_dir, decode_service="tandem-decode")
     with pytest.raises(ValidationError, match="name the Services instead"):
         RouterSettings(model=llama_dir, discovery="dns", decode_service="d.ns.svc", decode=["a:1"])
-    dns = RouterSettings(model=llama_dir, discovery="dns", decode_service="localhost", decode_port=7).make_discovery()
+    dns = RouterSettings(
+        model=llama_dir, discovery="dns", decode_service="localhost", decode_port=7
+    ).make_discovery()
     assert isinstance(dns, DnsDiscovery) and all(a.endswith(":7") for a in dns.addresses("decode"))
-    k8s = RouterSettings(model=llama_dir, discovery="kubernetes", namespace="ns", prefill_service="p",
-                         decode_service="d").make_discovery()
+    k8s = RouterSettings(
+        model=llama_dir,
+        discovery="kubernetes",
+        namespace="ns",
+        prefill_service="p",
+        decode_service="d",
+    ).make_discovery()
     assert isinstance(k8s, KubernetesDiscovery) and k8s.services == {"prefill": "p", "decode": "d"}
 
 
@@ -233,7 +279,9 @@ def test_a_pod_leaving_discovery_keeps_its_channel_while_this_router_has_request
     from tandem.proto.decode.v1 import decode_pb2
 
     async def main():
-        pod = await decode_server.start(DecodeSettings(model=llama_dir, host="127.0.0.1", port=0, num_kv_blocks=16))
+        pod = await decode_server.start(
+            DecodeSettings(model=llama_dir, host="127.0.0.1", port=0, num_kv_blocks=16)
+        )
         address = f"127.0.0.1:{pod.port}"
         discovery = MutableDiscovery([], [address])
         registry = PodRegistry(discovery, interval_s=60, timeout_s=5)
@@ -244,7 +292,9 @@ def test_a_pod_leaving_discovery_keeps_its_channel_while_this_router_has_request
             discovery.set("decode", [])
             await registry.refresh()
             assert registry.by_role("decode") == []  # no new request chooses it
-            await chosen.stub.GetStats(decode_pb2.GetStatsRequest(), timeout=5)  # the chosen one still can call
+            await chosen.stub.GetStats(
+                decode_pb2.GetStatsRequest(), timeout=5
+            )  # the chosen one still can call
             chosen.inflight = 0
             await registry.refresh()
             await asyncio.sleep(0.1)

@@ -34,7 +34,9 @@ class FakeDispatcher:
 def test_one_failed_prompt_cancels_the_others():
     async def main():
         dispatcher = FakeDispatcher()
-        serving = OpenAIServing(tokenizer=None, dispatcher=dispatcher, model_name="m", max_model_len=100, vocab_size=10)
+        serving = OpenAIServing(
+            tokenizer=None, dispatcher=dispatcher, model_name="m", max_model_len=100, vocab_size=10
+        )
         req = CompletionRequest(prompt=[[1, 2], [3, 4]], max_tokens=5)
         jobs = [Job(f"r-{i}", [1, 2], SamplingParams(max_tokens=5)) for i in range(2)]
         with pytest.raises(UpstreamUnavailable):

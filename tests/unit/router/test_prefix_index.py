@@ -19,7 +19,9 @@ class SlowKVStore(kvstore_pb2_grpc.KVStoreServiceServicer):
     async def Lookup(self, request, context):
         self.lookups += 1
         await asyncio.sleep(self.delay_s)
-        return kvstore_pb2.LookupResponse(matches=[kvstore_pb2.PodMatch(pod_id="p", num_blocks=len(request.block_hashes))])
+        return kvstore_pb2.LookupResponse(
+            matches=[kvstore_pb2.PodMatch(pod_id="p", num_blocks=len(request.block_hashes))]
+        )
 
 
 async def lookup_with(delay_s: float | None, timeout_s: float = 0.05):
@@ -37,7 +39,12 @@ async def lookup_with(delay_s: float | None, timeout_s: float = 0.05):
     try:
         start = time.perf_counter()
         answer = await client.cached_tokens(list(range(64)), None, "fp", 16)
-        return answer, time.perf_counter() - start, client.failures, servicer.lookups if servicer else 0
+        return (
+            answer,
+            time.perf_counter() - start,
+            client.failures,
+            servicer.lookups if servicer else 0,
+        )
     finally:
         await client.close()
         if server is not None:

@@ -9,7 +9,9 @@ from tandem.proto.common.v1 import common_pb2
 
 def pod(name: str, queued: int = 0, free: int = 100) -> Pod:
     p = Pod(f"{name}:1", "prefill", channel=None, stub=None, healthy=True)
-    p.stats = common_pb2.PodStats(pod_id=name, num_queued_prefill_tokens=queued, num_free_blocks=free)
+    p.stats = common_pb2.PodStats(
+        pod_id=name, num_queued_prefill_tokens=queued, num_free_blocks=free
+    )
     return p
 
 
@@ -76,22 +78,29 @@ def test_the_choice_and_its_breakdown_are_logged_at_debug_and_exported(caplog):
     from tandem.serving.requests import Job
 
     a, b = pod("a", queued=300), pod("b", queued=0)
-    dispatcher = Dispatcher(OnePoolRegistry([a, b]), RouterSettings(model="m"), prefix_index=object())
+    dispatcher = Dispatcher(
+        OnePoolRegistry([a, b]), RouterSettings(model="m"), prefix_index=object()
+    )
     job = Job("req-1", list(range(1000)), SamplingParams(max_tokens=1))
     route = Route()
     with caplog.at_level(logging.DEBUG, logger="services.router.flow"):
         chosen = dispatcher._choose_prefill(job, route, {"a": 800})
     assert chosen is a and route.prefill_reason == "prefix"
     (line,) = [r.getMessage() for r in caplog.records if "req-1" in r.getMessage()]
-    assert line == "request req-1 -> prefill a:1 (prefix); candidates: a:1 cached=800 queued=300 cost=500; " \
-                   "b:1 cached=0 queued=0 cost=1000"
+    assert (
+        line
+        == "request req-1 -> prefill a:1 (prefix); candidates: a:1 cached=800 queued=300 cost=500; "
+        "b:1 cached=0 queued=0 cost=1000"
+    )
 
     metrics = RouterMetrics()
     route.mode, route.prefill, route.attempts = "disaggregated", chosen.address, 1
     metrics.observe_route(route, len(job.prompt_token_ids))
     text = generate_latest(metrics.registry).decode()
     assert 'tandem_router_prefill_choices_total{reason="prefix"} 1.0' in text
-    assert 'tandem_router_prefill_cached_fraction_bucket{le="0.75"} 0.0' in text  # 0.8 of the prompt
+    assert (
+        'tandem_router_prefill_cached_fraction_bucket{le="0.75"} 0.0' in text
+    )  # 0.8 of the prompt
     assert 'tandem_router_prefill_cached_fraction_bucket{le="0.9"} 1.0' in text
     assert "tandem_router_prefill_queued_tokens_sum 300.0" in text
     assert "tandem_router_prefill_hotspot_choices_total 0.0" in text

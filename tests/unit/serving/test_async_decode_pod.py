@@ -10,7 +10,9 @@ import random
 from tandem.engine import LLM, SamplingParams
 
 
-def test_disaggregated_requests_on_an_async_decode_pod_get_the_offline_tokens(tiny_model, in_process_pods):
+def test_disaggregated_requests_on_an_async_decode_pod_get_the_offline_tokens(
+    tiny_model, in_process_pods
+):
     from services.router.flow import Job, Route
 
     model_dir = tiny_model("llama")
@@ -23,13 +25,19 @@ def test_disaggregated_requests_on_an_async_decode_pod_get_the_offline_tokens(ti
 
     async def main():
         decode = dict(async_scheduling="on", async_output_processing="on")
-        async with in_process_pods(model_dir, decode=decode, num_kv_blocks=256) as (dispatcher, _, d):
+        async with in_process_pods(model_dir, decode=decode, num_kv_blocks=256) as (
+            dispatcher,
+            _,
+            d,
+        ):
             assert d.parts["engine"].async_scheduling
 
             async def one(i):
                 await asyncio.sleep(0.05 * i)  # arrivals while the others decode
                 route = Route()
-                events = [e async for e in dispatcher.generate(Job(f"a{i}", batch[i], params[i]), route)]
+                events = [
+                    e async for e in dispatcher.generate(Job(f"a{i}", batch[i], params[i]), route)
+                ]
                 assert route.mode == "disaggregated"
                 return [t for e in events for t in e.token_ids]
 

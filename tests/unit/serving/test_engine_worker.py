@@ -13,8 +13,14 @@ from tandem.serving.engine_worker import EngineFailure, EngineWorker
 def engine(llama_dir, request):
     """Synchronous steps, and async output processing + scheduling (a GPU engine's default)."""
     mode = "off" if request.param == "sync" else "on"
-    return LLMEngine(EngineConfig(model=str(llama_dir), num_kv_blocks=64, async_output_processing=mode,
-                                  async_scheduling=mode))
+    return LLMEngine(
+        EngineConfig(
+            model=str(llama_dir),
+            num_kv_blocks=64,
+            async_output_processing=mode,
+            async_scheduling=mode,
+        )
+    )
 
 
 async def collect(q: asyncio.Queue):
@@ -34,7 +40,11 @@ def test_outputs_stream_and_duplicate_ids_are_refused(engine):
             q = worker.open_stream("a")
             with pytest.raises(InvalidRequest, match="already in use"):
                 worker.open_stream("a")
-            await worker.call(lambda e: e.add_request("a", [5, 6, 7], SamplingParams(max_tokens=4, ignore_eos=True)))
+            await worker.call(
+                lambda e: e.add_request(
+                    "a", [5, 6, 7], SamplingParams(max_tokens=4, ignore_eos=True)
+                )
+            )
             items = await collect(q)
             assert sum(len(o.outputs[0].token_ids) for o in items) == 4
             worker.close_stream("a")
@@ -61,11 +71,17 @@ def test_a_failed_step_fails_only_its_requests(engine, monkeypatch):
                 return real_launch(scheduled, input_ids)
 
             monkeypatch.setattr(engine.runner, "launch", launch)
-            await worker.call(lambda e: e.add_request("fails", [5] * 20, SamplingParams(max_tokens=3)))
+            await worker.call(
+                lambda e: e.add_request("fails", [5] * 20, SamplingParams(max_tokens=3))
+            )
             failed = await collect(qa)
             assert isinstance(failed[-1], EngineFailure) and "out of memory" in str(failed[-1])
             # The engine goes on: a later request runs to the end.
-            await worker.call(lambda e: e.add_request("waits", [7] * 20, SamplingParams(max_tokens=3, ignore_eos=True)))
+            await worker.call(
+                lambda e: e.add_request(
+                    "waits", [7] * 20, SamplingParams(max_tokens=3, ignore_eos=True)
+                )
+            )
             done = await collect(qb)
             assert done[-1].finished and calls[0] == ["fails"]
             assert engine.get_stats().num_free_blocks == engine.get_stats().num_total_blocks
