@@ -32,6 +32,6 @@ def print_table(headers: list[str], rows: list[list]) -> None:
     ]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     for j, r in enumerate(cells):
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=False)))
         if j == 0:
             print("  ".join("-" * w for w in widths))

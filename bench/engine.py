@@ -448,7 +448,8 @@ def tandem_offline(model: Path, args, prompts, out_lens, async_mode: str) -> dic
         sel = [s for b, n, s in per_step if lo <= b <= hi and n == b]
         if sel:
             print(
-                f"  decode steps of {lo}-{hi} sequences: {len(sel)}, median {statistics.median(sel) * 1e3:.2f} ms,"
+                f"  decode steps of {lo}-{hi} sequences: {len(sel)}, "
+                f"median {statistics.median(sel) * 1e3:.2f} ms,"
                 f" total {sum(sel):.1f} s",
                 flush=True,
             )
@@ -456,7 +457,8 @@ def tandem_offline(model: Path, args, prompts, out_lens, async_mode: str) -> dic
     print(f"  steps with prompt tokens: {len(mixed)}, total {sum(mixed):.1f} s", flush=True)
     print(
         f"async {async_mode}: {timing['steps']} steps ({timing['graph_steps']} from CUDA graphs), "
-        f"{timing['execute_s']:.1f} s launch to tokens, {seconds - timing['execute_s']:.1f} s around it",
+        f"{timing['execute_s']:.1f} s launch to tokens, "
+        f"{seconds - timing['execute_s']:.1f} s around it",
         flush=True,
     )
     assert sum(len(o.outputs[0].token_ids) for o in outs) == wanted
@@ -582,7 +584,8 @@ def hf_offline(model_dir: Path, prompts, out_lens, device: torch.device, modes) 
 
 
 def _hf_generate_batch(hf, prompts, out_lens) -> tuple[float, int]:
-    """transformers' continuous batching (paged attention), EOS suppressed up to the longest output."""
+    """transformers' continuous batching (paged attention), EOS suppressed up to the longest
+    output."""
     from transformers import GenerationConfig
 
     n = max(out_lens)

@@ -1,4 +1,5 @@
-"""KV page transfer throughput: Tandem's gRPC path against a raw TCP socket, same processes, same run.
+"""KV page transfer throughput: Tandem's gRPC path against a raw TCP socket, same processes, \
+same run.
 
 The sender (this process) holds a paged KV cache shaped like a real model's and pushes one
 prompt's pages with the production ``KVSender`` (layer-group gathers, host staging, chunking,
@@ -147,7 +148,8 @@ def receiver_main(case: Case) -> None:
 
 
 def make_sender(case: Case, kv, streams: int, group: int, chunk: int, device: str):
-    """One long-lived sender per configuration, as a prefill pod has (warm channels and pinned buffers)."""
+    """One long-lived sender per configuration, as a prefill pod has (warm channels and pinned
+    buffers)."""
     import torch
 
     from tandem.engine.kv_cache import KVCacheSpec

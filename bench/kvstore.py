@@ -143,7 +143,8 @@ async def run(args) -> list[dict]:
 
 
 async def memory_per_entry(client, entries: int) -> dict:
-    """Redis memory of ``entries`` index entries, each held by two pods (the chart's sizing rule)."""
+    """Redis memory of ``entries`` index entries, each held by two pods (the chart's sizing
+    rule)."""
     from services.kvstore.redis_index import RedisIndex
 
     index = RedisIndex(client, capacity=10 * entries, prefix="mem")
@@ -205,7 +206,8 @@ def main() -> None:
         ],
     )
     print(
-        f"Redis memory: {memory['bytes'] / 2**20:.1f} MiB for {memory['entries']} entries held by two pods each: "
+        f"Redis memory: {memory['bytes'] / 2**20:.1f} MiB for {memory['entries']} entries "
+        "held by two pods each: "
         f"{memory['bytes_per_entry']:.0f} bytes an entry"
     )
     print(f"wrote {path}")

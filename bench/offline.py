@@ -3,7 +3,8 @@ in [min, max], random token ids, seed 0, EOS ignored, one warm-up, output tokens
 one ``generate`` call.
 
     python bench/offline.py                          # CPU, generated tiny model, small N
-    python bench/offline.py --device cuda --model DIR --num-requests 256 --min-len 100 --max-len 1024
+    python bench/offline.py --device cuda --model DIR --num-requests 256 --min-len 100 \
+--max-len 1024
 
 Prints a table and the result as JSON to stdout, and writes the same JSON under bench/results/
 (or ``--out-dir``); the path written goes to stderr, so stdout is only the table and the JSON.

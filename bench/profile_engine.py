@@ -1,6 +1,7 @@
 """Where a step's time goes: torch.profiler over the runner's decode and prefill steps.
 
-    python bench/profile_engine.py --device cuda --shape llama-3.2-1b --batch 1 --context 1024 --prefill 1024
+    python bench/profile_engine.py --device cuda --shape llama-3.2-1b --batch 1 --context 1024 \
+--prefill 1024
 
 Prints the top kernels by device time and the top operators by host time for each step kind.
 """

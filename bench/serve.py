@@ -1,4 +1,5 @@
-"""Online serving benchmark with vLLM ``bench serve`` semantics, colocated vs disaggregated in one run.
+"""Online serving benchmark with vLLM ``bench serve`` semantics, colocated vs disaggregated in \
+one run.
 
 Open loop: requests are sent at their arrival times (Poisson at ``--rate`` req/s, or all at once
 with ``--rate inf``), whatever the server's pace. Each request streams from
@@ -21,7 +22,8 @@ Each mode starts the system afresh and runs the same workload:
     python bench/serve.py                                   # CPU, tiny model, small workload
     python bench/serve.py --device cuda --model DIR --input-len 1024 --output-len 128 --rate 4
     python bench/serve.py --workload prefix-repetition --modes prefix-aware load-only
-    python bench/serve.py --device cuda --model DIR --worker-args "--load-format dummy"  # a real shape, random weights
+    python bench/serve.py --device cuda --model DIR --worker-args "--load-format dummy"  \
+# a real shape, random weights
 """
 
 import argparse
@@ -211,7 +213,7 @@ async def run_load(url: str, args, vocab: int) -> dict:
         results = await asyncio.gather(
             *(
                 one_request(client, url, p, args.output_len, a, t0)
-                for p, a in zip(prompts, arrivals)
+                for p, a in zip(prompts, arrivals, strict=True)
             )
         )
         wall = time.perf_counter() - t0
@@ -262,14 +264,21 @@ def settled_routing_counts(cluster, before: dict, requests: int, timeout_s: floa
 
 
 def routing_problem(mode: str, before: dict, after: dict) -> str | None:
-    """Why the run did not measure ``mode`` (requests placed otherwise, or retried), if it did not."""
+    """Why the run did not measure ``mode`` (requests placed otherwise, or retried), if it did
+    not."""
     placed = {k: after[k] - before[k] for k in after}
     requests = placed["colocated"] + placed["disaggregated"]
     wanted = "colocated" if mode == "colocated" else "disaggregated"
     if placed[wanted] != requests:
-        return f"{mode}: {placed['colocated']:g} requests ran colocated, {placed['disaggregated']:g} disaggregated"
+        return (
+            f"{mode}: {placed['colocated']:g} requests ran colocated, "
+            f"{placed['disaggregated']:g} disaggregated"
+        )
     if placed["attempts"] != requests:
-        return f"{mode}: {placed['attempts']:g} attempts for {requests:g} requests (retries after failures)"
+        return (
+            f"{mode}: {placed['attempts']:g} attempts for {requests:g} requests "
+            "(retries after failures)"
+        )
     return None
 
 
@@ -395,7 +404,8 @@ def main() -> None:
                 if problem:
                     problems.append(problem)
                     print(
-                        f"warning: {problem}; the workers' last lines:\n{''.join(list(cluster.log)[-20:])}",
+                        f"warning: {problem}; the workers' last lines:\n"
+                        f"{''.join(list(cluster.log)[-20:])}",
                         file=sys.stderr,
                     )
             finally:
@@ -406,11 +416,17 @@ def main() -> None:
         else f"{args.input_len} in"
     )
     payload = {
-        "workload": f"{args.workload}: {shape} / {args.output_len} out, {args.num_prompts} prompts, rate {args.rate}",
+        "workload": (
+            f"{args.workload}: {shape} / {args.output_len} out, "
+            f"{args.num_prompts} prompts, rate {args.rate}"
+        ),
         "device": args.device,
         "model": model.name,
         "worker_args": args.worker_args,
-        "workers": {m: dict(zip(("prefill", "decode"), mode_workers(m, args))) for m in args.modes},
+        "workers": {
+            m: dict(zip(("prefill", "decode"), mode_workers(m, args), strict=True))
+            for m in args.modes
+        },
         "command": shlex.join(sys.argv),
         "results": results,
     }
@@ -455,7 +471,8 @@ def main() -> None:
     if len(results) == 2 and all(r["completed"] for r in results.values()):
         a, b = (results[m] for m in args.modes)
         print(
-            f"{args.modes[1]}/{args.modes[0]}: output throughput x{b['output_throughput'] / a['output_throughput']:.2f}, "
+            f"{args.modes[1]}/{args.modes[0]}: output throughput "
+            f"x{b['output_throughput'] / a['output_throughput']:.2f}, "
             f"TTFT p50 x{b['ttft_ms']['median'] / a['ttft_ms']['median']:.2f}, "
             f"TPOT p50 x{b['tpot_ms']['median'] / a['tpot_ms']['median']:.2f}"
         )

@@ -6,7 +6,8 @@ For each model's attention shape (query heads, KV heads, head dim) and each deco
 context), times ``paged_decode`` on fragmented block tables under every configuration and
 prints the KV read rate against this run's measured copy bandwidth (the rate bench/engine.py's
 decode floor uses; the kernel reads each K/V byte of the context once). Each case's best
-configuration is marked. Small cases (batch 1) are bound by the Python launch of the two kernels, which
+configuration is marked. Small cases (batch 1) are bound by the Python launch of the two kernels, \
+which
 the events include: read them in the engine's profile instead (bench/profile_engine.py). Writes
 JSON under bench/results/ (or --out-dir).
 """
@@ -84,7 +85,17 @@ def main() -> None:
             results = []
             for tile, warps, stages in configs:
 
-                def run():
+                def run(
+                    q=q,
+                    kv=kv,
+                    tables=tables,
+                    lens=lens,
+                    d=d,
+                    splits=splits,
+                    tile=tile,
+                    warps=warps,
+                    stages=stages,
+                ):
                     paged_decode(
                         q,
                         kv[0],
@@ -103,7 +114,8 @@ def main() -> None:
                     t = time_kernel(run, args.iters)
                 except Exception as e:  # noqa: BLE001 - a config that does not compile is skipped
                     print(
-                        f"{name} b{batch} ctx{context} tile {tile} warps {warps} stages {stages}: {e}"
+                        f"{name} b{batch} ctx{context} tile {tile} warps {warps} "
+                        f"stages {stages}: {e}"
                     )
                     continue
                 results.append((t, tile, warps, stages))
@@ -141,7 +153,8 @@ def main() -> None:
                 )
             kv = q = None  # free this case's pool before the next allocates
     print(
-        f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (bytes read + written per second, the decode floor's rate)"
+        f"copy bandwidth {bandwidth / 1e12:.2f} TB/s "
+        "(bytes read + written per second, the decode floor's rate)"
     )
     print_table(
         [

@@ -8,10 +8,11 @@ import random
 from dataclasses import dataclass, field
 
 WORDS = (
-    "the of and to in is that for it as with was on be by at this from are or an have not which one "
-    "cluster router prefill decode token cache block page batch stream request model latency queue "
-    "kernel memory network transfer layer attention prompt answer system user chat service pod node "
-    "time first second value table index score route shard replica result metric trace span event"
+    "the of and to in is that for it as with was on be by at this from are or an have not which "
+    "one cluster router prefill decode token cache block page batch stream request model latency "
+    "queue kernel memory network transfer layer attention prompt answer system user chat service "
+    "pod node time first second value table index score route shard replica result metric trace "
+    "span event"
 ).split()
 
 WORKLOADS = ("random", "shared-prefix", "multi-turn")
@@ -88,7 +89,8 @@ class Conversation:
         return [{"role": "user", "content": self._question()}]
 
     def answered(self, text: str) -> None:
-        """The assistant's reply to the last request (kept for the next turn of a multi-turn chat)."""
+        """The assistant's reply to the last request (kept for the next turn of a multi-turn
+        chat)."""
         if self.options.workload == "multi-turn":
             self.messages.append({"role": "assistant", "content": text})
 

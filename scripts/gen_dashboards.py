@@ -42,7 +42,8 @@ def quantiles(
     legend_by = "".join(f" {{{{{b.strip()}}}}}" for b in by.split(",") if b.strip())
     return [
         (
-            f"histogram_quantile({q}, sum by ({group}) (rate({metric}_bucket{{{selector}}}[{RATE}])))",
+            f"histogram_quantile({q}, sum by ({group}) "
+            f"(rate({metric}_bucket{{{selector}}}[{RATE}])))",
             f"p{int(q * 100)}{legend_by}",
         )
         for q in qs
@@ -199,11 +200,13 @@ KV = [
         "KV transfer bandwidth",
         [
             (
-                f'sum by (pod) (rate(tandem_kv_transfer_bytes_total{{{SEL}, role="prefill"}}[{RATE}]))',
+                "sum by (pod) "
+                f'(rate(tandem_kv_transfer_bytes_total{{{SEL}, role="prefill"}}[{RATE}]))',
                 "sent by {{pod}}",
             ),
             (
-                f'sum by (pod) (rate(tandem_kv_transfer_bytes_total{{{SEL}, role="decode"}}[{RATE}]))',
+                "sum by (pod) "
+                f'(rate(tandem_kv_transfer_bytes_total{{{SEL}, role="decode"}}[{RATE}]))',
                 "received by {{pod}}",
             ),
         ],
@@ -241,7 +244,10 @@ KV = [
         "Lookup latency",
         quantiles("tandem_kvstore_lookup_duration_seconds", NS),
         unit="s",
-        description="The router abandons lookups slower than --kvstore-timeout-s (50 ms) and routes by load.",
+        description=(
+            "The router abandons lookups slower than --kvstore-timeout-s (50 ms) "
+            "and routes by load."
+        ),
     ),
     Panel(
         "Event lag",

@@ -4,7 +4,8 @@ protoc names modules after the proto path (``tandem.decode.v1.decode_pb2``); the
 ``tandem.proto.decode.v1``, so the generated imports are rewritten to that package.
 
     python scripts/gen_protos.py             # regenerate in place
-    python scripts/gen_protos.py --out DIR   # write elsewhere (tests compare with the committed copy)
+    python scripts/gen_protos.py --out DIR   # write elsewhere (tests compare with the committed
+                                             # copy)
 """
 
 import argparse

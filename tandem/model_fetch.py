@@ -1,4 +1,5 @@
-"""``tandem model-fetch``: put a model directory where a pod expects it, from a URI the user supplies.
+"""``tandem model-fetch``: put a model directory where a pod expects it, from a URI the user
+supplies.
 
 The Helm chart's ``model.source.type: init`` runs this in an init container that fills an
 emptyDir before the engine starts. Sources:
@@ -58,9 +59,11 @@ class ModelFetchOptions(BaseSettings):
     )
 
     uri: str
-    """http(s):// or file:// URI of a .tar/.tar.gz/.tgz of the model directory, or file:// of a directory."""
+    """http(s):// or file:// URI of a .tar/.tar.gz/.tgz of the model directory, or file:// of a
+    directory."""
     dest: Path
-    """Directory to fill (created if missing; must be empty unless it holds this URI's earlier fetch)."""
+    """Directory to fill (created if missing; must be empty unless it holds this URI's earlier
+    fetch)."""
     sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
     """Expected SHA-256 of the archive."""
     metadata_only: bool = False
@@ -240,7 +243,8 @@ def _member_filter(metadata_only: bool):
     def member_filter(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
         if (member.issym() or member.islnk()) and not trust_links:
             raise tarfile.FilterError(
-                f"{member.name!r} is a link, refused on this Python; re-create the archive with tar --dereference"
+                f"{member.name!r} is a link, refused on this Python; "
+                "re-create the archive with tar --dereference"
             )
         member = tarfile.data_filter(member, path)
         if metadata_only and member.name.endswith(WEIGHT_SUFFIXES):

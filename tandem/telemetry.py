@@ -129,7 +129,8 @@ def tracer() -> trace.Tracer:
 def outgoing_metadata(
     metadata: tuple[tuple[str, str], ...] = (), context=None
 ) -> tuple[tuple[str, str], ...]:
-    """gRPC metadata carrying the current (or ``context``'s) trace, for a call that serves a request."""
+    """gRPC metadata carrying the current (or ``context``'s) trace, for a call that serves a
+    request."""
     if not _enabled:
         return tuple(metadata)
     carrier: dict[str, str] = {}
@@ -138,7 +139,8 @@ def outgoing_metadata(
 
 
 def server_interceptors() -> list:
-    """The gRPC asyncio server interceptor that opens a SERVER span per traced RPC (none when off)."""
+    """The gRPC asyncio server interceptor that opens a SERVER span per traced RPC (none when
+    off)."""
     if not _enabled:
         return []
     from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters

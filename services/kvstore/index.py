@@ -82,7 +82,8 @@ class Index(Protocol):
     async def add(
         self, namespace: str, pod: PodId, incarnation: str, hashes: list[BlockHash], now: float
     ) -> bool:
-        """Record that the pod holds these blocks. False (nothing recorded) for a stale incarnation."""
+        """Record that the pod holds these blocks. False (nothing recorded) for a stale
+        incarnation."""
         ...
 
     async def remove(

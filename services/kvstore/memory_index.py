@@ -28,8 +28,8 @@ class MemoryIndex:
         self._entries: OrderedDict[_Key, dict[PodId, str]] = OrderedDict()
         self._pods: dict[PodId, _Pod] = {}
         self._held: dict[tuple[PodId, str], set[_Key]] = {}
-        """(pod, generation) -> the entries it holds. Invariant: ``key in _held[(p, g)]`` exactly when
-        ``_entries[key][p] == g``; empty sets are deleted."""
+        """(pod, generation) -> the entries it holds. Invariant: ``key in _held[(p, g)]`` exactly
+        when ``_entries[key][p] == g``; empty sets are deleted."""
         self._dead: deque[tuple[PodId, str]] = deque()
         """Retired generations whose entries ``sweep`` has still to drain, oldest first."""
         self._serials = itertools.count(1)

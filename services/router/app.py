@@ -204,7 +204,7 @@ def _add_openai_routes(app: FastAPI, serving: OpenAIServing, metrics: RouterMetr
     dispatcher = serving.dispatcher
 
     def count_routes(routes: list[Route], jobs) -> None:
-        for route, job in zip(routes, jobs):
+        for route, job in zip(routes, jobs, strict=False):
             metrics.observe_route(route, len(job.prompt_token_ids))
 
     async def counted(stream, routes: list[Route], jobs):

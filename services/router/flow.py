@@ -155,8 +155,8 @@ class Dispatcher:
                 best.pod.address,
                 route.prefill_reason,
                 "; ".join(
-                    f"{c.pod.address} cached={c.cached_tokens} queued={c.queued_tokens} cost={c.cost:g}"
-                    f"{' hot' if c.hot else ''}"
+                    f"{c.pod.address} cached={c.cached_tokens} queued={c.queued_tokens} "
+                    f"cost={c.cost:g}{' hot' if c.hot else ''}"
                     for c in ranked
                 ),
             )

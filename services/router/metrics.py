@@ -41,13 +41,15 @@ class RouterMetrics:
         # the request's `route` span and in the DEBUG log).
         self.prefill_cached_fraction = Histogram(
             "tandem_router_prefill_cached_fraction",
-            "Fraction of the prompt the chosen prefill pod caches (kvstore's answer), per request (its final choice)",
+            "Fraction of the prompt the chosen prefill pod caches (kvstore's answer), "
+            "per request (its final choice)",
             buckets=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0),
             registry=self.registry,
         )
         self.prefill_queued_tokens = Histogram(
             "tandem_router_prefill_queued_tokens",
-            "Prefill tokens queued on the chosen pod when it was chosen (its load term), per request",
+            "Prefill tokens queued on the chosen pod when it was chosen (its load term), "
+            "per request",
             buckets=(0, 256, 1024, 4096, 16384, 65536, 262144),
             registry=self.registry,
         )

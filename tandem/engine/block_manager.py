@@ -82,7 +82,8 @@ class BlockManager:
         self._cached: dict[BlockHash, KVBlock] = {}
         self._tables: dict[RequestId, list[KVBlock]] = {}
         self._ids: dict[RequestId, np.ndarray] = {}
-        """Each table's block ids (a buffer with spare room at the end; the first len(table) count)."""
+        """Each table's block ids (a buffer with spare room at the end; the first len(table)
+        count)."""
         self._num_hashed: dict[RequestId, int] = {}
         """How many leading blocks of a request's table have been offered to the cache."""
         self._events: list[KVEvent] = []

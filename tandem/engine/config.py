@@ -23,7 +23,8 @@ class EngineOptions(BaseModel):
     device: str = "cpu"
     """torch device: "cpu", "cuda" or "cuda:N"."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weights and KV dtype; auto is float32 on CPU and bfloat16 (float16 for fp16 models) on CUDA."""
+    """Weights and KV dtype; auto is float32 on CPU and bfloat16 (float16 for fp16 models) on
+    CUDA."""
     block_size: int = Field(16, gt=0, le=1024)
     """Tokens per KV block."""
     num_kv_blocks: int | None = Field(None, gt=0)

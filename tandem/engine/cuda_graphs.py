@@ -1,4 +1,5 @@
-"""CUDA graphs of decode-only steps: one per padded batch size, replayed instead of ~10 launches a layer.
+"""CUDA graphs of decode-only steps: one per padded batch size, replayed instead of ~10 launches
+a layer.
 
 At batch 1 a small model's decode step is a few hundred short kernels; launched one by one from
 Python the step costs several times its memory-bound floor. A graph replays them all with one
@@ -13,8 +14,9 @@ have length 0 (attention outputs 0) and write their K/V into the pool's scratch 
 All sizes are captured together (largest first, sharing one memory pool): by a decode pod
 before it serves (``ModelRunner.capture_decode_graphs``), otherwise at the first decode step.
 Capture is thread-local, so the decode pod's KV writer threads may keep using the GPU. The LM
-head runs after the replay, on the real rows only (no per-graph logits in the pool). Requirements: CUDA, the Triton backend (the torch backend reads
-host-side lengths), no per-layer hook (prefill pods), every block table within ``max_blocks``.
+head runs after the replay, on the real rows only (no per-graph logits in the pool).
+Requirements: CUDA, the Triton backend (the torch backend reads host-side lengths), no per-layer
+hook (prefill pods), every block table within ``max_blocks``.
 """
 
 import logging

@@ -41,7 +41,8 @@ class PagedKVCache:
         self.num_blocks = num_blocks
         """Blocks requests can hold (ids ``0 .. num_blocks - 1``)."""
         self.scratch_slot = num_blocks * spec.block_size
-        """A slot of one extra block no request owns: padding rows of a CUDA-graph batch write there."""
+        """A slot of one extra block no request owns: padding rows of a CUDA-graph batch write
+        there."""
         # Zeros, not empty: attention multiplies masked-out V rows by 0, and 0 * NaN is NaN.
         self.tensor = torch.zeros(
             (spec.num_layers, 2, num_blocks + 1, spec.block_size, spec.num_kv_heads, spec.head_dim),

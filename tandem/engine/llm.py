@@ -58,7 +58,7 @@ class LLM:
             raise InvalidRequest("priorities must have one entry per prompt", param="priorities")
         ids = [f"offline-{next(self._ids)}" for _ in prompts]
         try:
-            for rid, prompt, p, prio in zip(ids, prompts, params, prios):
+            for rid, prompt, p, prio in zip(ids, prompts, params, prios, strict=True):
                 self.engine.add_request(
                     rid, prompt, p, priority=prio, output_kind=OutputKind.FINAL_ONLY
                 )

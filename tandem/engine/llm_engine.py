@@ -90,12 +90,14 @@ class LLMEngine:
         self.eos_token_ids: tuple[int, ...] = eos
         max_model_len = self._max_model_len()
         self.runner = ModelRunner(config, self.model_config, eos, max_model_len)
-        # A request's last token is never written to the cache: a pool of N tokens holds a context of N + 1.
+        # A request's last token is never written to the cache: a pool of N tokens holds a context
+        # of N + 1.
         pool_context = self.runner.kv_cache.num_blocks * config.block_size + 1
         if pool_context < max_model_len:
             # A request as long as the context could never fit: serve what the pool can hold.
             logger.warning(
-                "the KV pool holds %d tokens, less than max_model_len %d: serving contexts up to %d tokens",
+                "the KV pool holds %d tokens, less than max_model_len %d: "
+                "serving contexts up to %d tokens",
                 pool_context - 1,
                 max_model_len,
                 pool_context,
@@ -112,7 +114,8 @@ class LLMEngine:
             weights_digest=(
                 weights_digest(config.model)
                 if config.load_format != "dummy"
-                else f"dummy-seed{DUMMY_SEED}-{self.runner.device.type}-{config_digest(config.model)}"
+                else f"dummy-seed{DUMMY_SEED}-{self.runner.device.type}-"
+                f"{config_digest(config.model)}"
             ),
             num_layers=mc.num_layers,
             num_kv_heads=mc.num_kv_heads,
@@ -264,7 +267,8 @@ class LLMEngine:
             need = self.block_manager.blocks_needed(seq.num_tokens)
             raise CapacityExceeded(
                 f"no room for a {seq.num_tokens}-token prompt ({need} KV blocks): "
-                f"{self.block_manager.num_free_blocks} of {self.block_manager.num_total_blocks} blocks free"
+                f"{self.block_manager.num_free_blocks} of "
+                f"{self.block_manager.num_total_blocks} blocks free"
             )
         self._track(seq, prompt_token_ids, output_kind)
         block_ids = tuple(self.block_manager.block_ids(seq.request_id).tolist())
@@ -339,7 +343,8 @@ class LLMEngine:
 
     @property
     def async_scheduling(self) -> bool:
-        """Whether a decode step is launched before the previous one's tokens are read (``step``)."""
+        """Whether a decode step is launched before the previous one's tokens are read
+        (``step``)."""
         return self._async_mode(self.config.async_scheduling)
 
     def _async_mode(self, mode: str) -> bool:
@@ -540,5 +545,6 @@ class LLMEngine:
         return self.block_manager.reset_prefix_cache()
 
     def set_kv_layer_hook(self, hook) -> None:
-        """Let ``hook`` (a ``KVLayerHook``) see each layer's KV during the forward (prefill pods)."""
+        """Let ``hook`` (a ``KVLayerHook``) see each layer's KV during the forward (prefill
+        pods)."""
         self.runner.set_kv_layer_hook(hook)

@@ -66,13 +66,15 @@ class RequestValidator:
         max_len = self.limits.max_model_len
         if num_prompt_tokens >= max_len:
             raise RequestTooLarge(
-                f"the prompt has {num_prompt_tokens} tokens but this model's context length is {max_len}",
+                f"the prompt has {num_prompt_tokens} tokens "
+                f"but this model's context length is {max_len}",
                 param="prompt",
             )
         total = num_prompt_tokens + params.max_tokens
         if total > max_len:
             raise RequestTooLarge(
-                f"this model's maximum context length is {max_len} tokens, but {total} were requested "
+                f"this model's maximum context length is {max_len} tokens, "
+                f"but {total} were requested "
                 f"({num_prompt_tokens} in the prompt, {params.max_tokens} for max_tokens)",
                 param="max_tokens",
             )
@@ -80,6 +82,7 @@ class RequestValidator:
         needed = -(-(total - 1) // self.block_size)
         if needed > self.limits.num_kv_blocks:
             raise RequestTooLarge(
-                f"the request needs {needed} KV blocks but the pool holds {self.limits.num_kv_blocks}",
+                f"the request needs {needed} KV blocks "
+                f"but the pool holds {self.limits.num_kv_blocks}",
                 param="max_tokens",
             )

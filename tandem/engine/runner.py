@@ -164,7 +164,8 @@ class ModelRunner:
         self.kv_spec = KVCacheSpec.for_model(model_config, config.block_size, self.dtype)
         self.kv_cache = PagedKVCache(self.kv_spec, self._num_kv_blocks(max_model_len), self.device)
         self.graphs = None
-        """Decode CUDA graphs (``cuda_graphs.DecodeGraphs``), captured by ``capture_decode_graphs``."""
+        """Decode CUDA graphs (``cuda_graphs.DecodeGraphs``), captured by
+        ``capture_decode_graphs``."""
         if self.device.type == "cuda" and config.cuda_graphs and self.backend_name == "triton":
             from tandem.engine.cuda_graphs import DecodeGraphs
 
@@ -228,8 +229,8 @@ class ModelRunner:
         share = int(total * cfg.gpu_memory_utilization) - torch.cuda.memory_allocated(self.device)
         if free - self.GPU_HEADROOM_BYTES < share:
             logger.warning(
-                "gpu_memory_utilization %.2f asks for %.1f GiB more, but %.1f GiB is free on %s (other processes "
-                "hold the rest): the KV pool takes what is free",
+                "gpu_memory_utilization %.2f asks for %.1f GiB more, but %.1f GiB is free on %s "
+                "(other processes hold the rest): the KV pool takes what is free",
                 cfg.gpu_memory_utilization,
                 share / 2**30,
                 free / 2**30,

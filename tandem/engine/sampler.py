@@ -171,5 +171,7 @@ class Sampler:
             if k is None:
                 out.append(None)
             else:
-                out.append((chosen[i], ranks[i], list(zip(top_ids[i][:k], top_lp[i][:k]))))
+                out.append(
+                    (chosen[i], ranks[i], list(zip(top_ids[i][:k], top_lp[i][:k], strict=True)))
+                )
         return out

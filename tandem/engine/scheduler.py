@@ -36,7 +36,8 @@ class ScheduledSequence:
     start: int
     num_new_tokens: int
     block_ids: np.ndarray | list[BlockId]
-    """The sequence's block table (the block manager's read-only snapshot; lists in tests/benchmarks)."""
+    """The sequence's block table (the block manager's read-only snapshot; lists in
+    tests/benchmarks)."""
     samples: bool
     """This step computes the sequence's last token, so a new token is sampled."""
     ahead: int = 0

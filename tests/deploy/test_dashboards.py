@@ -1,4 +1,5 @@
-"""The Grafana dashboards: generated from scripts/gen_dashboards.py, well-formed, shipped by the chart.
+"""The Grafana dashboards: generated from scripts/gen_dashboards.py, well-formed, shipped by the
+chart.
 
 That every metric they query is exported by the services is checked against live services in
 tests/e2e/test_metrics.py.

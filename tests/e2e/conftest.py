@@ -17,7 +17,8 @@ NUM_KV_BLOCKS = 256
 
 
 THRESHOLD_TOKENS = 24
-"""The "router-threshold" router runs prompts shorter than this colocated, longer ones disaggregated."""
+"""The "router-threshold" router runs prompts shorter than this colocated, longer ones
+disaggregated."""
 
 
 def start_cluster(model, *, prefill=1, decode=2, colocated_router=False, **opts) -> LocalCluster:

@@ -81,7 +81,8 @@ class OTLPReceiver(trace_service_pb2_grpc.TraceServiceServicer):
     def wait_for(
         self, condition: Callable[[list[ReceivedSpan]], bool], timeout: float = 30.0
     ) -> list[ReceivedSpan]:
-        """Spans once ``condition(spans)`` holds (AssertionError with what arrived, after ``timeout``)."""
+        """Spans once ``condition(spans)`` holds (AssertionError with what arrived, after
+        ``timeout``)."""
         deadline = time.monotonic() + timeout
         while True:
             spans = self.spans()

@@ -97,7 +97,8 @@ def expect_failure(res: Reservation, messages, push_code, generate_code, match):
 
 
 def test_a_complete_handmade_transfer_is_accepted(cluster, decode_pod, e2e_model):
-    """The harness itself is right: a correct transfer yields tokens (so failures below are real)."""
+    """The harness itself is right: a correct transfer yields tokens (so failures below are
+    real)."""
     res = Reservation(decode_pod.address, "ok-1")
     cfg = load_model_config(e2e_model)
     resp = res.push(
@@ -452,7 +453,8 @@ def test_a_decode_pod_dying_mid_stream_is_reported_and_marked_down(e2e_model):
 
 
 def test_a_decode_pod_stopped_by_sigterm_finishes_its_streams_and_takes_no_new_ones(e2e_model):
-    """A rollout's SIGTERM: health turns NOT_SERVING, new work goes elsewhere, streams in flight finish."""
+    """A rollout's SIGTERM: health turns NOT_SERVING, new work goes elsewhere, streams in flight
+    finish."""
     cluster = start_cluster(e2e_model, prefill=0, decode=2, kvstore=False)
     try:
         body = {

@@ -1,4 +1,5 @@
-"""Every service's /metrics: the names, types and labels operators rely on, and counters that move."""
+"""Every service's /metrics: the names, types and labels operators rely on, and counters that
+move."""
 
 import json
 import re
@@ -88,9 +89,10 @@ def test_every_service_exports_its_metrics_and_counters_move(cluster):
         assert info.labels["block_size"] == "16" and info.labels["num_gpu_blocks"] == "256"
     prefill = cluster.pods("prefill")[0].name
     decodes = [p.name for p in cluster.pods("decode")]
-    grew = lambda name, metric, suffix: (
-        value(after[name], metric, suffix) > value(before[name], metric, suffix)
-    )  # noqa: E731
+
+    def grew(name, metric, suffix):
+        return value(after[name], metric, suffix) > value(before[name], metric, suffix)
+
     assert grew(prefill, "vllm:prefix_cache_queries", "_total")
     assert grew(prefill, "tandem_kv_transfer_bytes", "_total")
     assert grew(prefill, "vllm:prompt_tokens", "_total")

@@ -1,4 +1,5 @@
-"""A router whose pods are all unreachable answers 503 (HTTP) / UNAVAILABLE (gRPC), and keeps serving."""
+"""A router whose pods are all unreachable answers 503 (HTTP) / UNAVAILABLE (gRPC), and keeps
+serving."""
 
 import json
 import subprocess

@@ -54,7 +54,7 @@ def test_disaggregated_and_colocated_outputs_match_offline_engine_and_transforme
     ]
     colocated = f"http://{cluster.by_name('router-colocated').address}"
     before = pod_stats(cluster.pods("prefill")[0]).prefix_cache_queries
-    for prompt, want in zip(batch, expected):
+    for prompt, want in zip(batch, expected, strict=True):
         assert want == hf.generate(prompt)
         got, data = completion_token_ids(cluster.router_url, prompt)
         assert got == want

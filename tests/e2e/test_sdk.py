@@ -30,7 +30,7 @@ def test_generate_and_stream_match_the_offline_engine_and_transformers(
     want = reference.generate(prompts, SamplingParams(temperature=0, max_tokens=10, logprobs=2))
     hf = hf_reference(e2e_model, 10)
     with Client(cluster.router_grpc, timeout=60) as client:
-        for prompt, w in zip(prompts, want):
+        for prompt, w in zip(prompts, want, strict=True):
             result = client.generate(prompt, max_tokens=10, temperature=0, logprobs=2)
             assert (
                 list(result.token_ids) == w.outputs[0].token_ids == hf.generate(w.prompt_token_ids)

@@ -131,7 +131,7 @@ def test_two_instances_run_side_by_side_and_stop_on_sigterm(tmp_path):
     ]
     logs: list[list[str]] = [[], []]
     try:
-        urls = [wait_ready_line(proc, lines) for proc, lines in zip(procs, logs)]
+        urls = [wait_ready_line(proc, lines) for proc, lines in zip(procs, logs, strict=True)]
         assert len(set(urls)) == 2
         for url in urls:
             r = httpx.post(

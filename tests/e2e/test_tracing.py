@@ -90,7 +90,8 @@ def one(spans: list[ReceivedSpan], name: str, service: str) -> ReceivedSpan:
 def check_request_trace(
     spans: list[ReceivedSpan], root: ReceivedSpan, *, operation: str, usage: dict
 ) -> None:
-    """The span tree of one disaggregated request, its parent links across processes, its attributes."""
+    """The span tree of one disaggregated request, its parent links across processes, its
+    attributes."""
     by_id = {s.span_id: s for s in spans}
     assert (
         root.parent_id == "" or root.parent_id not in by_id

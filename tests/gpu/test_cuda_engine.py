@@ -32,7 +32,7 @@ def test_float32_greedy_is_token_identical_to_transformers(arch, tiny_model, hf_
     batch = prompts(llm.engine.model_config.vocab_size)
     outs = llm.generate(batch, SamplingParams(temperature=0, max_tokens=MAX_NEW))
     ref = hf_reference(model_dir, MAX_NEW, device="cuda")
-    for prompt, out in zip(batch, outs):
+    for prompt, out in zip(batch, outs, strict=True):
         assert out.outputs[0].token_ids == ref.generate(prompt)
 
 

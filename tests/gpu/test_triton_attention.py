@@ -99,19 +99,21 @@ def test_fused_add_rms_norm_matches_the_reference_ops(case, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", fused_check.ROTARY_CASES + ROTARY_BIG_CASES)
 def test_fused_rotary_and_store_matches_the_reference_ops(case, dtype):
-    """q_rot, k_rot against float32 rotary; the slots hold exactly k_rot and v; other slots untouched."""
+    """q_rot, k_rot against float32 rotary; the slots hold exactly k_rot and v; other slots
+    untouched."""
     fused_check.check_rotary_and_store(*case, device="cuda", dtype=dtype)
 
 
 def test_bfloat16_engine_with_fused_kernels_tracks_the_float32_engine(tiny_model):
-    """bf16 (fused kernels, graphs) vs float32 (exact ops): the same greedy tokens for most of a run."""
+    """bf16 (fused kernels, graphs) vs float32 (exact ops): the same greedy tokens for most of a
+    run."""
     model = tiny_model("qwen3")
     prompts = [[5, 9, 13, 200, 31], list(range(3, 80))]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
     kw = dict(device="cuda", num_kv_blocks=64, max_num_seqs=8)
     bf16 = LLM(model, dtype="bfloat16", **kw).generate(prompts, params)
     fp32 = LLM(model, dtype="float32", **kw).generate(prompts, params)
-    for a, b in zip(bf16, fp32):
+    for a, b in zip(bf16, fp32, strict=True):
         assert a.outputs[0].token_ids[0] == b.outputs[0].token_ids[0]
         assert abs(a.outputs[0].logprobs[0].logprob - b.outputs[0].logprobs[0].logprob) < 0.1
 
@@ -129,15 +131,19 @@ def test_bfloat16_graph_decode_matches_bfloat16_eager_decode(tiny_model):
     graphed = graphed_llm.generate(prompts, params)
     eager = LLM(model, attention_backend="torch", **kw).generate(prompts, params)
     assert graphed_llm.engine.runner.graphs.replays > 0
-    for a, b in zip(graphed, eager):
+    for a, b in zip(graphed, eager, strict=True):
         got, want = a.outputs[0], b.outputs[0]
         same = next(
-            (i for i, (x, y) in enumerate(zip(got.token_ids, want.token_ids)) if x != y),
+            (
+                i
+                for i, (x, y) in enumerate(zip(got.token_ids, want.token_ids, strict=False))
+                if x != y
+            ),
             len(got.token_ids),
         )
         assert same >= 4, (
             got.token_ids,
             want.token_ids,
         )  # bf16 rounding may split a near-tie later on
-        for x, y in zip(got.logprobs[:same], want.logprobs[:same]):
+        for x, y in zip(got.logprobs[:same], want.logprobs[:same], strict=False):
             assert abs(x.logprob - y.logprob) < 0.05

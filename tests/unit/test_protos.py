@@ -1,4 +1,5 @@
-"""The wire contract: committed stubs are what the protos generate; protos pass buf's STANDARD lint."""
+"""The wire contract: committed stubs are what the protos generate; protos pass buf's STANDARD
+lint."""
 
 import filecmp
 import subprocess

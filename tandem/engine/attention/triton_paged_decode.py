@@ -1,4 +1,5 @@
-"""Paged decode attention in Triton: one query token per sequence, KV read in place through block tables.
+"""Paged decode attention in Triton: one query token per sequence, KV read in place through block
+tables.
 
 Split-KV ("flash-decoding"): program ``(b, kv_head, split)`` attends all query heads of one GQA
 group over one slice of sequence ``b``'s pages with an online softmax, and writes a partial
@@ -135,11 +136,11 @@ def _merge_splits_kernel(
     ok = splits < num_splits
     rows = (b * num_heads + h) * num_splits + splits
     m = tl.load(part_max_ptr + rows, mask=ok, other=float("-inf"))
-    l = tl.load(part_sum_ptr + rows, mask=ok, other=0.0)
+    sums = tl.load(part_sum_ptr + rows, mask=ok, other=0.0)
     m_all = tl.max(m, 0)
     m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)  # an empty sequence: every split is empty
     w = tl.where(ok & (m > float("-inf")), tl.exp(m - m_safe), 0.0)
-    total = tl.sum(l * w, 0)
+    total = tl.sum(sums * w, 0)
     dims = tl.arange(0, HEAD_DIM)
     acc = tl.load(
         part_acc_ptr + rows[:, None] * HEAD_DIM + dims[None, :], mask=ok[:, None], other=0.0
@@ -277,7 +278,8 @@ def _store_kv_kernel(
 
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
-    """Write k, v [T, Hkv, D] into the caches' slots (one kernel for both, instead of two copies)."""
+    """Write k, v [T, Hkv, D] into the caches' slots (one kernel for both, instead of two
+    copies)."""
     tokens = k.shape[0]
     if tokens == 0:
         return
@@ -291,7 +293,8 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
 def choose_num_splits(
     batch: int, num_kv_heads: int, max_context: int, block_size: int, num_sms: int
 ) -> int:
-    """Splits per sequence: enough programs to fill the GPU twice over, each with 4+ pages to read."""
+    """Splits per sequence: enough programs to fill the GPU twice over, each with 4+ pages to
+    read."""
     if batch * num_kv_heads >= 2 * num_sms:
         return 1
     wanted = -(-2 * num_sms // (batch * num_kv_heads))

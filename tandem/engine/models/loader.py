@@ -43,7 +43,8 @@ def _shard_rows(config: ModelConfig, fused_name: str, shard: int) -> slice:
 
 
 DUMMY_SEED = 0
-"""Seed of ``load_format="dummy"`` weights: processes on the same kind of device draw the same ones."""
+"""Seed of ``load_format="dummy"`` weights: processes on the same kind of device draw the same
+ones."""
 
 
 def load_model(
@@ -96,7 +97,8 @@ def load_model(
     if missing:
         names = sorted(_checkpoint_name(n, s) for n, s in missing)
         raise ModelLoadError(
-            f"{model_dir} is missing weights: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
+            f"{model_dir} is missing weights: "
+            f"{', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
         )
     return model.eval()
 

@@ -1,4 +1,5 @@
-"""Rotary position embeddings (default, linear and Llama 3.1 scaling), as transformers computes them.
+"""Rotary position embeddings (default, linear and Llama 3.1 scaling), as transformers computes
+them.
 
 cos/sin are computed per step from the positions (a [tokens, head_dim/2] outer product) instead
 of cached for every position: exact, and no 100 MB table for 128k-context models.

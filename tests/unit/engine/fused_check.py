@@ -44,7 +44,8 @@ def _tolerance(dtype: torch.dtype) -> dict[str, float]:
 def check_add_rms_norm(
     rows, hidden, *, device="cpu", dtype=torch.float32, seed=0, eps=1e-5
 ) -> None:
-    """``add_rms_norm`` on strided rows: the residual bit-equal to PyTorch's add, the norm to RMSNorm's ops."""
+    """``add_rms_norm`` on strided rows: the residual bit-equal to PyTorch's add, the norm to
+    RMSNorm's ops."""
     g = torch.Generator().manual_seed(seed)
     wide = (torch.randn(rows, hidden + 24, generator=g) * 2).to(device, dtype)
     x = wide[:, 8 : 8 + hidden]  # strided rows, as a slice of a wider tensor

@@ -57,7 +57,8 @@ def break_step_in_flight(engine) -> None:
 
 
 def run(engine, requests, kind=OutputKind.DELTA):
-    """Step to the end; per request: (token ids, text, finish reason, stop reason, number of outputs)."""
+    """Step to the end; per request: (token ids, text, finish reason, stop reason, number of
+    outputs)."""
     for rid, prompt, params in requests:
         engine.add_request(rid, prompt, params, output_kind=kind)
     got = {rid: [[], "", None, None, 0] for rid, _, _ in requests}

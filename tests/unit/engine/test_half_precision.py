@@ -75,7 +75,7 @@ def test_half_checkpoint_matches_transformers_in_its_dtype(saved_model, arch, dt
 
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
     compared = total = 0
-    for prompt, out in zip(batch, outs):
+    for prompt, out in zip(batch, outs, strict=True):
         ours = out.outputs[0]
         ids = torch.tensor([prompt])
         with torch.no_grad():
@@ -89,7 +89,7 @@ def test_half_checkpoint_matches_transformers_in_its_dtype(saved_model, arch, dt
             )
         theirs = ref.sequences[0, len(prompt) :].tolist()
         total += len(theirs)
-        for step, (token, lp) in enumerate(zip(ours.token_ids, ours.logprobs)):
+        for step, (token, lp) in enumerate(zip(ours.token_ids, ours.logprobs, strict=False)):
             logits = ref.logits[step][0].float()
             tol = ULPS * torch.finfo(torch_dtype).eps * logits.abs().max().item()
             assert lp.logprob == pytest.approx(logits.log_softmax(-1)[token].item(), abs=tol)

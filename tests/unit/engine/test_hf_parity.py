@@ -35,7 +35,7 @@ def hf_refs(tiny_model, hf_reference):
 
 def assert_same_as_hf(outputs, prompts, ref):
     assert len(outputs) == len(prompts)
-    for out, prompt in zip(outputs, prompts):
+    for out, prompt in zip(outputs, prompts, strict=True):
         assert out.prompt_token_ids == prompt
         expected = ref.generate(prompt)
         assert out.outputs[0].token_ids == expected, f"prompt of {len(prompt)} tokens diverged"
@@ -178,7 +178,7 @@ def test_logprobs_match_hf_scores(arch, tiny_model, hf_refs):
         assert lp.token_id == out.outputs[0].token_ids[i]
         assert lp.rank == 1
         assert abs(lp.logprob - row[lp.token_id].item()) < 1e-4
-        ids, vals = zip(*lp.top)
+        ids, vals = zip(*lp.top, strict=True)
         hf_vals, hf_ids = row.topk(5)
         assert list(ids) == hf_ids.tolist()
         torch.testing.assert_close(torch.tensor(vals), hf_vals, atol=1e-4, rtol=0)

@@ -37,7 +37,8 @@ def test_paged_decode_kernel_matches_the_torch_backend():
 
 
 def test_engine_on_the_triton_backend_matches_the_torch_backend(tiny_model):
-    """Whole generations: prefills (flash path and cached-prefix path) and decodes through the kernel."""
+    """Whole generations: prefills (flash path and cached-prefix path) and decodes through the
+    kernel."""
     model = tiny_model("qwen3")
     out = run_interpreted(
         "import kernel_check\n"  # installs the interpreter fix-up
@@ -48,7 +49,8 @@ def test_engine_on_the_triton_backend_matches_the_torch_backend(tiny_model):
         "params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)\n"
         "got = {}\n"
         "for backend in ('torch', 'triton'):\n"
-        "    llm = LLM(model, attention_backend=backend, num_kv_blocks=64, max_num_batched_tokens=32, max_num_seqs=8)\n"
+        "    llm = LLM(model, attention_backend=backend, num_kv_blocks=64, "
+        "max_num_batched_tokens=32, max_num_seqs=8)\n"
         "    assert llm.engine.runner.backend_name == backend\n"
         "    got[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]\n"
         "assert got['torch'] == got['triton'], got\n"
@@ -59,7 +61,8 @@ def test_engine_on_the_triton_backend_matches_the_torch_backend(tiny_model):
 
 def test_fused_kernels_match_the_reference_ops():
     """add_rms_norm and rotary_and_store in float32 and float16 (the interpreter's bfloat16 casts
-    truncate): strided rows, fragmented slots, block sizes 16 and 32, padding rows, untouched slots."""
+    truncate): strided rows, fragmented slots, block sizes 16 and 32, padding rows, untouched
+    slots."""
     out = run_interpreted(
         "import torch, fused_check\n"
         "for dtype in (torch.float32, torch.float16):\n"
@@ -97,8 +100,10 @@ def test_model_on_the_fused_kernels_tracks_the_unfused_model(tiny_model):
         "    got = LLM(model, attention_backend=backend, **kw).generate(prompts, params)\n"
         "    for a, b in zip(got, want):\n"
         "        x, y = a.outputs[0], b.outputs[0]\n"
-        "        same = next((i for i, (s, t) in enumerate(zip(x.token_ids, y.token_ids)) if s != t), 6)\n"
-        "        assert same >= 4, (backend, x.token_ids, y.token_ids)\n"  # fp16 rounding may split a near-tie
+        "        same = next((i for i, (s, t) in enumerate(zip(x.token_ids, y.token_ids)) "
+        "if s != t), 6)\n"
+        # fp16 rounding may split a near-tie
+        "        assert same >= 4, (backend, x.token_ids, y.token_ids)\n"
         "        for p, q in zip(x.logprobs[:same], y.logprobs[:same]):\n"
         "            assert abs(p.logprob - q.logprob) < 0.02, (backend, p.logprob, q.logprob)\n"
         "assert calls\n"

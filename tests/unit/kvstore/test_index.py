@@ -179,7 +179,8 @@ def test_stats_count_lookups_and_hit_blocks(make_index):
 
 
 async def footprint(index) -> tuple[list[str], int, int]:
-    """Per-pod state: (pods with a record, generations with a block set, retired generations queued)."""
+    """Per-pod state: (pods with a record, generations with a block set, retired generations
+    queued)."""
     if isinstance(index, MemoryIndex):
         return sorted(index._pods), len(index._held), len(index._dead)
     r, P = index.client, index.root
@@ -237,7 +238,8 @@ def test_sweep_drains_dead_entries_behind_older_live_ones(make_index, death):
 
 
 def test_a_drained_generation_is_never_reused(make_index):
-    """A pod that re-registers mid-drain gets a new generation: its new entries survive the drain."""
+    """A pod that re-registers mid-drain gets a new generation: its new entries survive the
+    drain."""
 
     async def go():
         index = make_index()
@@ -297,7 +299,8 @@ def test_a_late_heartbeat_of_an_old_incarnation_is_refused(make_index):
 
 @pytest.mark.parametrize("how", ["cleared", "restarted"])
 def test_a_resync_moves_blocks_out_of_the_retired_generation(make_index, how):
-    """A pod that resyncs often cannot outrun the drain: its retired sets lose what it stores again."""
+    """A pod that resyncs often cannot outrun the drain: its retired sets lose what it stores
+    again."""
 
     async def go():
         index = make_index()
@@ -349,7 +352,8 @@ def test_incarnations_may_hold_colons(make_index):
 
 
 def test_the_previous_releases_keys_are_ignored(redis_server):
-    """The key schema is versioned: an index left by the previous release neither counts nor collides."""
+    """The key schema is versioned: an index left by the previous release neither counts nor
+    collides."""
     import redis.asyncio as aioredis
 
     async def go():

@@ -50,7 +50,8 @@ def make_publisher(
 
 @contextlib.asynccontextmanager
 async def kvstore(**settings):
-    """A kvstore in process: yields (address, stub, service); stops it and cancels ``tasks`` after."""
+    """A kvstore in process: yields (address, stub, service); stops it and cancels ``tasks``
+    after."""
     service = await kvstore_server.start(KVStoreSettings(host="127.0.0.1", port=0, **settings))
     address = f"127.0.0.1:{service.port}"
     tasks: list[asyncio.Task] = []
@@ -73,7 +74,8 @@ async def until(cond, timeout_s: float = 5.0) -> None:
 
 @contextlib.asynccontextmanager
 async def synced_publisher(cached: list[bytes], snapshots: list[int], **kw):
-    """Yields (publisher, stub, service): publisher "p1"/"i1" past its first resync of ``cached`` (h(1))."""
+    """Yields (publisher, stub, service): publisher "p1"/"i1" past its first resync of ``cached``
+    (h(1))."""
     async with kvstore(lease_s=30) as (address, stub, service, tasks):
         publisher = make_publisher(address, cached, snapshots, incarnation="i1", **kw)
         tasks.append(asyncio.create_task(publisher.run()))
@@ -175,7 +177,8 @@ def test_a_superseded_publisher_stops_publishing_until_the_newer_lease_lapses(ca
             tasks.extend([alive, asyncio.create_task(publisher.run())])
             await until(lambda: _true(refused() >= 3))
             assert publisher.superseded and not publisher.connected
-            # It heartbeats at its usual 0.1 s pace, not at every 0.01 s flush: a slow machine only lowers this.
+            # It heartbeats at its usual 0.1 s pace, not at every 0.01 s flush: a slow machine only
+            # lowers this.
             assert refused() <= (time.monotonic() - start) / 0.1 + 3
             assert snapshots == [] and publisher.resyncs == 0
             assert (
@@ -192,7 +195,8 @@ def test_a_superseded_publisher_stops_publishing_until_the_newer_lease_lapses(ca
 
 
 def test_a_publisher_superseded_while_connected_queues_nothing(caplog):
-    """Its events would be refused and a resync is due anyway: nothing queued, no overflow warned about."""
+    """Its events would be refused and a resync is due anyway: nothing queued, no overflow warned
+    about."""
     cached, snapshots = [h(1)], []
 
     async def go():

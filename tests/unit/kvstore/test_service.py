@@ -1,4 +1,5 @@
-"""The kvstore service in process: validation of event batches, fencing, lookups, publisher resync."""
+"""The kvstore service in process: validation of event batches, fencing, lookups, publisher
+resync."""
 
 import asyncio
 
@@ -186,7 +187,8 @@ def test_publisher_resyncs_when_the_index_forgets_it():
 
 
 def test_the_sweeper_outlives_any_index_error_and_forgets_silent_pods(caplog):
-    """A Redis error other than a lost connection (BUSY, OOM, a script error) skips one sweep only."""
+    """A Redis error other than a lost connection (BUSY, OOM, a script error) skips one sweep
+    only."""
     import time
 
     from redis.exceptions import ResponseError

@@ -94,7 +94,8 @@ def test_watch_restarts_keep_following(api):
 
 @pytest.mark.parametrize("faults", [["drop"], ["500"], ["gone"], ["drop", "500", "drop"]])
 def test_api_failures_are_survived(api, faults):
-    """A dropped connection, an error status or an expired watch: the discovery re-lists and keeps following."""
+    """A dropped connection, an error status or an expired watch: the discovery re-lists and keeps
+    following."""
     api.put(endpoint_slice("decode-a", "tandem-decode", 50052, [("10.0.0.1", True)], 0))
     d = discovery_for(api)
     d.start()

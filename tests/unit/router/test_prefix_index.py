@@ -1,4 +1,5 @@
-"""The router's kvstore client: a slow or absent kvstore costs one timeout, never a failed request."""
+"""The router's kvstore client: a slow or absent kvstore costs one timeout, never a failed
+request."""
 
 import asyncio
 import time
