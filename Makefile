@@ -1,8 +1,12 @@
 # The README's two commands are `make run` and `make test`; both set up .venv themselves.
-.PHONY: setup run test test-fast protos bench bench-kv bench-serve bench-engine loadtest
+.PHONY: setup run lint test test-fast protos bench bench-kv bench-serve bench-engine loadtest
 
 VENV := .venv
 PY := $(VENV)/bin/python
+# pytest-xdist workers (CI has 2 cores); each test file runs whole on one worker, so a module's
+# cluster of service processes starts once.
+JOBS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(JOBS) --dist loadfile
 
 setup:
 	@scripts/bootstrap.sh
@@ -10,11 +14,19 @@ setup:
 run: setup
 	$(VENV)/bin/tandem up $(ARGS)
 
-test: setup
-	$(PY) -m pytest -q
+# Style (ruff: pycodestyle, pyflakes, isort, bugbear, pyupgrade, formatting) and the import
+# contracts in pyproject.toml (layers only import downwards).
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
-test-fast: setup
-	$(PY) -m pytest -q -m "not slow and not integration"
+test: setup lint
+	$(PYTEST)
+
+# The pre-commit loop: lint and the tests that start no processes and take under a few seconds.
+test-fast: setup lint
+	$(PYTEST) -m "not slow and not integration"
 
 protos: setup
 	$(PY) scripts/gen_protos.py

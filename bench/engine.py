@@ -111,7 +111,7 @@ class Shape:
 
 def synthetic_step(engine, batch: int, context: int, new_tokens: int, rng: random.Random):
     """``batch`` sequences whose first ``context`` tokens are in the cache, on shuffled blocks."""
-    from tandem.engine.sampling_params import SamplingParams
+    from tandem.api.sampling_params import SamplingParams
     from tandem.engine.scheduler import ScheduledSequence
     from tandem.engine.sequence import Sequence
 
@@ -164,7 +164,7 @@ def loop_decode(
     """Seconds per ``engine.step()`` while ``batch`` requests decode at ``context`` tokens: the
     engine's whole step (scheduler, runner, outputs), i.e. the time per output token a user sees,
     under one async mode. None when the KV pool cannot hold the batch."""
-    from tandem.engine.sampling_params import SamplingParams
+    from tandem.api.sampling_params import SamplingParams
 
     bs = engine.config.block_size
     if batch * -(-(context + steps + 16) // bs) > engine.block_manager.num_free_blocks:

@@ -72,11 +72,11 @@ def receiver_main(case: Case) -> None:
     import grpc
     import torch
 
+    from tandem.api.channel_options import SERVER_OPTIONS
     from tandem.engine.kv_cache import KVCacheSpec, PagedKVCache
-    from tandem.kv import codec
-    from tandem.kv.receiver import KVReceiver
     from tandem.proto.decode.v1 import decode_pb2
-    from tandem.serving.channels import SERVER_OPTIONS
+    from tandem.transfer import codec
+    from tandem.transfer.receiver import KVReceiver
 
     layers, heads, dim = SHAPES[case.shape]
     spec = KVCacheSpec(layers, heads, dim, BLOCK, getattr(torch, case.dtype))
@@ -153,7 +153,7 @@ def make_sender(case: Case, kv, streams: int, group: int, chunk: int, device: st
     import torch
 
     from tandem.engine.kv_cache import KVCacheSpec
-    from tandem.kv.sender import KVSender
+    from tandem.transfer.sender import KVSender
 
     layers, heads, dim = SHAPES[case.shape]
     spec = KVCacheSpec(layers, heads, dim, BLOCK, kv.dtype)
@@ -170,11 +170,11 @@ def make_sender(case: Case, kv, streams: int, group: int, chunk: int, device: st
 def grpc_transfer(sender, case: Case, address: str, kv, block_ids, device) -> float:
     import torch
 
-    from tandem.engine.sampling_params import SamplingParams
+    from tandem.api.sampling_params import SamplingParams
     from tandem.engine.scheduler import ScheduledSequence
     from tandem.engine.sequence import Sequence
-    from tandem.kv.transfer import KVTarget
     from tandem.proto.common.v1 import common_pb2
+    from tandem.transfer.push_streams import KVTarget
 
     layers = SHAPES[case.shape][0]
     seq = Sequence(

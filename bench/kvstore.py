@@ -62,7 +62,13 @@ async def run(args) -> list[dict]:
     import redis.asyncio as aioredis
 
     from services.kvstore.redis_index import RedisIndex
-    from tandem.local_cluster import LocalCluster, RedisProcess, UpOptions, free_port, grpc_healthy
+    from services.local_cluster import (
+        LocalCluster,
+        RedisProcess,
+        UpOptions,
+        free_port,
+        grpc_healthy,
+    )
     from tandem.proto.kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
 
     redis_server = RedisProcess.start()

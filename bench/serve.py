@@ -226,7 +226,7 @@ async def run_load(url: str, args, vocab: int) -> dict:
 
 def prefix_cache_counters(cluster) -> dict[str, tuple[int, int]]:
     """Per role, the pods' summed (prefix-cache queries, hits) in tokens, from their GetStats."""
-    from tandem.local_cluster import pod_stats
+    from services.local_cluster import pod_stats
 
     totals = {}
     for role in ("prefill", "decode"):
@@ -240,7 +240,7 @@ def prefix_cache_counters(cluster) -> dict[str, tuple[int, int]]:
 
 def routing_counts(cluster) -> dict[str, float]:
     """The router's requests placed by mode, and its attempts (more than requests: retries)."""
-    from tandem.local_cluster import counter_totals
+    from services.local_cluster import counter_totals
 
     url = cluster.by_name("router").metrics_url
     modes = counter_totals(url, "tandem_router_routing_decisions", "mode")
@@ -303,7 +303,7 @@ def mode_workers(mode: str, args) -> tuple[int, int]:
 
 
 def start_system(model: Path, mode: str, args):
-    from tandem.local_cluster import LocalCluster, UpOptions
+    from services.local_cluster import LocalCluster, UpOptions
 
     prefill, decode = mode_workers(mode, args)
     opts = UpOptions(

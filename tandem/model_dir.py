@@ -11,7 +11,9 @@ from typing import Any
 
 import xxhash
 
-from tandem.errors import ModelLoadError
+from tandem.api.errors import InvalidRequest, ModelLoadError
+from tandem.api.sampling_params import SamplingParams
+from tandem.api.sampling_request import GENERATION_DEFAULT_FIELDS
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -24,7 +26,8 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 @dataclass(slots=True, frozen=True)
 class RopeConfig:
-    """Rotary embedding parameters (HF ``rope_parameters`` / legacy ``rope_theta`` + ``rope_scaling``)."""
+    """Rotary embedding parameters (HF ``rope_parameters`` / legacy ``rope_theta`` +
+    ``rope_scaling``)."""
 
     theta: float = 10000.0
     rope_type: str = "default"
@@ -87,13 +90,15 @@ def _require_dir(model_dir: Path) -> Path:
 
 
 def _parse_rope(raw: dict[str, Any]) -> RopeConfig:
-    # transformers 5 writes rope_parameters (theta inside); older files use rope_theta + rope_scaling.
+    # transformers 5 writes rope_parameters (theta inside); older files use rope_theta +
+    # rope_scaling.
     params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ModelLoadError(
-            f"rope type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+            f"rope type {rope_type!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
         )
     return RopeConfig(
         theta=float(theta),
@@ -139,10 +144,6 @@ def _eos_ids(model_dir: Path, raw: dict[str, Any]) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, list) else (int(eos),)
 
 
-GENERATION_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-"""Sampling fields of generation_config.json that become a request's defaults (vLLM's set)."""
-
-
 def generation_defaults(model_dir: str | Path) -> dict[str, Any]:
     """The model's recommended sampling (e.g. an instruct model's temperature 0.6, top_p 0.9) from
     its generation_config.json: the defaults for what a request leaves unset, as vLLM serves with
@@ -165,11 +166,6 @@ def generation_defaults(model_dir: str | Path) -> dict[str, Any]:
         if name == "top_k" and value <= 0:
             continue  # 0 or -1: no top-k (HF's and vLLM's "off")
         defaults[name] = int(value) if name == "top_k" else float(value)
-    from tandem.engine.sampling_params import (
-        SamplingParams,
-    )  # here: tandem.engine imports this module
-    from tandem.errors import InvalidRequest
-
     try:
         SamplingParams(**defaults)  # out of range: fail where the model is loaded, not per request
     except InvalidRequest as e:

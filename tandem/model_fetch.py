@@ -39,7 +39,7 @@ from urllib.parse import unquote, urlparse, urlunparse
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from tandem.errors import TandemError
+from tandem.api.errors import TandemError
 
 logger = logging.getLogger(__name__)
 MARKER = ".tandem-fetched"
@@ -72,9 +72,6 @@ class ModelFetchOptions(BaseSettings):
     """Network timeout of each read (not of the whole download)."""
     retries: int = Field(5, ge=0)
     """Retries of a download that failed on the network (exponential backoff, from scratch)."""
-
-    def cli_cmd(self) -> None:
-        fetch_model(self)
 
 
 def fetch_model(options: ModelFetchOptions) -> Path:

@@ -9,6 +9,8 @@ version).
 """
 
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -45,7 +47,8 @@ class ModelGenOptions(BaseModel):
     kv_heads: int = Field(2, gt=0)
     """Key/value heads (grouped-query attention when fewer than heads)."""
     head_dim: int | None = Field(None, gt=0)
-    """Per-head size; default hidden/heads (qwen3 defaults to twice that, as its configs decouple them)."""
+    """Per-head size; default hidden/heads (qwen3 defaults to twice that, as its configs decouple
+    them)."""
     intermediate: int = Field(128, gt=0)
     """MLP intermediate size."""
     vocab: int = Field(1024, ge=300)
@@ -66,10 +69,6 @@ class ModelGenOptions(BaseModel):
     """Split the weights into shards of this size (e.g. "200KB"), written with an index file."""
     seed: int = 0
     """Seed of the random weights."""
-
-    def cli_cmd(self) -> None:
-        path = generate_model_dir(self)
-        print(f"wrote a tiny {self.arch} model to {path}")
 
 
 CORPUS = Path(__file__).resolve().parent / "assets" / "tokenizer_corpus.txt"
@@ -200,3 +199,29 @@ def _randomize_norms(model, seed: int) -> None:
                 param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=gen))
             elif name.endswith(".bias"):
                 param.copy_(0.1 * torch.randn(param.shape, generator=gen))
+
+
+DEFAULT_MODEL_DIR = Path(".tandem/models/tiny-llama")
+"""Where ``tandem up`` and ``tandem generate`` keep the tiny model they use without --model."""
+
+
+def ensure_default_model(path: Path = DEFAULT_MODEL_DIR) -> Path:
+    """The generated tiny model used when no --model is given (created on first use).
+
+    Written to a temporary directory and renamed into place, so two ``tandem up`` started side
+    by side never load a half-written directory.
+    """
+    if not (path / "config.json").is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+        try:
+            generate_model_dir(
+                ModelGenOptions(arch="llama", out=staging, layers=4, hidden=128, intermediate=256)
+            )
+            staging.rename(path)
+        except OSError:
+            if not (path / "config.json").is_file():
+                raise  # not another process's complete directory in the way: a real failure
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone already if the rename won
+    return path

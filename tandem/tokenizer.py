@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tandem.errors import InvalidRequest, ModelLoadError
+from tandem.api.errors import InvalidRequest, ModelLoadError
 
 
 class Tokenizer:

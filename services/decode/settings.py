@@ -18,10 +18,3 @@ class DecodeSettings(PodSettings):
     includes the prompt's wait in the prefill queue, so keep it above the worst prefill backlog."""
     kv_max_chunk_bytes: int = Field(32 << 20, ge=64 << 10, le=48 << 20)
     """Largest KV chunk accepted (prefill pods' --kv-chunk-bytes may go up to 32 MiB)."""
-
-    def cli_cmd(self) -> None:
-        import asyncio
-
-        from services.decode.server import serve
-
-        asyncio.run(serve(self))

@@ -1,7 +1,7 @@
 """The prefix-cache index interface, shared by the in-memory and the Redis implementations.
 
 Model:
-- A **block entry** is one chained block hash (``tandem.kv.hashing``) in one namespace (the
+- A **block entry** is one chained block hash (``tandem.api.hashing``) in one namespace (the
   model fingerprint), with the set of pods that hold it. ``capacity`` bounds the number of
   entries; past it the least recently used (by lookup or add) are evicted. Within one call,
   earlier blocks of a chain count as more recently used than later ones, so a prompt's deep
@@ -32,8 +32,7 @@ Model:
 from dataclasses import dataclass
 from typing import Protocol
 
-from tandem.ids import PodId
-from tandem.kv.hashing import BlockHash
+from tandem.api.ids import BlockHash, PodId
 
 
 @dataclass(slots=True, frozen=True)

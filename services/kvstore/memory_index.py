@@ -6,8 +6,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from services.kvstore.index import IndexStats, Registration
-from tandem.ids import PodId
-from tandem.kv.hashing import BlockHash
+from tandem.api.ids import BlockHash, PodId
 
 _Key = tuple[str, BlockHash]
 """(namespace, block hash): one block entry."""

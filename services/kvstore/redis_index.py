@@ -30,8 +30,7 @@ single primary (with replicas for availability). ``SWEEP`` uses ``SPOP``, which 
 import redis.asyncio as aioredis
 
 from services.kvstore.index import IndexStats, Registration
-from tandem.ids import PodId
-from tandem.kv.hashing import BlockHash
+from tandem.api.ids import BlockHash, PodId
 
 _GENERATIONS = """
 -- The incarnation is everything before the last ':' (incarnations may hold ':' themselves).

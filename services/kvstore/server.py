@@ -25,12 +25,12 @@ from services.kvstore.memory_index import MemoryIndex
 from services.kvstore.redis_index import RedisIndex
 from services.kvstore.settings import KVStoreSettings
 from tandem import telemetry
-from tandem.errors import InvalidRequest, TandemError, UpstreamUnavailable
-from tandem.ids import PodId
-from tandem.kv.hashing import HASH_ALGORITHM, BlockHash
+from tandem.api.errors import InvalidRequest, TandemError, UpstreamUnavailable
+from tandem.api.grpc_status import abort_with
+from tandem.api.hashing import HASH_ALGORITHM
+from tandem.api.ids import BlockHash, PodId
 from tandem.proto.kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
 from tandem.serving.grpc_server import GrpcServer, RunningService
-from tandem.serving.status import abort_with
 
 logger = logging.getLogger(__name__)
 MAX_LOOKUP_BLOCKS = 1 << 16

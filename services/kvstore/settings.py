@@ -18,7 +18,8 @@ class KVStoreSettings(BaseSettings):
     metrics_port: int | None = Field(None, ge=0, le=65535)
     """Serve Prometheus metrics over HTTP on this port."""
     redis_url: str | None = None
-    """Redis to keep the index in (shared by every kvstore replica); None: in this process's memory."""
+    """Redis to keep the index in (shared by every kvstore replica); None: in this process's
+    memory."""
     key_prefix: str = "tandem"
     """Prefix of every Redis key (several deployments can share one Redis)."""
     capacity: int = Field(1_000_000, gt=0)
@@ -34,15 +35,9 @@ class KVStoreSettings(BaseSettings):
     redis_max_connections: int = Field(64, gt=0)
     """Size of the Redis connection pool."""
     sweep_interval_s: float = Field(5.0, gt=0)
-    """How often dead entries (silent, restarted or cleared pods) are swept and silent pods forgotten."""
+    """How often dead entries (silent, restarted or cleared pods) are swept and silent pods
+    forgotten."""
     sweep_batch: int = Field(10_000, gt=0)
     """Most dead holdings examined (and expired pods retired) per sweep: one Lua script, so this
     bounds how long a sweep holds Redis. Dead entries drain at sweep_batch / sweep_interval_s
     per second; until then they do not count (and lookups no longer refresh them in LRU order)."""
-
-    def cli_cmd(self) -> None:
-        import asyncio
-
-        from services.kvstore.server import serve
-
-        asyncio.run(serve(self))

@@ -16,20 +16,20 @@ from opentelemetry import trace
 
 from services.prefill.settings import PrefillSettings
 from tandem import telemetry
+from tandem.api import proto_convert
+from tandem.api.errors import CapacityExceeded, InvalidRequest, KVFingerprintMismatch, TandemError
+from tandem.api.grpc_status import abort_with
+from tandem.api.outputs import OutputKind
+from tandem.api.sampling_params import SamplingParams
 from tandem.engine.llm_engine import LLMEngine
-from tandem.engine.outputs import OutputKind
-from tandem.engine.sampling_params import SamplingParams
-from tandem.errors import CapacityExceeded, InvalidRequest, KVFingerprintMismatch, TandemError
-from tandem.kv.publisher import KVEventPublisher
-from tandem.kv.sender import KVSender
-from tandem.kv.transfer import KVTarget
-from tandem.proto.common.v1 import common_pb2
 from tandem.proto.prefill.v1 import prefill_pb2, prefill_pb2_grpc
-from tandem.serving import convert
 from tandem.serving.engine_worker import EngineWorker
-from tandem.serving.grpc_server import GrpcServer, RunningService
+from tandem.serving.grpc_server import RunningService
+from tandem.serving.kv_event_publisher import KVEventPublisher
+from tandem.serving.pod import PodRuntime, pod_stats, serve_pod
 from tandem.serving.pod_metrics import PodMetrics
-from tandem.serving.status import abort_with
+from tandem.transfer.push_streams import KVTarget
+from tandem.transfer.sender import KVSender
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +70,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         done = False
         try:
             target = self._target(request)
-            ids = convert.prompt_ids(request.prompt_token_ids)
-            params = prefill_only(convert.sampling_params_from_proto(request.sampling_params))
+            ids = proto_convert.prompt_ids(request.prompt_token_ids)
+            params = prefill_only(proto_convert.sampling_params_from_proto(request.sampling_params))
             if span.is_recording():
                 span.set_attributes(
                     {
@@ -95,7 +95,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             if isinstance(item, BaseException):
                 raise item
             self.metrics.observe_finished(item.metrics)
-            end = convert.transfer_end(item, target.request_id, self.fingerprint)
+            end = proto_convert.transfer_end(item, target.request_id, self.fingerprint)
             try:
                 result = await asyncio.wrap_future(self.sender.finish(rid, end))
             except TandemError:
@@ -103,7 +103,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                 raise
             self.metrics.transfer("ok", result.bytes, result.seconds)
             done = True
-            timing = convert.prefill_timing(item.metrics, result.seconds)
+            timing = proto_convert.prefill_timing(item.metrics, result.seconds)
             if span.is_recording():
                 span.set_attributes(
                     {
@@ -128,9 +128,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         finally:
             # Only what this call created: a refused duplicate id must not touch the original.
             if stream is not None:
-                self.worker.close_stream(rid)
-                if not done:
-                    self.worker.submit(lambda e: self._release(e, rid))
+                self.worker.end_stream(rid, finished=done)
 
     def _target(self, request: prefill_pb2.PrefillRequest) -> KVTarget:
         t = request.decode_target
@@ -166,17 +164,14 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             self.sender.abort(rid)
             raise
 
-    def _release(self, engine: LLMEngine, rid: str) -> None:
-        self.sender.abort(rid)
-        engine.abort_request(rid)
-
     async def GetStats(self, request, context):
-        stats = convert.pod_stats(self.worker.stats, **self.identity)
-        stats.engine_steps, stats.seconds_since_progress = (
-            self.worker.steps,
-            self.worker.seconds_since_progress,
-        )
-        return prefill_pb2.GetStatsResponse(stats=stats)
+        return prefill_pb2.GetStatsResponse(stats=pod_stats(self.worker, self.identity))
+
+
+def release_request(sender: KVSender, engine: LLMEngine, rid: str) -> None:
+    """Engine thread: stop the request's KV transfer, then free its blocks."""
+    sender.abort(rid)
+    engine.abort_request(rid)
 
 
 async def start(settings: PrefillSettings) -> RunningService:
@@ -200,59 +195,38 @@ async def start(settings: PrefillSettings) -> RunningService:
         def after_step(e: LLMEngine) -> None:
             publisher.enqueue(e.take_kv_events())
 
-    worker = EngineWorker(engine, asyncio.get_running_loop(), after_step=after_step)
-    server = GrpcServer(settings.host, settings.port, ["tandem.prefill.v1.PrefillService"])
-    address = settings.address(server.port)
-    identity = settings.identity(engine, common_pb2.POD_ROLE_PREFILL, address)
-    metrics = PodMetrics(
-        worker,
-        model_name=settings.model_name(),
-        role="prefill",
-        cache_config=settings.cache_config_info(engine),
+    pod = PodRuntime.create(
+        "prefill",
+        settings,
+        engine,
+        after_step=after_step,
+        release=lambda e, rid: release_request(sender, e, rid),
     )
-    if settings.metrics_port is not None:
-        metrics.serve(settings.metrics_port)
-    cleanups = [worker.stop, sender.close]
     if settings.kvstore is not None:
 
         async def snapshot():
             # On the engine thread: queued events are superseded by the full list of cached blocks.
-            return await worker.call(
+            return await pod.worker.call(
                 lambda e: (publisher.drop_pending(), e.take_kv_events(), e.cached_block_hashes())[2]
             )
 
         publisher = KVEventPublisher(
             settings.kvstore,
-            pod_id=identity["pod_id"],
-            pod_address=address,
-            incarnation=identity["incarnation"],
-            fingerprint=identity["model_fingerprint"],
+            pod_id=pod.identity["pod_id"],
+            pod_address=settings.address(pod.server.port),
+            incarnation=pod.identity["incarnation"],
+            fingerprint=pod.identity["model_fingerprint"],
             block_size=engine.config.block_size,
             snapshot=snapshot,
             heartbeat_interval_s=settings.kvstore_heartbeat_s,
         )
-    servicer = PrefillServicer(settings, worker, sender, identity, metrics)
-    prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, server.server)
-    worker.start()
-    await server.start()
+    servicer = PrefillServicer(settings, pod.worker, sender, pod.identity, pod.metrics)
+    prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, pod.server.server)
+    service = await pod.start([sender.close], sender=sender, publisher=publisher)
     if publisher is not None:
-        cleanups.insert(0, asyncio.create_task(publisher.run(), name="kv-events").cancel)
-    logger.info("prefill pod %s serving on port %d", identity["pod_id"], server.port)
-    return RunningService(
-        server,
-        cleanups,
-        engine=engine,
-        worker=worker,
-        sender=sender,
-        publisher=publisher,
-        metrics=metrics,
-    )
+        service.on_stop(asyncio.create_task(publisher.run(), name="kv-events").cancel)
+    return service
 
 
 async def serve(settings: PrefillSettings) -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    telemetry.setup_tracing("prefill", instance=settings.pod_id)
-    service = await start(settings)
-    await service.serve_until_signalled(settings.shutdown_grace_s)
+    await serve_pod("prefill", settings, start)

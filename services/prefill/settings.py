@@ -14,7 +14,8 @@ class PrefillSettings(PodSettings):
     port: int = Field(50051, ge=0, le=65535)
     """gRPC port (0 picks a free one)."""
     kv_layers_per_group: int = Field(4, gt=0)
-    """Layers computed before their KV pages start streaming (smaller: earlier overlap, more chunks)."""
+    """Layers computed before their KV pages start streaming (smaller: earlier overlap, more
+    chunks)."""
     kv_chunk_bytes: int = Field(4 << 20, ge=64 << 10, le=32 << 20)
     """Largest KV chunk message (the issue's 1-4 MiB; gRPC messages are capped at 64 MiB)."""
     kv_streams: int = Field(2, ge=1, le=16)
@@ -27,10 +28,3 @@ class PrefillSettings(PodSettings):
     """host:port of kvstore: publish this pod's prefix-cache events there (prefix-aware routing)."""
     kvstore_heartbeat_s: float = Field(2.0, gt=0)
     """How often this pod renews its lease in kvstore."""
-
-    def cli_cmd(self) -> None:
-        import asyncio
-
-        from services.prefill.server import serve
-
-        asyncio.run(serve(self))

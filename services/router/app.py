@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from services.router.flow import Dispatcher, Route
 from services.router.grpc_api import RouterServicer
 from services.router.http_errors import error_body, error_response
+from services.router.jobs import JobBuilder
 from services.router.metrics import RouterMetrics
 from services.router.openai_api import OpenAIServing, merge_events
 from services.router.openai_protocol import ChatCompletionRequest, CompletionRequest
@@ -26,7 +27,7 @@ from services.router.prefix_index import PrefixIndexClient
 from services.router.request_trace import RequestTrace
 from services.router.settings import RouterSettings
 from tandem import telemetry
-from tandem.errors import RequestCancelled, TandemError, UpstreamUnavailable
+from tandem.api.errors import RequestCancelled, TandemError, UpstreamUnavailable
 from tandem.model_dir import load_model_config
 from tandem.proto.router.v1 import router_pb2_grpc
 from tandem.serving.grpc_server import GrpcServer
@@ -139,14 +140,26 @@ def create_app(settings: RouterSettings) -> FastAPI:
         else None
     )
     dispatcher = Dispatcher(registry, settings, prefix_index)
-    serving = OpenAIServing(
+    configured_context = settings.max_model_len or model_config.max_position_embeddings
+
+    def served_context() -> int:
+        """The configured context, or less if a decode pod reports less (a pod caps it to what
+        its KV pool holds)."""
+        reported = [
+            p.stats.max_model_len
+            for p in registry.by_role("decode")
+            if p.stats and p.stats.max_model_len
+        ]
+        return min([configured_context, *reported])
+
+    jobs = JobBuilder(
         tokenizer,
-        dispatcher,
         model_name=settings.model_name(),
-        max_model_len=settings.max_model_len or model_config.max_position_embeddings,
         vocab_size=model_config.vocab_size,
+        max_model_len=served_context,
         sampling_defaults=settings.sampling_defaults(),
     )
+    serving = OpenAIServing(jobs, dispatcher)
     metrics = RouterMetrics()
 
     @asynccontextmanager
@@ -156,7 +169,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
             await prefix_index.start()
         server = GrpcServer(settings.host, settings.grpc_port, ["tandem.router.v1.RouterService"])
         router_pb2_grpc.add_RouterServiceServicer_to_server(
-            RouterServicer(serving, metrics), server.server
+            RouterServicer(jobs, dispatcher, metrics), server.server
         )
         await server.start()
         app.state.grpc_port = server.port
@@ -273,7 +286,7 @@ def _add_openai_routes(app: FastAPI, serving: OpenAIServing, metrics: RouterMetr
                     "created": 0,
                     "owned_by": "tandem",
                     "root": serving.model_name,
-                    "max_model_len": serving.max_model_len,
+                    "max_model_len": serving.jobs.max_model_len,
                 }
             ],
         }

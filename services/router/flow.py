@@ -32,7 +32,8 @@ from services.router.request_trace import RequestTrace, route_attributes
 from services.router.routing import PrefillCandidate, PrefillScorer, PrefixLoadScorer, pick_decode
 from services.router.settings import RouterSettings
 from tandem import telemetry
-from tandem.errors import (
+from tandem.api import proto_convert
+from tandem.api.errors import (
     CapacityExceeded,
     DeadlineExceeded,
     KVTransferError,
@@ -40,11 +41,10 @@ from tandem.errors import (
     TandemError,
     UpstreamUnavailable,
 )
+from tandem.api.grpc_status import error_from_rpc
+from tandem.api.requests import Job, TokenEvent
 from tandem.proto.decode.v1 import decode_pb2
 from tandem.proto.prefill.v1 import prefill_pb2
-from tandem.serving import convert
-from tandem.serving.requests import Job, TokenEvent, Usage  # noqa: F401 - re-exported for callers
-from tandem.serving.status import error_from_rpc
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +240,8 @@ class Dispatcher:
             None,
         )
         call = decode.stub.Generate(
-            convert.decode_generate_request(job, rid, remote=prefill is not None), metadata=metadata
+            proto_convert.decode_generate_request(job, rid, remote=prefill is not None),
+            metadata=metadata,
         )
         state = _AttemptState()
         prefill_task: asyncio.Task | None = None
@@ -269,7 +270,7 @@ class Dispatcher:
                     self._raise_decode_failure(e, decode, route, state.started)
                 if resp is grpc.aio.EOF:
                     raise UpstreamUnavailable(f"decode pod {decode.address} ended the stream early")
-                event = convert.token_event(resp)
+                event = proto_convert.token_event(resp)
                 state.started = (
                     state.started or bool(event.token_ids) or event.finish_reason is not None
                 )
@@ -322,7 +323,7 @@ class Dispatcher:
         # Blocks the decode pod already caches are not sent (admission tells how many tokens).
         block_size = decode.stats.block_size if decode.stats else 0
         skip_blocks = admitted.num_cached_tokens // block_size if block_size else 0
-        request = convert.prefill_request(
+        request = proto_convert.prefill_request(
             job, rid, decode.address, skip_blocks, admitted.model_fingerprint
         )
         # The prefill computes the prompt minus what that pod caches (kvstore's estimate).

@@ -2,7 +2,7 @@
 
 from fastapi.responses import JSONResponse
 
-from tandem.errors import (
+from tandem.api.errors import (
     CapacityExceeded,
     InvalidRequest,
     KVTransferError,

@@ -13,17 +13,13 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
-from services.router.flow import Dispatcher, Job, Route, TokenEvent, Usage
+from services.router.flow import Dispatcher, Route
 from services.router.http_errors import error_body, status_for
-from services.router.openai_protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    _GenerationFields,
-)
-from tandem.errors import InvalidRequest, ModelNotFound, RequestTooLarge, TandemError
-from tandem.tokenizer import Tokenizer
+from services.router.jobs import JobBuilder
+from services.router.openai_protocol import ChatCompletionRequest, CompletionRequest
+from tandem.api.errors import TandemError
+from tandem.api.requests import Job, TokenEvent, Usage
 
 logger = logging.getLogger(__name__)
 
@@ -57,111 +53,48 @@ def usage_json(usages: list[Usage]) -> dict:
 
 
 class OpenAIServing:
-    def __init__(
-        self,
-        tokenizer: Tokenizer,
-        dispatcher: Dispatcher,
-        *,
-        model_name: str,
-        max_model_len: int,
-        vocab_size: int,
-        sampling_defaults: dict[str, Any] | None = None,
-    ) -> None:
-        self.tokenizer = tokenizer
-        self.dispatcher = dispatcher
-        self.model_name = model_name
-        self._configured_max_model_len = max_model_len
-        self.vocab_size = vocab_size
-        self.sampling_defaults = sampling_defaults or {}
-        """Sampling values requests leave unset get (the model's generation config, by default)."""
+    """The OpenAI routes' work: requests to jobs (through the router's one ``JobBuilder``), jobs
+    through the ``Dispatcher``, and the events back in OpenAI's response and SSE formats."""
 
-    @property
-    def max_model_len(self) -> int:
-        """The context served: the configured one, or less if a decode pod reports less (a pod
-        caps it to what its KV pool holds)."""
-        reported = [
-            p.stats.max_model_len
-            for p in self.dispatcher.registry.by_role("decode")
-            if p.stats and p.stats.max_model_len
-        ]
-        return min([self._configured_max_model_len, *reported])
+    def __init__(self, jobs: JobBuilder, dispatcher: Dispatcher) -> None:
+        self.jobs = jobs
+        self.dispatcher = dispatcher
+        self.tokenizer = jobs.tokenizer
+        self.model_name = jobs.model_name
 
     # ---- request -> jobs --------------------------------------------------------------------
 
-    def check_model(self, model: str | None) -> None:
-        if model and model != self.model_name:
-            raise ModelNotFound(
-                f"the model {model!r} does not exist; this server serves {self.model_name!r}"
-            )
-
-    def make_job(
-        self,
-        request_id: str,
-        prompt_ids: list[int],
-        req: _GenerationFields,
-        requested_max: int | None,
-        logprobs: int | None,
-        prompt_param: str,
-    ) -> Job:
-        max_tokens = self.resolve_max_tokens(prompt_ids, requested_max, prompt_param)
-        params = req.sampling_params(
-            max_tokens=max_tokens, logprobs=logprobs, defaults=self.sampling_defaults
-        )
-        if any(t >= self.vocab_size for t in params.stop_token_ids):
-            raise InvalidRequest(
-                f"stop_token_ids must be below the vocabulary size {self.vocab_size}",
-                param="stop_token_ids",
-            )
-        return Job(request_id, prompt_ids, params, req.priority, req.cache_salt)
-
-    def resolve_max_tokens(
-        self, prompt_ids: list[int], requested_max: int | None, prompt_param: str
-    ) -> int:
-        """Check the prompt against vocabulary and context; the max_tokens to use (default: the rest)."""
-        n = len(prompt_ids)
-        if n == 0:
-            raise InvalidRequest("the prompt is empty", param=prompt_param)
-        bad = next((t for t in prompt_ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise InvalidRequest(
-                f"token id {bad} is outside the vocabulary [0, {self.vocab_size})",
-                param=prompt_param,
-            )
-        if n >= self.max_model_len:
-            raise RequestTooLarge(
-                f"this model's maximum context length is {self.max_model_len} tokens, but the prompt has {n}",
-                param=prompt_param,
-            )
-        if requested_max is not None and n + requested_max > self.max_model_len:
-            raise RequestTooLarge(
-                f"this model's maximum context length is {self.max_model_len} tokens, but {n + requested_max} "
-                f"were requested ({n} in the prompt, {requested_max} for max_tokens)",
-                param="max_tokens",
-            )
-        return requested_max if requested_max is not None else self.max_model_len - n
-
     def completion_jobs(self, req: CompletionRequest, request_id: str) -> list[Job]:
-        self.check_model(req.model)
-        if req.logprobs is not None and not 0 <= req.logprobs <= 20:
-            raise InvalidRequest("logprobs must be in [0, 20]", param="logprobs")
-        jobs = []
-        for i, prompt in enumerate(req.prompts()):
-            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-            jobs.append(
-                self.make_job(f"{request_id}-{i}", ids, req, req.max_tokens, req.logprobs, "prompt")
+        self.jobs.check_model(req.model)
+        prompts = req.prompts()
+        sampling = req.sampling_fields()
+        return [
+            self.jobs.job(
+                f"{request_id}-{i}",
+                self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt,
+                sampling,
+                priority=req.priority,
+                cache_salt=req.cache_salt,
             )
-        return jobs
+            for i, prompt in enumerate(prompts)
+        ]
 
     def chat_job(self, req: ChatCompletionRequest, request_id: str) -> Job:
-        self.check_model(req.model)
+        self.jobs.check_model(req.model)
         messages = req.template_messages()
+        sampling = req.sampling_fields()
         ids = self.tokenizer.encode_chat(
             messages,
             add_generation_prompt=req.add_generation_prompt,
             chat_template_kwargs=req.chat_template_kwargs,
         )
-        return self.make_job(
-            request_id, ids, req, req.requested_max_tokens, req.num_logprobs, "messages"
+        return self.jobs.job(
+            request_id,
+            ids,
+            sampling,
+            priority=req.priority,
+            cache_salt=req.cache_salt,
+            prompt_param="messages",
         )
 
     # ---- logprobs in OpenAI's two formats ---------------------------------------------------
@@ -218,7 +151,9 @@ class OpenAIServing:
     async def completion(
         self, req: CompletionRequest, jobs: list[Job], request_id: str, routes: list[Route]
     ) -> dict:
-        tasks = [asyncio.ensure_future(self._collect(j, r)) for j, r in zip(jobs, routes)]
+        tasks = [
+            asyncio.ensure_future(self._collect(j, r)) for j, r in zip(jobs, routes, strict=True)
+        ]
         try:
             choices = await asyncio.gather(*tasks)
         finally:
@@ -420,7 +355,10 @@ async def merge_events(
         except BaseException as exc:  # noqa: BLE001 - re-raised by the consumer
             await queue.put(exc)
 
-    tasks = [asyncio.create_task(pump(i, j, r)) for i, (j, r) in enumerate(zip(jobs, routes))]
+    tasks = [
+        asyncio.create_task(pump(i, j, r))
+        for i, (j, r) in enumerate(zip(jobs, routes, strict=True))
+    ]
     remaining = len(tasks)
     try:
         while remaining:

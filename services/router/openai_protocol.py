@@ -1,16 +1,18 @@
-"""OpenAI request bodies as vLLM accepts them, and their translation into engine jobs.
+"""OpenAI request bodies as vLLM accepts them.
 
-Unknown fields are ignored (as vLLM does); known fields are type-checked by pydantic and
-range-checked by ``SamplingParams``. Every problem is an ``InvalidRequest`` naming the field,
-which the HTTP layer turns into a 400 with the OpenAI error envelope.
+Unknown fields are ignored (as vLLM does); known fields are type-checked by pydantic. A body
+hands its sampling fields over by ``SamplingParams`` name (``sampling_fields``); the router's
+``JobBuilder`` resolves and range-checks them exactly as it does for gRPC requests. Every problem
+is an ``InvalidRequest`` naming the field, which the HTTP layer turns into a 400 with the OpenAI
+error envelope.
 """
 
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tandem.engine.sampling_params import SamplingParams
-from tandem.errors import InvalidRequest
+from tandem.api.errors import InvalidRequest
+from tandem.api.sampling_params import SAMPLING_FIELDS
 
 
 class StreamOptions(BaseModel):
@@ -57,42 +59,25 @@ class _GenerationFields(BaseModel):
         if self.cache_salt is not None and not self.cache_salt:
             raise InvalidRequest("cache_salt must be a non-empty string", param="cache_salt")
 
-    def sampling_params(
-        self, *, max_tokens: int, logprobs: int | None, defaults: dict[str, Any] | None = None
-    ) -> SamplingParams:
-        """Engine parameters (``max_tokens`` resolved by the caller against the context length);
-        ``defaults`` (the model's generation config) fill what the request leaves unset."""
+    def sampling_fields(self) -> dict[str, Any]:
+        """The sampling fields this request sets, by ``SamplingParams`` name, for
+        ``tandem.api.sampling_request`` (which applies defaults and limits and validates)."""
         self._check_supported()
-        kwargs: dict[str, Any] = dict(defaults or {})
-        for name in (
-            "temperature",
-            "top_p",
-            "min_p",
-            "presence_penalty",
-            "frequency_penalty",
-            "repetition_penalty",
-            "seed",
-        ):
-            value = getattr(self, name)
-            if value is not None:
-                kwargs[name] = value
-        if self.top_k is not None:
-            if self.top_k in (0, -1):  # 0 and -1 mean "off" in vLLM
-                kwargs.pop("top_k", None)
-            else:
-                kwargs["top_k"] = self.top_k
-        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        return SamplingParams(
-            max_tokens=max_tokens,
-            stop=tuple(stop),
-            stop_token_ids=tuple(self.stop_token_ids or ()),
-            ignore_eos=self.ignore_eos,
-            min_tokens=self.min_tokens,
-            skip_special_tokens=self.skip_special_tokens,
-            include_stop_str_in_output=self.include_stop_str_in_output,
-            logprobs=logprobs,
-            **kwargs,
-        )
+        names = type(self).model_fields
+        fields = {name: getattr(self, name) for name in SAMPLING_FIELDS if name in names}
+        # The two fields whose spelling differs between /v1/completions and /v1/chat/completions.
+        fields["max_tokens"] = self.requested_max_tokens
+        fields["logprobs"] = self.num_logprobs
+        return {name: value for name, value in fields.items() if value is not None}
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """Top alternatives per token, or None for no logprobs."""
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -105,6 +90,10 @@ class CompletionRequest(_GenerationFields):
     logprobs: int | None = None
     suffix: str | None = None
     best_of: int | None = None
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt(s): a string, a list of strings, token ids, or lists of token ids."""

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import grpc
 
 from services.router.discovery import Discovery
+from tandem.api.channel_options import CLIENT_OPTIONS
 from tandem.proto.common.v1 import common_pb2
 from tandem.proto.decode.v1 import decode_pb2, decode_pb2_grpc
 from tandem.proto.prefill.v1 import prefill_pb2, prefill_pb2_grpc
-from tandem.serving.channels import CLIENT_OPTIONS
 
 logger = logging.getLogger(__name__)
 

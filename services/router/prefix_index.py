@@ -1,6 +1,6 @@
 """The router's view of kvstore: which prefill pods cache how much of a prompt.
 
-Hashes the prompt with the pods' own chained block hashes (``tandem.kv.hashing``, seeded with
+Hashes the prompt with the pods' own chained block hashes (``tandem.api.hashing``, seeded with
 the model fingerprint the pods report) and asks kvstore in one call. kvstore is an optimisation,
 never a dependency: any failure or a reply slower than ``timeout_s`` returns None and the
 request is routed by load alone.
@@ -10,9 +10,9 @@ import logging
 
 import grpc
 
-from tandem.kv.hashing import BlockHasher
+from tandem.api.channel_options import CLIENT_OPTIONS
+from tandem.api.hashing import BlockHasher
 from tandem.proto.kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
-from tandem.serving.channels import CLIENT_OPTIONS
 
 logger = logging.getLogger(__name__)
 

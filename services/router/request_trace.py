@@ -13,7 +13,7 @@ from opentelemetry import trace
 
 from services.router.routing import PrefillCandidate
 from tandem import telemetry
-from tandem.serving.requests import Job, TokenEvent
+from tandem.api.requests import Job, TokenEvent
 
 
 class RequestTrace:

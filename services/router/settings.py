@@ -125,16 +125,12 @@ class RouterSettings(BaseSettings):
         defaults = generation_defaults(self.model)  # a bad value fails the start, not every request
         if defaults:
             logger.info(
-                "default sampling from %s/generation_config.json: %s (--generation-config vllm to ignore it)",
+                "default sampling from %s/generation_config.json: "
+                "%s (--generation-config vllm to ignore it)",
                 self.model,
                 defaults,
             )
         return defaults
-
-    def cli_cmd(self) -> None:
-        from services.router.server import serve
-
-        serve(self)
 
 
 def _own_namespace() -> str:

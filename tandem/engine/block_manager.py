@@ -23,9 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tandem.ids import BlockId, RequestId
-from tandem.kv.events import BlocksRemoved, BlocksStored, CacheCleared, KVEvent
-from tandem.kv.hashing import BlockHash
+from tandem.api.ids import BlockHash, BlockId, RequestId
+from tandem.api.kv_events import BlocksRemoved, BlocksStored, CacheCleared, KVEvent
 
 _NO_BLOCKS = np.empty(0, dtype=np.int64)
 _NO_BLOCKS.flags.writeable = False

@@ -5,11 +5,11 @@ from collections.abc import Sequence as SequenceABC
 from pathlib import Path
 from typing import Any
 
+from tandem.api.errors import InvalidRequest
+from tandem.api.outputs import OutputKind, RequestOutput
+from tandem.api.sampling_params import SamplingParams
 from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
-from tandem.engine.outputs import OutputKind, RequestOutput
-from tandem.engine.sampling_params import SamplingParams
-from tandem.errors import InvalidRequest
 from tandem.model_dir import generation_defaults
 
 Prompt = str | list[int]

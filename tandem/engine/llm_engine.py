@@ -13,47 +13,27 @@ from dataclasses import dataclass
 
 import torch
 
+from tandem.api.errors import CapacityExceeded, InvalidRequest, ModelLoadError, TandemError
+from tandem.api.fingerprint import ModelFingerprint
+from tandem.api.hashing import BlockHasher
+from tandem.api.ids import BlockId, RequestId
+from tandem.api.kv_events import KVEvent
+from tandem.api.outputs import OutputKind, RequestMetrics, RequestOutput, TokenLogprob
+from tandem.api.sampling_params import SamplingParams
+from tandem.api.stats import EngineStats
 from tandem.engine.block_manager import BlockManager
 from tandem.engine.config import EngineConfig, ResolvedLimits, SchedulerConfig
 from tandem.engine.models.loader import DUMMY_SEED
 from tandem.engine.output_processor import OutputProcessor, RequestState
-from tandem.engine.outputs import OutputKind, RequestMetrics, RequestOutput, TokenLogprob
 from tandem.engine.request_validation import RequestValidator
 from tandem.engine.runner import LaunchedStep, ModelRunner
-from tandem.engine.sampling_params import SamplingParams
 from tandem.engine.scheduler import Scheduler, SchedulerOutput
 from tandem.engine.sequence import Sequence, SequenceStatus
 from tandem.engine.uploads import upload
-from tandem.errors import CapacityExceeded, InvalidRequest, ModelLoadError, TandemError
-from tandem.ids import BlockId, RequestId
-from tandem.kv.events import KVEvent
-from tandem.kv.fingerprint import ModelFingerprint
-from tandem.kv.hashing import BlockHasher
 from tandem.model_dir import config_digest, load_model_config, weights_digest
 from tandem.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True, frozen=True)
-class EngineStats:
-    """A snapshot of the engine's queues, KV pool and counters (token counters are cumulative)."""
-
-    num_running: int
-    num_waiting: int
-    num_waiting_for_kv: int
-    num_queued_prefill_tokens: int
-    num_free_blocks: int
-    num_total_blocks: int
-    num_cached_blocks: int
-    kv_cache_usage: float
-    prefix_cache_queries: int
-    prefix_cache_hits: int
-    num_preemptions: int
-    prompt_tokens: int
-    """Prompt tokens of requests whose prefill completed here (cached tokens included, as vLLM)."""
-    generation_tokens: int
-    """Tokens sampled here."""
 
 
 @dataclass(slots=True, frozen=True)

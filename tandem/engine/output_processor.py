@@ -12,7 +12,7 @@ sequence through the scheduler (which frees its blocks). Semantics follow vLLM:
 
 import time
 
-from tandem.engine.outputs import (
+from tandem.api.outputs import (
     CompletionOutput,
     OutputKind,
     RequestMetrics,

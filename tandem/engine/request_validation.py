@@ -7,9 +7,9 @@ admitted to wait forever); request fields must be in range.
 
 from collections.abc import Sequence as SequenceABC
 
+from tandem.api.errors import InvalidRequest, RequestTooLarge
+from tandem.api.sampling_params import SamplingParams
 from tandem.engine.config import ResolvedLimits
-from tandem.engine.sampling_params import SamplingParams
-from tandem.errors import InvalidRequest, RequestTooLarge
 from tandem.tokenizer import Tokenizer
 
 

@@ -13,16 +13,16 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from tandem.api.errors import ModelLoadError
+from tandem.api.ids import RequestId
 from tandem.engine.attention import AttentionMetadata, get_attention_backend, resolve_backend_name
-from tandem.engine.attention.backend import triton_supports
+from tandem.engine.attention.selector import triton_supports
 from tandem.engine.config import EngineConfig
 from tandem.engine.kv_cache import KVCacheSpec, PagedKVCache
 from tandem.engine.models import load_model
 from tandem.engine.sampler import Sampler, SamplerOutput, SamplingRow
 from tandem.engine.scheduler import ScheduledSequence
 from tandem.engine.uploads import upload
-from tandem.errors import ModelLoadError
-from tandem.ids import RequestId
 from tandem.model_dir import ModelConfig
 
 logger = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tandem.engine.sampling_params import SamplingParams
+from tandem.api.sampling_params import SamplingParams
 from tandem.engine.uploads import upload
 
 

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tandem.api.hashing import BlockHasher
+from tandem.api.ids import BlockId, RequestId
 from tandem.engine.block_manager import BlockManager
 from tandem.engine.config import SchedulerConfig
 from tandem.engine.scheduling_policy import WaitingQueue, get_scheduling_policy
 from tandem.engine.sequence import Sequence, SequenceStatus
 from tandem.engine.stopping import token_stop_status
-from tandem.ids import BlockId, RequestId
-from tandem.kv.hashing import BlockHasher
 
 logger = logging.getLogger(__name__)
 

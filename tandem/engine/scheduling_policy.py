@@ -15,8 +15,8 @@ import heapq
 from collections.abc import Iterator
 from typing import Any, Protocol
 
+from tandem.api.ids import RequestId
 from tandem.engine.sequence import Sequence
-from tandem.ids import RequestId
 
 
 class SchedulingPolicy(Protocol):

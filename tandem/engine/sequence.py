@@ -2,9 +2,8 @@
 
 import enum
 
-from tandem.engine.sampling_params import SamplingParams
-from tandem.ids import RequestId
-from tandem.kv.hashing import BlockHash
+from tandem.api.ids import BlockHash, RequestId
+from tandem.api.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.IntEnum):

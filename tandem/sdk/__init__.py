@@ -7,9 +7,10 @@
         for chunk in client.stream("Tell me a story", max_tokens=64):
             print(chunk.text, end="")
 
-Errors are Tandem's exception classes (``tandem.errors``): ``InvalidRequest``, ``ModelNotFound``,
-``CapacityExceeded``, ``UpstreamUnavailable``, ``DeadlineExceeded``, ... Calls that fail with
-UNAVAILABLE before the first token are retried (``max_retries``, exponential backoff).
+Errors are Tandem's exception classes (``tandem.api.errors``): ``InvalidRequest``,
+``ModelNotFound``, ``CapacityExceeded``, ``UpstreamUnavailable``, ``DeadlineExceeded``, ... Calls
+that fail with UNAVAILABLE before the first token are retried (``max_retries``, exponential
+backoff).
 """
 
 from tandem.sdk.client import AsyncClient, Client

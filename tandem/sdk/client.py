@@ -15,18 +15,18 @@ from typing import Any
 import grpc
 from opentelemetry import propagate
 
-from tandem.engine.sampling_params import SamplingParams
-from tandem.errors import InvalidRequest
-from tandem.model_dir import GENERATION_DEFAULT_FIELDS
+from tandem.api import proto_convert
+from tandem.api.channel_options import CLIENT_OPTIONS
+from tandem.api.errors import InvalidRequest
+from tandem.api.grpc_status import error_from_rpc
+from tandem.api.sampling_request import resolve_sampling_params
 from tandem.proto.router.v1 import router_pb2, router_pb2_grpc
 from tandem.sdk.results import GenerateChunk, GenerateResult, ModelInfo
-from tandem.serving import convert
-from tandem.serving.channels import CLIENT_OPTIONS
-from tandem.serving.status import error_from_rpc
 
 
 def _trace_metadata() -> tuple[tuple[str, str], ...]:
-    """W3C trace context of the caller's current span (if any), so the router continues its trace."""
+    """W3C trace context of the caller's current span (if any), so the router continues its
+    trace."""
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return tuple(carrier.items())
@@ -40,26 +40,17 @@ def _request(
     request_id: str | None,
     sampling: dict[str, Any],
 ) -> router_pb2.GenerateRequest:
-    try:
-        # Without max_tokens the router allows up to the context length; validate with a stand-in.
-        params = SamplingParams(
-            **{"max_tokens": max(16, sampling.get("min_tokens") or 0), **sampling}
-        )
-    except TypeError as e:
-        raise InvalidRequest(f"unknown sampling option: {e}") from None
+    # Only the fields the call names are sent: the router fills the rest (the model's generation
+    # defaults, max_tokens up to the context). The values are checked here by the router's own
+    # translation, so a bad one fails before anything is sent, with the same error.
+    resolve_sampling_params(sampling, num_prompt_tokens=0, limits=None)
     req = router_pb2.GenerateRequest(
         model=model,
         priority=priority,
         cache_salt=cache_salt or "",
         request_id=request_id or "",
+        sampling_params=proto_convert.sampling_fields_to_proto(sampling),
     )
-    pb = convert.sampling_params_to_proto(params)
-    if "max_tokens" not in sampling:
-        pb.ClearField("max_tokens")  # the router then allows up to the context length
-    for name in GENERATION_DEFAULT_FIELDS:
-        if name not in sampling:
-            pb.ClearField(name)  # the router fills it from the model's generation config
-    req.sampling_params.CopyFrom(pb)
     if isinstance(prompt, str):
         req.text = prompt
     else:

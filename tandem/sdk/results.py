@@ -2,10 +2,10 @@
 
 from dataclasses import dataclass
 
-from tandem.engine.outputs import TokenLogprob
+from tandem.api import proto_convert
+from tandem.api.outputs import TokenLogprob
+from tandem.api.requests import Usage
 from tandem.proto.router.v1 import router_pb2
-from tandem.serving import convert
-from tandem.serving.requests import Usage
 
 
 @dataclass(slots=True, frozen=True)
@@ -22,7 +22,7 @@ class GenerateChunk:
 
     @classmethod
     def from_proto(cls, resp: router_pb2.GenerateResponse) -> "GenerateChunk":
-        event = convert.token_event(resp)  # the same shape as a decode pod's response
+        event = proto_convert.token_event(resp)  # the same shape as a decode pod's response
         return cls(
             request_id=resp.request_id,
             token_ids=tuple(event.token_ids),

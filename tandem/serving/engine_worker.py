@@ -15,9 +15,10 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from tandem.engine.llm_engine import EngineStats, EngineStepError, LLMEngine
-from tandem.engine.outputs import RequestOutput
-from tandem.errors import InvalidRequest, ShuttingDown, TandemError
+from tandem.api.errors import InvalidRequest, ShuttingDown, TandemError
+from tandem.api.outputs import RequestOutput
+from tandem.api.stats import EngineStats
+from tandem.engine.llm_engine import EngineStepError, LLMEngine
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -65,7 +66,8 @@ class EngineWorker:
 
     @property
     def seconds_since_progress(self) -> float:
-        """0 while idle; otherwise how long since the engine thread last finished a step or command."""
+        """0 while idle; otherwise how long since the engine thread last finished a step or
+        command."""
         if not (self.stats.num_running or self.stats.num_waiting):
             return 0.0
         return time.monotonic() - self._last_progress
@@ -106,6 +108,13 @@ class EngineWorker:
 
     def close_stream(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
+
+    def end_stream(self, request_id: str, *, finished: bool) -> None:
+        """Close the request's stream; unless it finished, release what it still holds (the
+        pod's ``release``, on the engine thread). Every exit path of a request ends here."""
+        self.close_stream(request_id)
+        if not finished:
+            self.submit(lambda e: self._release(e, request_id))
 
     def submit(self, command: Command) -> concurrent.futures.Future:
         """Run ``command(engine)`` on the engine thread; thread-safe, does not wait."""

@@ -9,7 +9,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tandem import telemetry
-from tandem.serving.channels import SERVER_OPTIONS
+from tandem.api.channel_options import SERVER_OPTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,10 @@ class RunningService:
         self._cleanups = cleanups
         self.parts = parts
         """Internals by name (engine, worker, ...), for tests and embedding."""
+
+    def on_stop(self, cleanup: Callable[[], None]) -> None:
+        """Run ``cleanup`` after the server stopped (after the ones given earlier)."""
+        self._cleanups.append(cleanup)
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.server.stop(grace)

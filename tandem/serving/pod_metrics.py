@@ -11,7 +11,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from tandem.engine.outputs import RequestMetrics
+from tandem.api.outputs import RequestMetrics
 
 LABELS = ["model_name", "role"]
 # vLLM's buckets for these histograms.

@@ -126,13 +126,14 @@ def test_examples_cover_the_common_shapes(chart):
 
 def parse_cli(args: list[str]):
     """Parse a container's args with the real ``tandem`` CLI (no command runs)."""
-    from tandem.cli import Tandem
+    from services.cli import every_command
 
+    root = every_command()
     concrete = [re.sub(r"\$\((POD_IP|POD_NAME)\)", "10.0.0.7", a) for a in args]
     source = CliSettingsSource(
-        Tandem, cli_parse_args=concrete, cli_kebab_case=True, cli_implicit_flags=True
+        root, cli_parse_args=concrete, cli_kebab_case=True, cli_implicit_flags=True
     )
-    parsed = Tandem(_cli_settings_source=source)
+    parsed = root(_cli_settings_source=source)
     return getattr(parsed, args[0].replace("-", "_"))
 
 

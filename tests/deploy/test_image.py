@@ -88,7 +88,7 @@ def test_build_context_holds_the_package_and_nothing_heavy():
         "pyproject.toml",
         "README.md",
         "LICENSE",
-        "tandem/cli.py",
+        "services/cli.py",
         "services/router/app.py",
     ):
         assert required in context
@@ -133,7 +133,7 @@ def test_the_package_builds_from_exactly_the_build_context(tmp_path):
     [wheel] = out.glob("tandem-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for module in (
-        "tandem/cli.py",
+        "services/cli.py",
         "tandem/model_fetch.py",
         "services/router/discovery.py",
         "services/kvstore/server.py",
@@ -144,4 +144,4 @@ def test_the_package_builds_from_exactly_the_build_context(tmp_path):
         n.startswith("tandem/assets/") and n.endswith(".txt") for n in names
     )  # model-gen's corpus
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "tandem = tandem.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "tandem = services.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from tandem.local_cluster import (
+from services.local_cluster import (
     LocalCluster,
     Service,
     UpOptions,

@@ -13,14 +13,14 @@ import httpx
 import pytest
 import torch
 
-from tandem.engine.sampling_params import SamplingParams
-from tandem.errors import RequestTooLarge
-from tandem.kv.wire import make_chunk
-from tandem.local_cluster import pod_stats
+from services.local_cluster import pod_stats
+from tandem.api.errors import RequestTooLarge
+from tandem.api.proto_convert import sampling_params_to_proto
+from tandem.api.sampling_params import SamplingParams
 from tandem.model_dir import load_model_config
 from tandem.proto.common.v1 import common_pb2
 from tandem.proto.decode.v1 import decode_pb2, decode_pb2_grpc
-from tandem.serving.convert import sampling_params_to_proto
+from tandem.transfer.wire import make_chunk
 
 from .conftest import start_cluster, wait_idle
 
@@ -275,9 +275,10 @@ def test_admission_refused_on_one_pod_goes_to_the_other(e2e_model):
     from services.decode import server as decode_server
     from services.decode.settings import DecodeSettings
     from services.router.discovery import StaticDiscovery
-    from services.router.flow import Dispatcher, Job, Route
+    from services.router.flow import Dispatcher, Route
     from services.router.pods import PodRegistry
     from services.router.settings import RouterSettings
+    from tandem.api.requests import Job
 
     async def main():
         full = await decode_server.start(
@@ -324,14 +325,14 @@ def test_admission_refused_on_one_pod_goes_to_the_other(e2e_model):
 
 CRASHING_PREFILL = """
 import os, sys
-from tandem.kv import transfer
-original = transfer.KVTransfer.submit
+from tandem.transfer import push_streams
+original = push_streams.KVTransfer.submit
 def submit(self, *args):
     original(self, *args)
     if self.chunks == 2:
         os._exit(17)   # die with a KV transfer half done
-transfer.KVTransfer.submit = submit
-from tandem.cli import main
+push_streams.KVTransfer.submit = submit
+from services.cli import main
 main(sys.argv[1:])
 """
 

@@ -9,8 +9,8 @@ import time
 import httpx
 import pytest
 
-from tandem.errors import UpstreamUnavailable
-from tandem.local_cluster import free_port
+from services.local_cluster import free_port
+from tandem.api.errors import UpstreamUnavailable
 from tandem.sdk import Client
 
 pytestmark = pytest.mark.integration
@@ -25,7 +25,7 @@ def lonely_router(e2e_model):
         [
             sys.executable,
             "-m",
-            "tandem.cli",
+            "services.cli",
             "router",
             "--model",
             str(e2e_model),

@@ -8,8 +8,8 @@ import time
 import httpx
 import pytest
 
+from services.local_cluster import counter_totals, pod_stats
 from tandem.engine import SamplingParams
-from tandem.local_cluster import counter_totals, pod_stats
 
 from .conftest import THRESHOLD_TOKENS, wait_idle
 

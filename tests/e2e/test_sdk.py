@@ -5,14 +5,14 @@ import time
 
 import pytest
 
-from tandem.engine import SamplingParams
-from tandem.errors import (
+from tandem.api.errors import (
     DeadlineExceeded,
     InvalidRequest,
     ModelNotFound,
     RequestTooLarge,
     UpstreamUnavailable,
 )
+from tandem.engine import SamplingParams
 from tandem.sdk import AsyncClient, Client
 
 from .conftest import wait_idle

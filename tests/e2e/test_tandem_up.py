@@ -36,7 +36,7 @@ def test_tandem_up_serves_the_openai_api_and_stops_on_ctrl_c(e2e_model):
         [
             sys.executable,
             "-m",
-            "tandem.cli",
+            "services.cli",
             "up",
             "--model",
             str(e2e_model),
@@ -84,7 +84,7 @@ def test_tandem_up_reports_a_service_that_cannot_start(tmp_path):
     bad_model = tmp_path / "not-a-model"
     bad_model.mkdir()
     result = subprocess.run(
-        [sys.executable, "-m", "tandem.cli", "up", "--model", str(bad_model), "--port", "0"],
+        [sys.executable, "-m", "services.cli", "up", "--model", str(bad_model), "--port", "0"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -121,7 +121,7 @@ def test_two_instances_run_side_by_side_and_stop_on_sigterm(tmp_path):
     and stop every child on SIGTERM."""
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "tandem.cli", "up", "--port", "0", "--num-kv-blocks", "64"],
+            [sys.executable, "-m", "services.cli", "up", "--port", "0", "--num-kv-blocks", "64"],
             cwd=tmp_path,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -56,7 +56,8 @@ def test_bfloat16_logits_within_bf16_tolerance_of_transformers(arch, tiny_model)
 
 def test_disaggregated_path_on_cuda_matches_the_offline_engine(tiny_model, in_process_pods):
     """Prefill and decode servers on the GPU (pinned staging, receiver stream): same tokens."""
-    from services.router.flow import Job, Route
+    from services.router.flow import Route
+    from tandem.api.requests import Job
 
     model_dir = tiny_model("qwen3")
     batch = prompts(1000, seed=3)

@@ -9,8 +9,7 @@ import grpc
 import httpx
 import pytest
 
-from tandem.kv.hashing import BlockHasher
-from tandem.local_cluster import (
+from services.local_cluster import (
     RedisProcess,
     Service,
     counter_totals,
@@ -19,6 +18,7 @@ from tandem.local_cluster import (
     http_healthy,
     pod_stats,
 )
+from tandem.api.hashing import BlockHasher
 from tandem.proto.kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
 
 from ..e2e.conftest import start_cluster

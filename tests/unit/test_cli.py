@@ -4,10 +4,14 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.integration  # each test runs the CLI in a new process
+
 
 def run_cli(*args, cwd=None):
     return subprocess.run(
-        [sys.executable, "-m", "tandem.cli", *args],
+        [sys.executable, "-m", "services.cli", *args],
         capture_output=True,
         text=True,
         timeout=300,

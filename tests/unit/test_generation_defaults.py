@@ -6,11 +6,13 @@ import shutil
 
 import pytest
 
+from services.router.jobs import JobBuilder
 from services.router.openai_protocol import CompletionRequest
 from services.router.settings import RouterSettings
+from tandem.api.errors import ModelLoadError
 from tandem.engine import LLM, SamplingParams
-from tandem.errors import ModelLoadError
 from tandem.model_dir import generation_defaults
+from tandem.tokenizer import Tokenizer
 
 
 @pytest.fixture
@@ -55,22 +57,25 @@ def test_without_the_file_there_are_no_defaults(llama_dir, tmp_path):
     assert generation_defaults(tmp_path / "m") == {}
 
 
+def router_jobs(path) -> JobBuilder:
+    """The router's job builder over the model at ``path`` (defaults as ``tandem router``)."""
+    return JobBuilder(
+        Tokenizer(path),
+        model_name="m",
+        vocab_size=1024,
+        max_model_len=lambda: 512,
+        sampling_defaults=RouterSettings(model=path).sampling_defaults(),
+    )
+
+
 def test_the_router_fills_only_what_a_request_leaves_unset(model_with):
-    defaults = RouterSettings(
-        model=model_with(temperature=0.6, top_p=0.9, top_k=20)
-    ).sampling_defaults()
-    plain = CompletionRequest(prompt="x").sampling_params(
-        max_tokens=4, logprobs=None, defaults=defaults
-    )
-    assert (plain.temperature, plain.top_p, plain.top_k) == (0.6, 0.9, 20)
-    own = CompletionRequest(prompt="x", temperature=0, top_k=-1).sampling_params(
-        max_tokens=4, logprobs=None, defaults=defaults
-    )
-    assert (own.temperature, own.top_p, own.top_k) == (
-        0.0,
-        0.9,
-        None,
-    )  # top_k -1: off, whatever the default
+    jobs = router_jobs(model_with(temperature=0.6, top_p=0.9, top_k=20))
+    plain = jobs.job("r", [1, 2], CompletionRequest(prompt="x", max_tokens=4).sampling_fields())
+    assert (plain.params.temperature, plain.params.top_p, plain.params.top_k) == (0.6, 0.9, 20)
+    request = CompletionRequest(prompt="x", max_tokens=4, temperature=0, top_k=-1)
+    own = jobs.job("r", [1, 2], request.sampling_fields()).params
+    # top_k -1: off, whatever the default
+    assert (own.temperature, own.top_p, own.top_k) == (0.0, 0.9, None)
 
 
 def test_generation_config_vllm_ignores_the_file_and_bad_values_fail_the_start(model_with):
@@ -109,25 +114,12 @@ def test_the_sdk_sends_only_the_sampling_fields_it_was_given():
 
 
 def test_the_grpc_api_fills_the_same_defaults_as_http(model_with):
-    from types import SimpleNamespace
-
     from services.router.grpc_api import RouterServicer
     from services.router.metrics import RouterMetrics
-    from services.router.openai_api import OpenAIServing
     from tandem.sdk.client import _request
-    from tandem.tokenizer import Tokenizer
 
-    path = model_with(temperature=0.6, top_p=0.9)
-    no_pods = SimpleNamespace(registry=SimpleNamespace(by_role=lambda role: []))
-    serving = OpenAIServing(
-        Tokenizer(path),
-        no_pods,
-        model_name="m",
-        max_model_len=512,
-        vocab_size=1024,
-        sampling_defaults=RouterSettings(model=path).sampling_defaults(),
-    )
-    servicer = RouterServicer(serving, RouterMetrics())
+    jobs = router_jobs(model_with(temperature=0.6, top_p=0.9))
+    servicer = RouterServicer(jobs, dispatcher=None, metrics=RouterMetrics())
     job = servicer._job(_request("hi", "", 0, None, None, {"max_tokens": 3}))
     assert (job.params.temperature, job.params.top_p) == (0.6, 0.9)
     own = servicer._job(_request("hi", "", 0, None, None, {"max_tokens": 3, "temperature": 0.0}))

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from tandem.local_cluster import LocalCluster, UpOptions
+from services.local_cluster import LocalCluster, UpOptions
 
 
 def worker_args(**opts) -> dict[str, list[str]]:

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tandem.api.errors import ModelLoadError
 from tandem.engine import LLM, SamplingParams
-from tandem.errors import ModelLoadError
 from tandem.model_dir import load_model_config, weight_files
 from tandem.model_gen import ModelGenOptions, generate_model_dir
 from tandem.tokenizer import Tokenizer

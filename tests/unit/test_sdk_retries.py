@@ -12,7 +12,7 @@ from concurrent import futures
 import grpc
 import pytest
 
-from tandem.errors import DeadlineExceeded, InvalidRequest, UpstreamUnavailable
+from tandem.api.errors import DeadlineExceeded, InvalidRequest, UpstreamUnavailable
 from tandem.proto.common.v1 import common_pb2
 from tandem.proto.router.v1 import router_pb2, router_pb2_grpc
 from tandem.sdk import AsyncClient, Client

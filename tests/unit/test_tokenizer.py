@@ -2,7 +2,7 @@
 
 import pytest
 
-from tandem.errors import InvalidRequest
+from tandem.api.errors import InvalidRequest
 from tandem.tokenizer import Tokenizer
 
 

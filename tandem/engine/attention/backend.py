@@ -5,7 +5,6 @@ query_start_loc[i+1]`` of q/k/v. Sequences with a single new token (decodes) com
 backend can treat rows ``[0, num_decodes)`` as one decode batch and the rest as prefills.
 """
 
-import functools
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -52,44 +51,10 @@ class AttentionBackend(Protocol):
         sliding_window: int | None,
         kv_stored: bool = False,
     ) -> torch.Tensor:
-        """q: [T, Hq, D]; k, v: [T, Hkv, D]; kv_cache: [2, blocks, block_size, Hkv, D] -> [T, Hq, D].
+        """q: [T, Hq, D]; k, v: [T, Hkv, D]; kv_cache: [2, blocks, block_size, Hkv, D] -> [T, Hq,
+        D].
 
         ``kv_stored``: the caller already wrote k and v into their slots (a kernel fused with
         rotary did); the backend must not write them again.
         """
         ...
-
-
-@functools.cache
-def triton_available() -> bool:
-    """Whether Triton is installed (the fused kernels and the triton backend need it)."""
-    import importlib.util
-
-    return importlib.util.find_spec("triton") is not None
-
-
-def triton_supports(head_dim: int, block_size: int) -> bool:
-    """Shapes the Triton kernels compile for: power-of-two head_dim (16..256), block size <= 128."""
-    pow2 = head_dim & (head_dim - 1) == 0
-    return (
-        pow2 and 16 <= head_dim <= 256 and block_size <= 128 and block_size & (block_size - 1) == 0
-    )
-
-
-def resolve_backend_name(name: str, device_type: str) -> str:
-    """``auto``: triton on CUDA (if Triton is installed), torch elsewhere."""
-    if name != "auto":
-        return name
-    return "triton" if device_type == "cuda" and triton_available() else "torch"
-
-
-def get_attention_backend(name: str) -> AttentionBackend:
-    if name == "torch":
-        from tandem.engine.attention.torch_backend import TorchAttentionBackend
-
-        return TorchAttentionBackend()
-    if name == "triton":
-        from tandem.engine.attention.triton_backend import TritonAttentionBackend
-
-        return TritonAttentionBackend()
-    raise ValueError(f"unknown attention backend {name!r}")

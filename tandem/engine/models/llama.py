@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tandem.engine.attention import AttentionBackend, AttentionMetadata
-from tandem.engine.attention.backend import triton_available
+from tandem.engine.attention.selector import triton_available
 from tandem.engine.models.rope import RotaryEmbedding, apply_rotary
 from tandem.model_dir import ModelConfig
 

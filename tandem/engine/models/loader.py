@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from tandem.api.errors import ModelLoadError
 from tandem.engine.attention import AttentionBackend
 from tandem.engine.models.llama import DecoderLM
 from tandem.engine.models.rope import inverse_frequencies
-from tandem.errors import ModelLoadError
 from tandem.model_dir import ModelConfig, weight_files
 
 logger = logging.getLogger(__name__)

@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.integration  # runs the benchmark script in a new process
+
 BENCH = Path(__file__).resolve().parents[3] / "bench" / "offline.py"
 
 

@@ -6,10 +6,10 @@ import pytest
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from tandem.api.hashing import BlockHasher
+from tandem.api.ids import RequestId
+from tandem.api.kv_events import BlocksRemoved, BlocksStored, CacheCleared
 from tandem.engine.block_manager import BlockManager
-from tandem.ids import RequestId
-from tandem.kv.events import BlocksRemoved, BlocksStored, CacheCleared
-from tandem.kv.hashing import BlockHasher
 
 BS = 4
 HASHER = BlockHasher("test-model", BS)

@@ -3,6 +3,8 @@
 import pydantic
 import pytest
 
+from tandem.api.errors import InvalidRequest, RequestTooLarge
+from tandem.api.ids import RequestId
 from tandem.engine import (
     LLM,
     EngineConfig,
@@ -12,8 +14,6 @@ from tandem.engine import (
     register_scheduling_policy,
 )
 from tandem.engine.sequence import Sequence, SequenceStatus
-from tandem.errors import InvalidRequest, RequestTooLarge
-from tandem.ids import RequestId
 
 
 @pytest.fixture(scope="module")

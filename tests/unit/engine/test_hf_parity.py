@@ -5,10 +5,10 @@ import random
 import pytest
 import torch
 
+from tandem.api.ids import RequestId
 from tandem.engine import LLM, SamplingParams
 from tandem.engine.scheduler import ScheduledSequence
 from tandem.engine.sequence import Sequence
-from tandem.ids import RequestId
 
 ARCHS = ["llama", "llama-tied-rope3", "mistral-swa", "qwen2", "qwen3"]
 MAX_NEW = 24

@@ -4,8 +4,8 @@ its layer hook as soon as that layer is written, before the later layers are com
 import torch
 
 from tandem.engine import LLM, SamplingParams
-from tandem.kv.sender import KVSender
-from tandem.kv.transfer import KVTarget
+from tandem.transfer.push_streams import KVTarget
+from tandem.transfer.sender import KVSender
 
 
 class LayerRecorder:

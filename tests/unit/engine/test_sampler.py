@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from tandem.api.sampling_params import SamplingParams
 from tandem.engine.sampler import Sampler, SamplingRow
-from tandem.engine.sampling_params import SamplingParams
 
 
 def row(params: SamplingParams, *, prompt=(), output=(), seed_gen=None, min_stop=()):

@@ -2,14 +2,14 @@
 
 import pytest
 
+from tandem.api.hashing import BlockHasher
+from tandem.api.ids import RequestId
+from tandem.api.sampling_params import SamplingParams
 from tandem.engine.block_manager import BlockManager
 from tandem.engine.config import SchedulerConfig
-from tandem.engine.sampling_params import SamplingParams
 from tandem.engine.scheduler import Scheduler
 from tandem.engine.scheduling_policy import get_scheduling_policy, register_scheduling_policy
 from tandem.engine.sequence import Sequence, SequenceStatus
-from tandem.ids import RequestId
-from tandem.kv.hashing import BlockHasher
 
 BS = 4
 EOS = 0

@@ -26,6 +26,7 @@ def run_interpreted(code: str) -> str:
     return r.stdout
 
 
+@pytest.mark.slow  # Triton's interpreter, in a new process
 def test_paged_decode_kernel_matches_the_torch_backend():
     """Fragmented block tables, block sizes 16 and 32, GQA, splits, sliding window, padding rows."""
     out = run_interpreted(
@@ -36,6 +37,7 @@ def test_paged_decode_kernel_matches_the_torch_backend():
     assert len(out.split()) == 5
 
 
+@pytest.mark.slow  # Triton's interpreter, in a new process
 def test_engine_on_the_triton_backend_matches_the_torch_backend(tiny_model):
     """Whole generations: prefills (flash path and cached-prefix path) and decodes through the
     kernel."""
@@ -59,6 +61,7 @@ def test_engine_on_the_triton_backend_matches_the_torch_backend(tiny_model):
     assert out.startswith("ok")
 
 
+@pytest.mark.slow  # Triton's interpreter, in a new process
 def test_fused_kernels_match_the_reference_ops():
     """add_rms_norm and rotary_and_store in float32 and float16 (the interpreter's bfloat16 casts
     truncate): strided rows, fragmented slots, block sizes 16 and 32, padding rows, untouched
@@ -75,6 +78,7 @@ def test_fused_kernels_match_the_reference_ops():
     assert out.split() == ["ok"]
 
 
+@pytest.mark.slow  # Triton's interpreter, in a new process
 def test_model_on_the_fused_kernels_tracks_the_unfused_model(tiny_model):
     """float16 generations with the fused kernels forced on (CPU tensors, interpreted) against the
     model's reference ops: the residual-stream plumbing, q/k norm before the fused rotary, and

@@ -9,7 +9,7 @@ import xxhash
 from services.kvstore.index import Registration
 from services.kvstore.memory_index import MemoryIndex
 from services.kvstore.redis_index import RedisIndex
-from tandem.ids import PodId
+from tandem.api.ids import PodId
 
 NS = "model-a"
 A, B = PodId("pod-a"), PodId("pod-b")

@@ -9,10 +9,10 @@ import xxhash
 
 from services.kvstore import server as kvstore_server
 from services.kvstore.settings import KVStoreSettings
-from tandem.kv.events import BlocksRemoved, BlocksStored
-from tandem.kv.hashing import HASH_ALGORITHM
-from tandem.kv.publisher import KVEventPublisher
+from tandem.api.hashing import HASH_ALGORITHM
+from tandem.api.kv_events import BlocksRemoved, BlocksStored
 from tandem.proto.kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
+from tandem.serving.kv_event_publisher import KVEventPublisher
 
 FP = "fingerprint-1"
 
@@ -107,7 +107,7 @@ def test_events_lookups_fencing_and_validation(backend, redis_server):
 
 def test_redis_down_means_unavailable_quickly(redis_server):
     """kvstore never hangs on a dead Redis: callers fall back within their timeouts."""
-    from tandem.local_cluster import free_port
+    from services.local_cluster import free_port
 
     async def test(stub, service):
         loop = asyncio.get_running_loop()

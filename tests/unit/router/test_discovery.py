@@ -183,10 +183,11 @@ def test_dns_keeps_its_last_answer_when_the_resolver_fails(monkeypatch):
 def test_the_router_follows_discovery_to_new_pods_and_away_from_removed_ones(api, llama_dir):
     from services.decode import server as decode_server
     from services.decode.settings import DecodeSettings
-    from services.router.flow import Dispatcher, Job, Route
+    from services.router.flow import Dispatcher, Route
     from services.router.pods import PodRegistry
     from services.router.settings import RouterSettings
-    from tandem.engine.sampling_params import SamplingParams
+    from tandem.api.requests import Job
+    from tandem.api.sampling_params import SamplingParams
 
     async def main():
         a = await decode_server.start(

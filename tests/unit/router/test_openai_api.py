@@ -4,12 +4,13 @@ import asyncio
 
 import pytest
 
-from services.router.flow import Job, Route
+from services.router.flow import Route
+from services.router.jobs import JobBuilder
 from services.router.openai_api import OpenAIServing
 from services.router.openai_protocol import CompletionRequest
-from tandem.engine.sampling_params import SamplingParams
-from tandem.errors import UpstreamUnavailable
-from tandem.serving.requests import TokenEvent
+from tandem.api.errors import UpstreamUnavailable
+from tandem.api.requests import Job, TokenEvent
+from tandem.api.sampling_params import SamplingParams
 
 
 class FakeDispatcher:
@@ -34,13 +35,12 @@ class FakeDispatcher:
 def test_one_failed_prompt_cancels_the_others():
     async def main():
         dispatcher = FakeDispatcher()
-        serving = OpenAIServing(
-            tokenizer=None, dispatcher=dispatcher, model_name="m", max_model_len=100, vocab_size=10
-        )
+        jobs = JobBuilder(None, model_name="m", vocab_size=10, max_model_len=lambda: 100)
+        serving = OpenAIServing(jobs, dispatcher)
         req = CompletionRequest(prompt=[[1, 2], [3, 4]], max_tokens=5)
-        jobs = [Job(f"r-{i}", [1, 2], SamplingParams(max_tokens=5)) for i in range(2)]
+        two = [Job(f"r-{i}", [1, 2], SamplingParams(max_tokens=5)) for i in range(2)]
         with pytest.raises(UpstreamUnavailable):
-            await serving.completion(req, jobs, "r", [Route(), Route()])
+            await serving.completion(req, two, "r", [Route(), Route()])
         await asyncio.wait_for(dispatcher.cancelled.wait(), 2)
 
     asyncio.run(main())

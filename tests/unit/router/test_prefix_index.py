@@ -7,8 +7,8 @@ import time
 import grpc
 import pytest
 
+from services.local_cluster import free_port
 from services.router.prefix_index import PrefixIndexClient
-from tandem.local_cluster import free_port
 from tandem.proto.kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
 
 

@@ -74,8 +74,8 @@ def test_the_choice_and_its_breakdown_are_logged_at_debug_and_exported(caplog):
     from services.router.flow import Dispatcher, Route
     from services.router.metrics import RouterMetrics
     from services.router.settings import RouterSettings
-    from tandem.engine.sampling_params import SamplingParams
-    from tandem.serving.requests import Job
+    from tandem.api.requests import Job
+    from tandem.api.sampling_params import SamplingParams
 
     a, b = pod("a", queued=300), pod("b", queued=0)
     dispatcher = Dispatcher(

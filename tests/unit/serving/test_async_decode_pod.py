@@ -13,7 +13,8 @@ from tandem.engine import LLM, SamplingParams
 def test_disaggregated_requests_on_an_async_decode_pod_get_the_offline_tokens(
     tiny_model, in_process_pods
 ):
-    from services.router.flow import Job, Route
+    from services.router.flow import Route
+    from tandem.api.requests import Job
 
     model_dir = tiny_model("llama")
     rng = random.Random(5)

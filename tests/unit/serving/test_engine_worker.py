@@ -4,8 +4,8 @@ import asyncio
 
 import pytest
 
+from tandem.api.errors import InvalidRequest
 from tandem.engine import EngineConfig, LLMEngine, SamplingParams
-from tandem.errors import InvalidRequest
 from tandem.serving.engine_worker import EngineFailure, EngineWorker
 
 

@@ -5,8 +5,8 @@ Torch-free: the router, the gRPC front door and the SDK conversions share them.
 
 from dataclasses import dataclass
 
-from tandem.engine.outputs import TokenLogprob
-from tandem.engine.sampling_params import SamplingParams
+from tandem.api.outputs import TokenLogprob
+from tandem.api.sampling_params import SamplingParams
 
 
 @dataclass(slots=True, frozen=True)

@@ -3,7 +3,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tandem.kv.hashing import BlockHasher, hash_block, root_hash
+from tandem.api.hashing import BlockHasher, hash_block, root_hash
 
 H = BlockHasher("model-a", 4)
 

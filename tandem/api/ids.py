@@ -10,3 +10,6 @@ BlockId = NewType("BlockId", int)
 
 PodId = NewType("PodId", str)
 """A serving pod's stable name (Kubernetes pod name, or host:port locally)."""
+
+BlockHash = NewType("BlockHash", bytes)
+"""A 16-byte chained hash of a full block and every block before it (``tandem.api.hashing``)."""

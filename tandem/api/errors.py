@@ -35,7 +35,8 @@ class ModelLoadError(TandemError):
 
 
 class CapacityExceeded(TandemError):
-    """A pod cannot take the request now; retry later or elsewhere (HTTP 429, RESOURCE_EXHAUSTED)."""
+    """A pod cannot take the request now; retry later or elsewhere (HTTP 429,
+    RESOURCE_EXHAUSTED)."""
 
 
 class UpstreamUnavailable(TandemError):
@@ -43,11 +44,13 @@ class UpstreamUnavailable(TandemError):
 
 
 class ShuttingDown(UpstreamUnavailable):
-    """This pod is draining before it exits and takes no new requests (gRPC UNAVAILABLE: retry elsewhere)."""
+    """This pod is draining before it exits and takes no new requests (gRPC UNAVAILABLE: retry
+    elsewhere)."""
 
 
 class KVTransferError(TandemError):
-    """A KV page stream was short, corrupt or for another model (gRPC DATA_LOSS / FAILED_PRECONDITION)."""
+    """A KV page stream was short, corrupt or for another model (gRPC DATA_LOSS /
+    FAILED_PRECONDITION)."""
 
 
 class KVFingerprintMismatch(KVTransferError):

@@ -12,13 +12,11 @@ blocks (which would silently reuse wrong KV) is not a practical concern.
 """
 
 from collections.abc import Sequence
-from typing import NewType
 
 import numpy as np
 import xxhash
 
-BlockHash = NewType("BlockHash", bytes)
-"""A 16-byte chained block hash."""
+from tandem.api.ids import BlockHash
 
 HASH_ALGORITHM = "xxh3_128"
 """Named in KV events so that a kvstore never mixes hashes from two algorithms."""

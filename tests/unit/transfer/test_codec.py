@@ -3,9 +3,9 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tandem.kv import codec
 from tandem.proto.common.v1 import common_pb2
 from tandem.proto.decode.v1 import decode_pb2
+from tandem.transfer import codec
 
 headers = st.builds(
     common_pb2.KVChunk,

@@ -22,10 +22,11 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
 
-from tandem.kv.events import BlocksRemoved, BlocksStored, CacheCleared, KVEvent
-from tandem.kv.hashing import HASH_ALGORITHM, BlockHash
+from tandem.api.channel_options import CLIENT_OPTIONS
+from tandem.api.hashing import HASH_ALGORITHM
+from tandem.api.ids import BlockHash
+from tandem.api.kv_events import BlocksRemoved, BlocksStored, CacheCleared, KVEvent
 from tandem.proto.kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
-from tandem.serving.channels import CLIENT_OPTIONS
 
 logger = logging.getLogger(__name__)
 RESYNC_BATCH = 50_000
@@ -76,7 +77,8 @@ class KVEventPublisher:
         self._pending_hashes = 0
         self._discarding = True
         """Under ``_lock``: a resync is due and its snapshot will cover every event until it is
-        taken, so ``enqueue`` drops them. Cleared when a resync starts (just before its snapshot)."""
+        taken, so ``enqueue`` drops them. Cleared when a resync starts (just before its
+        snapshot)."""
         self._seq = 0
         self._needs_resync = True
         self.connected = False
@@ -243,7 +245,8 @@ class KVEventPublisher:
                 self.refused = e.details() or "invalid events"
                 logger.error(
                     "kvstore %s refuses this pod's KV events (%s): KV events stop; prefix-aware "
-                    "routing will not see this pod's cache until its configuration matches kvstore's",
+                    "routing will not see this pod's cache until "
+                    "its configuration matches kvstore's",
                     self.address,
                     self.refused,
                 )
@@ -260,5 +263,6 @@ class KVEventPublisher:
 
 
 def _num_hashes(event: KVEvent) -> int:
-    """Queue weight of an event: its block hashes (at least one, so empty events are bounded too)."""
+    """Queue weight of an event: its block hashes (at least one, so empty events are bounded
+    too)."""
     return max(1, len(getattr(event, "block_hashes", ())))

@@ -17,7 +17,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 
 from tandem import telemetry
-from tandem.errors import KVTransferError
+from tandem.api.errors import KVTransferError
 from tandem.proto.common.v1 import common_pb2
 from tandem.proto.decode.v1 import decode_pb2
 
@@ -183,7 +183,8 @@ class KVTransfer:
         seq_no = self.chunks // len(self._streams)
         stream.queue.put(_Chunk(lambda: encode(seq_no), release))
         if stream.call.done():
-            stream.drain()  # it ended after the check in on_layers_computed: do not strand the chunk
+            # it ended after the check in on_layers_computed: do not strand the chunk
+            stream.drain()
         self.chunks += 1
         self.bytes += nbytes
 

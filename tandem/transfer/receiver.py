@@ -13,11 +13,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tandem.api.errors import KVTransferError
 from tandem.engine.kv_cache import PagedKVCache
 from tandem.engine.uploads import upload
-from tandem.errors import KVTransferError
-from tandem.kv.wire import DEFAULT_MAX_CHUNK_BYTES, PageLayout, check_fingerprint, validate_chunk
 from tandem.proto.common.v1 import common_pb2
+from tandem.transfer.wire import (
+    DEFAULT_MAX_CHUNK_BYTES,
+    PageLayout,
+    check_fingerprint,
+    validate_chunk,
+)
 
 
 @dataclass(slots=True)
@@ -111,7 +116,8 @@ class KVReceiver:
             region = inbound.received[l0:l1, b0:b1]
             if bool(region.any()):
                 raise KVTransferError(
-                    f"KV chunk layers [{l0}, {l1}) blocks [{b0}, {b1}) overlaps pages already received"
+                    f"KV chunk layers [{l0}, {l1}) blocks [{b0}, "
+                    f"{b1}) overlaps pages already received"
                 )
             if self._stream is not None:
                 self._stream.wait_event(inbound.engine_done)
@@ -138,7 +144,8 @@ class KVReceiver:
                 raise KVTransferError(f"the KV transfer of {end.request_id!r} was cancelled")
             if inbound.chunks != end.total_chunks:
                 raise KVTransferError(
-                    f"KV transfer of {end.request_id!r} ended after {inbound.chunks} of {end.total_chunks} chunks"
+                    f"KV transfer of {end.request_id!r} ended after "
+                    f"{inbound.chunks} of {end.total_chunks} chunks"
                 )
             missing = ~inbound.received[:, inbound.first_block :]
             if bool(missing.any()):

@@ -9,17 +9,17 @@ import grpc
 import pytest
 import torch
 
+from tandem.api.errors import InvalidRequest, KVTransferError
+from tandem.api.sampling_params import SamplingParams
 from tandem.engine.kv_cache import KVCacheSpec, PagedKVCache
-from tandem.engine.sampling_params import SamplingParams
 from tandem.engine.scheduler import ScheduledSequence
 from tandem.engine.sequence import Sequence
-from tandem.errors import InvalidRequest, KVTransferError
-from tandem.kv import codec
-from tandem.kv.receiver import KVReceiver
-from tandem.kv.sender import KVSender
-from tandem.kv.transfer import KVTarget
 from tandem.proto.common.v1 import common_pb2
 from tandem.proto.decode.v1 import decode_pb2
+from tandem.transfer import codec
+from tandem.transfer.push_streams import KVTarget
+from tandem.transfer.receiver import KVReceiver
+from tandem.transfer.sender import KVSender
 
 SPEC = KVCacheSpec(num_layers=4, num_kv_heads=2, head_dim=8, block_size=4, dtype=torch.float32)
 PROMPT = 37  # 10 blocks, the last one partial

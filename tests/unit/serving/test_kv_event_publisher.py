@@ -14,10 +14,10 @@ import xxhash
 
 from services.kvstore import server as kvstore_server
 from services.kvstore.settings import KVStoreSettings
-from tandem.kv.events import BlocksStored
-from tandem.kv.hashing import HASH_ALGORITHM
-from tandem.kv.publisher import KVEventPublisher
+from tandem.api.hashing import HASH_ALGORITHM
+from tandem.api.kv_events import BlocksStored
 from tandem.proto.kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
+from tandem.serving.kv_event_publisher import KVEventPublisher
 
 FP = "fingerprint-1"
 

@@ -6,7 +6,7 @@ turn an ``RpcError`` back into the same exception class with ``error_from_rpc``.
 
 import grpc
 
-from tandem.errors import (
+from tandem.api.errors import (
     CapacityExceeded,
     DeadlineExceeded,
     InvalidRequest,

@@ -4,7 +4,7 @@ Pinned memory makes the copy asynchronous and fast, but pinning is expensive: bu
 allocated once at the chunk size and recycled. ``acquire`` never waits: the engine thread calls
 it in the middle of a forward, and must not block there (the caller copies without staging when
 every buffer is in flight). Every acquired buffer must be released on every exit path of its
-chunk (``tandem.kv.transfer._Chunk``).
+chunk (``tandem.transfer.push_streams._Chunk``).
 """
 
 import threading

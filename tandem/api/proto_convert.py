@@ -1,21 +1,22 @@
-"""Protobuf <-> engine and router dataclasses: the only place the services translate between them.
+"""Protobuf <-> the dataclasses of ``tandem.api``: the only place any process translates
+between them (router, pods, SDK).
 
-Torch-free (the router and the SDK use it too).
+Mechanical both ways: validation and defaults belong to ``tandem.api.sampling_request``.
 """
 
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Mapping
+from typing import Any
 
-from tandem.engine.outputs import RequestMetrics, RequestOutput, TokenLogprob
-from tandem.engine.sampling_params import SamplingParams
-from tandem.errors import InvalidRequest
+from google.protobuf import descriptor
+
+from tandem.api.errors import InvalidRequest
+from tandem.api.outputs import RequestMetrics, RequestOutput, TokenLogprob
+from tandem.api.requests import Job, TokenEvent, Usage
+from tandem.api.sampling_params import SAMPLING_FIELDS, SamplingParams
+from tandem.api.stats import EngineStats
 from tandem.proto.common.v1 import common_pb2
 from tandem.proto.decode.v1 import decode_pb2
 from tandem.proto.prefill.v1 import prefill_pb2
-from tandem.serving.requests import Job, TokenEvent, Usage
-
-if TYPE_CHECKING:  # pragma: no cover
-    from tandem.engine.llm_engine import EngineStats
 
 FINISH_REASON_TO_PROTO = {
     None: common_pb2.FINISH_REASON_UNSPECIFIED,
@@ -25,58 +26,29 @@ FINISH_REASON_TO_PROTO = {
 }
 FINISH_REASON_FROM_PROTO = {v: k for k, v in FINISH_REASON_TO_PROTO.items()}
 
-_OPTIONAL_FIELDS = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-    "repetition_penalty",
-    "logprobs",
-    "skip_special_tokens",
-)
-
 # ---- sampling parameters -----------------------------------------------------------------------
+#
+# The message mirrors SamplingParams field for field (SAMPLING_FIELDS; a unit test holds the two
+# equal), so these walk the message's descriptor instead of keeping a list of their own.
+
+_FLOAT = descriptor.FieldDescriptor.TYPE_FLOAT
 
 
-def sampling_params_from_proto(
-    pb: common_pb2.SamplingParams, *, max_tokens: int | None = None, defaults: dict | None = None
-) -> SamplingParams:
-    """Engine SamplingParams; unset optional fields take ``defaults``, else the engine's.
-
-    Args:
-        max_tokens: overrides the message's max_tokens (the router resolves it against the context).
-        defaults: values for unset fields (the router's: the model's generation config).
-
-    Raises:
-        InvalidRequest: a value is out of range (``param`` names the field).
-    """
-    kwargs: dict = dict(defaults or {})
-    kwargs.update({name: getattr(pb, name) for name in _OPTIONAL_FIELDS if pb.HasField(name)})
-    if max_tokens is not None:
-        kwargs["max_tokens"] = max_tokens
-    elif pb.HasField("max_tokens"):
-        kwargs["max_tokens"] = pb.max_tokens
-    for name in (
-        "temperature",
-        "top_p",
-        "min_p",
-        "presence_penalty",
-        "frequency_penalty",
-        "repetition_penalty",
-    ):
-        if name in kwargs:
-            kwargs[name] = _round_float32(kwargs[name])
-    return SamplingParams(
-        stop=tuple(pb.stop),
-        stop_token_ids=tuple(pb.stop_token_ids),
-        include_stop_str_in_output=pb.include_stop_str_in_output,
-        ignore_eos=pb.ignore_eos,
-        min_tokens=pb.min_tokens,
-        **kwargs,
-    )
+def sampling_fields_from_proto(pb: common_pb2.SamplingParams) -> dict[str, Any]:
+    """The fields a message sets, by ``SamplingParams`` name: optional fields when present,
+    lists when non-empty, plain scalars when not zero (their zero is the dataclass default)."""
+    fields: dict[str, Any] = {}
+    for f in pb.DESCRIPTOR.fields:
+        value = getattr(pb, f.name)
+        if f.is_repeated:
+            if value:
+                fields[f.name] = tuple(value)
+        elif f.has_presence:
+            if pb.HasField(f.name):
+                fields[f.name] = _round_float32(value) if f.type == _FLOAT else value
+        elif value:
+            fields[f.name] = value
+    return fields
 
 
 def _round_float32(x: float) -> float:
@@ -85,29 +57,42 @@ def _round_float32(x: float) -> float:
     return float(f"{x:.7g}")
 
 
-def sampling_params_to_proto(sp: SamplingParams) -> common_pb2.SamplingParams:
-    pb = common_pb2.SamplingParams(
-        max_tokens=sp.max_tokens,
-        temperature=sp.temperature,
-        top_p=sp.top_p,
-        min_p=sp.min_p,
-        presence_penalty=sp.presence_penalty,
-        frequency_penalty=sp.frequency_penalty,
-        repetition_penalty=sp.repetition_penalty,
-        stop=list(sp.stop),
-        stop_token_ids=list(sp.stop_token_ids),
-        include_stop_str_in_output=sp.include_stop_str_in_output,
-        ignore_eos=sp.ignore_eos,
-        min_tokens=sp.min_tokens,
-        skip_special_tokens=sp.skip_special_tokens,
-    )
-    if sp.top_k is not None:
-        pb.top_k = sp.top_k
-    if sp.seed is not None:
-        pb.seed = sp.seed
-    if sp.logprobs is not None:
-        pb.logprobs = sp.logprobs
+def sampling_fields_to_proto(fields: Mapping[str, Any]) -> common_pb2.SamplingParams:
+    """A message setting exactly ``fields`` (by ``SamplingParams`` name; None: left unset).
+
+    Raises:
+        InvalidRequest: an unknown field, or a value the message cannot carry (a string where
+            a number goes, a negative token id, ...); ``param`` names the field.
+    """
+    pb = common_pb2.SamplingParams()
+    by_name = pb.DESCRIPTOR.fields_by_name
+    for name, value in fields.items():
+        if value is None:
+            continue
+        f = by_name.get(name)
+        if f is None:
+            raise InvalidRequest(f"unknown sampling option {name!r}", param=name)
+        try:
+            if f.is_repeated:
+                getattr(pb, name).extend([value] if isinstance(value, str) else value)
+            else:
+                setattr(pb, name, value)
+        except (TypeError, ValueError) as e:
+            raise InvalidRequest(f"{name}: {e}", param=name) from None
     return pb
+
+
+def sampling_params_from_proto(pb: common_pb2.SamplingParams) -> SamplingParams:
+    """The SamplingParams a pod runs: the router resolved defaults and limits already.
+
+    Raises:
+        InvalidRequest: a value is out of range (``param`` names the field).
+    """
+    return SamplingParams(**sampling_fields_from_proto(pb))
+
+
+def sampling_params_to_proto(sp: SamplingParams) -> common_pb2.SamplingParams:
+    return sampling_fields_to_proto({name: getattr(sp, name) for name in SAMPLING_FIELDS})
 
 
 # ---- tokens, logprobs, usage -------------------------------------------------------------------
@@ -258,7 +243,7 @@ def prefill_timing(m: RequestMetrics, transfer_seconds: float) -> prefill_pb2.Pr
 # ---- pods ---------------------------------------------------------------------------------------
 
 
-def pod_stats(stats: "EngineStats", **identity) -> common_pb2.PodStats:
+def pod_stats(stats: EngineStats, **identity) -> common_pb2.PodStats:
     """PodStats from engine counters plus identity fields (role, pod_id, model, ...)."""
     return common_pb2.PodStats(
         num_running=stats.num_running,

@@ -25,22 +25,22 @@ import grpc
 import torch
 from opentelemetry.context import Context
 
+from tandem.api.channel_options import CLIENT_OPTIONS
+from tandem.api.errors import InvalidRequest
 from tandem.engine.kv_cache import KVCacheSpec
 from tandem.engine.scheduler import ScheduledSequence
-from tandem.errors import InvalidRequest
-from tandem.kv import codec
-from tandem.kv.staging import PinnedBufferPool
-from tandem.kv.transfer import KVTarget, KVTransfer, TransferResult
-from tandem.kv.wire import (
+from tandem.proto.common.v1 import common_pb2
+from tandem.proto.decode.v1 import decode_pb2
+from tandem.transfer import codec
+from tandem.transfer.push_streams import KVTarget, KVTransfer, TransferResult
+from tandem.transfer.staging import PinnedBufferPool
+from tandem.transfer.wire import (
     DEFAULT_MAX_CHUNK_BYTES,
     PageLayout,
     blocks_per_chunk,
     chunk_header,
     page_buffer,
 )
-from tandem.proto.common.v1 import common_pb2
-from tandem.proto.decode.v1 import decode_pb2
-from tandem.serving.channels import CLIENT_OPTIONS
 
 PUSH_KV_METHOD = "/tandem.decode.v1.DecodeService/PushKV"
 
@@ -172,7 +172,8 @@ class KVSender:
     def finish(
         self, request_id: str, end: common_pb2.KVTransferEnd
     ) -> "concurrent.futures.Future[TransferResult]":
-        """Send the end message once everything queued is acknowledged (runs off the engine thread)."""
+        """Send the end message once everything queued is acknowledged (runs off the engine
+        thread)."""
         transfer = self._transfers.pop(request_id)
         self._finishing[request_id] = transfer
 

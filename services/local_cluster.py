@@ -2,11 +2,14 @@
 
 ``LocalCluster`` starts kvstore with an embedded Redis (unless given a Redis URL), prefill and
 decode workers and the router on free localhost ports, waits until every one reports healthy
-and the router routes to every worker, and stops them all. ``tandem up`` runs one until Ctrl-C / SIGTERM or until a service dies; the end-to-end
-tests use the same class. Each child's output is relayed with its name in front.
+and the router routes to every worker, and stops them all. ``tandem up`` runs one until Ctrl-C
+/ SIGTERM or until a service dies; the end-to-end tests use the same class. Each child's output
+is relayed with its name in front.
 """
 
 import json
+import os
+import random
 import signal
 import socket
 import subprocess
@@ -60,14 +63,34 @@ class UpOptions(BaseModel):
     router_args: list[str] = Field(default_factory=list)
     """Extra flags for the router."""
 
-    def cli_cmd(self) -> None:
-        sys.exit(run(self))
+
+PORT_RANGE_ENV = "TANDEM_PORT_RANGE"
+"""``LO-HI``: take free ports from this range instead of the OS's ephemeral ports. Parallel test
+workers each get their own range, so one cannot take a port another has just picked for a child
+process that has not bound it yet."""
+
+_handed_out: set[int] = set()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port nobody listens on now, for a child process to bind (not handed out twice here)."""
+    span = os.environ.get(PORT_RANGE_ENV)
+    if not span:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            return s.getsockname()[1]
+    lo, hi = (int(p) for p in span.split("-"))
+    for port in random.sample(range(lo, hi + 1), hi + 1 - lo):
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise OSError(f"no free port left in {PORT_RANGE_ENV}={span}")
 
 
 def grpc_healthy(address: str) -> bool:
@@ -370,7 +393,7 @@ class LocalCluster:
 
     def spawn(self, name: str, args: list[str]) -> tuple[subprocess.Popen, threading.Thread]:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tandem.cli", *args],
+            [sys.executable, "-m", "services.cli", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -398,7 +421,10 @@ class LocalCluster:
             for service in list(pending):
                 if service.proc.poll() is not None:
                     service.relay.join(timeout=2.0)  # its last words (the error) first
-                    return f"{service.name} exited with code {service.proc.returncode} before it was ready"
+                    return (
+                        f"{service.name} exited with code "
+                        f"{service.proc.returncode} before it was ready"
+                    )
                 if service.ready():
                     pending.remove(service)
             if time.monotonic() > deadline:
@@ -427,19 +453,20 @@ class LocalCluster:
 
 
 def run(opts: UpOptions) -> int:
-    from tandem.cli import ensure_default_model
     from tandem.model_dir import load_model_config
+    from tandem.model_gen import ensure_default_model
 
     model = opts.model
     if model is None:
         model = ensure_default_model()
         print(
-            f"no --model given: serving the generated tiny random model at {model} (gibberish output)",
+            "no --model given: serving the generated tiny "
+            f"random model at {model} (gibberish output)",
             flush=True,
         )
     load_model_config(model)  # a bad directory is reported now, not by four processes at once
     if not (Path(model) / "tokenizer.json").is_file():
-        from tandem.errors import ModelLoadError
+        from tandem.api.errors import ModelLoadError
 
         raise ModelLoadError(f"model directory {model} has no tokenizer.json")
     stopping = threading.Event()

@@ -1,9 +1,10 @@
 """SamplingParams: how one request's tokens are chosen and when it stops (vLLM's fields)."""
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields
 
-from tandem.errors import InvalidRequest
+from tandem.api.errors import InvalidRequest
 
 _GREEDY_EPS = 1e-5
 _UINT32 = 2**32 - 1
@@ -45,7 +46,8 @@ class SamplingParams:
     ignore_eos: bool = False
     """Keep generating past EOS (benchmarks)."""
     min_tokens: int = 0
-    """EOS and stop tokens are suppressed, and stop strings ignored, until this many tokens exist."""
+    """EOS and stop tokens are suppressed, and stop strings ignored, until this many tokens
+    exist."""
     logprobs: int | None = None
     """Return the sampled token's logprob and this many top alternatives (0: sampled only)."""
     skip_special_tokens: bool = True
@@ -55,12 +57,14 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         # Lists given by callers become tuples, so the object stays hashable and immutable.
-        if not isinstance(self.stop, tuple):
-            object.__setattr__(
-                self, "stop", tuple([self.stop] if isinstance(self.stop, str) else self.stop)
-            )
-        if not isinstance(self.stop_token_ids, tuple):
-            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        for name in ("stop", "stop_token_ids"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple):
+                if not isinstance(value, Iterable) or isinstance(value, str | bytes | dict):
+                    raise InvalidRequest(f"{name} must be a list, got {value!r}", param=name)
+                object.__setattr__(self, name, tuple(value))
         self._validate()
         object.__setattr__(
             self, "argmax_only", self.is_greedy and self.logprobs is None and not self.has_penalties
@@ -117,3 +121,8 @@ def _is_int(v: object) -> bool:
 
 def _is_finite(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+SAMPLING_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(SamplingParams) if f.init)
+"""Every field a request may set, in declaration order: the one list the translators derive
+theirs from (the protobuf message must carry exactly these; a unit test holds them equal)."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tandem.errors import KVFingerprintMismatch, KVTransferError
+from tandem.api.errors import KVFingerprintMismatch, KVTransferError
 from tandem.proto.common.v1 import common_pb2
 
 DTYPE_TO_WIRE = {
@@ -23,7 +23,8 @@ DTYPE_TO_WIRE = {
 WIRE_TO_DTYPE = {v: k for k, v in DTYPE_TO_WIRE.items()}
 
 DEFAULT_MAX_CHUNK_BYTES = 4 << 20
-"""Chunks stay well under gRPC message limits (GRPC_MAX_MESSAGE_BYTES in tandem.serving.channels)."""
+"""Chunks stay well under gRPC message limits (GRPC_MAX_MESSAGE_BYTES in
+tandem.api.channel_options)."""
 
 
 @dataclass(slots=True, frozen=True)

@@ -5,7 +5,7 @@ Prefill pods forward these to kvstore so the router knows which pod holds which 
 
 from dataclasses import dataclass
 
-from tandem.kv.hashing import BlockHash
+from tandem.api.ids import BlockHash
 
 
 @dataclass(slots=True, frozen=True)

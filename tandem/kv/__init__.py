@@ -1,1 +1,0 @@
-"""KV-cache concepts shared by the engine, the router and kvstore: block hashing and KV events."""
