@@ -81,7 +81,7 @@ def receiver_main(case: Case) -> None:
     layers, heads, dim = SHAPES[case.shape]
     spec = KVCacheSpec(layers, heads, dim, BLOCK, getattr(torch, case.dtype))
     cache = PagedKVCache(spec, case.num_blocks, torch.device("cpu"))
-    receiver = KVReceiver(cache, "bench")
+    receiver = KVReceiver(cache.tensor, cache.spec, "bench")
     source, sender_blocks = kv_source(case, "cpu")
     # The receiver's block i gets the sender's i-th request block.
     expected = source[:, :, sender_blocks]

@@ -5,8 +5,10 @@ RESOURCE_EXHAUSTED), answers ``Admitted``, then streams tokens. In remote mode t
 arrives through ``PushKV`` from a prefill pod; when the transfer's end message arrives (with the
 first token), the sequence joins the decode batch. In local mode the engine prefills itself.
 
-Every exit path of a request -- finished, cancelled by the router, failed transfer, KV timeout --
-discards its pending KV writes before the engine frees its blocks.
+The engine runs in the pod's engine core process; this process holds the gRPC server, the KV
+receiver (which writes pushed pages straight into the core's KV pool, shared with it) and the
+detokenization. Every exit path of a request -- finished, cancelled by the router, failed
+transfer, KV timeout -- discards its pending KV writes before the core frees its blocks.
 """
 
 import asyncio
@@ -15,6 +17,7 @@ import logging
 import time
 
 import grpc
+import torch
 from opentelemetry import trace
 
 from services.decode.settings import DecodeSettings
@@ -22,11 +25,10 @@ from tandem import telemetry
 from tandem.api import proto_convert
 from tandem.api.errors import CapacityExceeded, InvalidRequest, KVTransferError, TandemError
 from tandem.api.grpc_status import abort_with
-from tandem.api.outputs import OutputKind
-from tandem.engine.llm_engine import LLMEngine
 from tandem.proto.common.v1 import common_pb2
 from tandem.proto.decode.v1 import decode_pb2, decode_pb2_grpc
-from tandem.serving.engine_worker import EngineWorker
+from tandem.serving.engine_client import EngineCoreClient, coalesce
+from tandem.serving.engine_core import CoreSpec
 from tandem.serving.grpc_server import RunningService
 from tandem.serving.pod import PodRuntime, pod_stats, serve_pod
 from tandem.serving.pod_metrics import PodMetrics
@@ -36,31 +38,24 @@ from tandem.transfer.receiver import KVReceiver
 logger = logging.getLogger(__name__)
 
 
-def release_request(receiver: KVReceiver, engine: LLMEngine, rid: str) -> None:
-    """Engine thread: stop KV writes into the request's blocks, then free them (in that order)."""
-    receiver.discard(rid)
-    engine.abort_request(rid)
-
-
 class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
     def __init__(
         self,
         settings: DecodeSettings,
-        worker: EngineWorker,
+        core: EngineCoreClient,
         receiver: KVReceiver,
+        kv_writers: concurrent.futures.ThreadPoolExecutor,
         identity: dict,
         metrics: PodMetrics,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.worker = worker
+        self.core = core
         self.receiver = receiver
         self.identity = identity
-        self.block_size = worker.engine.config.block_size
-        self.fingerprint = worker.engine.fingerprint.digest()
-        self._kv_writers = concurrent.futures.ThreadPoolExecutor(
-            max_workers=4, thread_name_prefix="kv-write"
-        )
+        self.block_size = core.info.block_size
+        self.fingerprint = core.info.fingerprint
+        self._kv_writers = kv_writers
 
     # ---- Generate ---------------------------------------------------------------------------
 
@@ -80,7 +75,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 raise InvalidRequest("request_id is required", param="request_id")
             ids = proto_convert.prompt_ids(request.prompt_token_ids)
             params = proto_convert.sampling_params_from_proto(request.sampling_params)
-            stream = self.worker.open_stream(rid)  # refuses a duplicate id before anything is held
+            stream = self.core.open_stream(rid)  # refuses a duplicate id before anything is held
             admitted = await self._admit(request, ids, params)
             if trace_ is not None:
                 trace_.admitted(request, len(ids), admitted)
@@ -96,6 +91,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                     raise KVTransferError(
                         f"KV pages did not arrive within {self.settings.kv_timeout_s:g} s"
                     ) from None
+                item = coalesce(item, stream)  # a consumer that fell behind gets one message
                 if isinstance(item, BaseException):
                     raise item
                 new_tokens = len(item.outputs[0].token_ids)
@@ -121,54 +117,31 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             await abort_with(context, exc)
         finally:
             if stream is not None:
-                self.worker.end_stream(rid, finished=finished)
+                self.core.end_stream(rid, finished=finished)
             span.end()
             telemetry.end_server_span(rpc_span, error)
 
     async def _admit(self, request, ids, params) -> decode_pb2.Admitted:
         rid = request.request_id
+        cache_salt = request.cache_salt or None
         if request.prefill_mode == decode_pb2.PREFILL_MODE_REMOTE:
-
-            def reserve(engine: LLMEngine):
-                r = engine.reserve_remote_prefill(
-                    rid,
-                    ids,
-                    params,
-                    priority=request.priority,
-                    cache_salt=request.cache_salt or None,
-                )
-                self.receiver.expect(rid, r.block_ids, r.num_cached_tokens // self.block_size)
-                return r
-
-            r = await self.worker.call(reserve)
+            block_ids, cached = await self.core.reserve(
+                rid, ids, params, priority=request.priority, cache_salt=cache_salt
+            )
+            self.receiver.expect(rid, block_ids, cached // self.block_size)
             return decode_pb2.Admitted(
-                num_cached_tokens=r.num_cached_tokens,
-                num_reserved_blocks=len(r.block_ids),
+                num_cached_tokens=cached,
+                num_reserved_blocks=len(block_ids),
                 model_fingerprint=self.fingerprint,
             )
         if request.prefill_mode != decode_pb2.PREFILL_MODE_LOCAL:
             raise InvalidRequest("prefill_mode must be REMOTE or LOCAL", param="prefill_mode")
-        if self.worker.stats.num_waiting >= self.settings.max_waiting:
-            raise CapacityExceeded(f"{self.worker.stats.num_waiting} requests are already waiting")
-
-        def admit_local(engine: LLMEngine) -> None:
-            engine.add_request(
-                rid,
-                ids,
-                params,
-                priority=request.priority,
-                cache_salt=request.cache_salt or None,
-                output_kind=OutputKind.DELTA,
-            )
-            if not engine.has_room_for(len(ids)):  # checked after validation: bad input stays a 400
-                engine.abort_request(rid)
-                raise CapacityExceeded(
-                    f"no room for a {len(ids)}-token prompt now: "
-                    f"{engine.block_manager.num_free_blocks} of "
-                    f"{engine.block_manager.num_total_blocks} blocks free"
-                )
-
-        await self.worker.call(admit_local)
+        if self.core.stats.num_waiting >= self.settings.max_waiting:
+            raise CapacityExceeded(f"{self.core.stats.num_waiting} requests are already waiting")
+        # Room is checked after validation: bad input stays a 400.
+        await self.core.add(
+            rid, ids, params, priority=request.priority, cache_salt=cache_salt, require_room=True
+        )
         return decode_pb2.Admitted(model_fingerprint=self.fingerprint)
 
     # ---- PushKV -----------------------------------------------------------------------------
@@ -214,7 +187,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                     summary = await loop.run_in_executor(
                         self._kv_writers, self.receiver.complete, msg.end
                     )
-                    await self.worker.call(lambda e, end=msg.end: self._complete(e, end))
+                    await self._complete(msg.end)
                     self.metrics.transfer("ok", summary.bytes, summary.seconds)
                     ended = True
                 else:
@@ -223,38 +196,35 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         except asyncio.CancelledError:
             if rid is not None and not ended:
                 self.metrics.transfer("broken")
-                self.worker.fail(
-                    rid, KVTransferError("the KV stream from the prefill pod broke off")
-                )
+                self.core.fail(rid, KVTransferError("the KV stream from the prefill pod broke off"))
             raise
         except Exception as exc:  # noqa: BLE001 - whatever broke the stream fails its request
             if not isinstance(exc, TandemError):
                 logger.exception("unexpected error in a KV stream for %s", rid)
                 exc = KVTransferError(f"KV stream failed: {type(exc).__name__}: {exc}")
             if rid is not None:
-                self.worker.fail(rid, exc)
+                self.core.fail(rid, exc)
             self.metrics.transfer("refused")
             logger.warning("KV transfer for %s refused: %s", rid, exc)
             await abort_with(context, exc)
 
-    def _complete(self, engine: LLMEngine, end: common_pb2.KVTransferEnd) -> None:
+    async def _complete(self, end: common_pb2.KVTransferEnd) -> None:
         logprob = (
             proto_convert.logprob_from_proto(end.first_token_logprob)
             if end.HasField("first_token_logprob")
             else None
         )
-        outputs = engine.complete_remote_prefill(
+        await self.core.complete_remote(
             end.request_id,
             end.first_token_id,
             logprob=logprob,
             num_cached_tokens=end.num_cached_tokens,
         )
-        self.worker.dispatch(outputs)
 
     # ---- GetStats ---------------------------------------------------------------------------
 
     async def GetStats(self, request, context):
-        return decode_pb2.GetStatsResponse(stats=pod_stats(self.worker, self.identity))
+        return decode_pb2.GetStatsResponse(stats=pod_stats(self.core, self.identity))
 
 
 class _DecodeTrace:
@@ -331,20 +301,37 @@ def add_decode_service(servicer: DecodeServicer, server: grpc.aio.Server) -> Non
 
 
 async def start(settings: DecodeSettings) -> RunningService:
-    """Load the model and start serving; returns once the gRPC server is up."""
-    engine = LLMEngine(settings.engine_config())
+    """Start the engine core (loads the model, captures graphs) and serve; returns once the
+    gRPC server is up."""
+    kv_writers = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-write")
+    receiver: KVReceiver | None = None
+
+    async def before_release(rid: str) -> None:
+        # Stop KV writes into the request's blocks before the core frees them.
+        await asyncio.get_running_loop().run_in_executor(kv_writers, receiver.discard, rid)
+
+    spec = CoreSpec(
+        role="decode",
+        engine=settings.engine_config(),
+        pod_id=settings.pod_id,
+        share_kv_pool=True,
+    )
+    pod = await PodRuntime.create(settings, spec, detokenize=True, before_release=before_release)
+    info = pod.info
     receiver = KVReceiver(
-        engine.runner.kv_cache,
-        engine.fingerprint.digest(),
+        info.kv_pool,
+        info.kv_spec,
+        info.fingerprint,
         max_chunk_bytes=settings.kv_max_chunk_bytes,
+        engine_event=(
+            torch.cuda.Event.from_ipc_handle(info.kv_pool.device, info.engine_event)
+            if info.engine_event is not None
+            else None
+        ),
     )
-    pod = PodRuntime.create(
-        "decode", settings, engine, release=lambda e, rid: release_request(receiver, e, rid)
-    )
-    servicer = DecodeServicer(settings, pod.worker, receiver, pod.identity, pod.metrics)
+    servicer = DecodeServicer(settings, pod.core, receiver, kv_writers, pod.identity, pod.metrics)
     add_decode_service(servicer, pod.server.server)
-    engine.runner.capture_decode_graphs()  # before serving: no request pays for the captures
-    return await pod.start([], servicer=servicer)
+    return await pod.start([lambda: kv_writers.shutdown(wait=False)], servicer=servicer)
 
 
 async def serve(settings: DecodeSettings) -> None:

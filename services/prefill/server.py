@@ -1,35 +1,35 @@
 """The prefill service: ``PrefillService`` over an engine in the prefill role.
 
-``Prefill`` queues the prompt in the engine (continuous batching, chunked prefill, prefix
-cache) as a one-token request. While the forward runs, the KV sender streams each finished
-layer group's pages to the decode pod named in the request; once the first token is sampled
-the transfer is closed with it, and the call returns when the decode pod acknowledged it.
+``Prefill`` queues the prompt in the pod's engine core process (continuous batching, chunked
+prefill, prefix cache) as a one-token request. While the forward runs, the core's KV sender
+streams each finished layer group's pages to the decode pod named in the request; once the
+first token is sampled the core closes the transfer with it, and the call returns when the
+decode pod acknowledged it. This process holds the gRPC server and the kvstore publisher.
 """
 
 import asyncio
 import dataclasses
 import logging
+import time
 
 import grpc
-from opentelemetry import context as otel_context
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 
 from services.prefill.settings import PrefillSettings
 from tandem import telemetry
 from tandem.api import proto_convert
 from tandem.api.errors import CapacityExceeded, InvalidRequest, KVFingerprintMismatch, TandemError
 from tandem.api.grpc_status import abort_with
-from tandem.api.outputs import OutputKind
+from tandem.api.outputs import RequestMetrics
 from tandem.api.sampling_params import SamplingParams
-from tandem.engine.llm_engine import LLMEngine
 from tandem.proto.prefill.v1 import prefill_pb2, prefill_pb2_grpc
-from tandem.serving.engine_worker import EngineWorker
+from tandem.serving import core_protocol
+from tandem.serving.engine_client import EngineCoreClient
+from tandem.serving.engine_core import CoreSpec, SenderOptions
 from tandem.serving.grpc_server import RunningService
 from tandem.serving.kv_event_publisher import KVEventPublisher
 from tandem.serving.pod import PodRuntime, pod_stats, serve_pod
 from tandem.serving.pod_metrics import PodMetrics
-from tandem.transfer.push_streams import KVTarget
-from tandem.transfer.sender import KVSender
 
 logger = logging.getLogger(__name__)
 
@@ -46,17 +46,15 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
     def __init__(
         self,
         settings: PrefillSettings,
-        worker: EngineWorker,
-        sender: KVSender,
+        core: EngineCoreClient,
         identity: dict,
         metrics: PodMetrics,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.worker = worker
-        self.sender = sender
+        self.core = core
         self.identity = identity
-        self.fingerprint = worker.engine.fingerprint.digest()
+        self.fingerprint = core.info.fingerprint
 
     async def Prefill(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
         with telemetry.tracer().start_as_current_span("prefill") as span:
@@ -81,29 +79,40 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                         "tandem.prefill.skip_blocks": target.skip_blocks,
                     }
                 )
-            if self.worker.stats.num_waiting >= self.settings.max_waiting:
-                raise CapacityExceeded(
-                    f"{self.worker.stats.num_waiting} prompts are already waiting"
-                )
-            stream = self.worker.open_stream(rid)
-            # The kv_transfer span's parent, handed to the engine thread explicitly.
-            trace_context = otel_context.get_current() if span.is_recording() else None
-            await self.worker.call(
-                lambda e: self._add(e, request, ids, params, target, trace_context)
+            if self.core.stats.num_waiting >= self.settings.max_waiting:
+                raise CapacityExceeded(f"{self.core.stats.num_waiting} prompts are already waiting")
+            stream = self.core.open_stream(rid)
+            arrival = time.monotonic()
+            # The kv_transfer span (in the engine core process) continues this trace.
+            carrier: dict[str, str] | None = None
+            if span.is_recording():
+                carrier = {}
+                propagate.inject(carrier)
+            await self.core.add(
+                rid,
+                ids,
+                params,
+                priority=request.priority,
+                cache_salt=request.cache_salt or None,
+                kv_target=target,
+                trace_carrier=carrier,
             )
-            item = await stream.get()
+            item = await stream.get()  # the first token, once its KV transfer ended
             if isinstance(item, BaseException):
                 raise item
-            self.metrics.observe_finished(item.metrics)
-            end = proto_convert.transfer_end(item, target.request_id, self.fingerprint)
-            try:
-                result = await asyncio.wrap_future(self.sender.finish(rid, end))
-            except TandemError:
+            metrics = RequestMetrics(
+                arrival_time=arrival,
+                first_scheduled_time=item.scheduled_time,
+                first_token_time=item.first_token_time,
+                finished_time=item.first_token_time,
+            )
+            self.metrics.observe_finished(metrics)
+            if item.error is not None:
                 self.metrics.transfer("failed")
-                raise
-            self.metrics.transfer("ok", result.bytes, result.seconds)
+                raise core_protocol.error_from_info(item.error)
+            self.metrics.transfer("ok", item.transfer_bytes, item.transfer_seconds)
             done = True
-            timing = proto_convert.prefill_timing(item.metrics, result.seconds)
+            timing = proto_convert.prefill_timing(metrics, item.transfer_seconds)
             if span.is_recording():
                 span.set_attributes(
                     {
@@ -111,16 +120,16 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                         "tandem.prefill.queue_seconds": timing.queue_seconds,
                         "tandem.prefill.compute_seconds": timing.compute_seconds,
                         "tandem.prefill.transfer_seconds": timing.transfer_seconds,
-                        "tandem.kv.bytes": result.bytes,
-                        "tandem.kv.chunks": result.chunks,
+                        "tandem.kv.bytes": item.transfer_bytes,
+                        "tandem.kv.chunks": item.transfer_chunks,
                     }
                 )
             return prefill_pb2.PrefillResponse(
-                first_token_id=end.first_token_id,
+                first_token_id=item.first_token_id,
                 num_cached_tokens=item.num_cached_tokens,
                 timing=timing,
-                kv_bytes=result.bytes,
-                kv_chunks=result.chunks,
+                kv_bytes=item.transfer_bytes,
+                kv_chunks=item.transfer_chunks,
             )
         except TandemError as exc:
             span.set_status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
@@ -128,9 +137,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         finally:
             # Only what this call created: a refused duplicate id must not touch the original.
             if stream is not None:
-                self.worker.end_stream(rid, finished=done)
+                self.core.end_stream(rid, finished=done)
 
-    def _target(self, request: prefill_pb2.PrefillRequest) -> KVTarget:
+    def _target(self, request: prefill_pb2.PrefillRequest) -> core_protocol.KVTargetSpec:
         t = request.decode_target
         if not request.request_id:
             raise InvalidRequest("request_id is required", param="request_id")
@@ -143,72 +152,41 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                 f"the decode pod's model fingerprint {t.model_fingerprint!r} differs from this "
                 f"prefill pod's {self.fingerprint!r}"
             )
-        return KVTarget(t.address, t.request_id, t.skip_blocks, self.fingerprint)
-
-    def _add(
-        self, engine: LLMEngine, request, ids, params, target: KVTarget, trace_context
-    ) -> None:
-        """Engine thread: register the KV transfer, then queue the prompt."""
-        rid = request.request_id
-        self.sender.start(rid, target, len(ids), trace_context)
-        try:
-            engine.add_request(
-                rid,
-                ids,
-                params,
-                priority=request.priority,
-                cache_salt=request.cache_salt or None,
-                output_kind=OutputKind.FINAL_ONLY,
-            )
-        except BaseException:
-            self.sender.abort(rid)
-            raise
+        return core_protocol.KVTargetSpec(t.address, t.request_id, t.skip_blocks)
 
     async def GetStats(self, request, context):
-        return prefill_pb2.GetStatsResponse(stats=pod_stats(self.worker, self.identity))
-
-
-def release_request(sender: KVSender, engine: LLMEngine, rid: str) -> None:
-    """Engine thread: stop the request's KV transfer, then free its blocks."""
-    sender.abort(rid)
-    engine.abort_request(rid)
+        return prefill_pb2.GetStatsResponse(stats=pod_stats(self.core, self.identity))
 
 
 async def start(settings: PrefillSettings) -> RunningService:
-    """Load the model and start serving; returns once the gRPC server is up."""
-    engine = LLMEngine(settings.engine_config(), enable_kv_events=settings.kvstore is not None)
-    sender = KVSender(
-        engine.runner.kv_spec,
-        engine.fingerprint.digest(),
-        layers_per_group=settings.kv_layers_per_group,
-        max_chunk_bytes=settings.kv_chunk_bytes,
-        num_streams=settings.kv_streams,
-        push_timeout_s=settings.kv_push_timeout_s,
-        staging_buffers=settings.kv_staging_buffers,
-        device=engine.runner.device,
-    )
-    engine.set_kv_layer_hook(sender)
+    """Start the engine core (loads the model) and serve; returns once the gRPC server is up."""
     publisher: KVEventPublisher | None = None
-    after_step = None
-    if settings.kvstore is not None:
 
-        def after_step(e: LLMEngine) -> None:
-            publisher.enqueue(e.take_kv_events())
+    def on_kv_events(events) -> None:
+        if publisher is not None:
+            publisher.enqueue(events)
 
-    pod = PodRuntime.create(
-        "prefill",
-        settings,
-        engine,
-        after_step=after_step,
-        release=lambda e, rid: release_request(sender, e, rid),
+    spec = CoreSpec(
+        role="prefill",
+        engine=settings.engine_config(),
+        pod_id=settings.pod_id,
+        enable_kv_events=settings.kvstore is not None,
+        sender=SenderOptions(
+            layers_per_group=settings.kv_layers_per_group,
+            max_chunk_bytes=settings.kv_chunk_bytes,
+            num_streams=settings.kv_streams,
+            push_timeout_s=settings.kv_push_timeout_s,
+            staging_buffers=settings.kv_staging_buffers,
+        ),
     )
+    pod = await PodRuntime.create(settings, spec, detokenize=False, on_kv_events=on_kv_events)
     if settings.kvstore is not None:
 
         async def snapshot():
-            # On the engine thread: queued events are superseded by the full list of cached blocks.
-            return await pod.worker.call(
-                lambda e: (publisher.drop_pending(), e.take_kv_events(), e.cached_block_hashes())[2]
-            )
+            # Events the core sent before taking the snapshot are superseded by it.
+            hashes = await pod.core.kv_snapshot()
+            publisher.drop_pending()
+            return hashes
 
         publisher = KVEventPublisher(
             settings.kvstore,
@@ -216,13 +194,13 @@ async def start(settings: PrefillSettings) -> RunningService:
             pod_address=settings.address(pod.server.port),
             incarnation=pod.identity["incarnation"],
             fingerprint=pod.identity["model_fingerprint"],
-            block_size=engine.config.block_size,
+            block_size=pod.info.block_size,
             snapshot=snapshot,
             heartbeat_interval_s=settings.kvstore_heartbeat_s,
         )
-    servicer = PrefillServicer(settings, pod.worker, sender, pod.identity, pod.metrics)
+    servicer = PrefillServicer(settings, pod.core, pod.identity, pod.metrics)
     prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, pod.server.server)
-    service = await pod.start([sender.close], sender=sender, publisher=publisher)
+    service = await pod.start([], publisher=publisher)
     if publisher is not None:
         service.on_stop(asyncio.create_task(publisher.run(), name="kv-events").cancel)
     return service

@@ -63,3 +63,31 @@ class RequestOutput:
     """Prompt tokens served from the prefix cache."""
     prompt: str | None = None
     metrics: RequestMetrics | None = field(default=None, repr=False)
+
+
+def merge_deltas(outputs: "list[RequestOutput]") -> RequestOutput:
+    """Consecutive ``DELTA`` outputs of one request as one: tokens, text and logprobs in order,
+    the state (finished, finish and stop reasons, cached tokens, metrics) of the last. A stream
+    whose consumer fell behind sends this instead of each."""
+    if len(outputs) == 1:
+        return outputs[0]
+    last = outputs[-1]
+    comps = [o.outputs[0] for o in outputs]
+    logprobs = [lp for c in comps if c.logprobs for lp in c.logprobs]
+    merged = CompletionOutput(
+        index=0,
+        text="".join(c.text for c in comps),
+        token_ids=[t for c in comps for t in c.token_ids],
+        finish_reason=comps[-1].finish_reason,
+        stop_reason=comps[-1].stop_reason,
+        logprobs=logprobs if any(c.logprobs is not None for c in comps) else None,
+    )
+    return RequestOutput(
+        request_id=last.request_id,
+        prompt_token_ids=last.prompt_token_ids,
+        outputs=[merged],
+        finished=last.finished,
+        num_cached_tokens=last.num_cached_tokens,
+        prompt=last.prompt,
+        metrics=last.metrics,
+    )

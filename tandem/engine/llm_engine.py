@@ -21,6 +21,7 @@ from tandem.api.kv_events import KVEvent
 from tandem.api.outputs import OutputKind, RequestMetrics, RequestOutput, TokenLogprob
 from tandem.api.sampling_params import SamplingParams
 from tandem.api.stats import EngineStats
+from tandem.api.step_outputs import StepOutputs
 from tandem.engine.block_manager import BlockManager
 from tandem.engine.config import EngineConfig, ResolvedLimits, SchedulerConfig
 from tandem.engine.models.loader import DUMMY_SEED
@@ -29,6 +30,7 @@ from tandem.engine.request_validation import RequestValidator
 from tandem.engine.runner import LaunchedStep, ModelRunner
 from tandem.engine.scheduler import Scheduler, SchedulerOutput
 from tandem.engine.sequence import Sequence, SequenceStatus
+from tandem.engine.token_outputs import TokenOutputProcessor
 from tandem.engine.uploads import upload
 from tandem.model_dir import config_digest, load_model_config, weights_digest
 from tandem.tokenizer import Tokenizer
@@ -57,10 +59,20 @@ class EngineStepError(TandemError):
 class LLMEngine:
     """One model instance: validates requests, schedules steps, runs them, emits outputs.
 
-    Single-threaded: drive it from one thread (the offline ``LLM`` or a service's EngineWorker).
+    Single-threaded: drive it from one thread (the offline ``LLM``, or a pod's engine core process).
     """
 
-    def __init__(self, config: EngineConfig, *, enable_kv_events: bool = False) -> None:
+    def __init__(
+        self, config: EngineConfig, *, enable_kv_events: bool = False, detokenize: bool = True
+    ) -> None:
+        """
+        Args:
+            enable_kv_events: record prefix-cache events (``take_kv_events``).
+            detokenize: build ``RequestOutput``s with text and stop strings (``step`` returns
+                them). False in an engine core process: ``step`` returns nothing and each step's
+                new tokens are taken as columns with ``take_step_outputs``; the pod's front
+                process detokenizes them.
+        """
         self.config = config
         self.model_config = load_model_config(config.model)
         self.tokenizer = Tokenizer(config.model)
@@ -114,7 +126,9 @@ class LLMEngine:
         self.validator = RequestValidator(
             self.tokenizer, mc.vocab_size, self.limits, config.block_size
         )
-        self.output_processor = OutputProcessor(self.tokenizer)
+        self.output_processor = (
+            OutputProcessor(self.tokenizer) if detokenize else TokenOutputProcessor()
+        )
         self._states: dict[RequestId, RequestState] = {}
         self._arrivals = itertools.count()
         self._unemitted: list[tuple[Sequence, TokenLogprob | None]] = []
@@ -299,6 +313,11 @@ class LLMEngine:
         )  # no-op if that stop ended it
         self.runner.release(state.seq.request_id)
         return self.output_processor.make_output(state)
+
+    def is_waiting_for_kv(self, request_id: str) -> bool:
+        """Whether the request holds reserved blocks that a prefill pod is filling."""
+        state = self._states.get(RequestId(request_id))
+        return state is not None and state.seq.status == SequenceStatus.WAITING_FOR_KV
 
     def request_ids(self) -> list[str]:
         """Ids of every request the engine holds (queued, running or waiting for KV)."""
@@ -511,6 +530,10 @@ class LLMEngine:
             prompt_tokens=self.num_prompt_tokens,
             generation_tokens=self.num_generation_tokens,
         )
+
+    def take_step_outputs(self) -> StepOutputs:
+        """The tokens recorded since the last call (an engine built with ``detokenize=False``)."""
+        return self.output_processor.take()
 
     def take_kv_events(self) -> list[KVEvent]:
         """Prefix-cache events since the last call (with ``enable_kv_events``)."""

@@ -3,7 +3,7 @@
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -47,12 +47,20 @@ class GrpcServer:
 class RunningService:
     """A started service: its gRPC server plus what must be closed after it stops."""
 
-    def __init__(self, server: GrpcServer, cleanups: list[Callable[[], None]], **parts) -> None:
+    def __init__(
+        self,
+        server: GrpcServer,
+        cleanups: list[Callable[[], None]],
+        *,
+        async_cleanups: list[Callable[[], Awaitable[None]]] = (),
+        **parts,
+    ) -> None:
         self.server = server
         self.port = server.port
-        self._cleanups = cleanups
+        self._cleanups = list(cleanups)
+        self._async_cleanups = list(async_cleanups)
         self.parts = parts
-        """Internals by name (engine, worker, ...), for tests and embedding."""
+        """Internals by name (core, index, ...), for tests and embedding."""
 
     def on_stop(self, cleanup: Callable[[], None]) -> None:
         """Run ``cleanup`` after the server stopped (after the ones given earlier)."""
@@ -62,6 +70,8 @@ class RunningService:
         await self.server.stop(grace)
         for cleanup in self._cleanups:
             cleanup()
+        for cleanup in self._async_cleanups:
+            await cleanup()
 
     async def drain(self, grace: float) -> None:
         """Shut down without cutting requests short (SIGTERM in a rollout).
@@ -72,27 +82,46 @@ class RunningService:
         the KV pages of requests it already admitted. Once no request is in flight, or after
         ``grace`` seconds, the server stops.
         """
-        worker = self.parts.get("worker")
+        core = self.parts.get("core")
         await self.server.set_not_serving()
-        if worker is not None:
-            worker.start_draining()
+        if core is not None:
+            core.start_draining()
             deadline = asyncio.get_running_loop().time() + grace
-            while worker.open_streams and asyncio.get_running_loop().time() < deadline:
+            while core.open_streams and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.1)
-            if worker.open_streams:
+            if core.open_streams:
                 logger.warning(
                     "%d requests still in flight after %.0f s; stopping anyway",
-                    worker.open_streams,
+                    core.open_streams,
                     grace,
                 )
-        await self.stop(1.0 if worker is not None else grace)
+        await self.stop(1.0 if core is not None else grace)
 
-    async def serve_until_signalled(self, grace: float = 5.0) -> None:
-        """Block until SIGINT/SIGTERM, then ``drain`` for up to ``grace`` seconds and stop."""
-        stop = asyncio.Event()
+    async def serve_until_signalled(
+        self, grace: float = 5.0, *, also_stop_on: asyncio.Event | None = None
+    ) -> bool:
+        """Block until SIGINT/SIGTERM, then ``drain`` for up to ``grace`` seconds and stop.
+
+        Args:
+            also_stop_on: stop at once (no drain) when this is set (a pod's engine core died).
+
+        Returns:
+            Whether ``also_stop_on`` ended it.
+        """
+        signalled = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+            loop.add_signal_handler(sig, signalled.set)
+        waits = [asyncio.ensure_future(signalled.wait())]
+        if also_stop_on is not None:
+            waits.append(asyncio.ensure_future(also_stop_on.wait()))
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
+        if also_stop_on is not None and also_stop_on.is_set():
+            logger.error("stopping: the engine core process is gone")
+            await self.stop(1.0)
+            return True
         logger.info("shutting down (up to %.0f s for requests in flight)", grace)
         await self.drain(grace)
+        return False

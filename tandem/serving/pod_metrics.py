@@ -86,14 +86,14 @@ E2E_BUCKETS = (
 
 
 class _EngineStatsCollector:
-    """vllm:* gauges and counters from the worker's latest EngineStats snapshot."""
+    """vllm:* gauges and counters from the engine core's latest EngineStats snapshot."""
 
-    def __init__(self, worker, labels: dict[str, str]) -> None:
-        self.worker = worker
+    def __init__(self, source, labels: dict[str, str]) -> None:
+        self.source = source
         self.labels = labels
 
     def collect(self):
-        s = self.worker.stats
+        s = self.source.stats
         values = list(self.labels.values())
 
         def gauge(name, doc, value):
@@ -139,10 +139,10 @@ class _EngineStatsCollector:
 
 
 class PodMetrics:
-    def __init__(self, worker, *, model_name: str, role: str, cache_config: dict[str, str]) -> None:
+    def __init__(self, core, *, model_name: str, role: str, cache_config: dict[str, str]) -> None:
         self.registry = r = CollectorRegistry()
         self.labels = {"model_name": model_name, "role": role}
-        r.register(_EngineStatsCollector(worker, self.labels))
+        r.register(_EngineStatsCollector(core, self.labels))
         info = Gauge(
             "vllm:cache_config_info",
             "Information of the KV cache configuration.",

@@ -14,6 +14,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tandem.engine.config import EngineConfig, EngineOptions
+from tandem.serving.engine_core import EngineInfo
 
 
 class PodSettings(BaseSettings, EngineOptions):
@@ -48,7 +49,7 @@ class PodSettings(BaseSettings, EngineOptions):
     def address(self, bound_port: int) -> str:
         return self.advertise_address or f"{socket.gethostname()}:{bound_port}"
 
-    def identity(self, engine, role: int, address: str) -> dict:
+    def identity(self, info: EngineInfo, role: int, address: str) -> dict:
         """PodStats identity fields of this pod (the incarnation is new at every process start).
 
         The incarnation starts with the start time in microseconds, fixed width, so that a later
@@ -58,17 +59,17 @@ class PodSettings(BaseSettings, EngineOptions):
             role=role,
             pod_id=self.pod_id or address,
             model=self.model_name(),
-            model_fingerprint=engine.fingerprint.digest(),
-            block_size=engine.config.block_size,
-            max_model_len=engine.limits.max_model_len,
+            model_fingerprint=info.fingerprint,
+            block_size=info.block_size,
+            max_model_len=info.max_model_len,
             incarnation=f"{time.time_ns() // 1000:016d}-{os.getpid()}-{uuid.uuid4().hex[:8]}",
         )
 
-    def cache_config_info(self, engine) -> dict[str, str]:
+    def cache_config_info(self, info: EngineInfo) -> dict[str, str]:
         """Labels of vllm:cache_config_info."""
         return {
-            "block_size": str(engine.config.block_size),
-            "num_gpu_blocks": str(engine.limits.num_kv_blocks),
-            "enable_prefix_caching": str(engine.config.enable_prefix_caching),
-            "cache_dtype": engine.fingerprint.dtype,
+            "block_size": str(info.block_size),
+            "num_gpu_blocks": str(info.num_kv_blocks),
+            "enable_prefix_caching": str(info.enable_prefix_caching),
+            "cache_dtype": info.kv_dtype,
         }

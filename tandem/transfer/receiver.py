@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tandem.api.errors import KVTransferError
-from tandem.engine.kv_cache import PagedKVCache
+from tandem.engine.kv_cache import KVCacheSpec
 from tandem.engine.uploads import upload
 from tandem.proto.common.v1 import common_pb2
 from tandem.transfer.wire import (
@@ -54,18 +54,29 @@ class TransferSummary:
 class KVReceiver:
     def __init__(
         self,
-        kv_cache: PagedKVCache,
+        pool: torch.Tensor,
+        spec: KVCacheSpec,
         fingerprint: str,
         *,
         max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+        engine_event: "torch.cuda.Event | None" = None,
     ) -> None:
-        spec = kv_cache.spec
-        self.kv = kv_cache.tensor
+        """
+        Args:
+            pool: the engine's KV pool (``PagedKVCache.tensor``): in the engine's process, or
+                shared with it (shared memory on CPU, CUDA IPC on GPUs: a pod's engine core).
+            engine_event: on a GPU pool shared across processes, an event the engine records on
+                its stream whenever it hands out blocks (``expect`` then cannot record one on
+                the engine's stream itself). Waiting for its latest record is waiting at least
+                as long as for the record that belonged to a given reservation.
+        """
+        self.kv = pool
         self.layout = PageLayout(
             spec.num_layers, spec.block_size, spec.num_kv_heads, spec.head_dim, spec.dtype
         )
         self.fingerprint = fingerprint
         self.max_chunk_bytes = max_chunk_bytes
+        self._engine_event = engine_event
         self._inbound: dict[str, _Inbound] = {}
         self._lock = threading.Lock()
         self._stream = torch.cuda.Stream(self.kv.device) if self.kv.is_cuda else None
@@ -77,7 +88,9 @@ class KVReceiver:
             first_block=first_block,
             received=torch.zeros((self.layout.num_layers, len(block_ids)), dtype=torch.bool),
         )
-        if self._stream is not None:
+        if self._engine_event is not None:
+            inbound.engine_done = self._engine_event
+        elif self._stream is not None:
             inbound.engine_done = torch.cuda.Event()
             inbound.engine_done.record(torch.cuda.current_stream(self.kv.device))
         with self._lock:

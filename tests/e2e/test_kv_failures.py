@@ -292,10 +292,8 @@ def test_admission_refused_on_one_pod_goes_to_the_other(e2e_model):
         try:
             await registry.start()
             # Fill pod a: a 64-token reservation holds 4 of its 8 blocks, and the job needs 7.
-            hold = full.parts["engine"]
-            full.parts["worker"].submit(
-                lambda e: e.reserve_remote_prefill("hold", [5] * 64, SamplingParams(max_tokens=4))
-            ).result(10)
+            hold = full.parts["core"]
+            await hold.reserve("hold", [5] * 64, SamplingParams(max_tokens=4))
             for pod in registry.pods:  # make the full pod look best, as stale stats would
                 if pod.address == a:
                     pod.inflight_blocks = -1000
@@ -303,7 +301,7 @@ def test_admission_refused_on_one_pod_goes_to_the_other(e2e_model):
             job = Job("r1", list(range(10, 110)), SamplingParams(temperature=0, max_tokens=4))
             dispatcher = Dispatcher(registry, RouterSettings(model=e2e_model, decode=[a, b]))
             events = [e async for e in dispatcher.generate(job, route)]
-            assert hold.get_stats().num_waiting_for_kv == 1
+            assert hold.stats.num_waiting_for_kv == 1
             # A job that no pod could ever hold is a 400-class error, not a 429.
             with pytest.raises(RequestTooLarge):
                 big = Job(
@@ -323,6 +321,8 @@ def test_admission_refused_on_one_pod_goes_to_the_other(e2e_model):
     assert route.tried_decode == {a} and route.decode == b and route.mode == "colocated"
 
 
+# The patch runs in the pod's engine core process too: spawn imports this script there (as
+# __mp_main__), and the core is where the KV transfer runs.
 CRASHING_PREFILL = """
 import os, sys
 from tandem.transfer import push_streams
@@ -332,8 +332,9 @@ def submit(self, *args):
     if self.chunks == 2:
         os._exit(17)   # die with a KV transfer half done
 push_streams.KVTransfer.submit = submit
-from services.cli import main
-main(sys.argv[1:])
+if __name__ == "__main__":
+    from services.cli import main
+    main(sys.argv[1:])
 """
 
 
@@ -377,9 +378,11 @@ def test_prefill_pod_dying_mid_transfer_is_retried_colocated(e2e_model, tmp_path
             code = prefill.proc.wait(10)
         except subprocess.TimeoutExpired:
             code = None
-        assert code == 17, (
+        # Its engine core died mid-transfer (17); the pod then exits too (1), to be restarted.
+        log = (tmp_path / "crashing_prefill.log").read_text()
+        assert code == 1 and "engine core process exited (code 17)" in log, (
             "the prefill pod did not crash mid-transfer:\n"
-            + (tmp_path / "crashing_prefill.log").read_text()[-3000:]
+            + log[-3000:]
             + "".join(list(cluster.log)[-30:])
         )
         assert r.status_code == 200, r.text

@@ -281,9 +281,9 @@ def test_client_disconnect_mid_stream_frees_every_block(cluster):
     with httpx.Client(timeout=60) as client:
         with client.stream("POST", f"{cluster.router_url}/v1/completions", json=body) as r:
             lines = r.iter_lines()
-            for _ in range(5):
-                next(lines)
-            assert sum(pod_stats(s).num_running for s in cluster.pods("decode")) == 1
+            head = [next(lines) for _ in range(5)]
+            running = sum(pod_stats(s).num_running for s in cluster.pods("decode"))
+            assert running == 1, (head, "".join(list(cluster.log)[-40:]))
     # The connection is closed: the router must cancel the decode stream, the pod free the blocks,
     # long before the ~1995 tokens left would have been generated.
     assert time_to_idle(cluster) < 1995 * per_token / 3

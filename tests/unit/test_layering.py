@@ -52,8 +52,8 @@ def test_an_upward_import_breaks_the_contracts(tmp_path):
     assert kept.returncode == 0, kept.stdout + kept.stderr
 
     with (tree / "tandem" / "api" / "errors.py").open("a") as f:
-        f.write("\nimport tandem.serving.engine_worker  # upward: the floor reaching a pod part\n")
+        f.write("\nimport tandem.serving.pod  # upward: the floor reaching a pod part\n")
     broken = lint_imports(tree)
     assert broken.returncode != 0
     assert "tandem.api is not allowed to import tandem.serving" in broken.stdout
-    assert "tandem.api.errors -> tandem.serving.engine_worker" in broken.stdout
+    assert "tandem.api.errors -> tandem.serving.pod" in broken.stdout

@@ -31,7 +31,7 @@ def test_disaggregated_requests_on_an_async_decode_pod_get_the_offline_tokens(
             _,
             d,
         ):
-            assert d.parts["engine"].async_scheduling
+            assert d.parts["core"].info.async_scheduling
 
             async def one(i):
                 await asyncio.sleep(0.05 * i)  # arrivals while the others decode
@@ -43,7 +43,7 @@ def test_disaggregated_requests_on_an_async_decode_pod_get_the_offline_tokens(
                 return [t for e in events for t in e.token_ids]
 
             got = await asyncio.gather(*(one(i) for i in range(len(batch))))
-            stats = d.parts["engine"].get_stats()
+            stats = d.parts["core"].stats
             assert stats.num_free_blocks == stats.num_total_blocks  # nothing leaked
             return got
 

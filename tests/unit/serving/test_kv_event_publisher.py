@@ -277,11 +277,7 @@ def test_a_later_process_gets_a_later_incarnation(monkeypatch):
 
     from tandem.serving.settings import PodSettings
 
-    engine = SimpleNamespace(
-        fingerprint=SimpleNamespace(digest=lambda: FP),
-        config=SimpleNamespace(block_size=16),
-        limits=SimpleNamespace(max_model_len=64),
-    )
+    engine = SimpleNamespace(fingerprint=FP, block_size=16, max_model_len=64)
     settings = PodSettings(model=Path("/models/m"))
     incarnations = []
     for start_ns, pid in (

@@ -30,7 +30,9 @@ class Receiver:
 
     def __init__(self, fingerprint="fp", delay_s=0.0, max_chunk_bytes=1024):
         self.cache = PagedKVCache(SPEC, 32, torch.device("cpu"))
-        self.receiver = KVReceiver(self.cache, fingerprint, max_chunk_bytes=max_chunk_bytes)
+        self.receiver = KVReceiver(
+            self.cache.tensor, self.cache.spec, fingerprint, max_chunk_bytes=max_chunk_bytes
+        )
         self.delay_s = delay_s
         self.reading = threading.Event()
         handler = grpc.stream_unary_rpc_method_handler(

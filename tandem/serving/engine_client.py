@@ -1,0 +1,461 @@
+"""EngineCoreClient: a pod front process's handle on its engine core process.
+
+It spawns the core (``engine_core``), sends it commands, and turns its per-step updates into
+per-request streams: each request has an ``asyncio.Queue`` of items -- ``RequestOutput`` deltas
+for requests it detokenizes (decode pods), ``PrefillDone`` for prefill pods, or the exception
+that ended the request. Detokenization and stop strings run here, on a mirror ``Sequence`` per
+request fed with the core's tokens, through the engine's own ``OutputProcessor`` (so text,
+stop strings and logprobs are exactly the offline engine's); a stop string found here ends the
+request in the core with an abort.
+
+If the core process dies, every stream in flight ends with ``UpstreamUnavailable`` and
+``on_core_exit`` runs (the pod reports NOT_SERVING and exits).
+"""
+
+import asyncio
+import itertools
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import torch.multiprocessing
+import zmq
+import zmq.asyncio
+
+from tandem.api.errors import InvalidRequest, ShuttingDown, TandemError, UpstreamUnavailable
+from tandem.api.kv_events import KVEvent
+from tandem.api.outputs import (
+    OutputKind,
+    RequestMetrics,
+    RequestOutput,
+    TokenLogprob,
+    merge_deltas,
+)
+from tandem.api.sampling_params import SAMPLING_FIELDS, SamplingParams
+from tandem.api.stats import EngineStats
+from tandem.api.step_outputs import StepOutputs
+from tandem.engine.output_processor import OutputProcessor, RequestState
+from tandem.engine.sequence import Sequence, SequenceStatus
+from tandem.serving import core_protocol as proto
+from tandem.serving.engine_core import CoreSpec, EngineInfo, run_engine_core
+from tandem.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+StreamItem = RequestOutput | proto.PrefillDone | BaseException
+
+_FINISHED = {
+    "stop": SequenceStatus.FINISHED_STOPPED,
+    "length": SequenceStatus.FINISHED_LENGTH,
+    "abort": SequenceStatus.FINISHED_ABORTED,
+}
+_EMPTY_STATS = EngineStats(0, 0, 0, 0, 0, 0, 0, 0.0, 0, 0, 0, 0, 0)
+
+
+class EngineFailure(TandemError):
+    """The engine gave up on the request (a failed forward, or the core process died)."""
+
+
+class OutputStream(asyncio.Queue):
+    """One request's items, in order; the consumer may look at the next without taking it."""
+
+    def peek_nowait(self) -> StreamItem:
+        return self._queue[0]  # the deque asyncio.Queue keeps for its subclasses
+
+
+def coalesce(first: StreamItem, stream: OutputStream) -> StreamItem:
+    """``first`` merged with the outputs already queued behind it (a consumer that fell behind
+    sends one message, nothing dropped, order kept). An exception ends the merge: it stays
+    queued, to be taken once the outputs before it were sent."""
+    if not isinstance(first, RequestOutput) or stream.empty():
+        return first
+    outputs = [first]
+    while not stream.empty() and isinstance(stream.peek_nowait(), RequestOutput):
+        outputs.append(stream.get_nowait())
+    return merge_deltas(outputs)
+
+
+def sampling_fields(params: SamplingParams) -> dict[str, Any]:
+    """``params`` as the core rebuilds it (``SamplingParams(**fields)``)."""
+    return {name: getattr(params, name) for name in SAMPLING_FIELDS}
+
+
+class EngineCoreClient:
+    def __init__(
+        self,
+        spec: CoreSpec,
+        *,
+        tokenizer: Tokenizer | None = None,
+        before_release: Callable[[str], Awaitable[None]] | None = None,
+        on_kv_events: Callable[[list[KVEvent]], None] | None = None,
+        on_core_exit: Callable[[int | None], None] | None = None,
+    ) -> None:
+        """
+        Args:
+            spec: the core to start (its sockets' addresses are chosen here).
+            tokenizer: detokenize the core's tokens (decode pods); None: no text (prefill pods).
+            before_release: what must stop before a given-up request's blocks are freed (a
+                decode pod's KV receiver); the core's Abort follows it.
+            on_kv_events: prefix-cache events of the core (prefill pods with kvstore).
+            on_core_exit: called once if the core process ends while this client runs.
+        """
+        self._dir = tempfile.mkdtemp(prefix="tandem-core-")
+        self.spec = CoreSpec(
+            **{
+                **{f: getattr(spec, f) for f in spec.__dataclass_fields__},
+                "commands_address": f"ipc://{self._dir}/commands",
+                "updates_address": f"ipc://{self._dir}/updates",
+            }
+        )
+        self._processor = OutputProcessor(tokenizer) if tokenizer is not None else None
+        self._before_release = before_release
+        self._on_kv_events = on_kv_events
+        self._on_core_exit = on_core_exit
+        self._ctx = zmq.asyncio.Context()
+        self._commands = self._ctx.socket(zmq.PUSH)
+        self._commands.setsockopt(zmq.SNDHWM, 0)
+        self._commands.bind(self.spec.commands_address)
+        self._updates = self._ctx.socket(zmq.PULL)
+        self._updates.setsockopt(zmq.RCVHWM, 0)
+        self._updates.bind(self.spec.updates_address)
+        self._call_ids = itertools.count()
+        self._calls: dict[int, asyncio.Future] = {}
+        self._streams: dict[str, OutputStream] = {}
+        self._mirrors: dict[str, RequestState] = {}
+        self._draining = False
+        self._stopping = False
+        self._dead: UpstreamUnavailable | None = None
+        self._process = None
+        self._receiver: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.info: EngineInfo | None = None
+        self.stats: EngineStats = _EMPTY_STATS
+        """The core's latest snapshot (refreshed with every update it sends)."""
+        self.steps = 0
+        self._last_progress = time.monotonic()
+
+    # ---- lifetime -------------------------------------------------------------------------------
+
+    async def start(self) -> EngineInfo:
+        """Spawn the core and wait until its engine is built (model loaded, graphs captured).
+
+        Raises:
+            TandemError: the core failed to start (its error, e.g. a bad model directory).
+        """
+        self._loop = asyncio.get_running_loop()
+        mp = torch.multiprocessing.get_context("spawn")
+        parent, child = mp.Pipe()
+        self._process = mp.Process(
+            target=run_engine_core,
+            args=(self.spec, child),
+            name=f"{self.spec.role}-engine-core",
+            daemon=True,
+        )
+        self._process.start()
+        child.close()
+        self._handshake = parent  # closes when this process ends: the core then exits too
+        reply = await self._loop.run_in_executor(None, self._wait_ready, parent)
+        if isinstance(reply, proto.ErrorInfo):
+            await self._reap()
+            raise proto.error_from_info(reply)
+        self.info = reply
+        self._loop.add_reader(self._process.sentinel, self._core_exited)
+        self._receiver = asyncio.create_task(self._receive(), name="engine-core-updates")
+        logger.info("engine core process %d ready", self._process.pid)
+        return reply
+
+    def _wait_ready(self, conn):
+        while not conn.poll(0.5):
+            if not self._process.is_alive():
+                code = self._process.exitcode
+                return proto.ErrorInfo("UpstreamUnavailable", f"engine core exited with {code}")
+        return conn.recv()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    async def stop(self) -> None:
+        """Stop the core (it finishes nothing more) and release the sockets."""
+        self._stopping = True
+        if self._process is not None:
+            self._loop.remove_reader(self._process.sentinel)
+            if self._process.is_alive():
+                self._send(proto.Shutdown())
+            await self._reap()
+        if self._receiver is not None:
+            self._receiver.cancel()
+        self._fail_everything(ShuttingDown("this pod is shutting down"))
+        self._commands.close(linger=0)
+        self._updates.close(linger=0)
+        self._ctx.term()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    async def _reap(self) -> None:
+        proc = self._process
+        await self._loop.run_in_executor(None, proc.join, 10)
+        if proc.is_alive():
+            logger.warning("engine core %d did not stop in 10 s; killing it", proc.pid)
+            proc.kill()
+            await self._loop.run_in_executor(None, proc.join, 5)
+
+    def _core_exited(self) -> None:
+        self._loop.remove_reader(self._process.sentinel)
+        # The sentinel closes as the process ends, a moment before it can be reaped.
+        self._process.join(2)
+        code = self._process.exitcode
+        if self._stopping:
+            return
+        logger.error("the engine core process exited (code %s); failing every request", code)
+        self._dead = UpstreamUnavailable(f"the engine core process exited (code {code})")
+        self._fail_everything(self._dead)
+        if self._on_core_exit is not None:
+            self._on_core_exit(code)
+
+    def _fail_everything(self, exc: TandemError) -> None:
+        for future in self._calls.values():
+            if not future.done():
+                future.set_exception(exc)
+        self._calls.clear()
+        for rid in list(self._streams):
+            self.fail(rid, exc)
+
+    # ---- streams --------------------------------------------------------------------------------
+
+    def start_draining(self) -> None:
+        """Refuse new requests from now on; the ones in flight carry on (a pod shutting down)."""
+        self._draining = True
+
+    @property
+    def open_streams(self) -> int:
+        """Requests in flight on this pod (each holds an output stream until it ends)."""
+        return len(self._streams)
+
+    @property
+    def seconds_since_progress(self) -> float:
+        """0 while idle; otherwise how long since the core last reported a step or command."""
+        if not (self.stats.num_running or self.stats.num_waiting):
+            return 0.0
+        return time.monotonic() - self._last_progress
+
+    def open_stream(self, request_id: str) -> OutputStream:
+        """The queue of the request's items (open it before adding the request).
+
+        Raises:
+            ShuttingDown: the pod is draining. UpstreamUnavailable: the core is gone.
+            InvalidRequest: a request with this id is already open here (checked first, so a
+                duplicate never touches the request that owns the id).
+        """
+        if self._dead is not None:
+            raise self._dead
+        if self._draining:
+            raise ShuttingDown("this pod is shutting down")
+        if request_id in self._streams:
+            raise InvalidRequest(
+                f"request id {request_id!r} is already in use on this pod", param="request_id"
+            )
+        q = OutputStream()
+        self._streams[request_id] = q
+        return q
+
+    def end_stream(self, request_id: str, *, finished: bool) -> None:
+        """Close the request's stream; unless it finished, release what it still holds
+        (``before_release``, then the core's Abort). Every exit path of a request ends here."""
+        self._streams.pop(request_id, None)
+        self._mirrors.pop(request_id, None)
+        if not finished and self._dead is None:
+            asyncio.ensure_future(self._release(request_id))
+
+    async def _release(self, request_id: str) -> None:
+        if self._before_release is not None:
+            await self._before_release(request_id)
+        self.abort(request_id)
+
+    def fail(self, request_id: str, exc: BaseException) -> None:
+        """End the request's stream with ``exc``."""
+        self._mirrors.pop(request_id, None)
+        q = self._streams.get(request_id)
+        if q is not None:
+            q.put_nowait(exc)
+
+    def _deliver(self, request_id: str, item: StreamItem) -> None:
+        q = self._streams.get(request_id)
+        if q is not None:
+            q.put_nowait(item)
+
+    # ---- commands -------------------------------------------------------------------------------
+
+    def _send(self, *commands: proto.Command) -> None:
+        self._commands.send(proto.command_encoder.encode(list(commands)), copy=False)
+
+    async def _call(self, make: Callable[[int], proto.Command]):
+        if self._dead is not None:
+            raise self._dead
+        call_id = next(self._call_ids)
+        future = self._loop.create_future()
+        self._calls[call_id] = future
+        self._send(make(call_id))
+        return await future
+
+    def _mirror(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        if self._processor is None:
+            return
+        seq = Sequence(request_id, prompt, params, arrival_time=time.monotonic(), arrival_index=0)
+        metrics = RequestMetrics(arrival_time=seq.arrival_time)
+        self._mirrors[request_id] = self._processor.new_state(seq, OutputKind.DELTA, None, metrics)
+
+    async def add(
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        *,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        require_room: bool = False,
+        kv_target: proto.KVTargetSpec | None = None,
+        trace_carrier: dict[str, str] | None = None,
+    ) -> None:
+        """Queue a request in the core.
+
+        Raises:
+            InvalidRequest: refused by the engine's validation. CapacityExceeded: with
+                ``require_room``, its blocks do not fit now.
+        """
+        self._mirror(request_id, prompt, params)
+        try:
+            await self._call(
+                lambda call_id: proto.AddRequest(
+                    call_id,
+                    request_id,
+                    prompt,
+                    sampling_fields(params),
+                    priority,
+                    cache_salt,
+                    require_room,
+                    kv_target,
+                    trace_carrier,
+                )
+            )
+        except BaseException:
+            self._mirrors.pop(request_id, None)
+            raise
+
+    async def reserve(
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        *,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> tuple[list[int], int]:
+        """Hold the prompt's blocks for a remote prefill: (block ids, prompt tokens cached here).
+
+        Raises:
+            InvalidRequest, CapacityExceeded: as the engine's ``reserve_remote_prefill``.
+        """
+        self._mirror(request_id, prompt, params)
+        try:
+            block_ids, cached = await self._call(
+                lambda call_id: proto.ReserveRemote(
+                    call_id, request_id, prompt, sampling_fields(params), priority, cache_salt
+                )
+            )
+        except BaseException:
+            self._mirrors.pop(request_id, None)
+            raise
+        return block_ids, cached
+
+    async def complete_remote(
+        self,
+        request_id: str,
+        first_token_id: int,
+        *,
+        logprob: TokenLogprob | None,
+        num_cached_tokens: int,
+    ) -> None:
+        """The reserved blocks hold the prompt's KV: the request joins the decode batch."""
+        await self._call(
+            lambda call_id: proto.CompleteRemote(
+                call_id, request_id, first_token_id, logprob, num_cached_tokens
+            )
+        )
+
+    async def kv_snapshot(self) -> list[bytes]:
+        """Every block hash cached in the core now (its pending KV events are dropped)."""
+        return await self._call(lambda call_id: proto.KVSnapshot(call_id))
+
+    def abort(self, request_id: str) -> None:
+        """Free whatever the request holds in the core (no answer)."""
+        if self._dead is None and not self._commands.closed:
+            self._send(proto.Abort(request_id))
+
+    # ---- updates from the core ------------------------------------------------------------------
+
+    async def _receive(self) -> None:
+        while True:
+            raw = await self._updates.recv(copy=False)
+            try:
+                self._on_update(proto.update_decoder.decode(raw.buffer))
+            except Exception:
+                logger.exception("an update from the engine core could not be handled")
+
+    def _on_update(self, update: proto.CoreUpdate) -> None:
+        self.stats = update.stats
+        self.steps = update.steps
+        self._last_progress = time.monotonic()
+        for reply in update.replies:  # first: a refused request's rows are then ignored
+            future = self._calls.pop(reply.call_id, None)
+            if future is None or future.done():
+                continue
+            if reply.error is not None:
+                future.set_exception(proto.error_from_info(reply.error))
+            else:
+                future.set_result(reply.value)
+        for failure in update.failures:
+            for rid in failure.request_ids:
+                self.fail(rid, EngineFailure(failure.message))
+        for done in update.prefills:
+            self._deliver(done.request_id, done)
+        if update.outputs is not None:
+            self._detokenize(update.outputs)
+        if update.kv_events and self._on_kv_events is not None:
+            self._on_kv_events(proto.events_from_wire(update.kv_events))
+
+    def _detokenize(self, outputs: StepOutputs) -> None:
+        """Feed each mirrored request its new tokens; deliver the text deltas."""
+        processor = self._processor
+        for row in outputs.rows():
+            state = self._mirrors.get(row.request_id)
+            if state is None:
+                continue  # not mirrored here, or already ended (a stop string, an abort)
+            seq = state.seq
+            seq.num_cached_tokens = row.num_cached_tokens
+            seq.num_preemptions = row.num_preemptions
+            if state.metrics.first_scheduled_time is None:
+                state.metrics.first_scheduled_time = row.scheduled_time
+            stop_string = False
+            last = len(row.token_ids) - 1
+            for i, (token, logprob) in enumerate(zip(row.token_ids, row.logprobs, strict=True)):
+                seq.token_ids.append(token)
+                if i == last and row.finish_reason is not None:
+                    seq.status = _FINISHED[row.finish_reason]
+                    seq.stop_reason = row.stop_token_id
+                stop = processor.on_new_token(state, logprob)
+                if stop is not None:  # as LLMEngine._apply_stop: the string outranks a length end
+                    seq.status = stop
+                    stop_string = True
+                    break
+            if not row.token_ids and row.finish_reason is not None:
+                seq.status = _FINISHED[row.finish_reason]
+            out = processor.make_output(state)
+            if out is not None:
+                self._deliver(row.request_id, out)
+            if seq.is_finished:
+                del self._mirrors[row.request_id]
+                if stop_string and row.finish_reason is None:
+                    self.abort(row.request_id)  # the core would generate on
