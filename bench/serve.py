@@ -4,7 +4,7 @@ one run.
 Open loop: requests are sent at their arrival times (Poisson at ``--rate`` req/s, or all at once
 with ``--rate inf``), whatever the server's pace. Each request streams from
 ``/v1/completions`` with a random token-id prompt and a fixed output length (EOS ignored).
-Measured client side, as ../shared/BENCHMARKS.md defines them: TTFT (send -> first chunk with
+Measured client side, with vLLM ``bench serve``'s definitions: TTFT (send -> first chunk with
 text), TPOT ((E2EL - TTFT) / (output tokens - 1)), ITL (every gap between chunks), E2EL, request
 and token throughput over the run's wall time, and goodput against the SLOs given.
 
@@ -29,6 +29,7 @@ Each mode starts the system afresh and runs the same workload:
 import argparse
 import asyncio
 import json
+import math
 import random
 import shlex
 import statistics
@@ -40,6 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_result  # noqa: E402
+from profiling import Profiler  # noqa: E402
 
 
 @dataclass
@@ -87,6 +89,9 @@ async def one_request(
                     continue
                 data = json.loads(line[6:])
                 now = time.perf_counter()
+                if "error" in data:  # an error after the stream opened: a failed request
+                    result.error = f"in-stream error: {data['error'].get('message')}"
+                    return result
                 if data.get("usage"):
                     result.output_tokens = data["usage"]["completion_tokens"]
                     result.cached_tokens = data["usage"]["prompt_tokens_details"]["cached_tokens"]
@@ -138,6 +143,7 @@ def summarize(results: list[RequestResult], wall: float, slo: dict) -> dict:
         "failed": len(results) - len(ok),
         "errors": sorted({r.error for r in results if not r.ok})[:5],
         "wall_s": wall,
+        "output_tokens": out_tokens,
         "request_throughput": len(ok) / wall,
         "output_throughput": out_tokens / wall,
         "total_token_throughput": (in_tokens + out_tokens) / wall,
@@ -175,11 +181,21 @@ def workload(args, vocab: int):
             for i in range(args.num_prompts)
         ]
         rng.shuffle(prompts)
+    elif args.workload == "sharegpt":
+        # W4: lengths shaped like ShareGPT conversations (means about 211 in / 202 out).
+        prompts, output_lens = [], []
+        for _ in range(args.num_prompts):
+            n_in = min(1024, max(1, round(rng.lognormvariate(math.log(150), 0.85))))
+            n_out = min(2048 - n_in, max(2, round(rng.lognormvariate(math.log(140), 0.85))))
+            prompts.append([rng.randrange(3, vocab) for _ in range(n_in)])
+            output_lens.append(n_out)
     else:
         prompts = [
             [rng.randrange(3, vocab) for _ in range(args.input_len)]
             for _ in range(args.num_prompts)
         ]
+    if args.workload != "sharegpt":
+        output_lens = [args.output_len] * len(prompts)
     if args.rate == float("inf"):
         arrivals = [0.0] * args.num_prompts
     else:
@@ -187,7 +203,7 @@ def workload(args, vocab: int):
         for _ in range(args.num_prompts):
             arrivals.append(t)
             t += rng.expovariate(args.rate)
-    return prompts, arrivals
+    return prompts, output_lens, arrivals
 
 
 async def warm_up(url: str, vocab: int) -> None:
@@ -206,14 +222,14 @@ async def warm_up(url: str, vocab: int) -> None:
 async def run_load(url: str, args, vocab: int) -> dict:
     import httpx
 
-    prompts, arrivals = workload(args, vocab)
+    prompts, output_lens, arrivals = workload(args, vocab)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
         t0 = time.perf_counter()
         results = await asyncio.gather(
             *(
-                one_request(client, url, p, args.output_len, a, t0)
-                for p, a in zip(prompts, arrivals, strict=True)
+                one_request(client, url, p, n, a, t0)
+                for p, n, a in zip(prompts, output_lens, arrivals, strict=True)
             )
         )
         wall = time.perf_counter() - t0
@@ -222,6 +238,42 @@ async def run_load(url: str, args, vocab: int) -> dict:
         wall,
         {"ttft": args.slo_ttft_ms, "tpot": args.slo_tpot_ms, "e2el": args.slo_e2el_ms},
     )
+
+
+def run_offline(model: Path, args, vocab: int) -> dict:
+    """The same requests through the offline engine (one ``LLM.generate``, after a warm-up), with
+    the workers' engine options: the ceiling the online figures are held against."""
+    from services.cli import parse
+    from tandem.engine import LLM, SamplingParams
+
+    flags = ["decode", "--model", str(model), "--device", args.device, *args.worker_args]
+    if args.num_kv_blocks:
+        flags += ["--num-kv-blocks", str(args.num_kv_blocks)]
+    _, settings = parse(flags)
+    llm = LLM(model, **settings.engine_options())
+    prompts, output_lens, _ = workload(args, vocab)
+    params = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=n) for n in output_lens]
+    llm.generate(prompts[:8], params[:8])
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    wall = time.perf_counter() - t0
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    del llm
+    return {
+        "completed": len(outs),
+        "output_tokens": tokens,
+        "wall_s": wall,
+        "output_throughput": tokens / wall,
+    }
+
+
+def print_profile(mode: str, rows: list[dict]) -> None:
+    print(f"\n{mode}: where each busy thread spent its time (py-spy, % of one core)")
+    for r in rows:
+        if r["busy_pct"] < 5:
+            continue
+        top = "; ".join(f"{f} {p}%" for f, p in r["top"][:4])
+        print(f"  {r['process']:<16} {r['thread'][:40]:<40} {r['busy_pct']:5.1f}%  {top}")
 
 
 def prefix_cache_counters(cluster) -> dict[str, tuple[int, int]]:
@@ -345,7 +397,17 @@ def main() -> None:
     )
     ap.add_argument("--prefill-workers", type=int, default=2, help="prefix-aware / load-only modes")
     ap.add_argument("--decode-workers", type=int, default=1, help="prefix-aware / load-only modes")
-    ap.add_argument("--workload", choices=["random", "prefix-repetition"], default="random")
+    ap.add_argument(
+        "--workload",
+        choices=["random", "prefix-repetition", "sharegpt"],
+        default="random",
+        help="sharegpt: W4, lognormal lengths (median 150 in / 140 out, sigma 0.85)",
+    )
+    ap.add_argument(
+        "--offline",
+        action="store_true",
+        help="also run the offline engine on the same requests; report online / offline",
+    )
     ap.add_argument("--num-prefixes", type=int, default=10)
     ap.add_argument("--prefix-len", type=int, default=256)
     ap.add_argument("--suffix-len", type=int, default=256)
@@ -368,6 +430,12 @@ def main() -> None:
     ap.add_argument("--slo-tpot-ms", type=float, default=None)
     ap.add_argument("--slo-e2el-ms", type=float, default=None)
     ap.add_argument("--out-dir", type=Path, default=None)
+    ap.add_argument(
+        "--profile-dir",
+        type=Path,
+        default=None,
+        help="record every process (py-spy, all threads) during the load; print where time went",
+    )
     args = ap.parse_args()
 
     from tandem.model_dir import load_model_config
@@ -390,7 +458,14 @@ def main() -> None:
             try:
                 asyncio.run(warm_up(cluster.router_url, vocab))
                 before, routed = prefix_cache_counters(cluster), routing_counts(cluster)
+                profiler = Profiler(args.profile_dir / mode) if args.profile_dir else None
+                if profiler is not None:
+                    profiler.start(cluster)
                 results[mode] = asyncio.run(run_load(cluster.router_url, args, vocab))
+                if profiler is not None:
+                    profiler.stop()
+                    results[mode]["profile"] = profiler.summary()
+                    print_profile(mode, results[mode]["profile"])
                 # usage.cached_tokens also counts blocks the decode pod had cached (they are not
                 # sent): the prefill pods' own rate is what prefix-aware routing moves.
                 results[mode]["pod_cache_hit_rate"] = hit_rates(
@@ -410,14 +485,20 @@ def main() -> None:
                     )
             finally:
                 cluster.stop()
-    shape = (
-        f"{args.num_prefixes} prefixes x ({args.prefix_len} + {args.suffix_len}) in"
-        if args.workload == "prefix-repetition"
-        else f"{args.input_len} in"
-    )
+    offline = run_offline(model, args, vocab) if args.offline else None
+    if offline is not None:
+        for r in results.values():
+            r["vs_offline"] = r["output_throughput"] / offline["output_throughput"]
+    shape = {
+        "prefix-repetition": (
+            f"{args.num_prefixes} prefixes x ({args.prefix_len} + {args.suffix_len}) in"
+        ),
+        "sharegpt": "lognormal in (median 150, cap 1024)",
+    }.get(args.workload, f"{args.input_len} in")
+    out_shape = "lognormal (median 140)" if args.workload == "sharegpt" else args.output_len
     payload = {
         "workload": (
-            f"{args.workload}: {shape} / {args.output_len} out, "
+            f"{args.workload}: {shape} / {out_shape} out, "
             f"{args.num_prompts} prompts, rate {args.rate}"
         ),
         "device": args.device,
@@ -429,6 +510,7 @@ def main() -> None:
         },
         "command": shlex.join(sys.argv),
         "results": results,
+        "offline": offline,
     }
     path = write_result(f"serve-{args.workload}", args.device, payload, args.out_dir)
     rows = []
@@ -475,6 +557,11 @@ def main() -> None:
             f"x{b['output_throughput'] / a['output_throughput']:.2f}, "
             f"TTFT p50 x{b['ttft_ms']['median'] / a['ttft_ms']['median']:.2f}, "
             f"TPOT p50 x{b['tpot_ms']['median'] / a['tpot_ms']['median']:.2f}"
+        )
+    if offline is not None:
+        print(
+            f"offline engine, same requests: {offline['output_throughput']:.1f} output tok/s; "
+            + ", ".join(f"{m} x{r['vs_offline']:.2f} of it" for m, r in results.items())
         )
     print(f"wrote {path}")
     failed = sum(r["failed"] for r in results.values())

@@ -10,6 +10,7 @@ their flags without importing the engine (and torch) that the pods' settings car
 """
 
 import asyncio
+import dataclasses
 import logging
 import sys
 from collections.abc import Callable
@@ -221,19 +222,33 @@ def every_command() -> type[BaseSettings]:
     return root
 
 
+def parse(args: list[str]) -> tuple[Command, BaseModel]:
+    """The command ``args`` names and its settings, read exactly as ``tandem`` reads them (flags,
+    then ``TANDEM_<SERVICE>_*`` variables); nothing runs. The chart's tests and the benchmarks
+    parse workers' flags with it too.
+
+    Raises:
+        KeyError: no such command. SystemExit: bad flags (the message says which).
+    """
+    command = COMMANDS[args[0]]
+    parsed: list[BaseModel] = []
+    model = dataclasses.replace(command, run=parsed.append).model()
+    source = CliSettingsSource(model, cli_prog_name=f"tandem {args[0]}", **_CLI)
+    CliApp.run(model, cli_args=args[1:], cli_settings_source=source)
+    return command, parsed[0]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    command = COMMANDS.get(args[0]) if args else None
     try:
-        if command is None:
-            CliApp.run(every_command(), cli_args=args)
+        if args and args[0] in COMMANDS:
+            command, settings = parse(args)
+            command.run(settings)
         else:
-            model = command.model()
-            source = CliSettingsSource(model, cli_prog_name=f"tandem {args[0]}", **_CLI)
-            CliApp.run(model, cli_args=args[1:], cli_settings_source=source)
+            CliApp.run(every_command(), cli_args=args)
     except TandemError as e:  # a bad model directory, ...: one line, not a traceback
         print(f"tandem: {e}", file=sys.stderr, flush=True)
         sys.exit(1)

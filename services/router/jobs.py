@@ -9,7 +9,7 @@ checks from ``tandem.api.sampling_request``, so the two doors accept and refuse 
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from tandem.api.errors import InvalidRequest, ModelNotFound
+from tandem.api.errors import ModelNotFound
 from tandem.api.requests import Job
 from tandem.api.sampling_request import RequestLimits, check_prompt_ids, resolve_sampling_params
 from tandem.tokenizer import Tokenizer
@@ -76,6 +76,4 @@ class JobBuilder:
             limits=limits,
             defaults=self.sampling_defaults,
         )
-        if cache_salt is not None and not cache_salt:
-            raise InvalidRequest("cache_salt must be a non-empty string", param="cache_salt")
         return Job(request_id, list(prompt_ids), params, priority, cache_salt)

@@ -8,18 +8,21 @@ tokens, so admission errors still get a proper status code (429, 503, ...).
 """
 
 import asyncio
-import json
+import collections
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+
+import orjson
 
 from services.router.flow import Dispatcher, Route
 from services.router.http_errors import error_body, status_for
 from services.router.jobs import JobBuilder
 from services.router.openai_protocol import ChatCompletionRequest, CompletionRequest
 from tandem.api.errors import TandemError
-from tandem.api.requests import Job, TokenEvent, Usage
+from tandem.api.requests import Job, TokenEvent, Usage, coalesce_token_events
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +39,10 @@ class _Choice:
     usage: Usage | None = None
 
 
-def sse(payload: dict | str) -> str:
-    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
-    return f"data: {data}\n\n"
+def sse(payload: dict | str) -> bytes:
+    """One server-sent event (orjson: the SSE chunks are the router's hottest JSON)."""
+    data = payload.encode() if isinstance(payload, str) else orjson.dumps(payload)
+    return b"data: " + data + b"\n\n"
 
 
 def usage_json(usages: list[Usage]) -> dict:
@@ -215,7 +219,7 @@ class OpenAIServing:
         async def relay():
             try:
                 yield first
-                async for item in events:
+                async for item in coalesced(events):
                     yield item
             finally:
                 await events.aclose()
@@ -224,7 +228,7 @@ class OpenAIServing:
 
     async def completion_sse(
         self, req: CompletionRequest, request_id: str, events
-    ) -> AsyncIterator[str]:
+    ) -> AsyncIterator[bytes]:
         head = {
             "id": f"cmpl-{request_id}",
             "object": "text_completion",
@@ -233,7 +237,7 @@ class OpenAIServing:
         }
         usages, offsets = [], {}
         async for body in self._guard(events):
-            if isinstance(body, str):
+            if isinstance(body, bytes):
                 yield body
                 return
             i, event = body
@@ -269,7 +273,7 @@ class OpenAIServing:
 
     async def chat_sse(
         self, req: ChatCompletionRequest, request_id: str, events
-    ) -> AsyncIterator[str]:
+    ) -> AsyncIterator[bytes]:
         head = {
             "id": f"chatcmpl-{request_id}",
             "object": "chat.completion.chunk",
@@ -285,7 +289,7 @@ class OpenAIServing:
         yield sse({**head, "choices": [role]})
         usage = None
         async for body in self._guard(events):
-            if isinstance(body, str):
+            if isinstance(body, bytes):
                 yield body
                 return
             _, event = body
@@ -334,6 +338,52 @@ class OpenAIServing:
             yield sse(error_body(message, status, err_type, getattr(exc, "param", None))) + sse(
                 "[DONE]"
             )
+
+
+async def coalesced(
+    events: AsyncIterator[tuple[int, TokenEvent]],
+) -> AsyncIterator[tuple[int, TokenEvent]]:
+    """Relay (choice index, event) pairs as they come; the events of one choice that queued up
+    while the consumer was busy (a client reading slowly) come as one, merged in order.
+
+    A task reads ``events`` ahead into a queue, so the pods' streams are drained at their pace
+    whatever the client's.
+    """
+    items: collections.deque = collections.deque()
+    ready = asyncio.Event()
+    end = object()
+
+    async def pump() -> None:
+        try:
+            async for item in events:
+                items.append(item)
+                ready.set()
+            items.append(end)
+        except BaseException as exc:  # noqa: BLE001 - raised again to the consumer, in order
+            items.append(exc)
+        ready.set()
+
+    task = asyncio.create_task(pump())
+    try:
+        while True:
+            if not items:
+                ready.clear()
+                await ready.wait()
+                continue
+            item = items.popleft()
+            if item is end:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            i, event = item
+            batch = [event]
+            while items and isinstance(items[0], tuple) and items[0][0] == i:
+                batch.append(items.popleft()[1])
+            yield i, coalesce_token_events(batch)
+    finally:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
 
 
 async def merge_events(

@@ -37,3 +37,20 @@ class TokenEvent:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     usage: Usage | None = None
+
+
+def coalesce_token_events(events: list[TokenEvent]) -> TokenEvent:
+    """Consecutive events of one request as one: tokens, text and logprobs in order, the end
+    (finish and stop reasons, usage) of the last. What a stream sends a consumer that fell
+    behind, instead of each event."""
+    if len(events) == 1:
+        return events[0]
+    last = events[-1]
+    return TokenEvent(
+        token_ids=[t for e in events for t in e.token_ids],
+        text="".join(e.text for e in events),
+        logprobs=[lp for e in events for lp in e.logprobs],
+        finish_reason=last.finish_reason,
+        stop_reason=last.stop_reason,
+        usage=last.usage,
+    )

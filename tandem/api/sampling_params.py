@@ -8,6 +8,7 @@ from tandem.api.errors import InvalidRequest
 
 _GREEDY_EPS = 1e-5
 _UINT32 = 2**32 - 1
+_INT32_MAX = 2**31 - 1
 _INT64 = (-(2**63), 2**63 - 1)
 
 
@@ -80,7 +81,9 @@ class SamplingParams:
             raise bad("temperature", "must be a number >= 0")
         if not _is_finite(self.top_p) or not 0 < self.top_p <= 1:
             raise bad("top_p", "must be in (0, 1]")
-        if self.top_k is not None and (not _is_int(self.top_k) or not 1 <= self.top_k <= _UINT32):
+        if self.top_k is not None and (
+            not _is_int(self.top_k) or not 1 <= self.top_k <= _INT32_MAX
+        ):
             raise bad("top_k", "must be an integer >= 1 or null")
         if not _is_finite(self.min_p) or not 0 <= self.min_p <= 1:
             raise bad("min_p", "must be in [0, 1]")

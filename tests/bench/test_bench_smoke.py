@@ -108,6 +108,36 @@ def test_serve_bench_runs_both_modes_and_reports_pod_hit_rates(tmp_path, tiny_mo
         assert 0 < mode["pod_cache_hit_rate"]["prefill"] < 1
 
 
+def test_serve_bench_sharegpt_workload_against_the_offline_engine(tmp_path, tiny_model):
+    """W4 (lognormal lengths) through the router, and the offline engine on the same requests."""
+    result = run_bench(
+        "serve.py",
+        tmp_path,
+        "--model",
+        str(tiny_model("llama")),
+        "--workload",
+        "sharegpt",
+        "--modes",
+        "colocated",
+        "--workers",
+        "1",
+        "--num-prompts",
+        "6",
+        "--offline",
+        "--num-kv-blocks",
+        "256",
+        timeout=300,
+    )
+    online = result["results"]["colocated"]
+    assert online["completed"] == 6 and online["failed"] == 0
+    assert result["offline"]["completed"] == 6
+    # Both ran the same requests: the same output tokens, from the usage field and the engine.
+    assert online["output_tokens"] == result["offline"]["output_tokens"]
+    assert online["vs_offline"] == pytest.approx(
+        online["output_throughput"] / result["offline"]["output_throughput"]
+    )
+
+
 def test_engine_bench_micro_reports_each_step_against_its_floor(tmp_path):
     result = run_bench(
         "engine.py",

@@ -17,7 +17,6 @@ import pytest
 import yaml
 from helm_python.chart import Chart, lint
 from helm_python.errors import HelmError
-from pydantic_settings import CliSettingsSource
 
 CHART = Path(__file__).resolve().parents[2] / "deploy/helm/tandem"
 EXAMPLES = sorted((CHART / "examples").glob("*.yaml"))
@@ -126,15 +125,10 @@ def test_examples_cover_the_common_shapes(chart):
 
 def parse_cli(args: list[str]):
     """Parse a container's args with the real ``tandem`` CLI (no command runs)."""
-    from services.cli import every_command
+    from services.cli import parse
 
-    root = every_command()
     concrete = [re.sub(r"\$\((POD_IP|POD_NAME)\)", "10.0.0.7", a) for a in args]
-    source = CliSettingsSource(
-        root, cli_parse_args=concrete, cli_kebab_case=True, cli_implicit_flags=True
-    )
-    parsed = root(_cli_settings_source=source)
-    return getattr(parsed, args[0].replace("-", "_"))
+    return parse(concrete)[1]
 
 
 @pytest.mark.parametrize("values", ALL_VALUE_SETS)

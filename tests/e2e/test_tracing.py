@@ -220,9 +220,15 @@ def test_the_sdk_continues_the_callers_trace(traced):
             f"{span.get_span_context().span_id:016x}",
         )
 
-    spans = receiver.wait_for(lambda s: complete([x for x in s if x.trace_id == trace_id]))
+    root_name = "/tandem.router.v1.RouterService/Generate"
+
+    def arrived(spans) -> bool:  # the root too: the router exports it last, when the call ends
+        mine = [x for x in spans if x.trace_id == trace_id]
+        return complete(mine) and any(x.name == root_name for x in mine)
+
+    spans = receiver.wait_for(arrived)
     request_spans = [s for s in spans if s.trace_id == trace_id]
-    root = one(request_spans, "/tandem.router.v1.RouterService/Generate", "tandem-router")
+    root = one(request_spans, root_name, "tandem-router")
     assert root.parent_id == span_id  # a child of the caller's span
     usage = {
         "prompt_tokens": result.usage.prompt_tokens,

@@ -32,7 +32,7 @@ def test_top_k_zero_or_minus_one_means_off_even_over_a_default(off):
     assert resolve({"top_k": 5}, defaults={"top_k": 20}).top_k == 5
 
 
-@pytest.mark.parametrize("bad", [-2, False, 2**32])
+@pytest.mark.parametrize("bad", [-2, False, 2**31])  # the wire's top_k is an int32
 def test_other_top_k_values_are_refused(bad):
     with pytest.raises(InvalidRequest) as e:
         resolve({"top_k": bad})
@@ -91,3 +91,13 @@ def test_prompts_are_checked_against_vocabulary_and_context(ids, error, fragment
         check_prompt_ids(ids, LIMITS, "messages")
     assert e.value.param == "messages"
     check_prompt_ids([1] * 63, LIMITS, "prompt")
+
+
+def test_the_http_body_declares_every_sampling_field():
+    """A field added to SamplingParams (and so to the protobuf message) must reach HTTP too."""
+    from services.router.openai_protocol import ChatCompletionRequest, CompletionRequest
+    from tandem.api.sampling_params import SAMPLING_FIELDS
+
+    for body in (CompletionRequest, ChatCompletionRequest):
+        missing = set(SAMPLING_FIELDS) - set(body.model_fields)
+        assert not missing, (body.__name__, missing)

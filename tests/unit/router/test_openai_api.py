@@ -44,3 +44,31 @@ def test_one_failed_prompt_cancels_the_others():
         await asyncio.wait_for(dispatcher.cancelled.wait(), 2)
 
     asyncio.run(main())
+
+
+def test_events_a_slow_client_left_queued_are_sent_as_one():
+    """Pods' streams are read ahead; a client that fell behind gets one merged event per choice,
+    in order, and an error after them still arrives."""
+    from services.router.openai_api import coalesced
+    from tandem.api.requests import Usage
+
+    async def events():
+        for i in range(4):
+            yield 0, TokenEvent([i], f"t{i}", [])
+        yield 1, TokenEvent([9], "other", [])
+        yield 0, TokenEvent([4], "t4", [], "length", None, Usage(3, 5, 0))
+        raise UpstreamUnavailable("gone")
+
+    async def main():
+        got = []
+        stream = coalesced(events())
+        with pytest.raises(UpstreamUnavailable):
+            async for item in stream:
+                got.append(item)
+                await asyncio.sleep(0.05)  # a slow client: everything else queues meanwhile
+        return got
+
+    got = asyncio.run(main())
+    assert [(i, e.text) for i, e in got] == [(0, "t0t1t2t3"), (1, "other"), (0, "t4")]
+    assert got[0][1].token_ids == [0, 1, 2, 3] and got[-1][1].finish_reason == "length"
+    assert got[-1][1].usage == Usage(3, 5, 0)
