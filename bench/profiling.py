@@ -7,6 +7,7 @@ rate: 100 % is one core all the time) and the functions it spent that time in.
 """
 
 import collections
+import os
 import shutil
 import signal
 import subprocess
@@ -38,7 +39,7 @@ class Profiler:
         if py_spy is None:
             raise SystemExit("--profile-dir needs py-spy (pip install py-spy)")
         self.out.mkdir(parents=True, exist_ok=True)
-        targets = {}
+        targets = {"client": os.getpid()}  # the benchmark's own HTTP client
         for service in cluster.services:
             targets[service.name] = service.proc.pid
             for child in children(service.proc.pid):

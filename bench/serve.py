@@ -63,9 +63,12 @@ class RequestResult:
 
 
 async def one_request(
-    client, url: str, prompt: list[int], output_len: int, start_at: float, t0: float
+    session, url: str, prompt: list[int], output_len: int, start_at: float, t0: float
 ) -> RequestResult:
-    import httpx
+    """One streamed completion, timed as vLLM's ``bench serve`` does (and with its client,
+    aiohttp: a pure-Python HTTP client would be the slowest part of a run of a thousand
+    streams)."""
+    import aiohttp
 
     await asyncio.sleep(max(0.0, t0 + start_at - time.perf_counter()))
     body = {
@@ -80,11 +83,12 @@ async def one_request(
     sent = time.perf_counter()
     last = None
     try:
-        async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
-            if r.status_code != 200:
-                result.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+        async with session.post(f"{url}/v1/completions", json=body) as r:
+            if r.status != 200:
+                result.error = f"HTTP {r.status}: {(await r.read())[:200]!r}"
                 return result
-            async for line in r.aiter_lines():
+            async for raw in r.content:
+                line = raw.decode().rstrip("\r\n")
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 data = json.loads(line[6:])
@@ -106,9 +110,18 @@ async def one_request(
         result.ok = result.output_tokens == output_len
         if not result.ok:
             result.error = f"expected {output_len} tokens, got {result.output_tokens}"
-    except httpx.HTTPError as e:
+    except (aiohttp.ClientError, TimeoutError) as e:
         result.error = repr(e)
     return result
+
+
+def client_session():
+    """An aiohttp session for a benchmark: no connection limit, no timeouts."""
+    import aiohttp
+
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=None)
+    )
 
 
 def percentiles(values: list[float]) -> dict:
@@ -209,9 +222,7 @@ def workload(args, vocab: int):
 async def warm_up(url: str, vocab: int) -> None:
     """One short request outside the measurement (and outside the pods' counters): connections,
     first-use allocations. Its tokens share no prefix with the workload's prompts."""
-    import httpx
-
-    async with httpx.AsyncClient(timeout=httpx.Timeout(None)) as client:
+    async with client_session() as client:
         result = await one_request(
             client, url, [vocab - 1 - i for i in range(16)], 4, 0.0, time.perf_counter()
         )
@@ -220,11 +231,8 @@ async def warm_up(url: str, vocab: int) -> None:
 
 
 async def run_load(url: str, args, vocab: int) -> dict:
-    import httpx
-
     prompts, output_lens, arrivals = workload(args, vocab)
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
+    async with client_session() as client:
         t0 = time.perf_counter()
         results = await asyncio.gather(
             *(
@@ -512,7 +520,7 @@ def main() -> None:
         "results": results,
         "offline": offline,
     }
-    path = write_result(f"serve-{args.workload}", args.device, payload, args.out_dir)
+    path = write_result(f"serve-{args.workload}-{model.name}", args.device, payload, args.out_dir)
     rows = []
     for mode, r in results.items():
         rows.append(

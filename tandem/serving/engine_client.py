@@ -427,35 +427,41 @@ class EngineCoreClient:
             self._on_kv_events(proto.events_from_wire(update.kv_events))
 
     def _detokenize(self, outputs: StepOutputs) -> None:
-        """Feed each mirrored request its new tokens; deliver the text deltas."""
+        """Feed each mirrored request its new tokens; deliver the text deltas. (Walks the
+        columns by index: this runs for every request of every step.)"""
         processor = self._processor
-        for row in outputs.rows():
-            state = self._mirrors.get(row.request_id)
+        mirrors = self._mirrors
+        token_ids, logprobs = outputs.token_ids, outputs.logprobs
+        start = 0
+        for i, rid in enumerate(outputs.request_ids):
+            end = start + outputs.num_new_tokens[i]
+            begin, start = start, end
+            state = mirrors.get(rid)
             if state is None:
                 continue  # not mirrored here, or already ended (a stop string, an abort)
             seq = state.seq
-            seq.num_cached_tokens = row.num_cached_tokens
-            seq.num_preemptions = row.num_preemptions
+            seq.num_cached_tokens = outputs.num_cached_tokens[i]
+            seq.num_preemptions = outputs.num_preemptions[i]
             if state.metrics.first_scheduled_time is None:
-                state.metrics.first_scheduled_time = row.scheduled_time
+                state.metrics.first_scheduled_time = outputs.scheduled_times[i]
+            finish = outputs.finish_reasons[i]
             stop_string = False
-            last = len(row.token_ids) - 1
-            for i, (token, logprob) in enumerate(zip(row.token_ids, row.logprobs, strict=True)):
-                seq.token_ids.append(token)
-                if i == last and row.finish_reason is not None:
-                    seq.status = _FINISHED[row.finish_reason]
-                    seq.stop_reason = row.stop_token_id
-                stop = processor.on_new_token(state, logprob)
+            for j in range(begin, end):
+                seq.token_ids.append(token_ids[j])
+                if j == end - 1 and finish is not None:
+                    seq.status = _FINISHED[finish]
+                    seq.stop_reason = outputs.stop_token_ids[i]
+                stop = processor.on_new_token(state, logprobs[j])
                 if stop is not None:  # as LLMEngine._apply_stop: the string outranks a length end
                     seq.status = stop
                     stop_string = True
                     break
-            if not row.token_ids and row.finish_reason is not None:
-                seq.status = _FINISHED[row.finish_reason]
+            if begin == end and finish is not None:
+                seq.status = _FINISHED[finish]
             out = processor.make_output(state)
             if out is not None:
-                self._deliver(row.request_id, out)
+                self._deliver(rid, out)
             if seq.is_finished:
-                del self._mirrors[row.request_id]
-                if stop_string and row.finish_reason is None:
-                    self.abort(row.request_id)  # the core would generate on
+                del mirrors[rid]
+                if stop_string and finish is None:
+                    self.abort(rid)  # the core would generate on
