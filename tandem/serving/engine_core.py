@@ -212,6 +212,10 @@ class EngineCore:
                 return
             if self._commands in ready and not self._execute_commands():
                 return
+            if self._outbox.replies:
+                # Answers go out before the step: a reservation, an admission or a remote
+                # prefill's first token would otherwise wait a whole step (TTFT).
+                self._flush()
             if self._wake_r in ready:
                 os.read(self._wake_r, 4096)
                 while not self._transfers_done.empty():

@@ -80,7 +80,8 @@ def test_every_user_type_runs_without_failures(system, tmp_path, workload):
         assert r["workload"] == workload and r["request_id"].startswith("locust-")
         assert r["output_tokens"] == 8  # EOS ignored: every request generates max-tokens
         assert 0 < r["ttft_s"] <= r["e2e_s"] < 60
-        assert 0 <= r["tpot_s"] < 5 and len(r["itl_s"]) >= 1 and all(0 <= g < 5 for g in r["itl_s"])
+        # Fewer gaps than tokens: tokens that queued up while a reader was busy come as one chunk.
+        assert 0 <= r["tpot_s"] < 5 and len(r["itl_s"]) < 8 and all(0 <= g < 5 for g in r["itl_s"])
         assert r["prompt_tokens"] > 0
     # Users share system prompts (or their own history): some prompts were served from the cache.
     assert sum(r["cached_tokens"] or 0 for r in rows) > 0
