@@ -308,7 +308,10 @@ async def start(settings: DecodeSettings) -> RunningService:
 
     async def before_release(rid: str) -> None:
         # Stop KV writes into the request's blocks before the core frees them.
-        await asyncio.get_running_loop().run_in_executor(kv_writers, receiver.discard, rid)
+        try:
+            await asyncio.get_running_loop().run_in_executor(kv_writers, receiver.discard, rid)
+        except RuntimeError:  # the writers are shut down (the pod is stopping): no write runs
+            receiver.discard(rid)
 
     spec = CoreSpec(
         role="decode",
@@ -331,7 +334,8 @@ async def start(settings: DecodeSettings) -> RunningService:
     )
     servicer = DecodeServicer(settings, pod.core, receiver, kv_writers, pod.identity, pod.metrics)
     add_decode_service(servicer, pod.server.server)
-    return await pod.start([lambda: kv_writers.shutdown(wait=False)], servicer=servicer)
+    # After the server stopped: in-flight writes finish, then the core (which owns the pool) stops.
+    return await pod.start([lambda: kv_writers.shutdown(wait=True)], servicer=servicer)
 
 
 async def serve(settings: DecodeSettings) -> None:

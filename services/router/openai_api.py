@@ -219,8 +219,10 @@ class OpenAIServing:
         async def relay():
             try:
                 yield first
-                async for item in coalesced(events):
-                    yield item
+                # Closed before ``events``: its read-ahead task must stop reading them first.
+                async with contextlib.aclosing(coalesced(events)) as rest:
+                    async for item in rest:
+                        yield item
             finally:
                 await events.aclose()
 

@@ -123,8 +123,17 @@ class EngineCoreClient:
         self._updates.bind(self.spec.updates_address)
         self._call_ids = itertools.count()
         self._calls: dict[int, asyncio.Future] = {}
+        self._core_ids: dict[str, str] = {}
+        """Open request id -> its id in the core, new for every stream (``open_stream``): rows
+        and failures of a stream that ended can never reach a later one with the same id."""
+        self._core_id_seq = itertools.count()
         self._streams: dict[str, OutputStream] = {}
+        """By core id."""
         self._mirrors: dict[str, RequestState] = {}
+        """By core id."""
+        self._releasing: dict[str, asyncio.Task] = {}
+        """Requests given up whose release (KV writes stopped, then the core's Abort) is under
+        way: their ids stay taken until it is done."""
         self._draining = False
         self._stopping = False
         self._dead: UpstreamUnavailable | None = None
@@ -181,6 +190,8 @@ class EngineCoreClient:
     async def stop(self) -> None:
         """Stop the core (it finishes nothing more) and release the sockets."""
         self._stopping = True
+        if self._releasing:  # their Aborts first (KV writes into their blocks stop before)
+            await asyncio.wait(list(self._releasing.values()), timeout=10)
         if self._process is not None:
             self._loop.remove_reader(self._process.sentinel)
             if self._process.is_alive():
@@ -220,8 +231,8 @@ class EngineCoreClient:
             if not future.done():
                 future.set_exception(exc)
         self._calls.clear()
-        for rid in list(self._streams):
-            self.fail(rid, exc)
+        for core_id in list(self._streams):
+            self._fail_core(core_id, exc)
 
     # ---- streams --------------------------------------------------------------------------------
 
@@ -253,36 +264,57 @@ class EngineCoreClient:
             raise self._dead
         if self._draining:
             raise ShuttingDown("this pod is shutting down")
-        if request_id in self._streams:
+        if request_id in self._core_ids or request_id in self._releasing:
             raise InvalidRequest(
                 f"request id {request_id!r} is already in use on this pod", param="request_id"
             )
+        core_id = f"{request_id}#{next(self._core_id_seq)}"
+        self._core_ids[request_id] = core_id
         q = OutputStream()
-        self._streams[request_id] = q
+        self._streams[core_id] = q
         return q
 
     def end_stream(self, request_id: str, *, finished: bool) -> None:
         """Close the request's stream; unless it finished, release what it still holds
         (``before_release``, then the core's Abort). Every exit path of a request ends here."""
-        self._streams.pop(request_id, None)
-        self._mirrors.pop(request_id, None)
+        core_id = self._core_ids.pop(request_id, None)
+        if core_id is None:
+            return
+        self._streams.pop(core_id, None)
+        self._mirrors.pop(core_id, None)
         if not finished and self._dead is None:
-            asyncio.ensure_future(self._release(request_id))
+            self._releasing[request_id] = asyncio.ensure_future(self._release(request_id, core_id))
 
-    async def _release(self, request_id: str) -> None:
-        if self._before_release is not None:
-            await self._before_release(request_id)
-        self.abort(request_id)
+    async def _release(self, request_id: str, core_id: str) -> None:
+        try:
+            if self._before_release is not None:
+                await self._before_release(request_id)
+        except Exception:  # noqa: BLE001 - the blocks must be freed all the same
+            logger.exception("releasing request %s", request_id)
+        finally:
+            self._abort_core(core_id)
+            self._releasing.pop(request_id, None)
+
+    def _core_id(self, request_id: str) -> str:
+        core_id = self._core_ids.get(request_id)
+        if core_id is None:
+            raise InvalidRequest(f"request {request_id!r} is not open here", param="request_id")
+        return core_id
 
     def fail(self, request_id: str, exc: BaseException) -> None:
         """End the request's stream with ``exc``."""
-        self._mirrors.pop(request_id, None)
-        q = self._streams.get(request_id)
+        core_id = self._core_ids.get(request_id)
+        if core_id is not None:
+            self._fail_core(core_id, exc)
+
+    def _fail_core(self, core_id: str, exc: BaseException) -> None:
+        self._mirrors.pop(core_id, None)
+        q = self._streams.get(core_id)
         if q is not None:
             q.put_nowait(exc)
 
-    def _deliver(self, request_id: str, item: StreamItem) -> None:
-        q = self._streams.get(request_id)
+    def _deliver(self, core_id: str, item: StreamItem) -> None:
+        q = self._streams.get(core_id)
         if q is not None:
             q.put_nowait(item)
 
@@ -300,12 +332,17 @@ class EngineCoreClient:
         self._send(make(call_id))
         return await future
 
-    def _mirror(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
-        if self._processor is None:
-            return
-        seq = Sequence(request_id, prompt, params, arrival_time=time.monotonic(), arrival_index=0)
-        metrics = RequestMetrics(arrival_time=seq.arrival_time)
-        self._mirrors[request_id] = self._processor.new_state(seq, OutputKind.DELTA, None, metrics)
+    def _mirror(self, request_id: str, prompt: list[int], params: SamplingParams) -> str:
+        """The request's core id, with its mirror if this client detokenizes."""
+        core_id = self._core_id(request_id)
+        if self._processor is not None:
+            seq = Sequence(
+                request_id, prompt, params, arrival_time=time.monotonic(), arrival_index=0
+            )
+            metrics = RequestMetrics(arrival_time=seq.arrival_time)
+            state = self._processor.new_state(seq, OutputKind.DELTA, None, metrics)
+            self._mirrors[core_id] = state
+        return core_id
 
     async def add(
         self,
@@ -325,12 +362,12 @@ class EngineCoreClient:
             InvalidRequest: refused by the engine's validation. CapacityExceeded: with
                 ``require_room``, its blocks do not fit now.
         """
-        self._mirror(request_id, prompt, params)
+        core_id = self._mirror(request_id, prompt, params)
         try:
             await self._call(
                 lambda call_id: proto.AddRequest(
                     call_id,
-                    request_id,
+                    core_id,
                     prompt,
                     sampling_fields(params),
                     priority,
@@ -341,7 +378,7 @@ class EngineCoreClient:
                 )
             )
         except BaseException:
-            self._mirrors.pop(request_id, None)
+            self._mirrors.pop(core_id, None)
             raise
 
     async def reserve(
@@ -358,15 +395,15 @@ class EngineCoreClient:
         Raises:
             InvalidRequest, CapacityExceeded: as the engine's ``reserve_remote_prefill``.
         """
-        self._mirror(request_id, prompt, params)
+        core_id = self._mirror(request_id, prompt, params)
         try:
             block_ids, cached = await self._call(
                 lambda call_id: proto.ReserveRemote(
-                    call_id, request_id, prompt, sampling_fields(params), priority, cache_salt
+                    call_id, core_id, prompt, sampling_fields(params), priority, cache_salt
                 )
             )
         except BaseException:
-            self._mirrors.pop(request_id, None)
+            self._mirrors.pop(core_id, None)
             raise
         return block_ids, cached
 
@@ -378,10 +415,15 @@ class EngineCoreClient:
         logprob: TokenLogprob | None,
         num_cached_tokens: int,
     ) -> None:
-        """The reserved blocks hold the prompt's KV: the request joins the decode batch."""
+        """The reserved blocks hold the prompt's KV: the request joins the decode batch.
+
+        Raises:
+            InvalidRequest: the request is not open here (it ended meanwhile).
+        """
+        core_id = self._core_id(request_id)
         await self._call(
             lambda call_id: proto.CompleteRemote(
-                call_id, request_id, first_token_id, logprob, num_cached_tokens
+                call_id, core_id, first_token_id, logprob, num_cached_tokens
             )
         )
 
@@ -389,10 +431,10 @@ class EngineCoreClient:
         """Every block hash cached in the core now (its pending KV events are dropped)."""
         return await self._call(lambda call_id: proto.KVSnapshot(call_id))
 
-    def abort(self, request_id: str) -> None:
+    def _abort_core(self, core_id: str) -> None:
         """Free whatever the request holds in the core (no answer)."""
         if self._dead is None and not self._commands.closed:
-            self._send(proto.Abort(request_id))
+            self._send(proto.Abort(core_id))
 
     # ---- updates from the core ------------------------------------------------------------------
 
@@ -400,15 +442,18 @@ class EngineCoreClient:
         while True:
             raw = await self._updates.recv(copy=False)
             try:
-                self._on_update(proto.update_decoder.decode(raw.buffer))
-            except Exception:
-                logger.exception("an update from the engine core could not be handled")
+                update = proto.update_decoder.decode(raw.buffer)
+            except Exception:  # noqa: BLE001 - requests' state is lost: end them all
+                logger.exception("an update from the engine core could not be decoded")
+                self._fail_everything(EngineFailure("an engine core update was lost"))
+                continue
+            self._on_update(update)
 
     def _on_update(self, update: proto.CoreUpdate) -> None:
         self.stats = update.stats
         self.steps = update.steps
         self._last_progress = time.monotonic()
-        for reply in update.replies:  # first: a refused request's rows are then ignored
+        for reply in update.replies:
             future = self._calls.pop(reply.call_id, None)
             if future is None or future.done():
                 continue
@@ -417,8 +462,8 @@ class EngineCoreClient:
             else:
                 future.set_result(reply.value)
         for failure in update.failures:
-            for rid in failure.request_ids:
-                self.fail(rid, EngineFailure(failure.message))
+            for core_id in failure.request_ids:
+                self._fail_core(core_id, EngineFailure(failure.message))
         for done in update.prefills:
             self._deliver(done.request_id, done)
         if update.outputs is not None:
@@ -429,9 +474,7 @@ class EngineCoreClient:
     def _detokenize(self, outputs: StepOutputs) -> None:
         """Feed each mirrored request its new tokens; deliver the text deltas. (Walks the
         columns by index: this runs for every request of every step.)"""
-        processor = self._processor
         mirrors = self._mirrors
-        token_ids, logprobs = outputs.token_ids, outputs.logprobs
         start = 0
         for i, rid in enumerate(outputs.request_ids):
             end = start + outputs.num_new_tokens[i]
@@ -439,29 +482,39 @@ class EngineCoreClient:
             state = mirrors.get(rid)
             if state is None:
                 continue  # not mirrored here, or already ended (a stop string, an abort)
-            seq = state.seq
-            seq.num_cached_tokens = outputs.num_cached_tokens[i]
-            seq.num_preemptions = outputs.num_preemptions[i]
-            if state.metrics.first_scheduled_time is None:
-                state.metrics.first_scheduled_time = outputs.scheduled_times[i]
-            finish = outputs.finish_reasons[i]
-            stop_string = False
-            for j in range(begin, end):
-                seq.token_ids.append(token_ids[j])
-                if j == end - 1 and finish is not None:
-                    seq.status = _FINISHED[finish]
-                    seq.stop_reason = outputs.stop_token_ids[i]
-                stop = processor.on_new_token(state, logprobs[j])
-                if stop is not None:  # as LLMEngine._apply_stop: the string outranks a length end
-                    seq.status = stop
-                    stop_string = True
-                    break
-            if begin == end and finish is not None:
+            try:
+                self._feed(state, outputs, i, begin, end)
+            except Exception:  # noqa: BLE001 - one request's failure is not the others'
+                logger.exception("detokenizing request %s failed", rid)
+                self._fail_core(rid, EngineFailure("detokenizing this request failed"))
+                self._abort_core(rid)
+
+    def _feed(self, state: RequestState, outputs: StepOutputs, i: int, begin: int, end: int):
+        """One request's part of a step: tokens into its mirror, its text delta out."""
+        processor, rid, seq = self._processor, outputs.request_ids[i], state.seq
+        token_ids, logprobs = outputs.token_ids, outputs.logprobs
+        seq.num_cached_tokens = outputs.num_cached_tokens[i]
+        seq.num_preemptions = outputs.num_preemptions[i]
+        if state.metrics.first_scheduled_time is None:
+            state.metrics.first_scheduled_time = outputs.scheduled_times[i]
+        finish = outputs.finish_reasons[i]
+        stop_string = False
+        for j in range(begin, end):
+            seq.token_ids.append(token_ids[j])
+            if j == end - 1 and finish is not None:
                 seq.status = _FINISHED[finish]
-            out = processor.make_output(state)
-            if out is not None:
-                self._deliver(rid, out)
-            if seq.is_finished:
-                del mirrors[rid]
-                if stop_string and finish is None:
-                    self.abort(rid)  # the core would generate on
+                seq.stop_reason = outputs.stop_token_ids[i]
+            stop = processor.on_new_token(state, logprobs[j])
+            if stop is not None:  # as LLMEngine._apply_stop: the string outranks a length end
+                seq.status = stop
+                stop_string = True
+                break
+        if begin == end and finish is not None:
+            seq.status = _FINISHED[finish]
+        out = processor.make_output(state)
+        if out is not None:
+            self._deliver(rid, out)
+        if seq.is_finished:
+            del self._mirrors[rid]
+            if stop_string and finish is None:
+                self._abort_core(rid)  # the core would generate on

@@ -15,6 +15,7 @@ told to or when its front process goes away (the handshake pipe closes).
 import logging
 import os
 import queue
+import signal
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -43,6 +44,10 @@ logger = logging.getLogger(__name__)
 IDLE_WAIT_MS = 5
 """How long to sleep on the sockets after a step that could schedule nothing (every waiting
 request needs blocks that others hold): no busy loop while stalled."""
+
+STATS_INTERVAL_S = 0.1
+"""Steps that produce nothing to report (chunks of a long prefill, stalled steps) still send the
+stats this often, so the front's GetStats (and the router's stall detection) stay current."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +121,10 @@ def run_engine_core(spec: CoreSpec, handshake: Connection) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s [core]: %(message)s"
     )
+    # Ctrl-C or a SIGTERM sent to the whole process group is the front's to handle: it drains
+    # the pod, then tells the core to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     telemetry.setup_tracing(spec.role, instance=spec.pod_id)
     try:
         core = EngineCore(spec)
@@ -161,6 +170,7 @@ class EngineCore:
         if spec.role == "decode":
             runner.capture_decode_graphs()  # before serving: no request pays for the captures
         self.steps = 0
+        self._last_update = 0.0
         self._targets: dict[str, str] = {}
         """Prefill cores: each request's id on its decode pod (named in the transfer's end)."""
         self._outbox = _Outbox()
@@ -212,18 +222,19 @@ class EngineCore:
                 return
             if self._commands in ready and not self._execute_commands():
                 return
-            if self._outbox.replies:
-                # Answers go out before the step: a reservation, an admission or a remote
-                # prefill's first token would otherwise wait a whole step (TTFT).
-                self._flush()
             if self._wake_r in ready:
                 os.read(self._wake_r, 4096)
                 while not self._transfers_done.empty():
                     self._outbox.prefills.append(self._transfers_done.get())
-            if self.engine.has_unfinished_requests():
+            if self._outbox.replies or self._outbox.prefills:
+                # Out before the step: a reservation, an admission, a remote prefill's first
+                # token or a finished prefill would otherwise wait a whole step.
+                self._flush(stepped=False)
+            stepped = self.engine.has_unfinished_requests()
+            if stepped:
                 self._step()
                 stalled = self.engine.last_step_num_tokens == 0
-            self._flush()
+            self._flush(stepped=stepped)
 
     def _execute_commands(self) -> bool:
         """Run every command waiting on the socket; False once told to shut down."""
@@ -239,11 +250,14 @@ class EngineCore:
                 self._execute(cmd)
 
     def _execute(self, cmd: proto.Command) -> None:
-        call_id = getattr(cmd, "call_id", None)
-        try:
-            if isinstance(cmd, proto.Abort):
+        if isinstance(cmd, proto.Abort):  # answered by nobody: a failure is only logged
+            try:
                 self._release(cmd.request_id)
-                return
+            except Exception:  # noqa: BLE001 - the loop must go on
+                logger.exception("aborting request %s failed", cmd.request_id)
+            return
+        call_id = cmd.call_id
+        try:
             value = self._run_command(cmd)
         except Exception as exc:  # noqa: BLE001 - the front's caller receives it
             if not isinstance(exc, TandemError):
@@ -342,16 +356,19 @@ class EngineCore:
             self._outbox.failures.append(proto.Failure(ids, f"engine step failed: {exc}"))
         self.steps += 1
 
-    def _flush(self) -> None:
-        """Send what happened since the last update (nothing: no message)."""
+    def _flush(self, *, stepped: bool) -> None:
+        """Send what happened since the last update. A step with nothing to report still sends
+        the stats now and then (``STATS_INTERVAL_S``): the router watches them move."""
         outputs = self.engine.take_step_outputs()
         if self.sender is not None and len(outputs):
             self._finish_transfers(outputs)
             outputs = StepOutputs()  # a prefill pod's front needs only PrefillDone
         events = self.engine.take_kv_events() if self.spec.enable_kv_events else []
         box = self._outbox
+        now = time.monotonic()
         if not len(outputs) and not events and box.is_empty():
-            return
+            if not stepped or now - self._last_update < STATS_INTERVAL_S:
+                return
         update = proto.CoreUpdate(
             stats=self.engine.get_stats(),
             steps=self.steps,
@@ -362,6 +379,7 @@ class EngineCore:
             kv_events=proto.events_to_wire(events),
         )
         self._outbox = _Outbox()
+        self._last_update = now
         self._updates.send(proto.update_encoder.encode(update), copy=False)
 
     # ---- prefill: KV transfers ------------------------------------------------------------------

@@ -67,8 +67,8 @@ class KVReceiver:
                 shared with it (shared memory on CPU, CUDA IPC on GPUs: a pod's engine core).
             engine_event: on a GPU pool shared across processes, an event the engine records on
                 its stream whenever it hands out blocks (``expect`` then cannot record one on
-                the engine's stream itself). Waiting for its latest record is waiting at least
-                as long as for the record that belonged to a given reservation.
+                the engine's stream itself). ``expect`` pins its latest record, which is that
+                reservation's or a later one: waiting for it is waiting long enough.
         """
         self.kv = pool
         self.layout = PageLayout(
@@ -89,7 +89,12 @@ class KVReceiver:
             received=torch.zeros((self.layout.num_layers, len(block_ids)), dtype=torch.bool),
         )
         if self._engine_event is not None:
-            inbound.engine_done = self._engine_event
+            # Pin the shared event's latest record (the one made for this reservation, or a
+            # later one) in an event of our own: writes then wait for that point only, not for
+            # whatever the core records for later reservations.
+            self._stream.wait_event(self._engine_event)
+            inbound.engine_done = torch.cuda.Event()
+            inbound.engine_done.record(self._stream)
         elif self._stream is not None:
             inbound.engine_done = torch.cuda.Event()
             inbound.engine_done.record(torch.cuda.current_stream(self.kv.device))

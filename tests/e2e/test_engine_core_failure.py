@@ -36,7 +36,7 @@ def gone_or_reaped(pid: int) -> bool:
 
 
 def stream(url: str, prompt: str, started: threading.Event, out: list) -> None:
-    body = {"prompt": prompt, "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    body = {"prompt": prompt, "max_tokens": 1900, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
         out.append(r.status_code)
         for line in r.iter_lines():
@@ -64,10 +64,17 @@ def test_killing_a_decode_core_ends_its_streams_with_503_and_the_pod_exits(e2e_m
         for t, _, _ in runs:
             t.join(60)
             assert not t.is_alive(), "a stream hung after its engine core died"
+        cut = 0
         for _, _, out in runs:
             assert out[0] == 200 and out[-1] == "[DONE]"
-            error = json.loads(out[-2])["error"]
+            last = json.loads(out[-2])
+            if "error" not in last:  # it had finished before the kill (a busy CI machine)
+                assert any('"finish_reason":"length"' in line for line in out[1:]), out[-3:]
+                continue
+            cut += 1
+            error = last["error"]
             assert error["code"] == 503 and "engine core process exited" in error["message"]
+        assert cut >= 1, "every stream finished before the engine core was killed"
         assert decode.proc.wait(30) == 1  # the pod exits, to be restarted
         deadline = time.monotonic() + 10
         while not gone_or_reaped(core) and time.monotonic() < deadline:

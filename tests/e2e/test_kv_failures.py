@@ -293,6 +293,7 @@ def test_admission_refused_on_one_pod_goes_to_the_other(e2e_model):
             await registry.start()
             # Fill pod a: a 64-token reservation holds 4 of its 8 blocks, and the job needs 7.
             hold = full.parts["core"]
+            hold.open_stream("hold")
             await hold.reserve("hold", [5] * 64, SamplingParams(max_tokens=4))
             for pod in registry.pods:  # make the full pod look best, as stale stats would
                 if pod.address == a:

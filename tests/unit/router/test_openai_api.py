@@ -72,3 +72,28 @@ def test_events_a_slow_client_left_queued_are_sent_as_one():
     assert [(i, e.text) for i, e in got] == [(0, "t0t1t2t3"), (1, "other"), (0, "t4")]
     assert got[0][1].token_ids == [0, 1, 2, 3] and got[-1][1].finish_reason == "length"
     assert got[-1][1].usage == Usage(3, 5, 0)
+
+
+def test_a_stream_closed_mid_way_closes_its_pod_stream_cleanly():
+    """A client that leaves: the relay closes the read-ahead first, then the pod's stream."""
+    closed = []
+
+    async def events():
+        try:
+            for i in range(100):
+                yield 0, TokenEvent([i], f"t{i}", [])
+                await asyncio.sleep(0.01)
+        finally:
+            closed.append(True)
+
+    async def main():
+        jobs = JobBuilder(None, model_name="m", vocab_size=10, max_model_len=lambda: 100)
+        serving = OpenAIServing(jobs, dispatcher=None)
+        relay = await serving.open_stream(events())
+        first = await relay.__anext__()
+        await relay.__anext__()
+        await relay.aclose()  # no "asynchronous generator is already running"
+        return first
+
+    first = asyncio.run(main())
+    assert first[1].text == "t0" and closed == [True]

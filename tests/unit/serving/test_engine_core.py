@@ -244,3 +244,34 @@ def test_a_stream_that_fell_behind_is_sent_as_one_message(tail_error):
     assert merged.outputs[0].text == "t0t1t2" and merged.outputs[0].token_ids == [0, 1, 2]
     assert merged.finished is not tail_error
     assert [type(r) for r in rest] == ([EngineFailure] if tail_error else [])
+
+
+def test_an_id_stays_taken_until_its_release_reached_the_core(llama_dir):
+    """A given-up request's id cannot be reused before its Abort went out: a late Abort would
+    otherwise end the newcomer."""
+
+    async def main():
+        client = EngineCoreClient(spec(llama_dir), tokenizer=Tokenizer(llama_dir))
+        await client.start()
+        try:
+            q = client.open_stream("x")
+            await client.add("x", [5] * 8, SamplingParams(max_tokens=500, ignore_eos=True))
+            await q.get()
+            client.end_stream("x", finished=False)  # the client went away
+            with pytest.raises(InvalidRequest, match="already in use"):
+                client.open_stream("x")
+            for _ in range(100):
+                await asyncio.sleep(0.02)
+                try:
+                    q = client.open_stream("x")
+                    break
+                except InvalidRequest:
+                    continue
+            await client.add("x", [6] * 8, SamplingParams(max_tokens=4, ignore_eos=True))
+            return await collect(q)
+        finally:
+            await client.stop()
+
+    items = asyncio.run(main())
+    assert items[-1].finished and items[-1].outputs[0].finish_reason == "length"
+    assert sum(len(o.outputs[0].token_ids) for o in items) == 4
