@@ -6,6 +6,7 @@
 #      for the Llama-3.1-8B and Llama-3.2-1B shapes (random weights), with a py-spy profile of
 #      every process during the 8B run.
 # Usage: bench/gpu_serve.sh OUT_DIR   (JSON records and profiles land there; a table per run)
+#   SHAPES="llama-3.2-1b" runs one shape; SKIP_TESTS=1 skips step 1 (to fit a call's time limit).
 set -uo pipefail
 out=${1:?usage: bench/gpu_serve.sh OUT_DIR}
 shapes=${SHAPES_DIR:-/tmp/tandem-shapes}
@@ -19,8 +20,10 @@ from shapes import shape_dir
 for name in ("llama-3.1-8b", "llama-3.2-1b"):
     print(shape_dir(name, Path(sys.argv[1])))
 PY
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -n 3 | tee "$out/gpu_tests.txt"
-for shape in llama-3.1-8b llama-3.2-1b; do
+if [ -z "${SKIP_TESTS:-}" ]; then
+  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -n 3 | tee "$out/gpu_tests.txt"
+fi
+for shape in ${SHAPES:-llama-3.1-8b llama-3.2-1b}; do
   profile=()
   if [ "$shape" = llama-3.1-8b ]; then profile=(--profile-dir "$out/profile-$shape"); fi
   timeout 420 python3 bench/serve.py --device cuda --model "$shapes/$shape" --modes colocated \
