@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -58,6 +59,11 @@ class UpOptions(BaseModel):
     """Keep the prefix index in this Redis instead of starting one."""
     startup_timeout_s: float = Field(600.0, gt=0)
     """How long to wait for every service to become healthy."""
+    kv_transport: Literal["auto", "grpc", "shm", "cuda-ipc", "nixl"] = "auto"
+    """How prefill workers move KV pages into decode workers (every worker gets it): auto picks
+    shm on CPU and cuda-ipc on a GPU, as all workers share this host."""
+    kv_transport_strict: bool = False
+    """Refuse a KV transfer rather than fall back to a slower transport."""
     worker_args: list[str] = Field(default_factory=list)
     """Extra flags for every prefill and decode worker (e.g. ["--max-num-seqs", "64"])."""
     router_args: list[str] = Field(default_factory=list)
@@ -267,6 +273,9 @@ class LocalCluster:
             "127.0.0.1",
             "--device",
             opts.device,
+            "--kv-transport",
+            opts.kv_transport,
+            *(["--kv-transport-strict"] if opts.kv_transport_strict else []),
             *opts.worker_args,
         ]
         if opts.num_kv_blocks:

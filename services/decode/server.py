@@ -13,8 +13,12 @@ transfer, KV timeout -- discards its pending KV writes before the core frees its
 
 import asyncio
 import concurrent.futures
+import contextlib
+import glob
 import logging
+import os
 import time
+import uuid
 
 import grpc
 import torch
@@ -23,7 +27,13 @@ from opentelemetry import trace
 from services.decode.settings import DecodeSettings
 from tandem import telemetry
 from tandem.api import proto_convert
-from tandem.api.errors import CapacityExceeded, InvalidRequest, KVTransferError, TandemError
+from tandem.api.errors import (
+    CapacityExceeded,
+    InvalidRequest,
+    KVTransferError,
+    KVTransferForbidden,
+    TandemError,
+)
 from tandem.api.grpc_status import abort_with
 from tandem.proto.common.v1 import common_pb2
 from tandem.proto.decode.v1 import decode_pb2, decode_pb2_grpc
@@ -32,8 +42,18 @@ from tandem.serving.engine_core import CoreSpec
 from tandem.serving.grpc_server import RunningService
 from tandem.serving.pod import PodRuntime, pod_stats, serve_pod
 from tandem.serving.pod_metrics import PodMetrics
-from tandem.transfer import codec
+from tandem.transfer import codec, shm_transport
 from tandem.transfer.receiver import KVReceiver
+from tandem.transfer.transport import (
+    MEMORY_TRANSPORTS,
+    TRANSPORTS,
+    PoolDescriptor,
+    TransportUnavailable,
+    descriptor_decoder,
+    descriptor_encoder,
+    export_pool,
+    shm_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +67,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         kv_writers: concurrent.futures.ThreadPoolExecutor,
         identity: dict,
         metrics: PodMetrics,
+        pools: list[PoolDescriptor] | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -56,6 +77,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         self.block_size = core.info.block_size
         self.fingerprint = core.info.fingerprint
         self._kv_writers = kv_writers
+        self.pools = pools or []
+        """The memory transports this pod offers (``DescribeKV``)."""
 
     # ---- Generate ---------------------------------------------------------------------------
 
@@ -128,11 +151,18 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             block_ids, cached = await self.core.reserve(
                 rid, ids, params, priority=request.priority, cache_salt=cache_salt
             )
-            self.receiver.expect(rid, block_ids, cached // self.block_size)
+            lease = self.receiver.expect(
+                rid, block_ids, cached // self.block_size, self.settings.kv_lease_s
+            )
             return decode_pb2.Admitted(
                 num_cached_tokens=cached,
                 num_reserved_blocks=len(block_ids),
                 model_fingerprint=self.fingerprint,
+                transfer_token=lease.token,
+                lease_epoch=lease.epoch,
+                lease_expires_unix_ms=lease.expires_unix_ms,
+                block_ids=block_ids,
+                incarnation=self.identity["incarnation"],
             )
         if request.prefill_mode != decode_pb2.PREFILL_MODE_LOCAL:
             raise InvalidRequest("prefill_mode must be REMOTE or LOCAL", param="prefill_mode")
@@ -188,7 +218,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                         self._kv_writers, self.receiver.complete, msg.end
                     )
                     await self._complete(msg.end)
-                    self.metrics.transfer("ok", summary.bytes, summary.seconds)
+                    self.metrics.transfer("ok", summary.bytes, summary.seconds, "grpc")
                     ended = True
                 else:
                     raise KVTransferError("empty PushKV message")
@@ -202,9 +232,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             if not isinstance(exc, TandemError):
                 logger.exception("unexpected error in a KV stream for %s", rid)
                 exc = KVTransferError(f"KV stream failed: {type(exc).__name__}: {exc}")
-            if rid is not None:
-                self.core.fail(rid, exc)
-            self.metrics.transfer("refused")
+            if rid is not None and not isinstance(exc, KVTransferForbidden):
+                self.core.fail(rid, exc)  # a forger's stream harms no reservation
+            self.metrics.transfer(
+                "forbidden" if isinstance(exc, KVTransferForbidden) else "refused"
+            )
             logger.warning("KV transfer for %s refused: %s", rid, exc)
             await abort_with(context, exc)
 
@@ -220,6 +252,59 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             logprob=logprob,
             num_cached_tokens=end.num_cached_tokens,
         )
+
+    # ---- memory transports: DescribeKV, ClaimKV, CompleteKV -----------------------------------
+
+    async def DescribeKV(self, request, context):
+        return decode_pb2.DescribeKVResponse(
+            incarnation=self.identity["incarnation"],
+            pools=[
+                decode_pb2.KVPoolDescriptor(
+                    transport=d.transport, descriptor=descriptor_encoder.encode(d)
+                )
+                for d in self.pools
+            ],
+        )
+
+    async def ClaimKV(self, request: decode_pb2.ClaimKVRequest, context):
+        """A memory writer takes the lease (waits for the engine's last use of the blocks)."""
+        try:
+            if request.transport not in {d.transport for d in self.pools}:
+                raise KVTransferForbidden(f"this pod does not offer {request.transport!r}")
+            lease = await asyncio.get_running_loop().run_in_executor(
+                self._kv_writers,
+                self.receiver.claim,
+                request.request_id,
+                request.transfer_token,
+                request.transport,
+            )
+            return decode_pb2.ClaimKVResponse(lease_expires_unix_ms=lease.expires_unix_ms)
+        except TandemError as exc:
+            await abort_with(context, exc)
+
+    async def CompleteKV(self, request: decode_pb2.CompleteKVRequest, context):
+        """A memory transport's one notice: the pages are in place (the request joins the decode
+        batch), or the writer aborted (the request fails; its blocks may be reused)."""
+        end = request.end
+        rid = end.request_id
+        try:
+            summary = await asyncio.get_running_loop().run_in_executor(
+                self._kv_writers, self.receiver.complete_memory, end
+            )
+        except KVTransferForbidden as exc:
+            self.metrics.transfer("forbidden")
+            await abort_with(context, exc)
+        except TandemError as exc:  # an abort notice or a checksum mismatch: the request fails
+            self.metrics.transfer("aborted" if end.aborted else "refused")
+            self.core.fail(rid, exc)
+            await abort_with(context, exc)
+        try:
+            await self._complete(end)
+        except TandemError as exc:
+            self.core.fail(rid, exc)
+            await abort_with(context, exc)
+        self.metrics.transfer("ok", summary.bytes, None, summary.transport)
+        return decode_pb2.CompleteKVResponse(bytes_received=summary.bytes)
 
     # ---- GetStats ---------------------------------------------------------------------------
 
@@ -294,6 +379,21 @@ def add_decode_service(servicer: DecodeServicer, server: grpc.aio.Server) -> Non
             request_deserializer=decode_pb2.GetStatsRequest.FromString,
             response_serializer=decode_pb2.GetStatsResponse.SerializeToString,
         ),
+        "DescribeKV": grpc.unary_unary_rpc_method_handler(
+            servicer.DescribeKV,
+            request_deserializer=decode_pb2.DescribeKVRequest.FromString,
+            response_serializer=decode_pb2.DescribeKVResponse.SerializeToString,
+        ),
+        "ClaimKV": grpc.unary_unary_rpc_method_handler(
+            servicer.ClaimKV,
+            request_deserializer=decode_pb2.ClaimKVRequest.FromString,
+            response_serializer=decode_pb2.ClaimKVResponse.SerializeToString,
+        ),
+        "CompleteKV": grpc.unary_unary_rpc_method_handler(
+            servicer.CompleteKV,
+            request_deserializer=decode_pb2.CompleteKVRequest.FromString,
+            response_serializer=decode_pb2.CompleteKVResponse.SerializeToString,
+        ),
     }
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler("tandem.decode.v1.DecodeService", handlers),)
@@ -309,20 +409,42 @@ async def start(settings: DecodeSettings) -> RunningService:
     async def before_release(rid: str) -> None:
         # Stop KV writes into the request's blocks before the core frees them.
         try:
-            await asyncio.get_running_loop().run_in_executor(kv_writers, receiver.discard, rid)
+            lease = await asyncio.get_running_loop().run_in_executor(
+                kv_writers, receiver.discard, rid
+            )
         except RuntimeError:  # the writers are shut down (the pod is stopping): no write runs
-            receiver.discard(rid)
+            lease = receiver.discard(rid)
+        if lease is None:
+            return
+        # A memory transport's writer may still be copying: wait for its notice or the lease's
+        # end (polling: the notice is handled on the kv-write threads, which must stay free).
+        try:
+            while not receiver.drained(lease):
+                await asyncio.sleep(0.005)
+        finally:
+            receiver.end_drain(rid)
 
+    pool_path = new_pool_path()
     spec = CoreSpec(
         role="decode",
-        engine=settings.engine_config(),
+        engine=settings.engine_config().model_copy(update={"kv_pool_path": pool_path}),
         pod_id=settings.pod_id,
         share_kv_pool=True,
     )
-    pod = await PodRuntime.create(settings, spec, detokenize=True, before_release=before_release)
+    try:
+        pod = await PodRuntime.create(
+            settings, spec, detokenize=True, before_release=before_release
+        )
+    except BaseException:
+        _unlink(pool_path)
+        raise
     info = pod.info
+    pool = info.kv_pool
+    if pool is None:  # a CPU pool in a shared-memory file
+        pool = shm_transport.map_pool(info.kv_pool_path, pool_shape(info), info.kv_spec.dtype)
+    pools, exports = offered_pools(settings, info, pool)
     receiver = KVReceiver(
-        info.kv_pool,
+        pool,
         info.kv_spec,
         info.fingerprint,
         max_chunk_bytes=settings.kv_max_chunk_bytes,
@@ -332,10 +454,81 @@ async def start(settings: DecodeSettings) -> RunningService:
             else None
         ),
     )
-    servicer = DecodeServicer(settings, pod.core, receiver, kv_writers, pod.identity, pod.metrics)
+    servicer = DecodeServicer(
+        settings, pod.core, receiver, kv_writers, pod.identity, pod.metrics, pools
+    )
     add_decode_service(servicer, pod.server.server)
+
+    def release_pool() -> None:
+        for export in exports:
+            export.close()
+        _unlink(info.kv_pool_path)
+
     # After the server stopped: in-flight writes finish, then the core (which owns the pool) stops.
-    return await pod.start([lambda: kv_writers.shutdown(wait=True)], servicer=servicer)
+    service = await pod.start([lambda: kv_writers.shutdown(wait=True)], servicer=servicer)
+    service.on_stop(release_pool)
+    return service
+
+
+def pool_shape(info) -> tuple[int, ...]:
+    s = info.kv_spec
+    return (s.num_layers, 2, info.num_kv_blocks + 1, s.block_size, s.num_kv_heads, s.head_dim)
+
+
+def new_pool_path() -> str:
+    """A fresh shared-memory file name for this pod's CPU KV pool; files of pods that died
+    without removing theirs (kill -9) are removed first."""
+    directory = shm_dir()
+    for stale in glob.glob(os.path.join(directory, "tandem-kv-*")):
+        try:
+            pid = int(os.path.basename(stale).split("-")[2])
+        except (IndexError, ValueError):
+            continue
+        if not _alive(pid):
+            _unlink(stale)
+    return os.path.join(directory, f"tandem-kv-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _unlink(path: str | None) -> None:
+    if path:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def offered_pools(settings: DecodeSettings, info, pool: torch.Tensor):
+    """The memory transports this pod offers (``--kv-transport``), and the exports to close."""
+    mode = settings.kv_transport
+    wanted = [t for t in MEMORY_TRANSPORTS if mode in ("auto", t)]
+    pools: list[PoolDescriptor] = []
+    exports = []
+    for encoded in info.kv_exports:  # made by the core: cuda-ipc
+        d = descriptor_decoder.decode(encoded)
+        if d.transport in wanted:
+            pools.append(d)
+    for name in ("shm", "nixl"):
+        if name not in wanted:
+            continue
+        try:
+            export = export_pool(name, pool, path=info.kv_pool_path)
+        except TransportUnavailable as exc:
+            if mode == name:
+                logger.warning("--kv-transport %s is not available on this pod: %s", name, exc)
+            continue
+        exports.append(export)
+        pools.append(export.descriptor())
+    pools.sort(key=lambda d: TRANSPORTS.index(d.transport))
+    logger.info("KV transports offered: %s", ", ".join([d.transport for d in pools] + ["grpc"]))
+    return pools, exports
 
 
 async def serve(settings: DecodeSettings) -> None:

@@ -13,15 +13,26 @@ import logging
 import time
 
 import grpc
+import msgspec
+import torch
 from opentelemetry import propagate, trace
 
 from services.prefill.settings import PrefillSettings
 from tandem import telemetry
 from tandem.api import proto_convert
-from tandem.api.errors import CapacityExceeded, InvalidRequest, KVFingerprintMismatch, TandemError
-from tandem.api.grpc_status import abort_with
+from tandem.api.channel_options import CLIENT_OPTIONS
+from tandem.api.errors import (
+    CapacityExceeded,
+    InvalidRequest,
+    KVFingerprintMismatch,
+    KVTransferError,
+    TandemError,
+)
+from tandem.api.grpc_status import abort_with, error_from_rpc
 from tandem.api.outputs import RequestMetrics
 from tandem.api.sampling_params import SamplingParams
+from tandem.proto.common.v1 import common_pb2
+from tandem.proto.decode.v1 import decode_pb2, decode_pb2_grpc
 from tandem.proto.prefill.v1 import prefill_pb2, prefill_pb2_grpc
 from tandem.serving import core_protocol
 from tandem.serving.engine_client import EngineCoreClient
@@ -30,6 +41,14 @@ from tandem.serving.grpc_server import RunningService
 from tandem.serving.kv_event_publisher import KVEventPublisher
 from tandem.serving.pod import PodRuntime, pod_stats, serve_pod
 from tandem.serving.pod_metrics import PodMetrics
+from tandem.transfer.transport import (
+    LocalPool,
+    PoolDescriptor,
+    choose,
+    descriptor_decoder,
+    descriptor_encoder,
+    local_transports,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +74,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         self.core = core
         self.identity = identity
         self.fingerprint = core.info.fingerprint
+        self.transports = KVTransportChooser(settings, core.info)
 
     async def Prefill(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
         with telemetry.tracer().start_as_current_span("prefill") as span:
@@ -88,15 +108,32 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             if span.is_recording():
                 carrier = {}
                 propagate.inject(carrier)
-            await self.core.add(
-                rid,
-                ids,
-                params,
-                priority=request.priority,
-                cache_salt=request.cache_salt or None,
-                kv_target=target,
-                trace_carrier=carrier,
-            )
+
+            async def claim_and_add() -> core_protocol.KVTargetSpec:
+                chosen = await self.transports.choose(target, self.metrics)
+                # A claimed lease is released by whoever may write: the core's KV sender once it
+                # has the request, this process if the core never got it (then nothing wrote).
+                try:
+                    await self.core.add(
+                        rid,
+                        ids,
+                        params,
+                        priority=request.priority,
+                        cache_salt=request.cache_salt or None,
+                        kv_target=chosen,
+                        trace_carrier=carrier,
+                    )
+                except BaseException:
+                    await self.transports.release(chosen)
+                    raise
+                return chosen
+
+            # Not cut short by a cancel between the claim and the add (see above).
+            task = asyncio.ensure_future(claim_and_add())
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # seen if we left
+            target = await asyncio.shield(task)
+            if span.is_recording():
+                span.set_attribute("tandem.kv.transport", target.transport)
             item = await stream.get()  # the first token, once its KV transfer ended
             if isinstance(item, BaseException):
                 raise item
@@ -110,7 +147,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             if item.error is not None:
                 self.metrics.transfer("failed")
                 raise core_protocol.error_from_info(item.error)
-            self.metrics.transfer("ok", item.transfer_bytes, item.transfer_seconds)
+            self.metrics.transfer("ok", item.transfer_bytes, item.transfer_seconds, item.transport)
             done = True
             timing = proto_convert.prefill_timing(metrics, item.transfer_seconds)
             if span.is_recording():
@@ -130,6 +167,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                 timing=timing,
                 kv_bytes=item.transfer_bytes,
                 kv_chunks=item.transfer_chunks,
+                kv_transport=item.transport,
             )
         except TandemError as exc:
             span.set_status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
@@ -152,10 +190,137 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                 f"the decode pod's model fingerprint {t.model_fingerprint!r} differs from this "
                 f"prefill pod's {self.fingerprint!r}"
             )
-        return core_protocol.KVTargetSpec(t.address, t.request_id, t.skip_blocks)
+        return core_protocol.KVTargetSpec(
+            t.address,
+            t.request_id,
+            t.skip_blocks,
+            transfer_token=t.transfer_token,
+            block_ids=list(t.block_ids),
+            lease_expires_unix_ms=t.lease_expires_unix_ms,
+            incarnation=t.incarnation,
+            checksum=self.settings.kv_checksum,
+            strict=self.settings.kv_transport_strict,
+        )
 
     async def GetStats(self, request, context):
         return prefill_pb2.GetStatsResponse(stats=pod_stats(self.core, self.identity))
+
+
+class KVTransportChooser:
+    """Picks each transfer's transport (``tandem.transfer.transport.choose``) from what the
+    decode pod offers (``DescribeKV``, cached per pod incarnation), and claims the lease of a
+    memory transport before the engine may write. A fallback is logged at WARNING, counted and
+    put on the span; with ``--kv-transport-strict`` it is refused instead."""
+
+    def __init__(self, settings: PrefillSettings, info) -> None:
+        self.mode = settings.kv_transport
+        self.strict = settings.kv_transport_strict
+        s = info.kv_spec
+        self.local = LocalPool(
+            (s.num_layers, 2, info.num_kv_blocks + 1, s.block_size, s.num_kv_heads, s.head_dim),
+            torch.device(info.device),
+            s.dtype,
+        )
+        self.available = local_transports(self.local.device.type)
+        self.fingerprint = info.fingerprint
+        self._offers: dict[str, tuple[str, list[PoolDescriptor]]] = {}
+        """Decode address -> (its incarnation, its pools)."""
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _stub(self, address: str) -> decode_pb2_grpc.DecodeServiceStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=CLIENT_OPTIONS)
+            self._channels[address] = channel
+        return decode_pb2_grpc.DecodeServiceStub(channel)
+
+    async def _offer(self, target: core_protocol.KVTargetSpec) -> list[PoolDescriptor]:
+        cached = self._offers.get(target.address)
+        if cached is not None and cached[0] == target.incarnation:
+            return cached[1]
+        try:
+            answer = await self._stub(target.address).DescribeKV(
+                decode_pb2.DescribeKVRequest(), timeout=10.0
+            )
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                answer = decode_pb2.DescribeKVResponse(incarnation=target.incarnation)
+            else:
+                raise error_from_rpc(exc) from None
+        pools = []
+        for p in answer.pools:
+            try:
+                pools.append(descriptor_decoder.decode(p.descriptor))
+            except msgspec.DecodeError:
+                logger.warning(
+                    "the decode pod %s sent an unreadable %s descriptor",
+                    target.address,
+                    p.transport,
+                )
+        self._offers[target.address] = (answer.incarnation, pools)
+        return pools
+
+    async def choose(
+        self, target: core_protocol.KVTargetSpec, metrics: PodMetrics
+    ) -> core_protocol.KVTargetSpec:
+        if self.mode == "grpc" or not target.transfer_token:
+            return target  # grpc asked for, or a router that passes no lease: nothing to map
+        offer = await self._offer(target)
+        choice = choose(self.mode, self.local, offer, local=self.available)
+        if choice.fallback is not None:
+            wanted = self.mode if self.mode != "auto" else self.available[0]
+            if self.strict:
+                raise KVTransferError(
+                    f"--kv-transport-strict: no {wanted} transfer to {target.address}: "
+                    f"{choice.fallback}"
+                )
+            logger.warning(
+                "KV transfer to %s falls back to %s (%s)",
+                target.address,
+                choice.transport,
+                choice.fallback,
+            )
+            metrics.fallback(wanted, choice.transport)
+        if choice.descriptor is None:
+            return target
+        try:
+            await self._stub(target.address).ClaimKV(
+                decode_pb2.ClaimKVRequest(
+                    request_id=target.request_id,
+                    transfer_token=target.transfer_token,
+                    transport=choice.transport,
+                ),
+                timeout=10.0,
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        return msgspec.structs.replace(
+            target,
+            transport=choice.transport,
+            descriptor=descriptor_encoder.encode(choice.descriptor),
+        )
+
+    async def release(self, target: core_protocol.KVTargetSpec) -> None:
+        """Free a claimed lease nothing will write (best effort: the lease's end frees it)."""
+        if target.transport == "grpc":
+            return
+        end = common_pb2.KVTransferEnd(
+            request_id=target.request_id,
+            model_fingerprint=self.fingerprint,
+            transfer_token=target.transfer_token,
+            transport=target.transport,
+            aborted=True,
+        )
+        try:
+            await self._stub(target.address).CompleteKV(
+                decode_pb2.CompleteKVRequest(end=end), timeout=5.0
+            )
+        except grpc.RpcError:
+            pass
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
 
 
 async def start(settings: PrefillSettings) -> RunningService:
@@ -201,6 +366,7 @@ async def start(settings: PrefillSettings) -> RunningService:
     servicer = PrefillServicer(settings, pod.core, pod.identity, pod.metrics)
     prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, pod.server.server)
     service = await pod.start([], publisher=publisher)
+    service.on_stop(lambda: asyncio.ensure_future(servicer.transports.close()))
     if publisher is not None:
         service.on_stop(asyncio.create_task(publisher.run(), name="kv-events").cancel)
     return service

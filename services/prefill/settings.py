@@ -22,6 +22,9 @@ class PrefillSettings(PodSettings):
     """Parallel gRPC streams (each on its own connection) per KV transfer."""
     kv_push_timeout_s: float = Field(300.0, gt=0)
     """Deadline of one KV transfer's streams (a blackholed decode pod must not pin them forever)."""
+    kv_checksum: bool = False
+    """Memory transports: send a checksum of the pages with each completion notice; the decode
+    pod verifies it (costs a pass over the pages on both sides)."""
     kv_staging_buffers: int = Field(64, gt=0)
     """Pinned host buffers for device-to-host KV copies (each kv_chunk_bytes large; CUDA only)."""
     kvstore: str | None = None

@@ -324,7 +324,7 @@ class Dispatcher:
         block_size = decode.stats.block_size if decode.stats else 0
         skip_blocks = admitted.num_cached_tokens // block_size if block_size else 0
         request = proto_convert.prefill_request(
-            job, rid, decode.address, skip_blocks, admitted.model_fingerprint
+            job, rid, decode.address, skip_blocks, admitted.model_fingerprint, admitted
         )
         # The prefill computes the prompt minus what that pod caches (kvstore's estimate).
         work = max(1, len(job.prompt_token_ids) - route.expected_cached_tokens)

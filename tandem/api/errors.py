@@ -57,6 +57,11 @@ class KVFingerprintMismatch(KVTransferError):
     """KV pages were computed by another model, dtype or layout (gRPC FAILED_PRECONDITION)."""
 
 
+class KVTransferForbidden(KVTransferError):
+    """A KV write or notice without the reservation's transfer token, or for a lease that is
+    no longer live (gRPC PERMISSION_DENIED). The reservation's own transfer is not harmed."""
+
+
 class RequestCancelled(TandemError):
     """The request was cancelled (client gone, deadline passed); nothing to report to anyone."""
 

@@ -12,6 +12,7 @@ from tandem.api.errors import (
     InvalidRequest,
     KVFingerprintMismatch,
     KVTransferError,
+    KVTransferForbidden,
     ModelNotFound,
     RequestCancelled,
     RequestTooLarge,
@@ -29,6 +30,7 @@ _TO_CODE: list[tuple[type[Exception], grpc.StatusCode]] = [
     (CapacityExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (UpstreamUnavailable, grpc.StatusCode.UNAVAILABLE),
     (KVFingerprintMismatch, grpc.StatusCode.FAILED_PRECONDITION),
+    (KVTransferForbidden, grpc.StatusCode.PERMISSION_DENIED),
     (KVTransferError, grpc.StatusCode.DATA_LOSS),
     (RequestCancelled, grpc.StatusCode.CANCELLED),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
@@ -41,6 +43,7 @@ _FROM_CODE: dict[grpc.StatusCode, type[TandemError]] = {
     grpc.StatusCode.UNAVAILABLE: UpstreamUnavailable,
     grpc.StatusCode.FAILED_PRECONDITION: KVFingerprintMismatch,
     grpc.StatusCode.DATA_LOSS: KVTransferError,
+    grpc.StatusCode.PERMISSION_DENIED: KVTransferForbidden,
     grpc.StatusCode.CANCELLED: RequestCancelled,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
 }

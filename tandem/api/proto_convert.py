@@ -199,9 +199,16 @@ def decode_generate_request(
 
 
 def prefill_request(
-    job: Job, request_id: str, decode_address: str, skip_blocks: int, fingerprint: str
+    job: Job,
+    request_id: str,
+    decode_address: str,
+    skip_blocks: int,
+    fingerprint: str,
+    admitted: "decode_pb2.Admitted | None" = None,
 ) -> prefill_pb2.PrefillRequest:
-    return prefill_pb2.PrefillRequest(
+    """The prefill half of a disaggregated request; ``admitted`` (the decode pod's answer)
+    carries the lease the prefill pod's writer presents and the reserved blocks' ids."""
+    request = prefill_pb2.PrefillRequest(
         request_id=request_id,
         prompt_token_ids=job.prompt_token_ids,
         sampling_params=sampling_params_to_proto(job.params),
@@ -214,6 +221,13 @@ def prefill_request(
             model_fingerprint=fingerprint,
         ),
     )
+    if admitted is not None:
+        t = request.decode_target
+        t.transfer_token = admitted.transfer_token
+        t.lease_expires_unix_ms = admitted.lease_expires_unix_ms
+        t.block_ids.extend(admitted.block_ids)
+        t.incarnation = admitted.incarnation
+    return request
 
 
 def transfer_end(out: RequestOutput, request_id: str, fingerprint: str) -> common_pb2.KVTransferEnd:

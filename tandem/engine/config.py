@@ -93,6 +93,10 @@ class EngineConfig(EngineOptions):
 
     model: str
     """Path of a Hugging Face model directory (config.json, *.safetensors, tokenizer.json)."""
+    kv_pool_path: str | None = None
+    """CPU only: allocate the KV pool in this file (under /dev/shm: shared memory), so other
+    processes on the host can map it (a decode pod's front, and prefill pods' ``shm`` KV
+    transport). The caller removes the file."""
 
 
 @dataclass(slots=True, frozen=True)

@@ -36,19 +36,42 @@ class KVCacheSpec:
 class PagedKVCache:
     """The KV pool of one engine, indexed by block id."""
 
-    def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        spec: KVCacheSpec,
+        num_blocks: int,
+        device: torch.device,
+        *,
+        path: str | None = None,
+    ) -> None:
+        """``path`` (CPU only): allocate the pool in this file, shared with any process that
+        maps it (``torch.from_file``; a new file reads as zeros)."""
         self.spec = spec
         self.num_blocks = num_blocks
         """Blocks requests can hold (ids ``0 .. num_blocks - 1``)."""
         self.scratch_slot = num_blocks * spec.block_size
         """A slot of one extra block no request owns: padding rows of a CUDA-graph batch write
         there."""
-        # Zeros, not empty: attention multiplies masked-out V rows by 0, and 0 * NaN is NaN.
-        self.tensor = torch.zeros(
-            (spec.num_layers, 2, num_blocks + 1, spec.block_size, spec.num_kv_heads, spec.head_dim),
-            dtype=spec.dtype,
-            device=device,
+        shape = (
+            spec.num_layers,
+            2,
+            num_blocks + 1,
+            spec.block_size,
+            spec.num_kv_heads,
+            spec.head_dim,
         )
+        self.path = path if device.type == "cpu" else None
+        if self.path is not None:
+            numel = 1
+            for n in shape:
+                numel *= n
+            with open(self.path, "wb"):  # a fresh, empty file: from_file grows it with zeros
+                pass
+            self.tensor = torch.from_file(self.path, shared=True, size=numel, dtype=spec.dtype)
+            self.tensor = self.tensor.view(shape)
+        else:
+            # Zeros, not empty: attention multiplies masked-out V rows by 0, and 0 * NaN is NaN.
+            self.tensor = torch.zeros(shape, dtype=spec.dtype, device=device)
 
     def layer(self, index: int) -> torch.Tensor:
         """``[2, num_blocks, block_size, num_kv_heads, head_dim]`` view of one layer."""

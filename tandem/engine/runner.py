@@ -162,7 +162,12 @@ class ModelRunner:
             dummy=config.load_format == "dummy",
         )
         self.kv_spec = KVCacheSpec.for_model(model_config, config.block_size, self.dtype)
-        self.kv_cache = PagedKVCache(self.kv_spec, self._num_kv_blocks(max_model_len), self.device)
+        self.kv_cache = PagedKVCache(
+            self.kv_spec,
+            self._num_kv_blocks(max_model_len),
+            self.device,
+            path=config.kv_pool_path,
+        )
         self.graphs = None
         """Decode CUDA graphs (``cuda_graphs.DecodeGraphs``), captured by
         ``capture_decode_graphs``."""

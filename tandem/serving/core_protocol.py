@@ -35,6 +35,16 @@ class KVTargetSpec(msgspec.Struct, frozen=True):
     address: str
     request_id: str
     skip_blocks: int
+    transfer_token: str = ""
+    transport: str = "grpc"
+    descriptor: bytes | None = None
+    """Memory transports: the decode pod's ``PoolDescriptor`` (msgpack)."""
+    block_ids: list[int] = []
+    lease_expires_unix_ms: int = 0
+    incarnation: str = ""
+    checksum: bool = False
+    strict: bool = False
+    """Refuse rather than fall back to grpc if the pool cannot be mapped here."""
 
 
 class AddRequest(msgspec.Struct, tag="add", frozen=True):
@@ -131,6 +141,8 @@ class PrefillDone(msgspec.Struct, frozen=True):
     transfer_bytes: int = 0
     transfer_chunks: int = 0
     transfer_seconds: float = 0.0
+    transport: str = "grpc"
+    """The transport that carried the pages (may differ from the one asked for: a fallback)."""
     error: ErrorInfo | None = None
 
 

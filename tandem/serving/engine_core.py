@@ -5,8 +5,8 @@ The pod's front process (gRPC server, KV control plane, detokenization) spawns i
 ``CoreSpec`` and talks to it over two ZeroMQ sockets: commands in (``core_protocol``), one
 ``CoreUpdate`` out per step. Nothing else runs here, so nothing else takes this interpreter's GIL
 between steps: no gRPC server, no HTTP, no text. NOTE: a prefill core also runs its KV sender,
-whose PushKV client streams need the engine's pages as each layer group finishes; moving the
-transport out of this process is the KV data plane's work.
+which needs the engine's pages as each layer group finishes (memory transports copy them
+straight into the decode pod's pool; gRPC stages them for PushKV streams).
 
 The loop sleeps on its sockets while there is nothing to step (no busy polling) and exits when
 told to or when its front process goes away (the handshake pipe closes).
@@ -28,7 +28,7 @@ from opentelemetry import propagate
 
 from tandem import telemetry
 from tandem.api import proto_convert
-from tandem.api.errors import CapacityExceeded, TandemError
+from tandem.api.errors import CapacityExceeded, KVTransferError, TandemError
 from tandem.api.sampling_params import SamplingParams
 from tandem.api.step_outputs import StepOutputs
 from tandem.engine.config import EngineConfig
@@ -38,6 +38,12 @@ from tandem.proto.common.v1 import common_pb2
 from tandem.serving import core_protocol as proto
 from tandem.transfer.push_streams import KVTarget, TransferResult
 from tandem.transfer.sender import KVSender
+from tandem.transfer.transport import (
+    TransportUnavailable,
+    descriptor_decoder,
+    descriptor_encoder,
+    export_pool,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +105,11 @@ class EngineInfo:
     engine_event: bytes | None = None
     """CUDA IPC handle of an event the core records on its stream whenever it hands blocks to a
     remote prefill: pushed pages are written after it (a step in flight may still write there)."""
+    kv_pool_path: str | None = None
+    """A CPU pool allocated in a shared-memory file (``EngineConfig.kv_pool_path``): the front
+    maps it by name (``kv_pool`` is then None: such memory does not travel through pickling)."""
+    kv_exports: list[bytes] = field(default_factory=list)
+    """Encoded ``PoolDescriptor``s the core made of its pool (cuda-ipc: only the owner can)."""
 
 
 @dataclass(slots=True)
@@ -158,21 +169,31 @@ class EngineCore:
                 staging_buffers=o.staging_buffers,
                 device=runner.device,
             )
+            self.sender.attach_pool(runner.kv_cache.tensor)
             self.engine.set_kv_layer_hook(self.sender)
         self._engine_event: torch.cuda.Event | None = None
+        self._kv_exports: list[bytes] = []
         if spec.share_kv_pool:
+            pool = runner.kv_cache.tensor
             if runner.device.type == "cuda":
                 self._engine_event = torch.cuda.Event(interprocess=True)
                 self._engine_event.record(torch.cuda.current_stream(runner.device))
-            else:
+                # Only the allocation's owner can export it (CUDA refuses to re-export).
+                try:
+                    export = export_pool("cuda-ipc", pool)
+                    self._kv_exports.append(descriptor_encoder.encode(export.descriptor()))
+                except TransportUnavailable as exc:
+                    logger.warning("the KV pool cannot be exported over cuda-ipc: %s", exc)
+            elif runner.kv_cache.path is None:
                 # In place: the model's views of the pool see the shared memory too.
-                runner.kv_cache.tensor.share_memory_()
+                pool.share_memory_()
         if spec.role == "decode":
             runner.capture_decode_graphs()  # before serving: no request pays for the captures
         self.steps = 0
         self._last_update = 0.0
-        self._targets: dict[str, str] = {}
-        """Prefill cores: each request's id on its decode pod (named in the transfer's end)."""
+        self._targets: dict[str, KVTarget] = {}
+        """Prefill cores: each request's target (its id and token on the decode pod, named in
+        the transfer's end)."""
         self._outbox = _Outbox()
         self._transfers_done: queue.SimpleQueue[proto.PrefillDone] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
@@ -197,10 +218,16 @@ class EngineCore:
             device=str(e.runner.device),
             async_scheduling=e.async_scheduling,
             kv_spec=e.runner.kv_spec,
-            kv_pool=e.runner.kv_cache.tensor if self.spec.share_kv_pool else None,
+            kv_pool=(
+                e.runner.kv_cache.tensor
+                if self.spec.share_kv_pool and e.runner.kv_cache.path is None
+                else None
+            ),
             engine_event=(
                 bytes(self._engine_event.ipc_handle()) if self._engine_event is not None else None
             ),
+            kv_pool_path=e.runner.kv_cache.path if self.spec.share_kv_pool else None,
+            kv_exports=self._kv_exports,
         )
 
     # ---- the loop -------------------------------------------------------------------------------
@@ -301,11 +328,18 @@ class EngineCore:
         if cmd.kv_target is not None:
             if self.sender is None:
                 raise TypeError("a KV target sent to an engine core without a KV sender")
-            t = cmd.kv_target
             context = propagate.extract(cmd.trace_carrier) if cmd.trace_carrier else None
-            target = KVTarget(t.address, t.request_id, t.skip_blocks, engine.fingerprint.digest())
-            self.sender.start(cmd.request_id, target, len(cmd.prompt_token_ids), context)
-            self._targets[cmd.request_id] = t.request_id
+            target = self._kv_target(cmd.kv_target)
+            try:
+                self.sender.start(cmd.request_id, target, len(cmd.prompt_token_ids), context)
+            except TransportUnavailable as exc:
+                # The front claimed the lease for this transport (it checked it could reach the
+                # pool): release it at once rather than let it run out.
+                self.sender.notify_abort(target)
+                raise KVTransferError(
+                    f"KV transport {target.transport} to {target.address} failed here: {exc}"
+                ) from None
+            self._targets[cmd.request_id] = target
         try:
             engine.add_request(
                 cmd.request_id,
@@ -327,6 +361,25 @@ class EngineCore:
                 f"no room for a {n}-token prompt now: "
                 f"{bm.num_free_blocks} of {bm.num_total_blocks} blocks free"
             )
+
+    def _kv_target(self, t: proto.KVTargetSpec) -> KVTarget:
+        return KVTarget(
+            t.address,
+            t.request_id,
+            t.skip_blocks,
+            self.engine.fingerprint.digest(),
+            transfer_token=t.transfer_token,
+            transport=t.transport,
+            descriptor=(
+                descriptor_decoder.decode(t.descriptor)
+                if t.descriptor is not None and t.transport != "grpc"
+                else None
+            ),
+            block_ids=tuple(t.block_ids),
+            lease_expires_unix_ms=t.lease_expires_unix_ms,
+            incarnation=t.incarnation,
+            checksum=t.checksum,
+        )
 
     def _release(self, request_id: str) -> None:
         """Give up a request: stop its KV transfer (prefill), then free its blocks."""
@@ -395,7 +448,8 @@ class EngineCore:
             if target_id is None:  # its transfer was aborted meanwhile
                 continue
             end = common_pb2.KVTransferEnd(
-                request_id=target_id,
+                request_id=target_id.request_id,
+                transfer_token=target_id.transfer_token,
                 model_fingerprint=self.engine.fingerprint.digest(),
                 first_token_id=row.token_ids[0],
                 num_cached_tokens=row.num_cached_tokens,
@@ -422,6 +476,7 @@ class EngineCore:
                 transfer_bytes=result.bytes,
                 transfer_chunks=result.chunks,
                 transfer_seconds=result.seconds,
+                transport=result.transport,
             )
         except BaseException as exc:  # noqa: BLE001 - the front's Prefill call reports it
             done = msgspec.structs.replace(done, error=proto.error_info(exc))

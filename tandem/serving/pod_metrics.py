@@ -180,10 +180,16 @@ class PodMetrics:
         ).labels(**self.labels)
         self.kv_bytes = Counter(
             "tandem_kv_transfer_bytes",
-            "KV page bytes pushed (prefill) or received (decode).",
-            LABELS,
+            "KV page bytes pushed (prefill) or received (decode), by transport.",
+            LABELS + ["transport"],
             registry=r,
-        ).labels(**self.labels)
+        )
+        self.kv_fallbacks = Counter(
+            "tandem_kv_transfer_fallbacks",
+            "KV transfers that used a slower transport than configured (--kv-transport).",
+            LABELS + ["wanted", "transport"],
+            registry=r,
+        )
         self.kv_seconds = Histogram(
             "tandem_kv_transfer_duration_seconds",
             "From a transfer's first chunk to its acknowledgement.",
@@ -194,6 +200,9 @@ class PodMetrics:
         self.kv_transfers = Counter(
             "tandem_kv_transfers", "KV transfers by outcome.", LABELS + ["outcome"], registry=r
         )
+
+    def fallback(self, wanted: str, transport: str) -> None:
+        self.kv_fallbacks.labels(**self.labels, wanted=wanted, transport=transport).inc()
 
     def serve(self, port: int) -> None:
         """Expose /metrics over HTTP on ``port`` (a thread of prometheus_client)."""
@@ -208,9 +217,15 @@ class PodMetrics:
             self.ttft.observe(m.first_token_time - m.arrival_time)
         self.e2e.observe(end - m.arrival_time)
 
-    def transfer(self, outcome: str, nbytes: int = 0, seconds: float | None = None) -> None:
+    def transfer(
+        self,
+        outcome: str,
+        nbytes: int = 0,
+        seconds: float | None = None,
+        transport: str = "grpc",
+    ) -> None:
         self.kv_transfers.labels(**self.labels, outcome=outcome).inc()
         if nbytes:
-            self.kv_bytes.inc(nbytes)
+            self.kv_bytes.labels(**self.labels, transport=transport).inc(nbytes)
         if seconds is not None:
             self.kv_seconds.observe(seconds)

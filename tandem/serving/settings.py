@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tandem.engine.config import EngineConfig, EngineOptions
 from tandem.serving.engine_core import EngineInfo
+from tandem.transfer.transport import KVTransportMode
 
 
 class PodSettings(BaseSettings, EngineOptions):
@@ -39,6 +40,14 @@ class PodSettings(BaseSettings, EngineOptions):
     pod's terminationGracePeriodSeconds above it)."""
     max_waiting: int = Field(1024, gt=0)
     """Most requests queued in the engine; more are refused with RESOURCE_EXHAUSTED."""
+    kv_transport: KVTransportMode = "auto"
+    """How KV pages move between prefill and decode pods: auto (the fastest both pods can use),
+    cuda-ipc (GPU pools on one node), nixl (NIXL over UCX: RDMA across nodes; the nixl extra),
+    shm (CPU pools on one host), grpc (any network). Decode pods offer it (grpc always, unless
+    strict); prefill pods choose per transfer."""
+    kv_transport_strict: bool = False
+    """Refuse a transfer rather than fall back to a slower transport (a fallback is otherwise
+    logged at WARNING and counted in tandem_kv_transfer_fallbacks_total)."""
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(model=str(self.model), **self.engine_options())

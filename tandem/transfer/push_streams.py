@@ -20,6 +20,7 @@ from tandem import telemetry
 from tandem.api.errors import KVTransferError
 from tandem.proto.common.v1 import common_pb2
 from tandem.proto.decode.v1 import decode_pb2
+from tandem.transfer.transport import PoolDescriptor
 
 _CLOSE = object()
 
@@ -32,6 +33,18 @@ class KVTarget:
     request_id: str
     skip_blocks: int
     model_fingerprint: str
+    transfer_token: str = ""
+    """The decode pod's lease token for the reserved blocks (sent with every chunk)."""
+    transport: str = "grpc"
+    descriptor: "PoolDescriptor | None" = None
+    """Memory transports: the decode pod's pool (``DescribeKV``)."""
+    block_ids: tuple[int, ...] = ()
+    """Memory transports: the reserved blocks' ids in the decode pod's pool."""
+    lease_expires_unix_ms: int = 0
+    incarnation: str = ""
+    """The decode pod's incarnation (its pool mappings are valid for it only)."""
+    checksum: bool = False
+    """Memory transports: send a checksum of the pages with the completion notice."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -39,6 +52,27 @@ class TransferResult:
     bytes: int
     chunks: int
     seconds: float
+    transport: str = "grpc"
+
+
+def end_transfer_span(
+    span: "trace.Span | None", nbytes: int, chunks: int, started: float | None, error: str | None
+) -> None:
+    """End a ``kv_transfer`` span with what moved and how fast (any transport)."""
+    if span is None:
+        return
+    seconds = time.perf_counter() - (started or time.perf_counter())
+    span.set_attributes(
+        {
+            "tandem.kv.bytes": nbytes,
+            "tandem.kv.chunks": chunks,
+            "tandem.kv.seconds": seconds,
+            "tandem.kv.gbps": nbytes / seconds / 1e9 if seconds > 0 else 0.0,
+        }
+    )
+    if error is not None:
+        span.set_status(trace.StatusCode.ERROR, error)
+    span.end()
 
 
 class _Chunk:
@@ -126,6 +160,7 @@ class KVTransfer:
                 context=self._trace_context,
                 attributes={
                     "tandem.kv.target": self.target.address,
+                    "tandem.kv.transport": "grpc",
                     "tandem.kv.skip_blocks": self.target.skip_blocks,
                     "tandem.kv.streams": len(self._streams),
                 },
@@ -137,20 +172,7 @@ class KVTransfer:
     def _end_span(self, error: str | None = None) -> None:
         with self._lock:
             span, self._span = self._span, None
-        if span is None:
-            return
-        seconds = time.perf_counter() - self.started
-        span.set_attributes(
-            {
-                "tandem.kv.bytes": self.bytes,
-                "tandem.kv.chunks": self.chunks,
-                "tandem.kv.seconds": seconds,
-                "tandem.kv.gbps": self.bytes / seconds / 1e9 if seconds > 0 else 0.0,
-            }
-        )
-        if error is not None:
-            span.set_status(trace.StatusCode.ERROR, error)
-        span.end()
+        end_transfer_span(span, self.bytes, self.chunks, self.started, error)
 
     def _open(self, i: int) -> bool:
         """Open stream ``i``; False if the transfer was cancelled (then nothing opens)."""
@@ -201,6 +223,8 @@ class KVTransfer:
             if primary.call is None and not self._open(0):
                 raise grpc.FutureCancelledError()
             end.total_chunks = self.chunks
+            end.transfer_token = end.transfer_token or self.target.transfer_token
+            end.transport = "grpc"
             primary.queue.put(decode_pb2.PushKVRequest(end=end))
             primary.queue.put(_CLOSE)
             primary.call.result()

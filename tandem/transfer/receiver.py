@@ -1,19 +1,34 @@
-"""KV receiver (decode pods): writes pushed KV chunks into a request's reserved blocks.
+"""KV receiver (decode pods): the leases on reserved blocks, and the gRPC transport's writes.
 
-Every chunk is validated against the reservation before it touches the pool (wire.py), and
-every region may be written once: duplicates and overlaps are refused. A transfer completes only
-when the sender's end message arrives, the chunk count matches, and every (layer, block) of the
-expected range has arrived. ``discard`` waits for an in-flight write, so once it returns the
-reserved blocks may be freed and reused safely.
+Every reservation is a **lease** (``expect``): an unguessable transfer token, an epoch and an
+end time. Only a writer presenting the token may write or complete it (a forged chunk or notice
+is refused with ``KVTransferForbidden`` and harms nothing).
+
+- gRPC transport: every chunk is validated against the reservation before it touches the pool
+  (wire.py), and every region may be written once: duplicates and overlaps are refused. A
+  transfer completes only when the end message arrives, the chunk count matches, and every
+  (layer, block) of the expected range has arrived.
+- memory transports (shm, cuda-ipc, nixl) write into the pool from the prefill pod without any
+  code running here. The writer first ``claim``s the lease (from then on this pod assumes it may
+  be writing), then sends one ``complete_memory`` notice: done, or aborted.
+
+``discard`` stops a reservation. For the gRPC transport, once it returns no write is running and
+the blocks may be reused; a claimed memory lease is returned to the caller, which frees the
+blocks only once it is ``drained``: the writer's notice arrived (it flushed and stopped) or the
+lease ended, whichever comes first -- an aborted transfer can never write into blocks already
+given to another request.
 """
 
+import hmac
+import itertools
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from tandem.api.errors import KVTransferError
+from tandem.api.errors import KVTransferError, KVTransferForbidden
 from tandem.engine.kv_cache import KVCacheSpec
 from tandem.engine.uploads import upload
 from tandem.proto.common.v1 import common_pb2
@@ -25,12 +40,28 @@ from tandem.transfer.wire import (
 )
 
 
+@dataclass(slots=True, frozen=True)
+class Lease:
+    """What a reservation's writer must present, and until when it may write."""
+
+    token: str
+    epoch: int
+    expires_unix_ms: int
+
+
 @dataclass(slots=True)
 class _Inbound:
     block_ids: torch.Tensor
     first_block: int
     received: torch.Tensor
     """[layers, blocks] bool: which pages have been written."""
+    lease: Lease
+    expires_at: float
+    """``time.monotonic()`` at the lease's end."""
+    transport: str | None = None
+    """Set by the first writer: "grpc" by a chunk, a memory transport by ``claim``."""
+    stopped: threading.Event = field(default_factory=threading.Event)
+    """A claimed memory writer confirmed it stopped (its completion or abort notice)."""
     chunks: int = 0
     bytes: int = 0
     first_write: float | None = None
@@ -49,6 +80,11 @@ class TransferSummary:
     bytes: int
     seconds: float
     """From the first chunk written to the end message."""
+    transport: str = "grpc"
+
+
+MEMORY_WRITE_MARGIN_S = 5.0
+"""A memory writer stops this long before its lease ends (clocks of one host, or NTP-close)."""
 
 
 class KVReceiver:
@@ -80,13 +116,27 @@ class KVReceiver:
         self._inbound: dict[str, _Inbound] = {}
         self._lock = threading.Lock()
         self._stream = torch.cuda.Stream(self.kv.device) if self.kv.is_cuda else None
+        self._epochs = itertools.count(1)
+        self._draining: dict[str, _Inbound] = {}
+        """Discarded leases whose memory writer has not confirmed it stopped: its notice still
+        finds them (and releases ``discard``)."""
 
-    def expect(self, request_id: str, block_ids: list[int], first_block: int) -> None:
-        """Accept chunks for ``request_id``'s blocks ``[first_block, len(block_ids))``."""
+    def expect(
+        self, request_id: str, block_ids: list[int], first_block: int, lease_s: float = 90.0
+    ) -> Lease:
+        """Lease ``request_id``'s blocks ``[first_block, len(block_ids))`` to one transfer for
+        ``lease_s`` seconds; returns what its writer must present."""
+        lease = Lease(
+            token=secrets.token_urlsafe(24),
+            epoch=next(self._epochs),
+            expires_unix_ms=int((time.time() + lease_s) * 1000),
+        )
         inbound = _Inbound(
             block_ids=upload(torch.tensor(block_ids, dtype=torch.long), self.kv.device),
             first_block=first_block,
             received=torch.zeros((self.layout.num_layers, len(block_ids)), dtype=torch.bool),
+            lease=lease,
+            expires_at=time.monotonic() + lease_s,
         )
         if self._engine_event is not None:
             # Pin the shared event's latest record (the one made for this reservation, or a
@@ -102,22 +152,102 @@ class KVReceiver:
             if request_id in self._inbound:
                 raise KVTransferError(f"request {request_id!r} already expects KV")
             self._inbound[request_id] = inbound
+        return lease
 
     def expects(self, request_id: str) -> bool:
         return request_id in self._inbound
 
-    def _get(self, request_id: str) -> _Inbound:
+    def _get(self, request_id: str, token: str) -> _Inbound:
+        """The live lease ``token`` opens (compared in constant time)."""
         inbound = self._inbound.get(request_id)
-        if inbound is None:
-            raise KVTransferError(f"no KV reservation for request {request_id!r} on this pod")
+        if inbound is None or not hmac.compare_digest(inbound.lease.token, token or ""):
+            # One answer for both: a forger learns nothing about which requests exist.
+            raise KVTransferForbidden(
+                f"no KV reservation for request {request_id!r} with this transfer token"
+            )
         return inbound
+
+    def _take_transport(self, inbound: _Inbound, transport: str) -> None:
+        if inbound.transport is None:
+            inbound.transport = transport
+        elif inbound.transport != transport:
+            raise KVTransferError(f"the transfer already uses {inbound.transport}, not {transport}")
+
+    # ---- memory transports ------------------------------------------------------------------
+
+    def claim(self, request_id: str, token: str, transport: str) -> Lease:
+        """A memory-transport writer takes the lease before its first write.
+
+        Blocks until the pages may be written: on a GPU, until the engine's last step that may
+        have used these blocks (async scheduling) is done -- the writer's copies are not ordered
+        after it otherwise.
+        """
+        inbound = self._get(request_id, token)
+        with inbound.lock:
+            if inbound.closed:
+                raise KVTransferForbidden(f"the KV reservation of {request_id!r} was cancelled")
+            if time.monotonic() >= inbound.expires_at - MEMORY_WRITE_MARGIN_S:
+                raise KVTransferForbidden(f"the KV lease of {request_id!r} has ended")
+            self._take_transport(inbound, transport)
+        if inbound.engine_done is not None:
+            inbound.engine_done.synchronize()
+        return inbound.lease
+
+    def complete_memory(
+        self, end: common_pb2.KVTransferEnd, checksum: "torch.Tensor | None" = None
+    ) -> TransferSummary:
+        """A memory writer's one notice: the pages are in place (or, ``end.aborted``, it stopped
+        early). Afterwards the blocks hold the prompt's KV, or may be freed.
+
+        Raises:
+            KVTransferForbidden: wrong token, not claimed, or the lease already ended.
+            KVTransferError: an abort notice (the request fails), or a checksum mismatch.
+        """
+        check_fingerprint(end.model_fingerprint, self.fingerprint)
+        draining = self._draining.get(end.request_id)
+        if draining is not None and hmac.compare_digest(
+            draining.lease.token, end.transfer_token or ""
+        ):
+            draining.stopped.set()  # the writer stopped: the blocks may go back
+            raise KVTransferForbidden(f"the KV transfer of {end.request_id!r} was cancelled")
+        inbound = self._get(end.request_id, end.transfer_token)
+        with inbound.lock:
+            if inbound.transport is None or inbound.transport == "grpc":
+                raise KVTransferForbidden(
+                    f"the KV transfer of {end.request_id!r} was not claimed by a memory transport"
+                )
+            inbound.stopped.set()  # whatever else happens, the writer no longer writes
+            if inbound.closed:
+                raise KVTransferForbidden(f"the KV transfer of {end.request_id!r} was cancelled")
+            inbound.closed = True
+        with self._lock:
+            self._inbound.pop(end.request_id, None)
+        if end.aborted:
+            raise KVTransferError(f"the prefill pod aborted the KV transfer of {end.request_id!r}")
+        if end.HasField("checksum"):
+            got = self.checksum(inbound)
+            if got != end.checksum:
+                raise KVTransferError(
+                    f"KV checksum mismatch for {end.request_id!r}: the pages landed differ "
+                    f"from the ones sent"
+                )
+        blocks = len(inbound.block_ids) - inbound.first_block
+        nbytes = blocks * self.layout.num_layers * self.layout.bytes_per_block_layer
+        return TransferSummary(1, nbytes, 0.0, inbound.transport)
+
+    def checksum(self, inbound: _Inbound) -> int:
+        """The pages of the transferred blocks summed as 16-bit integers (``page_checksum``)."""
+        ids = inbound.block_ids[inbound.first_block :]
+        return page_checksum(self.kv.index_select(2, ids))
+
+    # ---- the gRPC transport -----------------------------------------------------------------
 
     def write(self, chunk: common_pb2.KVChunk, data) -> int:
         """Validate one chunk (header and payload) and copy its pages into the reserved blocks.
 
         Returns the payload's size in bytes.
         """
-        inbound = self._get(chunk.request_id)
+        inbound = self._get(chunk.request_id, chunk.transfer_token)
         pages = validate_chunk(
             chunk,
             data,
@@ -131,6 +261,7 @@ class KVReceiver:
         with inbound.lock:
             if inbound.closed:
                 raise KVTransferError(f"the KV transfer of {chunk.request_id!r} was cancelled")
+            self._take_transport(inbound, "grpc")
             region = inbound.received[l0:l1, b0:b1]
             if bool(region.any()):
                 raise KVTransferError(
@@ -156,8 +287,12 @@ class KVReceiver:
     def complete(self, end: common_pb2.KVTransferEnd) -> TransferSummary:
         """Check that the whole transfer arrived; afterwards the blocks hold the prompt's KV."""
         check_fingerprint(end.model_fingerprint, self.fingerprint)
-        inbound = self._get(end.request_id)
+        inbound = self._get(end.request_id, end.transfer_token)
         with inbound.lock:
+            if inbound.transport not in (None, "grpc"):
+                raise KVTransferError(
+                    f"the KV transfer of {end.request_id!r} is {inbound.transport}"
+                )
             if inbound.closed:
                 raise KVTransferError(f"the KV transfer of {end.request_id!r} was cancelled")
             if inbound.chunks != end.total_chunks:
@@ -182,13 +317,55 @@ class KVReceiver:
         )
         return TransferSummary(inbound.chunks, inbound.bytes, seconds)
 
-    def discard(self, request_id: str) -> None:
-        """Stop accepting KV for the request; returns once no write into its blocks is running."""
+    def discard(self, request_id: str) -> "_Inbound | None":
+        """Stop accepting KV for the request. Returns at once (after any gRPC write in flight).
+
+        Returns None when nothing may write into its blocks any more; for a claimed memory lease
+        the lease itself, which keeps listening for its writer's notice: free the blocks once
+        ``drained`` says so, then call ``end_drain``.
+        """
         with self._lock:
             inbound = self._inbound.pop(request_id, None)
         if inbound is None:
-            return
+            return None
         with inbound.lock:
             inbound.closed = True
             if self._stream is not None:
                 self._stream.synchronize()
+            memory = inbound.transport not in (None, "grpc")
+        if not memory:
+            return None
+        with self._lock:
+            self._draining[request_id] = inbound
+        return inbound
+
+    @staticmethod
+    def drained(inbound: _Inbound) -> bool:
+        """The writer confirmed it stopped, or the lease ended."""
+        return inbound.stopped.is_set() or time.monotonic() >= inbound.expires_at
+
+    def end_drain(self, request_id: str) -> None:
+        with self._lock:
+            self._draining.pop(request_id, None)
+
+    def discard_and_wait(self, request_id: str) -> None:
+        """``discard``, then block until the blocks may be reused (tests, threads)."""
+        inbound = self.discard(request_id)
+        if inbound is not None:
+            try:
+                inbound.stopped.wait(max(0.0, inbound.expires_at - time.monotonic()))
+            finally:
+                self.end_drain(request_id)
+
+    def leases(self) -> int:
+        """Reservations still leased (waiting for their KV)."""
+        return len(self._inbound)
+
+
+def page_checksum(pages: torch.Tensor) -> int:
+    """The sum of ``pages``' bytes read as 16-bit integers: equal on both sides of a transfer
+    exactly when the pages arrived (up to collisions no accident produces)."""
+    flat = pages.contiguous().view(-1).view(torch.uint8)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    return int(flat.view(torch.int16).sum(dtype=torch.int64))

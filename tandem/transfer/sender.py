@@ -32,8 +32,10 @@ from tandem.engine.scheduler import ScheduledSequence
 from tandem.proto.common.v1 import common_pb2
 from tandem.proto.decode.v1 import decode_pb2
 from tandem.transfer import codec
+from tandem.transfer.memory_push import MemoryTransfer
 from tandem.transfer.push_streams import KVTarget, KVTransfer, TransferResult
 from tandem.transfer.staging import PinnedBufferPool
+from tandem.transfer.transport import PoolWriter, TransportUnavailable, open_writer
 from tandem.transfer.wire import (
     DEFAULT_MAX_CHUNK_BYTES,
     PageLayout,
@@ -43,6 +45,7 @@ from tandem.transfer.wire import (
 )
 
 PUSH_KV_METHOD = "/tandem.decode.v1.DecodeService/PushKV"
+COMPLETE_KV_METHOD = "/tandem.decode.v1.DecodeService/CompleteKV"
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +60,7 @@ class ChannelPool:
         self.num_streams = num_streams
         self._channels: dict[str, list[grpc.Channel]] = {}
         self._calls: dict[str, list[grpc.StreamUnaryMultiCallable]] = {}
+        self._complete: dict[str, grpc.UnaryUnaryMultiCallable] = {}
         self._lock = threading.Lock()
 
     def push_kv(self, address: str) -> list[grpc.StreamUnaryMultiCallable]:
@@ -80,8 +84,26 @@ class ChannelPool:
                 self._calls[address] = calls
         return calls
 
+    def complete_kv(self, address: str) -> grpc.UnaryUnaryMultiCallable:
+        """``CompleteKV`` of a decode pod (memory transports' one notice per transfer)."""
+        with self._lock:
+            call = self._complete.get(address)
+            if call is None:
+                channel = grpc.insecure_channel(address, options=CLIENT_OPTIONS)
+                self._channels.setdefault(address + "#control", []).append(channel)
+                call = channel.unary_unary(
+                    COMPLETE_KV_METHOD,
+                    request_serializer=lambda end: decode_pb2.CompleteKVRequest(
+                        end=end
+                    ).SerializeToString(),
+                    response_deserializer=decode_pb2.CompleteKVResponse.FromString,
+                )
+                self._complete[address] = call
+        return call
+
     def close(self) -> None:
         with self._lock:
+            self._complete.clear()
             for channels in self._channels.values():
                 for c in channels:
                     c.close()
@@ -139,6 +161,12 @@ class KVSender:
             max_chunk_bytes, staging_buffers, pin_memory=device.type == "cuda"
         )
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.pool: torch.Tensor | None = None
+        """This engine's KV pool (``attach_pool``): what memory transports copy from."""
+        self._writers: dict[tuple[str, str], PoolWriter] = {}
+
+    def attach_pool(self, pool: torch.Tensor) -> None:
+        self.pool = pool
 
     def start(
         self,
@@ -157,17 +185,73 @@ class KVSender:
         if request_id in self._transfers or request_id in self._finishing:
             raise InvalidRequest(f"request id {request_id!r} is already in use", param="request_id")
         num_blocks = -(-num_prompt_tokens // self.layout.block_size)
-        transfer = KVTransfer(
-            target,
-            num_blocks,
-            self.channels.push_kv(target.address),
-            self.fingerprint,
-            self.push_timeout_s,
-            trace_context,
-        )
+        if target.transport == "grpc":
+            transfer = KVTransfer(
+                target,
+                num_blocks,
+                self.channels.push_kv(target.address),
+                self.fingerprint,
+                self.push_timeout_s,
+                trace_context,
+            )
+        else:
+            transfer = MemoryTransfer(
+                target,
+                num_blocks,
+                self._writer(target),
+                self.channels.complete_kv(target.address),
+                self.push_timeout_s,
+                trace_context,
+            )
         transfer.sent_blocks = min(target.skip_blocks, num_blocks)
         self._transfers[request_id] = transfer
         return transfer
+
+    def _writer(self, target: KVTarget) -> PoolWriter:
+        """The mapping of ``target``'s decode pod pool, made once per pod incarnation; a new
+        incarnation at the same address drops the old mappings (that pod restarted).
+
+        Raises:
+            TransportUnavailable: it cannot be mapped from here.
+        """
+        key = (target.address, target.incarnation)
+        writer = self._writers.get(key)
+        if writer is not None:
+            return writer
+        for old in [k for k in self._writers if k[0] == target.address]:
+            self._drop_writer(old)
+        if target.descriptor is None:
+            raise TransportUnavailable(f"no {target.transport} descriptor for {target.address}")
+        writer = open_writer(target.descriptor, self.pool)
+        self._writers[key] = writer
+        return writer
+
+    def notify_abort(self, target: KVTarget) -> None:
+        """Tell a decode pod that a claimed memory transfer will not write (off this thread)."""
+        end = common_pb2.KVTransferEnd(
+            request_id=target.request_id,
+            model_fingerprint=target.model_fingerprint,
+            transfer_token=target.transfer_token,
+            transport=target.transport,
+            aborted=True,
+        )
+        call = self.channels.complete_kv(target.address)
+
+        def send() -> None:
+            try:
+                call(end, timeout=5.0)
+            except grpc.RpcError:
+                pass  # the lease's end frees the blocks
+
+        self._finisher.submit(send)
+
+    def _drop_writer(self, key) -> None:
+        writer = self._writers.pop(key, None)
+        if writer is not None:
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001 - a dead pod's mapping: nothing more to do
+                logger.warning("closing the KV pool mapping of %s failed", key[0], exc_info=True)
 
     def finish(
         self, request_id: str, end: common_pb2.KVTransferEnd
@@ -191,11 +275,16 @@ class KVSender:
             transfer = table.pop(request_id, None)
             if transfer is not None:
                 transfer.cancel()
+                if isinstance(transfer, MemoryTransfer) and table is self._transfers:
+                    # Off the engine thread: wait for copies in flight, then free the blocks.
+                    self._finisher.submit(transfer.abort_notice)
 
     def close(self) -> None:
         for rid in list(self._transfers) + list(self._finishing):
             self.abort(rid)
         self._finisher.shutdown(wait=False, cancel_futures=True)
+        for key in list(self._writers):
+            self._drop_writer(key)
         self.channels.close()
 
     # ---- the layer hook ---------------------------------------------------------------------
@@ -213,6 +302,19 @@ class KVSender:
             transfer = self._transfers.get(s.seq.request_id)
             if transfer is None or transfer.failed:
                 continue  # not exported, or its decode pod stopped listening: stop spending on it
+            if isinstance(transfer, MemoryTransfer):
+                done = (
+                    transfer.num_prompt_blocks
+                    if s.samples
+                    else (s.start + s.num_new_tokens) // self.layout.block_size
+                )
+                if done > transfer.sent_blocks:
+                    transfer.write(
+                        kv_cache, s.block_ids, (l0, num_layers_done), transfer.sent_blocks, done
+                    )
+                if num_layers_done == total:
+                    transfer.sent_blocks = max(transfer.sent_blocks, done)
+                continue
             # Blocks whose every token is computed after this step (all of them at the end).
             done = (
                 transfer.num_prompt_blocks
@@ -236,7 +338,11 @@ class KVSender:
     ) -> None:
         step = blocks_per_chunk(self.layout, layers[1] - layers[0], self.max_chunk_bytes)
         ids = torch.tensor(block_ids[b0:b1], dtype=torch.long, device=kv.device)
-        rid, fp = transfer.target.request_id, self.fingerprint
+        rid, fp, token = (
+            transfer.target.request_id,
+            self.fingerprint,
+            transfer.target.transfer_token,
+        )
         group = kv[layers[0] : layers[1]]
         for start in range(b0, b1, step):
             end = min(b1, start + step)
@@ -245,7 +351,7 @@ class KVSender:
             def encode(seq_no: int, wait=wait, blocks=(start, end)) -> bytes:
                 host = wait()
                 return codec.encode_chunk(
-                    chunk_header(rid, fp, seq_no, layers, blocks, host), page_buffer(host)
+                    chunk_header(rid, fp, seq_no, layers, blocks, host, token), page_buffer(host)
                 )
 
             transfer.submit(encode, release, nbytes)

@@ -67,10 +67,12 @@ def chunk_header(
     layers: tuple[int, int],
     blocks: tuple[int, int],
     pages: torch.Tensor,
+    transfer_token: str = "",
 ) -> common_pb2.KVChunk:
     """Every field of a chunk but its data, for pages ``[layers, 2, blocks, block_size, H, D]``."""
     return common_pb2.KVChunk(
         request_id=request_id,
+        transfer_token=transfer_token,
         sequence_number=sequence_number,
         model_fingerprint=fingerprint,
         layer_start=layers[0],

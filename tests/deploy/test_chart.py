@@ -71,9 +71,19 @@ def example_values(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-ALL_VALUE_SETS = [pytest.param({}, id="defaults")] + [
-    pytest.param(example_values(p), id=p.stem) for p in EXAMPLES
-]
+# KV transports that reach into the other pod's memory (docs/kubernetes.md, "KV transports").
+KV_SAME_NODE = {
+    "kvTransport": {"mode": "cuda-ipc", "strict": True, "hostIPC": True, "shareDevShm": True},
+    "prefill": {"kv": {"checksum": True}},
+    "decode": {"kvLeaseSeconds": 30.5},
+}
+KV_RDMA = {"kvTransport": {"mode": "nixl", "rdma": {"resources": {"rdma/hca": 1}, "ipcLock": True}}}
+
+ALL_VALUE_SETS = (
+    [pytest.param({}, id="defaults")]
+    + [pytest.param(example_values(p), id=p.stem) for p in EXAMPLES]
+    + [pytest.param(KV_SAME_NODE, id="kv-same-node"), pytest.param(KV_RDMA, id="kv-rdma")]
+)
 
 
 # -- Lint, render, schemas ---------------------------------------------------------------------
@@ -584,6 +594,14 @@ def test_observability_toggles(chart):
         ({"redis": {"external": {"url": "localhost:6379"}}}, "/redis/external/url"),
         ({"model": {"source": {"init": {"sha256": "abc"}}}}, "/model/source/init/sha256"),
         ({"prefill": {"autoscaling": {"minReplicas": 0}}}, "/prefill/autoscaling/minReplicas"),
+        ({"kvTransport": {"mode": "rdma"}}, "/kvTransport/mode"),
+        ({"kvTransport": {"hostIpc": True}}, "hostIpc"),
+        (
+            {"kvTransport": {"rdma": {"resources": {"rdma/hca": "one"}}}},
+            "/kvTransport/rdma/resources",
+        ),
+        ({"decode": {"kvLeaseSeconds": 0}}, "/decode/kvLeaseSeconds"),
+        ({"prefill": {"kv": {"checksum": "yes"}}}, "/prefill/kv/checksum"),
     ],
 )
 def test_values_schema_rejects_bad_values(chart, values, message):
@@ -591,6 +609,184 @@ def test_values_schema_rejects_bad_values(chart, values, message):
         render(chart, values)
     assert message in str(e.value)
     assert lint(CHART, values, strict=True)["errors"]
+
+
+# -- KV transport ------------------------------------------------------------------------------
+
+
+def kv_env(objects, role: str) -> dict[str, str]:
+    return {
+        e["name"]: e["value"]
+        for e in container_of(objects, role)["env"]
+        if e["name"].startswith(f"TANDEM_{role.upper()}_KV_")
+    }
+
+
+def test_kv_transport_defaults_are_safe(chart):
+    """auto, nothing shared with the node: pods on different nodes (or without hostIPC) use gRPC."""
+    objects = render(chart)
+    assert kv_env(objects, "prefill") == {
+        "TANDEM_PREFILL_KV_TRANSPORT": "auto",
+        "TANDEM_PREFILL_KV_TRANSPORT_STRICT": "false",
+        "TANDEM_PREFILL_KV_CHECKSUM": "false",
+    }
+    assert kv_env(objects, "decode") == {
+        "TANDEM_DECODE_KV_TRANSPORT": "auto",
+        "TANDEM_DECODE_KV_TRANSPORT_STRICT": "false",
+        "TANDEM_DECODE_KV_LEASE_S": "90",
+    }
+    for obj in workloads(objects):
+        spec = pod_spec(obj)
+        assert "hostIPC" not in spec and not any("hostPath" in v for v in spec["volumes"])
+        for c in spec["containers"]:
+            assert "add" not in c["securityContext"]["capabilities"]
+            assert not any("rdma" in k for part in c.get("resources", {}).values() for k in part)
+
+
+def test_kv_transport_same_node_shares_ipc_and_dev_shm(chart):
+    objects = render(chart, KV_SAME_NODE)
+    for role in ("prefill", "decode"):
+        spec = pod_spec(one(objects, "Deployment", role))
+        assert spec["hostIPC"] is True
+        shm = next(v for v in spec["volumes"] if v["name"] == "shm")
+        assert shm == {"name": "shm", "hostPath": {"path": "/dev/shm", "type": "Directory"}}
+        assert {"name": "shm", "mountPath": "/dev/shm"} in spec["containers"][0]["volumeMounts"]
+        assert "add" not in spec["containers"][0]["securityContext"]["capabilities"]
+    assert kv_env(objects, "prefill") == {
+        "TANDEM_PREFILL_KV_TRANSPORT": "cuda-ipc",
+        "TANDEM_PREFILL_KV_TRANSPORT_STRICT": "true",
+        "TANDEM_PREFILL_KV_CHECKSUM": "true",
+    }
+    assert kv_env(objects, "decode") == {
+        "TANDEM_DECODE_KV_TRANSPORT": "cuda-ipc",
+        "TANDEM_DECODE_KV_TRANSPORT_STRICT": "true",
+        "TANDEM_DECODE_KV_LEASE_S": "30.5",
+    }
+    for role in ("router", "kvstore"):  # only the pods that move KV pages share the node's IPC
+        assert "hostIPC" not in pod_spec(one(objects, "Deployment", role))
+    assert "hostIPC" not in pod_spec(one(objects, "StatefulSet", "redis"))
+
+
+def test_kv_transport_rdma_resources_and_ipc_lock(chart):
+    objects = render(chart, KV_RDMA)
+    for role in ("prefill", "decode"):
+        c = container_of(objects, role)
+        assert c["resources"]["requests"]["rdma/hca"] == c["resources"]["limits"]["rdma/hca"] == "1"
+        assert c["resources"]["requests"][GPU] == c["resources"]["limits"][GPU] == "1"
+        assert c["resources"]["requests"]["cpu"] == "4"  # the role's own resources stay
+        assert c["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False
+        assert kv_env(objects, role)[f"TANDEM_{role.upper()}_KV_TRANSPORT"] == "nixl"
+        assert "hostIPC" not in pod_spec(one(objects, "Deployment", role))
+    for role in ("router", "kvstore"):
+        c = container_of(objects, role)
+        assert "add" not in c["securityContext"]["capabilities"]
+        assert not any("rdma" in k for part in c["resources"].values() for k in part)
+    with pytest.raises(HelmError, match="kvTransport.rdma.resources must not name nvidia.com/gpu"):
+        render(chart, {"kvTransport": {"rdma": {"resources": {GPU: 1}}}})
+
+
+def test_kv_transport_memory_modes_need_the_node_shared(chart):
+    for mode in ("shm", "cuda-ipc"):
+        for shared in ({}, {"hostIPC": True}, {"shareDevShm": True}):
+            with pytest.raises(
+                HelmError, match=f"kvTransport.mode {mode} needs kvTransport.hostIPC"
+            ):
+                render(chart, {"kvTransport": {"mode": mode, **shared}})
+    render(chart, {"kvTransport": {"mode": "shm", "hostIPC": True, "shareDevShm": True}})
+    render(chart, {"kvTransport": {"mode": "grpc", "strict": True}})
+    render(chart, {"prefill": {"enabled": False}, "kvTransport": {"mode": "shm"}})  # no transfers
+
+
+def test_kv_transport_shapes_in_the_kubernetes_guide(chart):
+    """docs/kubernetes.md's same-node shapes: CPU-only pods on shm, prefill pods next to decode."""
+    cpu = {"gpus": 0, "extraArgs": ["--device", "cpu"]}
+    shapes = [
+        {
+            "kvTransport": {"mode": "shm", "hostIPC": True, "shareDevShm": True},
+            "prefill": cpu,
+            "decode": cpu,
+        },
+        {
+            "kvTransport": {"hostIPC": True, "shareDevShm": True},
+            "prefill": {
+                "affinity": {
+                    "podAffinity": {
+                        "requiredDuringSchedulingIgnoredDuringExecution": [
+                            {
+                                "labelSelector": {
+                                    "matchLabels": {
+                                        "app.kubernetes.io/instance": RELEASE,
+                                        "app.kubernetes.io/component": "decode",
+                                    }
+                                },
+                                "topologyKey": "kubernetes.io/hostname",
+                            }
+                        ]
+                    }
+                }
+            },
+        },
+    ]
+    for values in shapes:
+        assert lint(CHART, values, strict=True, namespace=NAMESPACE)["errors"] == []
+        objects = render(chart, values)
+        for obj in objects:
+            if obj["kind"] not in CRD_KINDS:
+                kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+    cpu_only, next_to_decode = (render(chart, v) for v in shapes)
+    for role in ("prefill", "decode"):
+        c = container_of(cpu_only, role)
+        assert parse_cli(c["args"]).device == "cpu"  # the later flag wins
+        assert not any("gpu" in k for part in c["resources"].values() for k in part)
+    affinity = pod_spec(one(next_to_decode, "Deployment", "prefill"))["affinity"]["podAffinity"]
+    [term] = affinity["requiredDuringSchedulingIgnoredDuringExecution"]
+    decode_labels = one(next_to_decode, "Deployment", "decode")["spec"]["template"]["metadata"]
+    assert term["labelSelector"]["matchLabels"].items() <= decode_labels["labels"].items()
+
+
+def test_kv_transport_settings_reach_the_tandem_cli(chart, monkeypatch):
+    """The pods read the variables as ``tandem`` does, and every TANDEM_<ROLE>_* variable the
+    chart sets is a setting of that role (a misspelt one would be silently ignored)."""
+    from services.decode.settings import DecodeSettings
+    from services.prefill.settings import PrefillSettings
+
+    classes = {"prefill": PrefillSettings, "decode": DecodeSettings}
+    if "kv_transport" not in PrefillSettings.model_fields:  # from then on, every name must match
+        pytest.skip("the KV transport settings are not in services/prefill/settings.py yet")
+    objects = render(chart, KV_SAME_NODE)
+    parsed = {}
+    for role, cls in classes.items():
+        container = container_of(objects, role)
+        prefix = f"TANDEM_{role.upper()}_"
+        with monkeypatch.context() as env:
+            for e in container["env"]:
+                if e["name"].startswith(prefix):
+                    assert e["name"][len(prefix) :].lower() in cls.model_fields, e["name"]
+                    if "value" in e:
+                        env.setenv(e["name"], e["value"])
+            parsed[role] = parse_cli(container["args"])
+
+    def plain(v):
+        return getattr(v, "value", v)
+
+    for role in ("prefill", "decode"):
+        assert plain(parsed[role].kv_transport) == "cuda-ipc"
+        assert parsed[role].kv_transport_strict is True
+    assert parsed["prefill"].kv_checksum is True and parsed["decode"].kv_lease_s == 30.5
+
+
+def test_notes_warn_when_memory_transports_run_without_network_policy(chart):
+    def notes(values):
+        out = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+        return next(text for path, text in out.items() if path.endswith("NOTES.txt"))
+
+    assert "KV transport: auto." in notes({}) and "DescribeKV" not in notes({})
+    assert "WARNING: networkPolicy.enabled is false" in notes({"networkPolicy": {"enabled": False}})
+    assert "DescribeKV" not in notes(
+        {"networkPolicy": {"enabled": False}, "kvTransport": {"mode": "grpc"}}
+    )
+    assert "KV transport" not in notes({"prefill": {"enabled": False}})
 
 
 def test_values_that_must_agree_are_checked(chart):

@@ -111,8 +111,8 @@ def test_pages_arrive_intact_and_buffers_come_back():
     s = sender()
     try:
         kv, blocks = source()
-        r.receiver.expect("r1", list(range(10)), 0)
-        s.start("r1", KVTarget(f"127.0.0.1:{r.port}", "r1", 0, "fp"), PROMPT)
+        token = r.receiver.expect("r1", list(range(10)), 0).token
+        s.start("r1", KVTarget(f"127.0.0.1:{r.port}", "r1", 0, "fp", token), PROMPT)
         run_prefill(s, "r1", kv, blocks)
         result = s.finish("r1", end("r1")).result(10)
         assert (
@@ -130,8 +130,8 @@ def test_chunks_over_the_receivers_size_limit_are_refused_before_any_write():
     s = sender(max_chunk_bytes=4096)  # a sender configured above what the decode pod accepts
     try:
         kv, blocks = source()
-        r.receiver.expect("big", list(range(10)), 0)
-        s.start("big", KVTarget(f"127.0.0.1:{r.port}", "big", 0, "fp"), PROMPT)
+        token = r.receiver.expect("big", list(range(10)), 0).token
+        s.start("big", KVTarget(f"127.0.0.1:{r.port}", "big", 0, "fp", token), PROMPT)
         run_prefill(s, "big", kv, blocks)
         with pytest.raises(KVTransferError, match="exceeds the 1024-byte limit"):
             s.finish("big", end("big")).result(10)
@@ -147,8 +147,10 @@ def test_skip_blocks_are_not_sent():
     s = sender()
     try:
         kv, blocks = source()
-        r.receiver.expect("r1", list(range(10)), 4)  # the decode pod caches the first 4 blocks
-        s.start("r1", KVTarget(f"127.0.0.1:{r.port}", "r1", 4, "fp"), PROMPT)
+        token = r.receiver.expect(
+            "r1", list(range(10)), 4
+        ).token  # the decode pod caches the first 4 blocks
+        s.start("r1", KVTarget(f"127.0.0.1:{r.port}", "r1", 4, "fp", token), PROMPT)
         run_prefill(s, "r1", kv, blocks)
         s.finish("r1", end("r1")).result(10)
         assert torch.equal(r.cache.tensor[:, :, 4:10], kv[:, :, blocks[4:]])
@@ -163,8 +165,8 @@ def test_a_refused_transfer_releases_everything_and_stops_gathering():
     s = sender()
     try:
         kv, blocks = source()
-        r.receiver.expect("r1", list(range(10)), 0)
-        s.start("r1", KVTarget(f"127.0.0.1:{r.port}", "r1", 0, "fp"), PROMPT)
+        token = r.receiver.expect("r1", list(range(10)), 0).token
+        s.start("r1", KVTarget(f"127.0.0.1:{r.port}", "r1", 0, "fp", token), PROMPT)
         run_prefill(s, "r1", kv, blocks, layers=2)
         deadline = time.monotonic() + 10
         while not s._transfers["r1"].failed:
@@ -186,8 +188,8 @@ def test_cancel_mid_transfer_releases_queued_buffers():
     s = sender(staging_buffers=1000)
     try:
         kv, blocks = source()
-        r.receiver.expect("r1", list(range(10)), 0)
-        s.start("r1", KVTarget(f"127.0.0.1:{r.port}", "r1", 0, "fp"), PROMPT)
+        token = r.receiver.expect("r1", list(range(10)), 0).token
+        s.start("r1", KVTarget(f"127.0.0.1:{r.port}", "r1", 0, "fp", token), PROMPT)
         run_prefill(s, "r1", kv, blocks)
         # Usually chunks are still queued here (gRPC may also have taken them all already: the
         # receiver's flow-control window holds this small prompt; either way nothing may leak).
@@ -203,8 +205,8 @@ def test_an_exhausted_pool_never_blocks_the_engine_thread():
     s = sender(staging_buffers=1)
     try:
         kv, blocks = source()
-        r.receiver.expect("r1", list(range(10)), 0)
-        s.start("r1", KVTarget(f"127.0.0.1:{r.port}", "r1", 0, "fp"), PROMPT)
+        token = r.receiver.expect("r1", list(range(10)), 0).token
+        s.start("r1", KVTarget(f"127.0.0.1:{r.port}", "r1", 0, "fp", token), PROMPT)
         start = time.monotonic()
         run_prefill(s, "r1", kv, blocks)
         assert time.monotonic() - start < 0.3  # queued without waiting for the slow receiver
@@ -242,8 +244,8 @@ def test_a_transfer_of_no_pages_sends_only_the_end():
     s = sender()
     try:
         kv, blocks = source()
-        r.receiver.expect("r1", list(range(10)), 10)
-        s.start("r1", KVTarget(f"127.0.0.1:{r.port}", "r1", 10, "fp"), PROMPT)
+        token = r.receiver.expect("r1", list(range(10)), 10).token
+        s.start("r1", KVTarget(f"127.0.0.1:{r.port}", "r1", 10, "fp", token), PROMPT)
         run_prefill(s, "r1", kv, blocks)
         assert not r.reading.is_set()  # nothing to send yet: no stream was opened
         result = s.finish("r1", end("r1")).result(10)

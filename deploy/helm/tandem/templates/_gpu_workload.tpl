@@ -3,6 +3,7 @@
 {{- $ := .ctx -}}
 {{- $w := index $.Values .role -}}
 {{- $c := dict "ctx" $ "component" .role -}}
+{{- $kvt := $.Values.kvTransport -}}
 apiVersion: apps/v1
 kind: Deployment
 metadata:
@@ -25,6 +26,10 @@ spec:
     spec:
       serviceAccountName: {{ include "tandem.serviceAccountName" $ }}
       automountServiceAccountToken: false
+      {{- if $kvt.hostIPC }}
+      # kvTransport.hostIPC: cuda-ipc and shm map the other pod's memory through the node's IPC namespace.
+      hostIPC: true
+      {{- end }}
       terminationGracePeriodSeconds: {{ add (int $w.shutdownGraceSeconds) 15 }}
       {{- with $.Values.global.imagePullSecrets }}
       imagePullSecrets:
@@ -74,6 +79,7 @@ spec:
             {{- end }}
           env:
             {{- include "tandem.commonEnv" $ | nindent 12 }}
+            {{- include "tandem.kvTransportEnv" (dict "ctx" $ "role" .role) | nindent 12 }}
             {{- with $w.extraEnv }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
@@ -101,7 +107,7 @@ spec:
           resources:
             {{- include "tandem.gpuResources" (dict "ctx" $ "w" $w) | nindent 12 }}
           securityContext:
-            {{- include "tandem.containerSecurityContext" $ | nindent 12 }}
+            {{- include "tandem.gpuContainerSecurityContext" $ | nindent 12 }}
           volumeMounts:
             {{- include "tandem.modelVolumeMount" $ | nindent 12 }}
             - name: shm
@@ -109,9 +115,16 @@ spec:
       volumes:
         {{- include "tandem.modelVolume" $ | nindent 8 }}
         - name: shm
+          {{- if $kvt.shareDevShm }}
+          # kvTransport.shareDevShm: the node's /dev/shm, shared with the other role's pods on this node.
+          hostPath:
+            path: /dev/shm
+            type: Directory
+          {{- else }}
           emptyDir:
             medium: Memory
             sizeLimit: {{ $w.shmSize }}
+          {{- end }}
       {{- with $w.nodeSelector }}
       nodeSelector:
         {{- toYaml . | nindent 8 }}

@@ -63,6 +63,35 @@ capabilities:
   drop: ["ALL"]
 {{- end -}}
 
+{{/* Prefill and decode containers: the above, plus IPC_LOCK with kvTransport.rdma.ipcLock (RDMA
+     memory registration). "add" continues the "capabilities" map the helper ends with. */}}
+{{- define "tandem.gpuContainerSecurityContext" -}}
+{{ include "tandem.containerSecurityContext" . }}
+{{- if .Values.kvTransport.rdma.ipcLock }}
+  add: ["IPC_LOCK"]
+{{- end }}
+{{- end -}}
+
+{{/* KV transport settings of a GPU pod, as TANDEM_PREFILL_* / TANDEM_DECODE_* variables:
+     (dict "ctx" $ "role" "prefill"). Variables, not flags: an image older than these settings
+     ignores them (it has only gRPC) instead of refusing an unknown flag. */}}
+{{- define "tandem.kvTransportEnv" -}}
+{{- $kvt := .ctx.Values.kvTransport -}}
+{{- $w := index .ctx.Values .role -}}
+{{- $prefix := printf "TANDEM_%s_" (upper .role) -}}
+- name: {{ $prefix }}KV_TRANSPORT
+  value: {{ $kvt.mode | quote }}
+- name: {{ $prefix }}KV_TRANSPORT_STRICT
+  value: {{ $kvt.strict | toString | quote }}
+{{- if eq .role "prefill" }}
+- name: {{ $prefix }}KV_CHECKSUM
+  value: {{ $w.kv.checksum | toString | quote }}
+{{- else }}
+- name: {{ $prefix }}KV_LEASE_S
+  value: {{ $w.kvLeaseSeconds | toString | quote }}
+{{- end }}
+{{- end -}}
+
 {{/* Environment every Tandem container gets: a writable HOME on the read-only root fs. */}}
 {{- define "tandem.commonEnv" -}}
 - name: HOME
@@ -181,22 +210,19 @@ preStop:
     command: ["sleep", "5"]
 {{- end -}}
 
-{{/* GPU requests equal limits: call with (dict "ctx" $ "w" .Values.prefill) */}}
+{{/* GPU (and kvTransport.rdma) requests equal limits: call with (dict "ctx" $ "w" .Values.prefill) */}}
 {{- define "tandem.gpuResources" -}}
 {{- $gpu := .ctx.Values.global.gpuResourceName -}}
+{{- $extra := dict -}}
+{{- if .w.gpus }}{{ $_ := set $extra $gpu .w.gpus }}{{ end -}}
+{{- range $k, $v := .ctx.Values.kvTransport.rdma.resources }}{{ $_ := set $extra $k $v }}{{ end -}}
 requests:
-  {{- range $k, $v := .w.resources.requests }}
+  {{- range $k, $v := merge (deepCopy $extra) (.w.resources.requests | default dict) }}
   {{ $k }}: {{ $v | quote }}
-  {{- end }}
-  {{- if .w.gpus }}
-  {{ $gpu }}: {{ .w.gpus | quote }}
   {{- end }}
 limits:
-  {{- range $k, $v := .w.resources.limits }}
+  {{- range $k, $v := merge (deepCopy $extra) (.w.resources.limits | default dict) }}
   {{ $k }}: {{ $v | quote }}
-  {{- end }}
-  {{- if .w.gpus }}
-  {{ $gpu }}: {{ .w.gpus | quote }}
   {{- end }}
 {{- end -}}
 
@@ -268,6 +294,13 @@ true
 {{- fail (printf "prefill.engine.%s and decode.engine.%s must be equal: KV pages move between them as they are" $key $key) -}}
 {{- end -}}
 {{- end -}}
+{{- end -}}
+{{- $kvt := .Values.kvTransport -}}
+{{- if and .Values.prefill.enabled (has $kvt.mode (list "shm" "cuda-ipc")) (not (and $kvt.hostIPC $kvt.shareDevShm)) -}}
+{{- fail (printf "kvTransport.mode %s needs kvTransport.hostIPC and kvTransport.shareDevShm (prefill and decode pods on one node sharing its IPC namespace and /dev/shm); use auto or grpc otherwise" $kvt.mode) -}}
+{{- end -}}
+{{- if hasKey ($kvt.rdma.resources | default dict) $.Values.global.gpuResourceName -}}
+{{- fail (printf "kvTransport.rdma.resources must not name %s: set prefill.gpus and decode.gpus instead" $.Values.global.gpuResourceName) -}}
 {{- end -}}
 {{- range $component := list "router" "prefill" "decode" "kvstore" "redis" -}}
 {{- $res := (index $.Values $component).resources -}}

@@ -163,7 +163,7 @@ class PodStats(_message.Message):
     def __init__(self, role: _Optional[_Union[PodRole, str]] = ..., pod_id: _Optional[str] = ..., model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_queued_prefill_tokens: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_cached_blocks: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_waiting_for_kv: _Optional[int] = ..., incarnation: _Optional[str] = ..., engine_steps: _Optional[int] = ..., seconds_since_progress: _Optional[float] = ...) -> None: ...
 
 class KVChunk(_message.Message):
-    __slots__ = ("request_id", "sequence_number", "model_fingerprint", "layer_start", "layer_end", "block_start", "block_end", "dtype", "shape", "data")
+    __slots__ = ("request_id", "sequence_number", "model_fingerprint", "layer_start", "layer_end", "block_start", "block_end", "dtype", "shape", "data", "transfer_token")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_NUMBER_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -174,6 +174,7 @@ class KVChunk(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     sequence_number: int
     model_fingerprint: str
@@ -184,20 +185,29 @@ class KVChunk(_message.Message):
     dtype: KVDtype
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
-    def __init__(self, request_id: _Optional[str] = ..., sequence_number: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., block_start: _Optional[int] = ..., block_end: _Optional[int] = ..., dtype: _Optional[_Union[KVDtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    transfer_token: str
+    def __init__(self, request_id: _Optional[str] = ..., sequence_number: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., block_start: _Optional[int] = ..., block_end: _Optional[int] = ..., dtype: _Optional[_Union[KVDtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., transfer_token: _Optional[str] = ...) -> None: ...
 
 class KVTransferEnd(_message.Message):
-    __slots__ = ("request_id", "model_fingerprint", "total_chunks", "first_token_id", "first_token_logprob", "num_cached_tokens")
+    __slots__ = ("request_id", "model_fingerprint", "total_chunks", "first_token_id", "first_token_logprob", "num_cached_tokens", "transfer_token", "transport", "aborted", "checksum")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     TOTAL_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    ABORTED_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model_fingerprint: str
     total_chunks: int
     first_token_id: int
     first_token_logprob: TokenLogprob
     num_cached_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., total_chunks: _Optional[int] = ..., first_token_id: _Optional[int] = ..., first_token_logprob: _Optional[_Union[TokenLogprob, _Mapping]] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
+    transfer_token: str
+    transport: str
+    aborted: bool
+    checksum: int
+    def __init__(self, request_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., total_chunks: _Optional[int] = ..., first_token_id: _Optional[int] = ..., first_token_logprob: _Optional[_Union[TokenLogprob, _Mapping]] = ..., num_cached_tokens: _Optional[int] = ..., transfer_token: _Optional[str] = ..., transport: _Optional[str] = ..., aborted: _Optional[bool] = ..., checksum: _Optional[int] = ...) -> None: ...

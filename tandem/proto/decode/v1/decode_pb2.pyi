@@ -34,14 +34,24 @@ class GenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., prefill_mode: _Optional[_Union[PrefillMode, str]] = ..., priority: _Optional[int] = ..., cache_salt: _Optional[str] = ...) -> None: ...
 
 class Admitted(_message.Message):
-    __slots__ = ("num_cached_tokens", "num_reserved_blocks", "model_fingerprint")
+    __slots__ = ("num_cached_tokens", "num_reserved_blocks", "model_fingerprint", "transfer_token", "lease_epoch", "lease_expires_unix_ms", "block_ids", "incarnation")
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_RESERVED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     num_cached_tokens: int
     num_reserved_blocks: int
     model_fingerprint: str
-    def __init__(self, num_cached_tokens: _Optional[int] = ..., num_reserved_blocks: _Optional[int] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+    transfer_token: str
+    lease_epoch: int
+    lease_expires_unix_ms: int
+    block_ids: _containers.RepeatedScalarFieldContainer[int]
+    incarnation: str
+    def __init__(self, num_cached_tokens: _Optional[int] = ..., num_reserved_blocks: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., transfer_token: _Optional[str] = ..., lease_epoch: _Optional[int] = ..., lease_expires_unix_ms: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("admitted", "chunk", "usage")
@@ -78,3 +88,51 @@ class GetStatsResponse(_message.Message):
     STATS_FIELD_NUMBER: _ClassVar[int]
     stats: _common_pb2.PodStats
     def __init__(self, stats: _Optional[_Union[_common_pb2.PodStats, _Mapping]] = ...) -> None: ...
+
+class DescribeKVRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class KVPoolDescriptor(_message.Message):
+    __slots__ = ("transport", "descriptor")
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTOR_FIELD_NUMBER: _ClassVar[int]
+    transport: str
+    descriptor: bytes
+    def __init__(self, transport: _Optional[str] = ..., descriptor: _Optional[bytes] = ...) -> None: ...
+
+class DescribeKVResponse(_message.Message):
+    __slots__ = ("incarnation", "pools")
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    POOLS_FIELD_NUMBER: _ClassVar[int]
+    incarnation: str
+    pools: _containers.RepeatedCompositeFieldContainer[KVPoolDescriptor]
+    def __init__(self, incarnation: _Optional[str] = ..., pools: _Optional[_Iterable[_Union[KVPoolDescriptor, _Mapping]]] = ...) -> None: ...
+
+class ClaimKVRequest(_message.Message):
+    __slots__ = ("request_id", "transfer_token", "transport")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    transfer_token: str
+    transport: str
+    def __init__(self, request_id: _Optional[str] = ..., transfer_token: _Optional[str] = ..., transport: _Optional[str] = ...) -> None: ...
+
+class ClaimKVResponse(_message.Message):
+    __slots__ = ("lease_expires_unix_ms",)
+    LEASE_EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    lease_expires_unix_ms: int
+    def __init__(self, lease_expires_unix_ms: _Optional[int] = ...) -> None: ...
+
+class CompleteKVRequest(_message.Message):
+    __slots__ = ("end",)
+    END_FIELD_NUMBER: _ClassVar[int]
+    end: _common_pb2.KVTransferEnd
+    def __init__(self, end: _Optional[_Union[_common_pb2.KVTransferEnd, _Mapping]] = ...) -> None: ...
+
+class CompleteKVResponse(_message.Message):
+    __slots__ = ("bytes_received",)
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    bytes_received: int
+    def __init__(self, bytes_received: _Optional[int] = ...) -> None: ...

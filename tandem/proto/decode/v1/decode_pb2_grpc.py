@@ -49,6 +49,21 @@ class DecodeServiceStub:
                 request_serializer=tandem_dot_decode_dot_v1_dot_decode__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=tandem_dot_decode_dot_v1_dot_decode__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.DescribeKV = channel.unary_unary(
+                '/tandem.decode.v1.DecodeService/DescribeKV',
+                request_serializer=tandem_dot_decode_dot_v1_dot_decode__pb2.DescribeKVRequest.SerializeToString,
+                response_deserializer=tandem_dot_decode_dot_v1_dot_decode__pb2.DescribeKVResponse.FromString,
+                _registered_method=True)
+        self.ClaimKV = channel.unary_unary(
+                '/tandem.decode.v1.DecodeService/ClaimKV',
+                request_serializer=tandem_dot_decode_dot_v1_dot_decode__pb2.ClaimKVRequest.SerializeToString,
+                response_deserializer=tandem_dot_decode_dot_v1_dot_decode__pb2.ClaimKVResponse.FromString,
+                _registered_method=True)
+        self.CompleteKV = channel.unary_unary(
+                '/tandem.decode.v1.DecodeService/CompleteKV',
+                request_serializer=tandem_dot_decode_dot_v1_dot_decode__pb2.CompleteKVRequest.SerializeToString,
+                response_deserializer=tandem_dot_decode_dot_v1_dot_decode__pb2.CompleteKVResponse.FromString,
+                _registered_method=True)
 
 
 class DecodeServiceServicer:
@@ -77,6 +92,29 @@ class DecodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DescribeKV(self, request, context):
+        """The memory transports this pod offers for its KV pool (see tandem/transfer/transport.py):
+        a prefill pod maps the pool once per incarnation and writes pages straight into it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClaimKV(self, request, context):
+        """A memory-transport writer takes a reservation's lease before its first write (the decode
+        pod then keeps the blocks until the writer's CompleteKV, or the lease's end).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompleteKV(self, request, context):
+        """The one completion notice of a memory transport's transfer (or its abort notice).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +132,21 @@ def add_DecodeServiceServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=tandem_dot_decode_dot_v1_dot_decode__pb2.GetStatsRequest.FromString,
                     response_serializer=tandem_dot_decode_dot_v1_dot_decode__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'DescribeKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeKV,
+                    request_deserializer=tandem_dot_decode_dot_v1_dot_decode__pb2.DescribeKVRequest.FromString,
+                    response_serializer=tandem_dot_decode_dot_v1_dot_decode__pb2.DescribeKVResponse.SerializeToString,
+            ),
+            'ClaimKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClaimKV,
+                    request_deserializer=tandem_dot_decode_dot_v1_dot_decode__pb2.ClaimKVRequest.FromString,
+                    response_serializer=tandem_dot_decode_dot_v1_dot_decode__pb2.ClaimKVResponse.SerializeToString,
+            ),
+            'CompleteKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompleteKV,
+                    request_deserializer=tandem_dot_decode_dot_v1_dot_decode__pb2.CompleteKVRequest.FromString,
+                    response_serializer=tandem_dot_decode_dot_v1_dot_decode__pb2.CompleteKVResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -177,6 +230,87 @@ class DecodeService:
             '/tandem.decode.v1.DecodeService/GetStats',
             tandem_dot_decode_dot_v1_dot_decode__pb2.GetStatsRequest.SerializeToString,
             tandem_dot_decode_dot_v1_dot_decode__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.decode.v1.DecodeService/DescribeKV',
+            tandem_dot_decode_dot_v1_dot_decode__pb2.DescribeKVRequest.SerializeToString,
+            tandem_dot_decode_dot_v1_dot_decode__pb2.DescribeKVResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClaimKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.decode.v1.DecodeService/ClaimKV',
+            tandem_dot_decode_dot_v1_dot_decode__pb2.ClaimKVRequest.SerializeToString,
+            tandem_dot_decode_dot_v1_dot_decode__pb2.ClaimKVResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompleteKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.decode.v1.DecodeService/CompleteKV',
+            tandem_dot_decode_dot_v1_dot_decode__pb2.CompleteKVRequest.SerializeToString,
+            tandem_dot_decode_dot_v1_dot_decode__pb2.CompleteKVResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,108 @@
+"""``shm`` KV transport: CPU pools in a named shared-memory file, written in place.
+
+The decode pod's engine core allocates its KV pool in a file under /dev/shm
+(``PagedKVCache(path=...)``); its front and any prefill pod on the same host map that file and
+see the same pages. A prefill pod's write is an ``index_copy_`` from its pool into the mapping:
+when it returns the pages are in the decode pod's memory (no flush needed).
+"""
+
+import os
+
+import msgspec
+import torch
+
+from tandem.api.errors import KVTransferError
+from tandem.transfer.transport import (
+    PoolDescriptor,
+    PoolExport,
+    PoolWriter,
+    TransportUnavailable,
+    check_block_ids,
+    host_id,
+)
+
+
+class _Payload(msgspec.Struct, frozen=True):
+    path: str
+
+
+def unavailable(device_type: str) -> str | None:
+    return None if device_type == "cpu" else "shm carries CPU pools only"
+
+
+def map_pool(path: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Map a pool file (made by ``PagedKVCache(path=...)``) as a tensor of ``shape``.
+
+    Raises:
+        TransportUnavailable: no such file, or not the size of ``shape``.
+    """
+    numel = 1
+    for n in shape:
+        numel *= n
+    try:
+        size = os.stat(path).st_size
+    except OSError as exc:
+        raise TransportUnavailable(f"shm pool {path!r} cannot be opened: {exc}") from None
+    if size != numel * dtype.itemsize:
+        raise TransportUnavailable(
+            f"shm pool {path!r} holds {size} bytes, not the advertised {numel * dtype.itemsize}"
+        )
+    return torch.from_file(path, shared=True, size=numel, dtype=dtype).view(shape)
+
+
+class ShmPoolExport(PoolExport):
+    transport = "shm"
+
+    def __init__(self, pool: torch.Tensor, path: str) -> None:
+        self._descriptor = PoolDescriptor(
+            transport="shm",
+            host=host_id(),
+            shape=tuple(pool.shape),
+            dtype=str(pool.dtype).removeprefix("torch."),
+            payload=msgspec.msgpack.encode(_Payload(path)),
+        )
+
+    def descriptor(self) -> PoolDescriptor:
+        return self._descriptor
+
+
+def export_pool(pool: torch.Tensor, *, path: str | None = None, **_) -> PoolExport:
+    if pool.device.type != "cpu" or not path:
+        raise TransportUnavailable("shm exports a CPU pool allocated in a shared-memory file")
+    return ShmPoolExport(pool, path)
+
+
+def check_reachable(descriptor: PoolDescriptor, local_pool: torch.Tensor) -> None:
+    if local_pool.device.type != "cpu":
+        raise TransportUnavailable("shm carries CPU pools only (this pod's pool is on a GPU)")
+    path = msgspec.msgpack.decode(descriptor.payload, type=_Payload).path
+    if not os.path.exists(path):
+        raise TransportUnavailable(f"shm pool {path!r} is not visible here (another /dev/shm)")
+
+
+class ShmPoolWriter(PoolWriter):
+    transport = "shm"
+
+    def __init__(self, descriptor: PoolDescriptor) -> None:
+        path = msgspec.msgpack.decode(descriptor.payload, type=_Payload).path
+        self.pool = map_pool(path, tuple(descriptor.shape), getattr(torch, descriptor.dtype))
+
+    def write(self, src, src_ids, layers, dst_ids) -> int:
+        l0, l1 = layers
+        check_block_ids(src_ids, dst_ids, self.pool.shape)
+        pages = src[l0:l1].index_select(2, src_ids)
+        try:
+            self.pool[l0:l1].index_copy_(2, dst_ids, pages)
+        except (IndexError, RuntimeError) as exc:
+            raise KVTransferError(f"shm write failed: {exc}") from None
+        return pages.numel() * pages.element_size()
+
+    def flush(self) -> None:
+        pass  # writes are synchronous
+
+    def close(self) -> None:
+        self.pool = None
+
+
+def open_writer(descriptor: PoolDescriptor, local_pool: torch.Tensor) -> PoolWriter:
+    return ShmPoolWriter(descriptor)

@@ -1,0 +1,155 @@
+"""Memory transports at the pool level (shm here; nixl in its own module, cuda-ipc on a GPU):
+the lease protocol of ``KVReceiver``, the writers, and how a transport is chosen."""
+
+import time
+
+import pytest
+import torch
+
+from tandem.api.errors import KVTransferError, KVTransferForbidden
+from tandem.engine.kv_cache import KVCacheSpec, PagedKVCache
+from tandem.proto.common.v1 import common_pb2
+from tandem.transfer.receiver import KVReceiver, page_checksum
+from tandem.transfer.transport import (
+    LocalPool,
+    PoolDescriptor,
+    TransportUnavailable,
+    choose,
+    export_pool,
+    open_writer,
+)
+
+SPEC = KVCacheSpec(num_layers=4, num_kv_heads=2, head_dim=8, block_size=4, dtype=torch.bfloat16)
+
+
+@pytest.fixture
+def decode_pool(tmp_path):
+    cache = PagedKVCache(SPEC, 32, torch.device("cpu"), path=str(tmp_path / "tandem-kv-pool"))
+    export = export_pool("shm", cache.tensor, path=cache.path)
+    return cache, export.descriptor()
+
+
+def source(blocks: int = 16, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((4, 2, blocks + 1, 4, 2, 8), generator=g).to(torch.bfloat16)
+
+
+def end(rid, token, **kw) -> common_pb2.KVTransferEnd:
+    return common_pb2.KVTransferEnd(
+        request_id=rid, model_fingerprint="fp", transfer_token=token, transport="shm", **kw
+    )
+
+
+def test_pages_land_exactly_through_the_mapping(decode_pool):
+    cache, descriptor = decode_pool
+    receiver = KVReceiver(cache.tensor, SPEC, "fp")
+    lease = receiver.expect("r", [7, 3, 9, 20, 1], 1)
+    receiver.claim("r", lease.token, "shm")
+    src = source()
+    writer = open_writer(descriptor, src)
+    src_ids = torch.tensor([2, 5, 11, 0])
+    dst = [3, 9, 20, 1]
+    for layers in ((0, 2), (2, 4)):
+        writer.write(src, src_ids, layers, torch.tensor(dst))
+    writer.flush()
+    checksum = page_checksum(src.index_select(2, src_ids))
+    summary = receiver.complete_memory(end("r", lease.token, checksum=checksum))
+    assert summary.transport == "shm" and summary.bytes == 4 * 4 * 2 * 4 * 2 * 8 * 2
+    assert torch.equal(cache.tensor[:, :, dst], src[:, :, src_ids])
+    assert not receiver.expects("r")
+
+
+def test_a_partial_write_fails_the_checksum(decode_pool):
+    cache, descriptor = decode_pool
+    receiver = KVReceiver(cache.tensor, SPEC, "fp")
+    lease = receiver.expect("r", [4, 5], 0)
+    receiver.claim("r", lease.token, "shm")
+    src = source()
+    ids = torch.tensor([1, 2])
+    open_writer(descriptor, src).write(src, ids, (0, 2), torch.tensor([4, 5]))  # half the layers
+    with pytest.raises(KVTransferError, match="checksum"):
+        receiver.complete_memory(
+            end("r", lease.token, checksum=page_checksum(src.index_select(2, ids)))
+        )
+
+
+def test_out_of_range_blocks_are_refused_and_nothing_is_written(decode_pool):
+    cache, descriptor = decode_pool
+    before = cache.tensor.clone()
+    src = source()
+    writer = open_writer(descriptor, src)
+    with pytest.raises(KVTransferError):
+        writer.write(src, torch.tensor([1, 2]), (0, 4), torch.tensor([3, 33]))
+    with pytest.raises(KVTransferError):
+        writer.write(src, torch.tensor([1, 2]), (0, 4), torch.tensor([3]))
+    assert torch.equal(cache.tensor, before)
+
+
+def test_forged_unclaimed_and_late_notices_are_refused(decode_pool):
+    cache, _ = decode_pool
+    receiver = KVReceiver(cache.tensor, SPEC, "fp")
+    lease = receiver.expect("r", [1, 2], 0)
+    with pytest.raises(KVTransferForbidden):
+        receiver.claim("r", "forged", "shm")
+    with pytest.raises(KVTransferForbidden):
+        receiver.complete_memory(end("r", lease.token))  # not claimed
+    assert receiver.expects("r")  # none of that harmed the reservation
+    receiver.claim("r", lease.token, "shm")
+    with pytest.raises(KVTransferError):
+        receiver.claim("r", lease.token, "nixl")  # one transport per transfer
+    receiver.complete_memory(end("r", lease.token))
+    with pytest.raises(KVTransferForbidden):
+        receiver.complete_memory(end("r", lease.token))  # late: the lease is gone
+
+
+def test_a_discarded_claimed_lease_holds_its_blocks_until_the_writer_stops(decode_pool):
+    cache, _ = decode_pool
+    receiver = KVReceiver(cache.tensor, SPEC, "fp")
+    lease = receiver.expect("r", [1, 2], 0, lease_s=30)
+    receiver.claim("r", lease.token, "shm")
+    held = receiver.discard("r")
+    assert held is not None and not receiver.drained(held)
+    with pytest.raises(KVTransferForbidden, match="cancelled"):
+        receiver.complete_memory(end("r", lease.token, aborted=True))  # the writer's notice
+    assert receiver.drained(held)
+    receiver.end_drain("r")
+    # An unclaimed lease (no memory writer ever started) is free at once.
+    lease = receiver.expect("u", [3], 0)
+    assert receiver.discard("u") is None
+
+
+def test_a_lease_ends_on_its_own(decode_pool):
+    cache, _ = decode_pool
+    receiver = KVReceiver(cache.tensor, SPEC, "fp")
+    lease = receiver.expect("r", [1], 0, lease_s=6.0)
+    receiver.claim("r", lease.token, "shm")
+    held = receiver.discard("r")
+    held.expires_at = time.monotonic() + 0.2  # as if the lease were almost over
+    start = time.monotonic()
+    receiver.end_drain("r")
+    while not receiver.drained(held):
+        time.sleep(0.01)
+    assert 0.1 < time.monotonic() - start < 2
+    # Too close to its end, a lease cannot be claimed (the writer would outlive it).
+    short = receiver.expect("s", [2], 0, lease_s=1.0)
+    with pytest.raises(KVTransferForbidden, match="ended"):
+        receiver.claim("s", short.token, "shm")
+
+
+def test_choose_prefers_memory_and_never_falls_back_silently(decode_pool):
+    cache, descriptor = decode_pool
+    local = LocalPool(tuple(cache.tensor.shape), torch.device("cpu"), torch.bfloat16)
+    picked = choose("auto", local, [descriptor], local=["shm", "grpc"])
+    assert picked.transport == "shm" and picked.fallback is None
+    assert choose("grpc", local, [descriptor], local=["shm", "grpc"]).fallback is None
+    nothing = choose("auto", local, [], local=["shm", "grpc"])
+    assert nothing.transport == "grpc" and "does not offer" in nothing.fallback
+    elsewhere = PoolDescriptor("shm", "another-host", descriptor.shape, "bfloat16", b"")
+    away = choose("shm", local, [elsewhere], local=["shm", "grpc"])
+    assert away.transport == "grpc" and "this host only" in away.fallback
+    other_model = PoolDescriptor(
+        "shm", descriptor.host, (4, 2, 33, 4, 2, 16), "bfloat16", descriptor.payload
+    )
+    assert choose("shm", local, [other_model], local=["shm", "grpc"]).transport == "grpc"
+    with pytest.raises(TransportUnavailable):
+        open_writer(elsewhere, cache.tensor)
