@@ -1,23 +1,48 @@
-"""KV page transfer throughput: Tandem's gRPC path against a raw TCP socket, same processes, \
-same run.
+"""KV page transfer throughput: each KV transport against its physical baseline, same run.
 
-The sender (this process) holds a paged KV cache shaped like a real model's and pushes one
-prompt's pages with the production ``KVSender`` (layer-group gathers, host staging, chunking,
-parallel PushKV streams, end message); a receiver process validates and writes them with the
-production ``KVReceiver``. Then the same bytes go over one raw TCP socket between the same two
-processes. Throughput counts KV bytes moved per second of wall time (first gather to the
-receiver's acknowledgement); the receiver checks every transferred page against the source.
+The sender (this process) holds a paged KV cache shaped like a real model's and moves one
+prompt's pages to a receiver process with each transport in ``--transports``; every transport is
+measured against the fastest plain way of moving the same bytes, in the same run, and reported
+as a ratio:
 
-    python bench/kv_transfer.py                      # CPU: small shapes
+- ``grpc``: the production ``KVSender`` (layer-group gathers, host staging, chunking, parallel
+  PushKV streams, end message) to a receiver process running the production ``KVReceiver``.
+  Time: first gather to the receiver's acknowledgement, median of ``--repeats`` after a warm-up
+  (the warm-up is checked page by page at the receiver). Baseline: the same bytes over one raw
+  TCP socket between the same two processes.
+- memory transports (``shm``, ``cuda-ipc``, ``nixl``; tandem/transfer/transport.py): a receiver
+  process allocates a decode pool ``[layers, 2, blocks + 1, block_size, kv_heads, head_dim]``
+  (``shm``: in a file under ``shm_dir()``; ``cuda-ipc``: on the GPU, exported by the process
+  that allocated it), exports it and sends the ``PoolDescriptor`` over its stdout. This process
+  maps it (``open_writer``) and, per transfer, writes the request's pages layer group by layer
+  group (``--layers-per-group``, as production does) into freshly shuffled destination blocks,
+  then flushes. Time: first write to ``flush`` (and, on a GPU, a device synchronize), median
+  of ``--repeats`` after a warm-up. After every transfer (warm-up included) the receiver, which
+  regenerates the source from the seed, checks every page and that the unowned scratch block is
+  untouched; mismatches are counted, not raised. Baselines, in this process:
+  ``shm``: one ``copy_`` of a contiguous buffer of the same bytes; ``cuda-ipc``: one
+  device-to-device ``copy_`` of the same bytes on the same GPU (CUDA events); ``nixl``: raw TCP
+  to its receiver process, as for grpc. The ``gather+scatter`` column is a tighter reference for
+  the memory transports: the same per-layer-group ``index_select`` + ``index_copy_`` into a
+  local pool in one process. Baselines are the best of ``--repeats`` after a warm-up.
+
+Transports not available here (``local_transports``) are listed as unavailable. The run exits
+with status 1 if any transfer failed or any page differed (after printing and writing results).
+
+    python bench/kv_transfer.py                      # CPU: small shapes, grpc + shm (+ nixl)
     python bench/kv_transfer.py --device cuda --shapes llama-3.2-1b llama-3.1-8b --tokens 1024 8192
+    python bench/kv_transfer.py --device cuda --transports cuda-ipc grpc --streams 2
 """
 
 import argparse
 import json
+import os
+import queue
 import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +57,12 @@ SHAPES = {
     "tiny": (4, 2, 32),
 }
 BLOCK = 16
+SEED = 0
+ALL_TRANSPORTS = ("grpc", "shm", "cuda-ipc", "nixl")
+MEMORY_TRANSPORTS = ("shm", "cuda-ipc", "nixl")
+DEVICE_TRANSPORTS = {"cpu": ("grpc", "shm", "nixl"), "cuda": ("grpc", "cuda-ipc", "nixl")}
+"""The transports measured by default on each device type (those available here)."""
+BASELINE = {"grpc": "raw TCP", "nixl": "raw TCP", "shm": "memcpy", "cuda-ipc": "D2D copy"}
 
 
 @dataclass(frozen=True)
@@ -45,7 +76,7 @@ class Case:
         return -(-self.tokens // BLOCK)
 
 
-def kv_source(case: Case, device: str, seed: int = 0):
+def kv_source(case: Case, device: str, seed: int = SEED):
     """The sender's KV pool (request blocks are 0..n-1 in a shuffled order), reproducible."""
     import torch
 
@@ -61,13 +92,44 @@ def kv_source(case: Case, device: str, seed: int = 0):
     return kv, block_ids
 
 
-# ---- receiver process ---------------------------------------------------------------------------
+def destination_blocks(case: Case, transfer: int) -> list[int]:
+    """Shuffled decode-pool blocks for one memory-transport transfer (a new order each time; the
+    pool's last block, the scratch block no request owns, is never a destination)."""
+    import torch
+
+    g = torch.Generator().manual_seed(1_000 + transfer)
+    return torch.randperm(case.num_blocks, generator=g).tolist()
+
+
+def raw_server(sock: socket.socket) -> None:
+    """Accept raw TCP transfers (8-byte length, payload) and acknowledge each with one byte."""
+    buf = bytearray(64 << 20)
+    while True:
+        conn, _ = sock.accept()
+        with conn:
+            total = int.from_bytes(conn.recv(8, socket.MSG_WAITALL), "little")
+            view, got = memoryview(buf), 0
+            while got < total:
+                got += conn.recv_into(view, min(len(buf), total - got))
+            conn.sendall(b"k")
+
+
+def start_raw_server() -> int:
+    raw = socket.socket()
+    raw.bind(("127.0.0.1", 0))
+    raw.listen()
+    threading.Thread(target=raw_server, args=(raw,), daemon=True).start()
+    return raw.getsockname()[1]
+
+
+# ---- gRPC receiver process -----------------------------------------------------------------------
 
 
 def receiver_main(case: Case) -> None:
-    """Serve PushKV (production KVReceiver) and a raw socket; print their ports; run forever."""
+    """Serve PushKV (production KVReceiver) and a raw socket; print their ports; then lease the
+    blocks to one transfer per ``expect`` line on stdin (printing the lease's transfer token, as
+    a decode pod's reservation returns it); exit when stdin closes."""
     import asyncio
-    import threading
 
     import grpc
     import torch
@@ -92,8 +154,6 @@ def receiver_main(case: Case) -> None:
         n = 0
         async for msg in request_iterator:
             if msg.chunk is not None:
-                if not receiver.expects(msg.chunk.request_id):
-                    receiver.expect(msg.chunk.request_id, list(range(case.num_blocks)), 0)
                 await loop.run_in_executor(None, receiver.write, msg.chunk, msg.data)
                 n += 1
             else:
@@ -106,21 +166,21 @@ def receiver_main(case: Case) -> None:
                     await context.abort(grpc.StatusCode.DATA_LOSS, "pages differ from the source")
         return decode_pb2.PushKVResponse(chunks_received=n)
 
-    def raw_server(sock: socket.socket) -> None:
-        buf = bytearray(64 << 20)
-        while True:
-            conn, _ = sock.accept()
-            with conn:
-                total = int.from_bytes(conn.recv(8, socket.MSG_WAITALL), "little")
-                view, got = memoryview(buf), 0
-                while got < total:
-                    got += conn.recv_into(view, min(len(buf), total - got))
-                conn.sendall(b"k")
+    raw_port = start_raw_server()
 
-    raw = socket.socket()
-    raw.bind(("127.0.0.1", 0))
-    raw.listen()
-    threading.Thread(target=raw_server, args=(raw,), daemon=True).start()
+    def leases() -> None:
+        for line in sys.stdin:
+            try:
+                if json.loads(line).get("op") != "expect":
+                    raise ValueError(f"unknown command {line.strip()!r}")
+                if receiver.expects("r"):  # a failed transfer's reservation: drop it first
+                    receiver.discard("r")
+                lease = receiver.expect("r", list(range(case.num_blocks)), 0)
+            except Exception as exc:
+                print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)
+                continue
+            print(json.dumps({"token": getattr(lease, "token", "")}), flush=True)
+        os._exit(0)  # the sender is done (or gone)
 
     async def serve():
         server = grpc.aio.server(options=SERVER_OPTIONS)
@@ -138,10 +198,152 @@ def receiver_main(case: Case) -> None:
         )
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
-        print(json.dumps({"grpc": port, "raw": raw.getsockname()[1]}), flush=True)
+        print(json.dumps({"grpc": port, "raw": raw_port}), flush=True)
+        threading.Thread(target=leases, daemon=True).start()
         await server.wait_for_termination()
 
     asyncio.run(serve())
+
+
+# ---- memory-transport receiver process -----------------------------------------------------------
+
+
+def memory_receiver_main(spec: dict) -> None:
+    """Allocate and export a decode pool for one memory transport, print its descriptor (and a
+    raw TCP port), then answer commands from stdin (one JSON object a line) until it closes:
+    ``clear`` zeroes the pool; ``verify`` checks a transfer's pages against the source."""
+    import torch
+
+    from tandem.engine.kv_cache import KVCacheSpec, PagedKVCache
+    from tandem.transfer import transport as tr
+
+    case, name, device = Case(**spec["case"]), spec["transport"], torch.device(spec["device"])
+    layers, heads, dim = SHAPES[case.shape]
+    dtype = getattr(torch, case.dtype)
+    cuda = device.type == "cuda"
+
+    def reply(**msg) -> None:
+        print(json.dumps(msg), flush=True)
+
+    path = None
+    export = None
+    try:
+        try:
+            if name == "shm":
+                # As a decode pod's engine core does: the pool lives in a file others can map.
+                path = os.path.join(tr.shm_dir(), f"tandem-bench-kv-{os.getpid()}")
+                cache = PagedKVCache(
+                    KVCacheSpec(layers, heads, dim, BLOCK, dtype),
+                    case.num_blocks,
+                    torch.device("cpu"),
+                    path=path,
+                )
+                pool = cache.tensor
+                export = tr.export_pool(name, pool, path=path)
+            else:
+                shape = (layers, 2, case.num_blocks + 1, BLOCK, heads, dim)
+                pool = torch.zeros(shape, dtype=dtype, device=device)
+                if cuda:
+                    torch.cuda.synchronize(device)
+                export = tr.export_pool(name, pool)
+            descriptor = tr.descriptor_encoder.encode(export.descriptor())
+        except Exception as exc:  # reported by the sender as this transport's failure
+            reply(error=f"{type(exc).__name__}: {exc}")
+            return
+        # The source to check against, made before answering: the sender's baselines then run
+        # while this process is idle.
+        source, src_ids = kv_source(case, spec["device"], spec["seed"])
+        src = torch.tensor(src_ids, device=device)
+        if cuda:
+            torch.cuda.synchronize(device)
+        reply(descriptor=descriptor.hex(), raw=start_raw_server())
+        scratch = case.num_blocks
+        for line in sys.stdin:
+            cmd = json.loads(line)
+            if cmd["op"] == "clear":
+                pool.zero_()
+                if cuda:
+                    torch.cuda.synchronize(device)
+                reply(ok=True)
+            elif cmd["op"] == "verify":
+                # The sender's flush returned before it asked, so every copy has landed.
+                dst = torch.tensor(cmd["dst_ids"], device=device)
+                bad = 0
+                for layer in range(layers):  # a layer at a time: no pool-sized temporaries
+                    got = pool[layer].index_select(1, dst)
+                    want = source[layer].index_select(1, src)
+                    bad += int((got != want).flatten(2).any(-1).sum())
+                stray = int(pool[:, :, scratch].flatten(2).ne(0).any(-1).sum())
+                reply(pages=layers * 2 * len(src_ids), mismatched=bad, stray=stray)
+            else:
+                reply(error=f"unknown op {cmd['op']!r}")
+    finally:
+        if export is not None:
+            export.close()
+        if path is not None:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+class ReceiverError(RuntimeError):
+    pass
+
+
+class Receiver:
+    """A receiver process (this script with ``args``) and its JSON-lines pipe: commands on its
+    stdin, answers on its stdout."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self._lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                msg = None
+            if isinstance(msg, dict):
+                self._lines.put(msg)
+            else:  # a library writing to stdout: not ours, pass it on
+                sys.stderr.write(line)
+        self._lines.put(None)
+
+    def get(self, timeout: float) -> dict:
+        try:
+            msg = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise ReceiverError(f"the receiver did not answer in {timeout:.0f} s") from None
+        if msg is None:
+            self._lines.put(None)
+            raise ReceiverError(f"the receiver exited (status {self.proc.wait()})")
+        if "error" in msg:
+            raise ReceiverError(msg["error"])
+        return msg
+
+    def ask(self, timeout: float = 120, **cmd) -> dict:
+        try:
+            self.proc.stdin.write(json.dumps(cmd) + "\n")
+            self.proc.stdin.flush()
+        except OSError as exc:
+            raise ReceiverError(f"the receiver is gone: {exc}") from None
+        return self.get(timeout)
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()  # the receiver cleans up (unlinks its shm file) and exits
+            self.proc.wait(timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
 
 
 # ---- sender side ---------------------------------------------------------------------------------
@@ -167,7 +369,7 @@ def make_sender(case: Case, kv, streams: int, group: int, chunk: int, device: st
     )
 
 
-def grpc_transfer(sender, case: Case, address: str, kv, block_ids, device) -> float:
+def grpc_transfer(sender, case: Case, address: str, token: str, kv, block_ids, device) -> float:
     import torch
 
     from tandem.api.sampling_params import SamplingParams
@@ -181,15 +383,18 @@ def grpc_transfer(sender, case: Case, address: str, kv, block_ids, device) -> fl
         "r", [0] * case.tokens, SamplingParams(max_tokens=1), arrival_time=0.0, arrival_index=0
     )
     scheduled = [ScheduledSequence(seq, 0, case.tokens, block_ids, True)]
+    lease = {"transfer_token": token} if token else {}  # (older receivers issue no tokens)
+    target = KVTarget(address, "r", 0, "bench", **lease)
+    end = common_pb2.KVTransferEnd(
+        request_id="r", model_fingerprint="bench", first_token_id=1, **lease
+    )
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     start = time.perf_counter()
-    sender.start("r", KVTarget(address, "r", 0, "bench"), case.tokens)
+    sender.start("r", target, case.tokens)
     for n in range(1, layers + 1):
         sender.on_layers_computed(scheduled, n, kv)
-    future = sender.finish(
-        "r", common_pb2.KVTransferEnd(request_id="r", model_fingerprint="bench", first_token_id=1)
-    )
+    future = sender.finish("r", end)
     result = future.result()  # raises if the receiver refused anything (or found pages differ)
     elapsed = time.perf_counter() - start
     assert result.bytes == kv.numel() * kv.element_size()
@@ -207,52 +412,271 @@ def raw_transfer(address: str, payload: bytes) -> float:
         return time.perf_counter() - start
 
 
-def run_case(case: Case, args) -> list[dict]:
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--receiver", json.dumps(case.__dict__)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+def raw_tcp_gbs(port: int, payload: bytes, repeats: int) -> tuple[float, float]:
+    """(GB/s, seconds) of the median raw TCP transfer of ``payload`` after one warm-up."""
+    times = [raw_transfer(f"127.0.0.1:{port}", payload) for _ in range(repeats + 1)][1:]
+    seconds = statistics.median(times)
+    return len(payload) / 1e9 / seconds, seconds
+
+
+def best_seconds(fn, repeats: int, device) -> float:
+    """Best time of ``fn()`` over ``repeats`` runs after a warm-up: CUDA events on a GPU (then a
+    synchronize), the wall clock on CPU."""
+    import torch
+
+    cuda = device.type == "cuda"
+    fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    times = []
+    for _ in range(max(repeats, 1)):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def copy_seconds(kv, repeats: int) -> float:
+    """One contiguous copy of ``kv``'s bytes within this process (on its device)."""
+    import torch
+
+    src = kv.reshape(-1)
+    dst = torch.empty_like(src)
+    return best_seconds(lambda: dst.copy_(src), repeats, kv.device)
+
+
+def gather_scatter_seconds(kv, src_ids: list[int], dst_ids: list[int], group: int, repeats: int):
+    """The memory transports' access pattern within this process: per layer group, gather the
+    request's pages and scatter them into a local pool shaped like the receiver's."""
+    import torch
+
+    shape = list(kv.shape)
+    shape[2] += 1
+    pool = torch.zeros(shape, dtype=kv.dtype, device=kv.device)
+    s = torch.tensor(src_ids, device=kv.device)
+    d = torch.tensor(dst_ids, device=kv.device)
+    layers = kv.shape[0]
+
+    def once():
+        for l0 in range(0, layers, group):
+            l1 = min(l0 + group, layers)
+            pool[l0:l1].index_copy_(2, d, kv[l0:l1].index_select(2, s))
+
+    return best_seconds(once, repeats, kv.device)
+
+
+def unavailable_reason(name: str, device_type: str) -> str | None:
+    """None if ``name`` can run here, else why not."""
+    from tandem.transfer import transport as tr
+
+    if name in tr.local_transports(device_type):
+        return None
+    if name == "grpc":
+        return "not listed by local_transports"
     try:
-        ports = json.loads(proc.stdout.readline())
-        kv, block_ids = kv_source(case, args.device)
-        host_bytes = kv.cpu().contiguous().view(__import__("torch").uint8).numpy().tobytes()
-        gb = len(host_bytes) / 1e9
+        reason = tr._module(name).unavailable(device_type)
+    except Exception as exc:  # TransportUnavailable: not installed / not importable
+        return str(exc)
+    return reason or "not listed by local_transports"
+
+
+def memory_transfer(writer, kv, src_ids: list[int], dst_ids: list[int], group: int) -> int:
+    """Queue one request's pages layer group by layer group and wait for them (``flush``).
+    Returns the bytes queued."""
+    import torch
+
+    s = torch.tensor(src_ids)
+    d = torch.tensor(dst_ids)
+    layers = kv.shape[0]
+    queued = 0
+    for l0 in range(0, layers, group):
+        queued += writer.write(kv, s, (l0, min(l0 + group, layers)), d)
+    writer.flush()
+    return queued
+
+
+def memory_row(case: Case, name: str, args, kv, src_ids: list[int], host_bytes) -> dict:
+    """Measure one memory transport for one case (a fresh receiver process)."""
+    import torch
+
+    from tandem.transfer import transport as tr
+
+    nbytes = kv.numel() * kv.element_size()
+    cuda = kv.device.type == "cuda"
+    row = {
+        "transport": name,
+        "shape": case.shape,
+        "tokens": case.tokens,
+        "dtype": case.dtype,
+        "bytes": nbytes,
+        "layers_per_group": args.layers_per_group,
+        "baseline": BASELINE[name],
+        "transfers": 0,
+        "failed_transfers": 0,
+        "mismatched_pages": 0,
+        "stray_pages": 0,
+        "errors": [],
+    }
+    spec = {"case": case.__dict__, "transport": name, "device": args.device, "seed": SEED}
+    receiver = Receiver("--memory-receiver", json.dumps(spec))
+    writer = None
+    try:
+        hello = receiver.get(timeout=180)
+        descriptor = tr.descriptor_decoder.decode(bytes.fromhex(hello["descriptor"]))
+        writer = tr.open_writer(descriptor, kv)
+        if name == "nixl":
+            row["baseline_gb_s"], row["baseline_seconds"] = raw_tcp_gbs(
+                hello["raw"], host_bytes(), args.repeats
+            )
+        else:
+            row["baseline_seconds"] = copy_seconds(kv, args.repeats)
+            row["baseline_gb_s"] = nbytes / 1e9 / row["baseline_seconds"]
+        row["gather_scatter_seconds"] = gather_scatter_seconds(
+            kv, src_ids, destination_blocks(case, 0), args.layers_per_group, args.repeats
+        )
+        row["gather_scatter_gb_s"] = nbytes / 1e9 / row["gather_scatter_seconds"]
+
+        times = []
+        for transfer in range(args.repeats + 1):  # the first is a warm-up (checked like the rest)
+            dst_ids = destination_blocks(case, transfer)
+            receiver.ask(op="clear")
+            if cuda:
+                torch.cuda.synchronize(kv.device)
+            row["transfers"] += 1
+            start = time.perf_counter()
+            try:
+                queued = memory_transfer(writer, kv, src_ids, dst_ids, args.layers_per_group)
+                if cuda:  # flush has waited for the copies; make sure nothing is left queued
+                    torch.cuda.synchronize(kv.device)
+                elapsed = time.perf_counter() - start
+            except Exception as exc:  # KVTransferError or a transport bug: count it, go on
+                row["failed_transfers"] += 1
+                row["errors"].append(f"transfer {transfer}: {type(exc).__name__}: {exc}")
+                continue
+            check = receiver.ask(op="verify", dst_ids=dst_ids, timeout=600)
+            failed = check["mismatched"] or check["stray"] or queued != nbytes
+            row["mismatched_pages"] += check["mismatched"]
+            row["stray_pages"] += check["stray"]
+            if queued != nbytes:
+                row["errors"].append(f"transfer {transfer}: {queued} bytes queued, not {nbytes}")
+            if failed:
+                row["failed_transfers"] += 1
+            elif transfer > 0:
+                times.append(elapsed)
+        if times:
+            row["seconds"] = statistics.median(times)
+            row["best_seconds"] = min(times)
+            row["gb_s"] = nbytes / 1e9 / row["seconds"]
+            row["ratio"] = row["gb_s"] / row["baseline_gb_s"]
+    except Exception as exc:  # the receiver or the mapping failed: report it as this row's error
+        row["errors"].append(f"{type(exc).__name__}: {exc}")
+    finally:
+        if writer is not None:
+            try:
+                writer.close()
+            except Exception as exc:
+                row["errors"].append(f"close: {type(exc).__name__}: {exc}")
+        receiver.close()
+    row["verified"] = verdict(row)
+    return row
+
+
+def verdict(row: dict) -> str:
+    """``OK n/n`` (every transfer landed and every page matched), else what went wrong."""
+    n, failed = row["transfers"], row["failed_transfers"]
+    if n and not failed and not row["errors"]:
+        return f"OK {n}/{n}"
+    parts = [f"{failed}/{n} failed"] if n else []
+    if row.get("mismatched_pages"):
+        parts.append(f"{row['mismatched_pages']} pages differ")
+    if row.get("stray_pages"):
+        parts.append(f"{row['stray_pages']} stray pages")
+    if row["errors"]:
+        parts.append(row["errors"][0][:80])
+    return "FAILED: " + "; ".join(parts)
+
+
+def grpc_rows(case: Case, args, kv, block_ids, host_bytes) -> list[dict]:
+    receiver = Receiver("--receiver", json.dumps(case.__dict__))
+    try:
+        ports = receiver.get(timeout=180)
+        nbytes = kv.numel() * kv.element_size()
+        gb = nbytes / 1e9
+        raw_gbs, raw_seconds = raw_tcp_gbs(ports["raw"], host_bytes(), args.repeats)
         rows = []
-        raw_times = [
-            raw_transfer(f"127.0.0.1:{ports['raw']}", host_bytes) for _ in range(args.repeats + 1)
-        ][1:]
-        raw_gbs = gb / statistics.median(raw_times)
         for streams in args.streams:
             sender = make_sender(
                 case, kv, streams, args.layers_per_group, args.chunk_bytes, args.device
             )
+            row = {
+                "transport": "grpc",
+                "shape": case.shape,
+                "tokens": case.tokens,
+                "dtype": case.dtype,
+                "bytes": nbytes,
+                "streams": streams,
+                "baseline": BASELINE["grpc"],
+                "raw_tcp_gb_s": raw_gbs,
+                "baseline_gb_s": raw_gbs,
+                "raw_seconds": raw_seconds,
+                "baseline_seconds": raw_seconds,
+                "transfers": 0,
+                "failed_transfers": 0,
+                "errors": [],
+            }
             times = []
-            for _ in range(args.repeats + 1):  # the first is a warm-up (and checked page by page)
-                times.append(
-                    grpc_transfer(
-                        sender, case, f"127.0.0.1:{ports['grpc']}", kv, block_ids, args.device
-                    )
-                )
+            address = f"127.0.0.1:{ports['grpc']}"
+            for transfer in range(args.repeats + 1):  # the first is a warm-up, checked page by page
+                row["transfers"] += 1
+                try:
+                    token = receiver.ask(op="expect")["token"]  # the decode pod's reservation
+                    t = grpc_transfer(sender, case, address, token, kv, block_ids, args.device)
+                except Exception as exc:  # DATA_LOSS from the page check, or a broken stream
+                    row["failed_transfers"] += 1
+                    row["errors"].append(f"transfer {transfer}: {type(exc).__name__}: {exc}")
+                    continue
+                if transfer > 0:
+                    times.append(t)
             sender.close()
-            grpc_gbs = gb / statistics.median(times[1:])
-            rows.append(
-                {
-                    "shape": case.shape,
-                    "tokens": case.tokens,
-                    "dtype": case.dtype,
-                    "bytes": len(host_bytes),
-                    "streams": streams,
-                    "grpc_gb_s": grpc_gbs,
-                    "raw_tcp_gb_s": raw_gbs,
-                    "ratio": grpc_gbs / raw_gbs,
-                    "grpc_seconds": statistics.median(times[1:]),
-                    "raw_seconds": statistics.median(raw_times),
-                }
+            if times:
+                row["grpc_seconds"] = row["seconds"] = statistics.median(times)
+                row["grpc_gb_s"] = row["gb_s"] = gb / row["seconds"]
+                row["ratio"] = row["gb_s"] / raw_gbs
+            row["verified"] = (
+                "OK (warm-up)" if not row["errors"] else "FAILED: " + row["errors"][0][:80]
             )
+            rows.append(row)
         return rows
     finally:
-        proc.kill()
+        receiver.close()
+
+
+def run_case(case: Case, args, transports: list[str]) -> list[dict]:
+    import torch
+
+    kv, block_ids = kv_source(case, args.device)
+    cache: list[bytes] = []
+
+    def host_bytes() -> bytes:
+        if not cache:
+            cache.append(kv.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return cache[0]
+
+    rows = []
+    for name in transports:
+        if name == "grpc":
+            rows += grpc_rows(case, args, kv, block_ids, host_bytes)
+        else:
+            rows.append(memory_row(case, name, args, kv, block_ids, host_bytes))
+    return rows
 
 
 def main() -> None:
@@ -260,49 +684,104 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--receiver", help=argparse.SUPPRESS)
+    ap.add_argument("--memory-receiver", help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--transports",
+        nargs="+",
+        default=None,
+        choices=ALL_TRANSPORTS,
+        help="default: grpc and the memory transports for the device (CPU: shm, nixl; "
+        "cuda: cuda-ipc, nixl); those not available here are listed as unavailable",
+    )
     ap.add_argument("--shapes", nargs="+", default=None, choices=sorted(SHAPES))
     ap.add_argument("--tokens", nargs="+", type=int, default=None)
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--streams", nargs="+", type=int, default=[1, 2, 4])
+    ap.add_argument("--streams", nargs="+", type=int, default=[1, 2, 4], help="grpc only")
     ap.add_argument("--layers-per-group", type=int, default=4)
-    ap.add_argument("--chunk-bytes", type=int, default=4 << 20)
+    ap.add_argument("--chunk-bytes", type=int, default=4 << 20, help="grpc only")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out-dir", type=Path, default=None)
     args = ap.parse_args()
     if args.receiver:
         receiver_main(Case(**json.loads(args.receiver)))
         return
-    gpu = args.device.startswith("cuda")
+    if args.memory_receiver:
+        memory_receiver_main(json.loads(args.memory_receiver))
+        return
+    import torch
+
+    device_type = torch.device(args.device).type
+    gpu = device_type == "cuda"
+    wanted = list(dict.fromkeys(args.transports or DEVICE_TRANSPORTS.get(device_type, ("grpc",))))
+    unavailable = {}
+    for name in wanted:
+        reason = unavailable_reason(name, device_type)
+        if reason is not None:
+            unavailable[name] = reason
+    transports = [t for t in wanted if t not in unavailable]
     shapes = args.shapes or ["llama-3.2-1b", "llama-3.1-8b"]
     tokens = args.tokens or ([1024, 8192] if gpu else [1024])
     rows = []
-    for shape in shapes:
+    for shape in shapes if transports else []:
         for n in tokens:
-            rows += run_case(Case(shape, n, args.dtype), args)
+            rows += run_case(Case(shape, n, args.dtype), args, transports)
     payload = {
         "workload": "W0 KV transfer",
         "device": args.device,
         "command": " ".join(sys.argv),
+        "transports": transports,
+        "unavailable": unavailable,
         "rows": rows,
     }
     path = write_result("kv_transfer", args.device, payload, args.out_dir)
-    print_table(
-        ["shape", "tokens", "MiB", "streams", "gRPC GB/s", "raw TCP GB/s", "gRPC/raw"],
+
+    def label(r: dict) -> str:
+        if r["transport"] == "grpc":
+            return f"grpc x{r['streams']}"
+        return r["transport"]
+
+    def num(r: dict, key: str):
+        return r[key] if key in r else "-"
+
+    table = [
         [
-            [
-                r["shape"],
-                r["tokens"],
-                r["bytes"] / 2**20,
-                r["streams"],
-                r["grpc_gb_s"],
-                r["raw_tcp_gb_s"],
-                r["ratio"],
-            ]
-            for r in rows
+            label(r),
+            r["shape"],
+            r["tokens"],
+            r["bytes"] / 2**20,
+            num(r, "gb_s"),
+            r["baseline"],
+            num(r, "baseline_gb_s"),
+            num(r, "ratio"),
+            num(r, "gather_scatter_gb_s"),
+            r["verified"],
+        ]
+        for r in rows
+    ]
+    table += [
+        [name, "-", "-", "-", "-", BASELINE[name], "-", "-", "-", f"unavailable: {reason}"]
+        for name, reason in unavailable.items()
+    ]
+    print_table(
+        [
+            "transport",
+            "shape",
+            "tokens",
+            "MiB",
+            "GB/s",
+            "baseline",
+            "baseline GB/s",
+            "ratio",
+            "gather+scatter GB/s",
+            "verified",
         ],
+        table,
     )
+    print("grpc xN: N parallel PushKV streams; GB/s: median transfer; baselines: best copy")
     print(f"wrote {path}")
+    if any(r["failed_transfers"] or r["errors"] or "gb_s" not in r for r in rows):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -298,6 +298,22 @@ def prefix_cache_counters(cluster) -> dict[str, tuple[int, int]]:
     return totals
 
 
+def kv_transport_bytes(cluster) -> dict[str, float]:
+    """KV bytes the prefill pods moved, by transport, and their transport fallbacks (so a run
+    says which data plane it measured)."""
+    from services.local_cluster import counter_totals
+
+    totals: dict[str, float] = {}
+    for pod in cluster.pods("prefill"):
+        for transport, n in counter_totals(
+            pod.metrics_url, "tandem_kv_transfer_bytes", "transport"
+        ).items():
+            totals[transport] = totals.get(transport, 0.0) + n
+        fallbacks = counter_totals(pod.metrics_url, "tandem_kv_transfer_fallbacks", "transport")
+        totals["fallbacks"] = totals.get("fallbacks", 0.0) + sum(fallbacks.values())
+    return totals
+
+
 def routing_counts(cluster) -> dict[str, float]:
     """The router's requests placed by mode, and its attempts (more than requests: retries)."""
     from services.local_cluster import counter_totals
@@ -479,6 +495,9 @@ def main() -> None:
                 results[mode]["pod_cache_hit_rate"] = hit_rates(
                     before, prefix_cache_counters(cluster)
                 )
+                results[mode]["kv_transport_bytes"] = kv_transport_bytes(cluster)
+                if results[mode]["kv_transport_bytes"]:
+                    print(f"{mode}: KV bytes by transport {results[mode]['kv_transport_bytes']}")
                 # A disaggregated request whose prefill fails is retried colocated and still
                 # succeeds: check the run measured the mode it claims.
                 problem = routing_problem(

@@ -5,7 +5,9 @@ exports the pool's allocation once as a CUDA IPC handle -- the same calls torch.
 makes (``UntypedStorage._share_cuda_`` / ``_new_shared_cuda``), but sent as plain fields, never
 pickled. A prefill pod maps it once per decode pod incarnation and, after each layer group,
 gathers the request's pages on a copy stream ordered after the compute stream and scatters them
-straight into the decode pod's reserved blocks (device-to-device on one GPU; a peer copy when
+straight into the decode pod's reserved blocks (the gather on the compute stream, in order with
+the steps that may reuse the source blocks; the scatter on the copy stream; device-to-device on
+one GPU; a peer copy when
 the decode pod's GPU is another GPU of the node -- that path is untested: the GPU machines this
 was built on had one GPU). ``flush`` waits for the copies, so a completion notice sent after it
 finds every page in place.
@@ -152,9 +154,11 @@ class CudaIpcPoolWriter(PoolWriter):
         l0, l1 = layers
         check_block_ids(src_ids, dst_ids, self.pool.shape)
         dst = self.pool
+        # The gather runs on the compute stream, in order: later steps may reuse the source
+        # blocks (the request finishes and frees them) before the copy stream gets to them.
+        pages = src[l0:l1].index_select(2, src_ids.to(src.device, non_blocking=True))
         self._stream.wait_stream(torch.cuda.current_stream(self._src_device))
         with torch.cuda.stream(self._stream):
-            pages = src[l0:l1].index_select(2, src_ids.to(src.device, non_blocking=True))
             if pages.device != dst.device:
                 pages = pages.to(dst.device, non_blocking=True)  # peer copy
             dst[l0:l1].index_copy_(2, dst_ids.to(dst.device, non_blocking=True), pages)

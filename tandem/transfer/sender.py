@@ -216,7 +216,7 @@ class KVSender:
         """
         key = (target.address, target.incarnation)
         writer = self._writers.get(key)
-        if writer is not None:
+        if writer is not None and not writer.broken:
             return writer
         for old in [k for k in self._writers if k[0] == target.address]:
             self._drop_writer(old)

@@ -2,8 +2,8 @@
 
 The decode pod's engine core allocates its KV pool in a file under /dev/shm
 (``PagedKVCache(path=...)``); its front and any prefill pod on the same host map that file and
-see the same pages. A prefill pod's write is an ``index_copy_`` from its pool into the mapping:
-when it returns the pages are in the decode pod's memory (no flush needed).
+see the same pages. A prefill pod's write copies from its pool into the mapping, one slice per
+run of consecutive blocks: when it returns the pages are in the decode pod's memory (no flush).
 """
 
 import os
@@ -11,12 +11,12 @@ import os
 import msgspec
 import torch
 
-from tandem.api.errors import KVTransferError
 from tandem.transfer.transport import (
     PoolDescriptor,
     PoolExport,
     PoolWriter,
     TransportUnavailable,
+    block_runs,
     check_block_ids,
     host_id,
 )
@@ -90,12 +90,14 @@ class ShmPoolWriter(PoolWriter):
     def write(self, src, src_ids, layers, dst_ids) -> int:
         l0, l1 = layers
         check_block_ids(src_ids, dst_ids, self.pool.shape)
-        pages = src[l0:l1].index_select(2, src_ids)
-        try:
-            self.pool[l0:l1].index_copy_(2, dst_ids, pages)
-        except (IndexError, RuntimeError) as exc:
-            raise KVTransferError(f"shm write failed: {exc}") from None
-        return pages.numel() * pages.element_size()
+        # One slice copy per run of blocks consecutive on both sides: on CPU that is several
+        # times faster than index_select + index_copy_ (which also copy twice).
+        pool, nbytes = self.pool, 0
+        for s0, d0, n in block_runs(src_ids.tolist(), dst_ids.tolist()):
+            pages = src[l0:l1, :, s0 : s0 + n]
+            pool[l0:l1, :, d0 : d0 + n].copy_(pages)
+            nbytes += pages.numel() * pages.element_size()
+        return nbytes
 
     def flush(self) -> None:
         pass  # writes are synchronous

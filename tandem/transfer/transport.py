@@ -134,6 +134,12 @@ class PoolWriter(ABC):
     def flush(self) -> None:
         """Block until every queued write has landed (or raise ``KVTransferError``)."""
 
+    @property
+    def broken(self) -> bool:
+        """A writer that cannot be trusted any more (a transfer failed inside it); the sender
+        maps the pool afresh for the next transfer."""
+        return getattr(self, "_broken", None) is not None
+
     def close(self) -> None:  # noqa: B027 - most writers hold nothing to release
         """Drop the mapping (the decode pod went away, or this pod is stopping)."""
 
@@ -149,6 +155,17 @@ def check_block_ids(src_ids: torch.Tensor, dst_ids: torch.Tensor, dst_pool_shape
         raise KVTransferError(
             f"destination block ids outside the decode pool's {dst_pool_shape[2] - 1} blocks"
         )
+
+
+def block_runs(src: list[int], dst: list[int]):
+    """``(src_start, dst_start, length)`` of each run of blocks consecutive in both lists."""
+    i, n = 0, len(src)
+    while i < n:
+        j = i + 1
+        while j < n and src[j] == src[j - 1] + 1 and dst[j] == dst[j - 1] + 1:
+            j += 1
+        yield src[i], dst[i], j - i
+        i = j
 
 
 def pool_bytes_per_page(descriptor: PoolDescriptor) -> int:

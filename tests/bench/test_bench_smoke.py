@@ -33,6 +33,9 @@ def test_kv_transfer_bench_moves_verified_pages(tmp_path):
     result = run_bench(
         "kv_transfer.py",
         tmp_path,
+        "--transports",
+        "grpc",
+        "shm",
         "--shapes",
         "tiny",
         "--tokens",
@@ -43,12 +46,22 @@ def test_kv_transfer_bench_moves_verified_pages(tmp_path):
         "--repeats",
         "1",
     )
-    assert [row["streams"] for row in result["rows"]] == [1, 2]
+    assert [(row["transport"], row.get("streams")) for row in result["rows"]] == [
+        ("grpc", 1),
+        ("grpc", 2),
+        ("shm", None),
+    ]
     for row in result["rows"]:
         assert (
             row["bytes"] == 4 * 2 * 256 * 2 * 32 * 2
         )  # layers x K/V x tokens x heads x dim x bf16
-        assert row["grpc_gb_s"] > 0 and row["raw_tcp_gb_s"] > 0
+        assert row["gb_s"] > 0 and row["baseline_gb_s"] > 0 and row["ratio"] > 0
+        assert row["failed_transfers"] == 0 and row["verified"].startswith("OK")
+    grpc_row, _, shm_row = result["rows"]
+    assert grpc_row["grpc_gb_s"] > 0 and grpc_row["raw_tcp_gb_s"] > 0
+    # shm: every transfer (warm-up included) checked page by page by the receiver process
+    assert shm_row["transfers"] == 2 and shm_row["mismatched_pages"] == 0
+    assert shm_row["baseline"] == "memcpy" and shm_row["gather_scatter_gb_s"] > 0
 
 
 def test_kvstore_bench_compares_lookups_with_a_redis_get(tmp_path):

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# GPU measurements of the KV data plane, in one go (for a lent GPU machine):
+#   1. the GPU tests (pytest tests/gpu: the transport conformance suite with cuda-ipc among them);
+#   2. bench/kv_transfer.py: each transport against its physical baseline (cuda-ipc against a
+#      device-to-device copy, grpc against raw TCP), Llama-3.1-8B shape, 8,192 tokens (1 GiB);
+#   3. bench/serve.py, the issue's 1B workload (2,048 in / 128 out, 192 requests at 24 req/s,
+#      2 workers per mode): colocated against disaggregated over the default transport (auto:
+#      cuda-ipc on one GPU), then disaggregated over grpc for the before/after.
+#   (conformance: only the suite's cuda-ipc and fallback tests, when the whole of tests/gpu
+#   does not fit a call.)
+# Usage: bench/gpu_kv.sh OUT_DIR   STEPS="tests kv serve" picks steps (a call's time limit).
+set -uo pipefail
+out=${1:?usage: bench/gpu_kv.sh OUT_DIR}
+steps=${STEPS:-tests kv serve}
+shapes=${SHAPES_DIR:-/tmp/tandem-shapes}
+cd "$(dirname "$0")/.."
+mkdir -p "$out"
+python3 - "$shapes" <<'PY'
+import sys
+from pathlib import Path
+sys.path.insert(0, "bench")
+from shapes import shape_dir
+print(shape_dir("llama-3.2-1b", Path(sys.argv[1])))
+PY
+if [[ " $steps " == *" tests "* ]]; then
+  timeout 420 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -n 5 | tee "$out/gpu_tests.txt"
+fi
+if [[ " $steps " == *" conformance "* ]]; then
+  TANDEM_TEST_DEVICE=cuda timeout 300 python3 -m pytest -v -p no:cacheprovider \
+    tests/integration/test_kv_transports.py -k "cuda-ipc or fallback" 2>&1 | grep -E "PASSED|FAILED|ERROR|passed|failed|Error" | tail -n 30 | tee "$out/conformance.txt"
+fi
+if [[ " $steps " == *" kv "* ]]; then
+  timeout 240 python3 bench/kv_transfer.py --device cuda --transports cuda-ipc grpc \
+    --shapes llama-3.1-8b --tokens 8192 --dtype bfloat16 --out-dir "$out" 2>&1 | tail -n 20
+fi
+if [[ " $steps " == *" serve "* ]]; then
+  common=(--device cuda --model "$shapes/llama-3.2-1b" --num-kv-blocks 16384 --input-len 2048
+          --output-len 128 --num-prompts 192 --rate 24)
+  timeout 300 python3 bench/serve.py "${common[@]}" --modes colocated disaggregated \
+    --worker-args "--load-format dummy --max-num-seqs 256" --out-dir "$out/auto" 2>&1 | tail -n 8
+  timeout 200 python3 bench/serve.py "${common[@]}" --modes disaggregated \
+    --worker-args "--load-format dummy --max-num-seqs 256 --kv-transport grpc" \
+    --out-dir "$out/grpc" 2>&1 | tail -n 6
+fi
