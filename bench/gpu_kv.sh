@@ -27,7 +27,7 @@ if [[ " $steps " == *" tests "* ]]; then
 fi
 if [[ " $steps " == *" conformance "* ]]; then
   TANDEM_TEST_DEVICE=cuda timeout 300 python3 -m pytest -v -p no:cacheprovider \
-    tests/integration/test_kv_transports.py -k "cuda-ipc or fallback" 2>&1 | grep -E "PASSED|FAILED|ERROR|passed|failed|Error" | tail -n 30 | tee "$out/conformance.txt"
+    tests/integration/test_kv_transports.py -k "${CONFORMANCE_K:-cuda-ipc or fallback}" 2>&1 | grep -E "PASSED|FAILED|ERROR|passed|failed|Error|differing" | tail -n 30 | tee "$out/conformance.txt"
 fi
 if [[ " $steps " == *" kv "* ]]; then
   timeout 240 python3 bench/kv_transfer.py --device cuda --transports cuda-ipc grpc \

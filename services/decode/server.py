@@ -45,6 +45,7 @@ from tandem.serving.pod_metrics import PodMetrics
 from tandem.transfer import codec, shm_transport
 from tandem.transfer.receiver import KVReceiver
 from tandem.transfer.transport import (
+    AUTO_TRANSPORTS,
     MEMORY_TRANSPORTS,
     TRANSPORTS,
     PoolDescriptor,
@@ -508,7 +509,9 @@ def _unlink(path: str | None) -> None:
 def offered_pools(settings: DecodeSettings, info, pool: torch.Tensor):
     """The memory transports this pod offers (``--kv-transport``), and the exports to close."""
     mode = settings.kv_transport
-    wanted = [t for t in MEMORY_TRANSPORTS if mode in ("auto", t)]
+    wanted = [
+        t for t in MEMORY_TRANSPORTS if mode == t or (mode == "auto" and t in AUTO_TRANSPORTS)
+    ]
     pools: list[PoolDescriptor] = []
     exports = []
     for encoded in info.kv_exports:  # made by the core: cuda-ipc

@@ -41,10 +41,11 @@ class PodSettings(BaseSettings, EngineOptions):
     max_waiting: int = Field(1024, gt=0)
     """Most requests queued in the engine; more are refused with RESOURCE_EXHAUSTED."""
     kv_transport: KVTransportMode = "auto"
-    """How KV pages move between prefill and decode pods: auto (the fastest both pods can use),
-    cuda-ipc (GPU pools on one node), nixl (NIXL over UCX: RDMA across nodes; the nixl extra),
-    shm (CPU pools on one host), grpc (any network). Decode pods offer it (grpc always, unless
-    strict); prefill pods choose per transfer."""
+    """How KV pages move between prefill and decode pods: auto (the fastest both pods can use of
+    cuda-ipc, shm and grpc), cuda-ipc (GPU pools on one node), shm (CPU pools on one host), nixl
+    (NIXL over UCX: RDMA across nodes; the nixl extra; only when named: its agent keeps a CPU core
+    busy), grpc (any network). Decode pods offer it (and grpc); prefill pods choose per
+    transfer."""
     kv_transport_strict: bool = False
     """Refuse a transfer rather than fall back to a slower transport (a fallback is otherwise
     logged at WARNING and counted in tandem_kv_transfer_fallbacks_total)."""

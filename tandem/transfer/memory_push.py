@@ -122,8 +122,14 @@ class MemoryTransfer:
         end.total_chunks = self.writes
         if self._checksum is not None:
             end.checksum = self._checksum
+        metadata = (
+            telemetry.outgoing_metadata(context=trace.set_span_in_context(self._span))
+            if self._span is not None
+            else ()
+        )
         try:
-            self._complete_kv(end, timeout=self._timeout_s)
+            # The decode pod's CompleteKV span continues the kv_transfer span.
+            self._complete_kv(end, timeout=self._timeout_s, metadata=metadata)
         except grpc.RpcError as e:
             error = f"KV completion to {self.target.address} failed: {e.code().name}: {e.details()}"
             self._end_span(error)

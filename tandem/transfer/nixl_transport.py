@@ -13,6 +13,11 @@ of (address, length) pairs; runs of consecutive blocks on both sides become one 
 
 Caveats:
 
+- NIXL's Python API starts each agent's progress thread with no delay between polls: it keeps a
+  CPU core busy in every process holding an agent (measured: 5 s of CPU per 5 s idle). So
+  ``auto`` never picks nixl (``transport.AUTO_TRANSPORTS``); pods start agents only with
+  ``--kv-transport nixl``.
+
 - NIXL does not order its reads of GPU memory after CUDA streams, so a write from a GPU pool
   first waits for the current stream (the layer group's compute) before posting.
 - A failed or timed-out transfer breaks the writer for good (every later ``write`` / ``flush``

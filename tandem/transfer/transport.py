@@ -15,7 +15,8 @@ head_dim]`` (the model fingerprint guarantees the same model and dtype); only th
 blocks differs, so a page ``(layer, k|v, block)`` is one contiguous run of bytes in each pool.
 
 Choosing (``choose``): ``auto`` takes the fastest transport both sides have and can reach (same
-host for ``shm`` and ``cuda-ipc``); a named transport is used if possible. Anything slower than
+host for ``shm`` and ``cuda-ipc``; never nixl, see ``AUTO_TRANSPORTS``); a named transport is
+used if possible. Anything slower than
 what was asked for (for ``auto``: the fastest this pod could use) is a *fallback*: never
 silent (the caller logs it at WARNING and counts it), refused with ``strict``.
 """
@@ -36,6 +37,10 @@ TRANSPORTS: tuple[str, ...] = ("cuda-ipc", "shm", "nixl", "grpc")
 same-host memory transports (cuda-ipc for GPU pools, shm for CPU pools) before NIXL, which is
 for pools on other hosts, before gRPC."""
 MEMORY_TRANSPORTS = frozenset({"cuda-ipc", "nixl", "shm"})
+AUTO_TRANSPORTS: tuple[str, ...] = ("cuda-ipc", "shm", "grpc")
+"""What ``auto`` may pick. Not nixl: its agent's progress thread spins a CPU core in every
+process that holds one (NIXL's Python API fixes the thread's delay at 0), a price a pod pays
+only when asked to (``--kv-transport nixl``)."""
 KVTransportMode = Literal["auto", "grpc", "shm", "cuda-ipc", "nixl"]
 
 _MODULES = {
@@ -260,7 +265,7 @@ def choose(
     fallback is allowed (``--kv-transport-strict``).
     """
     local = local_transports(local_pool.device.type) if local is None else local
-    wanted = [mode] if mode != "auto" else [t for t in TRANSPORTS if t in local]
+    wanted = [mode] if mode != "auto" else [t for t in AUTO_TRANSPORTS if t in local]
     offered = {d.transport: d for d in remote}
     reasons = []
     for name in wanted:

@@ -52,6 +52,10 @@ def wait_for_pods(cluster, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
+PUSH_KV = "/tandem.decode.v1.DecodeService/PushKV"
+COMPLETE_KV = "/tandem.decode.v1.DecodeService/CompleteKV"
+
+
 def trace_of(spans: list[ReceivedSpan], request_id: str) -> list[ReceivedSpan]:
     """Every span of the trace whose router server span carries ``request_id``."""
     roots = [
@@ -77,8 +81,7 @@ def complete(spans: list[ReceivedSpan]) -> bool:
         "/tandem.kvstore.v1.KVStoreService/Lookup",
         "/tandem.prefill.v1.PrefillService/Prefill",
         "/tandem.decode.v1.DecodeService/Generate",
-        "/tandem.decode.v1.DecodeService/PushKV",
-    } <= names
+    } <= names and bool(names & {PUSH_KV, COMPLETE_KV})  # the gRPC or a memory transport
 
 
 def one(spans: list[ReceivedSpan], name: str, service: str) -> ReceivedSpan:
@@ -129,9 +132,14 @@ def check_request_trace(
     assert (
         transfer.attributes["tandem.kv.gbps"] > 0 and transfer.attributes["tandem.kv.seconds"] > 0
     )
-    pushes = [s for s in spans if s.name == "/tandem.decode.v1.DecodeService/PushKV"]
-    assert pushes and all(
-        p.parent_id == transfer.span_id and p.service == "tandem-decode" for p in pushes
+    # On CPU pods the transport is shm: pages are written in place, and the decode pod's one
+    # CompleteKV call continues the transfer's span; over gRPC every PushKV stream does.
+    transport = transfer.attributes["tandem.kv.transport"]
+    assert transport in ("grpc", "shm")
+    rpc = PUSH_KV if transport == "grpc" else COMPLETE_KV
+    calls = [s for s in spans if s.name == rpc]
+    assert calls and all(
+        c.parent_id == transfer.span_id and c.service == "tandem-decode" for c in calls
     )
 
     decode = one(spans, "decode", "tandem-decode")
