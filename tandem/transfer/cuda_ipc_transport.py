@@ -4,13 +4,11 @@ The decode pod's engine core (the pool's owner: CUDA refuses to re-export memory
 exports the pool's allocation once as a CUDA IPC handle -- the same calls torch.multiprocessing
 makes (``UntypedStorage._share_cuda_`` / ``_new_shared_cuda``), but sent as plain fields, never
 pickled. A prefill pod maps it once per decode pod incarnation and, after each layer group,
-gathers the request's pages on a copy stream ordered after the compute stream and scatters them
-straight into the decode pod's reserved blocks (the gather on the compute stream, in order with
-the steps that may reuse the source blocks; the scatter on the copy stream; device-to-device on
-one GPU; a peer copy when
-the decode pod's GPU is another GPU of the node -- that path is untested: the GPU machines this
-was built on had one GPU). ``flush`` waits for the copies, so a completion notice sent after it
-finds every page in place.
+copies the request's pages straight into the decode pod's reserved blocks: on one GPU with one
+Triton kernel on the compute stream (``page_copy.py``; in order with the steps that may reuse the
+source blocks); to another GPU of the node a gather, a peer copy and a scatter on a copy stream
+(untested: the GPU machines this was built on had one GPU). ``flush`` waits for the copies, so a
+completion notice sent after it finds every page in place.
 
 Requirements on Kubernetes: both pods see the GPU and share the host's IPC namespace
 (``hostIPC``) and /dev/shm (torch's IPC reference counters live there); see docs/kubernetes.md.
@@ -19,6 +17,7 @@ Requirements on Kubernetes: both pods see the GPU and share the host's IPC names
 import msgspec
 import torch
 
+from tandem.transfer.page_copy import copy_pages
 from tandem.transfer.transport import (
     PoolDescriptor,
     PoolExport,
@@ -154,19 +153,33 @@ class CudaIpcPoolWriter(PoolWriter):
         l0, l1 = layers
         check_block_ids(src_ids, dst_ids, self.pool.shape)
         dst = self.pool
-        # The gather runs on the compute stream, in order: later steps may reuse the source
-        # blocks (the request finishes and frees them) before the copy stream gets to them.
+        nbytes = (l1 - l0) * 2 * len(src_ids) * src[0, 0, 0].numel() * src.element_size()
+        if src.device == dst.device:
+            # One pass (page_copy.py), on the compute stream: in order with the steps that may
+            # reuse the source blocks (the request finishes and frees them), and ~1 ms per GiB.
+            copy_pages(
+                src,
+                src_ids.to(src.device, non_blocking=True),
+                dst,
+                dst_ids.to(dst.device, non_blocking=True),
+                layers,
+            )
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(src.device))
+            self._last = event
+            return nbytes
+        # Another GPU of the node: gather here on the compute stream (same ordering reason),
+        # then a peer copy and the scatter on the destination GPU's stream.
         pages = src[l0:l1].index_select(2, src_ids.to(src.device, non_blocking=True))
         self._stream.wait_stream(torch.cuda.current_stream(self._src_device))
         with torch.cuda.stream(self._stream):
-            if pages.device != dst.device:
-                pages = pages.to(dst.device, non_blocking=True)  # peer copy
+            pages = pages.to(dst.device, non_blocking=True)
             dst[l0:l1].index_copy_(2, dst_ids.to(dst.device, non_blocking=True), pages)
             pages.record_stream(self._stream)
             event = torch.cuda.Event()
             event.record(self._stream)
         self._last = event
-        return pages.numel() * pages.element_size()
+        return nbytes
 
     def flush(self) -> None:
         if self._last is not None:
