@@ -14,6 +14,8 @@ Requirements on Kubernetes: both pods see the GPU and share the host's IPC names
 (``hostIPC``) and /dev/shm (torch's IPC reference counters live there); see docs/kubernetes.md.
 """
 
+import logging
+
 import msgspec
 import torch
 
@@ -26,6 +28,8 @@ from tandem.transfer.transport import (
     check_block_ids,
     host_id,
 )
+
+logger = logging.getLogger(__name__)
 
 
 class _Payload(msgspec.Struct, frozen=True):
@@ -148,32 +152,44 @@ class CudaIpcPoolWriter(PoolWriter):
         # Copies run on the destination GPU's stream, after the compute that made the pages.
         self._stream = torch.cuda.Stream(self.pool.device)
         self._last: torch.cuda.Event | None = None
+        self._kernel = True
+        """Whether the one-pass kernel works here (else torch's gather and scatter)."""
 
     def write(self, src, src_ids, layers, dst_ids) -> int:
         l0, l1 = layers
         check_block_ids(src_ids, dst_ids, self.pool.shape)
         dst = self.pool
         nbytes = (l1 - l0) * 2 * len(src_ids) * src[0, 0, 0].numel() * src.element_size()
-        if src.device == dst.device:
+        if src.device == dst.device and self._kernel:
             # One pass (page_copy.py), on the compute stream: in order with the steps that may
             # reuse the source blocks (the request finishes and frees them), and ~1 ms per GiB.
-            copy_pages(
-                src,
-                src_ids.to(src.device, non_blocking=True),
-                dst,
-                dst_ids.to(dst.device, non_blocking=True),
-                layers,
-            )
+            try:
+                copy_pages(
+                    src,
+                    src_ids.to(src.device, non_blocking=True),
+                    dst,
+                    dst_ids.to(dst.device, non_blocking=True),
+                    layers,
+                )
+            except Exception:  # noqa: BLE001 - e.g. Triton cannot compile it here
+                logger.warning(
+                    "the page-copy kernel failed; cuda-ipc writes fall back to torch's "
+                    "gather and scatter",
+                    exc_info=True,
+                )
+                self._kernel = False
+                return self.write(src, src_ids, layers, dst_ids)
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(src.device))
             self._last = event
             return nbytes
-        # Another GPU of the node: gather here on the compute stream (same ordering reason),
-        # then a peer copy and the scatter on the destination GPU's stream.
+        # Another GPU of the node (or no kernel): gather here on the compute stream (same
+        # ordering reason), then a peer copy if needed and the scatter on a copy stream.
         pages = src[l0:l1].index_select(2, src_ids.to(src.device, non_blocking=True))
         self._stream.wait_stream(torch.cuda.current_stream(self._src_device))
         with torch.cuda.stream(self._stream):
-            pages = pages.to(dst.device, non_blocking=True)
+            if pages.device != dst.device:
+                pages = pages.to(dst.device, non_blocking=True)
             dst[l0:l1].index_copy_(2, dst_ids.to(dst.device, non_blocking=True), pages)
             pages.record_stream(self._stream)
             event = torch.cuda.Event()
