@@ -14,6 +14,7 @@ transfer, KV timeout -- discards its pending KV writes before the core frees its
 import asyncio
 import concurrent.futures
 import contextlib
+import fcntl
 import glob
 import logging
 import os
@@ -272,14 +273,18 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         try:
             if request.transport not in {d.transport for d in self.pools}:
                 raise KVTransferForbidden(f"this pod does not offer {request.transport!r}")
-            lease = await asyncio.get_running_loop().run_in_executor(
+            claim = await asyncio.get_running_loop().run_in_executor(
                 self._kv_writers,
                 self.receiver.claim,
                 request.request_id,
                 request.transfer_token,
                 request.transport,
             )
-            return decode_pb2.ClaimKVResponse(lease_expires_unix_ms=lease.expires_unix_ms)
+            return decode_pb2.ClaimKVResponse(
+                lease_expires_unix_ms=claim.lease.expires_unix_ms,
+                block_ids=claim.block_ids,
+                first_block=claim.first_block,
+            )
         except TandemError as exc:
             await abort_with(context, exc)
 
@@ -425,7 +430,7 @@ async def start(settings: DecodeSettings) -> RunningService:
         finally:
             receiver.end_drain(rid)
 
-    pool_path = new_pool_path()
+    pool_path, pool_lock = new_pool_path()
     spec = CoreSpec(
         role="decode",
         engine=settings.engine_config().model_copy(update={"kv_pool_path": pool_path}),
@@ -438,6 +443,7 @@ async def start(settings: DecodeSettings) -> RunningService:
         )
     except BaseException:
         _unlink(pool_path)
+        os.close(pool_lock)
         raise
     info = pod.info
     pool = info.kv_pool
@@ -463,7 +469,8 @@ async def start(settings: DecodeSettings) -> RunningService:
     def release_pool() -> None:
         for export in exports:
             export.close()
-        _unlink(info.kv_pool_path)
+        _unlink(pool_path)
+        os.close(pool_lock)
 
     # After the server stopped: in-flight writes finish, then the core (which owns the pool) stops.
     service = await pod.start([lambda: kv_writers.shutdown(wait=True)], servicer=servicer)
@@ -476,28 +483,32 @@ def pool_shape(info) -> tuple[int, ...]:
     return (s.num_layers, 2, info.num_kv_blocks + 1, s.block_size, s.num_kv_heads, s.head_dim)
 
 
-def new_pool_path() -> str:
-    """A fresh shared-memory file name for this pod's CPU KV pool; files of pods that died
-    without removing theirs (kill -9) are removed first."""
+def new_pool_path() -> tuple[str, int]:
+    """A fresh shared-memory file for this pod's CPU KV pool (mode 0600: other users on the
+    node must not read its KV), and the descriptor of the shared lock this process holds on it
+    for its lifetime. Pool files nobody holds a lock on (their pod died without removing them:
+    kill -9) are removed first; a lock, unlike a pid, means the same in every container sharing
+    the node's /dev/shm."""
     directory = shm_dir()
-    for stale in glob.glob(os.path.join(directory, "tandem-kv-*")):
+    for stale in glob.glob(os.path.join(directory, shm_transport.POOL_FILE_PREFIX + "*")):
         try:
-            pid = int(os.path.basename(stale).split("-")[2])
-        except (IndexError, ValueError):
+            fd = os.open(stale, os.O_RDONLY)
+        except OSError:
             continue
-        if not _alive(pid):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # its pod holds it
+        else:
             _unlink(stale)
-    return os.path.join(directory, f"tandem-kv-{os.getpid()}-{uuid.uuid4().hex[:12]}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        finally:
+            os.close(fd)
+    path = os.path.join(
+        directory, f"{shm_transport.POOL_FILE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    )
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return path, fd
 
 
 def _unlink(path: str | None) -> None:

@@ -199,7 +199,6 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             lease_expires_unix_ms=t.lease_expires_unix_ms,
             incarnation=t.incarnation,
             checksum=self.settings.kv_checksum,
-            strict=self.settings.kv_transport_strict,
         )
 
     async def GetStats(self, request, context):
@@ -283,8 +282,13 @@ class KVTransportChooser:
             metrics.fallback(wanted, choice.transport)
         if choice.descriptor is None:
             return target
+        chosen = msgspec.structs.replace(
+            target,
+            transport=choice.transport,
+            descriptor=descriptor_encoder.encode(choice.descriptor),
+        )
         try:
-            await self._stub(target.address).ClaimKV(
+            claim = await self._stub(target.address).ClaimKV(
                 decode_pb2.ClaimKVRequest(
                     request_id=target.request_id,
                     transfer_token=target.transfer_token,
@@ -293,11 +297,15 @@ class KVTransportChooser:
                 timeout=10.0,
             )
         except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.PERMISSION_DENIED:
+                await self.release(chosen)  # the decode pod may have recorded the claim
             raise error_from_rpc(exc) from None
+        # Where and until when to write: the decode pod's word, not the request's.
         return msgspec.structs.replace(
-            target,
-            transport=choice.transport,
-            descriptor=descriptor_encoder.encode(choice.descriptor),
+            chosen,
+            block_ids=list(claim.block_ids),
+            skip_blocks=claim.first_block,
+            lease_expires_unix_ms=claim.lease_expires_unix_ms,
         )
 
     async def release(self, target: core_protocol.KVTargetSpec) -> None:

@@ -43,8 +43,6 @@ class KVTargetSpec(msgspec.Struct, frozen=True):
     lease_expires_unix_ms: int = 0
     incarnation: str = ""
     checksum: bool = False
-    strict: bool = False
-    """Refuse rather than fall back to grpc if the pool cannot be mapped here."""
 
 
 class AddRequest(msgspec.Struct, tag="add", frozen=True):

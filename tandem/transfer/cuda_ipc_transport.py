@@ -111,7 +111,10 @@ def _local_index(device_uuid: str) -> int | None:
 def check_reachable(descriptor: PoolDescriptor, local_pool: torch.Tensor) -> None:
     if not local_pool.is_cuda:
         raise TransportUnavailable("cuda-ipc carries GPU pools only (this pod's pool is on CPU)")
-    payload = msgspec.msgpack.decode(descriptor.payload, type=_Payload)
+    try:
+        payload = msgspec.msgpack.decode(descriptor.payload, type=_Payload)
+    except msgspec.DecodeError as exc:
+        raise TransportUnavailable(f"unreadable cuda-ipc descriptor: {exc}") from None
     if _local_index(payload.device_uuid) is None:
         raise TransportUnavailable("the decode pod's GPU is not visible to this pod")
 
@@ -189,6 +192,7 @@ class CudaIpcPoolWriter(PoolWriter):
         self._stream.wait_stream(torch.cuda.current_stream(self._src_device))
         with torch.cuda.stream(self._stream):
             if pages.device != dst.device:
+                pages.record_stream(self._stream)  # read by the peer copy below
                 pages = pages.to(dst.device, non_blocking=True)
             dst[l0:l1].index_copy_(2, dst_ids.to(dst.device, non_blocking=True), pages)
             pages.record_stream(self._stream)

@@ -88,6 +88,11 @@ class MemoryTransfer:
             return
         try:
             self.bytes += self.writer.write(kv, src, layers, dst)
+            if self.writer.transport == "nixl":
+                # NIXL reads the source pages after write() returns, and the engine may reuse
+                # the request's blocks once this hook returns (it finishes, or is preempted): wait
+                # for them to be read. (cuda-ipc copies on the compute stream, shm at once.)
+                self.writer.flush()
         except Exception as exc:  # noqa: BLE001 - the transfer fails, the engine goes on
             self.error = f"{self.target.transport} write failed: {exc}"
             return

@@ -49,6 +49,16 @@ class Lease:
     expires_unix_ms: int
 
 
+@dataclass(slots=True, frozen=True)
+class Claim:
+    """What a memory writer may write: these blocks from ``first_block`` on, until the lease's
+    end (the decode pod's word, not the request's)."""
+
+    lease: Lease
+    block_ids: list[int]
+    first_block: int
+
+
 @dataclass(slots=True)
 class _Inbound:
     block_ids: torch.Tensor
@@ -175,7 +185,7 @@ class KVReceiver:
 
     # ---- memory transports ------------------------------------------------------------------
 
-    def claim(self, request_id: str, token: str, transport: str) -> Lease:
+    def claim(self, request_id: str, token: str, transport: str) -> "Claim":
         """A memory-transport writer takes the lease before its first write.
 
         Blocks until the pages may be written: on a GPU, until the engine's last step that may
@@ -191,7 +201,7 @@ class KVReceiver:
             self._take_transport(inbound, transport)
         if inbound.engine_done is not None:
             inbound.engine_done.synchronize()
-        return inbound.lease
+        return Claim(inbound.lease, inbound.block_ids.tolist(), inbound.first_block)
 
     def complete_memory(
         self, end: common_pb2.KVTransferEnd, checksum: "torch.Tensor | None" = None
@@ -203,13 +213,13 @@ class KVReceiver:
             KVTransferForbidden: wrong token, not claimed, or the lease already ended.
             KVTransferError: an abort notice (the request fails), or a checksum mismatch.
         """
-        check_fingerprint(end.model_fingerprint, self.fingerprint)
         draining = self._draining.get(end.request_id)
         if draining is not None and hmac.compare_digest(
             draining.lease.token, end.transfer_token or ""
         ):
             draining.stopped.set()  # the writer stopped: the blocks may go back
             raise KVTransferForbidden(f"the KV transfer of {end.request_id!r} was cancelled")
+        check_fingerprint(end.model_fingerprint, self.fingerprint)
         inbound = self._get(end.request_id, end.transfer_token)
         with inbound.lock:
             if inbound.transport is None or inbound.transport == "grpc":
@@ -326,17 +336,18 @@ class KVReceiver:
         """
         with self._lock:
             inbound = self._inbound.pop(request_id, None)
-        if inbound is None:
-            return None
+            if inbound is None:
+                return None
+            # Findable by a writer's notice from this moment on (no gap between the two maps).
+            self._draining[request_id] = inbound
         with inbound.lock:
             inbound.closed = True
             if self._stream is not None:
                 self._stream.synchronize()
             memory = inbound.transport not in (None, "grpc")
         if not memory:
+            self.end_drain(request_id)
             return None
-        with self._lock:
-            self._draining[request_id] = inbound
         return inbound
 
     @staticmethod

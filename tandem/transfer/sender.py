@@ -280,9 +280,16 @@ class KVSender:
                     self._finisher.submit(transfer.abort_notice)
 
     def close(self) -> None:
+        memory = [
+            t
+            for t in list(self._transfers.values()) + list(self._finishing.values())
+            if isinstance(t, MemoryTransfer)
+        ]
         for rid in list(self._transfers) + list(self._finishing):
             self.abort(rid)
         self._finisher.shutdown(wait=False, cancel_futures=True)
+        for transfer in memory:  # here, not queued: the pool's shutdown cancels queued work
+            transfer.abort_notice()
         for key in list(self._writers):
             self._drop_writer(key)
         self.channels.close()

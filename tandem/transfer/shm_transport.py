@@ -19,7 +19,11 @@ from tandem.transfer.transport import (
     block_runs,
     check_block_ids,
     host_id,
+    shm_dir,
 )
+
+POOL_FILE_PREFIX = "tandem-kv-"
+"""Pool files are ``shm_dir()/tandem-kv-*`` (``services/decode/server.py`` names them)."""
 
 
 class _Payload(msgspec.Struct, frozen=True):
@@ -72,10 +76,25 @@ def export_pool(pool: torch.Tensor, *, path: str | None = None, **_) -> PoolExpo
     return ShmPoolExport(pool, path)
 
 
+def _path(descriptor: PoolDescriptor) -> str:
+    """The pool file a descriptor names: only a ``tandem-kv-*`` file of the shm directory (a
+    descriptor comes off the network: it must not make this pod write elsewhere)."""
+    try:
+        path = msgspec.msgpack.decode(descriptor.payload, type=_Payload).path
+    except msgspec.DecodeError as exc:
+        raise TransportUnavailable(f"unreadable shm descriptor: {exc}") from None
+    real = os.path.realpath(path)
+    if os.path.dirname(real) != os.path.realpath(shm_dir()) or not os.path.basename(
+        real
+    ).startswith(POOL_FILE_PREFIX):
+        raise TransportUnavailable(f"shm pool {path!r} is not a pool file of {shm_dir()}")
+    return real
+
+
 def check_reachable(descriptor: PoolDescriptor, local_pool: torch.Tensor) -> None:
     if local_pool.device.type != "cpu":
         raise TransportUnavailable("shm carries CPU pools only (this pod's pool is on a GPU)")
-    path = msgspec.msgpack.decode(descriptor.payload, type=_Payload).path
+    path = _path(descriptor)
     if not os.path.exists(path):
         raise TransportUnavailable(f"shm pool {path!r} is not visible here (another /dev/shm)")
 
@@ -84,8 +103,9 @@ class ShmPoolWriter(PoolWriter):
     transport = "shm"
 
     def __init__(self, descriptor: PoolDescriptor) -> None:
-        path = msgspec.msgpack.decode(descriptor.payload, type=_Payload).path
-        self.pool = map_pool(path, tuple(descriptor.shape), getattr(torch, descriptor.dtype))
+        self.pool = map_pool(
+            _path(descriptor), tuple(descriptor.shape), getattr(torch, descriptor.dtype)
+        )
 
     def write(self, src, src_ids, layers, dst_ids) -> int:
         l0, l1 = layers

@@ -23,7 +23,8 @@ SPEC = KVCacheSpec(num_layers=4, num_kv_heads=2, head_dim=8, block_size=4, dtype
 
 
 @pytest.fixture
-def decode_pool(tmp_path):
+def decode_pool(tmp_path, monkeypatch):
+    monkeypatch.setenv("TANDEM_SHM_DIR", str(tmp_path))  # pool files live in the shm directory
     cache = PagedKVCache(SPEC, 32, torch.device("cpu"), path=str(tmp_path / "tandem-kv-pool"))
     export = export_pool("shm", cache.tensor, path=cache.path)
     return cache, export.descriptor()
@@ -44,7 +45,8 @@ def test_pages_land_exactly_through_the_mapping(decode_pool):
     cache, descriptor = decode_pool
     receiver = KVReceiver(cache.tensor, SPEC, "fp")
     lease = receiver.expect("r", [7, 3, 9, 20, 1], 1)
-    receiver.claim("r", lease.token, "shm")
+    claim = receiver.claim("r", lease.token, "shm")
+    assert claim.block_ids == [7, 3, 9, 20, 1] and claim.first_block == 1  # where to write
     src = source()
     writer = open_writer(descriptor, src)
     src_ids = torch.tensor([2, 5, 11, 0])
@@ -153,3 +155,22 @@ def test_choose_prefers_memory_and_never_falls_back_silently(decode_pool):
     assert choose("shm", local, [other_model], local=["shm", "grpc"]).transport == "grpc"
     with pytest.raises(TransportUnavailable):
         open_writer(elsewhere, cache.tensor)
+
+
+def test_a_descriptor_cannot_point_the_writer_outside_the_pool_files(decode_pool, tmp_path):
+    import msgspec
+
+    cache, descriptor = decode_pool
+    for path in ("/etc/passwd", str(tmp_path / "other-file"), str(tmp_path / ".." / "x")):
+        forged = PoolDescriptor(
+            "shm",
+            descriptor.host,
+            descriptor.shape,
+            "bfloat16",
+            msgspec.msgpack.encode({"path": path}),
+        )
+        with pytest.raises(TransportUnavailable):
+            open_writer(forged, cache.tensor)
+    garbage = PoolDescriptor("shm", descriptor.host, descriptor.shape, "bfloat16", b"\xff\x00")
+    with pytest.raises(TransportUnavailable):
+        open_writer(garbage, cache.tensor)
