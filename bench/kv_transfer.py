@@ -35,6 +35,7 @@ with status 1 if any transfer failed or any page differed (after printing and wr
 """
 
 import argparse
+import fcntl
 import json
 import os
 import queue
@@ -231,7 +232,11 @@ def memory_receiver_main(spec: dict) -> None:
         try:
             if name == "shm":
                 # As a decode pod's engine core does: the pool lives in a file others can map.
-                path = os.path.join(tr.shm_dir(), f"tandem-bench-kv-{os.getpid()}")
+                path = os.path.join(tr.shm_dir(), f"tandem-kv-bench-{os.getpid()}")
+                # Held while this process lives: decode pods starting meanwhile remove only pool
+                # files nobody holds (services/decode/server.py: new_pool_path).
+                lock_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                fcntl.flock(lock_fd, fcntl.LOCK_SH)
                 cache = PagedKVCache(
                     KVCacheSpec(layers, heads, dim, BLOCK, dtype),
                     case.num_blocks,
