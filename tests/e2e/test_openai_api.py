@@ -282,7 +282,14 @@ def test_client_disconnect_mid_stream_frees_every_block(cluster):
         with client.stream("POST", f"{cluster.router_url}/v1/completions", json=body) as r:
             lines = r.iter_lines()
             head = [next(lines) for _ in range(5)]
-            running = sum(pod_stats(s).num_running for s in cluster.pods("decode"))
+            # Pod stats are the engine core's latest snapshot (sent with its updates, at least
+            # every 100 ms while it steps): under load the first read may predate this request.
+            deadline = time.monotonic() + 3
+            while True:
+                running = sum(pod_stats(s).num_running for s in cluster.pods("decode"))
+                if running == 1 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
             assert running == 1, (head, "".join(list(cluster.log)[-40:]))
     # The connection is closed: the router must cancel the decode stream, the pod free the blocks,
     # long before the ~1995 tokens left would have been generated.
