@@ -359,19 +359,6 @@ class KVReceiver:
         with self._lock:
             self._draining.pop(request_id, None)
 
-    def discard_and_wait(self, request_id: str) -> None:
-        """``discard``, then block until the blocks may be reused (tests, threads)."""
-        inbound = self.discard(request_id)
-        if inbound is not None:
-            try:
-                inbound.stopped.wait(max(0.0, inbound.expires_at - time.monotonic()))
-            finally:
-                self.end_drain(request_id)
-
-    def leases(self) -> int:
-        """Reservations still leased (waiting for their KV)."""
-        return len(self._inbound)
-
 
 def page_checksum(pages: torch.Tensor) -> int:
     """The sum of ``pages``' bytes read as 16-bit integers: equal on both sides of a transfer

@@ -309,19 +309,6 @@ class KVSender:
             transfer = self._transfers.get(s.seq.request_id)
             if transfer is None or transfer.failed:
                 continue  # not exported, or its decode pod stopped listening: stop spending on it
-            if isinstance(transfer, MemoryTransfer):
-                done = (
-                    transfer.num_prompt_blocks
-                    if s.samples
-                    else (s.start + s.num_new_tokens) // self.layout.block_size
-                )
-                if done > transfer.sent_blocks:
-                    transfer.write(
-                        kv_cache, s.block_ids, (l0, num_layers_done), transfer.sent_blocks, done
-                    )
-                if num_layers_done == total:
-                    transfer.sent_blocks = max(transfer.sent_blocks, done)
-                continue
             # Blocks whose every token is computed after this step (all of them at the end).
             done = (
                 transfer.num_prompt_blocks
@@ -329,14 +316,11 @@ class KVSender:
                 else (s.start + s.num_new_tokens) // self.layout.block_size
             )
             if done > transfer.sent_blocks:
-                self._send(
-                    transfer,
-                    s.block_ids,
-                    (l0, num_layers_done),
-                    transfer.sent_blocks,
-                    done,
-                    kv_cache,
-                )
+                layers, b0 = (l0, num_layers_done), transfer.sent_blocks
+                if isinstance(transfer, MemoryTransfer):
+                    transfer.write(kv_cache, s.block_ids, layers, b0, done)
+                else:
+                    self._send(transfer, s.block_ids, layers, b0, done, kv_cache)
             if num_layers_done == total:
                 transfer.sent_blocks = max(transfer.sent_blocks, done)
 
