@@ -162,17 +162,6 @@ def check_block_ids(src_ids: torch.Tensor, dst_ids: torch.Tensor, dst_pool_shape
         )
 
 
-def block_runs(src: list[int], dst: list[int]):
-    """``(src_start, dst_start, length)`` of each run of blocks consecutive in both lists."""
-    i, n = 0, len(src)
-    while i < n:
-        j = i + 1
-        while j < n and src[j] == src[j - 1] + 1 and dst[j] == dst[j - 1] + 1:
-            j += 1
-        yield src[i], dst[i], j - i
-        i = j
-
-
 def pool_bytes_per_page(descriptor: PoolDescriptor) -> int:
     """Bytes of one (layer, K|V, block) page of a described pool."""
     import torch

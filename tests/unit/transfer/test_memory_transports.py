@@ -174,3 +174,30 @@ def test_a_descriptor_cannot_point_the_writer_outside_the_pool_files(decode_pool
     garbage = PoolDescriptor("shm", descriptor.host, descriptor.shape, "bfloat16", b"\xff\x00")
     with pytest.raises(TransportUnavailable):
         open_writer(garbage, cache.tensor)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("threaded", [False, True])
+def test_page_copies_move_exactly_the_named_pages(dtype, threaded, monkeypatch):
+    """shm's page copy (numpy row gathers, chunked, over threads) against a per-block reference:
+    shuffled and consecutive ids, a layer range, every other page untouched."""
+    from tandem.transfer import shm_transport
+
+    if threaded:  # every write splits over the copy threads, a page or two per chunk
+        monkeypatch.setattr(shm_transport, "PARALLEL_MIN_BYTES", 1)
+        monkeypatch.setattr(shm_transport, "CHUNK_BYTES", 1)
+    g = torch.Generator().manual_seed(3)
+    src = torch.randn((6, 2, 10, 4, 2, 8), generator=g).to(dtype)
+    for src_ids, dst_ids, layers in [
+        (torch.randperm(10, generator=g)[:7], torch.randperm(12, generator=g)[:7], (1, 5)),
+        (torch.arange(2, 8), torch.arange(5, 11), (0, 6)),
+        (torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long), (0, 6)),
+    ]:
+        dst = torch.full((6, 2, 13, 4, 2, 8), -1.0, dtype=dtype)
+        want = dst.clone()
+        l0, l1 = layers
+        for s, d in zip(src_ids.tolist(), dst_ids.tolist(), strict=True):
+            want[l0:l1, :, d] = src[l0:l1, :, s]
+        nbytes = shm_transport.copy_pages(src, dst, src_ids.numpy(), dst_ids.numpy(), layers)
+        assert torch.equal(dst, want)
+        assert nbytes == (l1 - l0) * 2 * len(src_ids) * 4 * 2 * 8 * src.element_size()
