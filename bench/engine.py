@@ -6,18 +6,22 @@
 
 micro: one decode step (the runner's step: inputs, forward, sampling; a CUDA graph where the
 engine would use one) at batch {1, 8, 32, 128, 256} x context {1k, 4k} on fragmented block
-tables, and one prefill of {1k, 8k, 32k} tokens, each with its floor and the fraction reached.
+tables, one prefill of {1k, 8k, 32k} tokens, and a 2k chunk after {6k, 30k} cached tokens
+(``--prefill-after``), each with its floor and the fraction reached.
 Then the engine loop: ``engine.step()`` while a batch of {1, 256} requests decodes at 1k context
 (scheduler, runner and outputs: the time per output token a user sees), synchronous and with
 async scheduling, which overlaps the host's part of a step with the device's next step.
 Floors use the copy bandwidth and bf16 matmul rate measured at the start of the same run:
-decode >= (weights read + batch x context x KV bytes/token) / bandwidth; prefill >= (2 x linear
-params x N + 2 x N^2 x q_heads x head_dim x layers) / matmul rate. Weights are random
+decode >= (weights read + batch x context x KV bytes/token) / bandwidth; prefill of N tokens
+after C cached >= (2 x linear params x N + 4 x (N x C + N^2 / 2) x q_heads x head_dim x layers)
+/ matmul rate. Weights are random
 (``load_format="dummy"``): speed does not depend on their values.
 
-offline: nano-vllm's protocol (256 requests, input and output lengths uniform in [100, 1024],
-seed 0, EOS ignored) on the same random weights through Tandem (once per ``--async`` mode) and
-through transformers:
+offline: nano-vllm's protocol (W1: 256 requests, input and output lengths uniform in [100,
+1024], seed 0, EOS ignored), or ``--workload w4`` (ShareGPT-shaped lognormal lengths, means
+about 211 in / 202 out: ``--num-requests 1000 --hf-modes``), on the same random weights through
+Tandem (once per ``--async`` mode; the engine's batch defaults unless ``--max-num-seqs`` /
+``--max-num-batched-tokens``) and through transformers:
 batched ``generate`` (static batches) and ``generate_batch`` (continuous batching, paged
 attention) when the installed version has it. Ratios printed last.
 
@@ -39,6 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, print_table, write_result  # noqa: E402
 from shapes import shape_dir  # noqa: E402
+from workloads import w4_requests  # noqa: E402
 
 NOMINAL_BANDWIDTH = 3.0e12
 NOMINAL_FLOPS = 790e12
@@ -101,10 +106,13 @@ class Shape:
     def decode_floor(self, batch: int, context: int, bandwidth: float) -> float:
         return (self.weight_bytes + batch * context * self.kv_bytes_per_token) / bandwidth
 
-    def prefill_floor(self, tokens: int, flops: float) -> float:
+    def prefill_floor(self, tokens: int, flops: float, context: int = 0) -> float:
+        """A chunk of ``tokens`` after ``context`` cached ones: the linear layers, and causal
+        attention (QK and PV: 4 x head_dim FLOPs per query head and visible key)."""
+        visible = tokens * context + tokens**2 / 2
         work = (
             2 * self.linear_params * tokens
-            + 2 * tokens**2 * self.q_heads * self.head_dim * self.layers
+            + 4 * visible * self.q_heads * self.head_dim * self.layers
         )
         return work / flops
 
@@ -208,8 +216,12 @@ def micro(args, device: torch.device, out: Path) -> dict:
     rng = random.Random(0)
     for name in args.shapes:
         model = shape_dir(name, out)
+        after = [tuple(map(int, spec.split(":"))) for spec in args.prefill_after]
         longest = max(
-            max(args.prefill), max(args.contexts) + 1, args.loop_context + args.loop_steps + 16
+            max(args.prefill),
+            max(args.contexts) + 1,
+            args.loop_context + args.loop_steps + 16,
+            *(c + n for c, n in after),
         )
         engine = LLMEngine(
             EngineConfig(
@@ -218,7 +230,7 @@ def micro(args, device: torch.device, out: Path) -> dict:
                 dtype=args.dtype,
                 load_format="dummy",
                 max_num_seqs=max(args.batches),
-                max_num_batched_tokens=max(args.prefill),
+                max_num_batched_tokens=max(args.prefill + [n for _, n in after]),
                 max_model_len=longest + 16,
                 enable_prefix_caching=False,
             )
@@ -322,16 +334,16 @@ def micro(args, device: torch.device, out: Path) -> dict:
                         backend=backend,
                     )
                 )
-        for tokens in args.prefill:
-            steps = synthetic_step(engine, 1, 0, tokens, rng)
-            floor = shape.prefill_floor(tokens, flops)
-            nominal = shape.prefill_floor(tokens, NOMINAL_FLOPS)
+        for context, tokens in [(0, n) for n in args.prefill] + after:
+            steps = synthetic_step(engine, 1, context, tokens, rng)
+            floor = shape.prefill_floor(tokens, flops, context)
+            nominal = shape.prefill_floor(tokens, NOMINAL_FLOPS, context)
             t = time_steps(engine, steps, 1, max(3, args.iters // 4))
-            achieved = shape.prefill_floor(tokens, 1.0) / t
+            achieved = shape.prefill_floor(tokens, 1.0, context) / t
             rows.append(
                 [
                     name,
-                    "prefill",
+                    f"prefill after {context}" if context else "prefill",
                     1,
                     tokens,
                     t * 1e3,
@@ -345,6 +357,7 @@ def micro(args, device: torch.device, out: Path) -> dict:
                 dict(
                     shape=name,
                     kind="prefill",
+                    context=context,
                     tokens=tokens,
                     seconds=t,
                     floor_seconds=floor,
@@ -397,9 +410,15 @@ def tandem_offline(model: Path, args, prompts, out_lens, async_mode: str) -> dic
         model,
         device=args.device,
         dtype=args.dtype,
-        max_num_seqs=256,
-        max_num_batched_tokens=8192,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        load_format="auto" if args.hf_modes else "dummy",
         **ASYNC_MODES[async_mode],
+    )
+    print(
+        f"engine: max_num_seqs {llm.engine.config.max_num_seqs}, max_num_batched_tokens "
+        f"{llm.engine.config.max_num_batched_tokens}, {llm.engine.limits.num_kv_blocks} KV blocks",
+        flush=True,
     )
     wanted = sum(out_lens)
     llm.generate([prompts[0][:16]], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
@@ -444,7 +463,7 @@ def tandem_offline(model: Path, args, prompts, out_lens, async_mode: str) -> dic
     timing["graph_steps"] = (runner.graphs.replays if runner.graphs else 0) - replays
     timing["async_output_processing"] = llm.engine.async_output_processing
     timing["async_scheduling"] = llm.engine.async_scheduling
-    for lo, hi in ((1, 64), (65, 128), (129, 192), (193, 256)):
+    for lo, hi in ((1, 64), (65, 128), (129, 256), (257, 512), (513, 1024)):
         sel = [s for b, n, s in per_step if lo <= b <= hi and n == b]
         if sel:
             print(
@@ -455,6 +474,9 @@ def tandem_offline(model: Path, args, prompts, out_lens, async_mode: str) -> dic
             )
     mixed = [s for b, n, s in per_step if n != b]
     print(f"  steps with prompt tokens: {len(mixed)}, total {sum(mixed):.1f} s", flush=True)
+    timing["mixed_steps"], timing["mixed_s"] = len(mixed), sum(mixed)
+    timing["decode_steps"] = len(per_step) - len(mixed)
+    timing["decode_s"] = sum(s for b, n, s in per_step if n == b)
     print(
         f"async {async_mode}: {timing['steps']} steps ({timing['graph_steps']} from CUDA graphs), "
         f"{timing['execute_s']:.1f} s launch to tokens, "
@@ -476,12 +498,21 @@ def release_gpu_memory() -> None:
 def offline(args, device: torch.device, out: Path) -> dict:
     rows, records = [], []
     for name in args.shapes:
-        model = shape_dir(name, out, with_weights=True, device=args.device)
+        # Weights on disk only for transformers to load; Tandem alone runs dummy weights.
+        model = shape_dir(name, out, with_weights=bool(args.hf_modes), device=args.device)
         from tandem.model_dir import load_model_config
 
         vocab = load_model_config(model).vocab_size
-        prompts, out_lens = nano_vllm_requests(
-            args.num_requests, args.min_len, args.max_len, vocab, 0
+        if args.workload == "w4":
+            prompts, out_lens = w4_requests(args.num_requests, vocab, 0)
+        else:
+            prompts, out_lens = nano_vllm_requests(
+                args.num_requests, args.min_len, args.max_len, vocab, 0
+            )
+        print(
+            f"{name} {args.workload}: {len(prompts)} requests, mean "
+            f"{statistics.mean(map(len, prompts)):.0f} in / {statistics.mean(out_lens):.0f} out",
+            flush=True,
         )
         wanted = sum(out_lens)
         runs = {}
@@ -492,6 +523,9 @@ def offline(args, device: torch.device, out: Path) -> dict:
         tandem_s = first["seconds"]
         result = {
             "shape": name,
+            "workload": args.workload,
+            "mean_input_len": statistics.mean(map(len, prompts)),
+            "mean_output_len": statistics.mean(out_lens),
             "requests": len(prompts),
             "output_tokens": wanted,
             "tandem_s": tandem_s,
@@ -510,7 +544,8 @@ def offline(args, device: torch.device, out: Path) -> dict:
                     first["tok_s"] / run["tok_s"],
                 ]
             )
-        for mode, measured in hf_offline(model, prompts, out_lens, device, args.hf_modes).items():
+        hf = hf_offline(model, prompts, out_lens, device, args.hf_modes) if args.hf_modes else {}
+        for mode, measured in hf.items():
             if measured is None:
                 rows.append([name, f"hf {mode}", "", "not available", "", ""])
                 continue
@@ -615,6 +650,14 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--prefill", type=int, nargs="+", default=[1024, 8192, 32768])
     ap.add_argument(
+        "--prefill-after",
+        nargs="*",
+        default=["6144:2048", "30720:2048"],
+        metavar="CONTEXT:TOKENS",
+        help="micro: a prompt chunk of TOKENS after CONTEXT cached tokens (chunked prefill, prefix "
+        "hits): the paged prefill kernel",
+    )
+    ap.add_argument(
         "--loop-batches",
         type=int,
         nargs="*",
@@ -628,10 +671,24 @@ def main() -> None:
     )
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument(
+        "--workload",
+        choices=["w1", "w4"],
+        default="w1",
+        help="offline: w1 = nano-vllm's (--num-requests, lengths uniform in [--min-len, "
+        "--max-len]); w4 = ShareGPT-shaped lognormal lengths (bench/workloads.py; use "
+        "--num-requests 1000)",
+    )
+    ap.add_argument(
+        "--max-num-seqs", type=int, default=None, help="offline: default the engine's own"
+    )
+    ap.add_argument(
+        "--max-num-batched-tokens", type=int, default=None, help="offline: default the engine's"
+    )
     ap.add_argument("--num-requests", type=int, default=256)
     ap.add_argument("--min-len", type=int, default=100)
     ap.add_argument("--max-len", type=int, default=1024)
-    ap.add_argument("--hf-modes", nargs="+", default=["generate", "generate_batch"])
+    ap.add_argument("--hf-modes", nargs="*", default=["generate", "generate_batch"])
     ap.add_argument(
         "--async",
         dest="async_modes",

@@ -29,7 +29,6 @@ Each mode starts the system afresh and runs the same workload:
 import argparse
 import asyncio
 import json
-import math
 import random
 import shlex
 import statistics
@@ -42,6 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_result  # noqa: E402
 from profiling import Profiler  # noqa: E402
+from workloads import w4_lengths  # noqa: E402
 
 
 @dataclass
@@ -198,8 +198,7 @@ def workload(args, vocab: int):
         # W4: lengths shaped like ShareGPT conversations (means about 211 in / 202 out).
         prompts, output_lens = [], []
         for _ in range(args.num_prompts):
-            n_in = min(1024, max(1, round(rng.lognormvariate(math.log(150), 0.85))))
-            n_out = min(2048 - n_in, max(2, round(rng.lognormvariate(math.log(140), 0.85))))
+            n_in, n_out = w4_lengths(rng)
             prompts.append([rng.randrange(3, vocab) for _ in range(n_in)])
             output_lens.append(n_out)
     else:

@@ -35,11 +35,13 @@ class EngineOptions(BaseModel):
     """Fraction of GPU memory the engine may use (weights, activations and KV pool)."""
     max_model_len: int | None = Field(None, gt=0)
     """Longest prompt + output; default and maximum: the model's max_position_embeddings."""
-    max_num_seqs: int = Field(256, gt=0)
-    """Most sequences in one step's batch."""
-    max_num_batched_tokens: int = Field(8192, gt=0)
+    max_num_seqs: int | None = Field(None, gt=0)
+    """Most sequences in one step's batch. Default (``batch_defaults``): 1024 on GPUs with at
+    least 70 GiB, else 256 (vLLM's rule)."""
+    max_num_batched_tokens: int | None = Field(None, gt=0)
     """Token budget of one step (prefill chunks + decodes). Longer prompts are prefilled in
-    chunks over several steps (chunked prefill is always on, as in vLLM v1)."""
+    chunks over several steps (chunked prefill is always on, as in vLLM v1). Default
+    (``batch_defaults``): 16384 on GPUs with at least 70 GiB, else 8192."""
     enable_prefix_caching: bool = True
     """Reuse KV blocks of identical prefixes across requests."""
     scheduling_policy: str = "fcfs"
@@ -47,8 +49,8 @@ class EngineOptions(BaseModel):
     step_policy: StepPolicy = "decode-first"
     """Who gets a step's budget first: running sequences (decode-first) or waiting prompts."""
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
-    """Attention implementation: ``triton`` (paged decode kernel, flash prefill; CUDA), ``torch``
-    (the gather-then-SDPA reference). ``auto``: triton on CUDA, torch on CPU."""
+    """Attention implementation: ``triton`` (paged decode and varlen paged prefill kernels; CUDA),
+    ``torch`` (the gather-then-SDPA reference). ``auto``: triton on CUDA, torch on CPU."""
     cuda_graphs: bool = True
     """Replay decode-only steps from CUDA graphs captured per padded batch size (CUDA + triton)."""
     max_cuda_graph_batch: int = Field(256, ge=1)
@@ -76,7 +78,9 @@ class EngineOptions(BaseModel):
 
     @model_validator(mode="after")
     def _budget_covers_batch(self):
-        if self.max_num_batched_tokens < self.max_num_seqs:
+        if None not in (self.max_num_seqs, self.max_num_batched_tokens) and (
+            self.max_num_batched_tokens < self.max_num_seqs
+        ):
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
                 f"max_num_seqs ({self.max_num_seqs}): every running sequence needs a token per step"
@@ -88,6 +92,29 @@ class EngineOptions(BaseModel):
         return {name: getattr(self, name) for name in EngineOptions.model_fields}
 
 
+LARGE_GPU_BYTES = 70 << 30
+"""GPUs with at least this much memory (H100 80GB, H200, B200) get the large batch defaults."""
+BATCH_DEFAULTS = {"large-gpu": (1024, 16384), "other": (256, 8192)}
+"""(max_num_seqs, max_num_batched_tokens) by device class, as vLLM's defaults for its ``LLM``
+class: a large GPU holds enough KV for a thousand short requests, and a bigger token budget
+lets more prompts join each step."""
+
+
+def batch_defaults(device: str) -> tuple[int, int]:
+    """(max_num_seqs, max_num_batched_tokens) when unset: large on a GPU of >= 70 GiB."""
+    if device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            index = torch.device(device).index
+            total = torch.cuda.get_device_properties(
+                torch.cuda.current_device() if index is None else index
+            ).total_memory
+            if total >= LARGE_GPU_BYTES:
+                return BATCH_DEFAULTS["large-gpu"]
+    return BATCH_DEFAULTS["other"]
+
+
 class EngineConfig(EngineOptions):
     """Everything that shapes one engine instance."""
 
@@ -97,6 +124,23 @@ class EngineConfig(EngineOptions):
     """CPU only: allocate the KV pool in this file (under /dev/shm: shared memory), so other
     processes on the host can map it (a decode pod's front, and prefill pods' ``shm`` KV
     transport). The caller removes the file."""
+
+    def with_batch_defaults(self) -> "EngineConfig":
+        """This config with ``max_num_seqs`` and ``max_num_batched_tokens`` filled in for its
+        device (``batch_defaults``); a default never exceeds the other limit's given value."""
+        if self.max_num_seqs is not None and self.max_num_batched_tokens is not None:
+            return self
+        seqs, tokens = batch_defaults(self.device)
+        if self.max_num_batched_tokens is not None:
+            seqs = min(seqs, self.max_num_batched_tokens)
+        if self.max_num_seqs is not None:
+            tokens = max(tokens, self.max_num_seqs)
+        return self.model_copy(
+            update={
+                "max_num_seqs": self.max_num_seqs or seqs,
+                "max_num_batched_tokens": self.max_num_batched_tokens or tokens,
+            }
+        )
 
 
 @dataclass(slots=True, frozen=True)

@@ -73,6 +73,7 @@ class LLMEngine:
                 new tokens are taken as columns with ``take_step_outputs``; the pod's front
                 process detokenizes them.
         """
+        config = config.with_batch_defaults()
         self.config = config
         self.model_config = load_model_config(config.model)
         self.tokenizer = Tokenizer(config.model)

@@ -52,6 +52,44 @@ def block_tables(scheduled: list[ScheduledSequence]) -> np.ndarray:
     return tables
 
 
+def profile_batch(
+    tokens: int, rows: int, max_model_len: int, block_size: int
+) -> tuple[list[ScheduledSequence], int]:
+    """The worst-case step the KV pool is sized around: ``tokens`` tokens over at most ``rows``
+    sequences (prompt chunks no longer than a request may be, the rest one-token decodes),
+    every row sampling with the costliest parameters. Returns (the step, blocks it needs)."""
+    from tandem.api.sampling_params import SamplingParams
+    from tandem.engine.sequence import Sequence
+
+    chunk = max(1, min(tokens, max_model_len - 1))
+    decodes = max(0, min(rows - 1, tokens - chunk))
+    lengths = []
+    left = tokens - decodes
+    while left > 0 and len(lengths) + decodes < rows:
+        lengths.append(min(chunk, left))
+        left -= lengths[-1]
+    lengths += [1] * decodes
+    params = SamplingParams(
+        temperature=0.8,
+        top_p=0.9,
+        top_k=50,
+        min_p=0.01,
+        repetition_penalty=1.1,
+        frequency_penalty=0.1,
+        logprobs=20,
+        max_tokens=1,
+        ignore_eos=True,
+    )
+    steps, next_block = [], 0
+    for i, n in enumerate(lengths):
+        seq = Sequence(f"profile-{i}", [1 + i % 7] * n, params, arrival_time=0.0, arrival_index=i)
+        need = -(-n // block_size)
+        blocks = np.arange(next_block, next_block + need, dtype=np.int64)
+        next_block += need
+        steps.append(ScheduledSequence(seq, 0, n, blocks, samples=True))
+    return steps, next_block
+
+
 class KVLayerHook(Protocol):
     """Called during the forward each time another layer's KV is written (prefill pods)."""
 
@@ -162,15 +200,20 @@ class ModelRunner:
             dummy=config.load_format == "dummy",
         )
         self.kv_spec = KVCacheSpec.for_model(model_config, config.block_size, self.dtype)
+        self.sampler = Sampler(self.device, config.seed)
+        self._generators: dict[RequestId, torch.Generator] = {}
+        self._kv_layer_hook: KVLayerHook | None = None
+        self.graphs = None
+        """Decode CUDA graphs (``cuda_graphs.DecodeGraphs``), captured by
+        ``capture_decode_graphs``."""
+        self.profiled_step_bytes: int | None = None
+        """Peak memory of the worst-case step run at start-up (CUDA, pool sized from memory)."""
         self.kv_cache = PagedKVCache(
             self.kv_spec,
             self._num_kv_blocks(max_model_len),
             self.device,
             path=config.kv_pool_path,
         )
-        self.graphs = None
-        """Decode CUDA graphs (``cuda_graphs.DecodeGraphs``), captured by
-        ``capture_decode_graphs``."""
         if self.device.type == "cuda" and config.cuda_graphs and self.backend_name == "triton":
             from tandem.engine.cuda_graphs import DecodeGraphs
 
@@ -182,9 +225,6 @@ class ModelRunner:
                 -(-max_model_len // config.block_size),
                 self.device,
             )
-        self.sampler = Sampler(self.device, config.seed)
-        self._generators: dict[RequestId, torch.Generator] = {}
-        self._kv_layer_hook: KVLayerHook | None = None
 
     # ---- memory -----------------------------------------------------------------------------
 
@@ -194,7 +234,7 @@ class ModelRunner:
             return self.config.num_kv_blocks
         per_block = self.kv_spec.bytes_per_block
         if self.device.type == "cuda":
-            budget = self._free_gpu_bytes()
+            budget = self._free_gpu_bytes(max_model_len)
         else:
             budget = self.config.kv_cache_memory_bytes
         blocks_per_seq = -(-max_model_len // self.config.block_size)
@@ -211,26 +251,18 @@ class ModelRunner:
     """Kept free when the pool is sized by what is free right now (others hold the rest): CUDA
     graphs, cuBLAS workspaces, the allocator's slack."""
 
-    def _free_gpu_bytes(self) -> int:
-        """KV bytes on CUDA: this engine's share of the GPU minus its weights and activations.
+    def _free_gpu_bytes(self, max_model_len: int) -> int:
+        """KV bytes on CUDA: this engine's share of the GPU minus its weights and the peak of a
+        profiled worst-case step.
 
         As in vLLM (V1), ``gpu_memory_utilization`` is this instance's share of the whole GPU, so
         two engines on one GPU take e.g. 0.45 each; and never more than is free right now, so an
         engine started beside others cannot take memory they already hold.
         """
-        # NOTE: activations are an estimate (hidden states, MLP intermediates and logits of a
-        # full step, with slack), not a profiled forward.
+        step_bytes = self.profiled_step_bytes = self._profile_step(max_model_len)
         torch.cuda.empty_cache()  # return blocks the caching allocator holds but does not use
         free, total = torch.cuda.mem_get_info(self.device)
-        cfg, mc = self.config, self.model_config
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        activations = (
-            4
-            * cfg.max_num_batched_tokens
-            * (4 * mc.hidden_size + 2 * mc.intermediate_size + mc.num_heads * mc.head_dim)
-            * itemsize
-            + cfg.max_num_seqs * mc.vocab_size * 4 * 3
-        )
+        cfg = self.config
         share = int(total * cfg.gpu_memory_utilization) - torch.cuda.memory_allocated(self.device)
         if free - self.GPU_HEADROOM_BYTES < share:
             logger.warning(
@@ -241,7 +273,47 @@ class ModelRunner:
                 free / 2**30,
                 self.device,
             )
-        return min(share, free - self.GPU_HEADROOM_BYTES) - activations
+        budget = min(share, free - self.GPU_HEADROOM_BYTES) - step_bytes
+        logger.info(
+            "profiled step (%d tokens, %d rows, sampling): peak %.2f GiB; KV budget %.2f GiB",
+            cfg.max_num_batched_tokens,
+            cfg.max_num_seqs,
+            step_bytes / 2**30,
+            max(budget, 0) / 2**30,
+        )
+        return budget
+
+    def _profile_step(self, max_model_len: int) -> int:
+        """Bytes the worst admissible step allocates at its peak, measured by running one (vLLM's
+        profile run): ``max_num_batched_tokens`` tokens over ``max_num_seqs`` rows, as prompt
+        chunks plus one-token decodes, every row sampling with top-k/top-p, penalties and
+        logprobs, on a pool just large enough for it. Memory the step takes outside torch's
+        allocator (cuBLAS workspaces, kernels loaded) counts too."""
+        steps, blocks = profile_batch(
+            self.config.max_num_batched_tokens,
+            self.config.max_num_seqs,
+            max_model_len,
+            self.config.block_size,
+        )
+        self.kv_cache = PagedKVCache(self.kv_spec, blocks, self.device)
+        try:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            free_before = torch.cuda.mem_get_info(self.device)[0]
+            reserved_before = torch.cuda.memory_reserved(self.device)
+            held = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.execute(steps)
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device) - held
+            outside = (free_before - torch.cuda.mem_get_info(self.device)[0]) - (
+                torch.cuda.memory_reserved(self.device) - reserved_before
+            )
+        finally:
+            self.kv_cache = None
+            self._generators.clear()
+            torch.cuda.empty_cache()
+        return peak + max(outside, 0)
 
     @property
     def kv_layer_hook(self) -> KVLayerHook | None:

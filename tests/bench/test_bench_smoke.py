@@ -164,6 +164,8 @@ def test_engine_bench_micro_reports_each_step_against_its_floor(tmp_path):
         "64",
         "--prefill",
         "64",
+        "--prefill-after",
+        "40:24",
         "--warmup",
         "1",
         "--iters",
@@ -184,8 +186,10 @@ def test_engine_bench_micro_reports_each_step_against_its_floor(tmp_path):
         ("decode", None, 4, 64),
         ("engine-loop", "off", 4, 64),
         ("engine-loop", "scheduling", 4, 64),
-        ("prefill", None, None, 64),
+        ("prefill", None, None, 0),  # a prompt's first chunk
+        ("prefill", None, None, 40),  # a chunk after 40 cached tokens
     ]
+    assert [r["tokens"] for r in result["results"] if r["kind"] == "prefill"] == [64, 24]
     assert all(r["seconds"] > 0 and r["floor_seconds"] > 0 for r in result["results"])
 
 

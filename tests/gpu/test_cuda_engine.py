@@ -124,3 +124,34 @@ def test_async_scheduling_on_cuda_gives_the_synchronous_tokens(
     assert got == want
     assert sum(ahead) >= MAX_NEW // 2
     assert (llm.engine.runner.graphs is not None) == cuda_graphs
+
+
+def test_a_profiled_pool_serves_a_full_budget_step_and_a_32k_prompt_with_a_prefix_hit(tmp_path):
+    """Llama-3.1-8B shape (dummy weights), the pool sized by the profiled worst-case step (no
+    num_kv_blocks): a step that takes the whole token budget, then a 32k-token prompt, then
+    another sharing 30k of it (a prefix-cache hit, so a 2k chunk after 30k cached tokens). No
+    out-of-memory anywhere."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from shapes import shape_dir
+
+    model = shape_dir("llama-3.1-8b", tmp_path)
+    llm = LLM(model, device="cuda", load_format="dummy", max_model_len=40000)
+    runner, config = llm.engine.runner, llm.engine.config
+    assert runner.profiled_step_bytes is not None and runner.profiled_step_bytes > 0
+    rng = random.Random(0)
+    vocab = llm.engine.model_config.vocab_size
+    rows = config.max_num_batched_tokens // 256
+    full = [[rng.randrange(3, vocab) for _ in range(256)] for _ in range(rows)]
+    params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=4, ignore_eos=True, logprobs=5)
+    outs = llm.generate(full, params)
+    assert all(len(o.outputs[0].token_ids) == 4 for o in outs)
+    long = [rng.randrange(3, vocab) for _ in range(32768)]
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    first = llm.generate([long], greedy)[0]
+    second = llm.generate([long[:30720] + [rng.randrange(3, vocab) for _ in range(2048)]], greedy)
+    assert len(first.outputs[0].token_ids) == 8
+    assert second[0].num_cached_tokens >= 30000
+    assert len(second[0].outputs[0].token_ids) == 8

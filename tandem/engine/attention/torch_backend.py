@@ -34,15 +34,21 @@ class TorchAttentionBackend:
         nd = meta.num_decodes
         if nd:
             self.decode_into(out[:nd], q[:nd], k_cache, v_cache, meta, scale, sliding_window)
-        qsl = meta.query_start_loc_cpu
-        for i in range(nd, meta.num_seqs):
-            rows = slice(qsl[i], qsl[i + 1])
-            out[rows] = self.prefill(
-                q[rows], k[rows], v[rows], k_cache, v_cache, meta, i, scale, sliding_window
-            )
+        if nd < meta.num_seqs:
+            self.prefills_into(out, q, k, v, k_cache, v_cache, meta, scale, sliding_window)
         return out
 
-    # The three steps of a forward; other backends override them.
+    # The steps of a forward; other backends override them.
+
+    def prefills_into(self, out, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale, window):
+        """Attention of every prompt chunk of the step (sequences ``num_decodes..``), into
+        ``out``: here one ``prefill`` call per sequence."""
+        qsl = meta.query_start_loc_cpu
+        for i in range(meta.num_decodes, meta.num_seqs):
+            rows = slice(qsl[i], qsl[i + 1])
+            out[rows] = self.prefill(
+                q[rows], k[rows], v[rows], k_cache, v_cache, meta, i, scale, window
+            )
 
     def store(self, k, v, k_cache, v_cache, meta: AttentionMetadata) -> None:
         """Write this step's K/V into their cache slots."""
