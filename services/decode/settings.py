@@ -1,6 +1,6 @@
 """Settings of the decode service (``tandem decode``, ``TANDEM_DECODE_*``)."""
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from tandem.serving.settings import PodSettings
@@ -18,7 +18,17 @@ class DecodeSettings(PodSettings):
     includes the prompt's wait in the prefill queue, so keep it above the worst prefill backlog."""
     kv_max_chunk_bytes: int = Field(32 << 20, ge=64 << 10, le=48 << 20)
     """Largest KV chunk accepted (prefill pods' --kv-chunk-bytes may go up to 32 MiB)."""
-    kv_lease_s: float = Field(90.0, gt=0)
+    kv_lease_s: float = Field(150.0, gt=0)
     """How long a reservation's writer may write. After an abort, blocks a memory transport may
-    still be writing are reused only once the writer confirmed it stopped or the lease ended;
-    keep it above kv_timeout_s."""
+    still be writing are reused only once the writer confirmed it stopped or the lease ended.
+    Must exceed kv_timeout_s: a lease that ends before the request's wait does would let blocks
+    go back to the pool while a writer may still be entitled to write."""
+
+    @model_validator(mode="after")
+    def _lease_outlives_the_wait(self):
+        if self.kv_lease_s <= self.kv_timeout_s:
+            raise ValueError(
+                f"kv_lease_s ({self.kv_lease_s:g}) must exceed kv_timeout_s "
+                f"({self.kv_timeout_s:g}): a writer's lease must outlive the wait for its pages"
+            )
+        return self

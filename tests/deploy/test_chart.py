@@ -75,7 +75,7 @@ def example_values(path: Path) -> dict:
 KV_SAME_NODE = {
     "kvTransport": {"mode": "cuda-ipc", "strict": True, "hostIPC": True, "shareDevShm": True},
     "prefill": {"kv": {"checksum": True}},
-    "decode": {"kvLeaseSeconds": 30.5},
+    "decode": {"kvLeaseSeconds": 30.5, "kvTimeoutSeconds": 20},
 }
 KV_RDMA = {"kvTransport": {"mode": "nixl", "rdma": {"resources": {"rdma/hca": 1}, "ipcLock": True}}}
 
@@ -633,7 +633,7 @@ def test_kv_transport_defaults_are_safe(chart):
     assert kv_env(objects, "decode") == {
         "TANDEM_DECODE_KV_TRANSPORT": "auto",
         "TANDEM_DECODE_KV_TRANSPORT_STRICT": "false",
-        "TANDEM_DECODE_KV_LEASE_S": "90",
+        "TANDEM_DECODE_KV_LEASE_S": "150",
     }
     for obj in workloads(objects):
         spec = pod_spec(obj)
@@ -796,6 +796,8 @@ def test_values_that_must_agree_are_checked(chart):
         render(chart, {"decode": {"engine": {"blockSize": 32}}})
     with pytest.raises(HelmError, match="dtype must be equal"):
         render(chart, {"decode": {"engine": {"dtype": "float16"}}})
+    with pytest.raises(HelmError, match="kvLeaseSeconds .90. must exceed decode.kvTimeoutSeconds"):
+        render(chart, {"decode": {"kvLeaseSeconds": 90}})  # the default wait is 120 s
     render(
         chart, {"prefill": {"enabled": False}, "decode": {"engine": {"blockSize": 32}}}
     )  # no prefill: no constraint

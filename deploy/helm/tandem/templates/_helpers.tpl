@@ -295,6 +295,9 @@ true
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- if le (float64 .Values.decode.kvLeaseSeconds) (float64 .Values.decode.kvTimeoutSeconds) -}}
+{{- fail (printf "decode.kvLeaseSeconds (%v) must exceed decode.kvTimeoutSeconds (%v): a KV writer's lease must outlive the wait for its pages" .Values.decode.kvLeaseSeconds .Values.decode.kvTimeoutSeconds) -}}
+{{- end -}}
 {{- $kvt := .Values.kvTransport -}}
 {{- if and .Values.prefill.enabled (has $kvt.mode (list "shm" "cuda-ipc")) (not (and $kvt.hostIPC $kvt.shareDevShm)) -}}
 {{- fail (printf "kvTransport.mode %s needs kvTransport.hostIPC and kvTransport.shareDevShm (prefill and decode pods on one node sharing its IPC namespace and /dev/shm); use auto or grpc otherwise" $kvt.mode) -}}
