@@ -151,18 +151,22 @@ class MemoryTransfer:
 
     def abort_notice(self) -> None:
         """After a cancel or failure: wait for writes in flight, then tell the decode pod it may
-        reuse the blocks (best effort: without it the lease's end frees them)."""
+        reuse the blocks (best effort: without it the lease's end frees them). Ends the
+        ``kv_transfer`` span as failed."""
         with self._lock:
             try:
-                self.writer.flush()
-            except Exception:  # noqa: BLE001, S110 - the lease covers a writer that cannot flush
-                return
-            end = self._end()
-            end.aborted = True
-            try:
-                self._complete_kv(end, timeout=5.0)
-            except grpc.RpcError:
-                pass  # the decode pod gave up on it already, or is gone: nothing to release
+                try:
+                    self.writer.flush()
+                except Exception:  # noqa: BLE001 - the lease covers a writer that cannot flush
+                    return
+                end = self._end()
+                end.aborted = True
+                try:
+                    self._complete_kv(end, timeout=5.0)
+                except grpc.RpcError:
+                    pass  # the decode pod gave up on it already, or is gone: nothing to release
+            finally:
+                self._end_span(self.error or "cancelled")
 
     def _end_span(self, error: str | None = None) -> None:
         span, self._span = self._span, None

@@ -5,6 +5,7 @@ import time
 
 import pytest
 import torch
+from opentelemetry.context import Context
 
 from tandem.api.errors import KVTransferError, KVTransferForbidden
 from tandem.engine.kv_cache import KVCacheSpec, PagedKVCache
@@ -201,3 +202,50 @@ def test_page_copies_move_exactly_the_named_pages(dtype, threaded, monkeypatch):
         nbytes = shm_transport.copy_pages(src, dst, src_ids.numpy(), dst_ids.numpy(), layers)
         assert torch.equal(dst, want)
         assert nbytes == (l1 - l0) * 2 * len(src_ids) * 4 * 2 * 8 * src.element_size()
+
+
+def test_a_cancelled_memory_transfer_ends_its_span_as_failed(monkeypatch):
+    """A transfer cancelled mid-way sends its abort notice and closes its ``kv_transfer`` span
+    (marked failed), instead of leaving it open forever."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import StatusCode
+
+    from tandem import telemetry
+    from tandem.transfer.memory_push import MemoryTransfer
+    from tandem.transfer.push_streams import KVTarget
+    from tandem.transfer.transport import PoolWriter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(telemetry, "tracer", lambda: provider.get_tracer("test"))
+
+    class Writer(PoolWriter):
+        transport = "shm"
+
+        def write(self, src, src_ids, layers, dst_ids) -> int:
+            return 64
+
+        def flush(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    notices = []
+    target = KVTarget(
+        "decode:1", "r1", 0, "fp", transfer_token="t", transport="shm", block_ids=(3, 4),
+        lease_expires_unix_ms=int((time.time() + 60) * 1000),
+    )  # fmt: skip
+    transfer = MemoryTransfer(
+        target, 2, Writer(), lambda end, **kw: notices.append(end), 5.0, trace_context=Context()
+    )
+    transfer.write(torch.zeros(1, 2, 4, 1), [0, 1], (0, 1), 0, 1)
+    transfer.cancel()
+    transfer.abort_notice()
+    assert [n.aborted for n in notices] == [True]
+    (span,) = exporter.get_finished_spans()
+    assert span.name == "kv_transfer" and span.status.status_code == StatusCode.ERROR
+    assert span.attributes["tandem.kv.bytes"] == 64
