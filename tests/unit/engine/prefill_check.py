@@ -53,7 +53,7 @@ def check_case(block_size, hq, hkv, d, seqs, window, *, device="cpu", dtype=torc
     k = torch.randn(tokens, hkv, d, generator=g).to(dtype)
     v = torch.randn(tokens, hkv, d, generator=g).to(dtype)
 
-    def meta() -> AttentionMetadata:
+    def meta(device) -> AttentionMetadata:
         return AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
             block_tables=tables.to(device),
@@ -67,14 +67,20 @@ def check_case(block_size, hq, hkv, d, seqs, window, *, device="cpu", dtype=torc
 
     scale = d**-0.5
     want = TorchAttentionBackend().forward(
-        q.float(), k.float(), v.float(), kv_cache.float(), meta(), scale=scale,
+        q.float(), k.float(), v.float(), kv_cache.float(), meta("cpu"), scale=scale,
         sliding_window=window,
     )  # fmt: skip
     backend = TritonAttentionBackend()
     backend.SDPA_FROM_TOKENS = 1 << 30  # every chunk through the paged kernel
     cache = kv_cache.to(device)
     got = backend.forward(
-        q.to(device), k.to(device), v.to(device), cache, meta(), scale=scale, sliding_window=window
+        q.to(device),
+        k.to(device),
+        v.to(device),
+        cache,
+        meta(device),
+        scale=scale,
+        sliding_window=window,
     )
     err = (got.float().cpu() - want).abs().max().item()
     tol = 1e-4 if dtype == torch.float32 else 3e-2
