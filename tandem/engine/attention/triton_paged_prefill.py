@@ -196,8 +196,9 @@ class PrefillTiles:
         return len(self.seq)
 
 
-def launch_config(head_dim: int, group: int) -> tuple[int, int, int, int]:
-    """(query tokens per tile, keys per iteration, num_warps, num_stages) for a head size.
+def launch_config(head_dim: int, group: int, itemsize: int = 2) -> tuple[int, int, int, int]:
+    """(query tokens per tile, keys per iteration, num_warps, num_stages) for a head size and
+    element size.
 
     A tile holds ``BLOCK_Q * next_pow2(group)`` rows: 128 for head_dim <= 128, 64 above (the
     register file), never fewer query tokens than one.
@@ -208,6 +209,8 @@ def launch_config(head_dim: int, group: int) -> tuple[int, int, int, int]:
     # bench/prefill_attention.py --sweep on an H100 (bench/NOTES.md): 128 keys an iteration, 8
     # warps, 2 stages was best or within 3 % for 2k chunks after 6k and 30k cached tokens.
     block_n = 128 if head_dim <= 128 else 32
+    if itemsize >= 4:  # float32 tiles: twice the shared memory (128 keys x 128 dims overflow it)
+        block_n = min(block_n, 32)
     return block_q, block_n, 8 if block_q * group_pad >= 128 else 4, 2
 
 
@@ -259,7 +262,7 @@ def paged_prefill(
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
-    _, default_n, default_warps, default_stages = launch_config(head_dim, group)
+    _, default_n, default_warps, default_stages = launch_config(head_dim, group, q.element_size())
     _paged_prefill_kernel[(tiles.count, num_kv_heads)](
         q,
         k_cache,
