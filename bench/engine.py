@@ -413,6 +413,9 @@ def tandem_offline(model: Path, args, prompts, out_lens, async_mode: str) -> dic
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         load_format="auto" if args.hf_modes else "dummy",
+        **(
+            {"max_cuda_graph_batch": args.max_cuda_graph_batch} if args.max_cuda_graph_batch else {}
+        ),
         **ASYNC_MODES[async_mode],
     )
     print(
@@ -684,6 +687,9 @@ def main() -> None:
     )
     ap.add_argument(
         "--max-num-batched-tokens", type=int, default=None, help="offline: default the engine's"
+    )
+    ap.add_argument(
+        "--max-cuda-graph-batch", type=int, default=None, help="offline: default the engine's"
     )
     ap.add_argument("--num-requests", type=int, default=256)
     ap.add_argument("--min-len", type=int, default=100)
