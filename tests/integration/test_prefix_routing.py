@@ -93,7 +93,15 @@ def wait_until(cond, timeout=15.0, what="condition"):
         time.sleep(0.1)
 
 
-def served_by(cluster, before: dict[str, int], after: dict[str, int]) -> str:
+def served_by(cluster, before: dict[str, int], read, at_least: int = 1) -> str:
+    """The one prefill pod whose counter (``read()``: pod -> count) grew, by ``at_least``. Pods'
+    stats are snapshots their engine core publishes every 100 ms: poll until one shows it."""
+    deadline = time.monotonic() + 5.0
+    while True:
+        after = read()
+        if any(after[n] - before[n] >= at_least for n in after) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     gained = [name for name in after if after[name] > before[name]]
     assert len(gained) == 1, (before, after)
     return gained[0]
@@ -119,9 +127,9 @@ def test_prompts_sharing_a_system_prompt_land_on_the_pod_that_caches_it(cluster)
         ]["cached_tokens"]
         for i in range(6)
     ]
-    after_hits, after_choices = hits(cluster), choices(cluster.router_url)
     assert cached == [256] * 6, (choices(cluster.router_url), hits(cluster))
-    pod = served_by(cluster, before_hits, after_hits)
+    pod = served_by(cluster, before_hits, lambda: hits(cluster), at_least=6 * 256)
+    after_hits, after_choices = hits(cluster), choices(cluster.router_url)
     assert after_hits[pod] - before_hits[pod] == 6 * 256
     assert after_choices.get("prefix", 0) - before_choices.get("prefix", 0) == 6
 
@@ -156,10 +164,10 @@ def test_two_router_replicas_route_a_prompt_to_the_same_pod(cluster):
         warm(cluster, cluster.router_url, system)  # router 1 places it
         before = hits(cluster)
         complete(cluster.router_url, system + tokens(16, 7))
-        first_pod = served_by(cluster, before, hits(cluster))
+        first_pod = served_by(cluster, before, lambda: hits(cluster))
         before, second_choices = hits(cluster), choices(f"http://{second.address}")
         out = complete(f"http://{second.address}", system + tokens(16, 8))  # router 2 finds it
-        assert served_by(cluster, before, hits(cluster)) == first_pod
+        assert served_by(cluster, before, lambda: hits(cluster)) == first_pod
         assert (
             choices(f"http://{second.address}").get("prefix", 0)
             == second_choices.get("prefix", 0) + 1
@@ -238,7 +246,9 @@ def test_a_restarted_prefill_pod_loses_its_old_entries(cluster):
     before = queries(cluster)
     warm(cluster, cluster.router_url, system)
     holder = next(
-        p for p in cluster.pods("prefill") if p.name == served_by(cluster, before, queries(cluster))
+        p
+        for p in cluster.pods("prefill")
+        if p.name == served_by(cluster, before, lambda: queries(cluster))
     )
     holder.proc.terminate()
     holder.proc.wait(10)
