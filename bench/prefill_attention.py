@@ -13,7 +13,6 @@ attention FLOPs (4 x head_dim per query head and visible key). Writes JSON under
 
 import argparse
 import random
-import statistics
 import sys
 from pathlib import Path
 
@@ -21,22 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, print_table, write_result  # noqa: E402
+from tune_paged_decode import time_kernel  # noqa: E402
 
 CASES = ["0:2048", "0:8192", "6144:2048", "30720:2048", "0:512", "w4:64"]
-
-
-def timed(fn, iters: int = 10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(times)
 
 
 def build(seqs, hq, hkv, d, bs, dtype, rng):
@@ -124,9 +110,9 @@ def run_case(spec: str, hq: int, hkv: int, d: int, args, rng: random.Random):
                                   SDPBackend.MATH]):  # fmt: skip
                     ref._prefill(q[r], k_cache, v_cache, meta, i, scale, None)
 
-    t_kernel = timed(kernel)
+    t_kernel = time_kernel(kernel, 10)
     try:
-        t_base = timed(baseline)
+        t_base = time_kernel(baseline, 10)
     except torch.OutOfMemoryError:
         t_base = None
         torch.cuda.empty_cache()
@@ -136,7 +122,7 @@ def run_case(spec: str, hq: int, hkv: int, d: int, args, rng: random.Random):
             for warps in (4, 8):
                 for stages in (1, 2, 3):
                     try:
-                        t = timed(
+                        t = time_kernel(
                             lambda bn=block_n, w=warps, s=stages: kernel(
                                 block_n=bn, num_warps=w, num_stages=s
                             ),

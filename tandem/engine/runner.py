@@ -311,7 +311,6 @@ class ModelRunner:
             )
         finally:
             self.kv_cache = None
-            self._generators.clear()
             torch.cuda.empty_cache()
         return peak + max(outside, 0)
 

@@ -10,6 +10,7 @@ The lease (``KVTarget.lease_expires_unix_ms``) bounds the writes: none is issued
 ``MEMORY_WRITE_MARGIN_S`` before its end, after which the decode pod may free the blocks.
 """
 
+import contextlib
 import threading
 import time
 
@@ -161,10 +162,10 @@ class MemoryTransfer:
                     return
                 end = self._end()
                 end.aborted = True
-                try:
+                # An error means the decode pod gave up on it already, or is gone: nothing to
+                # release.
+                with contextlib.suppress(grpc.RpcError):
                     self._complete_kv(end, timeout=5.0)
-                except grpc.RpcError:
-                    pass  # the decode pod gave up on it already, or is gone: nothing to release
             finally:
                 self._end_span(self.error or "cancelled")
 

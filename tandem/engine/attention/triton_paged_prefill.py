@@ -219,7 +219,7 @@ def prefill_tiles(
 ) -> PrefillTiles:
     """Tiles of ``block_q`` query tokens over sequences ``first_seq..``: the longest-context
     tiles first (they take longest; starting them first evens out the tail)."""
-    import torch
+    from tandem.engine.uploads import upload
 
     qsl = np.asarray(query_start_loc, dtype=np.int64)
     qlens = np.diff(qsl)[first_seq:]
@@ -231,8 +231,8 @@ def prefill_tiles(
     q0 = (np.arange(len(seq)) - starts[:-1][seq - first_seq]) * block_q
     reach = (lens - qlens)[seq - first_seq] + np.minimum(q0 + block_q, qlens[seq - first_seq])
     order = np.argsort(-reach, kind="stable")
-    both = np.stack([seq[order], q0[order]]).astype(np.int32)
-    both = torch.from_numpy(both).to(device, non_blocking=True)
+    # Through pinned memory: a copy from pageable memory would wait for the step in flight.
+    both = upload(np.stack([seq[order], q0[order]]).astype(np.int32), device)
     return PrefillTiles(seq=both[0], q0=both[1], block_q=block_q)
 
 
