@@ -454,6 +454,12 @@ def main() -> None:
     ap.add_argument("--slo-e2el-ms", type=float, default=None)
     ap.add_argument("--out-dir", type=Path, default=None)
     ap.add_argument(
+        "--trace-breakdown",
+        action="store_true",
+        help="export every service's spans to an in-process OTLP receiver; print each phase's "
+        "start offset and duration per mode (bench/trace_breakdown.py)",
+    )
+    ap.add_argument(
         "--profile-dir",
         type=Path,
         default=None,
@@ -476,6 +482,15 @@ def main() -> None:
         asyncio.run(warm_up(args.url, vocab))
         results["target"] = asyncio.run(run_load(args.url, args, vocab))
     else:
+        receiver = None
+        if args.trace_breakdown:
+            import os
+
+            from trace_breakdown import OTLPReceiver
+
+            receiver = OTLPReceiver().__enter__()
+            os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.endpoint  # the children inherit it
+            os.environ["OTEL_EXPORTER_OTLP_INSECURE"] = "true"
         for mode in args.modes:
             cluster = start_system(model, mode, args)
             try:
@@ -484,7 +499,17 @@ def main() -> None:
                 profiler = Profiler(args.profile_dir / mode) if args.profile_dir else None
                 if profiler is not None:
                     profiler.start(cluster)
+                if receiver is not None:
+                    time.sleep(6)  # the warm-up's spans are exported (batched) before the load
+                    skip = len(receiver.spans())
                 results[mode] = asyncio.run(run_load(cluster.router_url, args, vocab))
+                if receiver is not None:
+                    from trace_breakdown import phase_table, print_phase_table
+
+                    time.sleep(6)  # batch span processors export every 5 s
+                    table = phase_table(receiver.spans()[skip:])
+                    results[mode]["trace_breakdown"] = table
+                    print_phase_table(mode, table)
                 if profiler is not None:
                     profiler.stop()
                     results[mode]["profile"] = profiler.summary()
