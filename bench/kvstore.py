@@ -58,7 +58,6 @@ async def measure(op, n: int, concurrency: int) -> dict:
 
 
 async def run(args) -> list[dict]:
-    import grpc
     import redis.asyncio as aioredis
 
     from services.kvstore.redis_index import RedisIndex
@@ -69,12 +68,14 @@ async def run(args) -> list[dict]:
         free_port,
         grpc_healthy,
     )
+    from tandem.api import cluster_auth
     from tandem.proto.kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
 
     redis_server = RedisProcess.start()
     client = aioredis.Redis.from_url(redis_server.url, max_connections=64)
     port = free_port()
-    kvstore = LocalCluster(UpOptions(), Path("."), relay=False).spawn(
+    local = LocalCluster(UpOptions(), Path("."), relay=False)  # hands its cluster secret on
+    kvstore = local.spawn(
         "kvstore",
         [
             "kvstore",
@@ -105,7 +106,7 @@ async def run(args) -> list[dict]:
         await client.set("plain-key", b"x" * 16)
         while not grpc_healthy(f"127.0.0.1:{port}"):
             await asyncio.sleep(0.1)
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        channel = cluster_auth.aio_channel(f"127.0.0.1:{port}", [], local.auth)
         stub = kvstore_pb2_grpc.KVStoreServiceStub(channel)
         get = await measure(lambda: client.get("plain-key"), args.requests, args.concurrency)
         for length in args.lengths:

@@ -289,7 +289,7 @@ def prefix_cache_counters(cluster) -> dict[str, tuple[int, int]]:
 
     totals = {}
     for role in ("prefill", "decode"):
-        stats = [pod_stats(pod) for pod in cluster.pods(role)]
+        stats = [pod_stats(pod, cluster.auth) for pod in cluster.pods(role)]
         totals[role] = (
             sum(st.prefix_cache_queries for st in stats),
             sum(st.prefix_cache_hits for st in stats),

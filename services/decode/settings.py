@@ -16,6 +16,11 @@ class DecodeSettings(PodSettings):
     kv_timeout_s: float = Field(60.0, gt=0)
     """How long an admitted request waits for its KV pages before it is failed and freed. It
     includes the prompt's wait in the prefill queue, so keep it above the worst prefill backlog."""
+    kv_claim_timeout_s: float = Field(5.0, gt=0)
+    """How long a REMOTE reservation waits for a writer to claim it (a prefill pod's ClaimKV, sent
+    on receipt of its Prefill request, or a first KV chunk) before its blocks are released and
+    its Generate stream fails: a reservation nobody feeds must not hold blocks for the whole
+    kv_timeout_s. Capped by kv_timeout_s."""
     kv_max_chunk_bytes: int = Field(32 << 20, ge=64 << 10, le=48 << 20)
     """Largest KV chunk accepted (prefill pods' --kv-chunk-bytes may go up to 32 MiB)."""
     kv_lease_s: float = Field(150.0, gt=0)

@@ -14,9 +14,12 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from redis.exceptions import AuthenticationError as RedisAuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError as RedisResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
@@ -25,7 +28,9 @@ from services.kvstore.memory_index import MemoryIndex
 from services.kvstore.redis_index import RedisIndex
 from services.kvstore.settings import KVStoreSettings
 from tandem import telemetry
-from tandem.api.errors import InvalidRequest, TandemError, UpstreamUnavailable
+from tandem.api import cluster_auth
+from tandem.api.channel_options import KVSTORE_MESSAGE_BYTES
+from tandem.api.errors import InvalidRequest, TandemError, Unauthenticated, UpstreamUnavailable
 from tandem.api.grpc_status import abort_with
 from tandem.api.hashing import HASH_ALGORITHM
 from tandem.api.ids import BlockHash, PodId
@@ -289,13 +294,43 @@ def make_index(settings: KVStoreSettings) -> Index:
         return MemoryIndex(settings.capacity)
     import redis.asyncio as aioredis
 
+    password = settings.redis_password.get_secret_value() if settings.redis_password else None
     client = aioredis.Redis.from_url(
         settings.redis_url,
         socket_timeout=settings.redis_timeout_s,
         socket_connect_timeout=settings.redis_timeout_s,
         max_connections=settings.redis_max_connections,
+        **({"password": password} if password else {}),  # a password in the URL wins
     )
     return RedisIndex(client, capacity=settings.capacity, prefix=settings.key_prefix)
+
+
+def redacted(url: str) -> str:
+    """``url`` without its password (for logs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+async def check_redis_credentials(index: RedisIndex, url: str) -> None:
+    """Fail the start when Redis refuses our credentials (a wrong or missing password never
+    heals by retrying); an unreachable Redis only warns: calls fail with UNAVAILABLE until it
+    is back, as when it dies later."""
+    try:
+        await index.client.ping()
+    except RedisAuthenticationError as exc:
+        raise Unauthenticated(f"Redis at {redacted(url)} refused the credentials: {exc}") from None
+    except RedisResponseError as exc:
+        if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
+            raise Unauthenticated(
+                f"Redis at {redacted(url)} needs a password (TANDEM_KVSTORE_REDIS_PASSWORD or "
+                f"the URL's): {exc}"
+            ) from None
+        raise
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        logger.warning("Redis at %s is not reachable yet: %s", redacted(url), exc)
 
 
 async def _sweeper(
@@ -325,16 +360,26 @@ async def _sweeper(
 
 
 async def start(settings: KVStoreSettings) -> RunningService:
+    auth = settings.cluster_auth()
+    cluster_auth.install(auth)
     index = make_index(settings)
+    if isinstance(index, RedisIndex):
+        await check_redis_credentials(index, settings.redis_url)
     metrics = KVStoreMetrics()
-    server = GrpcServer(settings.host, settings.port, ["tandem.kvstore.v1.KVStoreService"])
+    server = GrpcServer(
+        settings.host,
+        settings.port,
+        ["tandem.kvstore.v1.KVStoreService"],
+        auth=auth.check if auth.enabled else None,
+        max_receive_message_length=KVSTORE_MESSAGE_BYTES,
+    )
     servicer = KVStoreServicer(index, settings, metrics)
     kvstore_pb2_grpc.add_KVStoreServiceServicer_to_server(servicer, server.server)
     if settings.metrics_port is not None:
         start_http_server(settings.metrics_port, registry=metrics.registry)
     await server.start()
     sweeper = asyncio.create_task(_sweeper(servicer, settings, metrics))
-    backend = f"Redis at {settings.redis_url}" if settings.redis_url else "memory"
+    backend = f"Redis at {redacted(settings.redis_url)}" if settings.redis_url else "memory"
     logger.info(
         "kvstore serving on port %d (index in %s, capacity %d)",
         server.port,

@@ -1,10 +1,12 @@
 """Settings of the kvstore service (``tandem kvstore``, ``TANDEM_KVSTORE_*``)."""
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tandem.api.cluster_auth import ClusterAuthOptions
 
-class KVStoreSettings(BaseSettings):
+
+class KVStoreSettings(BaseSettings, ClusterAuthOptions):
     """Run the kvstore service (prefix-cache index over Redis)."""
 
     model_config = SettingsConfigDict(
@@ -19,7 +21,12 @@ class KVStoreSettings(BaseSettings):
     """Serve Prometheus metrics over HTTP on this port."""
     redis_url: str | None = None
     """Redis to keep the index in (shared by every kvstore replica); None: in this process's
-    memory."""
+    memory. It may carry a user and password (redis://user:password@host:6379/0) and use TLS
+    (rediss://)."""
+    redis_password: SecretStr | None = None
+    """Password of Redis (AUTH) when redis_url carries none. Give it through the
+    TANDEM_KVSTORE_REDIS_PASSWORD environment variable (a mounted Secret), not as a flag: flags
+    show in process listings."""
     key_prefix: str = "tandem"
     """Prefix of every Redis key (several deployments can share one Redis)."""
     capacity: int = Field(1_000_000, gt=0)

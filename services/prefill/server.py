@@ -1,7 +1,10 @@
 """The prefill service: ``PrefillService`` over an engine in the prefill role.
 
-``Prefill`` queues the prompt in the pod's engine core process (continuous batching, chunked
-prefill, prefix cache) as a one-token request. While the forward runs, the core's KV sender
+``Prefill`` first checks that the decode target is a decode pod this pod knows from discovery
+(``KnownTargets``: it pushes KV to no arbitrary address) and claims the decode pod's lease on the
+reserved blocks (``ClaimKV``: the decode pod releases a reservation nobody claims within its
+claim deadline), then queues the prompt in the pod's engine core process (continuous batching,
+chunked prefill, prefix cache) as a one-token request. While the forward runs, the core's KV sender
 streams each finished layer group's pages to the decode pod named in the request; once the
 first token is sampled the core closes the transfer with it, and the call returns when the
 decode pod acknowledged it. This process holds the gRPC server and the kvstore publisher.
@@ -19,12 +22,13 @@ from opentelemetry import propagate, trace
 
 from services.prefill.settings import PrefillSettings
 from tandem import telemetry
-from tandem.api import proto_convert
+from tandem.api import cluster_auth, proto_convert
 from tandem.api.channel_options import CLIENT_OPTIONS
 from tandem.api.errors import (
     CapacityExceeded,
     InvalidRequest,
     KVFingerprintMismatch,
+    KVTargetForbidden,
     KVTransferError,
     TandemError,
 )
@@ -35,6 +39,7 @@ from tandem.proto.common.v1 import common_pb2
 from tandem.proto.decode.v1 import decode_pb2, decode_pb2_grpc
 from tandem.proto.prefill.v1 import prefill_pb2, prefill_pb2_grpc
 from tandem.serving import core_protocol
+from tandem.serving.discovery import KnownTargets
 from tandem.serving.engine_client import EngineCoreClient
 from tandem.serving.engine_core import CoreSpec, SenderOptions
 from tandem.serving.grpc_server import RunningService
@@ -53,12 +58,17 @@ from tandem.transfer.transport import (
 logger = logging.getLogger(__name__)
 
 
-def prefill_only(params: SamplingParams) -> SamplingParams:
+def prefill_only(params: SamplingParams, num_output_tokens: int = 0) -> SamplingParams:
     """The request as a prefill pod runs it: one token, sampled like the decode pod would.
 
-    Stop strings are the decode pod's business (it detokenizes the first token too).
+    A migrated request's output so far (``num_output_tokens``) counts, so the token sampled
+    here is output token ``num_output_tokens + 1``, under the request's ``min_tokens``. Stop
+    strings are the decode pod's business (it detokenizes the first token too).
     """
-    return dataclasses.replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1), stop=())
+    last = num_output_tokens + 1
+    return dataclasses.replace(
+        params, max_tokens=last, min_tokens=min(params.min_tokens, last), stop=()
+    )
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
@@ -68,6 +78,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         core: EngineCoreClient,
         identity: dict,
         metrics: PodMetrics,
+        targets: KnownTargets,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -75,6 +86,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         self.identity = identity
         self.fingerprint = core.info.fingerprint
         self.transports = KVTransportChooser(settings, core.info)
+        self.targets = targets
+        """The decode pods KV may go to (discovery)."""
 
     async def Prefill(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
         with telemetry.tracer().start_as_current_span("prefill") as span:
@@ -88,8 +101,23 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         done = False
         try:
             target = self._target(request)
+            # Before anything connects anywhere: only a decode pod discovery knows.
+            if not await self.targets.allows(target.address):
+                self.metrics.transfer("forbidden")
+                logger.warning(
+                    "request %s: refused to push KV to %s, not a known decode pod",
+                    rid,
+                    target.address,
+                )
+                raise KVTargetForbidden(
+                    f"decode target {target.address!r} is not a decode pod this prefill pod "
+                    "knows from discovery"
+                )
             ids = proto_convert.prompt_ids(request.prompt_token_ids)
-            params = prefill_only(proto_convert.sampling_params_from_proto(request.sampling_params))
+            resumed = proto_convert.num_output_tokens(request)  # a migrated request's output
+            params = prefill_only(
+                proto_convert.sampling_params_from_proto(request.sampling_params), resumed
+            )
             if span.is_recording():
                 span.set_attributes(
                     {
@@ -122,6 +150,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                         cache_salt=request.cache_salt or None,
                         kv_target=chosen,
                         trace_carrier=carrier,
+                        num_output_tokens=resumed,
                     )
                 except BaseException:
                     await self.transports.release(chosen)
@@ -229,7 +258,7 @@ class KVTransportChooser:
     def _stub(self, address: str) -> decode_pb2_grpc.DecodeServiceStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=CLIENT_OPTIONS)
+            channel = cluster_auth.aio_channel(address, CLIENT_OPTIONS)
             self._channels[address] = channel
         return decode_pb2_grpc.DecodeServiceStub(channel)
 
@@ -262,8 +291,13 @@ class KVTransportChooser:
     async def choose(
         self, target: core_protocol.KVTargetSpec, metrics: PodMetrics
     ) -> core_protocol.KVTargetSpec:
-        if self.mode == "grpc" or not target.transfer_token:
-            return target  # grpc asked for, or a router that passes no lease: nothing to map
+        """The transport and, for a memory transport, where to write; the lease claimed either
+        way (the decode pod releases a reservation nobody claims within its claim deadline)."""
+        if not target.transfer_token:
+            return target  # a router that passes no lease: nothing to claim or map
+        if self.mode == "grpc":
+            await self._claim(target, "grpc")
+            return target
         offer = await self._offer(target)
         choice = choose(self.mode, self.local, offer, local=self.available)
         if choice.fallback is not None:
@@ -281,25 +315,14 @@ class KVTransportChooser:
             )
             metrics.fallback(wanted, choice.transport)
         if choice.descriptor is None:
+            await self._claim(target, "grpc")
             return target
         chosen = msgspec.structs.replace(
             target,
             transport=choice.transport,
             descriptor=descriptor_encoder.encode(choice.descriptor),
         )
-        try:
-            claim = await self._stub(target.address).ClaimKV(
-                decode_pb2.ClaimKVRequest(
-                    request_id=target.request_id,
-                    transfer_token=target.transfer_token,
-                    transport=choice.transport,
-                ),
-                timeout=10.0,
-            )
-        except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.PERMISSION_DENIED:
-                await self.release(chosen)  # the decode pod may have recorded the claim
-            raise error_from_rpc(exc) from None
+        claim = await self._claim(chosen, choice.transport)
         # Where and until when to write: the decode pod's word, not the request's.
         return msgspec.structs.replace(
             chosen,
@@ -307,6 +330,25 @@ class KVTransportChooser:
             skip_blocks=claim.first_block,
             lease_expires_unix_ms=claim.lease_expires_unix_ms,
         )
+
+    async def _claim(
+        self, target: core_protocol.KVTargetSpec, transport: str
+    ) -> decode_pb2.ClaimKVResponse:
+        """Take the reservation's lease for ``transport`` (gRPC too: the claim tells the decode
+        pod a writer holds the reservation, before the prompt waits in this pod's queue)."""
+        try:
+            return await self._stub(target.address).ClaimKV(
+                decode_pb2.ClaimKVRequest(
+                    request_id=target.request_id,
+                    transfer_token=target.transfer_token,
+                    transport=transport,
+                ),
+                timeout=10.0,
+            )
+        except grpc.RpcError as exc:
+            if transport != "grpc" and exc.code() != grpc.StatusCode.PERMISSION_DENIED:
+                await self.release(target)  # the decode pod may have recorded the claim
+            raise error_from_rpc(exc) from None
 
     async def release(self, target: core_protocol.KVTargetSpec) -> None:
         """Free a claimed lease nothing will write (best effort: the lease's end frees it)."""
@@ -371,9 +413,17 @@ async def start(settings: PrefillSettings) -> RunningService:
             snapshot=snapshot,
             heartbeat_interval_s=settings.kvstore_heartbeat_s,
         )
-    servicer = PrefillServicer(settings, pod.core, pod.identity, pod.metrics)
+    discovery = settings.make_discovery()
+    await asyncio.to_thread(discovery.start)
+    if settings.discovery == "static" and not settings.decode:
+        logger.warning("no --decode pods configured: every Prefill request will be refused")
+    targets = KnownTargets(
+        discovery, "decode", min_lookup_interval_s=settings.decode_lookup_interval_s
+    )
+    servicer = PrefillServicer(settings, pod.core, pod.identity, pod.metrics, targets)
     prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, pod.server.server)
     service = await pod.start([], publisher=publisher)
+    service.on_stop(discovery.close)
     service.on_stop(lambda: asyncio.ensure_future(servicer.transports.close()))
     if publisher is not None:
         service.on_stop(asyncio.create_task(publisher.run(), name="kv-events").cancel)

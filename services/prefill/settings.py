@@ -1,8 +1,9 @@
 """Settings of the prefill service (``tandem prefill``, ``TANDEM_PREFILL_*``)."""
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from tandem.serving.discovery import Discovery, DiscoveryKind, make_discovery
 from tandem.serving.settings import PodSettings
 
 
@@ -31,3 +32,45 @@ class PrefillSettings(PodSettings):
     """host:port of kvstore: publish this pod's prefix-cache events there (prefix-aware routing)."""
     kvstore_heartbeat_s: float = Field(2.0, gt=0)
     """How often this pod renews its lease in kvstore."""
+    discovery: DiscoveryKind = "static"
+    """How this pod finds the decode pods it may push KV to (configure it as the router's): the
+    --decode list, the DNS name of their headless Service, or its EndpointSlices through the
+    Kubernetes API. A Prefill request naming any other decode address is refused
+    (PERMISSION_DENIED) before any connection is made."""
+    decode: list[str] = Field(default_factory=list)
+    """static: the decode pods' host:port addresses, spelled as the router's --decode (none: every
+    Prefill request is refused)."""
+    decode_service: str | None = None
+    """dns: DNS name of the decode pods' headless Service; kubernetes: its name."""
+    decode_port: int = Field(50052, ge=1, le=65535)
+    """dns: gRPC port of decode pods (kubernetes reads the Service's port named "grpc")."""
+    namespace: str | None = None
+    """kubernetes: namespace of the decode Service (default: this pod's own)."""
+    decode_lookup_interval_s: float = Field(1.0, gt=0)
+    """A decode address discovery does not list (a pod just started) is looked up afresh, at
+    most this often; misses meanwhile wait for that lookup."""
+
+    @model_validator(mode="after")
+    def _discovery_has_its_inputs(self) -> "PrefillSettings":
+        if self.discovery == "static" and self.decode_service:
+            raise ValueError("--decode-service needs --discovery dns or kubernetes")
+        if self.discovery != "static":
+            if not self.decode_service:
+                raise ValueError(f"--discovery {self.discovery} needs --decode-service")
+            if self.decode:
+                raise ValueError(
+                    f"--decode is a static list; with --discovery {self.discovery} name the "
+                    "decode Service instead"
+                )
+        return self
+
+    def make_discovery(self) -> Discovery:
+        """The decode pods' discovery (role "decode" only)."""
+        return make_discovery(
+            self.discovery,
+            static={"decode": self.decode},
+            services={"decode": self.decode_service} if self.decode_service else {},
+            ports={"decode": self.decode_port},
+            namespace=self.namespace,
+            interval_s=self.decode_lookup_interval_s,
+        )

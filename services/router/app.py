@@ -14,10 +14,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.router.auth import ApiKeyAuth, ApiKeys, KeyLimits, load_api_keys, reserve_tokens
+from services.router.drain import DrainGate
 from services.router.flow import Dispatcher, Route
 from services.router.grpc_api import RouterServicer
-from services.router.http_errors import error_body, error_response
+from services.router.http_errors import error_body, error_response, http_exception_response
+from services.router.input_limits import (
+    BodyLimits,
+    InputLimitsMiddleware,
+    LargeTextGate,
+    ParsedBodyRoute,
+    valid_request_id,
+)
 from services.router.jobs import JobBuilder
 from services.router.metrics import RouterMetrics
 from services.router.openai_api import OpenAIServing, merge_events
@@ -27,6 +37,7 @@ from services.router.prefix_index import PrefixIndexClient
 from services.router.request_trace import RequestTrace
 from services.router.settings import RouterSettings
 from tandem import telemetry
+from tandem.api import cluster_auth
 from tandem.api.errors import RequestCancelled, TandemError, UpstreamUnavailable
 from tandem.model_dir import load_model_config
 from tandem.proto.router.v1 import router_pb2_grpc
@@ -79,7 +90,8 @@ class RequestIdAndMetrics:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or ())
-        request_id = headers.get(REQUEST_ID_HEADER.encode(), b"").decode() or uuid.uuid4().hex
+        # An over-long or odd id is replaced (input_limits.valid_request_id).
+        request_id = valid_request_id(headers.get(REQUEST_ID_HEADER.encode())) or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         trace.get_current_span().set_attribute(
             telemetry.REQUEST_ID, request_id
@@ -128,6 +140,11 @@ def create_app(settings: RouterSettings) -> FastAPI:
     """The router app: OpenAI routes over a Dispatcher, gRPC RouterService started alongside."""
     tokenizer = Tokenizer(settings.model)
     model_config = load_model_config(settings.model)
+    # The secret every call to the pods and kvstore carries (a router without one refuses to
+    # start unless --allow-unauthenticated); the API keys its own clients must send.
+    cluster_auth.install(settings.cluster_auth())
+    keys = ApiKeys(tuple(load_api_keys(settings.api_key, settings.api_key_file)))
+    key_limits = KeyLimits(settings.max_requests_per_key, settings.max_reserved_tokens_per_key)
     registry = PodRegistry(
         settings.make_discovery(),
         interval_s=settings.stats_interval_s,
@@ -158,8 +175,11 @@ def create_app(settings: RouterSettings) -> FastAPI:
         vocab_size=model_config.vocab_size,
         max_model_len=served_context,
         sampling_defaults=settings.sampling_defaults(),
+        max_prompts_per_request=settings.max_prompts_per_request,
     )
-    serving = OpenAIServing(jobs, dispatcher)
+    serving = OpenAIServing(
+        jobs, dispatcher, trust_request_chat_template=settings.trust_request_chat_template
+    )
     metrics = RouterMetrics()
 
     @asynccontextmanager
@@ -167,12 +187,21 @@ def create_app(settings: RouterSettings) -> FastAPI:
         await registry.start()
         if prefix_index is not None:
             await prefix_index.start()
-        server = GrpcServer(settings.host, settings.grpc_port, ["tandem.router.v1.RouterService"])
+        server = GrpcServer(
+            settings.host,
+            settings.grpc_port,
+            ["tandem.router.v1.RouterService"],
+            auth=keys.check_grpc if keys.enabled else None,
+            auth_message="missing or invalid API key (authorization: Bearer <key>)",
+            tls=settings.tls_pem(),
+            # A RouterService call carries what an HTTP body does: refused past the same bound.
+            max_receive_message_length=settings.max_request_body_bytes,
+        )
         router_pb2_grpc.add_RouterServiceServicer_to_server(
-            RouterServicer(jobs, dispatcher, metrics), server.server
+            RouterServicer(jobs, dispatcher, metrics, keys=keys, limits=key_limits), server.server
         )
         await server.start()
-        app.state.grpc_port = server.port
+        app.state.grpc_port, app.state.grpc_server = server.port, server
         logger.info(
             "router gRPC on port %d; %d prefill, %d decode pods (%s discovery)",
             server.port,
@@ -183,22 +212,45 @@ def create_app(settings: RouterSettings) -> FastAPI:
         try:
             yield
         finally:
-            await server.stop(settings.shutdown_grace_s)  # SDK streams in flight finish
+            # SDK streams in flight finish (a drain began this stop already: it is awaited)
+            await server.stop(settings.shutdown_grace_s)
             await registry.close()
             if prefix_index is not None:
                 await prefix_index.close()
 
     app = FastAPI(title="Tandem router", lifespan=lifespan)
+    app.router.route_class = ParsedBodyRoute  # FastAPI takes InputLimitsMiddleware's parse
     telemetry.instrument_fastapi(app)
     app.state.registry, app.state.serving, app.state.metrics = registry, serving, metrics
     _add_error_handlers(app, settings)
+    app.add_middleware(
+        InputLimitsMiddleware,
+        limits=BodyLimits(
+            settings.max_request_body_bytes,
+            settings.body_read_timeout_s,
+            max_json_values=lambda: jobs.max_json_values,
+            max_json_containers=lambda: jobs.max_json_containers,
+            check_json=jobs.check_json_shape,
+        ),
+    )  # inside ApiKeyAuth: a client without a key cannot make the router read a body
+    app.add_middleware(
+        ApiKeyAuth, keys=keys, limits=key_limits, retry_after_s=settings.retry_after_s
+    )  # inside RequestIdAndMetrics: refusals are counted and carry the request id
+    # The SIGTERM drain's gate (server.py starts the drain through app.state.drain_gate): inside
+    # RequestIdAndMetrics too, so its 503s carry x-request-id and are counted.
+    app.state.drain_gate = DrainGate(retry_after_s=settings.retry_after_s)
+    app.add_middleware(app.state.drain_gate.wrap)
     app.add_middleware(RequestIdAndMetrics, metrics=metrics)
-    _add_openai_routes(app, serving, metrics)
+    _add_openai_routes(app, serving, metrics, LargeTextGate())
     _add_operational_routes(app, serving, metrics)
     return app
 
 
 def _add_error_handlers(app: FastAPI, settings: RouterSettings) -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException):
+        return http_exception_response(exc)  # 404, 405, ... in the OpenAI envelope
+
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
         return _validation_error(exc)
@@ -213,7 +265,9 @@ def _add_error_handlers(app: FastAPI, settings: RouterSettings) -> None:
         return error_response(exc)
 
 
-def _add_openai_routes(app: FastAPI, serving: OpenAIServing, metrics: RouterMetrics) -> None:
+def _add_openai_routes(
+    app: FastAPI, serving: OpenAIServing, metrics: RouterMetrics, large_texts: LargeTextGate
+) -> None:
     dispatcher = serving.dispatcher
 
     def count_routes(routes: list[Route], jobs) -> None:
@@ -232,6 +286,7 @@ def _add_openai_routes(app: FastAPI, serving: OpenAIServing, metrics: RouterMetr
     async def respond(request: Request, jobs, routes: list[Route], sse, result):
         """Run the jobs: as an SSE stream (``sse(events)``) or one JSON body (``result()``); their
         placements are counted once every one is final."""
+        reserve_tokens(request, jobs)  # the API key's token budget (429 when over)
         if sse is not None:
             try:
                 events = await run_unless_disconnected(
@@ -251,7 +306,8 @@ def _add_openai_routes(app: FastAPI, serving: OpenAIServing, metrics: RouterMetr
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         rid = request.state.request_id
-        jobs = await asyncio.to_thread(serving.completion_jobs, body, rid)
+        async with large_texts.slot(request):  # tokenized in a thread; large texts few at once
+            jobs = await asyncio.to_thread(serving.completion_jobs, body, rid)
         trace = RequestTrace("text_completion", rid, serving.model_name, jobs)
         routes = [Route(trace=trace) for _ in jobs]
         return await respond(
@@ -265,7 +321,8 @@ def _add_openai_routes(app: FastAPI, serving: OpenAIServing, metrics: RouterMetr
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         rid = request.state.request_id
-        job = await asyncio.to_thread(serving.chat_job, body, rid)
+        async with large_texts.slot(request):
+            job = await asyncio.to_thread(serving.chat_job, body, rid)
         route = Route(trace=RequestTrace("chat", rid, serving.model_name, [job]))
         return await respond(
             request,

@@ -59,10 +59,24 @@ class RouterMetrics:
             registry=self.registry,
         )
 
+        self.migrations = Counter(
+            "tandem_router_migrations",
+            "Requests moved to another decode pod after theirs failed mid-stream, by outcome: "
+            "resumed (another pod continued the stream), failed (none could take it), limit "
+            "(--max-migrations used up; 0 turns migration off)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for outcome in ("resumed", "failed", "limit"):
+            self.migrations.labels(outcome)
+
     def observe_route(self, route: Route, prompt_tokens: int) -> None:
-        """Count one request's placement: mode, attempts, and the prefill choice's breakdown."""
+        """Count one request's placement: mode, attempts, migrations, and the prefill choice's
+        breakdown."""
         self.routing_decisions.labels(route.mode or "unplaced").inc()
         self.attempts.inc(route.attempts)
+        for migration in route.migrations:
+            self.migrations.labels(migration.outcome).inc()
         if route.prefill_reason and route.prefill:  # not when the last attempt ran colocated
             self.prefill_choices.labels(route.prefill_reason).inc()
         chosen = next((c for c in route.candidates if c.pod.address == route.prefill), None)

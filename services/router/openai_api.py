@@ -21,7 +21,7 @@ from services.router.flow import Dispatcher, Route
 from services.router.http_errors import error_body, status_for
 from services.router.jobs import JobBuilder
 from services.router.openai_protocol import ChatCompletionRequest, CompletionRequest
-from tandem.api.errors import TandemError
+from tandem.api.errors import InvalidRequest, RequestTooLarge, TandemError
 from tandem.api.requests import Job, TokenEvent, Usage, coalesce_token_events
 
 logger = logging.getLogger(__name__)
@@ -60,22 +60,30 @@ class OpenAIServing:
     """The OpenAI routes' work: requests to jobs (through the router's one ``JobBuilder``), jobs
     through the ``Dispatcher``, and the events back in OpenAI's response and SSE formats."""
 
-    def __init__(self, jobs: JobBuilder, dispatcher: Dispatcher) -> None:
+    def __init__(
+        self, jobs: JobBuilder, dispatcher: Dispatcher, *, trust_request_chat_template: bool = False
+    ) -> None:
+        """
+        Args:
+            trust_request_chat_template: render chat templates that requests supply (else 400).
+        """
         self.jobs = jobs
         self.dispatcher = dispatcher
         self.tokenizer = jobs.tokenizer
         self.model_name = jobs.model_name
+        self.trust_request_chat_template = trust_request_chat_template
 
     # ---- request -> jobs --------------------------------------------------------------------
 
     def completion_jobs(self, req: CompletionRequest, request_id: str) -> list[Job]:
         self.jobs.check_model(req.model)
         prompts = req.prompts()
+        self.jobs.check_prompt_count(len(prompts))
         sampling = req.sampling_fields()
         return [
             self.jobs.job(
                 f"{request_id}-{i}",
-                self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt,
+                self.jobs.encode(prompt) if isinstance(prompt, str) else prompt,
                 sampling,
                 priority=req.priority,
                 cache_salt=req.cache_salt,
@@ -85,13 +93,26 @@ class OpenAIServing:
 
     def chat_job(self, req: ChatCompletionRequest, request_id: str) -> Job:
         self.jobs.check_model(req.model)
+        template = req.request_chat_template
+        if template is not None and not self.trust_request_chat_template:
+            raise InvalidRequest(
+                "a chat template was sent with the request, but the router does not run "
+                "request chat templates (--trust-request-chat-template is not set)",
+                param="chat_template",
+            )
         messages = req.template_messages()
         sampling = req.sampling_fields()
-        ids = self.tokenizer.encode_chat(
-            messages,
-            add_generation_prompt=req.add_generation_prompt,
-            chat_template_kwargs=req.chat_template_kwargs,
-        )
+        # Before rendering: every message renders to at least one token, and their text alone
+        # must fit the context.
+        if len(messages) >= self.jobs.max_model_len:
+            raise RequestTooLarge(
+                f"the conversation has {len(messages)} messages; this model's context of "
+                f"{self.jobs.max_model_len} tokens cannot hold them",
+                param="messages",
+            )
+        self.jobs.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
+        text = self._render_chat(req, messages, template)
+        ids = self.jobs.encode(text, "messages", add_special_tokens=False)
         return self.jobs.job(
             request_id,
             ids,
@@ -100,6 +121,36 @@ class OpenAIServing:
             cache_salt=req.cache_salt,
             prompt_param="messages",
         )
+
+    def _render_chat(self, req: ChatCompletionRequest, messages, template: str | None) -> str:
+        """The conversation rendered to prompt text: by the model's template, or by the
+        request's when trusted (both in transformers' sandboxed Jinja environment). Whatever a
+        template raises (``{{ 1/0 }}``, a sandbox refusal) is the request's fault: 400."""
+        kwargs = dict(req.chat_template_kwargs or {})
+        kwargs.pop("chat_template", None)
+        if template is not None:
+            kwargs["chat_template"] = template
+        try:
+            text = self.tokenizer.render_chat(
+                messages,
+                add_generation_prompt=req.add_generation_prompt,
+                chat_template_kwargs=kwargs,
+            )
+        except InvalidRequest as exc:
+            if template is None:
+                raise
+            raise InvalidRequest(exc.message, param="chat_template") from None
+        except Exception as exc:  # noqa: BLE001 - a template's runtime error, reported as such
+            raise InvalidRequest(
+                f"the chat template failed: {type(exc).__name__}: {exc}",
+                param="chat_template" if template is not None else "messages",
+            ) from None
+        if not isinstance(text, str):
+            raise InvalidRequest(
+                "chat_template_kwargs changed what the template returns",
+                param="chat_template_kwargs",
+            )
+        return text
 
     # ---- logprobs in OpenAI's two formats ---------------------------------------------------
 

@@ -153,6 +153,23 @@ class ChatCompletionRequest(_GenerationFields):
     response_format: ResponseFormat | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None
+    """A Jinja chat template replacing the model's (vLLM's extension; only with the router's
+    --trust-request-chat-template)."""
+
+    @property
+    def request_chat_template(self) -> str | None:
+        """The chat template this request supplies, in either of vLLM's two places, or None."""
+        kwargs = self.chat_template_kwargs or {}
+        if self.chat_template is not None:
+            return self.chat_template
+        template = kwargs.get("chat_template")
+        if template is not None and not isinstance(template, str):
+            raise InvalidRequest(
+                "chat_template_kwargs.chat_template must be a string",
+                param="chat_template_kwargs.chat_template",
+            )
+        return template
 
     def template_messages(self) -> list[dict[str, str]]:
         if self.tools:

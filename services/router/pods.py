@@ -13,12 +13,16 @@ from dataclasses import dataclass, field
 import grpc
 
 from services.router.discovery import Discovery
+from tandem.api import cluster_auth
 from tandem.api.channel_options import CLIENT_OPTIONS
 from tandem.proto.common.v1 import common_pb2
 from tandem.proto.decode.v1 import decode_pb2, decode_pb2_grpc
 from tandem.proto.prefill.v1 import prefill_pb2, prefill_pb2_grpc
 
 logger = logging.getLogger(__name__)
+
+_BUSY_CODES = frozenset({grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED})
+"""Stats-call failures that mean "overloaded", not "down" (see ``PodRegistry._refresh``)."""
 
 
 @dataclass(eq=False)
@@ -68,7 +72,7 @@ class Pod:
 
 
 def _make_pod(address: str, role: str) -> Pod:
-    channel = grpc.aio.insecure_channel(address, options=CLIENT_OPTIONS)
+    channel = cluster_auth.aio_channel(address, CLIENT_OPTIONS)
     stub = (
         prefill_pb2_grpc.PrefillServiceStub
         if role == "prefill"
@@ -173,6 +177,13 @@ class PodRegistry:
         try:
             response = await pod.stub.GetStats(request, timeout=self.timeout_s)
         except grpc.RpcError as e:
+            if e.code() in _BUSY_CODES:
+                # It answered, busy: a burst fills its gRPC queue and the server cancels (or
+                # refuses) calls it cannot take in time. Not down: keep its health and last stats.
+                logger.info(
+                    "%s pod %s is busy: stats call %s", pod.role, pod.address, e.code().name
+                )
+                return
             pod.mark_down(f"{e.code().name}")
             return
         if response.stats.seconds_since_progress > self.stall_timeout_s:

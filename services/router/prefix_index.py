@@ -10,6 +10,7 @@ import logging
 
 import grpc
 
+from tandem.api import cluster_auth
 from tandem.api.channel_options import CLIENT_OPTIONS
 from tandem.api.hashing import BlockHasher
 from tandem.proto.kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
@@ -27,8 +28,11 @@ class PrefixIndexClient:
         self.failures = 0
 
     async def start(self) -> None:
-        self._channel = grpc.aio.insecure_channel(self.address, options=CLIENT_OPTIONS)
+        self._channel = cluster_auth.aio_channel(self.address, CLIENT_OPTIONS)
         self._stub = kvstore_pb2_grpc.KVStoreServiceStub(self._channel)
+        # Connect now, not on the first lookup: a connection set up inside a request's lookup
+        # would eat its small timeout, and that request would be routed by load alone.
+        self._channel.get_state(try_to_connect=True)
 
     async def close(self) -> None:
         if self._channel is not None:

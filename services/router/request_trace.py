@@ -66,6 +66,24 @@ class RequestTrace:
             }
         )
 
+    def migrated(
+        self, *, from_pod: str, to_pod: str, num_tokens: int, reason: str, outcome: str
+    ) -> None:
+        """A ``migrated`` event: the request's decode pod failed after ``num_tokens`` tokens and
+        the request moved to ``to_pod`` (outcome "resumed") or could not ("failed", "limit")."""
+        if not self.span.is_recording():
+            return
+        self.span.add_event(
+            "migrated",
+            {
+                "tandem.migration.from_pod": from_pod,
+                "tandem.migration.to_pod": to_pod,
+                "tandem.migration.tokens_so_far": num_tokens,
+                "tandem.migration.reason": reason,
+                "tandem.migration.outcome": outcome,
+            },
+        )
+
 
 def route_attributes(
     *,

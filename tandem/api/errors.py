@@ -26,6 +26,11 @@ class RequestTooLarge(InvalidRequest):
     """The request can never be served by this deployment (longer than the model or the KV pool)."""
 
 
+class Unauthenticated(TandemError):
+    """The call carries no valid credentials: API key or cluster secret (HTTP 401, gRPC
+    UNAUTHENTICATED)."""
+
+
 class ModelNotFound(TandemError):
     """The requested model is not served here (HTTP 404, gRPC NOT_FOUND)."""
 
@@ -41,6 +46,13 @@ class CapacityExceeded(TandemError):
 
 class UpstreamUnavailable(TandemError):
     """No backend is ready to serve (HTTP 503, gRPC UNAVAILABLE)."""
+
+
+class UpstreamCancelled(UpstreamUnavailable):
+    """The server side cancelled the call: not the caller's doing (the caller's own cancel never
+    surfaces as an error). A gRPC server cancels a call it could not take in time, e.g. one left
+    unaccepted in its queue past ``grpc.server_max_unrequested_time_in_server`` under a burst:
+    an overloaded peer, not a dead one (HTTP 503 with Retry-After)."""
 
 
 class ShuttingDown(UpstreamUnavailable):
@@ -60,6 +72,11 @@ class KVFingerprintMismatch(KVTransferError):
 class KVTransferForbidden(KVTransferError):
     """A KV write or notice without the reservation's transfer token, or for a lease that is
     no longer live (gRPC PERMISSION_DENIED). The reservation's own transfer is not harmed."""
+
+
+class KVTargetForbidden(KVTransferForbidden):
+    """A Prefill request named a decode target the prefill pod does not know from discovery: it
+    pushes KV to no arbitrary address (gRPC PERMISSION_DENIED)."""
 
 
 class RequestCancelled(TandemError):

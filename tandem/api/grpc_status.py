@@ -17,6 +17,8 @@ from tandem.api.errors import (
     RequestCancelled,
     RequestTooLarge,
     TandemError,
+    Unauthenticated,
+    UpstreamCancelled,
     UpstreamUnavailable,
 )
 
@@ -27,6 +29,7 @@ _TO_CODE: list[tuple[type[Exception], grpc.StatusCode]] = [
     (RequestTooLarge, grpc.StatusCode.OUT_OF_RANGE),
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (ModelNotFound, grpc.StatusCode.NOT_FOUND),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (CapacityExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (UpstreamUnavailable, grpc.StatusCode.UNAVAILABLE),
     (KVFingerprintMismatch, grpc.StatusCode.FAILED_PRECONDITION),
@@ -39,12 +42,15 @@ _FROM_CODE: dict[grpc.StatusCode, type[TandemError]] = {
     grpc.StatusCode.OUT_OF_RANGE: RequestTooLarge,
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
     grpc.StatusCode.NOT_FOUND: ModelNotFound,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.RESOURCE_EXHAUSTED: CapacityExceeded,
     grpc.StatusCode.UNAVAILABLE: UpstreamUnavailable,
     grpc.StatusCode.FAILED_PRECONDITION: KVFingerprintMismatch,
     grpc.StatusCode.DATA_LOSS: KVTransferError,
     grpc.StatusCode.PERMISSION_DENIED: KVTransferForbidden,
-    grpc.StatusCode.CANCELLED: RequestCancelled,
+    # A CANCELLED status received is the peer's doing (our own cancel raises CancelledError
+    # instead): an overloaded or stopping server, never "the client went away" (HTTP 499).
+    grpc.StatusCode.CANCELLED: UpstreamCancelled,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
 }
 
@@ -77,4 +83,6 @@ def error_from_rpc(err: grpc.RpcError) -> TandemError:
             if key == PARAM_KEY:
                 param = value
         return cls(details, param=param)
+    if cls is UpstreamCancelled:
+        return cls(f"the server cancelled the call ({details}); it may be overloaded")
     return cls(details)

@@ -11,7 +11,7 @@ from google.protobuf import descriptor
 
 from tandem.api.errors import InvalidRequest
 from tandem.api.outputs import RequestMetrics, RequestOutput, TokenLogprob
-from tandem.api.requests import Job, TokenEvent, Usage
+from tandem.api.requests import Job, Resume, TokenEvent, Usage
 from tandem.api.sampling_params import SAMPLING_FIELDS, SamplingParams
 from tandem.api.stats import EngineStats
 from tandem.proto.common.v1 import common_pb2
@@ -185,16 +185,25 @@ def token_event(resp: decode_pb2.GenerateResponse) -> TokenEvent:
 # ---- requests between router and pods ----------------------------------------------------------
 
 
+def resume_to_proto(resume: Resume | None) -> common_pb2.Resume | None:
+    if resume is None:
+        return None
+    return common_pb2.Resume(
+        num_output_tokens=len(resume.output_token_ids), num_text_chars=resume.num_text_chars
+    )
+
+
 def decode_generate_request(
     job: Job, request_id: str, *, remote: bool
 ) -> decode_pb2.GenerateRequest:
     return decode_pb2.GenerateRequest(
         request_id=request_id,
-        prompt_token_ids=job.prompt_token_ids,
+        prompt_token_ids=job.token_ids,
         sampling_params=sampling_params_to_proto(job.params),
         prefill_mode=decode_pb2.PREFILL_MODE_REMOTE if remote else decode_pb2.PREFILL_MODE_LOCAL,
         priority=job.priority,
         cache_salt=job.cache_salt or "",
+        resume=resume_to_proto(job.resume),
     )
 
 
@@ -210,10 +219,11 @@ def prefill_request(
     carries the lease the prefill pod's writer presents and the reserved blocks' ids."""
     request = prefill_pb2.PrefillRequest(
         request_id=request_id,
-        prompt_token_ids=job.prompt_token_ids,
+        prompt_token_ids=job.token_ids,
         sampling_params=sampling_params_to_proto(job.params),
         priority=job.priority,
         cache_salt=job.cache_salt or "",
+        resume=resume_to_proto(job.resume),
         decode_target=prefill_pb2.DecodeTarget(
             address=decode_address,
             request_id=request_id,
@@ -272,6 +282,16 @@ def pod_stats(stats: EngineStats, **identity) -> common_pb2.PodStats:
         num_preemptions=stats.num_preemptions,
         **identity,
     )
+
+
+def num_output_tokens(request: decode_pb2.GenerateRequest | prefill_pb2.PrefillRequest) -> int:
+    """How many trailing prompt tokens of a (migrated) request are output already generated."""
+    return request.resume.num_output_tokens if request.HasField("resume") else 0
+
+
+def num_text_chars(request: decode_pb2.GenerateRequest) -> int | None:
+    """Characters of a migrated request's text its client has (None: not a migrated request)."""
+    return request.resume.num_text_chars if request.HasField("resume") else None
 
 
 def prompt_ids(ids) -> list[int]:

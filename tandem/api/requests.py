@@ -5,8 +5,37 @@ Torch-free: the router, the gRPC front door and the SDK conversions share them.
 
 from dataclasses import dataclass
 
+from tandem.api.errors import InvalidRequest
 from tandem.api.outputs import TokenLogprob
 from tandem.api.sampling_params import SamplingParams
+
+
+@dataclass(slots=True, frozen=True)
+class Resume:
+    """What a request migrated to another decode pod brings along: the output its stream
+    already carried to the client."""
+
+    output_token_ids: tuple[int, ...]
+    """Tokens generated so far: the pods run prompt + these, counting these as output."""
+    num_text_chars: int
+    """Characters of their text the client received (text held back for stop strings is not)."""
+
+
+def check_num_output_tokens(num_output_tokens: int, num_tokens: int, max_tokens: int) -> int:
+    """A migrated request's output so far (the last ``num_output_tokens`` of its ``num_tokens``
+    prompt tokens) must leave a prompt and room for one more token. Returns the count.
+
+    Raises:
+        InvalidRequest: not a count in [0, min(num_tokens, max_tokens)).
+    """
+    n = num_output_tokens
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n < min(num_tokens, max_tokens):
+        raise InvalidRequest(
+            f"num_output_tokens must be below the prompt's length ({num_tokens}) and "
+            f"max_tokens ({max_tokens}), got {n!r}",
+            param="num_output_tokens",
+        )
+    return n
 
 
 @dataclass(slots=True, frozen=True)
@@ -18,6 +47,15 @@ class Job:
     params: SamplingParams
     priority: int = 0
     cache_salt: str | None = None
+    resume: Resume | None = None
+    """Set on the job the router re-admits after a decode pod failed mid-stream (migration)."""
+
+    @property
+    def token_ids(self) -> list[int]:
+        """What the pods run: the prompt, then a migrated request's output so far."""
+        if self.resume is None:
+            return self.prompt_token_ids
+        return [*self.prompt_token_ids, *self.resume.output_token_ids]
 
 
 @dataclass(slots=True, frozen=True)

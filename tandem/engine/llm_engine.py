@@ -19,6 +19,7 @@ from tandem.api.hashing import BlockHasher
 from tandem.api.ids import BlockId, RequestId
 from tandem.api.kv_events import KVEvent
 from tandem.api.outputs import OutputKind, RequestMetrics, RequestOutput, TokenLogprob
+from tandem.api.requests import check_num_output_tokens
 from tandem.api.sampling_params import SamplingParams
 from tandem.api.stats import EngineStats
 from tandem.api.step_outputs import StepOutputs
@@ -184,20 +185,25 @@ class LLMEngine:
         priority: int,
         cache_salt: str | None,
         arrival_time: float | None,
+        num_output_tokens: int = 0,
     ) -> Sequence:
         if request_id in self._states:
             raise InvalidRequest(f"request id {request_id!r} is already in use", param="request_id")
         self.validator.check_fields(params, priority, cache_salt)
         ids = self.validator.prompt_ids(prompt)
-        self.validator.check_fits(len(ids), params)
+        num_prompt = len(ids) - check_num_output_tokens(
+            num_output_tokens, len(ids), params.max_tokens
+        )
+        self.validator.check_fits(num_prompt, params)
         return Sequence(
             RequestId(request_id),
-            ids,
+            ids[:num_prompt],
             params,
             arrival_time=time.monotonic() if arrival_time is None else arrival_time,
             arrival_index=next(self._arrivals),
             priority=priority,
             cache_salt=cache_salt,
+            output_token_ids=ids[num_prompt:],
         )
 
     def _track(
@@ -218,16 +224,26 @@ class LLMEngine:
         cache_salt: str | None = None,
         output_kind: OutputKind = OutputKind.DELTA,
         arrival_time: float | None = None,
+        num_output_tokens: int = 0,
     ) -> None:
         """Validate and queue a request. Nothing is held if it raises.
+
+        Args:
+            num_output_tokens: the last this many tokens of ``prompt`` are output the request
+                generated already on another engine (a migrated request): they count toward
+                ``max_tokens`` and ``min_tokens`` and in penalties, a seeded generator continues
+                after them, and outputs carry only the tokens generated here.
 
         Raises:
             InvalidRequest: bad prompt, parameters or duplicate id (``RequestTooLarge`` if it can
                 never fit).
         """
-        seq = self._new_sequence(request_id, prompt, params, priority, cache_salt, arrival_time)
+        seq = self._new_sequence(
+            request_id, prompt, params, priority, cache_salt, arrival_time, num_output_tokens
+        )
         self._track(seq, prompt, output_kind)
         self.scheduler.add(seq)
+        self.runner.skip_sampling_draws(seq, seq.num_output_tokens)
 
     def has_room_for(self, num_prompt_tokens: int) -> bool:
         """Whether a prompt's blocks fit now, leaving one block per growing sequence.
@@ -247,18 +263,22 @@ class LLMEngine:
         priority: int = 0,
         cache_salt: str | None = None,
         output_kind: OutputKind = OutputKind.DELTA,
+        num_output_tokens: int = 0,
     ) -> Reservation:
         """Admit a request whose prompt KV another engine computes: hold its blocks now.
 
         Admission control for decode pods: the reservation either fits now, leaving one free
-        block per running sequence so they can keep growing, or is refused.
+        block per running sequence so they can keep growing, or is refused. The blocks cover
+        every token of ``prompt_token_ids``, ``num_output_tokens`` (as ``add_request``) included.
 
         Raises:
             InvalidRequest: as ``add_request``.
             CapacityExceeded: not enough free KV blocks now (retry later or elsewhere).
         """
-        seq = self._new_sequence(request_id, prompt_token_ids, params, priority, cache_salt, None)
-        if not self.scheduler.reserve(seq, keep_free=self.scheduler.num_growing):
+        seq = self._new_sequence(
+            request_id, prompt_token_ids, params, priority, cache_salt, None, num_output_tokens
+        )
+        if not self.scheduler.reserve(seq, keep_free=self.scheduler.reservation_headroom):
             need = self.block_manager.blocks_needed(seq.num_tokens)
             raise CapacityExceeded(
                 f"no room for a {seq.num_tokens}-token prompt ({need} KV blocks): "
@@ -295,7 +315,8 @@ class LLMEngine:
         seq.num_cached_tokens = num_cached_tokens
         state.metrics.first_scheduled_time = time.monotonic()
         self.scheduler.complete_remote_prefill(seq, first_token_id)
-        self.runner.skip_sampling_draw(seq)
+        # Every output token so far was drawn elsewhere (a migrated request's too).
+        self.runner.skip_sampling_draws(seq, seq.num_output_tokens)
         out = self._emit(seq, logprob)
         return [out] if out is not None else []
 

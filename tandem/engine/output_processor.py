@@ -82,7 +82,27 @@ class OutputProcessor:
             skip_special_tokens=seq.sampling_params.skip_special_tokens,
             prompt_token_ids=seq.prompt_token_ids,
         )
-        return RequestState(seq, kind, prompt, decoder, metrics)
+        state = RequestState(seq, kind, prompt, decoder, metrics)
+        if seq.num_output_tokens:
+            self._replay(state)
+        return state
+
+    def _replay(self, state: RequestState) -> None:
+        """A migrated request's output so far (tokens it brought along): text, decoder and
+        stop-string window as they were on the engine that generated it, marked as sent.
+
+        They reached the client before the migration, so none ended the request (its end would
+        have come with them): no stop string is searched here. Of their text, an uninterrupted
+        stream had sent all but the hold-back (a caller that knows better sets ``sent_chars``).
+        """
+        seq, params = state.seq, state.seq.sampling_params
+        for i, token in enumerate(seq.output_token_ids, start=1):
+            piece = state.decoder.step(token)
+            state.text += piece
+            if piece and i <= params.min_tokens:
+                state.stop_check_start = len(state.text)
+        state.sent_tokens = seq.num_output_tokens
+        state.sent_chars = max(0, len(state.text) - state.hold_back)
 
     def on_new_token(
         self, state: RequestState, logprob: TokenLogprob | None

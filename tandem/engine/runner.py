@@ -502,16 +502,22 @@ class ModelRunner:
             self._generators[seq.request_id] = generator
         return generator
 
-    def skip_sampling_draw(self, seq) -> None:
-        """Advance a seeded request's generator past one sampling draw made elsewhere.
+    def skip_sampling_draws(self, seq, count: int) -> None:
+        """Advance a seeded request's generator past ``count`` sampling draws made elsewhere.
 
         A decode pod continues a request whose first token a prefill pod sampled with the same
-        seed; skipping that draw makes the tokens identical to a colocated run.
+        seed, and a migrated request continues the tokens another pod sampled; skipping their
+        draws (one per token, the sampler's row of the exponential race) makes the tokens
+        identical to an uninterrupted colocated run. One draw at a time: a single larger draw
+        need not leave the generator in the same state.
         """
         params = seq.sampling_params
-        if params.seed is not None and not params.is_greedy:
-            vocab = self.model_config.vocab_size
-            torch.empty(vocab, device=self.device).exponential_(generator=self._generator_for(seq))
+        if count <= 0 or params.seed is None or params.is_greedy:
+            return
+        generator = self._generator_for(seq)
+        row = torch.empty(self.model_config.vocab_size, device=self.device)
+        for _ in range(count):
+            row.exponential_(generator=generator)
 
     def release(self, request_id: RequestId) -> None:
         """Forget a finished request's generator."""

@@ -7,9 +7,17 @@ budget spans several steps). The step policy decides who is served first: runnin
 in the scheduling policy's order, reusing cached prefix blocks.
 
 When a running sequence needs a block and none is free, the worst sequence by policy order
-(lowest priority, then latest arrival) is preempted by recompute: its blocks are freed and it
-goes back to the waiting queue, to be prefilled again later (mostly from the prefix cache).
-Memory never runs out; a request that could never fit is refused at admission by the engine.
+(lowest priority, then latest arrival) that holds blocks is preempted by recompute: its blocks
+are freed and it goes back to the waiting queue, to be prefilled again later (mostly from the
+prefix cache). Memory never runs out; a request that could never fit is refused at admission by
+the engine.
+
+Invariant (liveness): every block is held by a sequence that will release it on its own (a
+running one, which finishes or preempts itself) or that can be preempted (a waiting sequence
+holding blocks: remote-prefilled, queued for decode), except blocks reserved for a prompt's KV in
+flight (``waiting_for_kv``), which the transfer completes or aborts. So a queue whose head cannot
+be admitted while nothing runs releases the blocks of the worst waiting holders until it can:
+otherwise nothing would ever free them (pinned by tests/unit/engine/test_remote_admission.py).
 """
 
 import logging
@@ -145,7 +153,7 @@ class Scheduler:
     def complete_remote_prefill(self, seq: Sequence, first_token: int) -> None:
         """The prompt's KV is in place and its first token sampled remotely: queue for decode."""
         del self.waiting_for_kv[seq.request_id]
-        seq.num_computed_tokens = seq.num_prompt_tokens
+        seq.num_computed_tokens = seq.num_tokens  # a migrated request's output so far included
         seq.token_ids.append(first_token)
         if self._hasher is not None:
             self._hasher.extend(seq.block_hashes, seq.token_ids, seq.cache_salt)
@@ -181,13 +189,32 @@ class Scheduler:
 
     @property
     def num_growing(self) -> int:
-        """Sequences that hold blocks and may need one more this step (admission headroom)."""
-        return len(self.running) + self.num_held_waiting
+        """Sequences that hold blocks and may need one more soon (admission headroom): running
+        ones, waiting ones that hold blocks, and reservations whose prompt fills its last block,
+        which need one as soon as their KV lands (their first token starts a new block). Other
+        reservations need none before they decode; were they counted, a burst would be refused
+        a quarter of the pool for 3-block prompts. Headroom only spares preemptions: liveness
+        comes from preempting waiting holders (``_schedule_waiting``)."""
+        bs = self.block_manager.block_size
+        landing = sum(1 for s in self.waiting_for_kv.values() if s.num_tokens % bs == 0)
+        return len(self.running) + self.num_held_waiting + landing
 
     @property
     def num_held_waiting(self) -> int:
         """Waiting sequences that already hold blocks (remote-prefilled, queued for decode)."""
         return sum(1 for s in self.waiting.unordered() if self.block_manager.holds(s.request_id))
+
+    @property
+    def reservation_headroom(self) -> int:
+        """Blocks a new reservation must leave free: one per growing sequence, plus what the
+        waiting queue's head needs if it holds none (a preempted sequence). Reservations bypass
+        the queue, so without the latter a stream of them could take every freed block from a
+        sequence waiting to be readmitted, forever."""
+        head = self.waiting.peek()
+        need = 0
+        if head is not None and not self.block_manager.holds(head.request_id):
+            need = self.block_manager.blocks_needed(head.num_tokens)
+        return self.num_growing + need
 
     def _schedule_running(self, budget: _Budget, out: SchedulerOutput) -> None:
         scheduled = {s.seq.request_id for s in out.scheduled}
@@ -200,7 +227,7 @@ class Scheduler:
             while not self.block_manager.allocate(
                 seq.request_id, seq.num_computed_tokens + num_new
             ):
-                victim = max(self.running, key=self.policy.sort_key)
+                victim = max([*self.running, *self._held_waiting()], key=self.policy.sort_key)
                 self._preempt(victim, budget, out)
                 if victim is seq:
                     break
@@ -208,38 +235,62 @@ class Scheduler:
                 self._add_scheduled(seq, num_new, budget, out)
 
     def _schedule_waiting(self, budget: _Budget, out: SchedulerOutput, *, keep_free: int) -> None:
-        bm = self.block_manager
         while budget.tokens > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting.peek()
             if seq is None:
                 break
-            if bm.holds(seq.request_id):
-                # Its prompt's KV came from a prefill pod: the blocks are held, only decode is left.
-                num_new = min(seq.num_uncomputed_tokens, budget.tokens)
-                if not bm.allocate(seq.request_id, seq.num_computed_tokens + num_new):
-                    break
-                self.waiting.pop()
-            else:
-                if self._hasher is not None:
-                    self._hasher.extend(seq.block_hashes, seq.token_ids, seq.cache_salt)
-                prefix = bm.find_cached_prefix(seq.block_hashes, seq.num_tokens)
-                num_new = min(seq.num_tokens - prefix.num_tokens, budget.tokens)
-                first_admission = seq.num_cached_tokens is None
-                if not bm.allocate(
-                    seq.request_id,
-                    prefix.num_tokens + num_new,
-                    prefix,
-                    keep_free=keep_free,
-                    record_stats=first_admission,
-                ):
-                    break  # head-of-line: later sequences wait too, so order is kept
-                self.waiting.pop()
-                seq.num_computed_tokens = prefix.num_tokens
-                if first_admission:
-                    seq.num_cached_tokens = prefix.num_tokens
+            num_new = self._allocate_waiting(seq, budget, keep_free)
+            # With nothing running, no step frees a block: the worse sequences waiting with
+            # blocks give theirs up (recompute later), or the head waits forever.
+            while num_new is None and not self.running:
+                victim = max(
+                    (s for s in self._held_waiting() if s is not seq),
+                    key=self.policy.sort_key,
+                    default=None,
+                )
+                if victim is None:
+                    break  # the rest is reserved for KV in flight: its transfer ends that
+                self._preempt(victim, budget, out)
+                keep_free = max(0, keep_free - 1)  # the victim no longer grows
+                num_new = self._allocate_waiting(seq, budget, keep_free)
+            if num_new is None:
+                break  # head-of-line: later sequences wait too, so order is kept
+            self.waiting.pop()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             self._add_scheduled(seq, num_new, budget, out)
+
+    def _allocate_waiting(self, seq: Sequence, budget: _Budget, keep_free: int) -> int | None:
+        """Give the queue's head the blocks for its next tokens; their number, or None (nothing
+        taken) if they do not fit."""
+        bm = self.block_manager
+        if bm.holds(seq.request_id):
+            # Its prompt's KV came from a prefill pod: the blocks are held, only decode is left.
+            num_new = min(seq.num_uncomputed_tokens, budget.tokens)
+            if not bm.allocate(seq.request_id, seq.num_computed_tokens + num_new):
+                return None
+            return num_new
+        if self._hasher is not None:
+            self._hasher.extend(seq.block_hashes, seq.token_ids, seq.cache_salt)
+        prefix = bm.find_cached_prefix(seq.block_hashes, seq.num_tokens)
+        num_new = min(seq.num_tokens - prefix.num_tokens, budget.tokens)
+        first_admission = seq.num_cached_tokens is None
+        if not bm.allocate(
+            seq.request_id,
+            prefix.num_tokens + num_new,
+            prefix,
+            keep_free=keep_free,
+            record_stats=first_admission,
+        ):
+            return None
+        seq.num_computed_tokens = prefix.num_tokens
+        if first_admission:
+            seq.num_cached_tokens = prefix.num_tokens
+        return num_new
+
+    def _held_waiting(self) -> list[Sequence]:
+        """Waiting sequences that hold blocks: preemptible like running ones."""
+        return [s for s in self.waiting.unordered() if self.block_manager.holds(s.request_id)]
 
     def _add_scheduled(
         self, seq: Sequence, num_new: int, budget: _Budget, out: SchedulerOutput
@@ -251,18 +302,23 @@ class Scheduler:
         budget.tokens -= num_new
 
     def _preempt(self, victim: Sequence, budget: _Budget, out: SchedulerOutput) -> None:
-        self.running.remove(victim)
-        for i, s in enumerate(out.scheduled):
-            if s.seq is victim:
-                budget.tokens += s.num_new_tokens
-                del out.scheduled[i]
-                break
+        """Free the victim's blocks; it is recomputed from the waiting queue later. A victim is
+        running, or waiting with blocks (already queued: it keeps its place)."""
+        requeue = victim.status == SequenceStatus.RUNNING
+        if requeue:
+            self.running.remove(victim)
+            for i, s in enumerate(out.scheduled):
+                if s.seq is victim:
+                    budget.tokens += s.num_new_tokens
+                    del out.scheduled[i]
+                    break
         self.block_manager.free(victim.request_id)
         victim.status = SequenceStatus.PREEMPTED
         victim.num_computed_tokens = 0
         victim.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.push(victim)
+        if requeue:
+            self.waiting.push(victim)
         out.preempted.append(victim.request_id)
         logger.debug("preempted %s (recompute later)", victim.request_id)
 

@@ -1,6 +1,7 @@
 """Per-request state inside the engine: tokens, progress, status."""
 
 import enum
+from collections.abc import Iterable
 
 from tandem.api.ids import BlockHash, RequestId
 from tandem.api.sampling_params import SamplingParams
@@ -71,11 +72,16 @@ class Sequence:
         arrival_index: int,
         priority: int = 0,
         cache_salt: str | None = None,
+        output_token_ids: Iterable[int] = (),
     ) -> None:
+        """``output_token_ids``: tokens this request generated already, elsewhere (a request
+        migrated from another engine): they count as output -- toward ``max_tokens`` and
+        ``min_tokens``, in penalties -- and are computed with the prompt, like a preempted
+        sequence's."""
         self.request_id = request_id
-        self.token_ids = list(prompt_token_ids)
         self.prompt_token_ids = list(prompt_token_ids)
         """The prompt, kept apart so outputs can share it without slicing every step."""
+        self.token_ids = [*self.prompt_token_ids, *output_token_ids]
         self.num_prompt_tokens = len(prompt_token_ids)
         self.sampling_params = sampling_params
         self.priority = priority

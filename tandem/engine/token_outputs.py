@@ -22,7 +22,8 @@ class TokenState:
     def __init__(self, seq: Sequence, metrics: RequestMetrics) -> None:
         self.seq = seq
         self.metrics = metrics
-        self.sent_tokens = 0
+        self.sent_tokens = seq.num_output_tokens
+        """Recorded output tokens (a migrated request's brought-along output counts as sent)."""
         self.logprobs: list[TokenLogprob | None] = []
         """Of the tokens not recorded yet, when the request asked for logprobs."""
 

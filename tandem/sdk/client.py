@@ -3,11 +3,16 @@
 Calls made inside an OpenTelemetry span carry its W3C trace context: the router's trace of the
 request then continues the caller's.
 
+Authentication: ``api_key`` (default: the ``TANDEM_API_KEY`` environment variable) is sent as
+``authorization: Bearer <key>`` on every call, as the router's ``--api-key`` expects; ``tls``
+connects over TLS (``root_certificates``: PEM of a private CA, default: the system's).
+
 Sampling keywords are ``SamplingParams`` fields (``max_tokens``, ``temperature``, ``top_p``,
 ``top_k``, ``seed``, ``stop``, ``logprobs``, ...); they are validated before anything is sent.
 """
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
@@ -17,11 +22,38 @@ from opentelemetry import propagate
 
 from tandem.api import proto_convert
 from tandem.api.channel_options import CLIENT_OPTIONS
-from tandem.api.errors import InvalidRequest
+from tandem.api.errors import InvalidRequest, TandemError, Unauthenticated
 from tandem.api.grpc_status import error_from_rpc
 from tandem.api.sampling_request import resolve_sampling_params
 from tandem.proto.router.v1 import router_pb2, router_pb2_grpc
 from tandem.sdk.results import GenerateChunk, GenerateResult, ModelInfo
+
+API_KEY_ENV = "TANDEM_API_KEY"
+"""The API key used when the client is given none."""
+
+
+class _Connection:
+    """What both clients share: the channel's target and credentials, and each call's
+    metadata."""
+
+    def __init__(self, api_key: str | None, tls: bool, root_certificates: bytes | None) -> None:
+        key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+        self.auth = (("authorization", f"Bearer {key}"),) if key else ()
+        self.credentials = (
+            grpc.ssl_channel_credentials(root_certificates)
+            if tls or root_certificates is not None
+            else None
+        )
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return self.auth + _trace_metadata()
+
+    def error(self, err: grpc.RpcError) -> TandemError:
+        exc = error_from_rpc(err)
+        if isinstance(exc, Unauthenticated):
+            hint = "the API key was refused" if self.auth else "no API key was sent"
+            return Unauthenticated(f"{exc} ({hint}: pass api_key= or set {API_KEY_ENV})")
+        return exc
 
 
 def _trace_metadata() -> tuple[tuple[str, str], ...]:
@@ -94,8 +126,23 @@ class _Attempts:
 class Client:
     """Blocking client. Thread-safe; close it (or use ``with``) to release the channel."""
 
-    def __init__(self, target: str, *, timeout: float | None = None, max_retries: int = 3) -> None:
-        self._channel = grpc.insecure_channel(target, options=CLIENT_OPTIONS)
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = None,
+        max_retries: int = 3,
+        api_key: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+    ) -> None:
+        self._conn = _Connection(api_key, tls, root_certificates)
+        if self._conn.credentials is not None:
+            self._channel = grpc.secure_channel(
+                target, self._conn.credentials, options=CLIENT_OPTIONS
+            )
+        else:
+            self._channel = grpc.insecure_channel(target, options=CLIENT_OPTIONS)
         self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
         self.timeout = timeout
         self.max_retries = max_retries
@@ -127,7 +174,7 @@ class Client:
         attempts = _Attempts(timeout if timeout is not None else self.timeout, self.max_retries)
         while True:
             call = self._stub.Generate(
-                request, timeout=attempts.timeout(), metadata=_trace_metadata()
+                request, timeout=attempts.timeout(), metadata=self._conn.metadata()
             )
             started = False
             try:
@@ -138,7 +185,7 @@ class Client:
             except grpc.RpcError as e:
                 delay = attempts.backoff(e, started)
                 if delay is None:
-                    raise error_from_rpc(e) from None
+                    raise self._conn.error(e) from None
                 time.sleep(delay)
             finally:
                 call.cancel()
@@ -149,17 +196,34 @@ class Client:
 
     def models(self) -> list[ModelInfo]:
         try:
-            resp = self._stub.ListModels(router_pb2.ListModelsRequest(), timeout=self.timeout)
+            resp = self._stub.ListModels(
+                router_pb2.ListModelsRequest(), timeout=self.timeout, metadata=self._conn.metadata()
+            )
         except grpc.RpcError as e:
-            raise error_from_rpc(e) from None
+            raise self._conn.error(e) from None
         return [ModelInfo(m.id, m.max_model_len) for m in resp.models]
 
 
 class AsyncClient:
     """asyncio client. Create and use it inside one event loop."""
 
-    def __init__(self, target: str, *, timeout: float | None = None, max_retries: int = 3) -> None:
-        self._channel = grpc.aio.insecure_channel(target, options=CLIENT_OPTIONS)
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = None,
+        max_retries: int = 3,
+        api_key: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+    ) -> None:
+        self._conn = _Connection(api_key, tls, root_certificates)
+        if self._conn.credentials is not None:
+            self._channel = grpc.aio.secure_channel(
+                target, self._conn.credentials, options=CLIENT_OPTIONS
+            )
+        else:
+            self._channel = grpc.aio.insecure_channel(target, options=CLIENT_OPTIONS)
         self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
         self.timeout = timeout
         self.max_retries = max_retries
@@ -191,7 +255,7 @@ class AsyncClient:
         attempts = _Attempts(timeout if timeout is not None else self.timeout, self.max_retries)
         while True:
             call = self._stub.Generate(
-                request, timeout=attempts.timeout(), metadata=_trace_metadata()
+                request, timeout=attempts.timeout(), metadata=self._conn.metadata()
             )
             started = False
             try:
@@ -202,7 +266,7 @@ class AsyncClient:
             except grpc.RpcError as e:
                 delay = attempts.backoff(e, started)
                 if delay is None:
-                    raise error_from_rpc(e) from None
+                    raise self._conn.error(e) from None
                 await asyncio.sleep(delay)
             finally:
                 call.cancel()
@@ -213,7 +277,9 @@ class AsyncClient:
 
     async def models(self) -> list[ModelInfo]:
         try:
-            resp = await self._stub.ListModels(router_pb2.ListModelsRequest(), timeout=self.timeout)
+            resp = await self._stub.ListModels(
+                router_pb2.ListModelsRequest(), timeout=self.timeout, metadata=self._conn.metadata()
+            )
         except grpc.RpcError as e:
-            raise error_from_rpc(e) from None
+            raise self._conn.error(e) from None
         return [ModelInfo(m.id, m.max_model_len) for m in resp.models]

@@ -62,6 +62,8 @@ class AddRequest(msgspec.Struct, tag="add", frozen=True):
     """Prefill pods: stream the prompt's KV there; the core reports ``PrefillDone``."""
     trace_carrier: dict[str, str] | None = None
     """W3C trace context of the request (the prefill pod's ``kv_transfer`` span continues it)."""
+    num_output_tokens: int = 0
+    """A migrated request: the last this many prompt tokens are output already generated."""
 
 
 class ReserveRemote(msgspec.Struct, tag="reserve", frozen=True):
@@ -74,6 +76,8 @@ class ReserveRemote(msgspec.Struct, tag="reserve", frozen=True):
     sampling: dict[str, Any]
     priority: int = 0
     cache_salt: str | None = None
+    num_output_tokens: int = 0
+    """As ``AddRequest``'s."""
 
 
 class CompleteRemote(msgspec.Struct, tag="complete", frozen=True):

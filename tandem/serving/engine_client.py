@@ -13,6 +13,7 @@ If the core process dies, every stream in flight ends with ``UpstreamUnavailable
 """
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import shutil
@@ -34,6 +35,7 @@ from tandem.api.outputs import (
     TokenLogprob,
     merge_deltas,
 )
+from tandem.api.requests import check_num_output_tokens
 from tandem.api.sampling_params import SAMPLING_FIELDS, SamplingParams
 from tandem.api.stats import EngineStats
 from tandem.api.step_outputs import StepOutputs
@@ -171,6 +173,11 @@ class EngineCoreClient:
             await self._reap()
             raise proto.error_from_info(reply)
         self.info = reply
+        # An idle core sends no update: until its first, it is an empty pool of this size (a
+        # pod reporting 0 free blocks would get no request from a router choosing by room).
+        self.stats = dataclasses.replace(
+            _EMPTY_STATS, num_free_blocks=reply.num_kv_blocks, num_total_blocks=reply.num_kv_blocks
+        )
         self._loop.add_reader(self._process.sentinel, self._core_exited)
         self._receiver = asyncio.create_task(self._receive(), name="engine-core-updates")
         logger.info("engine core process %d ready", self._process.pid)
@@ -332,15 +339,35 @@ class EngineCoreClient:
         self._send(make(call_id))
         return await future
 
-    def _mirror(self, request_id: str, prompt: list[int], params: SamplingParams) -> str:
-        """The request's core id, with its mirror if this client detokenizes."""
+    def _mirror(
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        num_output_tokens: int = 0,
+        num_text_chars: int | None = None,
+    ) -> str:
+        """The request's core id, with its mirror if this client detokenizes.
+
+        A migrated request's mirror starts with its output so far (``num_output_tokens``) as
+        text already sent, up to ``num_text_chars`` characters (what its client has): the
+        stream goes on from there, the held-back rest of that text included.
+        """
         core_id = self._core_id(request_id)
         if self._processor is not None:
+            split = len(prompt) - num_output_tokens
             seq = Sequence(
-                request_id, prompt, params, arrival_time=time.monotonic(), arrival_index=0
+                request_id,
+                prompt[:split],
+                params,
+                arrival_time=time.monotonic(),
+                arrival_index=0,
+                output_token_ids=prompt[split:],
             )
             metrics = RequestMetrics(arrival_time=seq.arrival_time)
             state = self._processor.new_state(seq, OutputKind.DELTA, None, metrics)
+            if num_text_chars is not None:
+                state.sent_chars = min(num_text_chars, len(state.text))
             self._mirrors[core_id] = state
         return core_id
 
@@ -355,14 +382,23 @@ class EngineCoreClient:
         require_room: bool = False,
         kv_target: proto.KVTargetSpec | None = None,
         trace_carrier: dict[str, str] | None = None,
+        num_output_tokens: int = 0,
+        num_text_chars: int | None = None,
     ) -> None:
         """Queue a request in the core.
+
+        Args:
+            num_output_tokens: a migrated request: the last this many ``prompt`` tokens are
+                output it generated already (``LLMEngine.add_request``).
+            num_text_chars: of that output's text, the characters its client has (``_mirror``).
 
         Raises:
             InvalidRequest: refused by the engine's validation. CapacityExceeded: with
                 ``require_room``, its blocks do not fit now.
         """
-        core_id = self._mirror(request_id, prompt, params)
+        core_id = self._checked_mirror(
+            request_id, prompt, params, num_output_tokens, num_text_chars
+        )
         try:
             await self._call(
                 lambda call_id: proto.AddRequest(
@@ -375,6 +411,7 @@ class EngineCoreClient:
                     require_room,
                     kv_target,
                     trace_carrier,
+                    num_output_tokens,
                 )
             )
         except BaseException:
@@ -389,23 +426,40 @@ class EngineCoreClient:
         *,
         priority: int = 0,
         cache_salt: str | None = None,
+        num_output_tokens: int = 0,
+        num_text_chars: int | None = None,
     ) -> tuple[list[int], int]:
         """Hold the prompt's blocks for a remote prefill: (block ids, prompt tokens cached here).
+
+        ``num_output_tokens``, ``num_text_chars``: a migrated request's, as ``add``.
 
         Raises:
             InvalidRequest, CapacityExceeded: as the engine's ``reserve_remote_prefill``.
         """
-        core_id = self._mirror(request_id, prompt, params)
+        core_id = self._checked_mirror(
+            request_id, prompt, params, num_output_tokens, num_text_chars
+        )
         try:
             block_ids, cached = await self._call(
                 lambda call_id: proto.ReserveRemote(
-                    call_id, core_id, prompt, sampling_fields(params), priority, cache_salt
+                    call_id,
+                    core_id,
+                    prompt,
+                    sampling_fields(params),
+                    priority,
+                    cache_salt,
+                    num_output_tokens,
                 )
             )
         except BaseException:
             self._mirrors.pop(core_id, None)
             raise
         return block_ids, cached
+
+    def _checked_mirror(self, request_id, prompt, params, num_output_tokens, num_text_chars):
+        """``_mirror``, once the output count is one the engine accepts (it checks it again)."""
+        check_num_output_tokens(num_output_tokens, len(prompt), params.max_tokens)
+        return self._mirror(request_id, prompt, params, num_output_tokens, num_text_chars)
 
     async def complete_remote(
         self,

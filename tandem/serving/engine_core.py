@@ -305,6 +305,7 @@ class EngineCore:
                 SamplingParams(**cmd.sampling),
                 priority=cmd.priority,
                 cache_salt=cmd.cache_salt,
+                num_output_tokens=cmd.num_output_tokens,
             )
             if self._engine_event is not None:
                 self._engine_event.record(torch.cuda.current_stream(engine.runner.device))
@@ -347,6 +348,7 @@ class EngineCore:
                 params,
                 priority=cmd.priority,
                 cache_salt=cmd.cache_salt,
+                num_output_tokens=cmd.num_output_tokens,
             )
         except BaseException:
             if cmd.kv_target is not None:

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
 
+from tandem.api import cluster_auth
 from tandem.api.channel_options import CLIENT_OPTIONS
 from tandem.api.hashing import HASH_ALGORITHM
 from tandem.api.ids import BlockHash
@@ -138,7 +139,7 @@ class KVEventPublisher:
     # ---- asyncio task -----------------------------------------------------------------------
 
     async def run(self) -> None:
-        channel = grpc.aio.insecure_channel(self.address, options=CLIENT_OPTIONS)
+        channel = cluster_auth.aio_channel(self.address, CLIENT_OPTIONS)
         stub = kvstore_pb2_grpc.KVStoreServiceStub(channel)
         next_heartbeat = 0.0
         try:

@@ -16,7 +16,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from tandem import telemetry
-from tandem.api import proto_convert
+from tandem.api import cluster_auth, proto_convert
+from tandem.api.channel_options import KV_MESSAGE_SLACK_BYTES, SMALL_MESSAGE_BYTES
 from tandem.api.kv_events import KVEvent
 from tandem.proto.common.v1 import common_pb2
 from tandem.serving.engine_client import EngineCoreClient
@@ -64,6 +65,10 @@ class PodRuntime:
             before_release, on_kv_events: the client's (see ``EngineCoreClient``).
         """
         role = spec.role
+        # Before the model loads: a pod without its secret fails at once. Installed, the secret
+        # reaches the engine core's KV sender too (through its environment).
+        auth = settings.cluster_auth()
+        cluster_auth.install(auth)
         core_exited = asyncio.Event()
         server: GrpcServer | None = None
 
@@ -82,7 +87,13 @@ class PodRuntime:
         info = await core.start()
         service = f"tandem.{role}.v1.{role.capitalize()}Service"
         try:
-            server = GrpcServer(settings.host, settings.port, [service])
+            server = GrpcServer(
+                settings.host,
+                settings.port,
+                [service],
+                auth=auth.check if auth.enabled else None,
+                max_receive_message_length=max_receive_bytes(settings),
+            )
         except BaseException:
             await core.stop()
             raise
@@ -120,6 +131,15 @@ class PodRuntime:
             metrics=self.metrics,
             **parts,
         )
+
+
+def max_receive_bytes(settings: PodSettings) -> int:
+    """Largest gRPC message a pod accepts: a decode pod's KV chunk (``kv_max_chunk_bytes``)
+    plus its header; a few MiB (prompts, stats) on a prefill pod."""
+    chunk = getattr(settings, "kv_max_chunk_bytes", None)  # DecodeSettings only
+    if chunk is None:
+        return SMALL_MESSAGE_BYTES
+    return max(chunk + KV_MESSAGE_SLACK_BYTES, SMALL_MESSAGE_BYTES)
 
 
 def pod_stats(core: EngineCoreClient, identity: dict) -> common_pb2.PodStats:

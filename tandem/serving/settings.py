@@ -13,12 +13,13 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tandem.api.cluster_auth import ClusterAuthOptions
 from tandem.engine.config import EngineConfig, EngineOptions
 from tandem.serving.engine_core import EngineInfo
 from tandem.transfer.transport import KVTransportMode
 
 
-class PodSettings(BaseSettings, EngineOptions):
+class PodSettings(BaseSettings, EngineOptions, ClusterAuthOptions):
     model_config = SettingsConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
     model: Path

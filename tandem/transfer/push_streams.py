@@ -24,6 +24,10 @@ from tandem.transfer.transport import PoolDescriptor
 
 _CLOSE = object()
 
+PRIMARY_STREAM = ("tandem-kv-stream", "primary")
+"""Metadata of the stream that carries a transfer's end message: the decode pod fails the
+request when that stream ends without it (a cancel may reach the server as an ordinary end)."""
+
 
 @dataclass(slots=True, frozen=True)
 class KVTarget:
@@ -105,14 +109,20 @@ class _Stream:
     call: grpc.Future | None = None
 
     def drain(self) -> None:
-        """Release every chunk still queued (the call ended: nobody will send them)."""
+        """Release every chunk still queued (the call ended: nobody will send them). A close
+        marker stays queued: the thread feeding the call may still be waiting for it."""
+        closed = False
         while True:
             try:
                 item = self.queue.get_nowait()
             except queue.Empty:
-                return
+                break
             if isinstance(item, _Chunk):
                 item.release()
+            elif item is _CLOSE:
+                closed = True
+        if closed:
+            self.queue.put(_CLOSE)
 
 
 class KVTransfer:
@@ -180,8 +190,9 @@ class KVTransfer:
         with self._lock:
             if self._cancelled:
                 return False
+            metadata = (*self._metadata, PRIMARY_STREAM) if i == 0 else self._metadata
             stream.call = self._push_calls[i].future(
-                self._messages(stream.queue), timeout=self._timeout_s, metadata=self._metadata
+                self._messages(stream.queue), timeout=self._timeout_s, metadata=metadata
             )
         stream.call.add_done_callback(lambda _: stream.drain())
         return True
@@ -242,13 +253,18 @@ class KVTransfer:
         return result
 
     def cancel(self) -> None:
-        """Stop every stream; queued chunks are released by the calls' done callbacks."""
+        """Stop every stream at once; queued chunks are released.
+
+        The call is cancelled before its request stream is closed: closed first, the decode pod
+        could see a stream's ordinary end (as of a secondary stream) rather than a cancel, and
+        wait for the rest of the transfer until its KV timeout instead of failing at once.
+        """
         with self._lock:
             self._cancelled = True
         if self.started is not None:
             self._end_span("cancelled")
         for stream in self._streams:
             if stream.call is not None:
-                stream.queue.put(_CLOSE)
                 stream.call.cancel()
                 stream.drain()
+                stream.queue.put(_CLOSE)  # ends the thread feeding the call, if it still waits

@@ -1,8 +1,15 @@
 """KV receiver (decode pods): the leases on reserved blocks, and the gRPC transport's writes.
 
 Every reservation is a **lease** (``expect``): an unguessable transfer token, an epoch and an
-end time. Only a writer presenting the token may write or complete it (a forged chunk or notice
-is refused with ``KVTransferForbidden`` and harms nothing).
+end time. Only a writer presenting the token of the live lease may claim, write or complete it;
+everything else is refused with ``KVTransferForbidden`` before a byte is written, and harms
+nothing: a wrong or missing token, a request with no reservation, a token of an earlier lease
+(the token names its epoch: a stale one is refused as such), a lease that ended, or one that was
+discarded (cancelled, failed, released unclaimed).
+
+A writer **claims** the lease before it writes (``claim``: any transport, gRPC included, or the
+first chunk); ``release_unclaimed`` lets the decode pod give up a reservation nobody claimed
+within its claim deadline, atomically with respect to a claim arriving at that moment.
 
 - gRPC transport: every chunk is validated against the reservation before it touches the pool
   (wire.py), and every region may be written once: duplicates and overlaps are refused. A
@@ -136,9 +143,10 @@ class KVReceiver:
     ) -> Lease:
         """Lease ``request_id``'s blocks ``[first_block, len(block_ids))`` to one transfer for
         ``lease_s`` seconds; returns what its writer must present."""
+        epoch = next(self._epochs)
         lease = Lease(
-            token=secrets.token_urlsafe(24),
-            epoch=next(self._epochs),
+            token=f"{epoch}.{secrets.token_urlsafe(24)}",
+            epoch=epoch,
             expires_unix_ms=int((time.time() + lease_s) * 1000),
         )
         inbound = _Inbound(
@@ -168,14 +176,56 @@ class KVReceiver:
         return request_id in self._inbound
 
     def _get(self, request_id: str, token: str) -> _Inbound:
-        """The live lease ``token`` opens (compared in constant time)."""
+        """The live lease ``token`` opens (compared in constant time).
+
+        Raises:
+            KVTransferForbidden: no such lease: wrong or missing token, no reservation, a token
+                of an earlier lease of this request id, or the lease ended.
+        """
         inbound = self._inbound.get(request_id)
-        if inbound is None or not hmac.compare_digest(inbound.lease.token, token or ""):
-            # One answer for both: a forger learns nothing about which requests exist.
+        if (
+            inbound is None
+            or _epoch_of(token) != inbound.lease.epoch  # a stale token: an earlier lease's
+            or not hmac.compare_digest(inbound.lease.token, token or "")
+        ):
+            # One answer for all: a forger learns nothing about which requests exist.
             raise KVTransferForbidden(
                 f"no KV reservation for request {request_id!r} with this transfer token"
             )
+        if time.monotonic() >= inbound.expires_at:
+            raise KVTransferForbidden(f"the KV lease of {request_id!r} has ended")
         return inbound
+
+    def authorize(self, request_id: str, token: str) -> None:
+        """Check a writer's token against the live lease without writing (a stream's first
+        message: until it passed, nothing the stream says may fail the reservation).
+
+        Raises:
+            KVTransferForbidden: as ``_get``.
+        """
+        self._get(request_id, token)
+
+    def claimed(self, request_id: str) -> bool:
+        """A writer claimed the reservation (``claim`` or a first chunk)."""
+        inbound = self._inbound.get(request_id)
+        return inbound is not None and inbound.transport is not None
+
+    def release_unclaimed(self, request_id: str) -> bool:
+        """Give up the reservation if no writer has claimed it; afterwards every claim, write
+        and notice for it is refused and its blocks may be freed at once (nothing wrote).
+
+        Returns False (and changes nothing) if a writer claimed it, or it is gone already.
+        """
+        with self._lock:
+            inbound = self._inbound.get(request_id)
+            if inbound is None:
+                return False
+            with inbound.lock:
+                if inbound.transport is not None or inbound.closed:
+                    return False
+                inbound.closed = True
+            del self._inbound[request_id]
+        return True
 
     def _take_transport(self, inbound: _Inbound, transport: str) -> None:
         if inbound.transport is None:
@@ -191,15 +241,20 @@ class KVReceiver:
         Blocks until the pages may be written: on a GPU, until the engine's last step that may
         have used these blocks (async scheduling) is done -- the writer's copies are not ordered
         after it otherwise.
+
+        A gRPC writer claims too (early, before its prompt waits in the prefill queue): the
+        claim only tells this pod that a writer holds the reservation (``release_unclaimed``);
+        its chunks are checked one by one as they arrive.
         """
         inbound = self._get(request_id, token)
         with inbound.lock:
             if inbound.closed:
                 raise KVTransferForbidden(f"the KV reservation of {request_id!r} was cancelled")
-            if time.monotonic() >= inbound.expires_at - MEMORY_WRITE_MARGIN_S:
+            margin = 0.0 if transport == "grpc" else MEMORY_WRITE_MARGIN_S
+            if time.monotonic() >= inbound.expires_at - margin:
                 raise KVTransferForbidden(f"the KV lease of {request_id!r} has ended")
             self._take_transport(inbound, transport)
-        if inbound.engine_done is not None:
+        if inbound.engine_done is not None and transport != "grpc":
             inbound.engine_done.synchronize()
         return Claim(inbound.lease, inbound.block_ids.tolist(), inbound.first_block)
 
@@ -219,8 +274,9 @@ class KVReceiver:
         ):
             draining.stopped.set()  # the writer stopped: the blocks may go back
             raise KVTransferForbidden(f"the KV transfer of {end.request_id!r} was cancelled")
-        check_fingerprint(end.model_fingerprint, self.fingerprint)
+        # The token first: a forger's notice must not fail the request with another error.
         inbound = self._get(end.request_id, end.transfer_token)
+        check_fingerprint(end.model_fingerprint, self.fingerprint)
         with inbound.lock:
             if inbound.transport is None or inbound.transport == "grpc":
                 raise KVTransferForbidden(
@@ -296,8 +352,8 @@ class KVReceiver:
 
     def complete(self, end: common_pb2.KVTransferEnd) -> TransferSummary:
         """Check that the whole transfer arrived; afterwards the blocks hold the prompt's KV."""
+        inbound = self._get(end.request_id, end.transfer_token)  # the token first, as above
         check_fingerprint(end.model_fingerprint, self.fingerprint)
-        inbound = self._get(end.request_id, end.transfer_token)
         with inbound.lock:
             if inbound.transport not in (None, "grpc"):
                 raise KVTransferError(
@@ -358,6 +414,13 @@ class KVReceiver:
     def end_drain(self, request_id: str) -> None:
         with self._lock:
             self._draining.pop(request_id, None)
+
+
+def _epoch_of(token: str | None) -> int:
+    """The lease epoch a transfer token names (``expect`` makes "<epoch>.<secret>"); 0 when it
+    names none (then it opens no lease at all)."""
+    head, sep, _ = (token or "").partition(".")
+    return int(head) if sep and head.isdecimal() and len(head) < 20 else 0
 
 
 def page_checksum(pages: torch.Tensor) -> int:

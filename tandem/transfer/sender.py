@@ -25,6 +25,7 @@ import grpc
 import torch
 from opentelemetry.context import Context
 
+from tandem.api import cluster_auth
 from tandem.api.channel_options import CLIENT_OPTIONS
 from tandem.api.errors import InvalidRequest
 from tandem.engine.kv_cache import KVCacheSpec
@@ -69,8 +70,7 @@ class ChannelPool:
             calls = self._calls.get(address)
             if calls is None:
                 channels = [
-                    grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-                    for _ in range(self.num_streams)
+                    cluster_auth.channel(address, CHANNEL_OPTIONS) for _ in range(self.num_streams)
                 ]
                 self._channels[address] = channels
                 calls = [
@@ -89,7 +89,7 @@ class ChannelPool:
         with self._lock:
             call = self._complete.get(address)
             if call is None:
-                channel = grpc.insecure_channel(address, options=CLIENT_OPTIONS)
+                channel = cluster_auth.channel(address, CLIENT_OPTIONS)
                 self._channels.setdefault(address + "#control", []).append(channel)
                 call = channel.unary_unary(
                     COMPLETE_KV_METHOD,

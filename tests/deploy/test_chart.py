@@ -292,15 +292,30 @@ def test_discovery_rbac_is_limited_to_endpointslices(chart):
     assert (
         account["metadata"]["name"] == "tandem" and account["automountServiceAccountToken"] is False
     )
-    for obj in workloads(objects):  # only the router gets an API token
+    for obj in workloads(objects):  # only the router and prefill pods get an API token
         assert pod_spec(obj)["automountServiceAccountToken"] is (
-            obj["metadata"]["name"] == "tandem-router"
+            obj["metadata"]["name"] in ("tandem-router", "tandem-prefill")
         )
     dns = render(chart, {"router": {"discovery": "dns"}})
-    assert (
-        not find(dns, "Role")
-        and pod_spec(one(dns, "Deployment", "router"))["automountServiceAccountToken"] is False
-    )
+    assert not find(dns, "Role")
+    for obj in workloads(dns):
+        assert pod_spec(obj)["automountServiceAccountToken"] is False
+
+
+def test_prefill_pods_discover_the_decode_pods_they_may_push_kv_to(chart):
+    """Least authority: a prefill pod accepts only decode targets its discovery lists, so it must
+    find the decode pods exactly as the router does (the router names them by that address)."""
+    for discovery in ("kubernetes", "dns"):
+        objects = render(chart, {"router": {"discovery": discovery}})
+        router = parse_cli(container_of(objects, "router")["args"])
+        prefill = parse_cli(container_of(objects, "prefill")["args"])
+        assert prefill.discovery == router.discovery == discovery
+        assert prefill.decode_service == router.decode_service
+        assert prefill.decode == [] and prefill.decode_port == router.decode_port == 50052
+        if discovery == "kubernetes":
+            assert prefill.namespace == router.namespace == NAMESPACE
+        # Built from the same settings, both look up the same decode Service.
+        assert prefill.make_discovery().services == {"decode": router.decode_service}
 
 
 # -- NetworkPolicy -------------------------------------------------------------------------------

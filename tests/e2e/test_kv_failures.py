@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from services.local_cluster import pod_stats
+from tandem.api import cluster_auth
 from tandem.api.errors import RequestTooLarge
 from tandem.api.proto_convert import sampling_params_to_proto
 from tandem.api.sampling_params import SamplingParams
@@ -34,7 +35,7 @@ class Reservation:
     def __init__(self, address: str, request_id: str, prompt: list[int] | None = None):
         # A prompt of its own (40 tokens: 3 blocks), so no earlier test's blocks are cached.
         prompt = prompt or [random.Random(request_id).randrange(3, 1000) for _ in range(40)]
-        self.channel = grpc.insecure_channel(address)
+        self.channel = cluster_auth.channel(address, [])
         self.stub = decode_pb2_grpc.DecodeServiceStub(self.channel)
         self.call = self.stub.Generate(
             decode_pb2.GenerateRequest(
@@ -49,6 +50,16 @@ class Reservation:
         )
         self.admitted = next(self.call).admitted
         self.request_id = request_id
+        # Claimed at once, as a prefill pod does: an unclaimed reservation is released after the
+        # decode pod's kv_claim_timeout_s.
+        self.stub.ClaimKV(
+            decode_pb2.ClaimKVRequest(
+                request_id=request_id,
+                transfer_token=self.admitted.transfer_token,
+                transport="grpc",
+            ),
+            timeout=10,
+        )
 
     def push(self, messages):
         return self.stub.PushKV(iter(messages), timeout=30)
@@ -183,7 +194,7 @@ def test_bad_kv_streams_fail_the_request_and_free_it(cluster, decode_pod, e2e_mo
 
 def assert_still_serves(pod):
     """A colocated request straight to this pod completes."""
-    with grpc.insecure_channel(pod.address) as channel:
+    with cluster_auth.channel(pod.address, []) as channel:
         call = decode_pb2_grpc.DecodeServiceStub(channel).Generate(
             decode_pb2.GenerateRequest(
                 request_id=f"alive-{random.random()}",
@@ -228,7 +239,7 @@ def test_a_duplicate_request_id_is_refused_without_touching_the_first(
 
 
 def test_kv_for_an_unknown_request_is_refused(decode_pod, e2e_model):
-    with grpc.insecure_channel(decode_pod.address) as channel:
+    with cluster_auth.channel(decode_pod.address, []) as channel:
         stub = decode_pb2_grpc.DecodeServiceStub(channel)
         c = make_chunk("never-admitted", "x", 0, (0, 1), (0, 1), pages(e2e_model, 1, 1))
         with pytest.raises(grpc.RpcError) as e:
@@ -444,7 +455,11 @@ def assert_router_serves_with_one_decode_pod(cluster) -> None:
 
 
 def test_a_decode_pod_dying_mid_stream_is_reported_and_marked_down(e2e_model):
-    cluster = start_cluster(e2e_model, prefill=0, decode=2, kvstore=False)
+    # Migration off: the stream ends with the failure (with it on, the stream moves to the
+    # other pod: tests/chaos/test_decode_migration.py).
+    cluster = start_cluster(
+        e2e_model, prefill=0, decode=2, kvstore=False, router_args=["--max-migrations", "0"]
+    )
     try:
         body = {
             "prompt": "a stream whose pod dies",

@@ -15,6 +15,7 @@ import time
 import grpc
 import pytest
 
+from tandem.api import cluster_auth
 from tandem.api.requests import Job
 from tandem.api.sampling_params import SamplingParams
 from tandem.proto.common.v1 import common_pb2
@@ -131,7 +132,7 @@ def test_pages_land_exactly_and_generation_is_token_exact(
 
 async def _reserve(address, rid, prompt):
     """A raw REMOTE admission on the decode pod: (its Generate call, the Admitted answer)."""
-    channel = grpc.aio.insecure_channel(address)
+    channel = cluster_auth.aio_channel(address, [])
     stub = decode_pb2_grpc.DecodeServiceStub(channel)
     call = stub.Generate(
         decode_pb2.GenerateRequest(

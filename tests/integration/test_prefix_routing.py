@@ -5,7 +5,6 @@ import random
 import threading
 import time
 
-import grpc
 import httpx
 import pytest
 
@@ -18,6 +17,7 @@ from services.local_cluster import (
     http_healthy,
     pod_stats,
 )
+from tandem.api import cluster_auth
 from tandem.api.hashing import BlockHasher
 from tandem.proto.kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
 
@@ -62,7 +62,7 @@ def choices(url: str) -> dict[str, float]:
 
 
 def kvstore_entries(cluster) -> int:
-    with grpc.insecure_channel(cluster.by_name("kvstore").address) as channel:
+    with cluster_auth.channel(cluster.by_name("kvstore").address, []) as channel:
         return (
             kvstore_pb2_grpc.KVStoreServiceStub(channel)
             .Stats(kvstore_pb2.StatsRequest(), timeout=5)
@@ -74,7 +74,7 @@ def kvstore_holders(cluster, prompt: list[int]) -> dict[str, int]:
     """kvstore's answer for ``prompt``: pod id -> leading blocks held (the router's lookup)."""
     stats = pod_stats(cluster.pods("prefill")[0])
     hashes = BlockHasher(stats.model_fingerprint, stats.block_size).hash_prompt(prompt, None)
-    with grpc.insecure_channel(cluster.by_name("kvstore").address) as channel:
+    with cluster_auth.channel(cluster.by_name("kvstore").address, []) as channel:
         resp = kvstore_pb2_grpc.KVStoreServiceStub(channel).Lookup(
             kvstore_pb2.LookupRequest(
                 model_fingerprint=stats.model_fingerprint, block_hashes=hashes
@@ -217,7 +217,7 @@ def test_requests_survive_redis_dying_and_routing_recovers(cluster):
     # registered again and the index names a holder of the whole system prompt (load routing may
     # have put it on both pods, so the entry count says nothing about who resynced).
     def resynced() -> bool:
-        with grpc.insecure_channel(cluster.by_name("kvstore").address) as channel:
+        with cluster_auth.channel(cluster.by_name("kvstore").address, []) as channel:
             live = (
                 kvstore_pb2_grpc.KVStoreServiceStub(channel)
                 .Stats(kvstore_pb2.StatsRequest(), timeout=5)

@@ -58,3 +58,29 @@ def test_unknown_devices_are_refused(device):
 def test_shares_that_add_up_to_more_than_the_gpu_are_refused(args):
     with pytest.raises(ValueError, match="give each at most 0.50"):
         worker_args(device="cuda", prefill=1, decode=1, worker_args=args)
+
+
+def test_prefill_workers_know_the_decode_workers_as_the_router_names_them():
+    """A prefill pod pushes KV only to decode pods it knows: the same addresses the router
+    names as decode targets."""
+    import json
+
+    cluster = LocalCluster(
+        UpOptions(model=Path("m"), port=0, kvstore=False, prefill=2, decode=3),
+        Path("m"),
+        relay=False,
+    )
+    cluster.plan()
+    router = json.loads(flag(cluster.by_name("router").args, "--decode"))
+    assert router == [s.address for s in cluster.pods("decode")] and len(router) == 3
+    for pod in cluster.pods("prefill"):
+        assert json.loads(flag(pod.args, "--decode")) == router
+    for pod in cluster.pods("decode"):
+        assert "--decode" not in pod.args
+
+
+def test_an_api_key_with_a_comma_is_refused_up_front():
+    """The router reads ``tandem up``'s keys from one comma-separated variable."""
+    with pytest.raises(ValueError, match="comma"):
+        UpOptions(model=Path("m"), api_key=["key-one-0123,key-two-0123"])
+    assert UpOptions(model=Path("m"), api_key=["key-one-0123"]).api_key == ["key-one-0123"]

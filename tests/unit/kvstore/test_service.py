@@ -9,6 +9,7 @@ import xxhash
 
 from services.kvstore import server as kvstore_server
 from services.kvstore.settings import KVStoreSettings
+from tandem.api import cluster_auth
 from tandem.api.hashing import HASH_ALGORITHM
 from tandem.api.kv_events import BlocksRemoved, BlocksStored
 from tandem.proto.kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
@@ -46,7 +47,7 @@ async def with_kvstore(test, redis_url=None):
         KVStoreSettings(host="127.0.0.1", port=0, redis_url=redis_url, lease_s=30)
     )
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+        async with cluster_auth.aio_channel(f"127.0.0.1:{service.port}", []) as channel:
             return await test(kvstore_pb2_grpc.KVStoreServiceStub(channel), service)
     finally:
         await service.stop(0)
@@ -148,7 +149,7 @@ def test_publisher_resyncs_when_the_index_forgets_it():
             heartbeat_interval_s=0.05,
         )
         task = asyncio.create_task(publisher.run())
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with cluster_auth.aio_channel(address, []) as channel:
             stub = kvstore_pb2_grpc.KVStoreServiceStub(channel)
 
             async def matched(ids) -> int:

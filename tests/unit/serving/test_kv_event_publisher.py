@@ -8,12 +8,12 @@ import contextlib
 import logging
 import time
 
-import grpc
 import pytest
 import xxhash
 
 from services.kvstore import server as kvstore_server
 from services.kvstore.settings import KVStoreSettings
+from tandem.api import cluster_auth
 from tandem.api.hashing import HASH_ALGORITHM
 from tandem.api.kv_events import BlocksStored
 from tandem.proto.kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
@@ -56,7 +56,7 @@ async def kvstore(**settings):
     address = f"127.0.0.1:{service.port}"
     tasks: list[asyncio.Task] = []
     try:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with cluster_auth.aio_channel(address, []) as channel:
             yield address, kvstore_pb2_grpc.KVStoreServiceStub(channel), service, tasks
     finally:
         for task in tasks:

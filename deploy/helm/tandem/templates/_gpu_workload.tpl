@@ -25,7 +25,8 @@ spec:
         {{- include "tandem.labels" $c | nindent 8 }}
     spec:
       serviceAccountName: {{ include "tandem.serviceAccountName" $ }}
-      automountServiceAccountToken: false
+      # Prefill pods follow the decode pods' EndpointSlices (the only KV targets they accept).
+      automountServiceAccountToken: {{ and (eq .role "prefill") (eq $.Values.router.discovery "kubernetes") }}
       {{- if $kvt.hostIPC }}
       # kvTransport.hostIPC: cuda-ipc and shm map the other pod's memory through the node's IPC namespace.
       hostIPC: true
@@ -66,6 +67,19 @@ spec:
             - {{ $w.kv.chunkBytes | int64 | quote }}
             - --kv-streams
             - {{ $w.kv.streams | int64 | quote }}
+            # KV goes only to decode pods found as the router finds them (router.discovery).
+            - --discovery
+            - {{ $.Values.router.discovery | quote }}
+            - --decode-service
+            {{- if eq $.Values.router.discovery "dns" }}
+            - {{ printf "%s-decode.%s.svc" (include "tandem.fullname" $) $.Release.Namespace | quote }}
+            - --decode-port
+            - {{ $.Values.decode.port | int64 | quote }}
+            {{- else }}
+            - {{ printf "%s-decode" (include "tandem.fullname" $) | quote }}
+            - --namespace
+            - {{ $.Release.Namespace | quote }}
+            {{- end }}
             {{- if $.Values.kvstore.enabled }}
             - --kvstore
             - {{ printf "%s-kvstore:%d" (include "tandem.fullname" $) (int $.Values.kvstore.port) | quote }}

@@ -96,6 +96,12 @@ capabilities:
 {{- define "tandem.commonEnv" -}}
 - name: HOME
   value: /tmp
+# Every gRPC call between Tandem's services carries it (tandem/api/cluster_auth.py).
+- name: TANDEM_CLUSTER_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "tandem.clusterSecretName" . }}
+      key: {{ .Values.auth.clusterSecret.key }}
 - name: HF_HUB_OFFLINE
   value: "1"
 - name: PYTHONUNBUFFERED
@@ -312,5 +318,59 @@ true
 {{- fail (printf "%s.resources.%s must not name %s: set %s.gpus instead (GPU requests equal limits)" $component $kind $.Values.global.gpuResourceName $component) -}}
 {{- end -}}
 {{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Names of the Secrets the chart makes or is given (templates/secrets.yaml). */}}
+{{- define "tandem.clusterSecretName" -}}
+{{- .Values.auth.clusterSecret.existingSecret | default (printf "%s-cluster-secret" (include "tandem.fullname" .)) -}}
+{{- end -}}
+
+{{- define "tandem.apiKeysSecretName" -}}
+{{- .Values.auth.apiKeys.existingSecret | default (printf "%s-api-keys" (include "tandem.fullname" .)) -}}
+{{- end -}}
+
+{{/* Whether the router needs API keys (non-empty when it does). */}}
+{{- define "tandem.apiKeysEnabled" -}}
+{{- if or .Values.auth.apiKeys.existingSecret .Values.auth.apiKeys.keys .Values.auth.apiKeys.generate }}true{{ end -}}
+{{- end -}}
+
+{{- define "tandem.tlsSecretName" -}}
+{{- .Values.auth.tls.secretName | default (printf "%s-router-tls" (include "tandem.fullname" .)) -}}
+{{- end -}}
+
+{{/* Whether kvstore authenticates to Redis with a password from a Secret (non-empty if so). */}}
+{{- define "tandem.redisPasswordEnabled" -}}
+{{- if or .Values.redis.auth.existingSecret (and (include "tandem.bundledRedis" .) .Values.redis.auth.enabled) }}true{{ end -}}
+{{- end -}}
+
+{{- define "tandem.redisSecretName" -}}
+{{- .Values.redis.auth.existingSecret | default (printf "%s-redis" (include "tandem.fullname" .)) -}}
+{{- end -}}
+
+{{/* The Secrets whose values the chart generates (templates/secrets.yaml), comma-separated;
+     empty when every credential comes from an existingSecret (or is off). */}}
+{{- define "tandem.generatedSecrets" -}}
+{{- $names := list -}}
+{{- if not .Values.auth.clusterSecret.existingSecret -}}
+{{- $names = append $names (include "tandem.clusterSecretName" .) -}}
+{{- end -}}
+{{- if and .Values.auth.apiKeys.generate (not .Values.auth.apiKeys.existingSecret) -}}
+{{- $names = append $names (include "tandem.apiKeysSecretName" .) -}}
+{{- end -}}
+{{- if and (include "tandem.bundledRedis" .) .Values.redis.auth.enabled (not .Values.redis.auth.existingSecret) -}}
+{{- $names = append $names (include "tandem.redisSecretName" .) -}}
+{{- end -}}
+{{- join ", " $names -}}
+{{- end -}}
+
+{{/* A Secret's value kept across upgrades: the live one when it exists, else random.
+     (dict "ctx" $ "name" secretName "key" key "length" n) */}}
+{{- define "tandem.keptRandom" -}}
+{{- $live := lookup "v1" "Secret" .ctx.Release.Namespace .name -}}
+{{- if and $live $live.data (hasKey $live.data .key) -}}
+{{- index $live.data .key | b64dec -}}
+{{- else -}}
+{{- randAlphaNum (int .length) -}}
 {{- end -}}
 {{- end -}}

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tandem.proto.common.v1 import common_pb2 as tandem_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftandem/prefill/v1/prefill.proto\x12\x11tandem.prefill.v1\x1a\x1dtandem/common/v1/common.proto\"\xc2\x01\n\x0c\x44\x65\x63odeTarget\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x13\n\x0bskip_blocks\x18\x03 \x01(\r\x12\x19\n\x11model_fingerprint\x18\x04 \x01(\t\x12\x16\n\x0etransfer_token\x18\x05 \x01(\t\x12\x1d\n\x15lease_expires_unix_ms\x18\x06 \x01(\x04\x12\x11\n\tblock_ids\x18\x07 \x03(\r\x12\x13\n\x0bincarnation\x18\x08 \x01(\t\"\xd7\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x39\n\x0fsampling_params\x18\x03 \x01(\x0b\x32 .tandem.common.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x12\n\ncache_salt\x18\x05 \x01(\t\x12\x36\n\rdecode_target\x18\x06 \x01(\x0b\x32\x1f.tandem.prefill.v1.DecodeTarget\"Y\n\rPrefillTiming\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12\x18\n\x10transfer_seconds\x18\x03 \x01(\x01\"\xb1\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x02 \x01(\r\x12\x30\n\x06timing\x18\x03 \x01(\x0b\x32 .tandem.prefill.v1.PrefillTiming\x12\x10\n\x08kv_bytes\x18\x04 \x01(\x04\x12\x11\n\tkv_chunks\x18\x05 \x01(\r\x12\x14\n\x0ckv_transport\x18\x06 \x01(\t\"\x11\n\x0fGetStatsRequest\"=\n\x10GetStatsResponse\x12)\n\x05stats\x18\x01 \x01(\x0b\x32\x1a.tandem.common.v1.PodStats2\xb7\x01\n\x0ePrefillService\x12P\n\x07Prefill\x12!.tandem.prefill.v1.PrefillRequest\x1a\".tandem.prefill.v1.PrefillResponse\x12S\n\x08GetStats\x12\".tandem.prefill.v1.GetStatsRequest\x1a#.tandem.prefill.v1.GetStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftandem/prefill/v1/prefill.proto\x12\x11tandem.prefill.v1\x1a\x1dtandem/common/v1/common.proto\"\xc2\x01\n\x0c\x44\x65\x63odeTarget\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x13\n\x0bskip_blocks\x18\x03 \x01(\r\x12\x19\n\x11model_fingerprint\x18\x04 \x01(\t\x12\x16\n\x0etransfer_token\x18\x05 \x01(\t\x12\x1d\n\x15lease_expires_unix_ms\x18\x06 \x01(\x04\x12\x11\n\tblock_ids\x18\x07 \x03(\r\x12\x13\n\x0bincarnation\x18\x08 \x01(\t\"\x81\x02\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x39\n\x0fsampling_params\x18\x03 \x01(\x0b\x32 .tandem.common.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x12\n\ncache_salt\x18\x05 \x01(\t\x12\x36\n\rdecode_target\x18\x06 \x01(\x0b\x32\x1f.tandem.prefill.v1.DecodeTarget\x12(\n\x06resume\x18\x07 \x01(\x0b\x32\x18.tandem.common.v1.Resume\"Y\n\rPrefillTiming\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12\x18\n\x10transfer_seconds\x18\x03 \x01(\x01\"\xb1\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x02 \x01(\r\x12\x30\n\x06timing\x18\x03 \x01(\x0b\x32 .tandem.prefill.v1.PrefillTiming\x12\x10\n\x08kv_bytes\x18\x04 \x01(\x04\x12\x11\n\tkv_chunks\x18\x05 \x01(\r\x12\x14\n\x0ckv_transport\x18\x06 \x01(\t\"\x11\n\x0fGetStatsRequest\"=\n\x10GetStatsResponse\x12)\n\x05stats\x18\x01 \x01(\x0b\x32\x1a.tandem.common.v1.PodStats2\xb7\x01\n\x0ePrefillService\x12P\n\x07Prefill\x12!.tandem.prefill.v1.PrefillRequest\x1a\".tandem.prefill.v1.PrefillResponse\x12S\n\x08GetStats\x12\".tandem.prefill.v1.GetStatsRequest\x1a#.tandem.prefill.v1.GetStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,15 +35,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECODETARGET']._serialized_start=86
   _globals['_DECODETARGET']._serialized_end=280
   _globals['_PREFILLREQUEST']._serialized_start=283
-  _globals['_PREFILLREQUEST']._serialized_end=498
-  _globals['_PREFILLTIMING']._serialized_start=500
-  _globals['_PREFILLTIMING']._serialized_end=589
-  _globals['_PREFILLRESPONSE']._serialized_start=592
-  _globals['_PREFILLRESPONSE']._serialized_end=769
-  _globals['_GETSTATSREQUEST']._serialized_start=771
-  _globals['_GETSTATSREQUEST']._serialized_end=788
-  _globals['_GETSTATSRESPONSE']._serialized_start=790
-  _globals['_GETSTATSRESPONSE']._serialized_end=851
-  _globals['_PREFILLSERVICE']._serialized_start=854
-  _globals['_PREFILLSERVICE']._serialized_end=1037
+  _globals['_PREFILLREQUEST']._serialized_end=540
+  _globals['_PREFILLTIMING']._serialized_start=542
+  _globals['_PREFILLTIMING']._serialized_end=631
+  _globals['_PREFILLRESPONSE']._serialized_start=634
+  _globals['_PREFILLRESPONSE']._serialized_end=811
+  _globals['_GETSTATSREQUEST']._serialized_start=813
+  _globals['_GETSTATSREQUEST']._serialized_end=830
+  _globals['_GETSTATSRESPONSE']._serialized_start=832
+  _globals['_GETSTATSRESPONSE']._serialized_end=893
+  _globals['_PREFILLSERVICE']._serialized_start=896
+  _globals['_PREFILLSERVICE']._serialized_end=1079
 # @@protoc_insertion_point(module_scope)

@@ -28,20 +28,22 @@ class DecodeTarget(_message.Message):
     def __init__(self, address: _Optional[str] = ..., request_id: _Optional[str] = ..., skip_blocks: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., transfer_token: _Optional[str] = ..., lease_expires_unix_ms: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "priority", "cache_salt", "decode_target")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "priority", "cache_salt", "decode_target", "resume")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     DECODE_TARGET_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling_params: _common_pb2.SamplingParams
     priority: int
     cache_salt: str
     decode_target: DecodeTarget
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., cache_salt: _Optional[str] = ..., decode_target: _Optional[_Union[DecodeTarget, _Mapping]] = ...) -> None: ...
+    resume: _common_pb2.Resume
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., cache_salt: _Optional[str] = ..., decode_target: _Optional[_Union[DecodeTarget, _Mapping]] = ..., resume: _Optional[_Union[_common_pb2.Resume, _Mapping]] = ...) -> None: ...
 
 class PrefillTiming(_message.Message):
     __slots__ = ("queue_seconds", "compute_seconds", "transfer_seconds")
