@@ -435,7 +435,16 @@ def interrupt_a_stream(cluster, body: dict, act) -> tuple:
             lines = r.iter_lines()
             for _ in range(3):
                 next(lines)
-            serving = next(p for p in cluster.pods("decode") if pod_stats(p).num_running)
+            # Pods' stats are snapshots their engine core publishes every 100 ms: poll.
+            deadline = time.monotonic() + 5
+            while True:
+                serving = next(
+                    (p for p in cluster.pods("decode") if pod_stats(p).num_running), None
+                )
+                if serving is not None or time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
+            assert serving is not None, "no decode pod reported the stream as running"
             act(serving.proc)
             return serving, [line for line in lines if line.startswith("data: ")]
 
