@@ -98,47 +98,41 @@ def huge_bodies() -> list[tuple[str, bytes]]:
     ]
 
 
-def post_timed(url: str, path: str, body: bytes) -> tuple[httpx.Response, float]:
-    start = time.perf_counter()
-    response = httpx.post(
-        url + path, content=body, headers={"content-type": "application/json"}, timeout=30
-    )
-    return response, time.perf_counter() - start
+def send_raw(sock: socket.socket, path: str, body: bytes, barrier) -> bytes:
+    """POST ``body`` as a client does (headers and the body's first 64 KiB), read the answer,
+    and only then offer the rest: the answer's first bytes.
 
-
-def send_raw(sock: socket.socket, path: str, body: bytes, barrier) -> tuple[bytes, float]:
-    """POST ``body`` as a client does (headers and the body's first bytes, then the rest):
-    (the answer's first bytes, seconds from the first bytes sent to them)."""
+    An answer read here was sent before the body was: the router refused from the headers. A
+    router that waited for the body would answer 408 after its body timeout instead.
+    """
     head = (
         f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\n\r\n"
     ).encode()
     barrier.wait()
-    start = time.perf_counter()
     sock.sendall(head + body[:65536])
     answer = sock.recv(65536)
-    seconds = time.perf_counter() - start
     with contextlib.suppress(OSError):  # the router closed the connection: the rest is refused
         sock.sendall(body[65536:])
     sock.close()
-    return answer, seconds
+    return answer
 
 
-def test_a_10mb_prompt_is_refused_at_once_and_costs_no_memory(router):
+def test_a_10mb_prompt_is_refused_from_its_headers_and_costs_no_memory(router):
     url, _, process = router
     rss_before = process.memory_info().rss
     for path, body in huge_bodies():
-        response, seconds = post_timed(url, path, body)
+        response = httpx.post(
+            url + path, content=body, headers={"content-type": "application/json"}, timeout=30
+        )
         assert assert_envelope(response, 413)["type"] == "RequestTooLargeError"
-        # A real client's view, its own 10 MB write included (the router's own time: below).
-        assert seconds < 0.5, f"{path}: {seconds:.3f} s"
-    # One, then four at once, twice over, on raw sockets: the time is the router's, from a
-    # request's first bytes to its answer, not this process's threads writing 10 MB each.
+    # One, then four at once, twice over, on raw sockets that send the body only after the
+    # answer came: a 413 (not the 408 of a body that never came) shows the refusal needed no body.
     port = int(url.rsplit(":", 1)[1])
     for path, body in huge_bodies():
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        head, seconds = send_raw(sock, path, body, threading.Barrier(1))
-        assert head.startswith(b"HTTP/1.1 413") and seconds < 0.1, (head, seconds)
+        head = send_raw(sock, path, body, threading.Barrier(1))
+        assert head.startswith(b"HTTP/1.1 413"), head
     for _ in range(2):
         socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(4)]
         barrier = threading.Barrier(4)
@@ -148,8 +142,8 @@ def test_a_10mb_prompt_is_refused_at_once_and_costs_no_memory(router):
                 for sock, (path, body) in zip(socks, huge_bodies() * 2, strict=True)
             ]
             for run in runs:
-                head, seconds = run.result()
-                assert head.startswith(b"HTTP/1.1 413") and seconds < 0.1, (head, seconds)
+                head = run.result()
+                assert head.startswith(b"HTTP/1.1 413"), head
     growth = process.memory_info().rss - rss_before
     assert growth < 50 << 20, f"router RSS grew {growth >> 20} MB"
 
@@ -208,8 +202,8 @@ def test_unknown_routes_and_wrong_methods_answer_in_the_envelope(router):
 def test_trickling_connections_are_closed_after_the_header_timeout(router):
     url, _, _ = router
     port = int(url.rsplit(":", 1)[1])
+    # A router that never closed them would fail this on the sockets' 10 s timeout.
     socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(50)]
-    start = time.monotonic()
     for i, sock in enumerate(socks):
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n" if i % 2 else b"P")
     for sock in socks:
@@ -218,7 +212,6 @@ def test_trickling_connections_are_closed_after_the_header_timeout(router):
             data += chunk
         assert data.startswith(b"HTTP/1.1 408") and b'"RequestTimeoutError"' in data
         sock.close()
-    assert time.monotonic() - start < TIMEOUT_S + 2
 
 
 def test_a_body_shorter_than_its_length_gets_408_after_the_body_timeout(router):
@@ -234,28 +227,34 @@ def test_a_body_shorter_than_its_length_gets_408_after_the_body_timeout(router):
     while chunk := sock.recv(65536):
         data += chunk
     assert data.startswith(b"HTTP/1.1 408") and b"connection: close" in data
-    assert TIMEOUT_S - 0.1 < time.monotonic() - start < TIMEOUT_S + 2
+    assert TIMEOUT_S - 0.1 < time.monotonic() - start  # the router waited its body timeout
 
 
 def test_grpc_refuses_what_http_refuses(router):
     _, address, _ = router
     with grpc.insecure_channel(address) as channel:
         stub = router_pb2_grpc.RouterServiceStub(channel)
-        for request, code in [
+        for request, code, detail in [
             # Over the router's gRPC message limit (the HTTP body limit, 2 MiB): never parsed.
             (
                 router_pb2.GenerateRequest(text="word " * 600_000),
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "",
             ),
-            # Under it, but more text than the context could ever hold: refused untokenized.
-            (router_pb2.GenerateRequest(text="word " * 400_000), grpc.StatusCode.OUT_OF_RANGE),
+            # Under it, but more text than the context could ever hold: refused on its count of
+            # characters, untokenized.
+            (
+                router_pb2.GenerateRequest(text="word " * 400_000),
+                grpc.StatusCode.OUT_OF_RANGE,
+                "the prompt has 2000000 characters",
+            ),
             (
                 router_pb2.GenerateRequest(text="hi", request_id="x" * 1000),
                 grpc.StatusCode.INVALID_ARGUMENT,
+                "request_id must be",
             ),
         ]:
-            start = time.perf_counter()
             with pytest.raises(grpc.RpcError) as refused:
-                list(stub.Generate(request, timeout=10))
+                list(stub.Generate(request, timeout=30))
             assert refused.value.code() == code, refused.value.details()
-            assert time.perf_counter() - start < 0.5
+            assert detail in refused.value.details()

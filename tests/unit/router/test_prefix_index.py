@@ -57,8 +57,8 @@ def test_a_prompt_answer_counts_cached_tokens():
     assert answer == {"p": 64} and failures == 0 and lookups == 1
 
 
-@pytest.mark.parametrize("delay_s", [0.5, None], ids=["slow", "down"])
+@pytest.mark.parametrize("delay_s", [10.0, None], ids=["slow", "down"])
 def test_a_slow_or_absent_kvstore_means_route_by_load_within_the_timeout(delay_s):
     answer, seconds, failures, _ = asyncio.run(lookup_with(delay_s, timeout_s=0.05))
     assert answer is None and failures == 1
-    assert seconds < 0.4  # one 50 ms deadline (plus scheduling slack), not the 0.5 s reply
+    assert seconds < 5.0  # one 50 ms deadline (plus a loaded machine's slack), not the 10 s reply
