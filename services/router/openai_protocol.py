@@ -37,6 +37,7 @@ class _GenerationFields(BaseModel):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    best_of: int | None = None
     # vLLM extensions
     top_k: int | None = None
     min_p: float | None = None
@@ -48,6 +49,9 @@ class _GenerationFields(BaseModel):
     min_tokens: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    prompt_logprobs: int | None = None
+    structured_outputs: dict[str, Any] | None = None
+    """vLLM's structured outputs: one of json, regex, choice, grammar, json_object."""
     return_tokens_as_token_ids: bool = False
     """Render logprob tokens as "token_id:N" (vLLM's extension; exact even for partial UTF-8)."""
 
@@ -56,6 +60,12 @@ class _GenerationFields(BaseModel):
             raise InvalidRequest("only n=1 is supported", param="n")
         if self.logit_bias:
             raise InvalidRequest("logit_bias is not supported", param="logit_bias")
+        if self.best_of not in (None, 1):
+            raise InvalidRequest("only best_of=1 is supported", param="best_of")
+        if self.prompt_logprobs is not None:
+            raise InvalidRequest("prompt_logprobs is not supported", param="prompt_logprobs")
+        if self.structured_outputs is not None:
+            raise InvalidRequest("structured_outputs is not supported", param="structured_outputs")
         if self.cache_salt is not None and not self.cache_salt:
             raise InvalidRequest("cache_salt must be a non-empty string", param="cache_salt")
 
@@ -89,7 +99,6 @@ class CompletionRequest(_GenerationFields):
     echo: bool = False
     logprobs: int | None = None
     suffix: str | None = None
-    best_of: int | None = None
 
     @property
     def num_logprobs(self) -> int | None:
@@ -101,8 +110,6 @@ class CompletionRequest(_GenerationFields):
             raise InvalidRequest("echo is not supported", param="echo")
         if self.suffix:
             raise InvalidRequest("suffix is not supported", param="suffix")
-        if self.best_of not in (None, 1):
-            raise InvalidRequest("only best_of=1 is supported", param="best_of")
         p = self.prompt
         if isinstance(p, str):
             return [p]

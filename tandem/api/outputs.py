@@ -39,7 +39,7 @@ class RequestMetrics:
 
 @dataclass(slots=True)
 class CompletionOutput:
-    """One completion of a request (Tandem generates one per request: index 0)."""
+    """One completion of a request: ``index`` of its ``n`` (or ``best_of``)."""
 
     index: int
     text: str
@@ -62,6 +62,9 @@ class RequestOutput:
     num_cached_tokens: int = 0
     """Prompt tokens served from the prefix cache."""
     prompt: str | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
+    """With ``SamplingParams.prompt_logprobs``: one per prompt token from the second on (the
+    first is predicted from nothing); sent once, on a request's first output."""
     metrics: RequestMetrics | None = field(default=None, repr=False)
 
 

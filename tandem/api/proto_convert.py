@@ -12,7 +12,7 @@ from google.protobuf import descriptor
 from tandem.api.errors import InvalidRequest
 from tandem.api.outputs import RequestMetrics, RequestOutput, TokenLogprob
 from tandem.api.requests import Job, Resume, TokenEvent, Usage
-from tandem.api.sampling_params import SAMPLING_FIELDS, SamplingParams
+from tandem.api.sampling_params import SAMPLING_FIELDS, SamplingParams, StructuredOutputs
 from tandem.api.stats import EngineStats
 from tandem.proto.common.v1 import common_pb2
 from tandem.proto.decode.v1 import decode_pb2
@@ -40,7 +40,13 @@ def sampling_fields_from_proto(pb: common_pb2.SamplingParams) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     for f in pb.DESCRIPTOR.fields:
         value = getattr(pb, f.name)
-        if f.is_repeated:
+        if f.name == "logit_bias":
+            if value:
+                fields[f.name] = tuple(sorted((t, _round_float32(b)) for t, b in value.items()))
+        elif f.name == "structured_outputs":
+            if pb.HasField(f.name):
+                fields[f.name] = structured_outputs_from_proto(value)
+        elif f.is_repeated:
             if value:
                 fields[f.name] = tuple(value)
         elif f.has_presence:
@@ -73,13 +79,35 @@ def sampling_fields_to_proto(fields: Mapping[str, Any]) -> common_pb2.SamplingPa
         if f is None:
             raise InvalidRequest(f"unknown sampling option {name!r}", param=name)
         try:
-            if f.is_repeated:
+            if name == "logit_bias":
+                pb.logit_bias.update(value.items() if isinstance(value, Mapping) else value)
+            elif name == "structured_outputs":
+                pb.structured_outputs.CopyFrom(structured_outputs_to_proto(value))
+            elif f.is_repeated:
                 getattr(pb, name).extend([value] if isinstance(value, str) else value)
             else:
                 setattr(pb, name, value)
         except (TypeError, ValueError) as e:
             raise InvalidRequest(f"{name}: {e}", param=name) from None
     return pb
+
+
+def structured_outputs_to_proto(so: StructuredOutputs) -> common_pb2.StructuredOutputs:
+    if isinstance(so, Mapping):
+        so = StructuredOutputs(**so)
+    if so.choice is not None:
+        return common_pb2.StructuredOutputs(choice=common_pb2.ChoiceList(choices=so.choice))
+    return common_pb2.StructuredOutputs(**{so.kind: getattr(so, so.kind)})
+
+
+def structured_outputs_from_proto(pb: common_pb2.StructuredOutputs) -> StructuredOutputs:
+    """Raises ``InvalidRequest`` for a message with no constraint set."""
+    which = pb.WhichOneof("constraint")
+    if which is None:
+        raise InvalidRequest("structured_outputs sets no constraint", param="structured_outputs")
+    if which == "choice":
+        return StructuredOutputs(choice=tuple(pb.choice.choices))
+    return StructuredOutputs(**{which: getattr(pb, which)})
 
 
 def sampling_params_from_proto(pb: common_pb2.SamplingParams) -> SamplingParams:

@@ -75,6 +75,11 @@ class TokenEvent:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     usage: Usage | None = None
+    index: int = 0
+    """Which of the request's n completions (``SamplingParams.n``) these tokens belong to."""
+    prompt_logprobs: list[TokenLogprob] | None = None
+    """On a request's first event, with ``SamplingParams.prompt_logprobs``: one per prompt
+    token from the second on."""
 
 
 def coalesce_token_events(events: list[TokenEvent]) -> TokenEvent:
