@@ -43,15 +43,22 @@ bench-serve: setup
 bench-engine: setup
 	$(PY) bench/engine.py $(ARGS)
 
-# Load-test a running router (starts nothing): make loadtest URL=http://host:8000 [GRPC=host:50050]
+# Load-test a running router (starts nothing): make loadtest URL=http://host:8000 [GRPC=host:port]
 #   [USERS=16 SPAWN=4 DURATION=2m OUT=loadtest-results ARGS="--workload shared-prefix --max-tokens 128"]
+# GRPC (the router's gRPC address, which `tandem up` prints) turns the SDK user on. No bootstrap:
+# locust runs in .venv when there is one, else in the active virtualenv, else in a small
+# .venv-loadtest of its own (HTTP users only), and is installed there only when missing.
 USERS ?= 16
 SPAWN ?= 4
 DURATION ?= 2m
 OUT ?= loadtest-results
-loadtest: setup
+LOADTEST_PY ?= $(firstword $(wildcard $(PY)) $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV)/bin/python) .venv-loadtest/bin/python)
+loadtest:
 	@test -n "$(URL)" || { echo "usage: make loadtest URL=http://router:8000 [GRPC=host:port] [USERS= DURATION= ARGS=]"; exit 2; }
+	@test -x $(LOADTEST_PY) || [ $(LOADTEST_PY) != .venv-loadtest/bin/python ] || python3 -m venv .venv-loadtest
+	@$(LOADTEST_PY) -c "import locust" 2>/dev/null || \
+		$(LOADTEST_PY) -m pip install -q --disable-pip-version-check "locust>=2.40"
 	@mkdir -p $(OUT)
-	$(VENV)/bin/locust -f loadtest/locustfile.py --headless -H $(URL) $(if $(GRPC),--grpc-target $(GRPC)) \
+	$(LOADTEST_PY) -m locust -f loadtest/locustfile.py --headless -H $(URL) $(if $(GRPC),--grpc-target $(GRPC)) \
 		-u $(USERS) -r $(SPAWN) -t $(DURATION) --stop-timeout 120 --csv $(OUT)/locust \
 		--jsonl $(OUT)/requests.jsonl $(ARGS)

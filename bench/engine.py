@@ -436,10 +436,13 @@ def tandem_offline(model: Path, args, prompts, out_lens, async_mode: str) -> dic
 
         def __init__(self, scheduled, launched, t0):
             self.scheduled, self.launched, self.t0 = scheduled, launched, t0
-            self.sampled, self.tokens = (
+            # What the engine reads of a launched step besides result() (async scheduling's
+            # tokens, the prompt logprobs it computed).
+            self.sampled, self.tokens, self.prompt_logprobs = (
                 launched.sampled,
                 launched.tokens,
-            )  # what async scheduling reads
+                launched.prompt_logprobs,
+            )
 
         def result(self):
             try:

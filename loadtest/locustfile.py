@@ -1,8 +1,10 @@
 """Load test for a running Tandem router: OpenAI streaming chat, streaming completions, gRPC SDK.
 
 Start nothing here: point it at a router (``make loadtest URL=http://host:8000``, or ``locust -f
-loadtest/locustfile.py -H http://host:8000``). The three user types run side by side (pick some
-with ``locust ... ChatStreamUser``). Every request reports locust events:
+loadtest/locustfile.py -H http://host:8000``). The user types run side by side (pick some with
+``locust ... ChatStreamUser``); the SDK user only with ``--grpc-target HOST:PORT`` (``make
+loadtest GRPC=HOST:PORT``: the router's gRPC address, which ``tandem up`` prints). Every request
+reports locust events:
 
 =========  ==========================  =======================================================
 type       name                        response_time (ms) / response_length
@@ -27,21 +29,17 @@ import os
 import sys
 import time
 import uuid
-from urllib.parse import urlsplit
 
-import grpc.experimental.gevent as grpc_gevent
-
-grpc_gevent.init_gevent()  # before any channel exists: gRPC's I/O must cooperate with gevent
-
-import requests  # noqa: E402
-from locust import User, between, events, task  # noqa: E402
-from measure import JsonlWriter, RequestRecord, StreamError, StreamTimer, sse_payloads  # noqa: E402
-from workloads import WORKLOADS, Conversation, WorkloadOptions, as_prompt  # noqa: E402
-
-from tandem.sdk import Client  # noqa: E402
+import requests
+from locust import User, between, events, task
+from measure import JsonlWriter, RequestRecord, StreamError, StreamTimer, sse_payloads
+from workloads import WORKLOADS, Conversation, WorkloadOptions, as_prompt
 
 _user_numbers = itertools.count()
 _writer = JsonlWriter(None)
+_sdk_client = None
+"""``tandem.sdk.Client`` once a ``--grpc-target`` turned the SDK user on (imported only then:
+the HTTP users need locust alone, not Tandem's gRPC stack)."""
 
 
 @events.init_command_line_parser.add_listener
@@ -51,7 +49,8 @@ def _add_arguments(parser) -> None:
     group.add_argument(
         "--grpc-target",
         default="",
-        help="router gRPC host:port (default: the --host's host, port 50050)",
+        help="router gRPC host:port, as `tandem up` prints it (`router ... grpc HOST:PORT`); the "
+        "SDK user (GrpcUser) runs only with it",
     )
     group.add_argument("--workload", choices=WORKLOADS, default="random")
     group.add_argument("--prompt-words-min", type=int, default=20)
@@ -85,9 +84,44 @@ def _check_options(environment, **kwargs) -> None:
         _workload_options(opts)
         if opts.max_tokens < 1:
             raise ValueError("--max-tokens must be at least 1")
+        _choose_sdk_user(environment, opts)
     except ValueError as e:
         logging.getLogger("loadtest").error("bad option: %s", e)
         sys.exit(2)
+
+
+def _choose_sdk_user(environment, opts) -> None:
+    """The SDK user runs against ``--grpc-target`` only: the router's gRPC port is not derived
+    from its HTTP URL (``tandem up`` picks a free one). Without a target it is left out, unless
+    named on the command line, which is then a bad option.
+
+    Raises:
+        ValueError: GrpcUser named without a target, or the SDK cannot be imported.
+    """
+    global _sdk_client
+    if not opts.grpc_target:
+        if GrpcUser.__name__ in (opts.user_classes or ()):
+            raise ValueError(
+                "GrpcUser needs --grpc-target HOST:PORT (the router's gRPC address; `tandem up` "
+                "prints it on its router line)"
+            )
+        environment.user_classes[:] = [u for u in environment.user_classes if u is not GrpcUser]
+        if environment.user_classes:
+            logging.getLogger("loadtest").info(
+                "GrpcUser off: no --grpc-target (make loadtest GRPC=HOST:PORT turns it on)"
+            )
+        return
+    try:
+        import grpc.experimental.gevent as grpc_gevent
+
+        from tandem.sdk import Client
+    except ImportError as e:
+        raise ValueError(
+            f"--grpc-target needs Tandem's SDK and grpcio ({e}); run from the repository with "
+            "its .venv (make setup), or leave --grpc-target out"
+        ) from e
+    grpc_gevent.init_gevent()  # before any channel exists: gRPC's I/O must cooperate with gevent
+    _sdk_client = Client
 
 
 @events.test_start.add_listener
@@ -280,15 +314,15 @@ class CompletionUser(_OpenAIUser):
 
 
 class GrpcUser(_TandemUser):
-    """The gRPC client SDK (``tandem.sdk.Client``), reporting through locust's request events."""
+    """The gRPC client SDK (``tandem.sdk.Client``), reporting through locust's request events;
+    on only with ``--grpc-target``."""
 
     api = "sdk"
 
     def on_start(self) -> None:
         super().on_start()
-        target = self.opts.grpc_target or f"{urlsplit(self.host).hostname}:50050"
-        self.client = Client(
-            target,
+        self.client = _sdk_client(
+            self.opts.grpc_target,
             timeout=self.opts.request_timeout,
             max_retries=0,
             api_key=self.opts.api_key or None,

@@ -13,6 +13,7 @@ command lines, and none is logged.
 """
 
 import json
+import logging
 import os
 import random
 import signal
@@ -26,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -73,6 +75,11 @@ class UpOptions(BaseModel):
     """Refuse a KV transfer rather than fall back to a slower transport."""
     worker_args: list[str] = Field(default_factory=list)
     """Extra flags for every prefill and decode worker (e.g. ["--max-num-seqs", "64"])."""
+    tool_call_parser: Literal["llama3_json", "hermes", "mistral"] | None = None
+    """The router's --tool-call-parser: how the served model writes tool calls."""
+    enable_auto_tool_choice: bool = False
+    """The router's --enable-auto-tool-choice: serve tool_choice "auto" (needs
+    --tool-call-parser)."""
     router_args: list[str] = Field(default_factory=list)
     """Extra flags for the router."""
     api_key: list[str] = Field(default_factory=list, repr=False)
@@ -397,6 +404,8 @@ class LocalCluster:
             str(opts.colocate_below_tokens),
             *(["--kvstore", kvstore] if kvstore else []),
             *(["--api-key-file", str(opts.api_key_file)] if opts.api_key_file else []),
+            *(["--tool-call-parser", opts.tool_call_parser] if opts.tool_call_parser else []),
+            *(["--enable-auto-tool-choice"] if opts.enable_auto_tool_choice else []),
             *opts.router_args,
         ]
         url = f"http://{opts.host}:{http_port}/health"
@@ -482,9 +491,27 @@ class LocalCluster:
                 sys.stdout.write(f"[{name}] {line}")
                 sys.stdout.flush()
 
-    def wait_ready(self, timeout_s: float, stopping: threading.Event | None = None) -> str | None:
-        """None once every service is healthy, else why not."""
-        deadline = time.monotonic() + timeout_s
+    def say(self, line: str) -> None:
+        """A line of ``tandem up``'s own (printed when relaying, else kept in the log)."""
+        self.log.append(f"{line}\n")
+        if self.relay:
+            print(line, flush=True)
+
+    def wait_ready(
+        self,
+        timeout_s: float,
+        stopping: threading.Event | None = None,
+        progress_every_s: float = 15.0,
+    ) -> str | None:
+        """None once every service is healthy, else why not.
+
+        Says when each service comes up (with the seconds it took: a pod's include loading the
+        model and, on a GPU, capturing CUDA graphs, which its own log lines report) and, every
+        ``progress_every_s``, which are still starting; the health polls themselves are silent.
+        """
+        started = time.monotonic()
+        deadline = started + timeout_s
+        next_progress = started + progress_every_s
         pending = list(self.services)
         while pending:
             if stopping is not None and stopping.is_set():
@@ -498,10 +525,60 @@ class LocalCluster:
                     )
                 if service.ready():
                     pending.remove(service)
-            if time.monotonic() > deadline:
+                    self.say(f"tandem: {service.name} ready ({time.monotonic() - started:.1f} s)")
+            now = time.monotonic()
+            if now > deadline:
                 return f"not ready after {timeout_s:g} s: {', '.join(s.name for s in pending)}"
+            if pending and now >= next_progress:
+                next_progress = now + progress_every_s
+                self.say(
+                    f"tandem: starting ({now - started:.0f} s): waiting for "
+                    f"{', '.join(s.name for s in pending)}"
+                )
             time.sleep(0.2)
         return None
+
+    def served_model_name(self) -> str:
+        """The model name clients send (the router's --served-model-name, else the directory's)."""
+        name = Path(self.model).name
+        args = self.opts.router_args
+        for i, arg in enumerate(args):
+            if arg == "--served-model-name" and i + 1 < len(args):
+                name = args[i + 1]
+            elif arg.startswith("--served-model-name="):
+                name = arg.split("=", 1)[1]
+        return name
+
+    def summary(self) -> list[str]:
+        """``tandem up``'s lines once ready: the model, then one line per service (its address,
+        its metrics endpoint), then the load-test command for this cluster. Never a secret: a
+        Redis URL is shown as its host and port only."""
+        from tandem.model_dir import load_model_config
+
+        arch = load_model_config(self.model).architecture
+        lines = [
+            f"tandem: model     {self.served_model_name()} ({arch}, {self.opts.device}) from "
+            f"{Path(self.model).resolve()}"
+        ]
+        width = max(len(s.name) for s in self.services)
+        for service in self.services:
+            if service.name == "router":
+                where = f"http {self.router_url} (OpenAI API)  grpc {self.router_grpc} (SDK)"
+            else:
+                where = f"grpc {service.address}"
+            line = f"tandem: {service.name:<{width}} {where}  metrics {service.metrics_url}"
+            if service.name == "kvstore":
+                url = urlsplit(self.opts.redis_url or self.redis_url or "")
+                kind = "embedded" if self.redis is not None else "--redis-url"
+                line += f"  redis {url.hostname}:{url.port} ({kind})"
+            lines.append(line)
+        load_test = (
+            f"tandem: load test: make loadtest URL={self.router_url} GRPC={self.router_grpc}"
+        )
+        if self.opts.api_key or self.opts.api_key_file:
+            load_test += "  (with TANDEM_API_KEY set to one of the router's keys)"
+        lines.append(load_test)
+        return lines
 
     def dead(self) -> Service | None:
         return next((s for s in self.services if s.proc and s.proc.poll() is not None), None)
@@ -540,6 +617,9 @@ def run(opts: UpOptions) -> int:
         from tandem.api.errors import ModelLoadError
 
         raise ModelLoadError(f"model directory {model} has no tokenizer.json")
+    # The health polls (a 503 every 0.2 s while the pods load) are not news: wait_ready reports
+    # progress instead.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     stopping = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
@@ -552,9 +632,8 @@ def run(opts: UpOptions) -> int:
         if problem is not None:
             print(f"tandem: {problem}", flush=True)
             return 1
-        print(
-            f"tandem: router gRPC (RouterService, for the SDK) on {cluster.router_grpc}", flush=True
-        )
+        for line in cluster.summary():
+            print(line, flush=True)
         print(f"tandem ready: {cluster.router_url}", flush=True)
         while not stopping.is_set():
             dead = cluster.dead()

@@ -39,6 +39,21 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(getattr(self._hf, "chat_template", None))
 
+    def info(self) -> dict[str, Any]:
+        """What a client needs to tokenize as this tokenizer does (vLLM's ``/tokenizer_info``):
+        its class, special tokens, context bound and chat template."""
+        hf = self._hf
+        return {
+            "tokenizer_class": type(hf).__name__,
+            "bos_token": hf.bos_token,
+            "eos_token": hf.eos_token,
+            "pad_token": hf.pad_token,
+            "unk_token": hf.unk_token,
+            "add_bos_token": getattr(hf, "add_bos_token", None),
+            "model_max_length": hf.model_max_length,
+            "chat_template": getattr(hf, "chat_template", None),
+        }
+
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text`` (with the tokenizer's BOS etc. when ``add_special_tokens``)."""
         return list(self._hf.encode(text, add_special_tokens=add_special_tokens))

@@ -114,22 +114,29 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             remote = request.prefill_mode == decode_pb2.PREFILL_MODE_REMOTE
             completion_tokens = 0
             last_token_at = None
+            kv_pending = remote  # until the first item (a best_of request's may carry none)
             while True:
-                if remote and completion_tokens == 0:
+                if kv_pending:
                     item = await self._wait_for_kv(rid, stream)
+                    kv_pending = False
                 else:
                     item = await stream.get()
                 item = coalesce(item, stream)  # a consumer that fell behind gets one message
                 if isinstance(item, BaseException):
                     raise item
-                new_tokens = len(item.outputs[0].token_ids)
+                # n > 1: one chunk per completion, each under its index (parallel sampling).
+                new_tokens = sum(len(c.token_ids) for c in item.outputs)
                 completion_tokens += new_tokens
                 now = time.monotonic()
                 if new_tokens and last_token_at is not None:
                     self.metrics.itl.observe((now - last_token_at) / new_tokens)
                 if new_tokens:
                     last_token_at = now
-                response = decode_pb2.GenerateResponse(chunk=proto_convert.token_chunk(item))
+                responses = [
+                    decode_pb2.GenerateResponse(chunk=proto_convert.token_chunk(item, c))
+                    for c in item.outputs
+                ]
+                response = responses[-1]
                 if trace_ is not None:
                     trace_.output(now, new_tokens, item)
                 if item.finished:
@@ -139,7 +146,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                     resumed = proto_convert.num_output_tokens(request)
                     response.usage.CopyFrom(proto_convert.usage(item, completion_tokens + resumed))
                     self.metrics.observe_finished(item.metrics)
-                yield response
+                for response in responses:
+                    yield response
                 if finished:
                     return
         except TandemError as exc:
@@ -324,6 +332,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             end.first_token_id,
             logprob=logprob,
             num_cached_tokens=end.num_cached_tokens,
+            # Memory transports' CompleteKV carries the same end message as PushKV's.
+            prompt_logprobs=[proto_convert.logprob_from_proto(lp) for lp in end.prompt_logprobs],
         )
 
     # ---- memory transports: DescribeKV, ClaimKV, CompleteKV -----------------------------------

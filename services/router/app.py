@@ -36,6 +36,7 @@ from services.router.pods import PodRegistry
 from services.router.prefix_index import PrefixIndexClient
 from services.router.request_trace import RequestTrace
 from services.router.settings import RouterSettings
+from services.router.utility_routes import add_utility_routes, model_card
 from tandem import telemetry
 from tandem.api import cluster_auth
 from tandem.api.errors import RequestCancelled, TandemError, UpstreamUnavailable
@@ -176,9 +177,14 @@ def create_app(settings: RouterSettings) -> FastAPI:
         max_model_len=served_context,
         sampling_defaults=settings.sampling_defaults(),
         max_prompts_per_request=settings.max_prompts_per_request,
+        max_n=settings.max_n,
     )
     serving = OpenAIServing(
-        jobs, dispatcher, trust_request_chat_template=settings.trust_request_chat_template
+        jobs,
+        dispatcher,
+        trust_request_chat_template=settings.trust_request_chat_template,
+        tool_call_parser=settings.tool_call_parser,
+        enable_auto_tool_choice=settings.enable_auto_tool_choice,
     )
     metrics = RouterMetrics()
 
@@ -198,16 +204,29 @@ def create_app(settings: RouterSettings) -> FastAPI:
             max_receive_message_length=settings.max_request_body_bytes,
         )
         router_pb2_grpc.add_RouterServiceServicer_to_server(
-            RouterServicer(jobs, dispatcher, metrics, keys=keys, limits=key_limits), server.server
+            RouterServicer(
+                jobs,
+                dispatcher,
+                metrics,
+                keys=keys,
+                limits=key_limits,
+                chat_prompt=serving.chat_prompt_ids,
+            ),
+            server.server,
         )
         await server.start()
         app.state.grpc_port, app.state.grpc_server = server.port, server
+        # Discovered pods, not only those up: pods still loading their model are counted too
+        # (each one's "is up" line follows when it first answers).
         logger.info(
-            "router gRPC on port %d; %d prefill, %d decode pods (%s discovery)",
+            "router gRPC on port %d; %s discovery: %s",
             server.port,
-            len(registry.by_role("prefill")),
-            len(registry.by_role("decode")),
             settings.discovery,
+            ", ".join(
+                f"{role} pods {len(registry.by_role(role, healthy=False))} "
+                f"({len(registry.by_role(role))} up)"
+                for role in ("prefill", "decode")
+            ),
         )
         try:
             yield
@@ -241,7 +260,14 @@ def create_app(settings: RouterSettings) -> FastAPI:
     app.state.drain_gate = DrainGate(retry_after_s=settings.retry_after_s)
     app.add_middleware(app.state.drain_gate.wrap)
     app.add_middleware(RequestIdAndMetrics, metrics=metrics)
-    _add_openai_routes(app, serving, metrics, LargeTextGate())
+    large_texts = LargeTextGate()
+    _add_openai_routes(app, serving, metrics, large_texts)
+    add_utility_routes(  # /tokenize, /detokenize, /version, ...
+        app,
+        serving,
+        large_texts,
+        tokenizer_info=settings.enable_tokenizer_info_endpoint,
+    )
     _add_operational_routes(app, serving, metrics)
     return app
 
@@ -314,7 +340,9 @@ def _add_openai_routes(
             request,
             jobs,
             routes,
-            (lambda events: serving.completion_sse(body, rid, events)) if body.stream else None,
+            (lambda events: serving.completion_sse(body, rid, events, jobs))
+            if body.stream
+            else None,
             lambda: serving.completion(body, jobs, rid, routes),
         )
 
@@ -336,16 +364,7 @@ def _add_openai_routes(
     async def models():
         return {
             "object": "list",
-            "data": [
-                {
-                    "id": serving.model_name,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "tandem",
-                    "root": serving.model_name,
-                    "max_model_len": serving.jobs.max_model_len,
-                }
-            ],
+            "data": [model_card(serving)],
         }
 
 

@@ -176,8 +176,12 @@ class KeyLease:
 
 
 def job_tokens(jobs: Iterable[Job]) -> int:
-    """Tokens a request reserves: each prompt's tokens plus its max_tokens."""
-    return sum(len(j.prompt_token_ids) + j.params.max_tokens for j in jobs)
+    """Tokens a request reserves: each prompt's tokens plus its max_tokens per completion it
+    generates (``best_of``, else ``n``)."""
+    return sum(
+        len(j.prompt_token_ids) + j.params.max_tokens * (j.params.best_of or j.params.n)
+        for j in jobs
+    )
 
 
 def reserve_tokens(request, jobs: Iterable[Job]) -> None:

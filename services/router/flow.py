@@ -17,6 +17,12 @@ repeated, the same as an uninterrupted run's (the pods count the brought-along o
 max/min tokens, penalties, stop strings and the seeded sampler's position). Other failures
 after the first token are reported in the stream. Whatever ends the request -- completion,
 error, the client going away -- both calls are cancelled, so the pods free the request's blocks.
+
+Parallel sampling (``n`` or ``best_of`` above 1): the decode pod streams every completion's
+events, each under its ``index``, and the request ends when all ``n`` finished. Such a request
+is NOT migrated: a decode pod failing after its first token fails it with an error saying so
+(a resume would have to carry every completion's output and seed position; clients of ``n > 1``
+mostly do not stream and retry the request whole).
 """
 
 import asyncio
@@ -99,7 +105,8 @@ class Migration:
     to_pod: str = ""
     outcome: str = ""
     """"resumed" (another decode pod continued the stream), "failed" (no pod could take it),
-    "limit" (``max_migrations`` used up; 0 turns migration off)."""
+    "limit" (``max_migrations`` used up; 0 turns migration off), "unsupported" (n or best_of
+    above 1: not migrated)."""
 
 
 class _Migrate(Exception):
@@ -235,7 +242,9 @@ class Dispatcher:
                         self._migration_ended(job, route, migration, "resumed")
                     started = True
                     sent.add(event)
-                    if event.finish_reason is not None:
+                    if event.usage is not None or (
+                        event.finish_reason is not None and job.params.n == 1
+                    ):
                         if migration is not None and event.usage is not None:
                             event.usage = _uninterrupted_usage(job, sent, event.usage)
                         if route.trace is not None:
@@ -262,6 +271,12 @@ class Dispatcher:
         migration = Migration(
             failure.decode, type(failure.error).__name__, len(sent.token_ids), failure.error
         )
+        if _num_samples(job) > 1:
+            self._migration_ended(job, route, migration, "unsupported")
+            raise UpstreamUnavailable(
+                f"{failure.error}; a request with n or best_of above 1 is not moved to another "
+                "decode pod: retry it"
+            ) from None
         done = sum(1 for m in route.migrations if m.outcome == "resumed")
         if done >= self.settings.max_migrations:
             self._migration_ended(job, route, migration, "limit")
@@ -462,7 +477,9 @@ class Dispatcher:
                 )
                 yield event
                 if event.finish_reason is not None:
-                    break
+                    state.finished.add(event.index)
+                    if len(state.finished) >= job.params.n:  # every completion ended
+                        break
         finally:
             decode.inflight -= 1
             if prefill is not None:
@@ -569,6 +586,13 @@ class _AttemptState:
     """A token (or the end) reached the caller: no retry from here on."""
     prefill_error: BaseException | None = None
     """The prefill failed before the first token (so its KV will never arrive)."""
+    finished: set[int] = field(default_factory=set)
+    """Indices of the completions that ended (the request ends with the n-th)."""
+
+
+def _num_samples(job: Job) -> int:
+    """Completions the pods generate for the job (``best_of``, else ``n``)."""
+    return job.params.best_of if job.params.best_of is not None else job.params.n
 
 
 def _uninterrupted_usage(job: Job, sent: _Sent, usage: Usage) -> Usage:

@@ -14,6 +14,7 @@ from services.router.input_limits import MIN_CHARS_PER_TOKEN, chars_per_token_bo
 from tandem.api.errors import InvalidRequest, ModelNotFound, RequestTooLarge
 from tandem.api.requests import Job
 from tandem.api.sampling_request import RequestLimits, check_prompt_ids, resolve_sampling_params
+from tandem.api.structured_grammar import check_structured_outputs
 from tandem.tokenizer import Tokenizer
 
 
@@ -27,6 +28,7 @@ class JobBuilder:
         max_model_len: Callable[[], int],
         sampling_defaults: Mapping[str, Any] | None = None,
         max_prompts_per_request: int = 128,
+        max_n: int = 128,
     ) -> None:
         """
         Args:
@@ -35,6 +37,7 @@ class JobBuilder:
             sampling_defaults: values for sampling fields a request leaves unset (the model's
                 generation config, by default).
             max_prompts_per_request: most prompts one request may carry.
+            max_n: most completions (``n``, ``best_of``) one prompt may ask for.
         """
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -42,6 +45,7 @@ class JobBuilder:
         self._max_model_len = max_model_len
         self.sampling_defaults = dict(sampling_defaults or {})
         self.max_prompts_per_request = max_prompts_per_request
+        self.max_n = max_n
         # Most characters one token stands for (``input_limits.chars_per_token_bound``).
         self.chars_per_token = (
             chars_per_token_bound(tokenizer) if tokenizer is not None else MIN_CHARS_PER_TOKEN
@@ -158,6 +162,20 @@ class JobBuilder:
                 param=param,
             )
 
+    def check_num_completions(self, sampling: Mapping[str, Any]) -> None:
+        """``n`` and ``best_of`` at most ``max_n`` (the router's ``--max-n``).
+
+        Raises:
+            InvalidRequest: naming the field above it.
+        """
+        for name in ("n", "best_of"):
+            value = sampling.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > self.max_n:
+                raise InvalidRequest(
+                    f"{name} must be at most {self.max_n} (the router's --max-n), got {value}",
+                    param=name,
+                )
+
     def job(
         self,
         request_id: str,
@@ -178,6 +196,7 @@ class JobBuilder:
             InvalidRequest: (``RequestTooLarge`` too) naming the field at fault.
         """
         limits = RequestLimits(vocab_size=self.vocab_size, max_model_len=self.max_model_len)
+        self.check_num_completions(sampling)
         check_prompt_ids(prompt_ids, limits, prompt_param)
         params = resolve_sampling_params(
             sampling,
@@ -185,4 +204,6 @@ class JobBuilder:
             limits=limits,
             defaults=self.sampling_defaults,
         )
+        if params.structured_outputs is not None:  # compiled once per distinct constraint
+            check_structured_outputs(params.structured_outputs)
         return Job(request_id, list(prompt_ids), params, priority, cache_salt)

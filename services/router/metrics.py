@@ -63,11 +63,12 @@ class RouterMetrics:
             "tandem_router_migrations",
             "Requests moved to another decode pod after theirs failed mid-stream, by outcome: "
             "resumed (another pod continued the stream), failed (none could take it), limit "
-            "(--max-migrations used up; 0 turns migration off)",
+            "(--max-migrations used up; 0 turns migration off), unsupported (n or best_of above "
+            "1: such requests fail instead)",
             ["outcome"],
             registry=self.registry,
         )
-        for outcome in ("resumed", "failed", "limit"):
+        for outcome in ("resumed", "failed", "limit", "unsupported"):
             self.migrations.labels(outcome)
 
     def observe_route(self, route: Route, prompt_tokens: int) -> None:

@@ -10,6 +10,7 @@ tokens, so admission errors still get a proper status code (429, 503, ...).
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -17,10 +18,12 @@ from dataclasses import dataclass
 
 import orjson
 
+from services.router import prompt_scoring
 from services.router.flow import Dispatcher, Route
 from services.router.http_errors import error_body, status_for
 from services.router.jobs import JobBuilder
 from services.router.openai_protocol import ChatCompletionRequest, CompletionRequest
+from services.router.tool_calls import ToolPlan, check_tools, plan_tools
 from tandem.api.errors import InvalidRequest, RequestTooLarge, TandemError
 from tandem.api.requests import Job, TokenEvent, Usage, coalesce_token_events
 
@@ -37,6 +40,8 @@ class _Choice:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     usage: Usage | None = None
+    prompt_logprobs: list | None = None
+    """The prompt's token logprobs (``SamplingParams.prompt_logprobs``), from the first event."""
 
 
 def sse(payload: dict | str) -> bytes:
@@ -61,12 +66,22 @@ class OpenAIServing:
     through the ``Dispatcher``, and the events back in OpenAI's response and SSE formats."""
 
     def __init__(
-        self, jobs: JobBuilder, dispatcher: Dispatcher, *, trust_request_chat_template: bool = False
+        self,
+        jobs: JobBuilder,
+        dispatcher: Dispatcher,
+        *,
+        trust_request_chat_template: bool = False,
+        tool_call_parser: str | None = None,
+        enable_auto_tool_choice: bool = False,
     ) -> None:
         """
         Args:
             trust_request_chat_template: render chat templates that requests supply (else 400).
+            tool_call_parser: the ``tool_parsers`` parser of the served model's call format.
+            enable_auto_tool_choice: serve ``tool_choice: "auto"`` (needs ``tool_call_parser``).
         """
+        self.tool_call_parser = tool_call_parser
+        self.enable_auto_tool_choice = enable_auto_tool_choice
         self.jobs = jobs
         self.dispatcher = dispatcher
         self.tokenizer = jobs.tokenizer
@@ -93,6 +108,31 @@ class OpenAIServing:
 
     def chat_job(self, req: ChatCompletionRequest, request_id: str) -> Job:
         self.jobs.check_model(req.model)
+        plan = self.tool_plan(req)
+        sampling = req.sampling_fields(plan.constraint if plan else None)
+        if plan is not None and plan.skip_special_tokens is not None:
+            sampling["skip_special_tokens"] = plan.skip_special_tokens
+        return self.jobs.job(
+            request_id,
+            self.chat_prompt_ids(req),
+            sampling,
+            priority=req.priority,
+            cache_salt=req.cache_salt,
+            prompt_param="messages",
+        )
+
+    def chat_prompt_ids(
+        self, req: ChatCompletionRequest, *, add_special_tokens: bool = False
+    ) -> list[int]:
+        """The conversation's prompt token ids, rendered as every chat front door renders it:
+        ``/v1/chat/completions``, ``/tokenize`` (messages) and the gRPC ``Chat`` RPC (which
+        builds a ``ChatCompletionRequest`` for this). Reads no sampling field.
+
+        Args:
+            add_special_tokens: also add the tokenizer's own special tokens (BOS) on top of
+                what the template writes (vLLM's ``/tokenize`` option; chat completions never).
+        """
+        self.jobs.check_model(req.model)
         template = req.request_chat_template
         if template is not None and not self.trust_request_chat_template:
             raise InvalidRequest(
@@ -101,7 +141,6 @@ class OpenAIServing:
                 param="chat_template",
             )
         messages = req.template_messages()
-        sampling = req.sampling_fields()
         # Before rendering: every message renders to at least one token, and their text alone
         # must fit the context.
         if len(messages) >= self.jobs.max_model_len:
@@ -112,15 +151,22 @@ class OpenAIServing:
             )
         self.jobs.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
         text = self._render_chat(req, messages, template)
-        ids = self.jobs.encode(text, "messages", add_special_tokens=False)
-        return self.jobs.job(
-            request_id,
-            ids,
-            sampling,
-            priority=req.priority,
-            cache_salt=req.cache_salt,
-            prompt_param="messages",
-        )
+        return self.jobs.encode(text, "messages", add_special_tokens=add_special_tokens)
+
+    def tool_plan(self, req: ChatCompletionRequest) -> ToolPlan | None:
+        """The request's tool plan (``tool_calls.plan_tools``), made once and kept on it for
+        the response."""
+        if not req.tool_plan_made:
+            req.set_tool_plan(
+                plan_tools(
+                    req.tools,
+                    req.tool_choice,
+                    req.parallel_tool_calls,
+                    parser_name=self.tool_call_parser,
+                    enable_auto=self.enable_auto_tool_choice,
+                )
+            )
+        return req.tool_plan
 
     def _render_chat(self, req: ChatCompletionRequest, messages, template: str | None) -> str:
         """The conversation rendered to prompt text: by the model's template, or by the
@@ -130,6 +176,8 @@ class OpenAIServing:
         kwargs.pop("chat_template", None)
         if template is not None:
             kwargs["chat_template"] = template
+        if req.tools:  # the template shows the model its tools (as vLLM, also with "none")
+            kwargs["tools"] = check_tools(req.tools)
         try:
             text = self.tokenizer.render_chat(
                 messages,
@@ -187,21 +235,64 @@ class OpenAIServing:
             "text_offset": offsets,
         }
 
+    # ---- prompt scoring: prompt_logprobs, echo (services/router/prompt_scoring.py) ----------
+
+    def _echo_parts(self, req: CompletionRequest, jobs: list[Job]) -> list[str]:
+        """Each prompt's echoed text, by job (one job per prompt)."""
+        return [prompt_scoring.echo_text(p, self.tokenizer) for p in req.prompts()[: len(jobs)]]
+
+    def _prompt_scoring(
+        self, req: CompletionRequest, job: Job, c: _Choice, echo: str | None
+    ) -> dict:
+        """What prompt scoring adds to (or changes in) a completion choice: ``prompt_logprobs``
+        when asked; with echo the prompt's text (and logprobs) before the choice's. With
+        max_tokens=0 the token generated (the request ran with max_tokens=1, as vLLM) is
+        dropped: the choice is the prompt alone."""
+        out: dict = {}
+        if job.params.prompt_logprobs is not None:
+            out["prompt_logprobs"] = prompt_scoring.prompt_logprobs_json(
+                c.prompt_logprobs, self.tokenizer
+            )
+        if echo is None:
+            return out
+        as_ids = req.return_tokens_as_token_ids
+        out["text"] = echo if req.echo_only else echo + c.text
+        if req.logprobs is not None:
+            part, offset = prompt_scoring.echo_logprobs(
+                job.prompt_token_ids,
+                c.prompt_logprobs,
+                req.logprobs,
+                lambda t: self._token(t, as_ids),
+                self.tokenizer,
+            )
+            if not req.echo_only:
+                part = prompt_scoring.join_logprobs(
+                    part, self._completion_logprobs(c.logprobs, as_ids, offset)
+                )
+            out["logprobs"] = part
+        return out
+
     # ---- non-streaming ----------------------------------------------------------------------
 
-    async def _collect(self, job: Job, route: Route) -> _Choice:
-        choice = _Choice(token_ids=[], logprobs=[])
+    async def _collect(self, job: Job, route: Route) -> list[_Choice]:
+        """The job's ``n`` completions (the request's usage on the one whose event carried it;
+        the prompt's logprobs on each)."""
+        choices = [_Choice(token_ids=[], logprobs=[]) for _ in range(job.params.n)]
+        prompt_logprobs = None
         async for event in self.dispatcher.generate(job, route):
+            choice = choices[event.index]
             choice.text += event.text
             choice.token_ids += event.token_ids
             choice.logprobs += event.logprobs
+            if event.prompt_logprobs is not None and prompt_logprobs is None:
+                prompt_logprobs = event.prompt_logprobs
             if event.finish_reason is not None:
-                choice.finish_reason, choice.stop_reason, choice.usage = (
-                    event.finish_reason,
-                    event.stop_reason,
-                    event.usage,
-                )
-        return choice
+                choice.finish_reason, choice.stop_reason = event.finish_reason, event.stop_reason
+            if event.usage is not None:
+                choice.usage = event.usage
+        for choice in choices:
+            choice.prompt_logprobs = prompt_logprobs
+        return choices
 
     async def completion(
         self, req: CompletionRequest, jobs: list[Job], request_id: str, routes: list[Route]
@@ -210,10 +301,14 @@ class OpenAIServing:
             asyncio.ensure_future(self._collect(j, r)) for j, r in zip(jobs, routes, strict=True)
         ]
         try:
-            choices = await asyncio.gather(*tasks)
+            per_job = await asyncio.gather(*tasks)
         finally:
             for t in tasks:  # one prompt failed (or the client left): stop generating the others
                 t.cancel()
+        # As vLLM and OpenAI: prompt i's completion j is choice i * n + j.
+        choices = [c for cs in per_job for c in cs]
+        n = len(per_job[0]) if per_job else 1
+        echo = self._echo_parts(req, jobs) if req.echo else None
         return {
             "id": f"cmpl-{request_id}",
             "object": "text_completion",
@@ -230,6 +325,7 @@ class OpenAIServing:
                     ),
                     "finish_reason": c.finish_reason,
                     "stop_reason": c.stop_reason,
+                    **self._prompt_scoring(req, jobs[i // n], c, echo[i // n] if echo else None),
                 }
                 for i, c in enumerate(choices)
             ],
@@ -239,25 +335,46 @@ class OpenAIServing:
     async def chat(
         self, req: ChatCompletionRequest, job: Job, request_id: str, route: Route
     ) -> dict:
-        c = await self._collect(job, route)
+        choices = await self._collect(job, route)
+        c = choices[0]
         return {
             "id": f"chatcmpl-{request_id}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": self.model_name,
-            "choices": [
+            "choices": [self._chat_choice(req, i, choice) for i, choice in enumerate(choices)],
+            "usage": usage_json([x.usage for x in choices if x.usage]),
+            **(
                 {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": c.text},
-                    "logprobs": self._chat_logprobs(c.logprobs, req.return_tokens_as_token_ids)
-                    if req.logprobs
-                    else None,
-                    "finish_reason": c.finish_reason,
-                    "stop_reason": c.stop_reason,
+                    "prompt_logprobs": prompt_scoring.prompt_logprobs_json(
+                        c.prompt_logprobs, self.tokenizer
+                    )
                 }
-            ],
-            "usage": usage_json([c.usage] if c.usage else []),
+                if job.params.prompt_logprobs is not None
+                else {}
+            ),
         }
+
+    def _chat_choice(self, req: ChatCompletionRequest, index: int, c: _Choice) -> dict:
+        message, finish_reason = self._chat_message(req, c.text, c.finish_reason)
+        return {
+            "index": index,
+            "message": message,
+            "logprobs": self._chat_logprobs(c.logprobs, req.return_tokens_as_token_ids)
+            if req.logprobs
+            else None,
+            "finish_reason": finish_reason,
+            "stop_reason": c.stop_reason,
+        }
+
+    def _chat_message(
+        self, req: ChatCompletionRequest, text: str, finish_reason: str | None
+    ) -> tuple[dict, str | None]:
+        """A chat choice's message and finish reason: the text, or the tool calls in it."""
+        plan = self.tool_plan(req)
+        if plan is None:
+            return {"role": "assistant", "content": text}, finish_reason
+        return plan.message(text, finish_reason)
 
     # ---- streaming --------------------------------------------------------------------------
 
@@ -280,8 +397,9 @@ class OpenAIServing:
         return relay()
 
     async def completion_sse(
-        self, req: CompletionRequest, request_id: str, events
+        self, req: CompletionRequest, request_id: str, events, jobs: list[Job] | None = None
     ) -> AsyncIterator[bytes]:
+        """``jobs``: the request's, one per prompt (echo streams each prompt first)."""
         head = {
             "id": f"cmpl-{request_id}",
             "object": "text_completion",
@@ -289,11 +407,34 @@ class OpenAIServing:
             "model": self.model_name,
         }
         usages, offsets = [], {}
+        echo = self._echo_parts(req, jobs) if req.echo and jobs else None
+        n = jobs[0].params.n if jobs else 1  # choice i is prompt i // n's (merge_events)
         async for body in self._guard(events):
             if isinstance(body, bytes):
                 yield body
                 return
             i, event = body
+            if echo is not None and i not in offsets:
+                # As vLLM: a choice's first chunk is its prompt, then its first tokens (with
+                # echo_only, the prompt alone: the one token generated is dropped).
+                first = _Choice(
+                    text=event.text,
+                    token_ids=[],
+                    logprobs=event.logprobs,
+                    prompt_logprobs=event.prompt_logprobs,
+                )
+                choice = {
+                    "index": i,
+                    "text": event.text,
+                    "logprobs": None,
+                    "finish_reason": None,
+                    "stop_reason": None,
+                    **self._prompt_scoring(req, jobs[i // n], first, echo[i // n]),
+                }
+                choice.pop("prompt_logprobs", None)  # vLLM's stream chunks have no such field
+                yield sse({**head, "choices": [choice]})
+                offsets[i] = len(choice["text"])
+                event = dataclasses.replace(event, text="", logprobs=[])
             if event.text or event.logprobs:
                 lp = None
                 if req.logprobs is not None:
@@ -333,41 +474,53 @@ class OpenAIServing:
             "created": int(time.time()),
             "model": self.model_name,
         }
-        role = {
-            "index": 0,
-            "delta": {"role": "assistant", "content": ""},
-            "logprobs": None,
-            "finish_reason": None,
-        }
-        yield sse({**head, "choices": [role]})
+        for i in range(req.n):  # as vLLM: each choice's role first
+            role = {
+                "index": i,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+            yield sse({**head, "choices": [role]})
         usage = None
+        plan = self.tool_plan(req)
+        # Per choice: its text deltas -> tool-call deltas, and the logprobs of text held back.
+        streams: dict[int, tuple] = {}
         async for body in self._guard(events):
             if isinstance(body, bytes):
                 yield body
                 return
-            _, event = body
+            i, event = body
+            if i not in streams:
+                streams[i] = (plan.stream() if plan is not None else None, [])
+            tools, held_lps = streams[i]
+            deltas: list[dict] = []
             if event.text or event.logprobs:
+                deltas = tools.feed(event.text) if tools else [{"content": event.text}]
+                held_lps.extend(event.logprobs)
+            if event.finish_reason is not None and tools is not None:
+                deltas += tools.finish()
+            for d in deltas:
                 lp = (
-                    self._chat_logprobs(event.logprobs, req.return_tokens_as_token_ids)
+                    self._chat_logprobs(held_lps, req.return_tokens_as_token_ids)
                     if req.logprobs
                     else None
                 )
-                delta = {
-                    "index": 0,
-                    "delta": {"content": event.text},
-                    "logprobs": lp,
-                    "finish_reason": None,
-                }
+                held_lps.clear()
+                delta = {"index": i, "delta": d, "logprobs": lp, "finish_reason": None}
                 yield sse({**head, "choices": [delta]})
             if event.finish_reason is not None:
                 finish = {
-                    "index": 0,
+                    "index": i,
                     "delta": {},
                     "logprobs": None,
-                    "finish_reason": event.finish_reason,
+                    "finish_reason": (
+                        tools.finish_reason(event.finish_reason) if tools else event.finish_reason
+                    ),
                     "stop_reason": event.stop_reason,
                 }
                 yield sse({**head, "choices": [finish]})
+            if event.usage is not None:
                 usage = event.usage
         if req.include_usage:
             yield sse({**head, "choices": [], "usage": usage_json([usage] if usage else [])})
@@ -442,10 +595,11 @@ async def coalesced(
 async def merge_events(
     dispatcher: Dispatcher, jobs: list[Job], routes: list[Route]
 ) -> AsyncIterator[tuple[int, TokenEvent]]:
-    """The events of several jobs, tagged with their index, as they come."""
+    """The events of several jobs, tagged with their choice's index, as they come: job i's
+    completion j (``TokenEvent.index``, of its n) is choice ``i * n + j``."""
     if len(jobs) == 1:
         async for event in dispatcher.generate(jobs[0], routes[0]):
-            yield 0, event
+            yield event.index, event
         return
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
@@ -453,7 +607,7 @@ async def merge_events(
     async def pump(i: int, job: Job, route: Route) -> None:
         try:
             async for event in dispatcher.generate(job, route):
-                await queue.put((i, event))
+                await queue.put((i * job.params.n + event.index, event))
             await queue.put(done)
         except BaseException as exc:  # noqa: BLE001 - re-raised by the consumer
             await queue.put(exc)

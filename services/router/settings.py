@@ -113,10 +113,26 @@ class RouterSettings(BaseSettings, ClusterAuthOptions):
     """Most prompts in one /v1/completions request (a list of prompts); more is a 400. Each
     prompt is a sequence on a decode pod: 128 is half a GPU decode pod's usual batch (vLLM's
     max_num_seqs 256); bigger batches go in several requests or through the offline engine."""
+    max_n: int = Field(128, gt=0)
+    """Most completions one prompt may ask for: ``n`` or ``best_of`` above it is a 400 naming
+    the field (128, the maximum OpenAI's API documents for ``n``). Each completion is a
+    sequence on a decode pod sharing the prompt's KV blocks (parallel sampling)."""
     trust_request_chat_template: bool = False
     """Accept a chat template sent with a request (chat_template, or
     chat_template_kwargs.chat_template) as vLLM's flag does; without it such requests get 400.
     A trusted template still renders in Jinja's sandbox, but it can burn the router's CPU."""
+    tool_call_parser: Literal["llama3_json", "hermes", "mistral"] | None = None
+    """How the served model writes tool calls (vLLM's --tool-call-parser): llama3_json (Llama
+    3.x JSON, optionally after <|python_tag|>), hermes (Hermes and Qwen <tool_call> blocks) or
+    mistral ([TOOL_CALLS]). Needed for tool_choice "auto"; "required" and named functions are
+    enforced by structured decoding with or without it."""
+    enable_auto_tool_choice: bool = False
+    """Serve tool_choice "auto" (the default when a request has tools), parsing calls out of
+    the model's text with --tool-call-parser; without it such requests get 400, as vLLM."""
+    enable_tokenizer_info_endpoint: bool = False
+    """Serve GET /tokenizer_info (special tokens and the chat template; what lm-eval's remote
+    tokenizer reads), off by default as in vLLM: a chat template may hold a system prompt an
+    operator would not publish."""
 
     api_key: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
     """API keys clients must send as Authorization: Bearer <key> (HTTP, and the gRPC
@@ -150,6 +166,12 @@ class RouterSettings(BaseSettings, ClusterAuthOptions):
         load_api_keys(self.api_key, None)  # a short key fails now; the file is read at start
         if (self.tls_certfile is None) != (self.tls_keyfile is None):
             raise ValueError("--tls-certfile and --tls-keyfile go together")
+        return self
+
+    @model_validator(mode="after")
+    def _auto_tool_choice_has_a_parser(self) -> "RouterSettings":
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
         return self
 
     @model_validator(mode="after")

@@ -70,27 +70,43 @@ class RequestOutput:
 
 def merge_deltas(outputs: "list[RequestOutput]") -> RequestOutput:
     """Consecutive ``DELTA`` outputs of one request as one: tokens, text and logprobs in order,
-    the state (finished, finish and stop reasons, cached tokens, metrics) of the last. A stream
-    whose consumer fell behind sends this instead of each."""
+    the prompt logprobs of the one that had them, the state (finished, finish and stop reasons,
+    cached tokens, metrics) of the last. A stream
+    whose consumer fell behind sends this instead of each. Completions of different indices
+    (``n`` > 1) are never mixed: each index's are merged on their own."""
     if len(outputs) == 1:
         return outputs[0]
     last = outputs[-1]
-    comps = [o.outputs[0] for o in outputs]
+    # Each completion (n > 1) is merged with its own: one per index, in order of appearance.
+    by_index: dict[int, list[CompletionOutput]] = {}
+    for o in outputs:
+        for c in o.outputs:
+            by_index.setdefault(c.index, []).append(c)
+    merged = [_merge_completions(comps) for comps in by_index.values()]
+    return RequestOutput(
+        request_id=last.request_id,
+        prompt_token_ids=last.prompt_token_ids,
+        outputs=merged,
+        finished=last.finished,
+        num_cached_tokens=last.num_cached_tokens,
+        prompt=last.prompt,
+        prompt_logprobs=next(
+            (o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None
+        ),
+        metrics=last.metrics,
+    )
+
+
+def _merge_completions(comps: list[CompletionOutput]) -> CompletionOutput:
+    """Consecutive deltas of one completion (one index) as one."""
+    if len(comps) == 1:
+        return comps[0]
     logprobs = [lp for c in comps if c.logprobs for lp in c.logprobs]
-    merged = CompletionOutput(
-        index=0,
+    return CompletionOutput(
+        index=comps[0].index,
         text="".join(c.text for c in comps),
         token_ids=[t for c in comps for t in c.token_ids],
         finish_reason=comps[-1].finish_reason,
         stop_reason=comps[-1].stop_reason,
         logprobs=logprobs if any(c.logprobs is not None for c in comps) else None,
-    )
-    return RequestOutput(
-        request_id=last.request_id,
-        prompt_token_ids=last.prompt_token_ids,
-        outputs=[merged],
-        finished=last.finished,
-        num_cached_tokens=last.num_cached_tokens,
-        prompt=last.prompt,
-        metrics=last.metrics,
     )

@@ -10,7 +10,7 @@ from typing import Any
 from google.protobuf import descriptor
 
 from tandem.api.errors import InvalidRequest
-from tandem.api.outputs import RequestMetrics, RequestOutput, TokenLogprob
+from tandem.api.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
 from tandem.api.requests import Job, Resume, TokenEvent, Usage
 from tandem.api.sampling_params import SAMPLING_FIELDS, SamplingParams, StructuredOutputs
 from tandem.api.stats import EngineStats
@@ -142,13 +142,19 @@ def logprob_from_proto(pb: common_pb2.TokenLogprob) -> TokenLogprob:
 
 
 def _chunk(
-    token_ids: Iterable[int], text: str, logprobs: Iterable[TokenLogprob], finish_reason, stop
+    token_ids: Iterable[int],
+    text: str,
+    logprobs: Iterable[TokenLogprob],
+    finish_reason,
+    stop,
+    prompt_logprobs: Iterable[TokenLogprob] | None = None,
 ) -> common_pb2.TokenChunk:
     chunk = common_pb2.TokenChunk(
         token_ids=list(token_ids),
         text=text,
         logprobs=[logprob_to_proto(lp) for lp in logprobs],
         finish_reason=FINISH_REASON_TO_PROTO[finish_reason],
+        prompt_logprobs=[logprob_to_proto(lp) for lp in prompt_logprobs or ()],
     )
     if isinstance(stop, str):
         chunk.stop_string = stop
@@ -157,19 +163,35 @@ def _chunk(
     return chunk
 
 
-def token_chunk(out: RequestOutput) -> common_pb2.TokenChunk:
-    """The engine's output for one request, as the decode pod streams it."""
-    comp = out.outputs[0]
-    return _chunk(
-        comp.token_ids, comp.text, comp.logprobs or (), comp.finish_reason, comp.stop_reason
+def token_chunk(out: RequestOutput, comp: CompletionOutput | None = None) -> common_pb2.TokenChunk:
+    """The engine's output for one request (its completion ``comp``, of its n; the first by
+    default), as the decode pod streams it. Prompt logprobs go with the first completion."""
+    first = out.outputs[0]
+    comp = first if comp is None else comp
+    chunk = _chunk(
+        comp.token_ids,
+        comp.text,
+        comp.logprobs or (),
+        comp.finish_reason,
+        comp.stop_reason,
+        out.prompt_logprobs if comp is first else None,
     )
+    chunk.index = comp.index
+    return chunk
 
 
 def event_chunk(event: TokenEvent) -> common_pb2.TokenChunk:
     """A router token event, as RouterService streams it."""
-    return _chunk(
-        event.token_ids, event.text, event.logprobs, event.finish_reason, event.stop_reason
+    chunk = _chunk(
+        event.token_ids,
+        event.text,
+        event.logprobs,
+        event.finish_reason,
+        event.stop_reason,
+        event.prompt_logprobs,
     )
+    chunk.index = event.index
+    return chunk
 
 
 def stop_reason(chunk: common_pb2.TokenChunk) -> str | int | None:
@@ -207,7 +229,17 @@ def token_event(resp: decode_pb2.GenerateResponse) -> TokenEvent:
         finish_reason=FINISH_REASON_FROM_PROTO[chunk.finish_reason],
         stop_reason=stop_reason(chunk),
         usage=usage_from_proto(resp.usage) if resp.HasField("usage") else None,
+        index=chunk.index,
+        prompt_logprobs=chunk_prompt_logprobs(chunk),
     )
+
+
+def chunk_prompt_logprobs(chunk: common_pb2.TokenChunk) -> list[TokenLogprob] | None:
+    """A chunk's prompt logprobs (None: none carried; a one-token prompt's first chunk carries
+    none either, and its client reads that as no entries)."""
+    if not chunk.prompt_logprobs:
+        return None
+    return [logprob_from_proto(lp) for lp in chunk.prompt_logprobs]
 
 
 # ---- requests between router and pods ----------------------------------------------------------
@@ -279,6 +311,8 @@ def transfer_end(out: RequestOutput, request_id: str, fingerprint: str) -> commo
     )
     if comp.logprobs:
         end.first_token_logprob.CopyFrom(logprob_to_proto(comp.logprobs[0]))
+    if out.prompt_logprobs:
+        end.prompt_logprobs.extend(logprob_to_proto(lp) for lp in out.prompt_logprobs)
     return end
 
 

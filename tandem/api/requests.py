@@ -83,12 +83,18 @@ class TokenEvent:
 
 
 def coalesce_token_events(events: list[TokenEvent]) -> TokenEvent:
-    """Consecutive events of one request as one: tokens, text and logprobs in order, the end
-    (finish and stop reasons, usage) of the last. What a stream sends a consumer that fell
-    behind, instead of each event."""
+    """Consecutive events of one request as one: tokens, text and logprobs in order, the prompt
+    logprobs of the one that had them, the end (finish and stop reasons, usage) of the last.
+    What a stream sends a consumer that fell behind, instead of each event.
+
+    Raises:
+        ValueError: the events are of different completions (``index``, with n > 1).
+    """
     if len(events) == 1:
         return events[0]
     last = events[-1]
+    if any(e.index != last.index for e in events):
+        raise ValueError("events of different completions (index) cannot be coalesced")
     return TokenEvent(
         token_ids=[t for e in events for t in e.token_ids],
         text="".join(e.text for e in events),
@@ -96,4 +102,8 @@ def coalesce_token_events(events: list[TokenEvent]) -> TokenEvent:
         finish_reason=last.finish_reason,
         stop_reason=last.stop_reason,
         usage=last.usage,
+        index=last.index,
+        prompt_logprobs=next(
+            (e.prompt_logprobs for e in events if e.prompt_logprobs is not None), None
+        ),
     )

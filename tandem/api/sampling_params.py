@@ -15,6 +15,9 @@ MAX_LOGPROBS = 20
 """Most alternatives per position (``logprobs``, ``prompt_logprobs``): OpenAI's bound."""
 LOGIT_BIAS_RANGE = (-100.0, 100.0)
 """OpenAI's bound on one ``logit_bias`` value."""
+MAX_LOGIT_BIAS_ENTRIES = 1024
+"""Most tokens one ``logit_bias`` may name: the sampler adds every entry of every row each step,
+so an unbounded map (a whole vocabulary, times ``n`` samples) would cost seconds per step."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -226,6 +229,12 @@ def _logit_bias(value: object) -> tuple[tuple[int, float], ...]:
     items = value.items() if isinstance(value, Mapping) else value
     if isinstance(items, str | bytes) or not isinstance(items, Iterable):
         raise InvalidRequest("logit_bias must map token ids to numbers", param="logit_bias")
+    items = list(items)
+    if len(items) > MAX_LOGIT_BIAS_ENTRIES:
+        raise InvalidRequest(
+            f"logit_bias may name at most {MAX_LOGIT_BIAS_ENTRIES} tokens, got {len(items)}",
+            param="logit_bias",
+        )
     out: dict[int, float] = {}
     lo, hi = LOGIT_BIAS_RANGE
     for item in items:

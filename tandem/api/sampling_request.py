@@ -8,7 +8,7 @@ else happens here, once, so HTTP and gRPC cannot drift apart:
   ``--generation-config auto``: ``GENERATION_DEFAULT_FIELDS`` of ``generation_config.json``);
 - ``top_k`` 0 or -1 means "no top-k" (vLLM's and Hugging Face's spelling), overriding a default;
 - ``max_tokens`` defaults to the rest of the context, and prompt + ``max_tokens`` must fit it;
-- ``stop_token_ids`` must lie inside the vocabulary;
+- ``stop_token_ids`` and ``logit_bias``'s token ids must lie inside the vocabulary;
 - every value is range-checked by ``SamplingParams`` itself.
 
 Every problem raises ``InvalidRequest`` (``RequestTooLarge`` for what cannot fit the context)
@@ -91,7 +91,10 @@ def resolve_sampling_params(
     kwargs["max_tokens"] = _max_tokens(kwargs, num_prompt_tokens, limits)
     if limits is not None:
         _check_stop_token_ids(kwargs.get("stop_token_ids") or (), limits.vocab_size)
-    return SamplingParams(**kwargs)
+    params = SamplingParams(**kwargs)
+    if limits is not None:
+        _check_logit_bias(params, limits.vocab_size)
+    return params
 
 
 def _max_tokens(kwargs: dict[str, Any], num_prompt_tokens: int, limits: RequestLimits | None):
@@ -120,6 +123,15 @@ def _check_stop_token_ids(stop_token_ids, vocab_size: int) -> None:
     if any(_is_int(t) and t >= vocab_size for t in stop_token_ids):
         raise InvalidRequest(
             f"stop_token_ids must be below the vocabulary size {vocab_size}", param="stop_token_ids"
+        )
+
+
+def _check_logit_bias(params: SamplingParams, vocab_size: int) -> None:
+    bad = next((t for t, _ in params.logit_bias if t >= vocab_size), None)
+    if bad is not None:
+        raise InvalidRequest(
+            f"logit_bias token id {bad} is outside the vocabulary [0, {vocab_size})",
+            param="logit_bias",
         )
 
 

@@ -23,6 +23,7 @@ class TokenRow:
     num_cached_tokens: int
     scheduled_time: float | None
     num_preemptions: int
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(slots=True)
@@ -43,6 +44,8 @@ class StepOutputs:
     """When the request was first scheduled (``time.monotonic()``, comparable across the
     processes of one host): the end of its queue time."""
     num_preemptions: list[int] = field(default_factory=list)
+    prompt_logprobs: list[list[TokenLogprob] | None] = field(default_factory=list)
+    """Per request: its prompt logprobs, on its first record when it asked for them."""
 
     def add(
         self,
@@ -55,6 +58,7 @@ class StepOutputs:
         num_cached_tokens: int,
         scheduled_time: float | None,
         num_preemptions: int,
+        prompt_logprobs: list[TokenLogprob] | None = None,
     ) -> None:
         self.request_ids.append(request_id)
         self.num_new_tokens.append(len(token_ids))
@@ -65,6 +69,7 @@ class StepOutputs:
         self.num_cached_tokens.append(num_cached_tokens)
         self.scheduled_times.append(scheduled_time)
         self.num_preemptions.append(num_preemptions)
+        self.prompt_logprobs.append(prompt_logprobs)
 
     def __len__(self) -> int:
         return len(self.request_ids)
@@ -82,5 +87,6 @@ class StepOutputs:
                 self.num_cached_tokens[i],
                 self.scheduled_times[i],
                 self.num_preemptions[i],
+                self.prompt_logprobs[i],
             )
             start = end

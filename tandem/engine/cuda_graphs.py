@@ -113,6 +113,9 @@ class DecodeGraphs:
 
     def capture_all(self) -> None:
         """Capture every size, largest first (the smaller graphs reuse its memory)."""
+        logger.info(
+            "capturing %d decode CUDA graphs (batch 1..%d)", len(self.sizes), self.max_batch
+        )
         start = time.perf_counter()
         for size in reversed(self.sizes):
             self._capture(size)

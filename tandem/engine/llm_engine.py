@@ -5,6 +5,7 @@ appends the sampled tokens, applies stop rules and returns the outputs that are 
 Single-threaded by design: a service calls it from one engine loop.
 """
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -23,14 +24,17 @@ from tandem.api.requests import check_num_output_tokens
 from tandem.api.sampling_params import SamplingParams
 from tandem.api.stats import EngineStats
 from tandem.api.step_outputs import StepOutputs
+from tandem.engine import prompt_logprobs
 from tandem.engine.block_manager import BlockManager
 from tandem.engine.config import EngineConfig, ResolvedLimits, SchedulerConfig
 from tandem.engine.models.loader import DUMMY_SEED
 from tandem.engine.output_processor import OutputProcessor, RequestState
+from tandem.engine.parallel_sampling import ParentRequest, is_parallel
 from tandem.engine.request_validation import RequestValidator
 from tandem.engine.runner import LaunchedStep, ModelRunner
 from tandem.engine.scheduler import Scheduler, SchedulerOutput
 from tandem.engine.sequence import Sequence, SequenceStatus
+from tandem.engine.structured_output import StructuredOutputManager
 from tandem.engine.token_outputs import TokenOutputProcessor
 from tandem.engine.uploads import upload
 from tandem.model_dir import config_digest, load_model_config, weights_digest
@@ -83,7 +87,13 @@ class LLMEngine:
             eos = (self.tokenizer.eos_token_id,)
         self.eos_token_ids: tuple[int, ...] = eos
         max_model_len = self._max_model_len()
-        self.runner = ModelRunner(config, self.model_config, eos, max_model_len)
+        self.structured_output = StructuredOutputManager(
+            self.tokenizer, self.model_config.vocab_size, eos
+        )
+        """Grammar matchers of the requests with ``structured_outputs``."""
+        self.runner = ModelRunner(
+            config, self.model_config, eos, max_model_len, structured_output=self.structured_output
+        )
         # A request's last token is never written to the cache: a pool of N tokens holds a context
         # of N + 1.
         pool_context = self.runner.kv_cache.num_blocks * config.block_size + 1
@@ -132,10 +142,21 @@ class LLMEngine:
             OutputProcessor(self.tokenizer) if detokenize else TokenOutputProcessor()
         )
         self._states: dict[RequestId, RequestState] = {}
+        """By sequence id: a request's, or each sample's of a parallel-sampling request."""
+        self._parents: dict[RequestId, ParentRequest] = {}
+        """Requests with n or best_of above 1, by request id (``parallel_sampling``)."""
+        self._samples: dict[RequestId, tuple[ParentRequest, int]] = {}
+        """Each live sample's request and index."""
+        self._held_samples: dict[RequestId, list[Sequence]] = {}
+        """By lead sample id: the samples queued once the lead's prompt is computed."""
         self._arrivals = itertools.count()
         self._unemitted: list[tuple[Sequence, TokenLogprob | None]] = []
         """Sequences that received a token in the last step, whose outputs are not built yet."""
         self._ready: list[RequestOutput] = []
+        self._awaiting_grammar: list[Sequence] = []
+        """New sequences held out of the scheduler while their grammar compiles."""
+        self._grammar_failures: dict[RequestId, str] = {}
+        """Sequences whose grammar rejected a token in the last step: ``step`` fails them."""
         """Outputs built during a step that then failed: the next ``step`` returns them."""
         self._inflight: tuple[SchedulerOutput, LaunchedStep] | None = None
         """A step launched ahead by ``step`` (async scheduling), whose tokens are not read yet."""
@@ -187,7 +208,7 @@ class LLMEngine:
         arrival_time: float | None,
         num_output_tokens: int = 0,
     ) -> Sequence:
-        if request_id in self._states:
+        if request_id in self._states or request_id in self._parents:
             raise InvalidRequest(f"request id {request_id!r} is already in use", param="request_id")
         self.validator.check_fields(params, priority, cache_salt)
         ids = self.validator.prompt_ids(prompt)
@@ -237,13 +258,108 @@ class LLMEngine:
         Raises:
             InvalidRequest: bad prompt, parameters or duplicate id (``RequestTooLarge`` if it can
                 never fit).
+
+        A request with ``n`` or ``best_of`` above 1 runs as that many samples sharing the
+        prompt's blocks (``parallel_sampling``); its outputs carry each sample's ``index``.
         """
+        if is_parallel(params):
+            parent, seqs = self._new_family(
+                request_id, prompt, params, priority, cache_salt, arrival_time, num_output_tokens
+            )
+            self._track_family(parent, seqs, prompt, output_kind)
+            self._queue(seqs[0])
+            return
         seq = self._new_sequence(
             request_id, prompt, params, priority, cache_salt, arrival_time, num_output_tokens
         )
         self._track(seq, prompt, output_kind)
-        self.scheduler.add(seq)
+        self._queue(seq)
         self.runner.skip_sampling_draws(seq, seq.num_output_tokens)
+
+    def _queue(self, seq: Sequence) -> None:
+        """Hand a new sequence to the scheduler, or, while its grammar compiles on a compile
+        thread, hold it (``_admit_compiled`` queues it when the compile is done)."""
+        so = seq.sampling_params.structured_outputs
+        if so is not None and self.structured_output.prepare(so) is not None:
+            self._awaiting_grammar.append(seq)
+        else:
+            self.scheduler.add(seq)
+
+    def _admit_compiled(self) -> EngineStepError | None:
+        """Queue the held sequences whose grammar compiled; fail those whose compile failed
+        (the error names them, as a rejected token's does). An engine with nothing else to run
+        waits briefly for a compile instead of spinning."""
+        held, self._awaiting_grammar = self._awaiting_grammar, []
+        grammars = self.structured_output
+        for seq in held:
+            if seq.is_finished:  # aborted while its grammar compiled
+                continue
+            try:
+                ready = grammars.compiled(seq.sampling_params.structured_outputs)
+            except InvalidRequest as exc:
+                self._grammar_failures[seq.request_id] = str(exc)
+                continue
+            if ready:
+                self.scheduler.add(seq)
+            else:
+                self._awaiting_grammar.append(seq)
+        grammars.forget_failed()
+        idle = not (self.scheduler.has_unfinished or self._inflight or self._unemitted)
+        if self._awaiting_grammar and idle:
+            grammars.wait_for_compile(0.01)
+        return self._fail_grammar_errors() if self._grammar_failures else None
+
+    def _new_family(
+        self,
+        request_id: str,
+        prompt: str | SequenceABC[int],
+        params: SamplingParams,
+        priority: int,
+        cache_salt: str | None,
+        arrival_time: float | None,
+        num_output_tokens: int,
+    ) -> tuple[ParentRequest, list[Sequence]]:
+        """A parallel-sampling request's samples, validated (not tracked yet); the lead first."""
+        if num_output_tokens:
+            raise InvalidRequest(
+                "a request with n or best_of above 1 cannot continue output generated elsewhere "
+                "(such requests are not migrated)",
+                param="num_output_tokens",
+            )
+        if request_id in self._states or request_id in self._parents:
+            raise InvalidRequest(f"request id {request_id!r} is already in use", param="request_id")
+        parent = ParentRequest(request_id, params, OutputKind.DELTA)
+        seqs: list[Sequence] = []
+        for i, sid in enumerate(parent.sample_ids):
+            source = prompt if i == 0 else seqs[0].prompt_token_ids  # tokenized once
+            seqs.append(
+                self._new_sequence(
+                    sid, source, parent.sample_params(i), priority, cache_salt, arrival_time
+                )
+            )
+        return parent, seqs
+
+    def _track_family(
+        self,
+        parent: ParentRequest,
+        seqs: list[Sequence],
+        prompt: str | SequenceABC[int],
+        output_kind: OutputKind,
+    ) -> None:
+        """Track every sample; all but the lead are held until its prompt is computed."""
+        parent.kind = output_kind
+        self._parents[RequestId(parent.request_id)] = parent
+        for i, seq in enumerate(seqs):
+            self._track(seq, prompt, parent.sample_kind())
+            self._samples[seq.request_id] = (parent, i)
+        self._held_samples[seqs[0].request_id] = seqs[1:]
+
+    def _release_samples(self, lead: Sequence) -> None:
+        """The lead's prompt is computed: queue the samples held behind it. Each one's prompt
+        hits the prefix cache on the lead's full blocks (unless evicted meanwhile)."""
+        for seq in self._held_samples.pop(lead.request_id, ()):
+            if not seq.is_finished:
+                self.scheduler.add(seq)
 
     def has_room_for(self, num_prompt_tokens: int) -> bool:
         """Whether a prompt's blocks fit now, leaving one block per growing sequence.
@@ -275,9 +391,16 @@ class LLMEngine:
             InvalidRequest: as ``add_request``.
             CapacityExceeded: not enough free KV blocks now (retry later or elsewhere).
         """
-        seq = self._new_sequence(
-            request_id, prompt_token_ids, params, priority, cache_salt, None, num_output_tokens
-        )
+        family = None
+        if is_parallel(params):  # the blocks are the lead's; the other samples run here after
+            family = self._new_family(
+                request_id, prompt_token_ids, params, priority, cache_salt, None, num_output_tokens
+            )
+            seq = family[1][0]
+        else:
+            seq = self._new_sequence(
+                request_id, prompt_token_ids, params, priority, cache_salt, None, num_output_tokens
+            )
         if not self.scheduler.reserve(seq, keep_free=self.scheduler.reservation_headroom):
             need = self.block_manager.blocks_needed(seq.num_tokens)
             raise CapacityExceeded(
@@ -285,9 +408,14 @@ class LLMEngine:
                 f"{self.block_manager.num_free_blocks} of "
                 f"{self.block_manager.num_total_blocks} blocks free"
             )
-        self._track(seq, prompt_token_ids, output_kind)
+        if params.structured_outputs is not None:  # compiles while the prefill pod runs
+            self.structured_output.prepare(params.structured_outputs)
+        if family is not None:
+            self._track_family(*family, prompt_token_ids, output_kind)
+        else:
+            self._track(seq, prompt_token_ids, output_kind)
         block_ids = tuple(self.block_manager.block_ids(seq.request_id).tolist())
-        return Reservation(seq.request_id, block_ids, seq.num_computed_tokens)
+        return Reservation(RequestId(request_id), block_ids, seq.num_computed_tokens)
 
     def complete_remote_prefill(
         self,
@@ -296,13 +424,16 @@ class LLMEngine:
         *,
         logprob: TokenLogprob | None = None,
         num_cached_tokens: int = 0,
+        prompt_logprobs: list[TokenLogprob] | None = None,
     ) -> list[RequestOutput]:
         """The reserved blocks now hold the prompt's KV and its first token was sampled remotely.
 
         The sequence joins the decode batch (or finishes, if the first token ends it). Returns
-        the output for the first token.
+        the output for the first token, which carries ``prompt_logprobs`` (the prefill pod
+        computed them) if the request asked for them. A parallel-sampling request's first token
+        is its lead sample's; the other samples are queued behind it now.
         """
-        state = self._states.get(RequestId(request_id))
+        state = self._states.get(self._lead_id(request_id))
         if state is None or state.seq.status != SequenceStatus.WAITING_FOR_KV:
             raise InvalidRequest(
                 f"request {request_id!r} is not waiting for KV", param="request_id"
@@ -313,15 +444,40 @@ class LLMEngine:
                 f"first token id {first_token_id} is outside the vocabulary", param="first_token_id"
             )
         seq.num_cached_tokens = num_cached_tokens
+        if seq.prompt_logprobs is not None:
+            seq.prompt_logprobs = list(prompt_logprobs or ())
         state.metrics.first_scheduled_time = time.monotonic()
         self.scheduler.complete_remote_prefill(seq, first_token_id)
         # Every output token so far was drawn elsewhere (a migrated request's too).
         self.runner.skip_sampling_draws(seq, seq.num_output_tokens)
+        self._advance_grammar(seq)  # the prefill pod's token continues the grammar here
+        if seq.request_id in self._grammar_failures:  # the request is aborted, nothing held
+            raise InvalidRequest(str(self._fail_grammar_errors()), param="structured_outputs")
+        self._release_samples(seq)
         out = self._emit(seq, logprob)
         return [out] if out is not None else []
 
+    def _lead_id(self, request_id: str) -> RequestId:
+        """The id of the sequence that runs a request's prompt: its own, or its lead sample's."""
+        parent = self._parents.get(RequestId(request_id))
+        return RequestId(parent.sample_ids[0] if parent is not None else request_id)
+
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        """Stop a request wherever it is and free its blocks; returns its final output."""
+        """Stop a request wherever it is and free its blocks; returns its final output.
+
+        A parallel-sampling request's id stops every sample (its final output carries each
+        one's end); a sample's id stops that sample only (a pod's front found its stop string).
+        """
+        parent = self._parents.get(RequestId(request_id))
+        if parent is not None:
+            # The lead last: samples still held behind it end with it, outputs unseen.
+            ids = reversed(parent.sample_ids)
+            outs = [o for sid in ids if (o := self.abort_request(sid)) is not None]
+            if not outs:
+                return None
+            # Streams get each sample's end; the ranked or final-only output comes last, alone.
+            comps = sorted((c for o in outs for c in o.outputs), key=lambda c: c.index)
+            return dataclasses.replace(outs[-1], outputs=comps)
         state = self._states.pop(RequestId(request_id), None)
         if state is None:
             return None
@@ -334,16 +490,33 @@ class LLMEngine:
             state.seq, SequenceStatus.FINISHED_ABORTED
         )  # no-op if that stop ended it
         self.runner.release(state.seq.request_id)
-        return self.output_processor.make_output(state)
+        return self._sample_output(state.seq, self.output_processor.make_output(state))
+
+    def _sample_output(self, seq: Sequence, out: RequestOutput | None) -> RequestOutput | None:
+        """``out`` of ``seq``, or, for a sample, its request's output (``ParentRequest``); a
+        finished sample leaves the bookkeeping, and the request with its last sample."""
+        family = self._samples.get(seq.request_id)
+        if family is None:
+            return out
+        parent, index = family
+        if seq.is_finished:
+            del self._samples[seq.request_id]
+            for held in self._held_samples.pop(seq.request_id, ()):
+                # The lead ended before its prompt was computed (it failed): so do the others.
+                self.abort_request(held.request_id)
+            if not any(sid in self._samples for sid in parent.sample_ids):
+                del self._parents[RequestId(parent.request_id)]
+        return parent.on_output(index, out) if out is not None else None
 
     def is_waiting_for_kv(self, request_id: str) -> bool:
         """Whether the request holds reserved blocks that a prefill pod is filling."""
-        state = self._states.get(RequestId(request_id))
+        state = self._states.get(self._lead_id(request_id))
         return state is not None and state.seq.status == SequenceStatus.WAITING_FOR_KV
 
     def request_ids(self) -> list[str]:
-        """Ids of every request the engine holds (queued, running or waiting for KV)."""
-        return list(self._states)
+        """Ids of every request the engine holds (queued, running or waiting for KV); a
+        parallel-sampling request's own id, not its samples'."""
+        return [rid for rid in self._states if rid not in self._samples] + list(self._parents)
 
     def has_unfinished_requests(self) -> bool:
         """Whether ``step`` has work: sequences to run or outputs still to return (requests
@@ -353,6 +526,7 @@ class LLMEngine:
             or self._inflight is not None
             or bool(self._unemitted)
             or bool(self._ready)
+            or bool(self._awaiting_grammar)
         )
 
     # ---- one step ---------------------------------------------------------------------------
@@ -395,6 +569,11 @@ class LLMEngine:
                 stays usable for the others; outputs already built are returned by the next call).
         """
         outputs, self._ready = self._ready, []
+        if self._awaiting_grammar:
+            failed = self._admit_compiled()
+            if failed is not None:
+                self._ready = outputs  # returned by the next call
+                raise failed
         current, self._inflight = self._inflight, None
         if current is None:
             sched = self.scheduler.schedule()
@@ -423,10 +602,15 @@ class LLMEngine:
             sampled, result = launched.result()
         except Exception as exc:
             raise self._step_failed(sched, outputs, exc, launched=True) from exc
+        prompt_logprobs.apply(launched.prompt_logprobs)
         self._apply(sched, sampled, result)
         self._inflight = nxt
+        failed = self._fail_grammar_errors() if self._grammar_failures else None
         if not overlap:
             outputs += self._emit_unemitted()
+        if failed is not None:
+            self._ready = outputs  # the others' outputs: returned by the next call
+            raise failed
         return outputs
 
     def _launch_next_decode(self, sched: SchedulerOutput, launched: LaunchedStep):
@@ -471,12 +655,19 @@ class LLMEngine:
             and (st := self._states.get(s.seq.request_id)) is not None
             and st.seq is s.seq
         ]
+        # A failed sample fails its whole request (every sample is aborted, once).
+        ids = list(dict.fromkeys(self._request_id_of(rid) for rid in ids))
         failed = set(ids)  # their outputs end with the error; the others' are kept for later
         self._ready = [o for o in outputs if o.request_id not in failed]
         logger.exception("forward failed; aborting %d requests", len(ids))
         for rid in ids:
             self.abort_request(rid)
         return EngineStepError(f"the forward failed: {exc}", ids)
+
+    def _request_id_of(self, seq_id: RequestId) -> RequestId:
+        """The request a sequence belongs to: its own id, or a sample's request's."""
+        family = self._samples.get(seq_id)
+        return RequestId(family[0].request_id) if family is not None else seq_id
 
     def _apply(self, sched: SchedulerOutput, sampled, result) -> None:
         """Advance the scheduler by a finished step's tokens; queue their outputs."""
@@ -490,11 +681,43 @@ class LLMEngine:
                 if lp is not None:
                     logprobs[rid] = TokenLogprob(result.token_ids[i], lp[0], lp[1], tuple(lp[2]))
         progressed = self.scheduler.update(sched, tokens)
+        for seq in progressed:
+            self._advance_grammar(seq)
         self.num_generation_tokens += len(progressed)
         for seq in progressed:
             if seq.num_output_tokens == 1:
-                self.num_prompt_tokens += seq.num_prompt_tokens
+                family = self._samples.get(seq.request_id)
+                if family is None or family[1] == 0:  # a prompt computed once per request
+                    self.num_prompt_tokens += seq.num_prompt_tokens
+                if family is not None:
+                    self._release_samples(seq)
             self._unemitted.append((seq, logprobs.get(seq.request_id)))
+
+    def _advance_grammar(self, seq: Sequence) -> None:
+        """Feed a constrained sequence's new tokens to its grammar; a rejected token marks it
+        for ``_fail_grammar_errors``. A complete grammar allows only EOS next, which ends the
+        sequence like any EOS (its text is all in the output); under ``ignore_eos`` the EOS it
+        consumed ends it here ("stop")."""
+        if seq.sampling_params.structured_outputs is None:
+            return
+        progress = self.structured_output.advance(seq)
+        if progress.error is not None:  # even if the token ended it: the output is not valid
+            self._grammar_failures[seq.request_id] = progress.error
+        elif progress.stopped and not seq.is_finished and seq.token_ids[-1] in self.eos_token_ids:
+            self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
+
+    def _fail_grammar_errors(self) -> EngineStepError:
+        """Abort the requests whose grammar rejected a token (before their outputs are built);
+        the error names them, as a failed forward's does, and the engine goes on."""
+        failures, self._grammar_failures = self._grammar_failures, {}
+        for seq_id, why in failures.items():
+            logger.warning("request %s failed: %s", seq_id, why)
+        # A failed sample fails its whole request (every sample is aborted, once).
+        ids = list(dict.fromkeys(self._request_id_of(seq_id) for seq_id in failures))
+        for rid in ids:
+            self.abort_request(rid)
+        why = next(iter(failures.values()))
+        return EngineStepError(f"structured outputs: {why}", ids)
 
     def _emit_unemitted(self) -> list[RequestOutput]:
         """Outputs of the tokens the last step appended (requests aborted since are skipped)."""
@@ -522,7 +745,7 @@ class LLMEngine:
         if seq.is_finished:
             del self._states[seq.request_id]
             self.runner.release(seq.request_id)
-        return out
+        return self._sample_output(seq, out)
 
     def _apply_stop(self, seq: Sequence, stop: SequenceStatus | None) -> None:
         """End ``seq`` with a stop string's status, if its newest text completed one."""
@@ -539,7 +762,7 @@ class LLMEngine:
         bm = self.block_manager
         return EngineStats(
             num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
+            num_waiting=len(self.scheduler.waiting) + len(self._awaiting_grammar),
             num_waiting_for_kv=len(self.scheduler.waiting_for_kv),
             num_queued_prefill_tokens=self.scheduler.num_queued_prefill_tokens,
             num_free_blocks=bm.num_free_blocks,

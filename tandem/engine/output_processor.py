@@ -40,6 +40,7 @@ class RequestState:
         "hold_back",
         "stop_check_start",
         "metrics",
+        "sent_prompt_logprobs",
     )
 
     def __init__(
@@ -67,6 +68,8 @@ class RequestState:
         self.stop_check_start = 0
         """Stop strings may only start at or after this index (text after min_tokens tokens)."""
         self.metrics = metrics
+        self.sent_prompt_logprobs = False
+        """Whether an output carried the prompt logprobs (a delta stream sends them once)."""
 
 
 class OutputProcessor:
@@ -161,6 +164,10 @@ class OutputProcessor:
         state.sent_chars = text_end
         state.sent_tokens = seq.num_output_tokens
         state.sent_logprobs = len(state.logprobs) if state.logprobs is not None else 0
+        prompt_logprobs = None
+        if state.kind is not OutputKind.DELTA or not state.sent_prompt_logprobs:
+            prompt_logprobs = seq.complete_prompt_logprobs
+            state.sent_prompt_logprobs |= prompt_logprobs is not None
         completion = CompletionOutput(
             index=0,
             text=text,
@@ -176,5 +183,6 @@ class OutputProcessor:
             finished=finished,
             num_cached_tokens=seq.num_cached_tokens or 0,
             prompt=state.prompt,
+            prompt_logprobs=prompt_logprobs,
             metrics=state.metrics,
         )

@@ -35,6 +35,12 @@ class RequestValidator:
             raise InvalidRequest("priority must be a 32-bit integer", param="priority")
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise InvalidRequest("cache_salt must be a non-empty string", param="cache_salt")
+        bad = next((t for t, _ in params.logit_bias if t >= self.vocab_size), None)
+        if bad is not None:  # never ignored silently
+            raise InvalidRequest(
+                f"logit_bias token id {bad} is outside the vocabulary [0, {self.vocab_size})",
+                param="logit_bias",
+            )
 
     def prompt_ids(self, prompt: str | SequenceABC[int]) -> list[int]:
         """Token ids of a text or token-id prompt, validated (non-empty, ids inside the vocab)."""

@@ -15,6 +15,7 @@ import torch
 
 from tandem.api.errors import ModelLoadError
 from tandem.api.ids import RequestId
+from tandem.engine import prompt_logprobs
 from tandem.engine.attention import AttentionMetadata, get_attention_backend, resolve_backend_name
 from tandem.engine.attention.selector import triton_supports
 from tandem.engine.config import EngineConfig
@@ -22,6 +23,7 @@ from tandem.engine.kv_cache import KVCacheSpec, PagedKVCache
 from tandem.engine.models import load_model
 from tandem.engine.sampler import Sampler, SamplerOutput, SamplingRow
 from tandem.engine.scheduler import ScheduledSequence
+from tandem.engine.structured_output import StructuredOutputManager
 from tandem.engine.uploads import upload
 from tandem.model_dir import ModelConfig
 
@@ -57,7 +59,8 @@ def profile_batch(
 ) -> tuple[list[ScheduledSequence], int]:
     """The worst-case step the KV pool is sized around: ``tokens`` tokens over at most ``rows``
     sequences (prompt chunks no longer than a request may be, the rest one-token decodes),
-    every row sampling with the costliest parameters. Returns (the step, blocks it needs)."""
+    every row sampling with the costliest parameters (prompt logprobs included). Returns (the
+    step, blocks it needs)."""
     from tandem.api.sampling_params import SamplingParams
     from tandem.engine.sequence import Sequence
 
@@ -77,6 +80,7 @@ def profile_batch(
         repetition_penalty=1.1,
         frequency_penalty=0.1,
         logprobs=20,
+        prompt_logprobs=20,  # prompt chunks scored too (prompt_logprobs.ROWS_PER_SLICE at once)
         max_tokens=1,
         ignore_eos=True,
     )
@@ -122,7 +126,7 @@ class LaunchedStep:
     launched after this one.
     """
 
-    __slots__ = ("sampled", "tokens", "_host", "_copied", "_output")
+    __slots__ = ("sampled", "tokens", "prompt_logprobs", "_host", "_copied", "_output")
 
     def __init__(
         self,
@@ -134,6 +138,9 @@ class LaunchedStep:
         """The sequences that sample a token this step, in the output's row order."""
         self.tokens = tokens
         """The sampled tokens on the device (None: sampled with logprobs, or nothing sampled)."""
+        self.prompt_logprobs: list = []
+        """Prompt logprobs this step computed (``prompt_logprobs.compute``), read on the host;
+        the engine appends them (``prompt_logprobs.apply``) once the step is done."""
         self._output = output
         self._host = self._copied = None
         if tokens is not None:
@@ -165,7 +172,14 @@ class ModelRunner:
         model_config: ModelConfig,
         eos_token_ids: tuple[int, ...],
         max_model_len: int,
+        *,
+        structured_output: StructuredOutputManager | None = None,
     ) -> None:
+        """
+        Args:
+            structured_output: the engine's grammar matchers; the runner asks it for the masks
+                of constrained rows (``_sample``) and frees a request's matcher (``release``).
+        """
         self.config = config
         self.model_config = model_config
         self.eos_token_ids = eos_token_ids
@@ -201,6 +215,7 @@ class ModelRunner:
         )
         self.kv_spec = KVCacheSpec.for_model(model_config, config.block_size, self.dtype)
         self.sampler = Sampler(self.device, config.seed)
+        self.structured_output = structured_output
         self._generators: dict[RequestId, torch.Generator] = {}
         self._kv_layer_hook: KVLayerHook | None = None
         self.graphs = None
@@ -404,10 +419,19 @@ class ModelRunner:
                 export.on_layers_computed(batch.order, n, kv)
 
         hidden = self.model(batch.input_ids, batch.positions, kv, batch.attn, hook)
+        # Rows asking for prompt logprobs score their chunk's prompt positions too (synchronously:
+        # such steps are prefills, never the decode steps launched ahead).
+        scored = prompt_logprobs.plan(batch.order, batch.attn.query_start_loc_cpu)
+        computed = (
+            prompt_logprobs.compute(hidden, scored, self.model.compute_logits) if scored else []
+        )
         if not batch.sampling:
-            return LaunchedStep([])
-        logits = self.model.compute_logits(hidden[batch.logits_indices])
-        return self._sample(logits, batch.sampling)
+            step = LaunchedStep([])
+        else:
+            logits = self.model.compute_logits(hidden[batch.logits_indices])
+            step = self._sample(logits, batch.sampling)
+        step.prompt_logprobs = computed
+        return step
 
     def _sample(self, logits: torch.Tensor, sampling: list[ScheduledSequence]) -> LaunchedStep:
         """Tokens for the sampling rows, on the device: one argmax when every row is plain greedy
@@ -420,6 +444,7 @@ class ModelRunner:
         ):
             return LaunchedStep(sampling, tokens=self.sampler.argmax_tokens(logits))
         rows = [self._sampling_row(s) for s in sampling]
+        self._constrain(sampling, rows)
         if all(r.params.logprobs is None for r in rows):
             return LaunchedStep(sampling, tokens=self.sampler.tokens(logits, rows))
         return LaunchedStep(sampling, output=self.sampler(logits, rows))
@@ -519,6 +544,20 @@ class ModelRunner:
         for _ in range(count):
             row.exponential_(generator=generator)
 
+    def _constrain(self, sampling: list[ScheduledSequence], rows: list[SamplingRow]) -> None:
+        """Give constrained rows their grammar's mask of allowed tokens (their previous tokens
+        are all consumed: such rows are never scheduled ahead, ``schedule_next_decode``)."""
+        so = self.structured_output
+        if so is None or all(r.params.structured_outputs is None for r in rows):
+            return
+        masks = so.bitmasks([s.seq for s in sampling])
+        for s, row, mask in zip(sampling, rows, masks, strict=True):
+            row.allowed_tokens = mask
+            if mask is not None and row.stop_ids_for_min_tokens and so.is_complete(s.seq):
+                row.stop_ids_for_min_tokens = ()  # only EOS is left: it outranks min_tokens
+
     def release(self, request_id: RequestId) -> None:
-        """Forget a finished request's generator."""
+        """Forget a finished request's generator and grammar matcher."""
         self._generators.pop(request_id, None)
+        if self.structured_output is not None:
+            self.structured_output.release(request_id)

@@ -1,10 +1,15 @@
 """Sampler: turns a step's logits into tokens for the whole batch at once, on the device.
 
-Order, as vLLM: logprobs are taken from the raw logits; then min_tokens masking, penalties,
-temperature, min_p, top_k and top_p; then one draw. Random rows draw with the exponential race
-(``argmax(p / Exp(1))`` is a sample of ``p``), which lets a request with a seed use its own
-generator for its row while every other row shares one draw, so a seeded request's tokens do
-not depend on what else is in the batch.
+Order, as vLLM: logprobs are taken from the raw logits; then ``logit_bias`` is added, the
+structured-output grammar's mask applied (disallowed tokens become -inf), min_tokens masking,
+penalties, temperature, min_p, top_k and top_p; then one draw. NOTE: vLLM masks the grammar's
+tokens before its sampler, so its logprobs see the mask; here they are the model's own (a
+forced token's logprob says how likely the model found it). Rows with a bias or a grammar never
+take the argmax-only fast path (``SamplingParams.argmax_only``).
+
+Random rows draw with the exponential race (``argmax(p / Exp(1))`` is a sample of ``p``), which
+lets a request with a seed use its own generator for its row while every other row shares one
+draw, so a seeded request's tokens do not depend on what else is in the batch.
 """
 
 from dataclasses import dataclass
@@ -25,6 +30,10 @@ class SamplingRow:
     generator: torch.Generator | None
     stop_ids_for_min_tokens: tuple[int, ...]
     """Token ids to suppress because min_tokens is not reached yet (empty otherwise)."""
+    allowed_tokens: torch.Tensor | None = None
+    """The grammar's packed mask (int32 words on the host; bit ``t % 32`` of word ``t // 32``
+    set when token ``t`` may be sampled), or None: no grammar
+    (``tandem.engine.structured_output``)."""
 
 
 @dataclass(slots=True)
@@ -40,6 +49,8 @@ class Sampler:
     def __init__(self, device: torch.device, seed: int) -> None:
         self.device = device
         self._generator = torch.Generator(device=device).manual_seed(seed)
+        self._bias_cache: dict[int, tuple[tuple, tuple[torch.Tensor, torch.Tensor]]] = {}
+        """``_bias_tensors``' cache: id of a ``logit_bias`` -> (it, its device tensors)."""
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         logits = logits.float()
@@ -52,6 +63,8 @@ class Sampler:
         return self._choose(logits.float(), rows)
 
     def _choose(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        self._add_logit_bias(logits, rows)
+        self._mask_disallowed(logits, rows)
         self._mask_until_min_tokens(logits, rows)
         if any(r.params.has_penalties for r in rows):
             logits = self._apply_penalties(logits, rows)
@@ -70,6 +83,52 @@ class Sampler:
         return logits.argmax(dim=-1)
 
     # ---- logits processing ------------------------------------------------------------------
+
+    def _add_logit_bias(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+        """Add each row's ``logit_bias`` (token ids inside the vocabulary: the engine refuses
+        others at admission). A map's device tensors are made once (``_bias_tensors``), so a
+        step costs a few operations per biased row, not per entry."""
+        idx = [i for i, r in enumerate(rows) if r.params.logit_bias]
+        if not idx:
+            return
+        pairs = [self._bias_tensors(rows[i].params.logit_bias) for i in idx]
+        counts = torch.tensor([len(rows[i].params.logit_bias) for i in idx])
+        # On the host: on the device, repeat_interleave would wait for it to learn the size.
+        r = self._upload(torch.repeat_interleave(torch.tensor(idx, dtype=torch.long), counts))
+        c = torch.cat([ids for ids, _ in pairs])
+        logits[r, c] += torch.cat([bias for _, bias in pairs]).to(logits.dtype)
+
+    _BIAS_CACHE_SIZE = 1024
+
+    def _bias_tensors(self, logit_bias: tuple[tuple[int, float], ...]):
+        """(token ids, biases) of one ``logit_bias`` on the device, cached by the tuple's
+        identity (a sequence's params keep theirs for its lifetime; the cache holds the tuple, so
+        its id is never reused while cached)."""
+        cache = self._bias_cache
+        hit = cache.get(id(logit_bias))
+        if hit is not None and hit[0] is logit_bias:
+            return hit[1]
+        if len(cache) >= self._BIAS_CACHE_SIZE:
+            cache.clear()
+        ids = self._upload(torch.tensor([t for t, _ in logit_bias], dtype=torch.long))
+        bias = self._upload(torch.tensor([b for _, b in logit_bias], dtype=torch.float32))
+        cache[id(logit_bias)] = (logit_bias, (ids, bias))
+        return ids, bias
+
+    def _mask_disallowed(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+        """-inf for the tokens a row's grammar does not allow: its packed mask, unpacked on the
+        device (one upload for every constrained row)."""
+        idx = [i for i, r in enumerate(rows) if r.allowed_tokens is not None]
+        if not idx:
+            return
+        packed = self._upload(torch.stack([rows[i].allowed_tokens for i in idx]))
+        shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
+        bits = ((packed.unsqueeze(-1) >> shifts) & 1).reshape(len(idx), -1).bool()
+        vocab = logits.shape[1]
+        if bits.shape[1] < vocab:  # tokens beyond the grammar's vocabulary are never allowed
+            bits = torch.cat([bits, bits.new_zeros(len(idx), vocab - bits.shape[1])], dim=1)
+        rows_t = self._upload(torch.tensor(idx, dtype=torch.long))
+        logits[rows_t] = logits[rows_t].masked_fill(~bits[:, :vocab], float("-inf"))
 
     def _mask_until_min_tokens(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:
         idx = [

@@ -272,7 +272,10 @@ class Scheduler:
             return num_new
         if self._hasher is not None:
             self._hasher.extend(seq.block_hashes, seq.token_ids, seq.cache_salt)
-        prefix = bm.find_cached_prefix(seq.block_hashes, seq.num_tokens)
+        # A sequence that wants prompt logprobs reads nothing from the prefix cache: cached
+        # positions have no hidden states to score (as vLLM V1). Its blocks are still cached.
+        hashes = () if seq.needs_prompt_logprobs else seq.block_hashes
+        prefix = bm.find_cached_prefix(hashes, seq.num_tokens)
         num_new = min(seq.num_tokens - prefix.num_tokens, budget.tokens)
         first_admission = seq.num_cached_tokens is None
         if not bm.allocate(
@@ -332,7 +335,9 @@ class Scheduler:
         sequence that ``prev``'s token ends by length is left out; one that an EOS, stop token
         or stop string ends is computed once more and its token dropped (``update`` skips
         finished sequences). Rows with penalties need the full output history, so they stop
-        it. Nothing is preempted: if a block cannot be had, there is no such step (None).
+        it, and so do rows with a grammar (``structured_outputs``): their next mask needs the
+        pending token consumed by their matcher first, so while one runs, steps are synchronous.
+        Nothing is preempted: if a block cannot be had, there is no such step (None).
 
         Returns the step and, for each of its sequences, the row of ``prev`` whose sampled
         token is its input.
@@ -345,7 +350,12 @@ class Scheduler:
         out, rows = SchedulerOutput(), []
         for i, s in enumerate(prev.scheduled):
             seq, params = s.seq, s.seq.sampling_params
-            if s.num_new_tokens != 1 or not s.samples or params.has_penalties:
+            if (
+                s.num_new_tokens != 1
+                or not s.samples
+                or params.has_penalties
+                or params.structured_outputs is not None
+            ):
                 return None
             if seq.status != SequenceStatus.RUNNING or seq.num_computed_tokens != s.start:
                 continue  # aborted since (or not the pending step)

@@ -4,6 +4,7 @@ import enum
 from collections.abc import Iterable
 
 from tandem.api.ids import BlockHash, RequestId
+from tandem.api.outputs import TokenLogprob
 from tandem.api.sampling_params import SamplingParams
 
 
@@ -60,6 +61,7 @@ class Sequence:
         "block_hashes",
         "num_preemptions",
         "stop_reason",
+        "prompt_logprobs",
     )
 
     def __init__(
@@ -97,6 +99,13 @@ class Sequence:
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None
         """The stop token id or stop string that finished the sequence, if any."""
+        asked = sampling_params.prompt_logprobs is not None
+        self.prompt_logprobs: list[TokenLogprob] | None = (
+            [] if asked and not self.num_output_tokens else None
+        )
+        """With ``SamplingParams.prompt_logprobs``: the logprobs of prompt tokens 1.. computed so
+        far (``tandem.engine.prompt_logprobs``), or the ones a prefill pod computed. None: not
+        asked, or a migrated request (its first output, with them, was sent elsewhere)."""
 
     @property
     def num_tokens(self) -> int:
@@ -109,6 +118,24 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Whether prompt positions must still be computed for their logprobs: such a sequence
+        skips the prefix cache (cached positions have no hidden states). Never once it has
+        output (a preempted sequence's recompute, a remote prefill's decode)."""
+        return (
+            self.prompt_logprobs is not None
+            and self.num_output_tokens == 0
+            and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
+        )
+
+    @property
+    def complete_prompt_logprobs(self) -> list[TokenLogprob] | None:
+        """``prompt_logprobs`` once they cover every prompt token from the second on, else
+        None (not asked, or not computed yet)."""
+        lps = self.prompt_logprobs
+        return lps if lps is not None and len(lps) == self.num_prompt_tokens - 1 else None
 
     @property
     def num_uncomputed_tokens(self) -> int:

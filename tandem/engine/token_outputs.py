@@ -17,7 +17,7 @@ from tandem.engine.sequence import Sequence
 class TokenState:
     """Per-request state: how many output tokens were recorded, and their pending logprobs."""
 
-    __slots__ = ("seq", "metrics", "sent_tokens", "logprobs")
+    __slots__ = ("seq", "metrics", "sent_tokens", "logprobs", "sent_prompt_logprobs")
 
     def __init__(self, seq: Sequence, metrics: RequestMetrics) -> None:
         self.seq = seq
@@ -26,6 +26,8 @@ class TokenState:
         """Recorded output tokens (a migrated request's brought-along output counts as sent)."""
         self.logprobs: list[TokenLogprob | None] = []
         """Of the tokens not recorded yet, when the request asked for logprobs."""
+        self.sent_prompt_logprobs = False
+        """Whether a record carried the prompt logprobs (sent once, with the first tokens)."""
 
 
 class TokenOutputProcessor:
@@ -54,6 +56,8 @@ class TokenOutputProcessor:
             state.metrics.finished_time = time.monotonic()
         logprobs = state.logprobs if state.logprobs else [None] * len(new)
         stop = seq.stop_reason
+        prompt_logprobs = None if state.sent_prompt_logprobs else seq.complete_prompt_logprobs
+        state.sent_prompt_logprobs |= prompt_logprobs is not None
         self._batch.add(
             seq.request_id,
             new,
@@ -63,6 +67,7 @@ class TokenOutputProcessor:
             num_cached_tokens=seq.num_cached_tokens or 0,
             scheduled_time=state.metrics.first_scheduled_time,
             num_preemptions=seq.num_preemptions,
+            prompt_logprobs=prompt_logprobs,
         )
         state.sent_tokens = seq.num_output_tokens
         state.logprobs = []

@@ -6,6 +6,10 @@
         result = client.generate("The capital of France is", max_tokens=16, temperature=0)
         for chunk in client.stream("Tell me a story", max_tokens=64):
             print(chunk.text, end="")
+        reply = client.chat([{"role": "user", "content": "Hello!"}], max_tokens=32)
+        for chunk in client.chat_stream([{"role": "user", "content": "Hi"}], max_tokens=32):
+            print(chunk.text, end="")
+        texts = [c.text for c in client.generate("Once", n=3, max_tokens=8).choices]
 
 Errors are Tandem's exception classes (``tandem.api.errors``): ``InvalidRequest``,
 ``ModelNotFound``, ``CapacityExceeded``, ``UpstreamUnavailable``, ``DeadlineExceeded``, ... Calls
@@ -14,6 +18,14 @@ backoff).
 """
 
 from tandem.sdk.client import AsyncClient, Client
-from tandem.sdk.results import GenerateChunk, GenerateResult, ModelInfo, Usage
+from tandem.sdk.results import Choice, GenerateChunk, GenerateResult, ModelInfo, Usage
 
-__all__ = ["AsyncClient", "Client", "GenerateChunk", "GenerateResult", "ModelInfo", "Usage"]
+__all__ = [
+    "AsyncClient",
+    "Choice",
+    "Client",
+    "GenerateChunk",
+    "GenerateResult",
+    "ModelInfo",
+    "Usage",
+]

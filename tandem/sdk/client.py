@@ -1,4 +1,10 @@
-"""Client and AsyncClient: generate and stream through the router's RouterService.
+"""Client and AsyncClient: generate, stream and chat through the router's RouterService.
+
+``generate``/``stream`` take a prompt (text or token ids); ``chat``/``chat_stream`` take a
+conversation (OpenAI's message dicts: ``role``, ``content``, ``name``, ``tool_call_id``,
+``tool_calls``), which the router renders with the model's chat template exactly as its HTTP
+``/v1/chat/completions`` does. The ``*_stream`` calls yield ``GenerateChunk``s as the tokens
+come; the others return one ``GenerateResult``.
 
 Calls made inside an OpenTelemetry span carry its W3C trace context: the router's trace of the
 request then continues the caller's.
@@ -8,13 +14,17 @@ Authentication: ``api_key`` (default: the ``TANDEM_API_KEY`` environment variabl
 connects over TLS (``root_certificates``: PEM of a private CA, default: the system's).
 
 Sampling keywords are ``SamplingParams`` fields (``max_tokens``, ``temperature``, ``top_p``,
-``top_k``, ``seed``, ``stop``, ``logprobs``, ...); they are validated before anything is sent.
+``top_k``, ``seed``, ``stop``, ``logprobs``, ``n``, ``best_of``, ``logit_bias`` (token id ->
+bias; JSON's string keys too), ``prompt_logprobs``, ``structured_outputs`` (a
+``StructuredOutputs`` or a dict such as ``{"json": schema}``), ...); they are validated before
+anything is sent.
 """
 
 import asyncio
+import json
 import os
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -33,17 +43,25 @@ API_KEY_ENV = "TANDEM_API_KEY"
 
 
 class _Connection:
-    """What both clients share: the channel's target and credentials, and each call's
-    metadata."""
+    """What both clients share: the channel (of ``grpc`` or ``grpc.aio``, by ``channels``) with
+    its credentials, the stub, and each call's metadata."""
 
-    def __init__(self, api_key: str | None, tls: bool, root_certificates: bytes | None) -> None:
+    def __init__(
+        self,
+        target: str,
+        api_key: str | None,
+        tls: bool,
+        root_certificates: bytes | None,
+        channels: Any,
+    ) -> None:
         key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
         self.auth = (("authorization", f"Bearer {key}"),) if key else ()
-        self.credentials = (
-            grpc.ssl_channel_credentials(root_certificates)
-            if tls or root_certificates is not None
-            else None
-        )
+        if tls or root_certificates is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates)
+            self.channel = channels.secure_channel(target, credentials, options=CLIENT_OPTIONS)
+        else:
+            self.channel = channels.insecure_channel(target, options=CLIENT_OPTIONS)
+        self.stub = router_pb2_grpc.RouterServiceStub(self.channel)
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return self.auth + _trace_metadata()
@@ -64,6 +82,20 @@ def _trace_metadata() -> tuple[tuple[str, str], ...]:
     return tuple(carrier.items())
 
 
+_NORMALIZED = ("logit_bias", "structured_outputs")
+"""Sampling fields sent as ``SamplingParams`` holds them (a dict with JSON's string keys, a
+dict of constraints), not as the caller wrote them."""
+
+
+def _sampling_proto(sampling: dict[str, Any]):
+    # Only the fields the call names are sent: the router fills the rest (the model's generation
+    # defaults, max_tokens up to the context). The values are checked here by the router's own
+    # translation, so a bad one fails before anything is sent, with the same error.
+    params = resolve_sampling_params(sampling, num_prompt_tokens=0, limits=None)
+    sent = {k: getattr(params, k) if k in _NORMALIZED else v for k, v in sampling.items()}
+    return proto_convert.sampling_fields_to_proto(sent)
+
+
 def _request(
     prompt: str | Sequence[int],
     model: str,
@@ -72,22 +104,82 @@ def _request(
     request_id: str | None,
     sampling: dict[str, Any],
 ) -> router_pb2.GenerateRequest:
-    # Only the fields the call names are sent: the router fills the rest (the model's generation
-    # defaults, max_tokens up to the context). The values are checked here by the router's own
-    # translation, so a bad one fails before anything is sent, with the same error.
-    resolve_sampling_params(sampling, num_prompt_tokens=0, limits=None)
     req = router_pb2.GenerateRequest(
         model=model,
         priority=priority,
         cache_salt=cache_salt or "",
         request_id=request_id or "",
-        sampling_params=proto_convert.sampling_fields_to_proto(sampling),
+        sampling_params=_sampling_proto(sampling),
     )
     if isinstance(prompt, str):
         req.text = prompt
     else:
         req.token_ids.ids.extend(prompt)
     return req
+
+
+def _chat_request(
+    messages: Sequence[Mapping[str, Any]],
+    model: str,
+    priority: int,
+    cache_salt: str | None,
+    request_id: str | None,
+    add_generation_prompt: bool,
+    chat_template_kwargs: Mapping[str, Any] | None,
+    sampling: dict[str, Any],
+) -> router_pb2.ChatRequest:
+    if isinstance(messages, str | bytes) or not messages:
+        raise InvalidRequest("messages must be a non-empty list of messages", param="messages")
+    try:
+        kwargs = json.dumps(dict(chat_template_kwargs)) if chat_template_kwargs else ""
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequest(
+            f"chat_template_kwargs must be JSON: {exc}", param="chat_template_kwargs"
+        ) from None
+    return router_pb2.ChatRequest(
+        model=model,
+        messages=[_message(m, i) for i, m in enumerate(messages)],
+        add_generation_prompt=add_generation_prompt,
+        chat_template_kwargs=kwargs,
+        sampling_params=_sampling_proto(sampling),
+        priority=priority,
+        cache_salt=cache_salt or "",
+        request_id=request_id or "",
+    )
+
+
+def _message(m: Mapping[str, Any], i: int) -> router_pb2.ChatMessage:
+    """One OpenAI message dict as the protobuf message (content parts joined, as the router
+    joins them; a tool call's arguments given as a dict sent as JSON)."""
+    param = f"messages.{i}"
+    if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
+        raise InvalidRequest("a message is a dict with a role", param=param)
+    content = m.get("content")
+    if isinstance(content, list):
+        content = "".join(p.get("text", "") if isinstance(p, Mapping) else p for p in content)
+    if content is not None and not isinstance(content, str):
+        raise InvalidRequest("content must be a string or text parts", param=f"{param}.content")
+    try:
+        calls = []
+        for call in m.get("tool_calls") or ():
+            function = call.get("function") or {}
+            arguments = function.get("arguments", "")
+            if not isinstance(arguments, str):
+                arguments = json.dumps(arguments)
+            calls.append(
+                router_pb2.ToolCall(
+                    id=call.get("id", ""), name=function.get("name", ""), arguments=arguments
+                )
+            )
+        return router_pb2.ChatMessage(
+            role=m["role"],
+            content=content,
+            name=m.get("name") or "",
+            tool_call_id=m.get("tool_call_id") or "",
+            tool_calls=calls,
+        )
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise InvalidRequest(f"{param}: {exc}", param=param) from None
 
 
 class _Attempts:
@@ -136,14 +228,7 @@ class Client:
         tls: bool = False,
         root_certificates: bytes | None = None,
     ) -> None:
-        self._conn = _Connection(api_key, tls, root_certificates)
-        if self._conn.credentials is not None:
-            self._channel = grpc.secure_channel(
-                target, self._conn.credentials, options=CLIENT_OPTIONS
-            )
-        else:
-            self._channel = grpc.insecure_channel(target, options=CLIENT_OPTIONS)
-        self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
+        self._conn = _Connection(target, api_key, tls, root_certificates, grpc)
         self.timeout = timeout
         self.max_retries = max_retries
 
@@ -154,7 +239,7 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        self._channel.close()
+        self._conn.channel.close()
 
     def stream(
         self,
@@ -171,11 +256,49 @@ class Client:
         from the first chunk asked for; UNAVAILABLE is retried (``max_retries``) only before the
         first chunk."""
         request = _request(prompt, model, priority, cache_salt, request_id, sampling)
+        return self._call(self._conn.stub.Generate, request, timeout)
+
+    def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> GenerateResult:
+        """The whole completion (same keywords as ``stream``)."""
+        return GenerateResult.from_chunks(list(self.stream(prompt, **kwargs)))
+
+    def chat_stream(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        model: str = "",
+        timeout: float | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        request_id: str | None = None,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        **sampling: Any,
+    ) -> Iterator[GenerateChunk]:
+        """The reply to a conversation, chunk by chunk (``stream``'s keywords, plus the chat
+        template's ``add_generation_prompt`` and ``chat_template_kwargs``)."""
+        request = _chat_request(
+            messages,
+            model,
+            priority,
+            cache_salt,
+            request_id,
+            add_generation_prompt,
+            chat_template_kwargs,
+            sampling,
+        )
+        return self._call(self._conn.stub.Chat, request, timeout)
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> GenerateResult:
+        """The whole reply to a conversation (same keywords as ``chat_stream``)."""
+        return GenerateResult.from_chunks(list(self.chat_stream(messages, **kwargs)))
+
+    def _call(self, rpc, request, timeout: float | None) -> Iterator[GenerateChunk]:
+        """The call's chunks; the request was checked already, the clock starts at the first
+        chunk asked for."""
         attempts = _Attempts(timeout if timeout is not None else self.timeout, self.max_retries)
         while True:
-            call = self._stub.Generate(
-                request, timeout=attempts.timeout(), metadata=self._conn.metadata()
-            )
+            call = rpc(request, timeout=attempts.timeout(), metadata=self._conn.metadata())
             started = False
             try:
                 for resp in call:
@@ -190,13 +313,9 @@ class Client:
             finally:
                 call.cancel()
 
-    def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> GenerateResult:
-        """The whole completion (same keywords as ``stream``)."""
-        return GenerateResult.from_chunks(list(self.stream(prompt, **kwargs)))
-
     def models(self) -> list[ModelInfo]:
         try:
-            resp = self._stub.ListModels(
+            resp = self._conn.stub.ListModels(
                 router_pb2.ListModelsRequest(), timeout=self.timeout, metadata=self._conn.metadata()
             )
         except grpc.RpcError as e:
@@ -217,14 +336,7 @@ class AsyncClient:
         tls: bool = False,
         root_certificates: bytes | None = None,
     ) -> None:
-        self._conn = _Connection(api_key, tls, root_certificates)
-        if self._conn.credentials is not None:
-            self._channel = grpc.aio.secure_channel(
-                target, self._conn.credentials, options=CLIENT_OPTIONS
-            )
-        else:
-            self._channel = grpc.aio.insecure_channel(target, options=CLIENT_OPTIONS)
-        self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
+        self._conn = _Connection(target, api_key, tls, root_certificates, grpc.aio)
         self.timeout = timeout
         self.max_retries = max_retries
 
@@ -235,9 +347,9 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._conn.channel.close()
 
-    async def stream(
+    def stream(
         self,
         prompt: str | Sequence[int],
         *,
@@ -252,11 +364,49 @@ class AsyncClient:
         from the first chunk asked for; UNAVAILABLE is retried (``max_retries``) only before the
         first chunk."""
         request = _request(prompt, model, priority, cache_salt, request_id, sampling)
+        return self._call(self._conn.stub.Generate, request, timeout)
+
+    async def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> GenerateResult:
+        """The whole completion (same keywords as ``stream``)."""
+        return GenerateResult.from_chunks([c async for c in self.stream(prompt, **kwargs)])
+
+    def chat_stream(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        model: str = "",
+        timeout: float | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        request_id: str | None = None,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        **sampling: Any,
+    ) -> AsyncIterator[GenerateChunk]:
+        """The reply to a conversation, chunk by chunk (``stream``'s keywords, plus the chat
+        template's ``add_generation_prompt`` and ``chat_template_kwargs``)."""
+        request = _chat_request(
+            messages,
+            model,
+            priority,
+            cache_salt,
+            request_id,
+            add_generation_prompt,
+            chat_template_kwargs,
+            sampling,
+        )
+        return self._call(self._conn.stub.Chat, request, timeout)
+
+    async def chat(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> GenerateResult:
+        """The whole reply to a conversation (same keywords as ``chat_stream``)."""
+        return GenerateResult.from_chunks([c async for c in self.chat_stream(messages, **kwargs)])
+
+    async def _call(self, rpc, request, timeout: float | None) -> AsyncIterator[GenerateChunk]:
+        """The call's chunks; the request was checked already, the clock starts at the first
+        chunk asked for."""
         attempts = _Attempts(timeout if timeout is not None else self.timeout, self.max_retries)
         while True:
-            call = self._stub.Generate(
-                request, timeout=attempts.timeout(), metadata=self._conn.metadata()
-            )
+            call = rpc(request, timeout=attempts.timeout(), metadata=self._conn.metadata())
             started = False
             try:
                 async for resp in call:
@@ -271,13 +421,9 @@ class AsyncClient:
             finally:
                 call.cancel()
 
-    async def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> GenerateResult:
-        """The whole completion (same keywords as ``stream``)."""
-        return GenerateResult.from_chunks([c async for c in self.stream(prompt, **kwargs)])
-
     async def models(self) -> list[ModelInfo]:
         try:
-            resp = await self._stub.ListModels(
+            resp = await self._conn.stub.ListModels(
                 router_pb2.ListModelsRequest(), timeout=self.timeout, metadata=self._conn.metadata()
             )
         except grpc.RpcError as e:

@@ -88,6 +88,8 @@ class CompleteRemote(msgspec.Struct, tag="complete", frozen=True):
     first_token_id: int
     logprob: TokenLogprob | None
     num_cached_tokens: int
+    prompt_logprobs: list[TokenLogprob] | None = None
+    """Computed by the prefill pod, when the request asked for them."""
 
 
 class Abort(msgspec.Struct, tag="abort", frozen=True):

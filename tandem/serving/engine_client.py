@@ -40,6 +40,7 @@ from tandem.api.sampling_params import SAMPLING_FIELDS, SamplingParams
 from tandem.api.stats import EngineStats
 from tandem.api.step_outputs import StepOutputs
 from tandem.engine.output_processor import OutputProcessor, RequestState
+from tandem.engine.parallel_sampling import ParentRequest, is_parallel
 from tandem.engine.sequence import Sequence, SequenceStatus
 from tandem.serving import core_protocol as proto
 from tandem.serving.engine_core import CoreSpec, EngineInfo, run_engine_core
@@ -132,7 +133,12 @@ class EngineCoreClient:
         self._streams: dict[str, OutputStream] = {}
         """By core id."""
         self._mirrors: dict[str, RequestState] = {}
-        """By core id."""
+        """By core id (a parallel-sampling request's: by each sample's id in the core)."""
+        self._families: dict[str, ParentRequest] = {}
+        """Parallel-sampling requests (n or best_of above 1) by core id: their streams carry
+        every sample's outputs, each under its index (``parallel_sampling``)."""
+        self._sample_of: dict[str, tuple[str, int]] = {}
+        """A mirrored sample's id in the core -> (its request's core id, its index)."""
         self._releasing: dict[str, asyncio.Task] = {}
         """Requests given up whose release (KV writes stopped, then the core's Abort) is under
         way: their ids stay taken until it is done."""
@@ -166,6 +172,12 @@ class EngineCoreClient:
             daemon=True,
         )
         self._process.start()
+        logger.info(
+            "engine core process %d starting: loading %s on %s",
+            self._process.pid,
+            self.spec.engine.model,
+            self.spec.engine.device,
+        )
         child.close()
         self._handshake = parent  # closes when this process ends: the core then exits too
         reply = await self._loop.run_in_executor(None, self._wait_ready, parent)
@@ -288,7 +300,7 @@ class EngineCoreClient:
         if core_id is None:
             return
         self._streams.pop(core_id, None)
-        self._mirrors.pop(core_id, None)
+        self._forget(core_id)
         if not finished and self._dead is None:
             self._releasing[request_id] = asyncio.ensure_future(self._release(request_id, core_id))
 
@@ -314,8 +326,19 @@ class EngineCoreClient:
         if core_id is not None:
             self._fail_core(core_id, exc)
 
-    def _fail_core(self, core_id: str, exc: BaseException) -> None:
+    def _forget(self, core_id: str) -> None:
+        """Drop the request's mirrors (every sample's, for a parallel-sampling request)."""
         self._mirrors.pop(core_id, None)
+        family = self._families.pop(core_id, None)
+        for sid in family.sample_ids if family is not None else ():
+            self._mirrors.pop(sid, None)
+            self._sample_of.pop(sid, None)
+
+    def _fail_core(self, core_id: str, exc: BaseException) -> None:
+        """End the stream of the request ``core_id`` is (or of the request whose sample it is).
+        A failed sample fails its request."""
+        core_id = self._sample_of.get(core_id, (core_id, 0))[0]
+        self._forget(core_id)
         q = self._streams.get(core_id)
         if q is not None:
             q.put_nowait(exc)
@@ -354,7 +377,9 @@ class EngineCoreClient:
         stream goes on from there, the held-back rest of that text included.
         """
         core_id = self._core_id(request_id)
-        if self._processor is not None:
+        if self._processor is not None and is_parallel(params):
+            self._mirror_samples(core_id, prompt, params)
+        elif self._processor is not None:
             split = len(prompt) - num_output_tokens
             seq = Sequence(
                 request_id,
@@ -370,6 +395,18 @@ class EngineCoreClient:
                 state.sent_chars = min(num_text_chars, len(state.text))
             self._mirrors[core_id] = state
         return core_id
+
+    def _mirror_samples(self, core_id: str, prompt: list[int], params: SamplingParams) -> None:
+        """A mirror per sample of a parallel-sampling request, under the ids the core gives its
+        samples; their outputs reach the request's stream through its ``ParentRequest``."""
+        parent = ParentRequest(core_id, params, OutputKind.DELTA)
+        now = time.monotonic()
+        for i, sid in enumerate(parent.sample_ids):
+            seq = Sequence(sid, prompt, parent.sample_params(i), arrival_time=now, arrival_index=0)
+            metrics = RequestMetrics(arrival_time=now)
+            self._mirrors[sid] = self._processor.new_state(seq, parent.sample_kind(), None, metrics)
+            self._sample_of[sid] = (core_id, i)
+        self._families[core_id] = parent
 
     async def add(
         self,
@@ -415,7 +452,7 @@ class EngineCoreClient:
                 )
             )
         except BaseException:
-            self._mirrors.pop(core_id, None)
+            self._forget(core_id)
             raise
 
     async def reserve(
@@ -452,7 +489,7 @@ class EngineCoreClient:
                 )
             )
         except BaseException:
-            self._mirrors.pop(core_id, None)
+            self._forget(core_id)
             raise
         return block_ids, cached
 
@@ -468,8 +505,10 @@ class EngineCoreClient:
         *,
         logprob: TokenLogprob | None,
         num_cached_tokens: int,
+        prompt_logprobs: list[TokenLogprob] | None = None,
     ) -> None:
         """The reserved blocks hold the prompt's KV: the request joins the decode batch.
+        ``prompt_logprobs``: the prefill pod's (its first output carries them).
 
         Raises:
             InvalidRequest: the request is not open here (it ended meanwhile).
@@ -477,7 +516,7 @@ class EngineCoreClient:
         core_id = self._core_id(request_id)
         await self._call(
             lambda call_id: proto.CompleteRemote(
-                call_id, core_id, first_token_id, logprob, num_cached_tokens
+                call_id, core_id, first_token_id, logprob, num_cached_tokens, prompt_logprobs
             )
         )
 
@@ -551,6 +590,8 @@ class EngineCoreClient:
         seq.num_preemptions = outputs.num_preemptions[i]
         if state.metrics.first_scheduled_time is None:
             state.metrics.first_scheduled_time = outputs.scheduled_times[i]
+        if outputs.prompt_logprobs[i] is not None:  # the request's first tokens
+            seq.prompt_logprobs = outputs.prompt_logprobs[i]
         finish = outputs.finish_reasons[i]
         stop_string = False
         for j in range(begin, end):
@@ -566,8 +607,15 @@ class EngineCoreClient:
         if begin == end and finish is not None:
             seq.status = _FINISHED[finish]
         out = processor.make_output(state)
+        target = rid
+        sample = self._sample_of.get(rid)
+        if sample is not None:  # a sample's output, as its request's (under its index)
+            target, index = sample
+            out = self._families[target].on_output(index, out) if out is not None else None
+            if seq.is_finished:
+                del self._sample_of[rid]
         if out is not None:
-            self._deliver(rid, out)
+            self._deliver(target, out)
         if seq.is_finished:
             del self._mirrors[rid]
             if stop_string and finish is None:

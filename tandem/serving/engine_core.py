@@ -34,6 +34,7 @@ from tandem.api.step_outputs import StepOutputs
 from tandem.engine.config import EngineConfig
 from tandem.engine.kv_cache import KVCacheSpec
 from tandem.engine.llm_engine import EngineStepError, LLMEngine
+from tandem.engine.parallel_sampling import prefill_params
 from tandem.proto.common.v1 import common_pb2
 from tandem.serving import core_protocol as proto
 from tandem.transfer.push_streams import KVTarget, TransferResult
@@ -316,6 +317,7 @@ class EngineCore:
                 cmd.first_token_id,
                 logprob=cmd.logprob,
                 num_cached_tokens=cmd.num_cached_tokens,
+                prompt_logprobs=cmd.prompt_logprobs,
             )
             return None
         if isinstance(cmd, proto.KVSnapshot):
@@ -329,6 +331,8 @@ class EngineCore:
         if cmd.kv_target is not None:
             if self.sender is None:
                 raise TypeError("a KV target sent to an engine core without a KV sender")
+            # One prefill and one first token whatever n is: the decode pod runs the samples.
+            params = prefill_params(params)
             context = propagate.extract(cmd.trace_carrier) if cmd.trace_carrier else None
             target = self._kv_target(cmd.kv_target)
             try:
@@ -459,6 +463,8 @@ class EngineCore:
             lp = row.logprobs[0]
             if lp is not None:
                 end.first_token_logprob.CopyFrom(proto_convert.logprob_to_proto(lp))
+            if row.prompt_logprobs is not None:  # to the decode pod, which streams them first
+                end.prompt_logprobs.extend(map(proto_convert.logprob_to_proto, row.prompt_logprobs))
             done = proto.PrefillDone(
                 request_id=row.request_id,
                 first_token_id=row.token_ids[0],

@@ -41,7 +41,9 @@ pytestmark = [pytest.mark.chaos, pytest.mark.integration, pytest.mark.slow]
 GREEDY = 16
 SEEDED = 4
 UNMIGRATED = 4
-MAX_TOKENS = 96
+MAX_TOKENS = 200
+"""Long enough that generation outlasts the kill on a loaded machine (at 96, a busy CI-sized
+machine let the pods finish while the router still relayed the streams)."""
 KILL_AFTER_CHUNKS = 4
 """``decode-0`` dies once every stream has at least this many chunks (or ended already)."""
 

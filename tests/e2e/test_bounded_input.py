@@ -55,6 +55,7 @@ def router(e2e_model):
             "--decode",
             json.dumps(nowhere[1:]),
             "--allow-unauthenticated",
+            "--enable-tokenizer-info-endpoint",
             "--header-read-timeout-s",
             str(TIMEOUT_S),
             "--body-read-timeout-s",
@@ -258,3 +259,21 @@ def test_grpc_refuses_what_http_refuses(router):
                 list(stub.Generate(request, timeout=30))
             assert refused.value.code() == code, refused.value.details()
             assert detail in refused.value.details()
+
+
+def test_tokenizer_info_gives_what_a_remote_tokenizer_reads(router, e2e_model):
+    """lm-eval's remote tokenizer reads the special tokens and the chat template here (the
+    router above runs with --enable-tokenizer-info-endpoint; off, the route is a 404 envelope:
+    tests/e2e/test_utility_routes.py)."""
+    from transformers import AutoTokenizer
+
+    url, _, _ = router
+    hf = AutoTokenizer.from_pretrained(str(e2e_model), local_files_only=True)
+    info = httpx.get(url + "/tokenizer_info", timeout=10).json()
+    assert (info["eos_token"], info["bos_token"], info["pad_token"]) == (
+        hf.eos_token,
+        hf.bos_token,
+        hf.pad_token,
+    )
+    assert info["chat_template"] == hf.chat_template and info["chat_template"]
+    assert info["tokenizer_class"] == type(hf).__name__

@@ -1,6 +1,7 @@
 """locust, headless, against the whole local system: every user type, bounded time, no failures."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ def system(e2e_model):
 
 
 def locust(
-    cluster, tmp_path: Path, *args: str, seconds: int = 8
+    cluster, tmp_path: Path, *args: str, seconds: int = 8, grpc: bool = True
 ) -> tuple[subprocess.CompletedProcess, list[dict]]:
     rows = tmp_path / "rows.jsonl"
     cmd = [
@@ -36,8 +37,7 @@ def locust(
         "--headless",
         "-H",
         cluster.router_url,
-        "--grpc-target",
-        cluster.router_grpc,
+        *(["--grpc-target", cluster.router_grpc] if grpc else []),
         "-u",
         "3",
         "-r",
@@ -127,4 +127,48 @@ def test_bad_options_stop_the_run_before_any_request(system, tmp_path, bad):
     assert time.monotonic() - started < 30  # it stopped at once instead of running its 60 s
     assert result.returncode == 2
     assert "bad option" in result.stderr and bad[0] in result.stderr
+    assert rows == [] and router_requests(system) == before
+
+
+def test_make_loadtest_as_the_readme_gives_it(system, tmp_path):
+    """`make loadtest URL=<what tandem up printed>` with its defaults but a short run: no
+    bootstrap, no gRPC target, so the SDK user stays off; every request succeeds (exit 0)."""
+    make = ["make", "-C", str(ROOT), "loadtest", f"URL={system.router_url}"]
+    plan = subprocess.run([*make, "-n"], capture_output=True, text=True, timeout=30)
+    assert plan.returncode == 0 and "-m locust -f loadtest/locustfile.py" in plan.stdout, plan
+    assert "bootstrap" not in plan.stdout and "--grpc-target" not in plan.stdout
+    if (ROOT / ".venv" / "bin" / "python").exists():  # the project's environment is reused
+        assert ".venv/bin/python -m locust" in plan.stdout
+    # Run by the interpreter running this test (it has locust), whichever environment that is.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}
+    result = subprocess.run(
+        [
+            *make,
+            "USERS=2",
+            "SPAWN=2",
+            "DURATION=3s",
+            f"OUT={tmp_path}",
+            f"LOADTEST_PY={sys.executable}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "GrpcUser off" in result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "requests.jsonl").read_text().splitlines()]
+    assert rows and all(r["ok"] for r in rows), [r for r in rows if not r["ok"]][:3]
+    assert {r["api"] for r in rows} == {"chat", "completions"}
+    assert all(r["output_tokens"] == 64 for r in rows)  # the default --max-tokens, EOS ignored
+    assert (tmp_path / "locust_stats.csv").is_file()
+    wait_idle(system)
+
+
+def test_the_sdk_user_without_a_grpc_target_is_a_bad_option(system, tmp_path):
+    """Named alone without --grpc-target it would have nowhere to go: exit 2, no request."""
+    before = router_requests(system)
+    result, rows = locust(system, tmp_path, "GrpcUser", seconds=30, grpc=False)
+    assert result.returncode == 2
+    assert "bad option" in result.stderr and "--grpc-target" in result.stderr
     assert rows == [] and router_requests(system) == before

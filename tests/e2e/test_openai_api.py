@@ -351,7 +351,7 @@ def test_non_streaming_client_disconnect_is_cancelled_too(cluster):
         ("/v1/completions", {"prompt": "x", "max_tokens": 5000}, 400, "max_tokens"),
         ("/v1/completions", {"prompt": [5, 10**7]}, 400, "prompt"),
         ("/v1/completions", {"prompt": ""}, 400, "prompt"),
-        ("/v1/completions", {"prompt": "x", "n": 3}, 400, "n"),
+        ("/v1/completions", {"prompt": "x", "n": 129}, 400, "n"),  # above --max-n
         ("/v1/completions", {"max_tokens": 3}, 400, "prompt"),
         ("/v1/chat/completions", {"messages": []}, 400, "messages"),
         (

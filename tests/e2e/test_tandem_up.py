@@ -12,6 +12,9 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from services.local_cluster import grpc_healthy
+from tandem.sdk import Client
+
 pytestmark = pytest.mark.integration
 
 READY = re.compile(r"tandem ready: (http://\S+)\n")
@@ -57,6 +60,7 @@ def test_tandem_up_serves_the_openai_api_and_stops_on_ctrl_c(e2e_model):
         assert (
             len(processes_mentioning(str(e2e_model))) >= 4
         )  # tandem up + prefill + 2 decode + router
+        check_start_up_output(lines, url, e2e_model)
         client = OpenAI(base_url=f"{url}/v1", api_key="unused")
         chat = client.chat.completions.create(
             model="llama",
@@ -78,6 +82,47 @@ def test_tandem_up_serves_the_openai_api_and_stops_on_ctrl_c(e2e_model):
     while processes_mentioning(str(e2e_model)):
         assert time.monotonic() < deadline, "children outlived tandem up"
         time.sleep(0.2)
+
+
+SERVICE_LINE = re.compile(
+    r"tandem: (?P<name>\S+) +grpc (?P<grpc>\S+) +metrics (?P<metrics>http://\S+/metrics)(?P<rest>.*)\n"
+)
+ROUTER_LINE = re.compile(
+    r"tandem: router +http (?P<url>http://\S+) \(OpenAI API\) +grpc (?P<grpc>\S+) \(SDK\) +"
+    r"metrics (?P<metrics>http://\S+/metrics)\n"
+)
+
+
+def check_start_up_output(lines: list[str], url: str, model: Path) -> None:
+    """What `tandem up` printed up to its ready line: one line per service with its address and
+    metrics endpoint (each answering), the model's place, progress, and no health-poll noise."""
+    out = "".join(lines)
+    services = {m["name"]: m for line in lines if (m := SERVICE_LINE.fullmatch(line))}
+    assert set(services) == {"kvstore", "prefill-0", "decode-0", "decode-1"}, out
+    assert "(embedded)" in services["kvstore"]["rest"]
+    router = next(m for line in lines if (m := ROUTER_LINE.fullmatch(line)))
+    assert router["url"] == url and router["metrics"] == f"{url}/metrics"
+    for m in [*services.values(), router]:
+        r = httpx.get(m["metrics"], timeout=10)
+        assert r.status_code == 200 and "# TYPE" in r.text, m["metrics"]
+    for name in ("kvstore", "prefill-0", "decode-0", "decode-1"):  # the printed address serves
+        assert grpc_healthy(services[name]["grpc"]), name
+    with Client(router["grpc"], timeout=60) as sdk:
+        assert sdk.generate("hello", max_tokens=2).usage.completion_tokens <= 2
+    assert f"tandem: load test: make loadtest URL={url} GRPC={router['grpc']}\n" in lines
+    assert any(
+        line.startswith("tandem: model ") and line.rstrip().endswith(f"from {model.resolve()}")
+        for line in lines
+    ), out
+    # Progress: each service's ready line, and the pods' model loading, instead of health polls.
+    for name in [*services, "router"]:
+        assert re.search(rf"^tandem: {name} ready \(\d+\.\d s\)$", out, re.M), name
+    assert re.search(r"^\[decode-1\] .*engine core process \d+ starting: loading ", out, re.M)
+    assert "HTTP Request" not in out and "Service Unavailable" not in out, out
+    # The router counts the pods it discovered, not only those already up.
+    startup = next(line for line in lines if "router gRPC on port" in line)
+    assert "prefill pods 1 (" in startup and "decode pods 2 (" in startup, startup
+    assert not re.search(r"\b0 prefill, 0 decode", out)
 
 
 def test_tandem_up_reports_a_service_that_cannot_start(tmp_path):

@@ -97,6 +97,10 @@ def message_strategy(cls, depth: int = 0):
     desc = cls.DESCRIPTOR
 
     def field_value(field):
+        if _is_map(field):  # map<K, V>: a dict of up to 8 entries
+            key = field.message_type.fields_by_name["key"]
+            value = field.message_type.fields_by_name["value"]
+            return st.dictionaries(_scalar(key), field_value(value), max_size=8)
         if field.type == _F.TYPE_MESSAGE:
             sub = _message_class(cls, field)
             return message_strategy(sub, depth + 1) if depth < 3 else st.just(sub())
@@ -108,7 +112,7 @@ def message_strategy(cls, depth: int = 0):
         if field.name in members:
             continue
         value = field_value(field)
-        if _is_repeated(field):
+        if _is_repeated(field) and not _is_map(field):
             value = st.lists(value, max_size=8)
         plain[field.name] = st.none() | value
     oneofs = [
@@ -130,6 +134,10 @@ def message_strategy(cls, depth: int = 0):
 
 def _is_repeated(field) -> bool:
     return field.is_repeated
+
+
+def _is_map(field) -> bool:
+    return field.type == _F.TYPE_MESSAGE and field.message_type.GetOptions().map_entry
 
 
 def _message_class(parent_cls, field):

@@ -84,3 +84,57 @@ def test_an_api_key_with_a_comma_is_refused_up_front():
     with pytest.raises(ValueError, match="comma"):
         UpOptions(model=Path("m"), api_key=["key-one-0123,key-two-0123"])
     assert UpOptions(model=Path("m"), api_key=["key-one-0123"]).api_key == ["key-one-0123"]
+
+
+def test_the_summary_names_each_service_and_never_a_redis_password(tiny_model):
+    """One line per service (address, metrics); a --redis-url's password is never printed."""
+    model = tiny_model("llama")
+    cluster = LocalCluster(
+        UpOptions(
+            model=model,
+            port=0,
+            redis_url="redis://:s3cret-pw@10.0.0.7:6380/0",
+            router_args=["--served-model-name", "my-model"],
+        ),
+        model,
+        relay=False,
+    )
+    cluster.plan()
+    lines = cluster.summary()
+    assert not any("s3cret-pw" in line for line in lines)
+    assert lines[0].startswith("tandem: model     my-model (LlamaForCausalLM, cpu) from /")
+    by_name = {line.split()[1]: line for line in lines[1:-1]}
+    assert set(by_name) == {"kvstore", "prefill-0", "decode-0", "router"}
+    for service in cluster.services:
+        assert service.metrics_url and f"metrics {service.metrics_url}" in by_name[service.name]
+    assert by_name["kvstore"].endswith("redis 10.0.0.7:6380 (--redis-url)")
+    assert f"grpc {cluster.router_grpc} (SDK)" in by_name["router"]
+    assert lines[-1] == (
+        f"tandem: load test: make loadtest URL={cluster.router_url} GRPC={cluster.router_grpc}"
+    )
+
+
+class _Running:
+    returncode = None
+
+    def poll(self):
+        return None
+
+
+def test_wait_ready_reports_progress_not_polls():
+    """Each service's ready line once, and while some start, which ones (every few seconds)."""
+    import itertools
+
+    from services.local_cluster import Service
+
+    cluster = LocalCluster(UpOptions(model=Path("m"), port=0), Path("m"), relay=False)
+    polls = itertools.count()
+    slow = lambda: next(polls) >= 3  # noqa: E731 - ready at its fourth poll (~0.6 s)
+    cluster.services = [
+        Service("fast", [], "a:1", lambda: True, proc=_Running()),
+        Service("slow", [], "a:2", slow, proc=_Running()),
+    ]
+    assert cluster.wait_ready(10, progress_every_s=0.3) is None
+    log = "".join(cluster.log)
+    assert log.count("tandem: fast ready (") == 1 and log.count("tandem: slow ready (") == 1
+    assert "waiting for slow\n" in log and "waiting for fast" not in log

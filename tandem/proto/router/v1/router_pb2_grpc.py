@@ -39,6 +39,11 @@ class RouterServiceStub:
                 request_serializer=tandem_dot_router_dot_v1_dot_router__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=tandem_dot_router_dot_v1_dot_router__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Chat = channel.unary_stream(
+                '/tandem.router.v1.RouterService/Chat',
+                request_serializer=tandem_dot_router_dot_v1_dot_router__pb2.ChatRequest.SerializeToString,
+                response_deserializer=tandem_dot_router_dot_v1_dot_router__pb2.ChatResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/tandem.router.v1.RouterService/ListModels',
                 request_serializer=tandem_dot_router_dot_v1_dot_router__pb2.ListModelsRequest.SerializeToString,
@@ -51,6 +56,14 @@ class RouterServiceServicer:
 
     def Generate(self, request, context):
         """Generate a completion and stream it back chunk by chunk.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Chat(self, request, context):
+        """Render a conversation with the model's chat template (as the HTTP chat route does), then
+        generate and stream its reply as Generate does.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -70,6 +83,11 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=tandem_dot_router_dot_v1_dot_router__pb2.GenerateRequest.FromString,
                     response_serializer=tandem_dot_router_dot_v1_dot_router__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Chat': grpc.unary_stream_rpc_method_handler(
+                    servicer.Chat,
+                    request_deserializer=tandem_dot_router_dot_v1_dot_router__pb2.ChatRequest.FromString,
+                    response_serializer=tandem_dot_router_dot_v1_dot_router__pb2.ChatResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -104,6 +122,33 @@ class RouterService:
             '/tandem.router.v1.RouterService/Generate',
             tandem_dot_router_dot_v1_dot_router__pb2.GenerateRequest.SerializeToString,
             tandem_dot_router_dot_v1_dot_router__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Chat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tandem.router.v1.RouterService/Chat',
+            tandem_dot_router_dot_v1_dot_router__pb2.ChatRequest.SerializeToString,
+            tandem_dot_router_dot_v1_dot_router__pb2.ChatResponse.FromString,
             options,
             channel_credentials,
             insecure,
