@@ -182,8 +182,8 @@ def run_scenario(python: str, name: str, ctx_args: list[str], timeout_s: float, 
 
 
 def router_flags(python: str) -> list[str]:
-    """The tool-calling flags a vLLM user passes, when this router has them (auto tool choice,
-    Hermes parser: the tiny model's template is ChatML)."""
+    """The flags a vLLM user passes, when this router has them: auto tool choice with the Hermes
+    parser (the tiny model's template is ChatML), and the tokenizer-info route."""
     help_text = subprocess.run(
         [python, "-m", "services.cli", "router", "--help"], capture_output=True, text=True, cwd=ROOT
     ).stdout
@@ -192,6 +192,8 @@ def router_flags(python: str) -> list[str]:
         flags.append("--enable-auto-tool-choice")
     if "--tool-call-parser" in help_text:
         flags += ["--tool-call-parser", "hermes"]
+    if "--enable-tokenizer-info-endpoint" in help_text:  # lm-eval's remote tokenizer reads it
+        flags.append("--enable-tokenizer-info-endpoint")
     return flags
 
 

@@ -202,7 +202,9 @@ def scenario(chaos_model):
         model = served_model(url)
         requests = [body(model, i) for i in range(GREEDY)]
         requests += [body(model, GREEDY + i, seeded=True) for i in range(SEEDED)]
-        nomig = [body(model, 100 + i) for i in range(UNMIGRATED)]
+        # Longer: the router may hold a short stream's every token (gRPC flow-control windows)
+        # while a loaded client still reads it, and a pod killed then ends no stream.
+        nomig = [{**body(model, 100 + i), "max_tokens": 800} for i in range(UNMIGRATED)]
         started = time.monotonic()
 
         async def run(

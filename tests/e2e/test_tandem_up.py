@@ -161,6 +161,20 @@ def processes_in(directory: Path) -> list[int]:
     return found
 
 
+def instance_env(i: int) -> dict[str, str]:
+    """The environment of side-by-side instance ``i`` of 2: under pytest-xdist each takes half
+    of this worker's port range (tests/conftest.py); two processes drawing from one range could
+    both pick a port neither has bound yet. Without a range the kernel hands out the ports."""
+    from services.local_cluster import PORT_RANGE_ENV
+
+    env = dict(os.environ)
+    if span := env.get(PORT_RANGE_ENV):
+        lo, hi = (int(p) for p in span.split("-"))
+        half = (hi - lo + 1) // 2
+        env[PORT_RANGE_ENV] = f"{lo + i * half}-{lo + (i + 1) * half - 1}"
+    return env
+
+
 def test_two_instances_run_side_by_side_and_stop_on_sigterm(tmp_path):
     """Both generate the default model at once (one wins the rename), pick their own ports, serve,
     and stop every child on SIGTERM."""
@@ -171,8 +185,9 @@ def test_two_instances_run_side_by_side_and_stop_on_sigterm(tmp_path):
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            env=instance_env(i),
         )
-        for _ in range(2)
+        for i in range(2)
     ]
     logs: list[list[str]] = [[], []]
     try:
