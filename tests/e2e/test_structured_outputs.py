@@ -135,3 +135,34 @@ def test_bad_constraints_and_biases_are_400s_naming_the_field(cluster, body, par
             )
         assert e.value.status_code == 400
         assert e.value.param is not None and e.value.param.startswith(param), e.value.body
+
+
+def test_the_sdk_carries_constraints_and_biases(cluster, e2e_model):
+    """The same through the gRPC SDK against the disaggregating router: generate and chat
+    follow a JSON schema, a regex and a choice; logit_bias forces a token; a bad regex is
+    refused naming the field."""
+    from tandem.api.errors import InvalidRequest
+    from tandem.sdk import Client
+
+    with Client(cluster.router_grpc, timeout=60) as sdk:
+        out = sdk.generate(
+            "Tell me", max_tokens=60, temperature=0, structured_outputs={"json": SCHEMA}
+        )
+        assert follows_schema(out.text), out.text
+        out = sdk.generate(
+            "Code:", max_tokens=20, temperature=1.0, seed=3, structured_outputs={"regex": REGEX}
+        )
+        assert re.fullmatch(REGEX, out.text), out.text
+        reply = sdk.chat(
+            [{"role": "user", "content": "How was it?"}],
+            max_tokens=10,
+            temperature=0,
+            structured_outputs={"choice": CHOICES},
+        )
+        assert reply.text in CHOICES and reply.finish_reason == "stop", reply
+        biased = sdk.generate("Hello", max_tokens=4, temperature=0, logit_bias={"77": 100})
+        assert list(biased.token_ids) == [77] * 4
+        with pytest.raises(InvalidRequest) as e:
+            sdk.generate("Hello", max_tokens=4, structured_outputs={"regex": "[0-9"})
+        assert (e.value.param or "").startswith("structured_outputs"), e.value
+    wait_idle(cluster)
