@@ -151,20 +151,25 @@ def test_two_router_replicas_route_a_prompt_to_the_same_pod(cluster):
         "kvstore-2", kv_args, f"127.0.0.1:{kv_port}", lambda: grpc_healthy(f"127.0.0.1:{kv_port}")
     )
     kvstore_2.proc, kvstore_2.relay = cluster.spawn("kvstore-2", kv_args)
-    args = list(cluster.by_name("router").args)
-    port = free_port()
-    args[args.index("--port") + 1] = str(port)
-    args[args.index("--grpc-port") + 1] = str(free_port())
-    args[args.index("--kvstore") + 1] = kvstore_2.address
-    second = Service(
-        "router-2",
-        args,
-        f"127.0.0.1:{port}",
-        lambda: http_healthy(f"http://127.0.0.1:{port}/health"),
-    )
-    second.proc, second.relay = cluster.spawn("router-2", args)
+    started = [kvstore_2]
     try:
+        # The router connects to its kvstore as it starts: a replica still starting then would
+        # leave its channel backing off (lookups failing, prompts routed by load) on a loaded
+        # machine.
         wait_until(kvstore_2.ready, 60, "the second kvstore")
+        args = list(cluster.by_name("router").args)
+        port = free_port()
+        args[args.index("--port") + 1] = str(port)
+        args[args.index("--grpc-port") + 1] = str(free_port())
+        args[args.index("--kvstore") + 1] = kvstore_2.address
+        second = Service(
+            "router-2",
+            args,
+            f"127.0.0.1:{port}",
+            lambda: http_healthy(f"http://127.0.0.1:{port}/health"),
+        )
+        second.proc, second.relay = cluster.spawn("router-2", args)
+        started.append(second)
         wait_until(second.ready, 60, "the second router")
         system = tokens(256, seed=2)
         warm(cluster, cluster.router_url, system)  # router 1 places it
@@ -180,7 +185,7 @@ def test_two_router_replicas_route_a_prompt_to_the_same_pod(cluster):
         )
         assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == 256
     finally:
-        for service in (second, kvstore_2):
+        for service in reversed(started):
             service.proc.terminate()
             service.proc.wait(10)
 
