@@ -73,9 +73,9 @@ class Trace:
         self.events.append(attributes)
 
 
-async def run(fakes: list[FakeDecode], max_migrations: int = 3):
-    """Serve the fakes (free blocks decreasing: the first is chosen first), run one job; returns
-    (events, error, route, the pods)."""
+async def serve_decode_pods(fakes) -> tuple[list, list[Pod]]:
+    """Serve each fake DecodeService on a real socket: (servers, healthy pods with free blocks
+    decreasing, so the first is chosen first)."""
     servers, pods = [], []
     for i, fake in enumerate(fakes):
         server = grpc.aio.server()
@@ -90,6 +90,13 @@ async def run(fakes: list[FakeDecode], max_migrations: int = 3):
         pod.healthy = True
         pod.stats = common_pb2.PodStats(num_free_blocks=100 - i)
         pods.append(pod)
+    return servers, pods
+
+
+async def run(fakes: list[FakeDecode], max_migrations: int = 3):
+    """Serve the fakes (free blocks decreasing: the first is chosen first), run one job; returns
+    (events, error, route, the pods)."""
+    servers, pods = await serve_decode_pods(fakes)
     settings = RouterSettings(model="m", max_migrations=max_migrations)
     dispatcher = Dispatcher(Registry(pods), settings)
     job = Job("req", PROMPT, SamplingParams(max_tokens=10, temperature=0.0))

@@ -16,6 +16,8 @@ from tandem.api.sampling_params import SamplingParams
 from tandem.proto.common.v1 import common_pb2
 from tandem.proto.decode.v1 import decode_pb2, decode_pb2_grpc
 
+from .test_migration import serve_decode_pods
+
 LENGTH = common_pb2.FINISH_REASON_LENGTH
 
 
@@ -73,20 +75,7 @@ class Trace:
 
 
 async def run(fakes: list[FakeDecode], params: SamplingParams):
-    servers, pods = [], []
-    for i, fake in enumerate(fakes):
-        server = grpc.aio.server()
-        decode_pb2_grpc.add_DecodeServiceServicer_to_server(fake, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        servers.append(server)
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        pod = Pod(
-            f"127.0.0.1:{port}", "decode", channel, decode_pb2_grpc.DecodeServiceStub(channel)
-        )
-        pod.healthy = True
-        pod.stats = common_pb2.PodStats(num_free_blocks=100 - i)
-        pods.append(pod)
+    servers, pods = await serve_decode_pods(fakes)
     dispatcher = Dispatcher(Registry(pods), RouterSettings(model="m"))
     route = Route(trace=Trace())
     events, error = [], None
