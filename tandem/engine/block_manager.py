@@ -13,7 +13,11 @@ Invariants (pinned by tests/unit/engine/test_block_manager.py):
 - a hash maps to at most one block, and that block carries the hash;
 - a cache hit never covers a prompt's last token (its logits must be computed);
 - freeing walks the block table in reverse, so a finished request's deepest blocks are evicted
-  before its shared prefix.
+  before its shared prefix;
+- a request never writes into a block another request holds, nor into a cached one: ``fork``
+  shares a request's blocks with another, partial last block included, and the first write
+  into that block copies it first (copy-on-write; ``take_copies`` hands the copies to the
+  runner, which makes them before the step's forward).
 """
 
 import math
@@ -87,6 +91,11 @@ class BlockManager:
         """How many leading blocks of a request's table have been offered to the cache."""
         self._events: list[KVEvent] = []
         self.stats = PrefixCacheStats()
+        self._forked: dict[RequestId, int] = {}
+        """Requests whose table shares a block they may still write (``fork``): the block's
+        index in the table, checked for copy-on-write when a write starts in it."""
+        self._copies: list[tuple[BlockId, BlockId]] = []
+        """(source, destination) block copies due before the next step's forward."""
 
     # ---- pool state -------------------------------------------------------------------------
 
@@ -205,19 +214,25 @@ class BlockManager:
         *,
         keep_free: int = 0,
         record_stats: bool = False,
+        write_from: int | None = None,
     ) -> bool:
         """Grow the request's block table to hold ``num_tokens`` tokens; all or nothing.
 
         ``cached_prefix`` is given on a request's first allocation only: its blocks become the
         head of the table (shared, ref count + 1). ``record_stats`` counts the lookup toward the
         hit rate (once per request: re-admissions after preemption would inflate it).
-        ``keep_free`` blocks must remain free afterwards (admission headroom).
+        ``keep_free`` blocks must remain free afterwards (admission headroom). ``write_from``:
+        the first position the coming step writes; a shared block written from there is
+        copied first (copy-on-write, one more block).
 
         Returns:
             False, changing nothing, when too few blocks are free.
         """
         table = self._tables.get(request_id)
-        if table and cached_prefix is None and keep_free <= self.num_free_blocks:
+        cow = None
+        if write_from is not None and request_id in self._forked:
+            cow = self._shared_write(request_id, write_from)
+        if table and cached_prefix is None and cow is None and keep_free <= self.num_free_blocks:
             # The common case, a running sequence that still has room in its last block.
             if self.blocks_needed(num_tokens) <= len(table):
                 return True
@@ -227,10 +242,14 @@ class BlockManager:
         )
         have = len(table) if table else len(prefix)
         need = max(0, self.blocks_needed(num_tokens) - have)
+        copies = 1 if cow is not None else 0
         # Idle prefix blocks sit in the evictable set: taking them makes them unavailable too.
         idle_prefix = sum(1 for b in prefix if b.ref_count == 0)
-        if need + idle_prefix + keep_free > self.num_free_blocks:
+        if need + copies + idle_prefix + keep_free > self.num_free_blocks:
             return False
+        if cow is not None:
+            self._copy_on_write(request_id, cow)
+            table = self._tables[request_id]
         if table is None:
             table = self._tables[request_id] = []
             self._num_hashed[request_id] = len(prefix)
@@ -247,6 +266,73 @@ class BlockManager:
             table.append(self._take_free_block())
         self._record_ids(request_id, table, start)
         return True
+
+    def fork(
+        self,
+        parent_id: RequestId,
+        child_id: RequestId,
+        num_tokens: int,
+        *,
+        record_stats: bool = False,
+    ) -> None:
+        """Give ``child_id`` the blocks holding ``parent_id``'s first ``num_tokens`` tokens, by
+        reference (a parallel-sampling request's samples share the prompt's KV, its partial
+        last block included). Whichever of the two later writes into a block they share copies
+        it first (``allocate(write_from=...)``). ``child_id`` must hold no blocks yet.
+        ``record_stats`` counts the fork as a prefix-cache query whose tokens all hit but the
+        last (which the child computes for its logits): reuse the hit rate should show."""
+        assert child_id not in self._tables, "a fork creates the child's table"
+        if record_stats:
+            self.stats.queries += num_tokens
+            self.stats.hits += num_tokens - 1
+        table = self._tables[parent_id][: self.blocks_needed(num_tokens)]
+        for block in table:
+            block.ref_count += 1
+        self._tables[child_id] = list(table)
+        self._num_hashed[child_id] = min(self._num_hashed[parent_id], len(table))
+        self._record_ids(child_id, self._tables[child_id], 0)
+        if table:
+            last = len(table) - 1
+            self._forked[child_id] = last
+            self._forked.setdefault(parent_id, last)
+
+    def _shared_write(self, request_id: RequestId, write_from: int) -> int | None:
+        """The index of a block the request must copy before writing from ``write_from``, if
+        any: its forked block, while another request holds it or the prefix cache serves it."""
+        index = self._forked[request_id]
+        first = write_from // self.block_size
+        if first > index:
+            del self._forked[request_id]  # writes are past the shared block for good
+            return None
+        block = self._tables[request_id][index]
+        if first == index and (block.ref_count > 1 or block.block_hash is not None):
+            return index
+        return None
+
+    def _copy_on_write(self, request_id: RequestId, index: int) -> None:
+        """Replace the request's shared block ``index`` by a private copy (made by the runner
+        before the next forward: ``take_copies``)."""
+        table = self._tables[request_id]
+        shared = table[index]
+        shared.ref_count -= 1
+        if shared.ref_count == 0:  # a cached block nobody else holds
+            if shared.block_hash is not None:
+                self._evictable[shared.block_id] = shared
+            else:
+                self._free.append(shared)
+        copy = self._take_free_block()
+        table[index] = copy
+        self._copies.append((shared.block_id, copy.block_id))
+        del self._forked[request_id]
+        # A fresh id array: snapshots handed to steps still in flight must not change.
+        ids = self._ids[request_id]
+        self._ids[request_id] = ids.copy()
+        self._ids[request_id][index] = copy.block_id
+
+    def take_copies(self) -> list[tuple[BlockId, BlockId]]:
+        """Copy-on-write copies (source, destination) due before the next step's forward."""
+        copies, self._copies = self._copies, []
+        return copies
 
     def _record_ids(self, request_id: RequestId, table: list[KVBlock], start: int) -> None:
         """Mirror ``table[start:]`` into the request's id array, growing it by doubling."""
@@ -269,6 +355,10 @@ class BlockManager:
         table = self._tables.pop(request_id, None)
         self._ids.pop(request_id, None)
         self._num_hashed.pop(request_id, None)
+        self._forked.pop(request_id, None)
+        if self._copies and table:  # a copy into a block freed before its step ran: not needed
+            held = {b.block_id for b in table}
+            self._copies = [c for c in self._copies if c[1] not in held]
         for block in reversed(table or ()):
             block.ref_count -= 1
             if block.ref_count == 0:

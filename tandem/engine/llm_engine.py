@@ -355,11 +355,22 @@ class LLMEngine:
         self._held_samples[seqs[0].request_id] = seqs[1:]
 
     def _release_samples(self, lead: Sequence) -> None:
-        """The lead's prompt is computed: queue the samples held behind it. Each one's prompt
-        hits the prefix cache on the lead's full blocks (unless evicted meanwhile)."""
-        for seq in self._held_samples.pop(lead.request_id, ()):
-            if not seq.is_finished:
-                self.scheduler.add(seq)
+        """The lead's prompt is computed: queue the samples held behind it, each holding the
+        lead's prompt blocks by reference (``BlockManager.fork``; the partial last block is
+        copied on its first write) and computing only the prompt's last token, for its own
+        first token. A lead that holds no blocks any more (its first token ended it) leaves
+        them the prefix cache: its full blocks hit, the rest is recomputed."""
+        samples = self._held_samples.pop(lead.request_id, ())
+        bm = self.block_manager
+        shared = bm.holds(lead.request_id) and lead.num_computed_tokens >= lead.num_prompt_tokens
+        for seq in samples:
+            if seq.is_finished:
+                continue
+            if shared:
+                n = seq.num_prompt_tokens
+                bm.fork(lead.request_id, seq.request_id, n, record_stats=True)
+                seq.num_computed_tokens = seq.num_cached_tokens = n - 1
+            self.scheduler.add(seq)
 
     def has_room_for(self, num_prompt_tokens: int) -> bool:
         """Whether a prompt's blocks fit now, leaving one block per growing sequence.
@@ -578,6 +589,8 @@ class LLMEngine:
         if current is None:
             sched = self.scheduler.schedule()
             self.last_step_num_tokens = sched.num_batched_tokens
+            if sched.block_copies:  # copy-on-write of shared blocks, before any write into them
+                self.runner.copy_blocks(sched.block_copies)
             if sched.is_empty:
                 return outputs + self._emit_unemitted()
             now = time.monotonic()
@@ -626,6 +639,8 @@ class LLMEngine:
             ids = launched.tokens
             if len(rows) != len(sched.scheduled):  # some sequences end with the pending token
                 ids = ids[upload(torch.tensor(rows), ids.device)]
+            if nxt.block_copies:
+                self.runner.copy_blocks(nxt.block_copies)
             return nxt, self.runner.launch(nxt.scheduled, input_ids=ids)
         except Exception:  # noqa: BLE001 - the step is scheduled again, normally, once tokens are read
             logger.exception(

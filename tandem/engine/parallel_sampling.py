@@ -4,16 +4,16 @@ A request with ``n`` or ``best_of`` above 1 (a *parent*) runs as ``best_of or n`
 (its *samples*), each with its own id (``sample_id``), sampling parameters (``sample_params``)
 and blocks. Sample 0, the *lead*, is admitted as any request; the others wait until the lead's
 prompt is computed (its prefill ran here, or its KV arrived from a prefill pod) and are then
-queued behind it. Each one's prompt then hits the prefix cache on every full block of the
-prompt -- the lead's blocks, shared by reference count (``BlockManager``) -- and computes only
-the prompt's last partial block and last token itself: the prompt is prefilled once.
-
-NOTE: the issue asked for copy-on-write of the last partial block. Recomputing it (at most
-``block_size`` tokens per sample, one short step) was chosen instead because it needs no new
-path anywhere: a decode pod has no logits row for a remotely prefilled prompt (the prefill pod
-sampled from it), a preempted sample is recomputed from the prefix cache like any sequence,
-and the runner, sampler and KV transfer stay unaware of samples. Without prefix caching the
-samples recompute the whole prompt (no sharing; the results are the same).
+queued behind it, holding the lead's prompt blocks by reference (``BlockManager.fork``), its
+partial last block included: the prompt is prefilled once. Each sample computes only the
+prompt's last token (a decode pod has no logits row for a remotely prefilled prompt: the
+prefill pod sampled the lead's first token from it), which writes into the shared partial
+block, so that block is copied first (copy-on-write; the runner copies it before the step).
+Whichever of the lead and the samples writes last keeps the original: ``n`` samples make at
+most ``n - 1`` copies. A sample preempted later, or one released after its lead already ended
+(its first token finished it), takes the prompt's full blocks from the prefix cache and
+recomputes the rest, like any sequence. Without prefix caching the fork still shares the
+prompt's blocks (it needs no cache lookup); only a preempted sample recomputes its prompt.
 
 Per-sample seeds: a seeded request's sample ``i`` uses ``seed + i`` (wrapped to 64 bits), so
 sample 0 is what the same request with ``n=1`` returns and every sample is reproducible.
@@ -90,6 +90,7 @@ class ParentRequest:
         "_final",
         "_first",
         "_prompt_logprobs",
+        "_num_cached_tokens",
     )
 
     def __init__(self, request_id: str, params: SamplingParams, kind: OutputKind) -> None:
@@ -103,6 +104,9 @@ class ParentRequest:
         self._first = True
         self._prompt_logprobs = None
         """The lead's prompt logprobs, until the request's first output carries them."""
+        self._num_cached_tokens: int | None = None
+        """The lead's: the request's prompt ran once, as the lead (the other samples took its
+        blocks)."""
 
     @property
     def ranked(self) -> bool:
@@ -129,6 +133,8 @@ class ParentRequest:
         stream learns that its remotely computed prompt arrived).
         """
         comp = dataclasses.replace(out.outputs[0], index=index)
+        if index == 0 or self._num_cached_tokens is None:
+            self._num_cached_tokens = out.num_cached_tokens
         if out.prompt_logprobs is not None and self._first:
             self._prompt_logprobs = out.prompt_logprobs
         if comp.finish_reason is not None:
@@ -153,6 +159,7 @@ class ParentRequest:
             outputs=comps,
             finished=self.finished,
             prompt_logprobs=prompt_logprobs,
+            num_cached_tokens=self._num_cached_tokens,
         )
 
     def _best(self) -> list[CompletionOutput]:

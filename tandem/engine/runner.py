@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from tandem.api.errors import ModelLoadError
-from tandem.api.ids import RequestId
+from tandem.api.ids import BlockId, RequestId
 from tandem.engine import prompt_logprobs
 from tandem.engine.attention import AttentionMetadata, get_attention_backend, resolve_backend_name
 from tandem.engine.attention.selector import triton_supports
@@ -385,6 +385,16 @@ class ModelRunner:
             logits_indices=upload(torch.tensor(last_rows, dtype=torch.long), dev),
             sampling=sampling,
         )
+
+    @torch.inference_mode()
+    def copy_blocks(self, copies: list[tuple[BlockId, BlockId]]) -> None:
+        """Copy KV blocks (source, destination) in every layer, K and V: the block manager's
+        copy-on-write of a shared block (``BlockManager.fork``). Queued on the device's stream
+        before the next step, so that step reads and writes the copies."""
+        src = torch.tensor([c[0] for c in copies], dtype=torch.long, device=self.device)
+        dst = torch.tensor([c[1] for c in copies], dtype=torch.long, device=self.device)
+        kv = self.kv_cache.tensor
+        kv.index_copy_(2, dst, kv.index_select(2, src))
 
     def execute(
         self, scheduled: list[ScheduledSequence]

@@ -59,6 +59,8 @@ class SchedulerOutput:
 
     scheduled: list[ScheduledSequence] = field(default_factory=list)
     preempted: list[RequestId] = field(default_factory=list)
+    block_copies: list[tuple[BlockId, BlockId]] = field(default_factory=list)
+    """Copy-on-write: (source, destination) blocks the runner copies before the forward."""
 
     @property
     def num_batched_tokens(self) -> int:
@@ -185,6 +187,7 @@ class Scheduler:
             # after them can grow without preempting what was just admitted.
             self._schedule_waiting(budget, out, keep_free=self.num_growing)
             self._schedule_running(budget, out)
+        out.block_copies = self.block_manager.take_copies()
         return out
 
     @property
@@ -225,7 +228,9 @@ class Scheduler:
                 continue  # preempted earlier in this loop, or admitted in this step already
             num_new = min(seq.num_uncomputed_tokens, budget.tokens)
             while not self.block_manager.allocate(
-                seq.request_id, seq.num_computed_tokens + num_new
+                seq.request_id,
+                seq.num_computed_tokens + num_new,
+                write_from=seq.num_computed_tokens,
             ):
                 victim = max([*self.running, *self._held_waiting()], key=self.policy.sort_key)
                 self._preempt(victim, budget, out)
@@ -267,7 +272,11 @@ class Scheduler:
         if bm.holds(seq.request_id):
             # Its prompt's KV came from a prefill pod: the blocks are held, only decode is left.
             num_new = min(seq.num_uncomputed_tokens, budget.tokens)
-            if not bm.allocate(seq.request_id, seq.num_computed_tokens + num_new):
+            if not bm.allocate(
+                seq.request_id,
+                seq.num_computed_tokens + num_new,
+                write_from=seq.num_computed_tokens,
+            ):
                 return None
             return num_new
         if self._hasher is not None:
@@ -364,11 +373,12 @@ class Scheduler:
                 or seq.num_tokens + 1 >= self.config.max_model_len
             ):
                 continue  # the pending token is its last
-            if not self.block_manager.allocate(seq.request_id, s.start + 2):
+            if not self.block_manager.allocate(seq.request_id, s.start + 2, write_from=s.start + 1):
                 return None
             block_ids = self.block_manager.block_ids(seq.request_id)
             out.scheduled.append(ScheduledSequence(seq, s.start + 1, 1, block_ids, True, ahead=1))
             rows.append(i)
+        out.block_copies = self.block_manager.take_copies()
         return (out, rows) if out.scheduled else None
 
     # ---- after the forward ------------------------------------------------------------------

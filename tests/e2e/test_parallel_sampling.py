@@ -22,7 +22,7 @@ SEED = 7
 
 
 def prompt(seed: int) -> list[int]:
-    """4 full blocks and 6 tokens: the samples share 4 blocks, recompute the last 6 tokens."""
+    """4 full blocks and 6 tokens: the samples share all 5 blocks, recompute the last token."""
     rng = random.Random(seed)
     return [rng.randrange(3, 1000) for _ in range(4 * BLOCK + 6)]
 
@@ -73,8 +73,8 @@ def test_completions_n3_match_the_offline_engine_and_share_the_prompts_blocks(
     assert len({tuple(w) for w in want}) == 3
     assert {c.finish_reason for c in r.choices} == {"length"}
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 3 * MAX_NEW)
-    # Samples 1 and 2 found the prompt's 4 full blocks cached on their decode pod.
-    assert decode_hits(cluster) - before >= 2 * 4 * BLOCK
+    # Samples 1 and 2 took the lead's blocks on their decode pod: all but the last token hit.
+    assert decode_hits(cluster) - before >= 2 * (len(ids) - 1)
     wait_idle(cluster)
 
 

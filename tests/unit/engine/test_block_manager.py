@@ -249,6 +249,71 @@ def test_prefix_caching_disabled_never_hits():
     assert cached == 0 and bm.num_cached_blocks == 0
 
 
+def test_fork_shares_every_block_and_the_first_write_copies_the_shared_one():
+    bm = BlockManager(8, BS)
+    lead, sample = RequestId("lead"), RequestId("sample")
+    table, _ = admit(bm, "lead", list(range(10)))  # 2 full blocks and 2 tokens
+    bm.fork(lead, sample, 10)
+    assert bm.block_ids(sample).tolist() == table
+    assert [bm._blocks[b].ref_count for b in table] == [2, 2, 2]
+    assert bm.num_free_blocks == 5
+    # The sample recomputes token 9, in the shared partial block: it gets a copy first.
+    assert bm.allocate(sample, 10, write_from=9)
+    copy = bm.block_ids(sample).tolist()[2]
+    assert copy not in table and bm.take_copies() == [(table[2], copy)]
+    assert [bm._blocks[b].ref_count for b in table] == [2, 2, 1]
+    # The lead writes last into the original: no copy, and nothing more shared is written.
+    assert bm.allocate(lead, 11, write_from=10)
+    assert bm.block_ids(lead).tolist() == table and bm.take_copies() == []
+    check_invariants(bm)
+    bm.free(lead)
+    bm.free(sample)
+    assert bm.num_free_blocks == 8
+    check_invariants(bm)
+
+
+def test_block_ids_handed_out_before_a_copy_do_not_change():
+    bm = BlockManager(8, BS)
+    admit(bm, "lead", list(range(6)))
+    bm.fork(RequestId("lead"), RequestId("sample"), 6)
+    before = bm.block_ids(RequestId("sample"))
+    assert bm.allocate(RequestId("sample"), 6, write_from=5)
+    assert before.tolist() != bm.block_ids(RequestId("sample")).tolist()
+    assert before.tolist() == bm.block_ids(RequestId("lead")).tolist()
+
+
+def test_a_cached_full_block_is_copied_before_a_sample_rewrites_its_last_token():
+    bm = BlockManager(8, BS)
+    table, _ = admit(bm, "lead", list(range(8)))  # 2 full blocks, both cached
+    bm.fork(RequestId("lead"), RequestId("sample"), 8)
+    bm.free(RequestId("lead"))  # the sample holds them alone now, but the cache serves them
+    assert bm.allocate(RequestId("sample"), 8, write_from=7)
+    new = bm.block_ids(RequestId("sample")).tolist()
+    assert new[0] == table[0] and new[1] != table[1]
+    assert bm.take_copies() == [(table[1], new[1])]
+    assert table[1] in bm._evictable  # still served to the next prompt that starts the same
+    check_invariants(bm)
+
+
+def test_a_copy_needs_a_free_block_and_takes_nothing_without_one():
+    bm = BlockManager(3, BS)
+    table, _ = admit(bm, "lead", list(range(10)))
+    bm.fork(RequestId("lead"), RequestId("sample"), 10)
+    assert not bm.allocate(RequestId("sample"), 10, write_from=9)
+    assert bm.block_ids(RequestId("sample")).tolist() == table and bm.take_copies() == []
+    check_invariants(bm)
+
+
+def test_a_copy_into_a_block_freed_before_its_step_is_dropped():
+    bm = BlockManager(8, BS)
+    admit(bm, "lead", list(range(6)))
+    bm.fork(RequestId("lead"), RequestId("sample"), 6)
+    assert bm.allocate(RequestId("sample"), 6, write_from=5)
+    bm.free(RequestId("sample"))  # preempted in the same schedule
+    assert bm.take_copies() == []
+    check_invariants(bm)
+
+
 class AllocatorMachine(RuleBasedStateMachine):
     """Random admissions, partial computes, growth and frees keep every invariant.
 
@@ -299,8 +364,30 @@ class AllocatorMachine(RuleBasedStateMachine):
     @rule(data=st.data(), more=st.integers(1, 6))
     def grow(self, data, more):
         rid = data.draw(st.sampled_from(sorted(self.live)))
-        if self.bm.allocate(RequestId(rid), len(self.live[rid]) + more):
+        start = self.computed[rid]
+        end = len(self.live[rid]) + more
+        if self.bm.allocate(RequestId(rid), end, write_from=start):
             self.live[rid] = self.live[rid] + [7] * more
+            # Copy-on-write: every block the coming writes touch is this request's alone.
+            table = self.bm._tables[RequestId(rid)]
+            for block in table[start // BS : self.bm.blocks_needed(end)]:
+                assert block.ref_count == 1 and block.block_hash is None, "a shared write"
+            for src, dst in self.bm.take_copies():
+                if src in self.content:
+                    self.content[dst] = self.content[src]  # what the runner's copy carries
+
+    @precondition(lambda self: any(self.computed[r] == len(t) for r, t in self.live.items()))
+    @rule(data=st.data())
+    def fork(self, data):
+        """A sample takes a computed prompt's blocks and will recompute its last token."""
+        done = sorted(r for r, t in self.live.items() if self.computed[r] == len(t))
+        parent = data.draw(st.sampled_from(done))
+        child = f"r{self.n}"
+        self.n += 1
+        tokens = self.live[parent]
+        self.bm.fork(RequestId(parent), RequestId(child), len(tokens))
+        self.live[child] = list(tokens)
+        self.computed[child] = len(tokens) - 1
 
     @precondition(lambda self: self.live)
     @rule(data=st.data())
@@ -316,6 +403,7 @@ class AllocatorMachine(RuleBasedStateMachine):
     def teardown(self):
         for rid in list(self.live):
             self.bm.free(RequestId(rid))
+        assert not self.bm.take_copies(), "a copy into a freed block outlived it"
         assert self.bm.num_free_blocks == self.bm.num_total_blocks
         check_invariants(self.bm)
 

@@ -2,13 +2,13 @@
 ranking, abort, preemption, prefix caching off, remote prefill (tandem/engine/parallel_sampling)."""
 
 import pytest
+import torch
 
 from tandem.api.errors import InvalidRequest
 from tandem.api.ids import RequestId
 from tandem.api.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from tandem.engine import LLM, LLMEngine, OutputKind, SamplingParams
 from tandem.engine.parallel_sampling import ParentRequest, sample_seed
-from tandem.engine.sequence import SequenceStatus
 
 BLOCK = 16
 PROMPT = [10 + (i * 7) % 300 for i in range(5 * BLOCK + 5)]  # 5 full blocks and 5 tokens
@@ -35,26 +35,66 @@ def seqs_of(engine: LLMEngine, rid: str):
     return [engine._states[RequestId(f"{rid}#s{i}")].seq for i in range(3)]
 
 
-def test_n_samples_use_the_prompts_full_blocks_once(llama_dir):
+def test_n_samples_share_the_prompts_blocks_and_copy_the_partial_one_on_write(llama_dir):
     engine = LLM(llama_dir, num_kv_blocks=64, max_model_len=512).engine
     bm = engine.block_manager
     engine.add_request("r", PROMPT, sampled(n=3, seed=1))
     lead, *others = seqs_of(engine, "r")
     engine.step()  # the lead's prefill; the other samples were held back until it is computed
     assert lead.num_output_tokens == 1
-    assert all(not bm.holds(s.request_id) for s in others)
-    engine.step()  # they are admitted with a cache hit on the 5 full blocks
-    assert all(s.status == SequenceStatus.RUNNING and s.num_output_tokens for s in others)
-    assert all(s.num_cached_tokens == 5 * BLOCK for s in others)
+    # Then they hold the lead's 6 blocks by reference, its partial last block included.
     tables = [bm.block_ids(s.request_id).tolist() for s in (lead, *others)]
-    assert [len(t) for t in tables] == [6, 6, 6]
-    shared = tables[0][:5]
-    assert all(t[:5] == shared for t in tables)
-    assert {bm._blocks[b].ref_count for b in shared} == {3}
-    assert len({t[5] for t in tables}) == 3  # each sample's partial block is its own
+    assert tables[1] == tables[2] == tables[0] and len(tables[0]) == 6
+    assert {bm._blocks[b].ref_count for b in tables[0]} == {3}
+    assert bm.num_total_blocks - bm.num_free_blocks == 6
+    partial = tables[0][5]
+    kv = engine.runner.kv_cache.tensor
+    before = kv[:, :, partial, :5].clone()
+    engine.step()  # each writes into the partial block: the first two copy it first
+    assert engine.last_step_num_tokens == 3  # the samples computed the prompt's last token only
+    assert all(s.num_cached_tokens == len(PROMPT) - 1 for s in others)
+    tables = [bm.block_ids(s.request_id).tolist() for s in (lead, *others)]
+    assert all(t[:5] == tables[0][:5] for t in tables)
+    assert {bm._blocks[b].ref_count for b in tables[0][:5]} == {3}
+    assert len({t[5] for t in tables}) == 3 and partial in {t[5] for t in tables}
     assert bm.num_total_blocks - bm.num_free_blocks == 5 + 3  # not 3 * 6
+    for t in tables:  # every copy holds the prompt's KV (its last token recomputed: allclose)
+        torch.testing.assert_close(kv[:, :, t[5], :4], before[:, :, :4], rtol=0, atol=0)
+        torch.testing.assert_close(kv[:, :, t[5], 4], before[:, :, 4])
     while engine.has_unfinished_requests():
         engine.step()
+    assert_clean(engine)
+
+
+def test_copied_blocks_carry_the_prompt_into_every_sample(llama_dir, llm):
+    """Without the copy a sample would attend to an empty partial block: other tokens."""
+    params = sampled(n=3, seed=11)
+    want = [
+        llm.generate([PROMPT], sampled(seed=sample_seed(11, i)))[0].outputs[0].token_ids
+        for i in range(3)
+    ]
+    engine = LLM(llama_dir, num_kv_blocks=64, max_model_len=512).engine
+    engine.add_request("r", PROMPT, params, output_kind=OutputKind.FINAL_ONLY)
+    done = []
+    while engine.has_unfinished_requests():
+        done += engine.step()
+    assert [c.token_ids for c in done[-1].outputs] == want
+    assert_clean(engine)
+
+
+def test_a_lead_ended_by_its_first_token_leaves_the_samples_the_prefix_cache(llama_dir, llm):
+    params = sampled(n=2, seed=5, max_tokens=1)
+    want = [c.token_ids for c in llm.generate([PROMPT], params)[0].outputs]
+    engine = LLM(llama_dir, num_kv_blocks=64, max_model_len=512).engine
+    engine.add_request("r", PROMPT, params, output_kind=OutputKind.FINAL_ONLY)
+    lead, other = (engine._states[RequestId(f"r#s{i}")].seq for i in range(2))
+    engine.step()
+    assert lead.is_finished and not engine.block_manager.holds(other.request_id)
+    done = []
+    while engine.has_unfinished_requests():
+        done += engine.step()
+    assert other.num_cached_tokens == 5 * BLOCK  # its full blocks from the cache
+    assert [c.token_ids for c in done[-1].outputs] == want
     assert_clean(engine)
 
 
@@ -141,7 +181,7 @@ def test_preempted_samples_recompute_the_same_tokens(llama_dir, llm):
     assert_clean(small.engine)
 
 
-def test_without_prefix_caching_samples_recompute_the_prompt(llama_dir, llm):
+def test_without_prefix_caching_samples_still_share_the_prompts_blocks(llama_dir, llm):
     params = sampled(n=3, seed=4)
     expected = [c.token_ids for c in llm.generate([PROMPT], params)[0].outputs]
     engine = LLM(llama_dir, num_kv_blocks=64, max_model_len=512, enable_prefix_caching=False)
@@ -150,7 +190,7 @@ def test_without_prefix_caching_samples_recompute_the_prompt(llama_dir, llm):
     e.step()
     e.step()
     tables = [e.block_manager.block_ids(s.request_id).tolist() for s in seqs_of(e, "r")]
-    assert len({b for t in tables for b in t}) == 3 * 6  # nothing shared
+    assert len({b for t in tables for b in t}) == 5 + 3  # the fork needs no cache lookup
     done = []
     while e.has_unfinished_requests():
         done += e.step()
@@ -170,7 +210,8 @@ def test_remote_prefill_reserves_the_lead_and_shares_its_blocks(llama_dir):
     engine.step()
     lead, other = (engine._states[RequestId(f"r#s{i}")].seq for i in range(2))
     assert bm.block_ids(other.request_id).tolist()[:5] == list(res.block_ids[:5])
-    assert other.num_cached_tokens == 5 * BLOCK
+    assert other.num_cached_tokens == len(PROMPT) - 1  # it computed the last token only
+    assert bm.num_total_blocks - bm.num_free_blocks == 5 + 2
     while engine.has_unfinished_requests():
         engine.step()
     assert_clean(engine)
