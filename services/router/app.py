@@ -211,6 +211,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
                 keys=keys,
                 limits=key_limits,
                 chat_prompt=serving.chat_prompt_ids,
+                tool_plan=serving.tool_plan,
             ),
             server.server,
         )

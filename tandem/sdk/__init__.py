@@ -10,6 +10,10 @@
         for chunk in client.chat_stream([{"role": "user", "content": "Hi"}], max_tokens=32):
             print(chunk.text, end="")
         texts = [c.text for c in client.generate("Once", n=3, max_tokens=8).choices]
+        tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {...}}}]
+        reply = client.chat(messages, tools=tools, tool_choice="required", max_tokens=64)
+        for call in reply.tool_calls:  # reply.finish_reason == "tool_calls"
+            print(call.id, call.name, json.loads(call.arguments))
 
 Errors are Tandem's exception classes (``tandem.api.errors``): ``InvalidRequest``,
 ``ModelNotFound``, ``CapacityExceeded``, ``UpstreamUnavailable``, ``DeadlineExceeded``, ... Calls
@@ -18,7 +22,15 @@ backoff).
 """
 
 from tandem.sdk.client import AsyncClient, Client
-from tandem.sdk.results import Choice, GenerateChunk, GenerateResult, ModelInfo, Usage
+from tandem.sdk.results import (
+    Choice,
+    GenerateChunk,
+    GenerateResult,
+    ModelInfo,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+)
 
 __all__ = [
     "AsyncClient",
@@ -27,5 +39,7 @@ __all__ = [
     "GenerateChunk",
     "GenerateResult",
     "ModelInfo",
+    "ToolCall",
+    "ToolCallDelta",
     "Usage",
 ]

@@ -6,6 +6,13 @@ conversation (OpenAI's message dicts: ``role``, ``content``, ``name``, ``tool_ca
 ``/v1/chat/completions`` does. The ``*_stream`` calls yield ``GenerateChunk``s as the tokens
 come; the others return one ``GenerateResult``.
 
+Tool calling: ``chat``/``chat_stream`` take OpenAI's ``tools``, ``tool_choice`` and
+``parallel_tool_calls``, which the router plans as its HTTP chat route does (same validation,
+same ``--tool-call-parser``, ``required`` and named choices enforced by structured decoding).
+The result's ``tool_calls`` are ``ToolCall``s (id, name, arguments as JSON text) and its
+``finish_reason`` is ``"tool_calls"`` where HTTP's would be; streamed chunks carry
+``ToolCallDelta``s.
+
 Calls made inside an OpenTelemetry span carry its W3C trace context: the router's trace of the
 request then continues the caller's.
 
@@ -126,6 +133,9 @@ def _chat_request(
     request_id: str | None,
     add_generation_prompt: bool,
     chat_template_kwargs: Mapping[str, Any] | None,
+    tools: Sequence[Mapping[str, Any]] | None,
+    tool_choice: str | Mapping[str, Any] | None,
+    parallel_tool_calls: bool | None,
     sampling: dict[str, Any],
 ) -> router_pb2.ChatRequest:
     if isinstance(messages, str | bytes) or not messages:
@@ -145,7 +155,18 @@ def _chat_request(
         priority=priority,
         cache_salt=cache_salt or "",
         request_id=request_id or "",
+        tools=_json_text(tools, "tools") if tools is not None else "",
+        tool_choice=_json_text(tool_choice, "tool_choice") if tool_choice is not None else "",
+        parallel_tool_calls=parallel_tool_calls,
     )
+
+
+def _json_text(value: Any, param: str) -> str:
+    """``value`` as the JSON text a ChatRequest field carries (the router checks what it says)."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequest(f"{param} must be JSON: {exc}", param=param) from None
 
 
 def _message(m: Mapping[str, Any], i: int) -> router_pb2.ChatMessage:
@@ -273,10 +294,33 @@ class Client:
         request_id: str | None = None,
         add_generation_prompt: bool = True,
         chat_template_kwargs: Mapping[str, Any] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
         **sampling: Any,
     ) -> Iterator[GenerateChunk]:
-        """The reply to a conversation, chunk by chunk (``stream``'s keywords, plus the chat
-        template's ``add_generation_prompt`` and ``chat_template_kwargs``)."""
+        """The reply to a conversation, chunk by chunk.
+
+        Args:
+            messages: OpenAI's message dicts (``tool_calls`` and ``tool`` messages included).
+            add_generation_prompt: end the prompt with the assistant's turn.
+            chat_template_kwargs: extra variables for the chat template.
+            tools: OpenAI's tools (``{"type": "function", "function": {"name", "description",
+                "parameters"}}``); the chat template shows them to the model.
+            tool_choice: ``"none"``, ``"auto"`` (needs the router's
+                ``--enable-auto-tool-choice`` and ``--tool-call-parser``), ``"required"`` or
+                ``{"type": "function", "function": {"name": ...}}``; default: ``"auto"`` with
+                tools, as OpenAI's.
+            parallel_tool_calls: False: at most one call per reply.
+            **sampling: ``stream``'s keywords and sampling fields.
+
+        Yields:
+            ``GenerateChunk``s; with tools, their ``text`` is content only and their
+            ``tool_calls`` the calls' pieces.
+
+        Raises:
+            InvalidRequest: naming the field (``tools``, ``tool_choice``, ...).
+        """
         request = _chat_request(
             messages,
             model,
@@ -285,12 +329,17 @@ class Client:
             request_id,
             add_generation_prompt,
             chat_template_kwargs,
+            tools,
+            tool_choice,
+            parallel_tool_calls,
             sampling,
         )
         return self._call(self._conn.stub.Chat, request, timeout)
 
     def chat(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> GenerateResult:
-        """The whole reply to a conversation (same keywords as ``chat_stream``)."""
+        """The whole reply to a conversation (same keywords as ``chat_stream``, ``tools``,
+        ``tool_choice`` and ``parallel_tool_calls`` included): with tools, ``tool_calls`` holds
+        the calls (``ToolCall``: id, name, arguments as JSON text) and ``text`` the content."""
         return GenerateResult.from_chunks(list(self.chat_stream(messages, **kwargs)))
 
     def _call(self, rpc, request, timeout: float | None) -> Iterator[GenerateChunk]:
@@ -381,10 +430,12 @@ class AsyncClient:
         request_id: str | None = None,
         add_generation_prompt: bool = True,
         chat_template_kwargs: Mapping[str, Any] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
         **sampling: Any,
     ) -> AsyncIterator[GenerateChunk]:
-        """The reply to a conversation, chunk by chunk (``stream``'s keywords, plus the chat
-        template's ``add_generation_prompt`` and ``chat_template_kwargs``)."""
+        """The reply to a conversation, chunk by chunk (``Client.chat_stream``'s arguments)."""
         request = _chat_request(
             messages,
             model,
@@ -393,6 +444,9 @@ class AsyncClient:
             request_id,
             add_generation_prompt,
             chat_template_kwargs,
+            tools,
+            tool_choice,
+            parallel_tool_calls,
             sampling,
         )
         return self._call(self._conn.stub.Chat, request, timeout)

@@ -1,6 +1,6 @@
 """Typed results of the SDK."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tandem.api import proto_convert
 from tandem.api.outputs import TokenLogprob
@@ -9,11 +9,55 @@ from tandem.proto.router.v1 import router_pb2
 
 
 @dataclass(slots=True, frozen=True)
+class ToolCallDelta:
+    """A streamed piece of a tool call (OpenAI's streamed ``tool_calls`` delta): a call's first
+    piece has its ``id`` and ``name``, later pieces (``id`` and ``name`` empty) more of its
+    ``arguments``."""
+
+    index: int
+    """Which call of the reply (0, 1, ...)."""
+    id: str
+    name: str
+    arguments: str
+    """The next fragment of the arguments' JSON text."""
+
+
+@dataclass(slots=True, frozen=True)
+class ToolCall:
+    """A function call the model made (OpenAI's ``tool_calls`` entry of type ``function``)."""
+
+    id: str
+    name: str
+    arguments: str
+    """The call's arguments, a JSON text (``json.loads`` it)."""
+
+    @classmethod
+    def from_deltas(cls, deltas: list[ToolCallDelta]) -> tuple["ToolCall", ...]:
+        """The calls a stream's deltas add up to, by ``index``."""
+        calls: dict[int, ToolCall] = {}
+        for d in deltas:
+            call = calls.get(d.index) or cls("", "", "")
+            calls[d.index] = replace(
+                call,
+                id=call.id or d.id,
+                name=call.name or d.name,
+                arguments=call.arguments + d.arguments,
+            )
+        return tuple(calls[i] for i in sorted(calls))
+
+
+@dataclass(slots=True, frozen=True)
 class GenerateChunk:
     """New tokens of a streamed request; the last chunk has ``finish_reason`` and ``usage``.
 
     With ``n`` (or ``best_of``) above 1, each chunk belongs to completion ``index``, and each
     completion's last chunk has its ``finish_reason``; ``usage`` comes once, on the very last.
+
+    A chat with ``tools``: ``text`` is the reply's content only (tool-call markup and the
+    constrained output of a ``required`` or named ``tool_choice`` removed), ``tool_calls`` the
+    tool-call pieces of the chunk, and the last chunk's ``finish_reason`` is ``"tool_calls"``
+    where the model called tools (a named ``tool_choice`` ends with ``"stop"``, as OpenAI's).
+    ``token_ids`` are always every generated token.
     """
 
     request_id: str
@@ -27,22 +71,35 @@ class GenerateChunk:
     """On the first chunk, with ``prompt_logprobs``: one per prompt token from the second on."""
     index: int = 0
     """Which of the request's ``n`` completions these tokens belong to."""
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+    """A chat with tools: the tool-call pieces this chunk adds."""
 
     @classmethod
-    def from_proto(cls, resp: router_pb2.GenerateResponse) -> "GenerateChunk":
+    def from_proto(
+        cls, resp: router_pb2.GenerateResponse | router_pb2.ChatResponse
+    ) -> "GenerateChunk":
         event = proto_convert.token_event(resp)  # the same shape as a decode pod's response
+        text, finish_reason, tool_calls = event.text, event.finish_reason, ()
+        if isinstance(resp, router_pb2.ChatResponse):
+            if resp.HasField("content"):
+                text = resp.content
+            finish_reason = resp.finish_reason or finish_reason
+            tool_calls = tuple(
+                ToolCallDelta(d.index, d.id, d.name, d.arguments) for d in resp.tool_calls
+            )
         return cls(
             request_id=resp.request_id,
             token_ids=tuple(event.token_ids),
-            text=event.text,
+            text=text,
             logprobs=tuple(event.logprobs),
-            finish_reason=event.finish_reason,
+            finish_reason=finish_reason,
             stop_reason=event.stop_reason,
             usage=event.usage,
             prompt_logprobs=(
                 tuple(event.prompt_logprobs) if event.prompt_logprobs is not None else None
             ),
             index=event.index,
+            tool_calls=tool_calls,
         )
 
 
@@ -56,6 +113,9 @@ class Choice:
     finish_reason: str | None
     stop_reason: str | int | None
     logprobs: tuple[TokenLogprob, ...]
+    tool_calls: tuple[ToolCall, ...] = ()
+    """A chat with tools: the calls the model made (``finish_reason`` then ``"tool_calls"``,
+    or ``"stop"`` for a named ``tool_choice``)."""
 
     @classmethod
     def from_chunks(cls, index: int, chunks: list[GenerateChunk]) -> "Choice":
@@ -68,6 +128,7 @@ class Choice:
             finish_reason=end.finish_reason,
             stop_reason=end.stop_reason,
             logprobs=tuple(lp for c in chunks for lp in c.logprobs),
+            tool_calls=ToolCall.from_deltas([d for c in chunks for d in c.tool_calls]),
         )
 
 
@@ -89,6 +150,8 @@ class GenerateResult:
 
     choices: tuple[Choice, ...] = ()
     """Every completion, by ``index`` (``n`` of them)."""
+    tool_calls: tuple[ToolCall, ...] = ()
+    """A chat with tools: the first completion's calls (``text`` is then its content only)."""
 
     @classmethod
     def from_chunks(cls, chunks: list[GenerateChunk]) -> "GenerateResult":
@@ -110,6 +173,7 @@ class GenerateResult:
                 (c.prompt_logprobs for c in chunks if c.prompt_logprobs is not None), None
             ),
             choices=choices,
+            tool_calls=first.tool_calls,
         )
 
 

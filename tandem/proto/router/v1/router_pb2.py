@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tandem.proto.common.v1 import common_pb2 as tandem_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtandem/router/v1/router.proto\x12\x10tandem.router.v1\x1a\x1dtandem/common/v1/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xe0\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12/\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x1a.tandem.router.v1.TokenIdsH\x00\x12\x39\n\x0fsampling_params\x18\x04 \x01(\x0b\x32 .tandem.common.v1.SamplingParams\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\tB\x08\n\x06prompt\"{\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1c.tandem.common.v1.TokenChunk\x12&\n\x05usage\x18\x03 \x01(\x0b\x32\x17.tandem.common.v1.Usage\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\x91\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x14\n\x07\x63ontent\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12.\n\ntool_calls\x18\x05 \x03(\x0b\x32\x1a.tandem.router.v1.ToolCallB\n\n\x08_content\"\x9e\x02\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12/\n\x08messages\x18\x02 \x03(\x0b\x32\x1d.tandem.router.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x1c\n\x14\x63hat_template_kwargs\x18\x04 \x01(\t\x12\x39\n\x0fsampling_params\x18\x05 \x01(\x0b\x32 .tandem.common.v1.SamplingParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x12\n\ncache_salt\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\tB\x18\n\x16_add_generation_prompt\"w\n\x0c\x43hatResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1c.tandem.common.v1.TokenChunk\x12&\n\x05usage\x18\x03 \x01(\x0b\x32\x17.tandem.common.v1.Usage\"\x13\n\x11ListModelsRequest\"*\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.tandem.router.v1.Model2\x86\x02\n\rRouterService\x12S\n\x08Generate\x12!.tandem.router.v1.GenerateRequest\x1a\".tandem.router.v1.GenerateResponse0\x01\x12G\n\x04\x43hat\x12\x1d.tandem.router.v1.ChatRequest\x1a\x1e.tandem.router.v1.ChatResponse0\x01\x12W\n\nListModels\x12#.tandem.router.v1.ListModelsRequest\x1a$.tandem.router.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtandem/router/v1/router.proto\x12\x10tandem.router.v1\x1a\x1dtandem/common/v1/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xe0\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12/\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x1a.tandem.router.v1.TokenIdsH\x00\x12\x39\n\x0fsampling_params\x18\x04 \x01(\x0b\x32 .tandem.common.v1.SamplingParams\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\tB\x08\n\x06prompt\"{\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1c.tandem.common.v1.TokenChunk\x12&\n\x05usage\x18\x03 \x01(\x0b\x32\x17.tandem.common.v1.Usage\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\x91\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x14\n\x07\x63ontent\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12.\n\ntool_calls\x18\x05 \x03(\x0b\x32\x1a.tandem.router.v1.ToolCallB\n\n\x08_content\"\xfc\x02\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12/\n\x08messages\x18\x02 \x03(\x0b\x32\x1d.tandem.router.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x1c\n\x14\x63hat_template_kwargs\x18\x04 \x01(\t\x12\x39\n\x0fsampling_params\x18\x05 \x01(\x0b\x32 .tandem.common.v1.SamplingParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x12\n\ncache_salt\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\r\n\x05tools\x18\t \x01(\t\x12\x13\n\x0btool_choice\x18\n \x01(\t\x12 \n\x13parallel_tool_calls\x18\x0b \x01(\x08H\x01\x88\x01\x01\x42\x18\n\x16_add_generation_promptB\x16\n\x14_parallel_tool_calls\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"\xe5\x01\n\x0c\x43hatResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1c.tandem.common.v1.TokenChunk\x12&\n\x05usage\x18\x03 \x01(\x0b\x32\x17.tandem.common.v1.Usage\x12\x33\n\ntool_calls\x18\x04 \x03(\x0b\x32\x1f.tandem.router.v1.ToolCallDelta\x12\x14\n\x07\x63ontent\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x15\n\rfinish_reason\x18\x06 \x01(\tB\n\n\x08_content\"\x13\n\x11ListModelsRequest\"*\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.tandem.router.v1.Model2\x86\x02\n\rRouterService\x12S\n\x08Generate\x12!.tandem.router.v1.GenerateRequest\x1a\".tandem.router.v1.GenerateResponse0\x01\x12G\n\x04\x43hat\x12\x1d.tandem.router.v1.ChatRequest\x1a\x1e.tandem.router.v1.ChatResponse0\x01\x12W\n\nListModels\x12#.tandem.router.v1.ListModelsRequest\x1a$.tandem.router.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,15 +43,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGE']._serialized_start=517
   _globals['_CHATMESSAGE']._serialized_end=662
   _globals['_CHATREQUEST']._serialized_start=665
-  _globals['_CHATREQUEST']._serialized_end=951
-  _globals['_CHATRESPONSE']._serialized_start=953
-  _globals['_CHATRESPONSE']._serialized_end=1072
-  _globals['_LISTMODELSREQUEST']._serialized_start=1074
-  _globals['_LISTMODELSREQUEST']._serialized_end=1093
-  _globals['_MODEL']._serialized_start=1095
-  _globals['_MODEL']._serialized_end=1137
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1139
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1200
-  _globals['_ROUTERSERVICE']._serialized_start=1203
-  _globals['_ROUTERSERVICE']._serialized_end=1465
+  _globals['_CHATREQUEST']._serialized_end=1045
+  _globals['_TOOLCALLDELTA']._serialized_start=1047
+  _globals['_TOOLCALLDELTA']._serialized_end=1122
+  _globals['_CHATRESPONSE']._serialized_start=1125
+  _globals['_CHATRESPONSE']._serialized_end=1354
+  _globals['_LISTMODELSREQUEST']._serialized_start=1356
+  _globals['_LISTMODELSREQUEST']._serialized_end=1375
+  _globals['_MODEL']._serialized_start=1377
+  _globals['_MODEL']._serialized_end=1419
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1421
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1482
+  _globals['_ROUTERSERVICE']._serialized_start=1485
+  _globals['_ROUTERSERVICE']._serialized_end=1747
 # @@protoc_insertion_point(module_scope)
