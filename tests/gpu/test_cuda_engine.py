@@ -1,6 +1,7 @@
 """The engine and the KV path on a CUDA GPU (skipped where none is present)."""
 
 import asyncio
+import dataclasses
 import random
 
 import pytest
@@ -124,6 +125,34 @@ def test_async_scheduling_on_cuda_gives_the_synchronous_tokens(
     assert got == want
     assert sum(ahead) >= MAX_NEW // 2
     assert (llm.engine.runner.graphs is not None) == cuda_graphs
+
+
+@pytest.mark.parametrize("cuda_graphs", [True, False], ids=["graphs", "eager"])
+def test_parallel_samples_copy_the_shared_block_on_the_device(tiny_model, cuda_graphs):
+    """n=3 samples fork the lead's blocks and copy the partial one on the GPU before writing
+    it (``ModelRunner.copy_blocks``), with async scheduling: each equals a lone request with
+    its seed, so every copy carried the prompt's KV."""
+    model_dir = tiny_model("llama")
+    prompt = prompts(1000, seed=9)[4]  # 2 full blocks and 8 tokens
+    kw = dict(device="cuda", dtype="float32", num_kv_blocks=256, cuda_graphs=cuda_graphs)
+    llm = LLM(model_dir, **kw)
+    base = SamplingParams(temperature=1.0, max_tokens=MAX_NEW, ignore_eos=True)
+    want = [
+        llm.generate([prompt], dataclasses.replace(base, seed=3 + i))[0].outputs[0].token_ids
+        for i in range(3)
+    ]
+    copies = []
+    copy_blocks = llm.engine.runner.copy_blocks
+
+    def recording(pairs):
+        copies.extend(pairs)
+        copy_blocks(pairs)
+
+    llm.engine.runner.copy_blocks = recording
+    out = llm.generate([prompt], dataclasses.replace(base, seed=3, n=3))[0]
+    assert [c.token_ids for c in out.outputs] == want
+    assert len(set(map(tuple, want))) == 3
+    assert 1 <= len(copies) <= 3
 
 
 def test_a_profiled_pool_serves_a_full_budget_step_and_a_32k_prompt_with_a_prefix_hit(tmp_path):
