@@ -21,6 +21,7 @@ from opentelemetry.context import Context
 
 from tandem import telemetry
 from tandem.api.errors import KVTransferError
+from tandem.engine.uploads import upload
 from tandem.proto.common.v1 import common_pb2
 from tandem.transfer.push_streams import KVTarget, TransferResult, end_transfer_span
 from tandem.transfer.receiver import MEMORY_WRITE_MARGIN_S, page_checksum
@@ -82,7 +83,9 @@ class MemoryTransfer:
             return
         if self.started is None:
             self.started = time.perf_counter()
-        src = torch.tensor(src_ids[b0:b1], dtype=torch.long, device=kv.device)
+        # Through pinned memory, never waiting for the device: a plain host-to-device copy would
+        # wait here for the forward's queued layers, at every layer group of every prefill.
+        src = upload(torch.tensor(src_ids[b0:b1], dtype=torch.long), kv.device)
         dst = torch.tensor(self.target.block_ids[b0:b1], dtype=torch.long)
         if len(dst) != b1 - b0:
             self.error = "the decode pod reserved fewer blocks than the prompt needs"
