@@ -280,9 +280,10 @@ class BlockManager:
         last block included). Whichever of the two later writes into a block they share copies
         it first (``allocate(write_from=...)``). ``child_id`` must hold no blocks yet.
         ``record_stats`` counts the fork as a prefix-cache query whose tokens all hit but the
-        last (which the child computes for its logits): reuse the hit rate should show."""
+        last (which the child computes for its logits): reuse the hit rate should show (with
+        prefix caching on; off, nothing counts as a hit)."""
         assert child_id not in self._tables, "a fork creates the child's table"
-        if record_stats:
+        if record_stats and self.enable_prefix_caching:
             self.stats.queries += num_tokens
             self.stats.hits += num_tokens - 1
         table = self._tables[parent_id][: self.blocks_needed(num_tokens)]
@@ -295,6 +296,17 @@ class BlockManager:
             last = len(table) - 1
             self._forked[child_id] = last
             self._forked.setdefault(parent_id, last)
+
+    def would_copy(self, request_id: RequestId, write_from: int) -> bool:
+        """Whether writing from ``write_from`` would copy a shared block first (changes
+        nothing)."""
+        if request_id not in self._forked:
+            return False
+        index = self._forked[request_id]
+        if write_from // self.block_size != index:
+            return False
+        block = self._tables[request_id][index]
+        return block.ref_count > 1 or block.block_hash is not None
 
     def _shared_write(self, request_id: RequestId, write_from: int) -> int | None:
         """The index of a block the request must copy before writing from ``write_from``, if

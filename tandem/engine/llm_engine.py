@@ -590,7 +590,10 @@ class LLMEngine:
             sched = self.scheduler.schedule()
             self.last_step_num_tokens = sched.num_batched_tokens
             if sched.block_copies:  # copy-on-write of shared blocks, before any write into them
-                self.runner.copy_blocks(sched.block_copies)
+                try:
+                    self.runner.copy_blocks(sched.block_copies)
+                except Exception as exc:  # as a failed forward: the step's requests fail
+                    raise self._step_failed(sched, outputs, exc, launched=False) from exc
             if sched.is_empty:
                 return outputs + self._emit_unemitted()
             now = time.monotonic()
@@ -639,8 +642,6 @@ class LLMEngine:
             ids = launched.tokens
             if len(rows) != len(sched.scheduled):  # some sequences end with the pending token
                 ids = ids[upload(torch.tensor(rows), ids.device)]
-            if nxt.block_copies:
-                self.runner.copy_blocks(nxt.block_copies)
             return nxt, self.runner.launch(nxt.scheduled, input_ids=ids)
         except Exception:  # noqa: BLE001 - the step is scheduled again, normally, once tokens are read
             logger.exception(

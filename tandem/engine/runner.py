@@ -391,8 +391,8 @@ class ModelRunner:
         """Copy KV blocks (source, destination) in every layer, K and V: the block manager's
         copy-on-write of a shared block (``BlockManager.fork``). Queued on the device's stream
         before the next step, so that step reads and writes the copies."""
-        src = torch.tensor([c[0] for c in copies], dtype=torch.long, device=self.device)
-        dst = torch.tensor([c[1] for c in copies], dtype=torch.long, device=self.device)
+        src = upload(torch.tensor([c[0] for c in copies], dtype=torch.long), self.device)
+        dst = upload(torch.tensor([c[1] for c in copies], dtype=torch.long), self.device)
         kv = self.kv_cache.tensor
         kv.index_copy_(2, dst, kv.index_select(2, src))
 

@@ -346,7 +346,8 @@ class Scheduler:
         finished sequences). Rows with penalties need the full output history, so they stop
         it, and so do rows with a grammar (``structured_outputs``): their next mask needs the
         pending token consumed by their matcher first, so while one runs, steps are synchronous.
-        Nothing is preempted: if a block cannot be had, there is no such step (None).
+        Nothing is preempted and no shared block is copied (``BlockManager.fork``): if a block
+        cannot be had, or one would have to be copied first, there is no such step (None).
 
         Returns the step and, for each of its sequences, the row of ``prev`` whose sampled
         token is its input.
@@ -373,12 +374,13 @@ class Scheduler:
                 or seq.num_tokens + 1 >= self.config.max_model_len
             ):
                 continue  # the pending token is its last
-            if not self.block_manager.allocate(seq.request_id, s.start + 2, write_from=s.start + 1):
+            if self.block_manager.would_copy(seq.request_id, s.start + 1):
+                return None  # copies run only in steps scheduled once the tokens are known
+            if not self.block_manager.allocate(seq.request_id, s.start + 2):
                 return None
             block_ids = self.block_manager.block_ids(seq.request_id)
             out.scheduled.append(ScheduledSequence(seq, s.start + 1, 1, block_ids, True, ahead=1))
             rows.append(i)
-        out.block_copies = self.block_manager.take_copies()
         return (out, rows) if out.scheduled else None
 
     # ---- after the forward ------------------------------------------------------------------

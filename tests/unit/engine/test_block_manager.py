@@ -258,10 +258,12 @@ def test_fork_shares_every_block_and_the_first_write_copies_the_shared_one():
     assert [bm._blocks[b].ref_count for b in table] == [2, 2, 2]
     assert bm.num_free_blocks == 5
     # The sample recomputes token 9, in the shared partial block: it gets a copy first.
+    assert bm.would_copy(sample, 9) and bm.would_copy(lead, 10) and not bm.would_copy(lead, 12)
     assert bm.allocate(sample, 10, write_from=9)
     copy = bm.block_ids(sample).tolist()[2]
     assert copy not in table and bm.take_copies() == [(table[2], copy)]
     assert [bm._blocks[b].ref_count for b in table] == [2, 2, 1]
+    assert not bm.would_copy(lead, 10)
     # The lead writes last into the original: no copy, and nothing more shared is written.
     assert bm.allocate(lead, 11, write_from=10)
     assert bm.block_ids(lead).tolist() == table and bm.take_copies() == []

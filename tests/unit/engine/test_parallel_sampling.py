@@ -267,6 +267,33 @@ def test_a_failed_sample_fails_the_whole_request(llama_dir, monkeypatch):
     assert_clean(engine)
 
 
+def test_a_failed_block_copy_fails_only_the_steps_requests(llama_dir, monkeypatch):
+    """A copy-on-write that fails (device out of memory, ...) fails the step's requests, as a
+    failed forward does (not every request of the engine), and the engine goes on."""
+    from tandem.engine.llm_engine import EngineStepError
+
+    engine = LLM(llama_dir, num_kv_blocks=64, max_model_len=512).engine
+    engine.add_request("r", PROMPT, sampled(n=3, max_tokens=40))
+    engine.step()  # the lead's prefill; the other samples fork its blocks after it
+    copy_blocks = engine.runner.copy_blocks
+
+    def broken(copies):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(engine.runner, "copy_blocks", broken)
+    with pytest.raises(EngineStepError) as e:
+        engine.step()  # the samples' first writes into the shared partial block
+    assert e.value.request_ids == ["r"]
+    assert_clean(engine)
+    monkeypatch.setattr(engine.runner, "copy_blocks", copy_blocks)
+    engine.add_request("solo", PROMPT, sampled(n=2, max_tokens=4))
+    done = []
+    while engine.has_unfinished_requests():
+        done += engine.step()
+    assert [o.request_id for o in done if o.finished] == ["solo"]
+    assert_clean(engine)
+
+
 def test_prompt_logprobs_come_once_with_the_request_even_when_ranked(llm):
     out = llm.generate([PROMPT], sampled(n=2, best_of=3, prompt_logprobs=0))[0]
     assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == len(PROMPT) - 1
