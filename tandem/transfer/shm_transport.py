@@ -9,6 +9,10 @@ A write moves pages, not blocks: a page is one layer's K or V for one block, con
 sides. The pages of a write are gathered and scattered with numpy fancy indexing (one C loop of
 row copies, the GIL released) split over a few threads; a Python loop of per-block tensor
 copies spent most of its time in per-call overhead (bench/NOTES.md, "KV data plane").
+
+Page faults: the owner allocates its whole pool at start (``kv_cache.prefault``), and a writer
+maps every page of it into its own address space on a background thread as soon as it maps
+the pool (``ShmPoolWriter.populated``). Writes meanwhile fault pages in one by one, ~3x slower.
 """
 
 import os
@@ -19,6 +23,7 @@ import msgspec
 import numpy as np
 import torch
 
+from tandem.engine.kv_cache import prefault
 from tandem.transfer.transport import (
     PoolDescriptor,
     PoolExport,
@@ -186,6 +191,17 @@ class ShmPoolWriter(PoolWriter):
         self.pool = map_pool(
             _path(descriptor), tuple(descriptor.shape), getattr(torch, descriptor.dtype)
         )
+        self.populated = threading.Event()
+        """Set once every page of the pool is mapped here (or the kernel cannot do it)."""
+        threading.Thread(
+            target=self._populate, args=(self.pool,), name="tandem-shm-populate", daemon=True
+        ).start()
+
+    def _populate(self, pool: torch.Tensor) -> None:
+        try:
+            prefault(pool)  # the pages exist (the owner made them): this maps, allocates nothing
+        finally:
+            self.populated.set()
 
     def write(self, src, src_ids, layers, dst_ids) -> int:
         check_block_ids(src_ids, dst_ids, self.pool.shape)
