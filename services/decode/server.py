@@ -8,7 +8,9 @@ first token), the sequence joins the decode batch. In local mode the engine pref
 Who may write what: only the writer presenting the reservation's live lease (its transfer token)
 may claim, write or complete it; the token is checked before any byte lands, and a stream or
 notice that fails the check harms no reservation (``tandem.transfer.receiver``). A reservation
-no writer claims within ``kv_claim_timeout_s`` is released and its stream fails.
+no writer claims within ``kv_claim_timeout_s`` is released and its stream fails; a memory
+writer's claim lasts ``kv_write_lease_s`` unless it renews it (``RenewKV``): a writer that
+stopped renewing (it died) fails the request and gives the blocks back then.
 
 The engine runs in the pod's engine core process; this process holds the gRPC server, the KV
 receiver (which writes pushed pages straight into the core's KV pool, shared with it) and the
@@ -165,16 +167,57 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
 
         Raises:
             KVTransferError: no writer claimed the reservation within kv_claim_timeout_s (it is
-                released), or the KV did not arrive within kv_timeout_s.
+                released), the memory writer that claimed it stopped renewing its write lease
+                (kv_write_lease_s: it died), or the KV did not arrive within kv_timeout_s.
         """
         started = time.monotonic()
         timeout_s = self.settings.kv_timeout_s
         claim_s = min(self.settings.kv_claim_timeout_s, timeout_s)
-        try:
-            return await asyncio.wait_for(stream.get(), claim_s)
-        except TimeoutError:
-            pass
-        # Atomic with a claim arriving right now: either it is refused, or this gives up nothing.
+        deadline = started + timeout_s
+        claim_checked = False
+        while True:
+            now = time.monotonic()
+            until = deadline if claim_checked else min(deadline, started + claim_s)
+            # A memory writer's write lease ends first unless it renews (RenewKV moves it on).
+            write_end = self.receiver.write_lease_end(rid)
+            if write_end is not None:
+                until = min(until, write_end)
+            elif not self.receiver.claimed(rid):
+                # A claim may come any moment: look again soon enough to notice its write lease
+                # ending within a quarter of it (a gRPC claim has none: no more looks then).
+                until = min(until, now + self.settings.kv_write_lease_s / 4)
+            try:
+                return await asyncio.wait_for(stream.get(), max(0.0, until - now))
+            except TimeoutError:
+                pass
+            now = time.monotonic()
+            if not claim_checked and now >= started + claim_s:
+                claim_checked = True
+                await self._release_unclaimed(rid, claim_s)
+            if now >= deadline:
+                raise KVTransferError(f"KV pages did not arrive within {timeout_s:g} s")
+            write_end = self.receiver.write_lease_end(rid)
+            if write_end is not None and now >= write_end:
+                self.metrics.transfer("write_lease_expired")
+                logger.warning(
+                    "request %s: the prefill pod writing its KV stopped renewing its write lease "
+                    "(kv_write_lease_s %g s); the request fails and its blocks are freed",
+                    rid,
+                    self.settings.kv_write_lease_s,
+                )
+                raise KVTransferError(
+                    "the prefill pod writing the KV stopped renewing its write lease within "
+                    f"{self.settings.kv_write_lease_s:g} s (kv_write_lease_s): it died or lost "
+                    "the network; the blocks were freed"
+                )
+
+    async def _release_unclaimed(self, rid: str, claim_s: float) -> None:
+        """Release the reservation if no writer claimed it yet (atomic with a claim arriving
+        right now: either it is refused, or this gives up nothing).
+
+        Raises:
+            KVTransferError: it was released.
+        """
         released = await asyncio.get_running_loop().run_in_executor(
             self._kv_writers, self.receiver.release_unclaimed, rid
         )
@@ -189,12 +232,6 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 f"no prefill pod claimed the KV reservation within {claim_s:g} s "
                 "(kv_claim_timeout_s); its blocks were released"
             )
-        try:
-            return await asyncio.wait_for(
-                stream.get(), max(0.0, timeout_s - (time.monotonic() - started))
-            )
-        except TimeoutError:
-            raise KVTransferError(f"KV pages did not arrive within {timeout_s:g} s") from None
 
     async def _admit(self, request, ids, params) -> decode_pb2.Admitted:
         rid = request.request_id
@@ -373,6 +410,15 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         except TandemError as exc:
             await abort_with(context, exc)
 
+    async def RenewKV(self, request: decode_pb2.RenewKVRequest, context):
+        """A memory writer extends its write lease (refused once the lease was discarded or the
+        write lease ended: the writer then stops)."""
+        try:
+            expires = self.receiver.renew(request.request_id, request.transfer_token)
+        except KVTransferForbidden as exc:
+            await abort_with(context, exc)
+        return decode_pb2.RenewKVResponse(lease_expires_unix_ms=expires)
+
     async def CompleteKV(self, request: decode_pb2.CompleteKVRequest, context):
         """A memory transport's one notice: the pages are in place (the request joins the decode
         batch), or the writer aborted (the request fails; its blocks may be reused)."""
@@ -485,6 +531,11 @@ def add_decode_service(servicer: DecodeServicer, server: grpc.aio.Server) -> Non
             request_deserializer=decode_pb2.CompleteKVRequest.FromString,
             response_serializer=decode_pb2.CompleteKVResponse.SerializeToString,
         ),
+        "RenewKV": grpc.unary_unary_rpc_method_handler(
+            servicer.RenewKV,
+            request_deserializer=decode_pb2.RenewKVRequest.FromString,
+            response_serializer=decode_pb2.RenewKVResponse.SerializeToString,
+        ),
     }
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler("tandem.decode.v1.DecodeService", handlers),)
@@ -540,6 +591,7 @@ async def start(settings: DecodeSettings) -> RunningService:
         info.kv_spec,
         info.fingerprint,
         max_chunk_bytes=settings.kv_max_chunk_bytes,
+        write_lease_s=settings.kv_write_lease_s,
         engine_event=(
             torch.cuda.Event.from_ipc_handle(info.kv_pool.device, info.engine_event)
             if info.engine_event is not None

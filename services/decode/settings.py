@@ -28,6 +28,12 @@ class DecodeSettings(PodSettings):
     still be writing are reused only once the writer confirmed it stopped or the lease ended.
     Must exceed kv_timeout_s: a lease that ends before the request's wait does would let blocks
     go back to the pool while a writer may still be entitled to write."""
+    kv_write_lease_s: float = Field(10.0, ge=1.0)
+    """How long a memory-transport writer's claim lets it write before it must renew
+    (``RenewKV``, which it does every third of it): a prefill pod that dies mid-transfer holds
+    the blocks this long, not kv_lease_s. The writer stops a quarter of it (at most 5 s) before
+    its end, so a copy still in flight has that long to land: keep it several seconds where
+    cuda-ipc copies queue behind busy GPUs. At most kv_lease_s, which still bounds everything."""
 
     @model_validator(mode="after")
     def _lease_outlives_the_wait(self):
@@ -35,5 +41,10 @@ class DecodeSettings(PodSettings):
             raise ValueError(
                 f"kv_lease_s ({self.kv_lease_s:g}) must exceed kv_timeout_s "
                 f"({self.kv_timeout_s:g}): a writer's lease must outlive the wait for its pages"
+            )
+        if self.kv_write_lease_s > self.kv_lease_s:
+            raise ValueError(
+                f"kv_write_lease_s ({self.kv_write_lease_s:g}) must not exceed kv_lease_s "
+                f"({self.kv_lease_s:g}): the reservation's lease bounds every write lease"
             )
         return self

@@ -19,11 +19,22 @@ within its claim deadline, atomically with respect to a claim arriving at that m
   code running here. The writer first ``claim``s the lease (from then on this pod assumes it may
   be writing), then sends one ``complete_memory`` notice: done, or aborted.
 
+A memory writer's claim grants it a short **write lease** (``write_lease_s``, the decode pod's
+``kv_write_lease_s``): it may write until ``min(claim + write_lease_s, the lease's end)`` and
+extends that while it works (``renew``, never past the lease's end). A writer that stops
+renewing -- its process died, it lost the network -- loses the reservation when its write lease
+ends: from then on everything it sends is refused, the request's wait for its KV fails
+(``write_lease_end``) and, once discarded, the blocks are ``drained``. Without it a dead writer
+would hold the blocks for the whole lease (the decode pod cannot tell a dead writer from a slow
+one). Renewal is refused once the write lease ended (it never comes back) and once the lease was
+discarded: the writer stops at once.
+
 ``discard`` stops a reservation. For the gRPC transport, once it returns no write is running and
 the blocks may be reused; a claimed memory lease is returned to the caller, which frees the
 blocks only once it is ``drained``: the writer's notice arrived (it flushed and stopped) or the
-lease ended, whichever comes first -- an aborted transfer can never write into blocks already
-given to another request.
+lease or the write lease ended, whichever comes first -- an aborted transfer can never write
+into blocks already given to another request (a writer stops ``write_margin_s`` before the end
+of its write lease).
 """
 
 import hmac
@@ -75,6 +86,9 @@ class _Inbound:
     lease: Lease
     expires_at: float
     """``time.monotonic()`` at the lease's end."""
+    write_expires_at: float | None = None
+    """A memory writer's claim: ``time.monotonic()`` at its write lease's end (``renew``)."""
+    write_expires_unix_ms: int = 0
     transport: str | None = None
     """Set by the first writer: "grpc" by a chunk, a memory transport by ``claim``."""
     stopped: threading.Event = field(default_factory=threading.Event)
@@ -101,7 +115,18 @@ class TransferSummary:
 
 
 MEMORY_WRITE_MARGIN_S = 5.0
-"""A memory writer stops this long before its lease ends (clocks of one host, or NTP-close)."""
+"""A memory writer stops this long before its lease ends (clocks of one host, or NTP-close), or
+a quarter of a shorter write lease (``write_margin_s``)."""
+
+DEFAULT_WRITE_LEASE_S = 10.0
+"""How long a memory writer's claim or renewal lets it write (``kv_write_lease_s``)."""
+
+
+def write_margin_s(granted_s: float) -> float:
+    """How long before the end of a write lease granted for ``granted_s`` seconds its writer
+    stops issuing writes: ``MEMORY_WRITE_MARGIN_S``, or a quarter of a shorter grant (a copy
+    issued before the margin must have landed by the end; the writer renews every third)."""
+    return max(0.0, min(MEMORY_WRITE_MARGIN_S, granted_s / 4))
 
 
 class KVReceiver:
@@ -113,6 +138,7 @@ class KVReceiver:
         *,
         max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
         engine_event: "torch.cuda.Event | None" = None,
+        write_lease_s: float | None = DEFAULT_WRITE_LEASE_S,
     ) -> None:
         """
         Args:
@@ -122,6 +148,8 @@ class KVReceiver:
                 its stream whenever it hands out blocks (``expect`` then cannot record one on
                 the engine's stream itself). ``expect`` pins its latest record, which is that
                 reservation's or a later one: waiting for it is waiting long enough.
+            write_lease_s: how long a memory writer's claim or renewal lets it write (None: until
+                the lease's end, no renewals).
         """
         self.kv = pool
         self.layout = PageLayout(
@@ -129,6 +157,7 @@ class KVReceiver:
         )
         self.fingerprint = fingerprint
         self.max_chunk_bytes = max_chunk_bytes
+        self.write_lease_s = write_lease_s
         self._engine_event = engine_event
         self._inbound: dict[str, _Inbound] = {}
         self._lock = threading.Lock()
@@ -192,7 +221,7 @@ class KVReceiver:
             raise KVTransferForbidden(
                 f"no KV reservation for request {request_id!r} with this transfer token"
             )
-        if time.monotonic() >= inbound.expires_at:
+        if _ended(inbound, time.monotonic()):
             raise KVTransferForbidden(f"the KV lease of {request_id!r} has ended")
         return inbound
 
@@ -251,12 +280,60 @@ class KVReceiver:
             if inbound.closed:
                 raise KVTransferForbidden(f"the KV reservation of {request_id!r} was cancelled")
             margin = 0.0 if transport == "grpc" else MEMORY_WRITE_MARGIN_S
-            if time.monotonic() >= inbound.expires_at - margin:
+            now = time.monotonic()
+            if now >= inbound.expires_at - margin:
                 raise KVTransferForbidden(f"the KV lease of {request_id!r} has ended")
+            first = inbound.transport is None
             self._take_transport(inbound, transport)
+            if transport != "grpc" and first and self.write_lease_s is not None:
+                self._extend(inbound, now)
+            lease = inbound.lease
+            if inbound.write_expires_at is not None:
+                lease = Lease(lease.token, lease.epoch, inbound.write_expires_unix_ms)
         if inbound.engine_done is not None and transport != "grpc":
             inbound.engine_done.synchronize()
-        return Claim(inbound.lease, inbound.block_ids.tolist(), inbound.first_block)
+        return Claim(lease, inbound.block_ids.tolist(), inbound.first_block)
+
+    def _extend(self, inbound: _Inbound, now: float) -> None:
+        """Move the write lease's end to ``now + write_lease_s``, never past the lease's end
+        (holding ``inbound.lock``)."""
+        left = max(0.0, min(self.write_lease_s, inbound.expires_at - now))
+        inbound.write_expires_at = now + left
+        inbound.write_expires_unix_ms = min(
+            int((time.time() + left) * 1000), inbound.lease.expires_unix_ms
+        )
+
+    def renew(self, request_id: str, token: str) -> int:
+        """A memory writer extends its write lease; returns its new end (Unix time, ms).
+
+        Raises:
+            KVTransferForbidden: wrong or stale token, no reservation, not claimed by a memory
+                transport, discarded (the writer must stop), or the lease or write lease ended
+                (an ended write lease never comes back).
+        """
+        draining = self._draining.get(request_id)
+        if draining is not None and hmac.compare_digest(draining.lease.token, token or ""):
+            raise KVTransferForbidden(f"the KV transfer of {request_id!r} was cancelled")
+        inbound = self._get(request_id, token)
+        with inbound.lock:
+            if inbound.closed:
+                raise KVTransferForbidden(f"the KV transfer of {request_id!r} was cancelled")
+            if inbound.write_expires_at is None:
+                raise KVTransferForbidden(
+                    f"the KV reservation of {request_id!r} holds no memory write lease"
+                )
+            now = time.monotonic()
+            if _ended(inbound, now):  # checked again under the lock: a renewal never revives
+                raise KVTransferForbidden(f"the KV write lease of {request_id!r} has ended")
+            self._extend(inbound, now)
+            return inbound.write_expires_unix_ms
+
+    def write_lease_end(self, request_id: str) -> float | None:
+        """When (``time.monotonic()``) the live reservation's memory write lease ends as things
+        stand (renewals move it); None when it has none (not claimed by a memory transport,
+        completed or discarded)."""
+        inbound = self._inbound.get(request_id)
+        return None if inbound is None else inbound.write_expires_at
 
     def complete_memory(
         self, end: common_pb2.KVTransferEnd, checksum: "torch.Tensor | None" = None
@@ -408,12 +485,19 @@ class KVReceiver:
 
     @staticmethod
     def drained(inbound: _Inbound) -> bool:
-        """The writer confirmed it stopped, or the lease ended."""
-        return inbound.stopped.is_set() or time.monotonic() >= inbound.expires_at
+        """The writer confirmed it stopped, or the lease or its write lease ended."""
+        return inbound.stopped.is_set() or _ended(inbound, time.monotonic())
 
     def end_drain(self, request_id: str) -> None:
         with self._lock:
             self._draining.pop(request_id, None)
+
+
+def _ended(inbound: _Inbound, now: float) -> bool:
+    """The lease, or the memory writer's write lease, has ended."""
+    return now >= inbound.expires_at or (
+        inbound.write_expires_at is not None and now >= inbound.write_expires_at
+    )
 
 
 def _epoch_of(token: str | None) -> int:

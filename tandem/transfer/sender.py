@@ -12,6 +12,9 @@ secondary streams, waits for their acknowledgements, then sends the end message 
 sampled token) on the primary stream: when it is acknowledged, the decode pod holds the whole
 prompt's KV.
 
+Memory transports (``MemoryTransfer``, memory_push.py) write into the decode pod's pool
+instead; the sender's one ``LeaseRenewer`` thread keeps their write leases alive (``RenewKV``).
+
 Tracing: a traced request's transfer is a ``kv_transfer`` span, from the first chunk queued to
 the decode pod's acknowledgement, whose context rides on every PushKV stream's metadata.
 """
@@ -33,7 +36,7 @@ from tandem.engine.scheduler import ScheduledSequence
 from tandem.proto.common.v1 import common_pb2
 from tandem.proto.decode.v1 import decode_pb2
 from tandem.transfer import codec
-from tandem.transfer.memory_push import MemoryTransfer
+from tandem.transfer.memory_push import LeaseRenewer, MemoryTransfer
 from tandem.transfer.push_streams import KVTarget, KVTransfer, TransferResult
 from tandem.transfer.staging import PinnedBufferPool
 from tandem.transfer.transport import PoolWriter, TransportUnavailable, open_writer
@@ -47,6 +50,7 @@ from tandem.transfer.wire import (
 
 PUSH_KV_METHOD = "/tandem.decode.v1.DecodeService/PushKV"
 COMPLETE_KV_METHOD = "/tandem.decode.v1.DecodeService/CompleteKV"
+RENEW_KV_METHOD = "/tandem.decode.v1.DecodeService/RenewKV"
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +66,7 @@ class ChannelPool:
         self._channels: dict[str, list[grpc.Channel]] = {}
         self._calls: dict[str, list[grpc.StreamUnaryMultiCallable]] = {}
         self._complete: dict[str, grpc.UnaryUnaryMultiCallable] = {}
+        self._renew: dict[str, grpc.UnaryUnaryMultiCallable] = {}
         self._lock = threading.Lock()
 
     def push_kv(self, address: str) -> list[grpc.StreamUnaryMultiCallable]:
@@ -84,14 +89,32 @@ class ChannelPool:
                 self._calls[address] = calls
         return calls
 
+    def _control(self, address: str) -> grpc.Channel:
+        """The channel of a decode pod's control calls (CompleteKV, RenewKV); holding the lock."""
+        channels = self._channels.setdefault(address + "#control", [])
+        if not channels:
+            channels.append(cluster_auth.channel(address, CLIENT_OPTIONS))
+        return channels[0]
+
+    def renew_kv(self, address: str) -> grpc.UnaryUnaryMultiCallable:
+        """``RenewKV`` of a decode pod (a memory transfer's write lease)."""
+        with self._lock:
+            call = self._renew.get(address)
+            if call is None:
+                call = self._control(address).unary_unary(
+                    RENEW_KV_METHOD,
+                    request_serializer=decode_pb2.RenewKVRequest.SerializeToString,
+                    response_deserializer=decode_pb2.RenewKVResponse.FromString,
+                )
+                self._renew[address] = call
+        return call
+
     def complete_kv(self, address: str) -> grpc.UnaryUnaryMultiCallable:
         """``CompleteKV`` of a decode pod (memory transports' one notice per transfer)."""
         with self._lock:
             call = self._complete.get(address)
             if call is None:
-                channel = cluster_auth.channel(address, CLIENT_OPTIONS)
-                self._channels.setdefault(address + "#control", []).append(channel)
-                call = channel.unary_unary(
+                call = self._control(address).unary_unary(
                     COMPLETE_KV_METHOD,
                     request_serializer=lambda end: decode_pb2.CompleteKVRequest(
                         end=end
@@ -104,6 +127,7 @@ class ChannelPool:
     def close(self) -> None:
         with self._lock:
             self._complete.clear()
+            self._renew.clear()
             for channels in self._channels.values():
                 for c in channels:
                     c.close()
@@ -164,6 +188,8 @@ class KVSender:
         self.pool: torch.Tensor | None = None
         """This engine's KV pool (``attach_pool``): what memory transports copy from."""
         self._writers: dict[tuple[str, str], PoolWriter] = {}
+        self.renewer = LeaseRenewer(self.channels.renew_kv)
+        """Keeps live memory transfers' write leases (``RenewKV``)."""
 
     def attach_pool(self, pool: torch.Tensor) -> None:
         self.pool = pool
@@ -203,6 +229,7 @@ class KVSender:
                 self.push_timeout_s,
                 trace_context,
             )
+            self.renewer.add(transfer)
         transfer.sent_blocks = min(target.skip_blocks, num_blocks)
         self._transfers[request_id] = transfer
         return transfer
@@ -290,6 +317,7 @@ class KVSender:
         self._finisher.shutdown(wait=False, cancel_futures=True)
         for transfer in memory:  # here, not queued: the pool's shutdown cancels queued work
             transfer.abort_notice()
+        self.renewer.close()
         for key in list(self._writers):
             self._drop_writer(key)
         self.channels.close()

@@ -55,9 +55,9 @@ KV_TIMEOUT_S = 15.0
 so that the reservation flood is bounded even without an earlier claim deadline."""
 KV_LEASE_S = 20.0
 """The decode pods' lease on reserved blocks (``TANDEM_DECODE_KV_LEASE_S``, must exceed
-KV_TIMEOUT_S). A prefill pod killed after it claimed a memory-transport lease (shm on CPU) leaves
-those blocks held until the lease ends: the decode pod cannot tell a dead writer from a slow one,
-and a slow one may still write. The default is 150 s; the kill test waits for this one."""
+KV_TIMEOUT_S). A prefill pod killed after it claimed a memory-transport lease (shm on CPU) stops
+renewing its write lease (``TANDEM_DECODE_KV_WRITE_LEASE_S``, 10 s): the decode pod frees those
+blocks when it ends; the kill test waits at most for this lease."""
 
 
 @pytest.fixture(scope="module")
@@ -312,7 +312,7 @@ def test_kill9_prefill_under_streaming_load(cluster, model):
     print(f"prefill kill -9: {n} streams, {attempts:.0f} attempts ({attempts - n:.0f} retries)")
     assert attempts > n, "the kill hit no request in flight: nothing was tested"
     assert_alive(cluster, except_for={"prefill-0"})
-    # Blocks the killed pod had claimed (memory transport) come back when their lease ends.
+    # Blocks the killed pod had claimed (memory transport) come back when their write lease ends.
     wait_for_baseline(
         cluster,
         {k: v for k, v in baseline.items() if k != "prefill-0"},

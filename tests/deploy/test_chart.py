@@ -75,7 +75,7 @@ def example_values(path: Path) -> dict:
 KV_SAME_NODE = {
     "kvTransport": {"mode": "cuda-ipc", "strict": True, "hostIPC": True, "shareDevShm": True},
     "prefill": {"kv": {"checksum": True}},
-    "decode": {"kvLeaseSeconds": 30.5, "kvTimeoutSeconds": 20},
+    "decode": {"kvLeaseSeconds": 30.5, "kvTimeoutSeconds": 20, "kvWriteLeaseSeconds": 2.5},
 }
 KV_RDMA = {"kvTransport": {"mode": "nixl", "rdma": {"resources": {"rdma/hca": 1}, "ipcLock": True}}}
 
@@ -616,6 +616,7 @@ def test_observability_toggles(chart):
             "/kvTransport/rdma/resources",
         ),
         ({"decode": {"kvLeaseSeconds": 0}}, "/decode/kvLeaseSeconds"),
+        ({"decode": {"kvWriteLeaseSeconds": 0.5}}, "/decode/kvWriteLeaseSeconds"),
         ({"prefill": {"kv": {"checksum": "yes"}}}, "/prefill/kv/checksum"),
     ],
 )
@@ -649,6 +650,7 @@ def test_kv_transport_defaults_are_safe(chart):
         "TANDEM_DECODE_KV_TRANSPORT": "auto",
         "TANDEM_DECODE_KV_TRANSPORT_STRICT": "false",
         "TANDEM_DECODE_KV_LEASE_S": "150",
+        "TANDEM_DECODE_KV_WRITE_LEASE_S": "10",
     }
     for obj in workloads(objects):
         spec = pod_spec(obj)
@@ -676,6 +678,7 @@ def test_kv_transport_same_node_shares_ipc_and_dev_shm(chart):
         "TANDEM_DECODE_KV_TRANSPORT": "cuda-ipc",
         "TANDEM_DECODE_KV_TRANSPORT_STRICT": "true",
         "TANDEM_DECODE_KV_LEASE_S": "30.5",
+        "TANDEM_DECODE_KV_WRITE_LEASE_S": "2.5",
     }
     for role in ("router", "kvstore"):  # only the pods that move KV pages share the node's IPC
         assert "hostIPC" not in pod_spec(one(objects, "Deployment", role))
@@ -789,6 +792,7 @@ def test_kv_transport_settings_reach_the_tandem_cli(chart, monkeypatch):
         assert plain(parsed[role].kv_transport) == "cuda-ipc"
         assert parsed[role].kv_transport_strict is True
     assert parsed["prefill"].kv_checksum is True and parsed["decode"].kv_lease_s == 30.5
+    assert parsed["decode"].kv_write_lease_s == 2.5
 
 
 def test_notes_warn_when_memory_transports_run_without_network_policy(chart):
@@ -813,6 +817,10 @@ def test_values_that_must_agree_are_checked(chart):
         render(chart, {"decode": {"engine": {"dtype": "float16"}}})
     with pytest.raises(HelmError, match="kvLeaseSeconds .90. must exceed decode.kvTimeoutSeconds"):
         render(chart, {"decode": {"kvLeaseSeconds": 90}})  # the default wait is 120 s
+    with pytest.raises(
+        HelmError, match="kvWriteLeaseSeconds .200. must not exceed decode.kvLeaseSeconds .150."
+    ):
+        render(chart, {"decode": {"kvWriteLeaseSeconds": 200}})
     render(
         chart, {"prefill": {"enabled": False}, "decode": {"engine": {"blockSize": 32}}}
     )  # no prefill: no constraint

@@ -9,9 +9,10 @@ generated layer and block ranges, dtypes, shapes, sequence numbers and page byte
 exactly the right size).
 
 Targets: RouterService (Generate, ListModels), PrefillService (Prefill, GetStats),
-DecodeService (Generate, PushKV, GetStats, DescribeKV, ClaimKV, CompleteKV) and KVStoreService
-(Lookup, PublishEvents, Heartbeat, Stats). Calls carry the cluster's credentials (so the input
-reaches the handlers; the authentication tests cover calls without them) and a deadline.
+DecodeService (Generate, PushKV, GetStats, DescribeKV, ClaimKV, CompleteKV, RenewKV) and
+KVStoreService (Lookup, PublishEvents, Heartbeat, Stats). Calls carry the cluster's credentials
+(so the input reaches the handlers; the authentication tests cover calls without them) and a
+deadline.
 
 Checks, per call: no UNKNOWN or INTERNAL status (an unhandled exception in a handler), no unary
 call past its deadline (a hang); at the end: every process alive, every pod back at its baseline
@@ -243,6 +244,7 @@ UNARY = {
     "DescribeKV",
     "ClaimKV",
     "CompleteKV",
+    "RenewKV",
     "Lookup",
     "PublishEvents",
     "Heartbeat",
@@ -364,6 +366,10 @@ def test_grpc_services_fuzz(fuzz_cluster: LocalCluster, fuzz_model, figures):
         "decode.CompleteKV": (
             message_strategy(decode_pb2.CompleteKVRequest),
             lambda m: caller.unary("decode.CompleteKV", decode.CompleteKV, m),
+        ),
+        "decode.RenewKV": (
+            message_strategy(decode_pb2.RenewKVRequest),
+            lambda m: caller.unary("decode.RenewKV", decode.RenewKV, m),
         ),
         "kvstore.Lookup": (
             anything_or(

@@ -4,7 +4,9 @@ Each test runs a prefill and a decode pod (their engine cores are processes of t
 the memory transports really map another process's pool) with ``--kv-transport T
 --kv-transport-strict``: pages land exactly (token-exact generation), forged, late and partial
 writes or notices are refused, an abort mid-transfer followed by immediate reuse of the blocks
-leaves the next requests token-exact, and an unfinished lease frees everything when it ends.
+leaves the next requests token-exact, and an unfinished lease frees everything when it ends -- a
+memory writer's short write lease (kv_write_lease_s) when it stops renewing it, as a writer
+killed mid-transfer does.
 cuda-ipc runs on a GPU (tests/gpu runs this module with ``TANDEM_TEST_DEVICE=cuda``).
 """
 
@@ -254,7 +256,9 @@ def test_abort_mid_transfer_then_immediate_reuse_stays_token_exact(
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_an_unfinished_lease_frees_everything_when_it_ends(in_process_pods, model_dir, transport):
     async def main():
-        decode = dict(kv_timeout_s=0.5, kv_lease_s=6.0)
+        # The write lease as long as the lease: a claimed lease's writer that never renews
+        # holds the blocks until the lease ends (the write lease's own end: the tests below).
+        decode = dict(kv_timeout_s=0.5, kv_lease_s=6.0, kv_write_lease_s=6.0)
         async with pods(in_process_pods, model_dir, transport, decode=decode) as (_, p, d):
             address = f"127.0.0.1:{d.port}"
             channel, stub, call, admitted = await _reserve(address, "orphan", list(range(3, 60)))
@@ -283,6 +287,112 @@ def test_an_unfinished_lease_frees_everything_when_it_ends(in_process_pods, mode
             await channel.close()
 
     asyncio.run(main())
+
+
+MEMORY = [t for t in TRANSPORTS if t != "grpc"]
+WRITE_LEASE_S = 1.5
+
+
+@pytest.mark.parametrize("transport", MEMORY)
+def test_a_writer_that_stops_renewing_or_dies_loses_the_blocks_at_its_write_lease_end(
+    in_process_pods, model_dir, reference, transport
+):
+    """RenewKV keeps a claimed reservation alive past kv_write_lease_s (only for its token);
+    once the renewals stop, the request fails within the write lease (kv_timeout_s is 20 s,
+    kv_lease_s 30 s) and its blocks come back at once.
+
+    Then the same with a real writer: a prefill process claims a reservation, writes half of it
+    and renews its write lease (KVSender's renewer, in a process of its own), then dies by
+    SIGKILL without a word: the blocks come back within kv_write_lease_s, and the requests that
+    reuse them, the dead writer's prompt among them, are token-exact."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    orphan = list(range(3, 60))
+    batch = [orphan, *prompts(3, seed=21)]
+    want = expected(reference, batch)
+
+    async def fails_for_its_write_lease(call, since: float) -> None:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            while True:
+                await call.read()
+        assert e.value.code() == grpc.StatusCode.DATA_LOSS
+        assert "write lease" in e.value.details()
+        # Within the write lease, even before kv_claim_timeout_s (5 s) ran out.
+        assert time.monotonic() - since < WRITE_LEASE_S + 1.0
+
+    async def main():
+        decode = dict(kv_timeout_s=20.0, kv_lease_s=30.0, kv_write_lease_s=WRITE_LEASE_S)
+        async with pods(in_process_pods, model_dir, transport, decode=decode) as (
+            dispatcher,
+            p,
+            d,
+        ):
+            address = f"127.0.0.1:{d.port}"
+            channel, stub, call, admitted = await _reserve(address, "slow", list(range(3, 40)))
+            token = admitted.transfer_token
+            renew = decode_pb2.RenewKVRequest(request_id="slow", transfer_token=token)
+            with pytest.raises(grpc.aio.AioRpcError) as e:  # unclaimed: nothing to renew
+                await stub.RenewKV(renew)
+            assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            claim = await stub.ClaimKV(
+                decode_pb2.ClaimKVRequest(
+                    request_id="slow", transfer_token=token, transport=transport
+                )
+            )
+            assert claim.lease_expires_unix_ms < admitted.lease_expires_unix_ms  # the short one
+            expires = claim.lease_expires_unix_ms
+            for _ in range(4):  # past the first grant, renewed every third
+                await asyncio.sleep(WRITE_LEASE_S / 3)
+                for forged in ("", "x", token + "x"):
+                    with pytest.raises(grpc.aio.AioRpcError) as e:
+                        await stub.RenewKV(
+                            decode_pb2.RenewKVRequest(request_id="slow", transfer_token=forged)
+                        )
+                    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+                answer = await stub.RenewKV(renew)
+                assert expires < answer.lease_expires_unix_ms <= admitted.lease_expires_unix_ms
+                expires = answer.lease_expires_unix_ms
+            st = d.parts["core"].stats
+            assert st.num_waiting_for_kv == 1 and st.num_free_blocks < st.num_total_blocks
+            await fails_for_its_write_lease(call, time.monotonic())  # no renewal from here on
+            await wait_idle(d, timeout=1.0)  # drained at once: the write lease is over
+            with pytest.raises(grpc.aio.AioRpcError) as e:  # and it never comes back
+                await stub.RenewKV(renew)
+            assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+            # A real writer, killed mid-transfer.
+            _, _, call, admitted = await _reserve(address, "orphan", orphan)
+            writer = subprocess.Popen(
+                [sys.executable, str(Path(__file__).with_name("dead_kv_writer.py")), address]
+                + ["orphan", admitted.transfer_token, transport],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            try:
+                line = await asyncio.wait_for(asyncio.to_thread(writer.stdout.readline), timeout=60)
+                assert line.startswith("WRITING"), line + writer.stdout.read()
+                # Renewed from the other process: alive past the write lease.
+                await asyncio.sleep(WRITE_LEASE_S + 0.5)
+                assert writer.poll() is None
+                st = d.parts["core"].stats
+                assert st.num_waiting_for_kv == 1 and st.num_free_blocks < st.num_total_blocks
+                writer.send_signal(signal.SIGKILL)
+                killed = time.monotonic()
+            finally:
+                writer.kill()
+                writer.wait()
+            await fails_for_its_write_lease(call, killed)
+            await wait_idle(d, timeout=1.0)
+            got = await run_batch(dispatcher, "after", batch)
+            await wait_idle(d)
+            await channel.close()
+            return got
+
+    assert asyncio.run(main()) == want
 
 
 def test_a_fallback_is_logged_counted_and_refused_when_strict(

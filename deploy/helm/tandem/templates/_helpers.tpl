@@ -89,6 +89,8 @@ capabilities:
 {{- else }}
 - name: {{ $prefix }}KV_LEASE_S
   value: {{ $w.kvLeaseSeconds | toString | quote }}
+- name: {{ $prefix }}KV_WRITE_LEASE_S
+  value: {{ $w.kvWriteLeaseSeconds | toString | quote }}
 {{- end }}
 {{- end -}}
 
@@ -303,6 +305,9 @@ true
 {{- end -}}
 {{- if le (float64 .Values.decode.kvLeaseSeconds) (float64 .Values.decode.kvTimeoutSeconds) -}}
 {{- fail (printf "decode.kvLeaseSeconds (%v) must exceed decode.kvTimeoutSeconds (%v): a KV writer's lease must outlive the wait for its pages" .Values.decode.kvLeaseSeconds .Values.decode.kvTimeoutSeconds) -}}
+{{- end -}}
+{{- if gt (float64 .Values.decode.kvWriteLeaseSeconds) (float64 .Values.decode.kvLeaseSeconds) -}}
+{{- fail (printf "decode.kvWriteLeaseSeconds (%v) must not exceed decode.kvLeaseSeconds (%v): the reservation's lease bounds every write lease" .Values.decode.kvWriteLeaseSeconds .Values.decode.kvLeaseSeconds) -}}
 {{- end -}}
 {{- $kvt := .Values.kvTransport -}}
 {{- if and .Values.prefill.enabled (has $kvt.mode (list "shm" "cuda-ipc")) (not (and $kvt.hostIPC $kvt.shareDevShm)) -}}

@@ -142,3 +142,17 @@ class CompleteKVResponse(_message.Message):
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     bytes_received: int
     def __init__(self, bytes_received: _Optional[int] = ...) -> None: ...
+
+class RenewKVRequest(_message.Message):
+    __slots__ = ("request_id", "transfer_token")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    transfer_token: str
+    def __init__(self, request_id: _Optional[str] = ..., transfer_token: _Optional[str] = ...) -> None: ...
+
+class RenewKVResponse(_message.Message):
+    __slots__ = ("lease_expires_unix_ms",)
+    LEASE_EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    lease_expires_unix_ms: int
+    def __init__(self, lease_expires_unix_ms: _Optional[int] = ...) -> None: ...

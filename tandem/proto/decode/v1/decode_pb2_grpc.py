@@ -64,6 +64,11 @@ class DecodeServiceStub:
                 request_serializer=tandem_dot_decode_dot_v1_dot_decode__pb2.CompleteKVRequest.SerializeToString,
                 response_deserializer=tandem_dot_decode_dot_v1_dot_decode__pb2.CompleteKVResponse.FromString,
                 _registered_method=True)
+        self.RenewKV = channel.unary_unary(
+                '/tandem.decode.v1.DecodeService/RenewKV',
+                request_serializer=tandem_dot_decode_dot_v1_dot_decode__pb2.RenewKVRequest.SerializeToString,
+                response_deserializer=tandem_dot_decode_dot_v1_dot_decode__pb2.RenewKVResponse.FromString,
+                _registered_method=True)
 
 
 class DecodeServiceServicer:
@@ -115,6 +120,16 @@ class DecodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RenewKV(self, request, context):
+        """A memory-transport writer extends its short write lease (ClaimKV grants kv_write_lease_s)
+        while it writes: a writer that stops renewing (it died) loses the blocks when its write
+        lease ends, not when the whole reservation's lease does. Refused (PERMISSION_DENIED) for
+        anything but the token of a live, claimed, not cancelled lease: the writer stops at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +162,11 @@ def add_DecodeServiceServicer_to_server(servicer, server):
                     servicer.CompleteKV,
                     request_deserializer=tandem_dot_decode_dot_v1_dot_decode__pb2.CompleteKVRequest.FromString,
                     response_serializer=tandem_dot_decode_dot_v1_dot_decode__pb2.CompleteKVResponse.SerializeToString,
+            ),
+            'RenewKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewKV,
+                    request_deserializer=tandem_dot_decode_dot_v1_dot_decode__pb2.RenewKVRequest.FromString,
+                    response_serializer=tandem_dot_decode_dot_v1_dot_decode__pb2.RenewKVResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +331,33 @@ class DecodeService:
             '/tandem.decode.v1.DecodeService/CompleteKV',
             tandem_dot_decode_dot_v1_dot_decode__pb2.CompleteKVRequest.SerializeToString,
             tandem_dot_decode_dot_v1_dot_decode__pb2.CompleteKVResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.decode.v1.DecodeService/RenewKV',
+            tandem_dot_decode_dot_v1_dot_decode__pb2.RenewKVRequest.SerializeToString,
+            tandem_dot_decode_dot_v1_dot_decode__pb2.RenewKVResponse.FromString,
             options,
             channel_credentials,
             insecure,
