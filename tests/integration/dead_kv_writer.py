@@ -39,8 +39,10 @@ def main(address: str, rid: str, token: str, transport: str) -> None:
         num_layers=layers, num_kv_heads=heads, head_dim=head_dim, block_size=block_size,
         dtype=dtype,
     )  # fmt: skip
-    pool = torch.randn(descriptor.shape).to(dtype)  # garbage: it must never be read as KV
-    sender = KVSender(spec, "fp", device=torch.device("cpu"))
+    # cuda-ipc copies from a GPU pool; the others from host memory.
+    device = torch.device("cuda" if transport == "cuda-ipc" else "cpu")
+    pool = torch.randn(descriptor.shape).to(dtype).to(device)  # garbage: never read as KV
+    sender = KVSender(spec, "fp", device=device)
     sender.attach_pool(pool)
     target = KVTarget(
         address, rid, claim.first_block, "fp", transfer_token=token, transport=transport,
