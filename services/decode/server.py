@@ -435,13 +435,30 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             self.metrics.transfer("aborted" if end.aborted else "refused")
             self.core.fail(rid, exc)
             await abort_with(context, exc)
+        except Exception as exc:  # noqa: BLE001 - a defect here: fail the request now, not later
+            await self._complete_failed(rid, exc, context)
         try:
             await self._complete(end)
         except TandemError as exc:
             self.core.fail(rid, exc)
             await abort_with(context, exc)
+        except Exception as exc:  # noqa: BLE001
+            await self._complete_failed(rid, exc, context)
         self.metrics.transfer("ok", summary.bytes, None, summary.transport)
         return decode_pb2.CompleteKVResponse(bytes_received=summary.bytes)
+
+    async def _complete_failed(self, rid: str, exc: Exception, context) -> None:
+        """CompleteKV met an error of this pod's own (not the writer's): the request fails at
+        once with INTERNAL (instead of gRPC's UNKNOWN and a request left waiting for its KV
+        until kv_timeout_s), counted as ``outcome="error"``. The writer stopped writing when
+        it sent its notice, so the blocks are free to go."""
+        logger.exception("completing the KV transfer of %s failed", rid)
+        self.metrics.transfer("error")
+        failure = KVTransferError(
+            f"the decode pod failed to complete the KV transfer: {type(exc).__name__}"
+        )
+        self.core.fail(rid, failure)
+        await context.abort(grpc.StatusCode.INTERNAL, str(failure))
 
     # ---- GetStats ---------------------------------------------------------------------------
 

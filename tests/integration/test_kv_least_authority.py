@@ -15,6 +15,7 @@ One prefill and one decode pod for the whole module (served on a loop of their o
 """
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -265,6 +266,53 @@ def test_forged_stale_and_late_kv_is_refused_before_any_write(pods):
             tokens += list(r.chunk.token_ids)
         assert len(tokens) == 4 and tokens[0] == 5
         again_call.cancel()
+        await wait_idle(pods.decode)
+        await channel.close()
+
+    pods.run(main())
+
+
+def test_a_completion_that_fails_on_the_decode_pod_fails_the_request_at_once(pods, monkeypatch):
+    """A defect of the decode pod's own while it completes a memory transfer (here: its receiver
+    raises) answers INTERNAL and fails the request now, counted as outcome="error": not gRPC's
+    UNKNOWN, with the request left waiting kv_timeout_s for KV that already came."""
+    receiver = pods.receiver
+
+    async def main():
+        await wait_idle(pods.decode)
+        before = counter(pods.decode, "tandem_kv_transfers", outcome="error")
+        channel = cluster_auth.aio_channel(pods.decode_address, [])
+        stub = decode_pb2_grpc.DecodeServiceStub(channel)
+        call, admitted = await reserve(stub, "broken-complete", prompt(77, 30), claim=False)
+        token = admitted.transfer_token
+        await stub.ClaimKV(
+            decode_pb2.ClaimKVRequest(
+                request_id="broken-complete", transfer_token=token, transport="shm"
+            )
+        )
+        end = common_pb2.KVTransferEnd(
+            request_id="broken-complete", model_fingerprint=receiver.fingerprint,
+            transfer_token=token, transport="shm", first_token_id=5,
+        )  # fmt: skip
+
+        def broken(end):
+            raise RuntimeError("a defect")
+
+        monkeypatch.setattr(receiver, "complete_memory", broken)
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stub.CompleteKV(decode_pb2.CompleteKVRequest(end=end))
+        assert e.value.code() == grpc.StatusCode.INTERNAL
+        assert "failed to complete the KV transfer: RuntimeError" in e.value.details()
+        failed = await stream_error(call)
+        assert "failed to complete the KV transfer" in failed.details()
+        assert time.monotonic() - started < 5.0  # not the 60 s kv_timeout_s
+        assert counter(pods.decode, "tandem_kv_transfers", outcome="error") - before == 1
+        # The writer's abort notice then frees the blocks the failed request held.
+        monkeypatch.undo()
+        end.aborted = True
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await stub.CompleteKV(decode_pb2.CompleteKVRequest(end=end))
         await wait_idle(pods.decode)
         await channel.close()
 
