@@ -28,6 +28,7 @@ from tandem.api.errors import (
     CapacityExceeded,
     InvalidRequest,
     KVFingerprintMismatch,
+    KVPoolUnmappable,
     KVTargetForbidden,
     KVTransferError,
     TandemError,
@@ -152,7 +153,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                         trace_carrier=carrier,
                         num_output_tokens=resumed,
                     )
-                except BaseException:
+                except BaseException as exc:
+                    if isinstance(exc, KVPoolUnmappable):
+                        self.transports.unmappable(chosen, str(exc))
                     await self.transports.release(chosen)
                     raise
                 return chosen
@@ -253,6 +256,10 @@ class KVTransportChooser:
         self.fingerprint = info.fingerprint
         self._offers: dict[str, tuple[str, list[PoolDescriptor]]] = {}
         """Decode address -> (its incarnation, its pools)."""
+        self._unmappable: dict[tuple[str, str], dict[str, str]] = {}
+        """(decode address, incarnation) -> {transport: why}: pools the engine core could not
+        map (``KVPoolUnmappable``); that pod incarnation gets gRPC from then on, not a failure
+        per request. A restarted pod (a new incarnation) is tried again."""
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def _stub(self, address: str) -> decode_pb2_grpc.DecodeServiceStub:
@@ -299,7 +306,8 @@ class KVTransportChooser:
             await self._claim(target, "grpc")
             return target
         offer = await self._offer(target)
-        choice = choose(self.mode, self.local, offer, local=self.available)
+        unusable = self._unmappable.get((target.address, target.incarnation))
+        choice = choose(self.mode, self.local, offer, local=self.available, unusable=unusable)
         if choice.fallback is not None:
             wanted = self.mode if self.mode != "auto" else self.available[0]
             if self.strict:
@@ -330,6 +338,20 @@ class KVTransportChooser:
             skip_blocks=claim.first_block,
             lease_expires_unix_ms=claim.lease_expires_unix_ms,
         )
+
+    def unmappable(self, chosen: core_protocol.KVTargetSpec, why: str) -> None:
+        """The engine core could not map ``chosen``'s pool: later transfers to that decode pod
+        incarnation do not try it again (``choose`` falls back, logged and counted)."""
+        logger.warning(
+            "the KV pool of %s cannot be mapped for %s here; later transfers to it fall back (%s)",
+            chosen.address,
+            chosen.transport,
+            why,
+        )
+        key = (chosen.address, chosen.incarnation)
+        for old in [k for k in self._unmappable if k[0] == chosen.address and k != key]:
+            del self._unmappable[old]  # that incarnation is gone
+        self._unmappable.setdefault(key, {})[chosen.transport] = "its pool could not be mapped here"
 
     async def _claim(
         self, target: core_protocol.KVTargetSpec, transport: str

@@ -65,6 +65,12 @@ class KVTransferError(TandemError):
     FAILED_PRECONDITION)."""
 
 
+class KVPoolUnmappable(KVTransferError):
+    """A prefill pod could not map a decode pod's KV pool for the memory transport its front
+    chose (gRPC DATA_LOSS). The front then uses gRPC for that decode pod incarnation (a
+    counted, logged fallback; refused under ``--kv-transport-strict``)."""
+
+
 class KVFingerprintMismatch(KVTransferError):
     """KV pages were computed by another model, dtype or layout (gRPC FAILED_PRECONDITION)."""
 

@@ -14,6 +14,7 @@ from tandem.api.errors import (
     CapacityExceeded,
     InvalidRequest,
     KVFingerprintMismatch,
+    KVPoolUnmappable,
     KVTransferError,
     ModelNotFound,
     RequestTooLarge,
@@ -178,6 +179,7 @@ _ERRORS: dict[str, type[TandemError]] = {
         ModelNotFound,
         KVTransferError,
         KVFingerprintMismatch,
+        KVPoolUnmappable,
         ShuttingDown,
         UpstreamUnavailable,
     )

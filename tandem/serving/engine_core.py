@@ -28,7 +28,7 @@ from opentelemetry import propagate
 
 from tandem import telemetry
 from tandem.api import proto_convert
-from tandem.api.errors import CapacityExceeded, KVTransferError, TandemError
+from tandem.api.errors import CapacityExceeded, KVPoolUnmappable, TandemError
 from tandem.api.sampling_params import SamplingParams
 from tandem.api.step_outputs import StepOutputs
 from tandem.engine.config import EngineConfig
@@ -341,7 +341,7 @@ class EngineCore:
                 # The front claimed the lease for this transport (it checked it could reach the
                 # pool): release it at once rather than let it run out.
                 self.sender.notify_abort(target)
-                raise KVTransferError(
+                raise KVPoolUnmappable(
                     f"KV transport {target.transport} to {target.address} failed here: {exc}"
                 ) from None
             self._targets[cmd.request_id] = target

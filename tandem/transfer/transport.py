@@ -246,12 +246,14 @@ def choose(
     remote: list[PoolDescriptor],
     *,
     local: list[str] | None = None,
+    unusable: dict[str, str] | None = None,
 ) -> Choice:
     """The transport for one transfer to a decode pod advertising ``remote``.
 
     ``mode``: ``auto`` or a transport name (this pod's ``--kv-transport``). ``local``: the
     transports this pod can use (default ``local_transports``). The caller decides whether a
-    fallback is allowed (``--kv-transport-strict``).
+    fallback is allowed (``--kv-transport-strict``). ``unusable``: transports known not to work
+    with this decode pod (transport -> why: an earlier mapping of its pool failed here).
     """
     local = local_transports(local_pool.device.type) if local is None else local
     wanted = [mode] if mode != "auto" else [t for t in AUTO_TRANSPORTS if t in local]
@@ -262,6 +264,9 @@ def choose(
             break
         if name not in local:
             reasons.append(f"{name}: not available on this pod")
+            continue
+        if unusable and name in unusable:
+            reasons.append(f"{name}: {unusable[name]}")
             continue
         desc = offered.get(name)
         if desc is None:
