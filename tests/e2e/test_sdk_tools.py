@@ -21,30 +21,9 @@ from tandem.api.grpc_status import PARAM_KEY
 from tandem.proto.router.v1 import router_pb2, router_pb2_grpc
 from tandem.sdk import AsyncClient, Client, ToolCall
 from tests.e2e.conftest import start_cluster, wait_idle
+from tests.e2e.test_tool_calling import ADD, MAX_TOKENS, MESSAGES, SCHEMAS, TOOLS
 
-WEATHER = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "enum": ["Paris", "Rome", "Oslo"]},
-        "days": {"type": "integer", "minimum": 1, "maximum": 9},
-    },
-    "required": ["city", "days"],
-    "additionalProperties": False,
-}
-ADD = {
-    "type": "object",
-    "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99}},
-    "required": ["a"],
-    "additionalProperties": False,
-}
-TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
-    {"type": "function", "function": {"name": "add", "description": "sum", "parameters": ADD}},
-]
-SCHEMAS = {"get_weather": WEATHER, "add": ADD}
-MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
-MAX_TOKENS = 80
 AUTO_REGEX = r'Sure\. <tool_call>\{"name": "add", "arguments": \{"a": [0-9]\}\}</tool_call>'
 
 
