@@ -6,6 +6,7 @@ gather (``tensor[l0:l1, :, block_ids]``), which the KV sender relies on.
 """
 
 import ctypes
+import errno
 import logging
 import os
 import sys
@@ -49,8 +50,12 @@ def prefault(tensor: torch.Tensor) -> bool:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     if libc.madvise(start, length, _MADV_POPULATE_WRITE) != 0:
-        logger.debug("madvise(MADV_POPULATE_WRITE) failed: errno %d", ctypes.get_errno())
-        return False
+        err = ctypes.get_errno()
+        if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a kernel without it
+            logger.debug("madvise(MADV_POPULATE_WRITE) is not supported: errno %d", err)
+            return False
+        # ENOMEM, EFAULT (the file system is full), EHWPOISON: the memory is not there.
+        raise OSError(err, f"pre-faulting {length} bytes failed: {os.strerror(err)}")
     return True
 
 
@@ -121,7 +126,16 @@ class PagedKVCache:
                 pass
             self.tensor = torch.from_file(self.path, shared=True, size=numel, dtype=spec.dtype)
             self.tensor = self.tensor.view(shape)
-            prefault(self.tensor)  # the whole pool allocated now, by its owner
+            try:
+                prefault(self.tensor)  # the whole pool allocated now, by its owner
+            except OSError as exc:  # e.g. another pod took the room since the check above
+                self.tensor = None
+                os.unlink(self.path)
+                raise ModelLoadError(
+                    f"the KV pool could not be allocated in {os.path.dirname(self.path)}: {exc}"
+                    " (lower kv_cache_memory_bytes, or give the shared-memory directory more "
+                    "room)"
+                ) from None
         else:
             # Zeros, not empty: attention multiplies masked-out V rows by 0, and 0 * NaN is NaN.
             self.tensor = torch.zeros(shape, dtype=spec.dtype, device=device)

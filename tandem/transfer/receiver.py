@@ -215,7 +215,7 @@ class KVReceiver:
         if (
             inbound is None
             or _epoch_of(token) != inbound.lease.epoch  # a stale token: an earlier lease's
-            or not hmac.compare_digest(inbound.lease.token, token or "")
+            or not _same_token(inbound.lease.token, token)
         ):
             # One answer for all: a forger learns nothing about which requests exist.
             raise KVTransferForbidden(
@@ -312,7 +312,7 @@ class KVReceiver:
                 (an ended write lease never comes back).
         """
         draining = self._draining.get(request_id)
-        if draining is not None and hmac.compare_digest(draining.lease.token, token or ""):
+        if draining is not None and _same_token(draining.lease.token, token):
             raise KVTransferForbidden(f"the KV transfer of {request_id!r} was cancelled")
         inbound = self._get(request_id, token)
         with inbound.lock:
@@ -346,9 +346,7 @@ class KVReceiver:
             KVTransferError: an abort notice (the request fails), or a checksum mismatch.
         """
         draining = self._draining.get(end.request_id)
-        if draining is not None and hmac.compare_digest(
-            draining.lease.token, end.transfer_token or ""
-        ):
+        if draining is not None and _same_token(draining.lease.token, end.transfer_token or ""):
             draining.stopped.set()  # the writer stopped: the blocks may go back
             raise KVTransferForbidden(f"the KV transfer of {end.request_id!r} was cancelled")
         # The token first: a forger's notice must not fail the request with another error.
@@ -498,6 +496,12 @@ def _ended(inbound: _Inbound, now: float) -> bool:
     return now >= inbound.expires_at or (
         inbound.write_expires_at is not None and now >= inbound.write_expires_at
     )
+
+
+def _same_token(expected: str, given: str | None) -> bool:
+    """A presented transfer token against the lease's, in constant time. As bytes: comparing
+    ``str`` raises TypeError on a non-ASCII token, which a forged notice could send."""
+    return hmac.compare_digest(expected.encode(), (given or "").encode("utf-8", "replace"))
 
 
 def _epoch_of(token: str | None) -> int:

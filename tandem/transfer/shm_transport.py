@@ -15,6 +15,7 @@ maps every page of it into its own address space on a background thread as soon 
 the pool (``ShmPoolWriter.populated``). Writes meanwhile fault pages in one by one, ~3x slower.
 """
 
+import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,8 @@ from tandem.transfer.transport import (
     host_id,
     shm_dir,
 )
+
+logger = logging.getLogger(__name__)
 
 POOL_FILE_PREFIX = "tandem-kv-"
 """Pool files are ``shm_dir()/tandem-kv-*`` (``services/decode/server.py`` names them)."""
@@ -192,14 +195,23 @@ class ShmPoolWriter(PoolWriter):
             _path(descriptor), tuple(descriptor.shape), getattr(torch, descriptor.dtype)
         )
         self.populated = threading.Event()
-        """Set once every page of the pool is mapped here (or the kernel cannot do it)."""
-        threading.Thread(
-            target=self._populate, args=(self.pool,), name="tandem-shm-populate", daemon=True
-        ).start()
+        """Set once every page of the pool is mapped here (or that is not done: see below)."""
+        path = _path(descriptor)
+        nbytes = self.pool.numel() * self.pool.element_size()
+        if os.stat(path).st_blocks * 512 >= nbytes:
+            threading.Thread(
+                target=self._populate, args=(self.pool,), name="tandem-shm-populate", daemon=True
+            ).start()
+        else:
+            # A sparse pool (an owner that could not pre-fault it): populating here would
+            # allocate its missing pages, charged to this pod's memory. Pages fault in instead.
+            self.populated.set()
 
     def _populate(self, pool: torch.Tensor) -> None:
         try:
             prefault(pool)  # the pages exist (the owner made them): this maps, allocates nothing
+        except OSError:
+            logger.warning("mapping the shm KV pool's pages failed; they fault in on use")
         finally:
             self.populated.set()
 

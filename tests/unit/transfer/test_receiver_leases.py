@@ -47,6 +47,23 @@ def refused_without_a_write(receiver: KVReceiver, fn) -> None:
     assert torch.equal(receiver.kv, before)
 
 
+def test_a_non_ascii_token_is_refused_like_any_wrong_one(receiver):
+    """Comparing str tokens raised TypeError on non-ASCII ones: a forged notice then reached
+    the decode pod's own-error path and failed the request. Now it is a plain refusal."""
+    lease = receiver.expect("r", [1, 2], 0)
+    forged = f"{lease.epoch}.é"
+    refused_without_a_write(receiver, lambda: receiver.claim("r", forged, "shm"))
+    receiver.claim("r", lease.token, "shm")
+    refused_without_a_write(receiver, lambda: receiver.renew("r", forged))
+    refused_without_a_write(
+        receiver, lambda: receiver.complete_memory(end("r", forged, transport="shm"))
+    )
+    receiver.discard("r")  # claimed: it drains, still listening for its writer's notice
+    refused_without_a_write(
+        receiver, lambda: receiver.complete_memory(end("r", forged, transport="shm"))
+    )
+
+
 def test_the_token_names_its_epoch_and_a_stale_one_opens_nothing(receiver):
     old = receiver.expect("r", [1, 2], 0)
     assert old.token.startswith(f"{old.epoch}.")

@@ -63,3 +63,30 @@ def test_a_writer_maps_the_pool_once_in_the_background(tmp_path, monkeypatch):
     writer.write(src, torch.tensor([1, 2]), (0, 4), torch.tensor([5, 30]))
     assert torch.equal(cache.tensor[:, :, [5, 30]], src[:, :, [1, 2]])
     writer.close()
+
+
+def test_a_pool_that_cannot_be_allocated_is_refused_and_its_file_removed(tmp_path, monkeypatch):
+    """statvfs said there was room, but another pod took it first: madvise fails."""
+
+    def full(tensor):
+        raise OSError(12, "pre-faulting failed: Cannot allocate memory")
+
+    monkeypatch.setattr(kv_cache, "prefault", full)
+    with pytest.raises(ModelLoadError, match="could not be allocated"):
+        PagedKVCache(SPEC, 256, torch.device("cpu"), path=str(tmp_path / "tandem-kv-pool"))
+    assert not (tmp_path / "tandem-kv-pool").exists()
+
+
+@LINUX
+def test_a_writer_does_not_populate_a_sparse_pool(tmp_path, monkeypatch):
+    """An owner that could not pre-fault its pool: mapping every page from the writer would
+    allocate the missing ones, charged to the writer's memory. It leaves them to fault in."""
+    monkeypatch.setenv("TANDEM_SHM_DIR", str(tmp_path))
+    monkeypatch.setattr(kv_cache, "prefault", lambda tensor: False)  # an old kernel, say
+    cache = PagedKVCache(SPEC, 256, torch.device("cpu"), path=str(tmp_path / "tandem-kv-pool"))
+    assert os.stat(cache.path).st_blocks * 512 < pool_bytes(cache) // 2  # sparse
+    descriptor = export_pool("shm", cache.tensor, path=cache.path).descriptor()
+    writer = open_writer(descriptor, torch.zeros(4, 2, 9, 4, 2, 8, dtype=torch.bfloat16))
+    assert writer.populated.wait(10)
+    assert os.stat(cache.path).st_blocks * 512 < pool_bytes(cache) // 2  # still sparse
+    writer.close()
