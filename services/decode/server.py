@@ -22,6 +22,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import fcntl
+import functools
 import glob
 import logging
 import os
@@ -397,7 +398,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 raise KVTransferForbidden(f"this pod does not offer {request.transport!r}")
             claim = await asyncio.get_running_loop().run_in_executor(
                 self._kv_writers,
-                self.receiver.claim,
+                functools.partial(self.receiver.claim, renews=request.renews),
                 request.request_id,
                 request.transfer_token,
                 request.transport,

@@ -364,6 +364,7 @@ class KVTransportChooser:
                     request_id=target.request_id,
                     transfer_token=target.transfer_token,
                     transport=transport,
+                    renews=transport != "grpc",  # the sender's LeaseRenewer does
                 ),
                 timeout=10.0,
             )

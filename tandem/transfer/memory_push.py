@@ -101,6 +101,9 @@ class MemoryTransfer:
     def renewed(self, expires_unix_ms: int) -> None:
         """The decode pod extended the write lease (the renewer's thread)."""
         self.expires = expires_unix_ms / 1000
+        # A renewal grants the whole write lease: its margin, if the claim's (measured when this
+        # transfer was built, maybe well after the claim) came out shorter.
+        self._margin = max(self._margin, write_margin_s(self.expires - time.time()))
         self._deadline = self.expires - self._margin
 
     def renewal_failed(self, reason: str) -> None:

@@ -264,7 +264,7 @@ class KVReceiver:
 
     # ---- memory transports ------------------------------------------------------------------
 
-    def claim(self, request_id: str, token: str, transport: str) -> "Claim":
+    def claim(self, request_id: str, token: str, transport: str, *, renews: bool = True) -> "Claim":
         """A memory-transport writer takes the lease before its first write.
 
         Blocks until the pages may be written: on a GPU, until the engine's last step that may
@@ -274,6 +274,9 @@ class KVReceiver:
         A gRPC writer claims too (early, before its prompt waits in the prefill queue): the
         claim only tells this pod that a writer holds the reservation (``release_unclaimed``);
         its chunks are checked one by one as they arrive.
+
+        ``renews``: the writer renews its write lease (``renew``); one that does not (a prefill
+        pod from before write leases) is held to the reservation's whole lease instead.
         """
         inbound = self._get(request_id, token)
         with inbound.lock:
@@ -285,7 +288,7 @@ class KVReceiver:
                 raise KVTransferForbidden(f"the KV lease of {request_id!r} has ended")
             first = inbound.transport is None
             self._take_transport(inbound, transport)
-            if transport != "grpc" and first and self.write_lease_s is not None:
+            if transport != "grpc" and first and renews and self.write_lease_s is not None:
                 self._extend(inbound, now)
             lease = inbound.lease
             if inbound.write_expires_at is not None:

@@ -30,7 +30,9 @@ def main(address: str, rid: str, token: str, transport: str) -> None:
         descriptor_decoder.decode(p.descriptor) for p in offer.pools if p.transport == transport
     ]
     claim = stub.ClaimKV(
-        decode_pb2.ClaimKVRequest(request_id=rid, transfer_token=token, transport=transport),
+        decode_pb2.ClaimKVRequest(
+            request_id=rid, transfer_token=token, transport=transport, renews=True
+        ),
         timeout=10,
     )
     layers, _, blocks, block_size, heads, head_dim = descriptor.shape

@@ -339,7 +339,7 @@ def test_a_writer_that_stops_renewing_or_dies_loses_the_blocks_at_its_write_leas
             assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
             claim = await stub.ClaimKV(
                 decode_pb2.ClaimKVRequest(
-                    request_id="slow", transfer_token=token, transport=transport
+                    request_id="slow", transfer_token=token, transport=transport, renews=True
                 )
             )
             assert claim.lease_expires_unix_ms < admitted.lease_expires_unix_ms  # the short one

@@ -294,3 +294,15 @@ def test_a_transfer_past_its_write_lease_writes_nothing(shm_pool):
     transfer.write(src, [0, 1], (0, SPEC.num_layers), 0, 2)
     assert transfer.error and "lease" in transfer.error
     assert torch.equal(cache.tensor, before)
+
+
+def test_a_writer_that_does_not_renew_keeps_the_whole_lease():
+    """A prefill pod from before write leases (a rolling upgrade) claims without ``renews``:
+    it is held to the reservation's lease, as it expects, not cut off after the write lease."""
+    r = receiver_with(write_lease_s=0.3)
+    lease = r.expect("r", [1, 2], 0, lease_s=30.0)
+    claim = r.claim("r", lease.token, "shm", renews=False)
+    assert claim.lease == lease and r.write_lease_end("r") is None
+    time.sleep(0.4)  # past what a renewing writer would have had
+    assert not r.drained(r._inbound["r"])
+    r.complete_memory(end("r", lease.token))  # its notice is still taken

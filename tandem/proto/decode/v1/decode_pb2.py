@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from tandem.proto.common.v1 import common_pb2 as tandem_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtandem/decode/v1/decode.proto\x12\x10tandem.decode.v1\x1a\x1dtandem/common/v1/common.proto\"\xff\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x39\n\x0fsampling_params\x18\x03 \x01(\x0b\x32 .tandem.common.v1.SamplingParams\x12\x33\n\x0cprefill_mode\x18\x04 \x01(\x0e\x32\x1d.tandem.decode.v1.PrefillMode\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12(\n\x06resume\x18\x07 \x01(\x0b\x32\x18.tandem.common.v1.Resume\"\xd1\x01\n\x08\x41\x64mitted\x12\x19\n\x11num_cached_tokens\x18\x01 \x01(\r\x12\x1b\n\x13num_reserved_blocks\x18\x02 \x01(\r\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x16\n\x0etransfer_token\x18\x04 \x01(\t\x12\x13\n\x0blease_epoch\x18\x05 \x01(\x04\x12\x1d\n\x15lease_expires_unix_ms\x18\x06 \x01(\x04\x12\x11\n\tblock_ids\x18\x07 \x03(\r\x12\x13\n\x0bincarnation\x18\x08 \x01(\t\"\xa2\x01\n\x10GenerateResponse\x12.\n\x08\x61\x64mitted\x18\x01 \x01(\x0b\x32\x1a.tandem.decode.v1.AdmittedH\x00\x12-\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1c.tandem.common.v1.TokenChunkH\x00\x12&\n\x05usage\x18\x03 \x01(\x0b\x32\x17.tandem.common.v1.UsageB\x07\n\x05\x65vent\"s\n\rPushKVRequest\x12*\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x19.tandem.common.v1.KVChunkH\x00\x12.\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1f.tandem.common.v1.KVTransferEndH\x00\x42\x06\n\x04item\"A\n\x0ePushKVResponse\x12\x17\n\x0f\x63hunks_received\x18\x01 \x01(\r\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\"\x11\n\x0fGetStatsRequest\"=\n\x10GetStatsResponse\x12)\n\x05stats\x18\x01 \x01(\x0b\x32\x1a.tandem.common.v1.PodStats\"\x13\n\x11\x44\x65scribeKVRequest\"9\n\x10KVPoolDescriptor\x12\x11\n\ttransport\x18\x01 \x01(\t\x12\x12\n\ndescriptor\x18\x02 \x01(\x0c\"\\\n\x12\x44\x65scribeKVResponse\x12\x13\n\x0bincarnation\x18\x01 \x01(\t\x12\x31\n\x05pools\x18\x02 \x03(\x0b\x32\".tandem.decode.v1.KVPoolDescriptor\"O\n\x0e\x43laimKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0etransfer_token\x18\x02 \x01(\t\x12\x11\n\ttransport\x18\x03 \x01(\t\"X\n\x0f\x43laimKVResponse\x12\x1d\n\x15lease_expires_unix_ms\x18\x01 \x01(\x04\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x13\n\x0b\x66irst_block\x18\x03 \x01(\r\"A\n\x11\x43ompleteKVRequest\x12,\n\x03\x65nd\x18\x01 \x01(\x0b\x32\x1f.tandem.common.v1.KVTransferEnd\",\n\x12\x43ompleteKVResponse\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x04\"<\n\x0eRenewKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0etransfer_token\x18\x02 \x01(\t\"0\n\x0fRenewKVResponse\x12\x1d\n\x15lease_expires_unix_ms\x18\x01 \x01(\x04*\\\n\x0bPrefillMode\x12\x1c\n\x18PREFILL_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13PREFILL_MODE_REMOTE\x10\x01\x12\x16\n\x12PREFILL_MODE_LOCAL\x10\x02\x32\xd8\x04\n\rDecodeService\x12S\n\x08Generate\x12!.tandem.decode.v1.GenerateRequest\x1a\".tandem.decode.v1.GenerateResponse0\x01\x12M\n\x06PushKV\x12\x1f.tandem.decode.v1.PushKVRequest\x1a .tandem.decode.v1.PushKVResponse(\x01\x12Q\n\x08GetStats\x12!.tandem.decode.v1.GetStatsRequest\x1a\".tandem.decode.v1.GetStatsResponse\x12W\n\nDescribeKV\x12#.tandem.decode.v1.DescribeKVRequest\x1a$.tandem.decode.v1.DescribeKVResponse\x12N\n\x07\x43laimKV\x12 .tandem.decode.v1.ClaimKVRequest\x1a!.tandem.decode.v1.ClaimKVResponse\x12W\n\nCompleteKV\x12#.tandem.decode.v1.CompleteKVRequest\x1a$.tandem.decode.v1.CompleteKVResponse\x12N\n\x07RenewKV\x12 .tandem.decode.v1.RenewKVRequest\x1a!.tandem.decode.v1.RenewKVResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtandem/decode/v1/decode.proto\x12\x10tandem.decode.v1\x1a\x1dtandem/common/v1/common.proto\"\xff\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x39\n\x0fsampling_params\x18\x03 \x01(\x0b\x32 .tandem.common.v1.SamplingParams\x12\x33\n\x0cprefill_mode\x18\x04 \x01(\x0e\x32\x1d.tandem.decode.v1.PrefillMode\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12(\n\x06resume\x18\x07 \x01(\x0b\x32\x18.tandem.common.v1.Resume\"\xd1\x01\n\x08\x41\x64mitted\x12\x19\n\x11num_cached_tokens\x18\x01 \x01(\r\x12\x1b\n\x13num_reserved_blocks\x18\x02 \x01(\r\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x16\n\x0etransfer_token\x18\x04 \x01(\t\x12\x13\n\x0blease_epoch\x18\x05 \x01(\x04\x12\x1d\n\x15lease_expires_unix_ms\x18\x06 \x01(\x04\x12\x11\n\tblock_ids\x18\x07 \x03(\r\x12\x13\n\x0bincarnation\x18\x08 \x01(\t\"\xa2\x01\n\x10GenerateResponse\x12.\n\x08\x61\x64mitted\x18\x01 \x01(\x0b\x32\x1a.tandem.decode.v1.AdmittedH\x00\x12-\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1c.tandem.common.v1.TokenChunkH\x00\x12&\n\x05usage\x18\x03 \x01(\x0b\x32\x17.tandem.common.v1.UsageB\x07\n\x05\x65vent\"s\n\rPushKVRequest\x12*\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x19.tandem.common.v1.KVChunkH\x00\x12.\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1f.tandem.common.v1.KVTransferEndH\x00\x42\x06\n\x04item\"A\n\x0ePushKVResponse\x12\x17\n\x0f\x63hunks_received\x18\x01 \x01(\r\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\"\x11\n\x0fGetStatsRequest\"=\n\x10GetStatsResponse\x12)\n\x05stats\x18\x01 \x01(\x0b\x32\x1a.tandem.common.v1.PodStats\"\x13\n\x11\x44\x65scribeKVRequest\"9\n\x10KVPoolDescriptor\x12\x11\n\ttransport\x18\x01 \x01(\t\x12\x12\n\ndescriptor\x18\x02 \x01(\x0c\"\\\n\x12\x44\x65scribeKVResponse\x12\x13\n\x0bincarnation\x18\x01 \x01(\t\x12\x31\n\x05pools\x18\x02 \x03(\x0b\x32\".tandem.decode.v1.KVPoolDescriptor\"_\n\x0e\x43laimKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0etransfer_token\x18\x02 \x01(\t\x12\x11\n\ttransport\x18\x03 \x01(\t\x12\x0e\n\x06renews\x18\x04 \x01(\x08\"X\n\x0f\x43laimKVResponse\x12\x1d\n\x15lease_expires_unix_ms\x18\x01 \x01(\x04\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x13\n\x0b\x66irst_block\x18\x03 \x01(\r\"A\n\x11\x43ompleteKVRequest\x12,\n\x03\x65nd\x18\x01 \x01(\x0b\x32\x1f.tandem.common.v1.KVTransferEnd\",\n\x12\x43ompleteKVResponse\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x04\"<\n\x0eRenewKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0etransfer_token\x18\x02 \x01(\t\"0\n\x0fRenewKVResponse\x12\x1d\n\x15lease_expires_unix_ms\x18\x01 \x01(\x04*\\\n\x0bPrefillMode\x12\x1c\n\x18PREFILL_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13PREFILL_MODE_REMOTE\x10\x01\x12\x16\n\x12PREFILL_MODE_LOCAL\x10\x02\x32\xd8\x04\n\rDecodeService\x12S\n\x08Generate\x12!.tandem.decode.v1.GenerateRequest\x1a\".tandem.decode.v1.GenerateResponse0\x01\x12M\n\x06PushKV\x12\x1f.tandem.decode.v1.PushKVRequest\x1a .tandem.decode.v1.PushKVResponse(\x01\x12Q\n\x08GetStats\x12!.tandem.decode.v1.GetStatsRequest\x1a\".tandem.decode.v1.GetStatsResponse\x12W\n\nDescribeKV\x12#.tandem.decode.v1.DescribeKVRequest\x1a$.tandem.decode.v1.DescribeKVResponse\x12N\n\x07\x43laimKV\x12 .tandem.decode.v1.ClaimKVRequest\x1a!.tandem.decode.v1.ClaimKVResponse\x12W\n\nCompleteKV\x12#.tandem.decode.v1.CompleteKVRequest\x1a$.tandem.decode.v1.CompleteKVResponse\x12N\n\x07RenewKV\x12 .tandem.decode.v1.RenewKVRequest\x1a!.tandem.decode.v1.RenewKVResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.decode.v1.decode_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PREFILLMODE']._serialized_start=1553
-  _globals['_PREFILLMODE']._serialized_end=1645
+  _globals['_PREFILLMODE']._serialized_start=1569
+  _globals['_PREFILLMODE']._serialized_end=1661
   _globals['_GENERATEREQUEST']._serialized_start=83
   _globals['_GENERATEREQUEST']._serialized_end=338
   _globals['_ADMITTED']._serialized_start=341
@@ -55,17 +55,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DESCRIBEKVRESPONSE']._serialized_start=1063
   _globals['_DESCRIBEKVRESPONSE']._serialized_end=1155
   _globals['_CLAIMKVREQUEST']._serialized_start=1157
-  _globals['_CLAIMKVREQUEST']._serialized_end=1236
-  _globals['_CLAIMKVRESPONSE']._serialized_start=1238
-  _globals['_CLAIMKVRESPONSE']._serialized_end=1326
-  _globals['_COMPLETEKVREQUEST']._serialized_start=1328
-  _globals['_COMPLETEKVREQUEST']._serialized_end=1393
-  _globals['_COMPLETEKVRESPONSE']._serialized_start=1395
-  _globals['_COMPLETEKVRESPONSE']._serialized_end=1439
-  _globals['_RENEWKVREQUEST']._serialized_start=1441
-  _globals['_RENEWKVREQUEST']._serialized_end=1501
-  _globals['_RENEWKVRESPONSE']._serialized_start=1503
-  _globals['_RENEWKVRESPONSE']._serialized_end=1551
-  _globals['_DECODESERVICE']._serialized_start=1648
-  _globals['_DECODESERVICE']._serialized_end=2248
+  _globals['_CLAIMKVREQUEST']._serialized_end=1252
+  _globals['_CLAIMKVRESPONSE']._serialized_start=1254
+  _globals['_CLAIMKVRESPONSE']._serialized_end=1342
+  _globals['_COMPLETEKVREQUEST']._serialized_start=1344
+  _globals['_COMPLETEKVREQUEST']._serialized_end=1409
+  _globals['_COMPLETEKVRESPONSE']._serialized_start=1411
+  _globals['_COMPLETEKVRESPONSE']._serialized_end=1455
+  _globals['_RENEWKVREQUEST']._serialized_start=1457
+  _globals['_RENEWKVREQUEST']._serialized_end=1517
+  _globals['_RENEWKVRESPONSE']._serialized_start=1519
+  _globals['_RENEWKVRESPONSE']._serialized_end=1567
+  _globals['_DECODESERVICE']._serialized_start=1664
+  _globals['_DECODESERVICE']._serialized_end=2264
 # @@protoc_insertion_point(module_scope)

@@ -112,14 +112,16 @@ class DescribeKVResponse(_message.Message):
     def __init__(self, incarnation: _Optional[str] = ..., pools: _Optional[_Iterable[_Union[KVPoolDescriptor, _Mapping]]] = ...) -> None: ...
 
 class ClaimKVRequest(_message.Message):
-    __slots__ = ("request_id", "transfer_token", "transport")
+    __slots__ = ("request_id", "transfer_token", "transport", "renews")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    RENEWS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     transfer_token: str
     transport: str
-    def __init__(self, request_id: _Optional[str] = ..., transfer_token: _Optional[str] = ..., transport: _Optional[str] = ...) -> None: ...
+    renews: bool
+    def __init__(self, request_id: _Optional[str] = ..., transfer_token: _Optional[str] = ..., transport: _Optional[str] = ..., renews: _Optional[bool] = ...) -> None: ...
 
 class ClaimKVResponse(_message.Message):
     __slots__ = ("lease_expires_unix_ms", "block_ids", "first_block")
