@@ -28,6 +28,7 @@ Each mode starts the system afresh and runs the same workload:
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import shlex
@@ -40,6 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_result  # noqa: E402
+from mps import MPSDaemon  # noqa: E402
 from profiling import Profiler  # noqa: E402
 from workloads import w4_lengths  # noqa: E402
 
@@ -227,6 +229,19 @@ async def warm_up(url: str, vocab: int) -> None:
         )
     if not result.ok:
         raise SystemExit(f"the warm-up request failed: {result.error}")
+
+
+async def warm_up_with_workload(url: str, args, vocab: int) -> None:
+    """``--num-warmups`` requests shaped like the workload's (their own random tokens, so no
+    prefix is shared with the measured prompts), sent at the workload's rate and left out of
+    the figures: kernel compilation for the prompt shapes, the prefill pod's first transfers to
+    each decode pod (mappings, descriptors), clocks ramping up. Without them whichever mode ran
+    first was measured slower (bench/NOTES.md, 2026-12-06)."""
+    warm = argparse.Namespace(**vars(args))
+    warm.num_prompts, warm.seed = args.num_warmups, args.seed + 1_000_003
+    summary = await run_load(url, warm, vocab)
+    if summary["failed"]:
+        raise SystemExit(f"{summary['failed']} warm-up requests failed: {summary['errors']}")
 
 
 async def run_load(url: str, args, vocab: int) -> dict:
@@ -449,6 +464,19 @@ def main() -> None:
         "--rate", type=float, default=float("inf"), help="requests/s (Poisson), inf: all at once"
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--num-warmups",
+        type=int,
+        default=0,
+        help="workload-shaped requests sent (at --rate) before the measured ones, per mode, "
+        "and left out of the figures (vLLM bench serve's --num-warmups)",
+    )
+    ap.add_argument(
+        "--mps",
+        action="store_true",
+        help="run every mode under a CUDA MPS control daemon of its own (bench/mps.py): the "
+        "workers sharing the GPU run their kernels concurrently instead of time-slicing it",
+    )
     ap.add_argument("--slo-ttft-ms", type=float, default=None)
     ap.add_argument("--slo-tpot-ms", type=float, default=None)
     ap.add_argument("--slo-e2el-ms", type=float, default=None)
@@ -491,51 +519,59 @@ def main() -> None:
             receiver = OTLPReceiver().__enter__()
             os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.endpoint  # the children inherit it
             os.environ["OTEL_EXPORTER_OTLP_INSECURE"] = "true"
-        for mode in args.modes:
-            cluster = start_system(model, mode, args)
-            try:
-                asyncio.run(warm_up(cluster.router_url, vocab))
-                before, routed = prefix_cache_counters(cluster), routing_counts(cluster)
-                profiler = Profiler(args.profile_dir / mode) if args.profile_dir else None
-                if profiler is not None:
-                    profiler.start(cluster)
-                if receiver is not None:
-                    time.sleep(6)  # the warm-up's spans are exported (batched) before the load
-                    skip = len(receiver.spans())
-                results[mode] = asyncio.run(run_load(cluster.router_url, args, vocab))
-                if receiver is not None:
-                    from trace_breakdown import phase_table, print_phase_table
+        with MPSDaemon() if args.mps else contextlib.nullcontext():
+            for mode in args.modes:
+                cluster = start_system(model, mode, args)
+                try:
+                    asyncio.run(warm_up(cluster.router_url, vocab))
+                    if args.num_warmups:
+                        asyncio.run(warm_up_with_workload(cluster.router_url, args, vocab))
+                    before, routed = prefix_cache_counters(cluster), routing_counts(cluster)
+                    kv_before = kv_transport_bytes(cluster)
+                    profiler = Profiler(args.profile_dir / mode) if args.profile_dir else None
+                    if profiler is not None:
+                        profiler.start(cluster)
+                    if receiver is not None:
+                        time.sleep(6)  # the warm-up's spans are exported (batched) before the load
+                        skip = len(receiver.spans())
+                    results[mode] = asyncio.run(run_load(cluster.router_url, args, vocab))
+                    if receiver is not None:
+                        from trace_breakdown import phase_table, print_phase_table
 
-                    time.sleep(6)  # batch span processors export every 5 s
-                    table = phase_table(receiver.spans()[skip:])
-                    results[mode]["trace_breakdown"] = table
-                    print_phase_table(mode, table)
-                if profiler is not None:
-                    profiler.stop()
-                    results[mode]["profile"] = profiler.summary()
-                    print_profile(mode, results[mode]["profile"])
-                # usage.cached_tokens also counts blocks the decode pod had cached (they are not
-                # sent): the prefill pods' own rate is what prefix-aware routing moves.
-                results[mode]["pod_cache_hit_rate"] = hit_rates(
-                    before, prefix_cache_counters(cluster)
-                )
-                results[mode]["kv_transport_bytes"] = kv_transport_bytes(cluster)
-                if results[mode]["kv_transport_bytes"]:
-                    print(f"{mode}: KV bytes by transport {results[mode]['kv_transport_bytes']}")
-                # A disaggregated request whose prefill fails is retried colocated and still
-                # succeeds: check the run measured the mode it claims.
-                problem = routing_problem(
-                    mode, routed, settled_routing_counts(cluster, routed, args.num_prompts)
-                )
-                if problem:
-                    problems.append(problem)
-                    print(
-                        f"warning: {problem}; the workers' last lines:\n"
-                        f"{''.join(list(cluster.log)[-20:])}",
-                        file=sys.stderr,
+                        time.sleep(6)  # batch span processors export every 5 s
+                        table = phase_table(receiver.spans()[skip:])
+                        results[mode]["trace_breakdown"] = table
+                        print_phase_table(mode, table)
+                    if profiler is not None:
+                        profiler.stop()
+                        results[mode]["profile"] = profiler.summary()
+                        print_profile(mode, results[mode]["profile"])
+                    # usage.cached_tokens also counts blocks the decode pod had cached (they are not
+                    # sent): the prefill pods' own rate is what prefix-aware routing moves.
+                    results[mode]["pod_cache_hit_rate"] = hit_rates(
+                        before, prefix_cache_counters(cluster)
                     )
-            finally:
-                cluster.stop()
+                    kv_after = kv_transport_bytes(cluster)
+                    results[mode]["kv_transport_bytes"] = {
+                        k: v - kv_before.get(k, 0.0) for k, v in kv_after.items()
+                    }
+                    if results[mode]["kv_transport_bytes"]:
+                        moved = results[mode]["kv_transport_bytes"]
+                        print(f"{mode}: KV bytes by transport {moved}")
+                    # A disaggregated request whose prefill fails is retried colocated and still
+                    # succeeds: check the run measured the mode it claims.
+                    problem = routing_problem(
+                        mode, routed, settled_routing_counts(cluster, routed, args.num_prompts)
+                    )
+                    if problem:
+                        problems.append(problem)
+                        print(
+                            f"warning: {problem}; the workers' last lines:\n"
+                            f"{''.join(list(cluster.log)[-20:])}",
+                            file=sys.stderr,
+                        )
+                finally:
+                    cluster.stop()
     offline = run_offline(model, args, vocab) if args.offline else None
     if offline is not None:
         for r in results.values():
@@ -560,6 +596,8 @@ def main() -> None:
             for m in args.modes
         },
         "command": shlex.join(sys.argv),
+        "num_warmups": args.num_warmups,
+        "mps": args.mps,
         "results": results,
         "offline": offline,
     }
