@@ -24,6 +24,11 @@ Tandem (once per ``--async`` mode; the engine's batch defaults unless ``--max-nu
 ``--max-num-batched-tokens``) and through transformers:
 batched ``generate`` (static batches) and ``generate_batch`` (continuous batching, paged
 attention) when the installed version has it. Ratios printed last.
+Each Tandem run is also set against its per-step roofline (bench/roofline.py): every step that
+ran (its rows' cached and new tokens; device time from CUDA events) gets the floor max(bytes /
+copy rate, FLOPs / matmul rate), both rates measured at the start; printed and written
+(``tandem_roofline``) per group of steps (prefill-containing, decode > 256 / 65-256 / <= 64
+sequences), with the summed floor against the wall time and the output tok/s that floor implies.
 
 Prints tables and writes JSON under bench/results/ (or --out-dir).
 """
@@ -42,6 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, print_table, write_result  # noqa: E402
+from roofline import ModelCost, StepRecord, format_summary, summarize  # noqa: E402
 from shapes import shape_dir  # noqa: E402
 from workloads import w4_requests  # noqa: E402
 
@@ -402,8 +408,26 @@ ASYNC_MODES = {  # --async: the engine's async_output_processing and async_sched
 }
 
 
-def tandem_offline(model: Path, args, prompts, out_lens, async_mode: str) -> dict:
-    """One Tandem run of the offline protocol: seconds, tokens/s and where the steps' time went."""
+def model_cost(engine) -> ModelCost:
+    """The roofline's per-token costs of the engine's loaded model (``Shape`` plus the LM head
+    and the layers' windows)."""
+    shape, mc = Shape(engine), engine.model_config
+    return ModelCost(
+        weight_bytes=shape.weight_bytes,
+        linear_params=shape.linear_params,
+        lm_head_params=engine.runner.model.model.embed_tokens.weight.numel(),
+        kv_bytes_per_token=shape.kv_bytes_per_token,
+        q_heads=shape.q_heads,
+        head_dim=shape.head_dim,
+        windows=tuple(mc.sliding_windows),
+    )
+
+
+def tandem_offline(
+    model: Path, args, prompts, out_lens, async_mode: str, rates: tuple[float, float]
+) -> dict:
+    """One Tandem run of the offline protocol: seconds, tokens/s, where the steps' time went and
+    the run against its per-step roofline floor (``rates``: copy bytes/s, matmul FLOP/s)."""
     from tandem.engine import LLM, SamplingParams
 
     llm = LLM(
@@ -428,14 +452,17 @@ def tandem_offline(model: Path, args, prompts, out_lens, async_mode: str) -> dic
     runner, timing = llm.engine.runner, {"steps": 0, "execute_s": 0.0}
     launch = runner.launch
     per_step: list[tuple[int, int, float]] = []
+    # For the roofline: each step's rows, and its device span (events around what launch queues).
+    on_cuda = runner.device.type == "cuda"
+    ran: list[tuple[np.ndarray, np.ndarray, int, int, object, float, float]] = []
 
     class TimedStep:
         """A launched step whose ``result()`` records the time from launch to tokens read (with
         async output processing or scheduling this includes host work done meanwhile: the
         previous step's outputs)."""
 
-        def __init__(self, scheduled, launched, t0):
-            self.scheduled, self.launched, self.t0 = scheduled, launched, t0
+        def __init__(self, scheduled, launched, t0, events):
+            self.scheduled, self.launched, self.t0, self.events = scheduled, launched, t0, events
             # What the engine reads of a launched step besides result() (async scheduling's
             # tokens, the prompt logprobs it computed).
             self.sampled, self.tokens, self.prompt_logprobs = (
@@ -454,10 +481,29 @@ def tandem_offline(model: Path, args, prompts, out_lens, async_mode: str) -> dic
                 per_step.append(
                     (len(self.scheduled), sum(s.num_new_tokens for s in self.scheduled), took)
                 )
+                rows = self.scheduled
+                ran.append(
+                    (
+                        np.fromiter((s.start for s in rows), np.int64, len(rows)),
+                        np.fromiter((s.num_new_tokens for s in rows), np.int64, len(rows)),
+                        len(self.sampled),
+                        sum(s.start < s.seq.num_prompt_tokens for s in rows),
+                        self.events,
+                        self.t0,
+                        self.t0 + took,
+                    )
+                )
 
     def timed_launch(scheduled, input_ids=None):
         t = time.perf_counter()
-        return TimedStep(scheduled, launch(scheduled, input_ids), t)
+        events = None
+        if on_cuda:
+            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            events[0].record()
+        launched = launch(scheduled, input_ids)
+        if events:
+            events[1].record()
+        return TimedStep(scheduled, launched, t, events)
 
     runner.launch = timed_launch  # where the time goes: model steps vs the engine around them
     replays = runner.graphs.replays if runner.graphs else 0
@@ -490,8 +536,20 @@ def tandem_offline(model: Path, args, prompts, out_lens, async_mode: str) -> dic
         flush=True,
     )
     assert sum(len(o.outputs[0].token_ids) for o in outs) == wanted
+    if on_cuda:
+        torch.cuda.synchronize()
+    # A step's time: its device span on CUDA; on the CPU (where launch computes the step) the
+    # wall time from its launch, or the step before's tokens, to its tokens.
+    steps, last_end = [], 0.0
+    for starts, new, sampled, prefill_rows, events, start, end in ran:
+        took = events[0].elapsed_time(events[1]) / 1e3 if events else end - max(start, last_end)
+        steps.append(StepRecord(starts, new, sampled, prefill_rows, took))
+        last_end = end
+    roofline = summarize(model_cost(llm.engine), steps, *rates, wanted, seconds)
+    roofline["step_time"] = "cuda events" if on_cuda else "launch to tokens"
+    print("\n".join(format_summary(roofline)), flush=True)
     print(f"tandem (async {async_mode}): {wanted} tokens in {seconds:.1f} s", flush=True)
-    return {"seconds": seconds, "tok_s": wanted / seconds, "timing": timing}
+    return {"seconds": seconds, "tok_s": wanted / seconds, "timing": timing, "roofline": roofline}
 
 
 def release_gpu_memory() -> None:
@@ -503,6 +561,9 @@ def release_gpu_memory() -> None:
 
 def offline(args, device: torch.device, out: Path) -> dict:
     rows, records = [], []
+    rates = measure_bandwidth(device), measure_matmul(device)  # for the per-step roofline
+    release_gpu_memory()
+    print(f"measured: copy {rates[0] / 1e12:.3g} TB/s, matmul {rates[1] / 1e12:.3g} TFLOP/s")
     for name in args.shapes:
         # Weights on disk only for transformers to load; Tandem alone runs dummy weights.
         model = shape_dir(name, out, with_weights=bool(args.hf_modes), device=args.device)
@@ -523,7 +584,7 @@ def offline(args, device: torch.device, out: Path) -> dict:
         wanted = sum(out_lens)
         runs = {}
         for mode in args.async_modes:
-            runs[mode] = tandem_offline(model, args, prompts, out_lens, mode)
+            runs[mode] = tandem_offline(model, args, prompts, out_lens, mode, rates)
             release_gpu_memory()
         first = runs[args.async_modes[0]]
         tandem_s = first["seconds"]
@@ -537,6 +598,7 @@ def offline(args, device: torch.device, out: Path) -> dict:
             "tandem_s": tandem_s,
             "tandem_tok_s": wanted / tandem_s,
             "tandem_timing": first["timing"],
+            "tandem_roofline": first["roofline"],
             "tandem_by_async_mode": runs,
         }
         for mode, run in runs.items():
@@ -570,7 +632,7 @@ def offline(args, device: torch.device, out: Path) -> dict:
         ["shape", "engine", "out tokens", "s", "out tok/s", "first tandem row's tok/s over this"],
         rows,
     )
-    return {"results": records}
+    return {"bandwidth_Bps": rates[0], "matmul_flops": rates[1], "results": records}
 
 
 def hf_offline(model_dir: Path, prompts, out_lens, device: torch.device, modes) -> dict:

@@ -222,3 +222,13 @@ def test_engine_bench_offline_compares_async_modes_and_transformers(tmp_path):
     ] == [(True, True), (False, False)]
     assert row["output_tokens"] > 6 and row["hf_generate_output_tokens"] >= row["output_tokens"]
     assert row["tandem_over_hf_generate_tok_s"] > 0
+    # The run against its per-step roofline floor: every step in a group, each group with a floor.
+    roof = row["tandem_roofline"]
+    groups = roof["groups"]
+    assert sum(g["steps"] for g in groups.values()) == runs["scheduling"]["timing"]["steps"]
+    assert (
+        groups["prefill-containing"]["steps"] >= 1 and groups["decode <= 64 seqs (tail)"]["steps"]
+    )
+    assert all(g["floor_s"] > 0 for g in groups.values() if g["steps"])
+    assert roof["floor_s"] == pytest.approx(sum(g["floor_s"] for g in groups.values()))
+    assert roof["ceiling_output_tok_s"] == pytest.approx(row["output_tokens"] / roof["floor_s"])
