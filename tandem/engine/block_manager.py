@@ -312,14 +312,10 @@ class BlockManager:
         """The index of a block the request must copy before writing from ``write_from``, if
         any: its forked block, while another request holds it or the prefix cache serves it."""
         index = self._forked[request_id]
-        first = write_from // self.block_size
-        if first > index:
+        if write_from // self.block_size > index:
             del self._forked[request_id]  # writes are past the shared block for good
             return None
-        block = self._tables[request_id][index]
-        if first == index and (block.ref_count > 1 or block.block_hash is not None):
-            return index
-        return None
+        return index if self.would_copy(request_id, write_from) else None
 
     def _copy_on_write(self, request_id: RequestId, index: int) -> None:
         """Replace the request's shared block ``index`` by a private copy (made by the runner

@@ -326,10 +326,18 @@ def test_kill9_prefill_under_streaming_load(cluster, model):
 def test_router_sigterm_drains_streams_and_answers_503(cluster, model):
     router = cluster.by_name("router")
     baseline = pod_baseline(cluster)
-    # Long enough to outlast the probes on a fast idle machine (400 did not, in CI); 6 x ~950
-    # tokens fit two decode pods' 256 blocks of 16 however the router splits them.
+    # 6 x ~950 tokens fit two decode pods' 256 blocks of 16 however the router splits them. The
+    # streams must outlast what follows the signal (the drain's start and 15 probes, well under
+    # a second on an idle machine); 900 tokens take seconds even there (400 did not, in CI).
     n, max_tokens = 6, 900
     url = cluster.router_url
+
+    async def probe(client: httpx.AsyncClient, method: str, path: str, body=None) -> tuple:
+        try:
+            resp = await client.request(method, f"{url}{path}", json=body)
+            return resp.status_code, resp.headers, resp.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            return None, {}, repr(exc)
 
     async def scenario():
         async with httpx.AsyncClient(timeout=120) as client:
@@ -341,34 +349,30 @@ def test_router_sigterm_drains_streams_and_answers_503(cluster, model):
                 )
                 for i in range(n)
             ]
-            # wait until every stream is being served (router-side requests in flight)
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                if await asyncio.to_thread(_decode_running, cluster) >= n:
-                    break
+            # Every stream reached a decode pod (the router accepted it) before the signal.
+            deadline = time.monotonic() + 30
+            while (busy := await asyncio.to_thread(_decode_busy, cluster)) < n:
+                assert time.monotonic() < deadline, f"only {busy} of {n} streams reached a pod"
                 await asyncio.sleep(0.05)
             router.proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.3)
-            probes = []
             async with httpx.AsyncClient(timeout=10) as fresh:
-                for i in range(5):
-                    for req in (
-                        fresh.build_request(
+                # The drain has begun once /health answers 503 (it answers 200 until then).
+                deadline = time.monotonic() + 10
+                while (await probe(fresh, "GET", "/health"))[0] != 503:
+                    assert time.monotonic() < deadline, "the router never started draining"
+                    await asyncio.sleep(0.02)
+                probes = []
+                for i in range(5):  # a whole completion, a stream and a health check at once
+                    probes += await asyncio.gather(
+                        probe(
+                            fresh,
                             "POST",
-                            f"{url}/v1/completions",
-                            json={**completion_body(model, 5000 + i), "stream": False},
+                            "/v1/completions",
+                            {**completion_body(model, 5000 + i), "stream": False},
                         ),
-                        fresh.build_request(
-                            "POST", f"{url}/v1/completions", json=completion_body(model, 5100 + i)
-                        ),
-                        fresh.build_request("GET", f"{url}/health"),
-                    ):
-                        try:
-                            resp = await fresh.send(req)
-                            probes.append((resp.status_code, resp.headers, resp.json()))
-                        except httpx.HTTPError as exc:
-                            probes.append((None, {}, repr(exc)))
-                    await asyncio.sleep(0.05)
+                        probe(fresh, "POST", "/v1/completions", completion_body(model, 5100 + i)),
+                        probe(fresh, "GET", "/health"),
+                    )
             still_running = sum(1 for s in streams if not s.done())
             return await asyncio.gather(*streams), probes, still_running
 
@@ -387,7 +391,11 @@ def test_router_sigterm_drains_streams_and_answers_503(cluster, model):
     wait_for_baseline(cluster, {k: v for k, v in baseline.items() if k != "prefill-0"})
 
 
-def _decode_running(cluster) -> int:
+def _decode_busy(cluster) -> int:
+    """Requests the live decode pods hold (running, waiting, or waiting for their KV)."""
     from services.local_cluster import pod_stats
 
-    return sum(pod_stats(p).num_running for p in cluster.pods("decode") if p.proc.poll() is None)
+    return sum(
+        st.num_running + st.num_waiting + st.num_waiting_for_kv
+        for st in (pod_stats(p) for p in cluster.pods("decode") if p.proc.poll() is None)
+    )

@@ -60,6 +60,20 @@ def start_cluster(model, *, prefill=1, decode=2, colocated_router=False, **opts)
     return cluster
 
 
+def start_tool_cluster(model) -> LocalCluster:
+    """The usual e2e cluster (1 prefill + 2 decode pods, a disaggregating, a colocated and a
+    threshold router), its routers parsing Hermes tool calls for tool_choice "auto" (the tool
+    calling modules' cluster)."""
+    return start_cluster(
+        model,
+        prefill=1,
+        decode=2,
+        colocated_router=True,
+        tool_call_parser="hermes",
+        enable_auto_tool_choice=True,
+    )
+
+
 def wait_idle(cluster: LocalCluster, timeout: float = 20.0) -> None:
     """Until every pod holds no request and all its KV blocks are free again (else fail)."""
     deadline = time.monotonic() + timeout

@@ -428,15 +428,21 @@ def test_prefill_pod_dying_mid_transfer_is_retried_colocated(e2e_model, tmp_path
 
 
 def interrupt_a_stream(cluster, body: dict, act) -> tuple:
-    """Stream a completion, apply ``act`` to the decode pod's process after 3 lines; return
-    (that pod, the stream's remaining ``data:`` lines)."""
-    with httpx.Client(timeout=60) as client:
+    """Stream a completion, apply ``act`` to the decode pod's process once its first lines
+    arrived and the pod reports the stream running; return (that pod, the stream's remaining
+    ``data:`` lines). ``body`` must ask for a long generation (ignore_eos, 1,000+ tokens): at
+    ~1 ms a token on an idle machine, 400 tokens ended before a CI run saw them running."""
+    # Idle first. This also pays the first GetStats' costs (a new channel, up to ~2 s on a
+    # loaded machine) before the stream starts, not while it runs.
+    busy = [p.name for p in cluster.pods("decode") if pod_stats(p).num_running]
+    assert not busy, f"decode pods busy before the stream: {busy}"
+    with httpx.Client(timeout=120) as client:
         with client.stream("POST", f"{cluster.router_url}/v1/completions", json=body) as r:
             lines = r.iter_lines()
             for _ in range(3):
                 next(lines)
             # Pods' stats are snapshots their engine core publishes every 100 ms: poll.
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + 10
             while True:
                 serving = next(
                     (p for p in cluster.pods("decode") if pod_stats(p).num_running), None
@@ -487,14 +493,19 @@ def test_a_decode_pod_dying_mid_stream_is_reported_and_marked_down(e2e_model):
         cluster.stop()
 
 
-def test_a_decode_pod_stopped_by_sigterm_finishes_its_streams_and_takes_no_new_ones(e2e_model):
+def test_a_decode_pod_stopped_by_sigterm_finishes_its_streams_and_takes_no_new_ones(
+    e2e_model, monkeypatch
+):
     """A rollout's SIGTERM: health turns NOT_SERVING, new work goes elsewhere, streams in flight
     finish."""
+    # The pods' drain outlasts the stream on a loaded 2-core machine (the default is 30 s).
+    monkeypatch.setenv("TANDEM_DECODE_SHUTDOWN_GRACE_S", "120")
     cluster = start_cluster(e2e_model, prefill=0, decode=2, kvstore=False)
     try:
+        max_tokens = 1000  # ~1 s on an idle machine, up to ~20 s on a loaded one
         body = {
             "prompt": "a stream during a rollout",
-            "max_tokens": 400,
+            "max_tokens": max_tokens,
             "stream": True,
             "ignore_eos": True,
             "stream_options": {"include_usage": True},
@@ -505,7 +516,8 @@ def test_a_decode_pod_stopped_by_sigterm_finishes_its_streams_and_takes_no_new_o
         assert lines[-1] == "data: [DONE]"
         rest = [json.loads(line[len("data: ") :]) for line in lines[:-1]]
         assert not any("error" in event for event in rest), "".join(list(cluster.log)[-40:])
-        assert rest[-1]["usage"]["completion_tokens"] == 400
+        assert any(event["choices"] for event in rest), "the stream ended before the SIGTERM"
+        assert rest[-1]["usage"]["completion_tokens"] == max_tokens
         assert serving.proc.wait(timeout=30) == 0  # it exits by itself once drained
         assert_router_serves_with_one_decode_pod(cluster)
     finally:

@@ -20,7 +20,7 @@ from tandem.api.errors import InvalidRequest
 from tandem.api.grpc_status import PARAM_KEY
 from tandem.proto.router.v1 import router_pb2, router_pb2_grpc
 from tandem.sdk import AsyncClient, Client, ToolCall
-from tests.e2e.conftest import start_cluster, wait_idle
+from tests.e2e.conftest import start_tool_cluster, wait_idle
 from tests.e2e.test_tool_calling import ADD, MAX_TOKENS, MESSAGES, SCHEMAS, TOOLS
 
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
@@ -29,17 +29,8 @@ AUTO_REGEX = r'Sure\. <tool_call>\{"name": "add", "arguments": \{"a": [0-9]\}\}<
 
 @pytest.fixture(scope="module")
 def cluster(e2e_model):
-    """The usual e2e cluster (1 prefill + 2 decode pods, a disaggregating, a colocated and a
-    threshold router), its routers parsing Hermes tool calls for tool_choice "auto" (as
-    test_tool_calling's)."""
-    c = start_cluster(
-        e2e_model,
-        prefill=1,
-        decode=2,
-        colocated_router=True,
-        tool_call_parser="hermes",
-        enable_auto_tool_choice=True,
-    )
+    """The routers parse Hermes tool calls (``start_tool_cluster``)."""
+    c = start_tool_cluster(e2e_model)
     yield c
     c.stop()
 

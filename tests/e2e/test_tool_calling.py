@@ -16,7 +16,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.e2e.conftest import start_cluster, wait_idle
+from tests.e2e.conftest import start_tool_cluster, wait_idle
 
 WEATHER = {
     "type": "object",
@@ -44,16 +44,8 @@ MAX_TOKENS = 80
 
 @pytest.fixture(scope="module")
 def cluster(e2e_model):
-    """The usual e2e cluster (1 prefill + 2 decode pods, a disaggregating, a colocated and a
-    threshold router), its routers parsing Hermes tool calls for tool_choice "auto"."""
-    c = start_cluster(
-        e2e_model,
-        prefill=1,
-        decode=2,
-        colocated_router=True,
-        tool_call_parser="hermes",
-        enable_auto_tool_choice=True,
-    )
+    """The routers parse Hermes tool calls (``start_tool_cluster``)."""
+    c = start_tool_cluster(e2e_model)
     yield c
     c.stop()
 

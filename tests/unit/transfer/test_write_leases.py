@@ -6,7 +6,10 @@ A writer that dies after its claim stops renewing: the decode pod gets the block
 write lease ends, not when the whole reservation's lease does."""
 
 import concurrent.futures
+import contextlib
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import grpc
 import pytest
@@ -223,16 +226,46 @@ def transfer_for(receiver, address, descriptor, rid, src):
     return transfer, notices
 
 
-def test_the_renewer_keeps_a_live_transfer_writing_and_stops_a_refused_one(shm_pool):
+@dataclass
+class Renewing:
+    """Both sides of write-lease renewal: a decode side (a ``KVReceiver`` over the shm pool,
+    behind a real ``RenewServer``) and a prefill side's ``LeaseRenewer`` on a real channel."""
+
+    cache: PagedKVCache
+    descriptor: object
+    receiver: KVReceiver
+    server: RenewServer
+    renewer: LeaseRenewer
+    src: torch.Tensor
+    """The prefill side's pages (random), which its transfers write from."""
+
+    def transfer(self, rid: str):
+        return transfer_for(self.receiver, self.server.address, self.descriptor, rid, self.src)
+
+
+@contextlib.contextmanager
+def renewing(shm_pool, write_lease_s: float) -> Iterator[Renewing]:
+    """``Renewing`` with write leases of ``write_lease_s``; renewer, channel and server closed
+    on exit."""
     cache, descriptor = shm_pool
-    receiver = receiver_with(write_lease_s=1.0, pool=cache.tensor)
+    receiver = receiver_with(write_lease_s=write_lease_s, pool=cache.tensor)
     server = RenewServer(receiver)
     channels = ChannelPool(1)
     renewer = LeaseRenewer(channels.renew_kv)
     src = torch.randn(SPEC.num_layers, 2, 4, 4, 2, 4)
     try:
-        live, _ = transfer_for(receiver, server.address, descriptor, "live", src)
-        doomed, notices = transfer_for(receiver, server.address, descriptor, "doomed", src)
+        yield Renewing(cache, descriptor, receiver, server, renewer, src)
+    finally:
+        renewer.close()
+        channels.close()
+        server.stop()
+
+
+def test_the_renewer_keeps_a_live_transfer_writing_and_stops_a_refused_one(shm_pool):
+    with renewing(shm_pool, write_lease_s=1.0) as r:
+        cache, receiver, server, renewer, src = r.cache, r.receiver, r.server, r.renewer, r.src
+        live, _ = r.transfer("live")
+        doomed, notices = r.transfer("doomed")
         first = live.expires
         renewer.add(live)
         renewer.add(doomed)
@@ -257,31 +290,18 @@ def test_the_renewer_keeps_a_live_transfer_writing_and_stops_a_refused_one(shm_p
             doomed.finish(common_pb2.KVTransferEnd())
         assert [n.aborted for n in notices] == [True]  # its abort path ran
         assert not live.failed and receiver.write_lease_end("live") > time.monotonic()
-    finally:
-        renewer.close()
-        channels.close()
-        server.stop()
 
 
 def test_an_unreachable_decode_pod_fails_the_transfer(shm_pool):
-    cache, descriptor = shm_pool
-    receiver = receiver_with(write_lease_s=0.6, pool=cache.tensor)
-    server = RenewServer(receiver)
-    channels = ChannelPool(1)
-    renewer = LeaseRenewer(channels.renew_kv)
-    src = torch.randn(SPEC.num_layers, 2, 4, 4, 2, 4)
-    try:
-        transfer, _ = transfer_for(receiver, server.address, descriptor, "r", src)
-        server.stop()  # the decode pod is gone
-        renewer.add(transfer)
+    with renewing(shm_pool, write_lease_s=0.6) as r:
+        transfer, _ = r.transfer("r")
+        r.server.stop()  # the decode pod is gone
+        r.renewer.add(transfer)
         deadline = time.monotonic() + 2.0
         while not transfer.failed:
             assert time.monotonic() < deadline
             time.sleep(0.01)
         assert "could not be renewed" in transfer.error
-    finally:
-        renewer.close()
-        channels.close()
 
 
 def test_a_transfer_past_its_write_lease_writes_nothing(shm_pool):
