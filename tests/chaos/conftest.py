@@ -150,11 +150,9 @@ async def stream_load(
     concurrency: int = 16,
     timeout_s: float = 120.0,
     drop_after: list[int | None] | None = None,
-    started: asyncio.Event | None = None,
 ) -> list[StreamResult]:
     """Run every body as a streaming completion, ``concurrency`` at a time; ``drop_after[i]``
-    chunks read before request i is dropped (None: read to the end). ``started`` is set once
-    every first wave's stream produced its first chunk or ended."""
+    chunks read before request i is dropped (None: read to the end)."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     gate = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
