@@ -21,12 +21,17 @@ as a ratio:
   regenerates the source from the seed, checks every page and that the unowned scratch block is
   untouched; mismatches are counted, not raised. The shm writer maps every page of the pool on
   a background thread when it opens it (``ShmPoolWriter.populated``): timing starts once that
-  is done, as in a pod that has served a while. Baselines, in this process:
-  ``shm``: one ``copy_`` of a contiguous buffer of the same bytes; ``cuda-ipc``: one
+  is done, as in a pod that has served a while. For ``shm`` the receiver also serves the
+  decode pod's control RPCs (``ClaimKV``, ``CompleteKV``; ``serve_control``): each transfer
+  claims its lease, writes, and sends its completion notice; the row reports the writes (the
+  data plane, the headline GB/s) and the whole (end to end) apart. Baselines, in this process:
+  ``shm``: one ``copy_`` of a contiguous buffer of the same bytes, timed right before each
+  transfer, warm (from the caches where it fits) and cold (caches emptied first), reported as
+  medians like the transfers (``Memcpy``); ``cuda-ipc``: one
   device-to-device ``copy_`` of the same bytes on the same GPU (CUDA events); ``nixl``: raw TCP
   to its receiver process, as for grpc. The ``gather+scatter`` column is a tighter reference for
   the memory transports: the same per-layer-group ``index_select`` + ``index_copy_`` into a
-  local pool in one process. Baselines are the best of ``--repeats`` after a warm-up.
+  local pool in one process. Other baselines are the best of ``--repeats`` after a warm-up.
 
 Transports not available here (``local_transports``) are listed as unavailable. The run exits
 with status 1 if any transfer failed or any page differed (after printing and writing results).
@@ -263,11 +268,24 @@ def memory_receiver_main(spec: dict) -> None:
         src = torch.tensor(src_ids, device=device)
         if cuda:
             torch.cuda.synchronize(device)
-        reply(descriptor=descriptor.hex(), raw=start_raw_server())
+        control = {}
+        if name == "shm":  # the decode pod's side of a transfer's control: leases, claim, notice
+            from tandem.transfer.receiver import KVReceiver
+
+            leases = KVReceiver(pool, KVCacheSpec(layers, heads, dim, BLOCK, dtype), "bench")
+            control["control"] = serve_control(leases)
+        reply(descriptor=descriptor.hex(), raw=start_raw_server(), **control)
         scratch = case.num_blocks
         for line in sys.stdin:
             cmd = json.loads(line)
-            if cmd["op"] == "clear":
+            if cmd["op"] == "expect" and control:
+                # The reservation (made before the prefill in a pod, so not timed): a failed
+                # transfer's lease is dropped first.
+                if leases.expects("r"):
+                    leases.discard("r")
+                    leases.end_drain("r")
+                reply(token=leases.expect("r", cmd["dst_ids"], 0).token)
+            elif cmd["op"] == "clear":
                 pool.zero_()
                 if cuda:
                     torch.cuda.synchronize(device)
@@ -292,6 +310,75 @@ def memory_receiver_main(spec: dict) -> None:
                 os.unlink(path)
             except OSError:
                 pass
+
+
+def serve_control(leases) -> int:
+    """Serve ``DecodeService.ClaimKV`` and ``CompleteKV`` over ``leases`` (a ``KVReceiver``) as
+    a decode pod does (services/decode/server.py: each on an executor thread), on a thread of
+    its own; returns the port."""
+    import asyncio
+    import functools
+
+    import grpc
+
+    from tandem.api.channel_options import SERVER_OPTIONS
+    from tandem.proto.decode.v1 import decode_pb2
+
+    async def claim_kv(request, context):
+        try:
+            claim = await asyncio.get_running_loop().run_in_executor(
+                None,
+                functools.partial(leases.claim, renews=request.renews),
+                request.request_id,
+                request.transfer_token,
+                request.transport,
+            )
+        except Exception as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        return decode_pb2.ClaimKVResponse(
+            lease_expires_unix_ms=claim.lease.expires_unix_ms,
+            block_ids=claim.block_ids,
+            first_block=claim.first_block,
+        )
+
+    async def complete_kv(request, context):
+        try:
+            summary = await asyncio.get_running_loop().run_in_executor(
+                None, leases.complete_memory, request.end
+            )
+        except Exception as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        return decode_pb2.CompleteKVResponse(bytes_received=summary.bytes)
+
+    ready: queue.Queue = queue.Queue()
+
+    async def serve():
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        methods = {
+            "ClaimKV": (claim_kv, decode_pb2.ClaimKVRequest, decode_pb2.ClaimKVResponse),
+            "CompleteKV": (
+                complete_kv,
+                decode_pb2.CompleteKVRequest,
+                decode_pb2.CompleteKVResponse,
+            ),
+        }
+        handlers = {
+            name: grpc.unary_unary_rpc_method_handler(
+                fn,
+                request_deserializer=req.FromString,
+                response_serializer=resp.SerializeToString,
+            )
+            for name, (fn, req, resp) in methods.items()
+        }
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("tandem.decode.v1.DecodeService", handlers),)
+        )
+        ready.put(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        await server.wait_for_termination()
+
+    threading.Thread(target=lambda: asyncio.run(serve()), daemon=True).start()
+    return ready.get(timeout=60)
 
 
 class ReceiverError(RuntimeError):
@@ -460,6 +547,92 @@ def copy_seconds(kv, repeats: int) -> float:
     return best_seconds(lambda: dst.copy_(src), repeats, kv.device)
 
 
+def evict_bytes() -> int:
+    """A scratch buffer's size that empties the caches when written: twice the largest cache
+    level sysfs reports, between 256 MiB and 1 GiB."""
+    largest = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            size = (index / "size").read_text().strip()
+            largest = max(largest, int(size.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}[size[-1]])
+        except (OSError, ValueError, KeyError):
+            continue
+    return min(1 << 30, max(256 << 20, 2 * largest))
+
+
+class Memcpy:
+    """shm's baseline: one copy of the transfer's bytes in this process, timed right before
+    each transfer (the same conditions on a busy host, the same statistic): ``warm`` after a
+    copy of the same buffers, ``cold`` after writing a scratch buffer of ``evict_bytes`` (the
+    caches emptied, as for a pool larger than the cache)."""
+
+    def __init__(self, kv) -> None:
+        import torch
+
+        self.src = kv.reshape(-1)
+        self.dst = torch.empty_like(self.src)
+        self.evict_bytes = evict_bytes()
+        self.scratch = torch.empty(self.evict_bytes, dtype=torch.uint8)
+        self.warm: list[float] = []
+        self.cold: list[float] = []
+
+    def _copy(self) -> float:
+        t0 = time.perf_counter()
+        self.dst.copy_(self.src)
+        return time.perf_counter() - t0
+
+    def measure(self) -> None:
+        self._copy()
+        self.warm.append(self._copy())
+        self.scratch.fill_(1)
+        self.cold.append(self._copy())
+
+    def close(self) -> None:
+        self.src = self.dst = self.scratch = None
+
+
+class Control:
+    """The prefill pod's side of a memory transfer's control plane: ``ClaimKV`` before the
+    first write, the one ``CompleteKV`` notice after the last (a decode pod's RPCs, served by
+    the receiver process: ``serve_control``)."""
+
+    def __init__(self, port: int) -> None:
+        import grpc
+
+        from tandem.proto.decode.v1 import decode_pb2_grpc
+
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.stub = decode_pb2_grpc.DecodeServiceStub(self.channel)
+
+    def claim(self, token: str) -> list[int]:
+        from tandem.proto.decode.v1 import decode_pb2
+
+        claim = self.stub.ClaimKV(
+            decode_pb2.ClaimKVRequest(
+                request_id="r", transfer_token=token, transport="shm", renews=True
+            ),
+            timeout=30,
+        )
+        return list(claim.block_ids[claim.first_block :])
+
+    def complete(self, token: str, writes: int) -> None:
+        from tandem.proto.common.v1 import common_pb2
+        from tandem.proto.decode.v1 import decode_pb2
+
+        end = common_pb2.KVTransferEnd(
+            request_id="r",
+            model_fingerprint="bench",
+            first_token_id=1,
+            transfer_token=token,
+            transport="shm",
+            total_chunks=writes,
+        )
+        self.stub.CompleteKV(decode_pb2.CompleteKVRequest(end=end), timeout=30)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
 def gather_scatter_seconds(kv, src_ids: list[int], dst_ids: list[int], group: int, repeats: int):
     """The memory transports' access pattern within this process: per layer group, gather the
     request's pages and scatter them into a local pool shaped like the receiver's."""
@@ -546,27 +719,45 @@ def memory_row(case: Case, name: str, args, kv, src_ids: list[int], host_bytes) 
             row["baseline_gb_s"], row["baseline_seconds"] = raw_tcp_gbs(
                 hello["raw"], host_bytes(), args.repeats
             )
-        else:
+        elif name != "shm":
             row["baseline_seconds"] = copy_seconds(kv, args.repeats)
             row["baseline_gb_s"] = nbytes / 1e9 / row["baseline_seconds"]
+        memcpy = None
+        if name == "shm":  # the baseline is timed before each transfer instead (``Memcpy``)
+            from tandem.transfer.shm_transport import copy_threads
+
+            row["copy_threads"] = copy_threads()
+            memcpy = Memcpy(kv)
+            row["evict_bytes"] = memcpy.evict_bytes
         row["gather_scatter_seconds"] = gather_scatter_seconds(
             kv, src_ids, destination_blocks(case, 0), args.layers_per_group, args.repeats
         )
         row["gather_scatter_gb_s"] = nbytes / 1e9 / row["gather_scatter_seconds"]
 
-        times = []
+        control = Control(hello["control"]) if "control" in hello else None
+        times, ends = [], []
         for transfer in range(args.repeats + 1):  # the first is a warm-up (checked like the rest)
             dst_ids = destination_blocks(case, transfer)
             receiver.ask(op="clear")
+            token = receiver.ask(op="expect", dst_ids=dst_ids)["token"] if control else None
+            if memcpy is not None and transfer > 0:
+                memcpy.measure()
             if cuda:
                 torch.cuda.synchronize(kv.device)
             row["transfers"] += 1
-            start = time.perf_counter()
+            t0 = time.perf_counter()
             try:
+                if control:  # the claim names the blocks to write, as in a pod
+                    dst_ids = control.claim(token)
+                start = time.perf_counter()
                 queued = memory_transfer(writer, kv, src_ids, dst_ids, args.layers_per_group)
                 if cuda:  # flush has waited for the copies; make sure nothing is left queued
                     torch.cuda.synchronize(kv.device)
                 elapsed = time.perf_counter() - start
+                if control:
+                    control.complete(token, writes=-(-kv.shape[0] // args.layers_per_group))
+                    if transfer > 0:
+                        ends.append((start - t0, elapsed, time.perf_counter() - start - elapsed))
             except Exception as exc:  # KVTransferError or a transport bug: count it, go on
                 row["failed_transfers"] += 1
                 row["errors"].append(f"transfer {transfer}: {type(exc).__name__}: {exc}")
@@ -581,11 +772,32 @@ def memory_row(case: Case, name: str, args, kv, src_ids: list[int], host_bytes) 
                 row["failed_transfers"] += 1
             elif transfer > 0:
                 times.append(elapsed)
+        if (
+            memcpy is not None and memcpy.warm
+        ):  # medians, as the transfers', and the best, of the same runs
+            row["baseline_seconds"] = statistics.median(memcpy.warm)
+            row["baseline_gb_s"] = nbytes / 1e9 / row["baseline_seconds"]
+            row["baseline_best_seconds"] = min(memcpy.warm)
+            row["cold_memcpy_seconds"] = statistics.median(memcpy.cold)
+            row["cold_memcpy_gb_s"] = nbytes / 1e9 / row["cold_memcpy_seconds"]
+            row["cold_memcpy_best_seconds"] = min(memcpy.cold)
+            memcpy.close()
         if times:
             row["seconds"] = statistics.median(times)
             row["best_seconds"] = min(times)
             row["gb_s"] = nbytes / 1e9 / row["seconds"]
             row["ratio"] = row["gb_s"] / row["baseline_gb_s"]
+            if "cold_memcpy_gb_s" in row:
+                row["ratio_cold"] = row["gb_s"] / row["cold_memcpy_gb_s"]
+                row["ratio_best"] = row["baseline_best_seconds"] / row["best_seconds"]
+        if ends and len(ends) == len(times):  # end to end: claim + writes + completion notice
+            row["claim_ms"] = statistics.median(e[0] for e in ends) * 1e3
+            row["complete_ms"] = statistics.median(e[2] for e in ends) * 1e3
+            row["e2e_seconds"] = statistics.median(sum(e) for e in ends)
+            row["e2e_gb_s"] = nbytes / 1e9 / row["e2e_seconds"]
+            row["e2e_ratio"] = row["e2e_gb_s"] / row["baseline_gb_s"]
+        if control:
+            control.close()
     except Exception as exc:  # the receiver or the mapping failed: report it as this row's error
         row["errors"].append(f"{type(exc).__name__}: {exc}")
     finally:
@@ -788,7 +1000,60 @@ def main() -> None:
         ],
         table,
     )
-    print("grpc xN: N parallel PushKV streams; GB/s: median transfer; baselines: best copy")
+    print(
+        "grpc xN: N parallel PushKV streams; GB/s: median transfer; baselines: best copy "
+        "(shm: the median memcpy timed before each transfer, details below)"
+    )
+    shm = [r for r in rows if r["transport"] == "shm" and "gb_s" in r]
+    if shm:
+        print()
+        print_table(
+            [
+                "shm",
+                "tokens",
+                "MiB",
+                "writes GB/s",
+                "end-to-end GB/s",
+                "claim ms",
+                "complete ms",
+                "memcpy GB/s (warm)",
+                "memcpy GB/s (cold)",
+                "writes/warm",
+                "writes/cold",
+                "e2e/warm",
+                "best writes/best warm",
+                "threads",
+            ],
+            [
+                [
+                    r["shape"],
+                    r["tokens"],
+                    r["bytes"] / 2**20,
+                    r["gb_s"],
+                    num(r, "e2e_gb_s"),
+                    num(r, "claim_ms"),
+                    num(r, "complete_ms"),
+                    r["baseline_gb_s"],
+                    num(r, "cold_memcpy_gb_s"),
+                    r["ratio"],
+                    num(r, "ratio_cold"),
+                    num(r, "e2e_ratio"),
+                    num(r, "ratio_best"),
+                    num(r, "copy_threads"),
+                ]
+                for r in shm
+            ],
+        )
+        print(
+            "shm: writes = the data plane (the layer groups' page copies into the decode pool); "
+            "end-to-end adds the ClaimKV round trip before them and the CompleteKV notice after "
+            "(loopback gRPC to the receiver process). memcpy: one copy of the same bytes in "
+            "this process, timed right before each transfer; warm: after a copy of the same "
+            "buffers, so a buffer (MiB) smaller than the last-level cache copies from the cache, "
+            "as a transfer of few MiB may; cold: after writing "
+            f"{num(shm[0], 'evict_bytes')} bytes of scratch (caches emptied, as for a pool larger "
+            "than the cache). Medians of the timed transfers, except the best/best column."
+        )
     print(f"wrote {path}")
     if any(r["failed_transfers"] or r["errors"] or "gb_s" not in r for r in rows):
         sys.exit(1)

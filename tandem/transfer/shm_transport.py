@@ -5,18 +5,28 @@ The decode pod's engine core allocates its KV pool in a file under /dev/shm
 see the same pages. A prefill pod's write copies from its pool into the mapping: when it returns
 the pages are in the decode pod's memory (no flush).
 
-A write moves pages, not blocks: a page is one layer's K or V for one block, contiguous on both
-sides. The pages of a write are gathered and scattered with numpy fancy indexing (one C loop of
-row copies, the GIL released) split over a few threads; a Python loop of per-block tensor
-copies spent most of its time in per-call overhead (bench/NOTES.md, "KV data plane").
+A write moves pages: a page is one layer's K or V for one block, contiguous on both sides.
+Its pages are copied one block (or one run of consecutive blocks on both sides) at a time, for
+all of the write's layers at once: one strided numpy slice assignment per run, one pass over the
+bytes (the GIL released), the runs split over the process's copy threads (``copy_threads``).
+Earlier versions gathered pages into a temporary and scattered them out of it (every byte read
+and written twice), or looped over per-block, per-layer torch copies (mostly per-call overhead);
+bench/NOTES.md, "KV data plane", has the figures.
 
 Page faults: the owner allocates its whole pool at start (``kv_cache.prefault``), and a writer
 maps every page of it into its own address space on a background thread as soon as it maps
 the pool (``ShmPoolWriter.populated``). Writes meanwhile fault pages in one by one, ~3x slower.
+Where the pool's file system may hold it in huge pages, the writer's mapping asks for them
+(``advise_hugepages``), which saves TLB misses on a pool of many GiB.
 """
 
+import ctypes
+import errno
+import itertools
 import logging
+import math
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -42,38 +52,88 @@ POOL_FILE_PREFIX = "tandem-kv-"
 
 PARALLEL_MIN_BYTES = 2 << 20
 """A write smaller than this copies on the calling thread (a hand-off costs more than it saves)."""
-MAX_COPY_THREADS = 4
-CHUNK_BYTES = 256 << 10
-"""Pages gathered at a time (see ``copy_pages``)."""
+MAX_COPY_THREADS = 16
+"""Copy threads at most (memory bandwidth saturates well before; see ``copy_threads``)."""
+
+_MADV_HUGEPAGE = 14
+_PAGE = 4096
 
 _copy_pool: tuple[ThreadPoolExecutor, int] | None = None
 _copy_pool_lock = threading.Lock()
 
 
-def _copy_threads() -> tuple[ThreadPoolExecutor, int]:
-    """The process's copy threads and their number (shared by every writer, made on first use)."""
+def _cgroup_cpus(path: str = "/sys/fs/cgroup/cpu.max") -> float | None:
+    """The CPUs this process's cgroup (v2) may use, or None where it sets no quota."""
+    try:
+        with open(path) as f:
+            quota, period = f.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
+def copy_threads() -> int:
+    """How many threads copy pages: the CPUs this process may run on (its affinity, and its
+    cgroup's CPU quota where one is set: a pod limited to 4 CPUs of a 64-core node gets 4), at
+    most ``MAX_COPY_THREADS``. A write runs on the engine thread between layer groups and waits
+    for its copies: the threads do not compete with the forward."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_cpus()
+    if quota is not None:
+        cpus = min(cpus, max(1, math.ceil(quota)))
+    return max(1, min(MAX_COPY_THREADS, cpus))
+
+
+def _copy_threads() -> tuple[ThreadPoolExecutor | None, int]:
+    """The process's copy threads (shared by every writer, made when the first writer opens,
+    all started at once: a transfer never pays for starting one) and how many threads copy:
+    those plus the writing thread itself."""
     global _copy_pool
     with _copy_pool_lock:
         if _copy_pool is None:
-            workers = max(1, min(MAX_COPY_THREADS, torch.get_num_threads(), os.cpu_count() or 1))
-            pool = ThreadPoolExecutor(workers, thread_name_prefix="tandem-shm-copy")
+            workers = copy_threads()
+            pool = None
+            if workers > 1:
+                pool = ThreadPoolExecutor(workers - 1, thread_name_prefix="tandem-shm-copy")
+                started = threading.Barrier(workers - 1)
+                for future in [pool.submit(started.wait, 5.0) for _ in range(workers - 1)]:
+                    try:
+                        future.result()
+                    except threading.BrokenBarrierError:  # not all started in time: later then
+                        pass
             _copy_pool = (pool, workers)
         return _copy_pool
 
 
-def _page_rows(pool: torch.Tensor) -> np.ndarray:
-    """``pool`` ([layers, 2, blocks, ...], contiguous) as a numpy array of one row per page, in
-    an integer dtype of the same width (numpy has no bfloat16; bytes are bytes)."""
+def _block_view(pool: torch.Tensor) -> np.ndarray:
+    """``pool`` ([layers, 2, blocks, ...], contiguous) as a numpy array ``[layers, 2, blocks,
+    page]`` of an integer dtype of the same width (numpy has no bfloat16; bytes are bytes)."""
     layers, kv, blocks = pool.shape[:3]
     ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[pool.element_size()]
-    return pool.view(layers * kv * blocks, -1).view(ints).numpy()
+    return pool.view(layers, kv, blocks, -1).view(ints).numpy()
 
 
-def _row_ids(block_ids: np.ndarray, layers: tuple[int, int], kv: int, blocks: int) -> np.ndarray:
-    """Page rows of ``block_ids`` for layers ``[l0, l1)`` in a pool of ``blocks`` blocks."""
-    l0, l1 = layers
-    planes = np.arange(l0 * kv, l1 * kv, dtype=np.int64)[:, None] * blocks
-    return (planes + block_ids[None, :]).reshape(-1)
+def _runs(s_ids: np.ndarray, d_ids: np.ndarray, parts: int) -> list[list[tuple[int, int, int]]]:
+    """``s_ids``/``d_ids`` cut into runs ``(src block, dst block, length)`` of blocks
+    consecutive on both sides, in ``parts`` lists of about the same number of blocks (a run that
+    spans two parts is cut in two)."""
+    n = len(s_ids)
+    if n == 0:
+        return [[] for _ in range(parts)]
+    bounds = np.linspace(0, n, parts + 1).astype(np.int64)
+    is_start = np.empty(n, dtype=bool)
+    is_start[0] = True
+    np.logical_or(np.diff(s_ids) != 1, np.diff(d_ids) != 1, out=is_start[1:])
+    is_start[bounds[:-1]] = True
+    starts = np.flatnonzero(is_start)
+    ends = np.append(starts[1:], n)
+    # The first run of each part (a part's first block is always a run's start).
+    cuts = [0, *np.searchsorted(starts, bounds[1:-1]).tolist(), len(starts)]
+    s0, d0, k = s_ids[starts].tolist(), d_ids[starts].tolist(), (ends - starts).tolist()
+    return [list(zip(s0[a:b], d0[a:b], k[a:b], strict=True)) for a, b in itertools.pairwise(cuts)]
 
 
 def copy_pages(
@@ -83,35 +143,102 @@ def copy_pages(
     (both CPU pools [layers, 2, blocks, ...] with pages of one size). Returns the bytes copied."""
     if src.dtype.itemsize != dst.dtype.itemsize or src.shape[3:] != dst.shape[3:]:
         raise ValueError("source and destination pools differ in page shape")
-    kv = src.shape[1]
+    l0, l1 = layers
     s_ids = np.asarray(src_ids, dtype=np.int64)
     d_ids = np.asarray(dst_ids, dtype=np.int64)
-    s_rows = _row_ids(s_ids, layers, kv, src.shape[2])
-    d_rows = _row_ids(d_ids, layers, kv, dst.shape[2])
+    for ids, pool in ((s_ids, src), (d_ids, dst)):
+        # A slice would wrap a negative id around (another block written): refused here too.
+        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= pool.shape[2]):
+            raise ValueError(f"block ids outside the pool's {pool.shape[2]} blocks")
+    if len(s_ids) != len(d_ids):
+        raise ValueError("source and destination block lists differ in length")
     if not src.is_contiguous():
         src = src.contiguous()  # never the case for an engine's pool; correct all the same
-    s_pages, d_pages = _page_rows(src), _page_rows(dst)
-    nbytes = len(s_rows) * s_pages.shape[1] * s_pages.itemsize
+    s_pages, d_pages = _block_view(src)[l0:l1], _block_view(dst)[l0:l1]
+    nbytes = s_pages.shape[0] * s_pages.shape[1] * len(s_ids) * s_pages.shape[3] * s_pages.itemsize
 
-    # Fancy indexing gathers into a temporary before it scatters: a few pages at a time keep
-    # that temporary in cache.
-    step = max(1, CHUNK_BYTES // (s_pages.shape[1] * s_pages.itemsize))
-
-    def part(lo: int, hi: int) -> None:
-        for a in range(lo, hi, step):
-            b = min(a + step, hi)
-            d_pages[d_rows[a:b]] = s_pages[s_rows[a:b]]
+    def part(runs: list[tuple[int, int, int]]) -> None:
+        # One pass: every layer's K and V page of the run, strided on both sides.
+        for s, d, k in runs:
+            d_pages[:, :, d : d + k] = s_pages[:, :, s : s + k]
 
     threads, workers = _copy_threads()
-    parts = min(workers, max(1, nbytes // PARALLEL_MIN_BYTES), len(s_rows))
-    if parts <= 1:
-        part(0, len(s_rows))
+    parts = min(workers, max(1, nbytes // PARALLEL_MIN_BYTES), max(1, len(s_ids)))
+    split = _runs(s_ids, d_ids, parts)
+    if parts <= 1 or threads is None:
+        part(split[0])
     else:
-        bounds = np.linspace(0, len(s_rows), parts + 1).astype(int).tolist()
-        futures = [threads.submit(part, a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
+        futures = [threads.submit(part, runs) for runs in split[1:]]
+        part(split[0])  # the calling thread copies its share too
         for future in futures:
             future.result()
     return nbytes
+
+
+def _mount_huge_option(path: str, mounts: str = "/proc/mounts") -> str:
+    """The ``huge=`` option of the tmpfs holding ``path`` (``never`` when not a tmpfs or not
+    said), as ``/proc/mounts`` tells."""
+    best, option = "", "never"
+    try:
+        with open(mounts) as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 4:
+                    continue
+                where, kind, opts = fields[1], fields[2], fields[3]
+                if (path == where or path.startswith(where.rstrip("/") + "/")) and len(where) > len(
+                    best
+                ):
+                    best = where
+                    huge = [o.split("=", 1)[1] for o in opts.split(",") if o.startswith("huge=")]
+                    option = huge[0] if kind == "tmpfs" and huge else "never"
+    except OSError:
+        pass
+    return option
+
+
+def hugepages_possible(
+    path: str,
+    shmem_enabled: str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled",
+    mounts: str = "/proc/mounts",
+) -> bool:
+    """The kernel may back the shared-memory file ``path`` with huge pages: its tmpfs is
+    mounted ``huge=always|within_size|advise``, or ``shmem_enabled`` forces them."""
+    try:
+        with open(shmem_enabled) as f:
+            setting = f.read()
+    except OSError:
+        return False
+    if "[force]" in setting:
+        return True
+    if "[deny]" in setting:
+        return False
+    return _mount_huge_option(path, mounts) in ("always", "within_size", "advise")
+
+
+def advise_hugepages(tensor: torch.Tensor, path: str) -> bool:
+    """``madvise(MADV_HUGEPAGE)`` on the mapping of a pool file where its file system may hold
+    it in huge pages (fewer TLB misses). Best effort: False (logged at debug) where it cannot."""
+    if not sys.platform.startswith("linux") or not hugepages_possible(path):
+        logger.debug("huge pages are not possible for %s; not advised", path)
+        return False
+    addr = tensor.data_ptr()
+    start = addr - addr % _PAGE  # the mapping's start (the kernel aligns it for huge pages)
+    end = addr + tensor.numel() * tensor.element_size()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        failed = libc.madvise(start, end - start, _MADV_HUGEPAGE) != 0
+    except (OSError, AttributeError) as exc:
+        logger.debug("madvise is not available: %s", exc)
+        return False
+    if failed:
+        err = ctypes.get_errno()
+        logger.debug(
+            "madvise(MADV_HUGEPAGE) on %s failed: %s", path, os.strerror(err or errno.EINVAL)
+        )
+        return False
+    return True
 
 
 class _Payload(msgspec.Struct, frozen=True):
@@ -197,6 +324,8 @@ class ShmPoolWriter(PoolWriter):
         self.populated = threading.Event()
         """Set once every page of the pool is mapped here (or that is not done: see below)."""
         path = _path(descriptor)
+        advise_hugepages(self.pool, path)  # before the pages are mapped here
+        _copy_threads()  # started now, not by the first transfer
         nbytes = self.pool.numel() * self.pool.element_size()
         if os.stat(path).st_blocks * 512 >= nbytes:
             threading.Thread(

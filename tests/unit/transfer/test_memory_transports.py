@@ -180,13 +180,12 @@ def test_a_descriptor_cannot_point_the_writer_outside_the_pool_files(decode_pool
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("threaded", [False, True])
 def test_page_copies_move_exactly_the_named_pages(dtype, threaded, monkeypatch):
-    """shm's page copy (numpy row gathers, chunked, over threads) against a per-block reference:
-    shuffled and consecutive ids, a layer range, every other page untouched."""
+    """shm's page copy (runs of blocks, over threads) against a per-block reference: shuffled
+    and consecutive ids, a layer range, every other page untouched."""
     from tandem.transfer import shm_transport
 
-    if threaded:  # every write splits over the copy threads, a page or two per chunk
+    if threaded:  # every write splits over the copy threads
         monkeypatch.setattr(shm_transport, "PARALLEL_MIN_BYTES", 1)
-        monkeypatch.setattr(shm_transport, "CHUNK_BYTES", 1)
     g = torch.Generator().manual_seed(3)
     src = torch.randn((6, 2, 10, 4, 2, 8), generator=g).to(dtype)
     for src_ids, dst_ids, layers in [
