@@ -538,15 +538,22 @@ def tandem_offline(
     assert sum(len(o.outputs[0].token_ids) for o in outs) == wanted
     if on_cuda:
         torch.cuda.synchronize()
-    # A step's time: its device span on CUDA; on the CPU (where launch computes the step) the
-    # wall time from its launch, or the step before's tokens, to its tokens.
+    # A step's time: on CUDA its span on the stream, between events recorded before and after
+    # its launch: device time plus any time the GPU sat waiting for the host to queue the
+    # step's kernels (host work is not overlapped then: the floor cannot tell which). On the
+    # CPU (where launch computes the step) the wall time from its launch, or the step before's
+    # tokens, to its tokens.
     steps, last_end = [], 0.0
     for starts, new, sampled, prefill_rows, events, start, end in ran:
         took = events[0].elapsed_time(events[1]) / 1e3 if events else end - max(start, last_end)
         steps.append(StepRecord(starts, new, sampled, prefill_rows, took))
         last_end = end
     roofline = summarize(model_cost(llm.engine), steps, *rates, wanted, seconds)
-    roofline["step_time"] = "cuda events" if on_cuda else "launch to tokens"
+    roofline["step_time"] = (
+        "stream span around the launch (device time + GPU waiting on the host)"
+        if on_cuda
+        else "launch to tokens"
+    )
     print("\n".join(format_summary(roofline)), flush=True)
     print(f"tandem (async {async_mode}): {wanted} tokens in {seconds:.1f} s", flush=True)
     return {"seconds": seconds, "tok_s": wanted / seconds, "timing": timing, "roofline": roofline}

@@ -37,7 +37,11 @@ class MPSDaemon:
         (self.dir / "pipe").mkdir()
         (self.dir / "log").mkdir()
         env = self._env()
-        subprocess.run([self.exe, "-d"], env=env, check=True, timeout=30)
+        try:
+            subprocess.run([self.exe, "-d"], env=env, check=True, timeout=30)
+        except (subprocess.SubprocessError, OSError) as exc:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise SystemExit(f"--mps: the MPS control daemon did not start: {exc}") from None
         for name in _ENV:
             self._saved[name] = os.environ.get(name)
             os.environ[name] = env[name]
@@ -63,6 +67,7 @@ class MPSDaemon:
         while (self.dir / "pipe" / "control").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         print(self.log_tail(), flush=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
         for name, value in self._saved.items():
             if value is None:
                 os.environ.pop(name, None)

@@ -474,8 +474,9 @@ def main() -> None:
     ap.add_argument(
         "--mps",
         action="store_true",
-        help="run every mode under a CUDA MPS control daemon of its own (bench/mps.py): the "
-        "workers sharing the GPU run their kernels concurrently instead of time-slicing it",
+        help="run the modes under a CUDA MPS control daemon private to this run (bench/mps.py; "
+        "one for all modes, not for --offline): the workers sharing the GPU run their kernels "
+        "concurrently instead of time-slicing it",
     )
     ap.add_argument("--slo-ttft-ms", type=float, default=None)
     ap.add_argument("--slo-tpot-ms", type=float, default=None)
@@ -553,7 +554,9 @@ def main() -> None:
                     )
                     kv_after = kv_transport_bytes(cluster)
                     results[mode]["kv_transport_bytes"] = {
-                        k: v - kv_before.get(k, 0.0) for k, v in kv_after.items()
+                        # A pod restarted mid-run resets its counters: never below zero.
+                        k: max(0.0, v - kv_before.get(k, 0.0))
+                        for k, v in kv_after.items()
                     }
                     if results[mode]["kv_transport_bytes"]:
                         moved = results[mode]["kv_transport_bytes"]

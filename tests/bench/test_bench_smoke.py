@@ -222,10 +222,9 @@ def test_engine_bench_offline_compares_async_modes_and_transformers(tmp_path):
     ] == [(True, True), (False, False)]
     assert row["output_tokens"] > 6 and row["hf_generate_output_tokens"] >= row["output_tokens"]
     assert row["tandem_over_hf_generate_tok_s"] > 0
-    # The run against its per-step roofline floor: every step in a group, each group with a floor.
+    # The run against its per-step roofline floor: each group that ran with a floor.
     roof = row["tandem_roofline"]
     groups = roof["groups"]
-    assert sum(g["steps"] for g in groups.values()) == runs["scheduling"]["timing"]["steps"]
     assert (
         groups["prefill-containing"]["steps"] >= 1 and groups["decode <= 64 seqs (tail)"]["steps"]
     )

@@ -12,6 +12,7 @@ import grpc
 import httpx
 import pytest
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.local_cluster import pod_stats
 from tandem.api import cluster_auth
@@ -510,13 +511,32 @@ def test_a_decode_pod_stopped_by_sigterm_finishes_its_streams_and_takes_no_new_o
             "ignore_eos": True,
             "stream_options": {"include_usage": True},
         }
-        serving, lines = interrupt_a_stream(
-            cluster, body, lambda proc: proc.send_signal(signal.SIGTERM)
+        drained_live: list[bool] = []
+
+        def sigterm(proc) -> None:
+            """SIGTERM, then see the pod draining (health NOT_SERVING) with the stream still
+            running: the drain must have a live stream to finish, or the test proves nothing."""
+            proc.send_signal(signal.SIGTERM)
+            pod = next(p for p in cluster.pods("decode") if p.proc is proc)
+            deadline = time.monotonic() + 10
+            with grpc.insecure_channel(pod.address) as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                while time.monotonic() < deadline:
+                    status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                    if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                        drained_live.append(pod_stats(pod).num_running >= 1)
+                        return
+                    time.sleep(0.01)
+
+        serving, lines = interrupt_a_stream(cluster, body, sigterm)
+        assert drained_live == [True], (
+            "the pod never reported NOT_SERVING"
+            if not drained_live
+            else "the stream ended before the pod began draining"
         )
         assert lines[-1] == "data: [DONE]"
         rest = [json.loads(line[len("data: ") :]) for line in lines[:-1]]
         assert not any("error" in event for event in rest), "".join(list(cluster.log)[-40:])
-        assert any(event["choices"] for event in rest), "the stream ended before the SIGTERM"
         assert rest[-1]["usage"]["completion_tokens"] == max_tokens
         assert serving.proc.wait(timeout=30) == 0  # it exits by itself once drained
         assert_router_serves_with_one_decode_pod(cluster)
