@@ -19,6 +19,7 @@ from tandem.model_dir import ModelConfig
 
 logger = logging.getLogger(__name__)
 
+_MADV_HUGEPAGE = 14
 _MADV_POPULATE_WRITE = 23
 """Linux 5.14+: fault every page of a range in, writable, now (madvise(2))."""
 _PAGE = 4096
@@ -56,6 +57,73 @@ def prefault(tensor: torch.Tensor) -> bool:
             return False
         # ENOMEM, EFAULT (the file system is full), EHWPOISON: the memory is not there.
         raise OSError(err, f"pre-faulting {length} bytes failed: {os.strerror(err)}")
+    return True
+
+
+def _mount_huge_option(path: str, mounts: str = "/proc/mounts") -> str:
+    """The ``huge=`` option of the tmpfs holding ``path`` (``never`` when not a tmpfs or not
+    said), as ``/proc/mounts`` tells: the longest mount point holding the path decides."""
+    best, option = "", "never"
+    try:
+        with open(mounts) as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 4:
+                    continue
+                where, kind, opts = fields[1], fields[2], fields[3]
+                holds = path == where or path.startswith(where.rstrip("/") + "/")
+                if holds and len(where) > len(best):
+                    best = where
+                    huge = [o.split("=", 1)[1] for o in opts.split(",") if o.startswith("huge=")]
+                    option = huge[0] if kind == "tmpfs" and huge else "never"
+    except OSError:
+        pass
+    return option
+
+
+def hugepages_on_advice(
+    path: str,
+    shmem_enabled: str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled",
+    mounts: str = "/proc/mounts",
+) -> bool:
+    """The kernel holds the shared-memory file ``path`` in huge pages only where its mapping
+    asks (``madvise(MADV_HUGEPAGE)``): its tmpfs is mounted ``huge=advise``, and the kernel
+    neither forces nor denies huge pages on every tmpfs (``shmem_enabled``). Where the mount says
+    ``always`` or ``within_size`` the pages are huge without asking; ``never``: not at all."""
+    try:
+        with open(shmem_enabled) as f:
+            setting = f.read()
+    except OSError:  # a kernel without transparent huge pages
+        return False
+    if "[force]" in setting or "[deny]" in setting:
+        return False
+    return _mount_huge_option(path, mounts) == "advise"
+
+
+def advise_hugepages(tensor: torch.Tensor, path: str) -> bool:
+    """Ask for huge pages (``madvise(MADV_HUGEPAGE)``) on the mapping of a pool file whose tmpfs
+    gives them on advice only (``hugepages_on_advice``): fewer TLB misses on a pool of many GiB.
+    The owner asks before it pre-faults the pool: pages already there stay as they are. Best
+    effort: False (logged at debug) where it does not or cannot."""
+    if not sys.platform.startswith("linux") or not hugepages_on_advice(path):
+        logger.debug("%s is not on a huge=advise tmpfs; huge pages not asked for", path)
+        return False
+    addr = tensor.data_ptr()
+    start = addr - addr % _PAGE  # the mapping's start (the kernel aligns it for huge pages)
+    end = addr + tensor.numel() * tensor.element_size()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        failed = libc.madvise(start, end - start, _MADV_HUGEPAGE) != 0
+    except (OSError, AttributeError) as exc:
+        logger.debug("madvise is not available: %s", exc)
+        return False
+    if failed:
+        err = ctypes.get_errno()
+        logger.debug(
+            "madvise(MADV_HUGEPAGE) on %s failed: %s", path, os.strerror(err or errno.EINVAL)
+        )
+        return False
     return True
 
 
@@ -126,6 +194,7 @@ class PagedKVCache:
                 pass
             self.tensor = torch.from_file(self.path, shared=True, size=numel, dtype=spec.dtype)
             self.tensor = self.tensor.view(shape)
+            advise_hugepages(self.tensor, self.path)  # before any page exists: huge from the start
             try:
                 prefault(self.tensor)  # the whole pool allocated now, by its owner
             except OSError as exc:  # e.g. another pod took the room since the check above

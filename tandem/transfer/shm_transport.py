@@ -16,19 +16,17 @@ bench/NOTES.md, "KV data plane", has the figures.
 Page faults: the owner allocates its whole pool at start (``kv_cache.prefault``), and a writer
 maps every page of it into its own address space on a background thread as soon as it maps
 the pool (``ShmPoolWriter.populated``). Writes meanwhile fault pages in one by one, ~3x slower.
-Where the pool's file system may hold it in huge pages, the writer's mapping asks for them
-(``advise_hugepages``), which saves TLB misses on a pool of many GiB.
+Huge pages are the owner's business: where /dev/shm gives them on advice only (``huge=advise``)
+the owner asks for them before it pre-faults (``kv_cache.advise_hugepages``); a writer maps the
+pages as they are.
 """
 
-import ctypes
-import errno
 import itertools
 import logging
 import math
 import os
-import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import msgspec
 import numpy as np
@@ -55,28 +53,42 @@ PARALLEL_MIN_BYTES = 2 << 20
 MAX_COPY_THREADS = 16
 """Copy threads at most (memory bandwidth saturates well before; see ``copy_threads``)."""
 
-_MADV_HUGEPAGE = 14
-_PAGE = 4096
-
-_copy_pool: tuple[ThreadPoolExecutor, int] | None = None
+_copy_pool: tuple[ThreadPoolExecutor | None, int] | None = None
+"""The copy threads (None where the writing thread copies alone) and how many threads copy."""
 _copy_pool_lock = threading.Lock()
 
 
-def _cgroup_cpus(path: str = "/sys/fs/cgroup/cpu.max") -> float | None:
-    """The CPUs this process's cgroup (v2) may use, or None where it sets no quota."""
+def _quota(quota: int, period: int) -> float | None:
+    return None if quota < 0 or period <= 0 else quota / period
+
+
+def _cgroup_cpus(root: str = "/sys/fs/cgroup") -> float | None:
+    """The CPUs this process's cgroup may use, or None where it sets no quota: cgroup v2's
+    ``cpu.max`` (``max 100000`` is none), else cgroup v1's ``cpu/cpu.cfs_quota_us`` over
+    ``cpu/cpu.cfs_period_us`` (a quota of -1 is none)."""
     try:
-        with open(path) as f:
+        with open(os.path.join(root, "cpu.max")) as f:
             quota, period = f.read().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
+        return None if quota == "max" else _quota(int(quota), int(period))
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(os.path.join(root, "cpu", "cpu.cfs_quota_us")) as f:
+            quota = int(f.read())
+        with open(os.path.join(root, "cpu", "cpu.cfs_period_us")) as f:
+            period = int(f.read())
+        return _quota(quota, period)
     except (OSError, ValueError):
         return None
 
 
 def copy_threads() -> int:
     """How many threads copy pages: the CPUs this process may run on (its affinity, and its
-    cgroup's CPU quota where one is set: a pod limited to 4 CPUs of a 64-core node gets 4), at
-    most ``MAX_COPY_THREADS``. A write runs on the engine thread between layer groups and waits
-    for its copies: the threads do not compete with the forward."""
+    cgroup's CPU quota where one is set, v2 or v1: a pod limited to 4 CPUs of a 64-core node gets
+    4), no more than torch's own thread setting (``torch.get_num_threads()``, which follows
+    ``OMP_NUM_THREADS`` and ``torch.set_num_threads``), and at most ``MAX_COPY_THREADS``. A write
+    runs on the engine thread between layer groups and waits for its copies: the threads do not
+    compete with the forward."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
@@ -84,13 +96,13 @@ def copy_threads() -> int:
     quota = _cgroup_cpus()
     if quota is not None:
         cpus = min(cpus, max(1, math.ceil(quota)))
-    return max(1, min(MAX_COPY_THREADS, cpus))
+    return max(1, min(MAX_COPY_THREADS, cpus, torch.get_num_threads()))
 
 
 def _copy_threads() -> tuple[ThreadPoolExecutor | None, int]:
     """The process's copy threads (shared by every writer, made when the first writer opens,
-    all started at once: a transfer never pays for starting one) and how many threads copy:
-    those plus the writing thread itself."""
+    each handed a no-op so that it starts now, not waited for) and how many threads copy: those
+    plus the writing thread itself. ``(None, 1)`` where one thread copies alone."""
     global _copy_pool
     with _copy_pool_lock:
         if _copy_pool is None:
@@ -98,12 +110,8 @@ def _copy_threads() -> tuple[ThreadPoolExecutor | None, int]:
             pool = None
             if workers > 1:
                 pool = ThreadPoolExecutor(workers - 1, thread_name_prefix="tandem-shm-copy")
-                started = threading.Barrier(workers - 1)
-                for future in [pool.submit(started.wait, 5.0) for _ in range(workers - 1)]:
-                    try:
-                        future.result()
-                    except threading.BrokenBarrierError:  # not all started in time: later then
-                        pass
+                for _ in range(workers - 1):
+                    pool.submit(int)
             _copy_pool = (pool, workers)
         return _copy_pool
 
@@ -136,6 +144,13 @@ def _runs(s_ids: np.ndarray, d_ids: np.ndarray, parts: int) -> list[list[tuple[i
     return [list(zip(s0[a:b], d0[a:b], k[a:b], strict=True)) for a, b in itertools.pairwise(cuts)]
 
 
+def _copy_runs(s_pages: np.ndarray, d_pages: np.ndarray, runs: list[tuple[int, int, int]]) -> None:
+    """One part of a write: every layer's K and V page of each run, strided on both sides, in one
+    pass (numpy releases the GIL)."""
+    for s, d, k in runs:
+        d_pages[:, :, d : d + k] = s_pages[:, :, s : s + k]
+
+
 def copy_pages(
     src: torch.Tensor, dst: torch.Tensor, src_ids, dst_ids, layers: tuple[int, int]
 ) -> int:
@@ -152,93 +167,32 @@ def copy_pages(
             raise ValueError(f"block ids outside the pool's {pool.shape[2]} blocks")
     if len(s_ids) != len(d_ids):
         raise ValueError("source and destination block lists differ in length")
+    if len(np.unique(d_ids)) != len(d_ids):
+        # Two threads could write one page at once (torn); one write must name a page once.
+        raise ValueError("a destination block is named twice")
     if not src.is_contiguous():
         src = src.contiguous()  # never the case for an engine's pool; correct all the same
     s_pages, d_pages = _block_view(src)[l0:l1], _block_view(dst)[l0:l1]
     nbytes = s_pages.shape[0] * s_pages.shape[1] * len(s_ids) * s_pages.shape[3] * s_pages.itemsize
-
-    def part(runs: list[tuple[int, int, int]]) -> None:
-        # One pass: every layer's K and V page of the run, strided on both sides.
-        for s, d, k in runs:
-            d_pages[:, :, d : d + k] = s_pages[:, :, s : s + k]
-
     threads, workers = _copy_threads()
     parts = min(workers, max(1, nbytes // PARALLEL_MIN_BYTES), max(1, len(s_ids)))
     split = _runs(s_ids, d_ids, parts)
     if parts <= 1 or threads is None:
-        part(split[0])
-    else:
-        futures = [threads.submit(part, runs) for runs in split[1:]]
-        part(split[0])  # the calling thread copies its share too
-        for future in futures:
-            future.result()
+        for runs in split:
+            _copy_runs(s_pages, d_pages, runs)
+        return nbytes
+    futures: list[Future] = []
+    try:
+        for runs in split[1:]:
+            futures.append(threads.submit(_copy_runs, s_pages, d_pages, runs))
+        _copy_runs(s_pages, d_pages, split[0])  # the calling thread copies its share too
+    finally:
+        # Every part stops before this returns or raises: a failed write is aborted and its
+        # blocks may be reused at once, so no thread may still be writing into them.
+        wait(futures)
+    for future in futures:
+        future.result()  # the first part's error, if one failed
     return nbytes
-
-
-def _mount_huge_option(path: str, mounts: str = "/proc/mounts") -> str:
-    """The ``huge=`` option of the tmpfs holding ``path`` (``never`` when not a tmpfs or not
-    said), as ``/proc/mounts`` tells."""
-    best, option = "", "never"
-    try:
-        with open(mounts) as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) < 4:
-                    continue
-                where, kind, opts = fields[1], fields[2], fields[3]
-                if (path == where or path.startswith(where.rstrip("/") + "/")) and len(where) > len(
-                    best
-                ):
-                    best = where
-                    huge = [o.split("=", 1)[1] for o in opts.split(",") if o.startswith("huge=")]
-                    option = huge[0] if kind == "tmpfs" and huge else "never"
-    except OSError:
-        pass
-    return option
-
-
-def hugepages_possible(
-    path: str,
-    shmem_enabled: str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled",
-    mounts: str = "/proc/mounts",
-) -> bool:
-    """The kernel may back the shared-memory file ``path`` with huge pages: its tmpfs is
-    mounted ``huge=always|within_size|advise``, or ``shmem_enabled`` forces them."""
-    try:
-        with open(shmem_enabled) as f:
-            setting = f.read()
-    except OSError:
-        return False
-    if "[force]" in setting:
-        return True
-    if "[deny]" in setting:
-        return False
-    return _mount_huge_option(path, mounts) in ("always", "within_size", "advise")
-
-
-def advise_hugepages(tensor: torch.Tensor, path: str) -> bool:
-    """``madvise(MADV_HUGEPAGE)`` on the mapping of a pool file where its file system may hold
-    it in huge pages (fewer TLB misses). Best effort: False (logged at debug) where it cannot."""
-    if not sys.platform.startswith("linux") or not hugepages_possible(path):
-        logger.debug("huge pages are not possible for %s; not advised", path)
-        return False
-    addr = tensor.data_ptr()
-    start = addr - addr % _PAGE  # the mapping's start (the kernel aligns it for huge pages)
-    end = addr + tensor.numel() * tensor.element_size()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-        failed = libc.madvise(start, end - start, _MADV_HUGEPAGE) != 0
-    except (OSError, AttributeError) as exc:
-        logger.debug("madvise is not available: %s", exc)
-        return False
-    if failed:
-        err = ctypes.get_errno()
-        logger.debug(
-            "madvise(MADV_HUGEPAGE) on %s failed: %s", path, os.strerror(err or errno.EINVAL)
-        )
-        return False
-    return True
 
 
 class _Payload(msgspec.Struct, frozen=True):
@@ -324,7 +278,6 @@ class ShmPoolWriter(PoolWriter):
         self.populated = threading.Event()
         """Set once every page of the pool is mapped here (or that is not done: see below)."""
         path = _path(descriptor)
-        advise_hugepages(self.pool, path)  # before the pages are mapped here
         _copy_threads()  # started now, not by the first transfer
         nbytes = self.pool.numel() * self.pool.element_size()
         if os.stat(path).st_blocks * 512 >= nbytes:

@@ -151,7 +151,8 @@ class PoolWriter(ABC):
 
 def check_block_ids(src_ids: torch.Tensor, dst_ids: torch.Tensor, dst_pool_shape) -> None:
     """Refuse, before anything is written, destination ids outside the decode pool's blocks
-    (its last block is the scratch block padding rows write to: never a request's)."""
+    (its last block is the scratch block padding rows write to: never a request's), and a
+    destination block named twice (parallel copies would write it at once: a torn page)."""
     from tandem.api.errors import KVTransferError
 
     if len(src_ids) != len(dst_ids):
@@ -160,6 +161,8 @@ def check_block_ids(src_ids: torch.Tensor, dst_ids: torch.Tensor, dst_pool_shape
         raise KVTransferError(
             f"destination block ids outside the decode pool's {dst_pool_shape[2] - 1} blocks"
         )
+    if len(dst_ids) and int(dst_ids.unique().numel()) != len(dst_ids):
+        raise KVTransferError("a destination block id is named twice")
 
 
 def pool_bytes_per_page(descriptor: PoolDescriptor) -> int:

@@ -1,7 +1,9 @@
 """Memory transports at the pool level (shm here; nixl in its own module, cuda-ipc on a GPU):
 the lease protocol of ``KVReceiver``, the writers, and how a transport is chosen."""
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -85,6 +87,8 @@ def test_out_of_range_blocks_are_refused_and_nothing_is_written(decode_pool):
         writer.write(src, torch.tensor([1, 2]), (0, 4), torch.tensor([3, 33]))
     with pytest.raises(KVTransferError):
         writer.write(src, torch.tensor([1, 2]), (0, 4), torch.tensor([3]))
+    with pytest.raises(KVTransferError, match="twice"):  # two copy threads would tear it
+        writer.write(src, torch.tensor([1, 2]), (0, 4), torch.tensor([3, 3]))
     assert torch.equal(cache.tensor, before)
 
 
@@ -179,13 +183,24 @@ def test_a_descriptor_cannot_point_the_writer_outside_the_pool_files(decode_pool
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("threaded", [False, True])
-def test_page_copies_move_exactly_the_named_pages(dtype, threaded, monkeypatch):
+def test_page_copies_move_exactly_the_named_pages(dtype, threaded, monkeypatch, request):
     """shm's page copy (runs of blocks, over threads) against a per-block reference: shuffled
     and consecutive ids, a layer range, every other page untouched."""
     from tandem.transfer import shm_transport
 
-    if threaded:  # every write splits over the copy threads
+    copiers = set()
+    if threaded:  # every write splits over 4 copy threads, however few CPUs this runner has
+        pool = ThreadPoolExecutor(3, thread_name_prefix="test-shm-copy")
+        request.addfinalizer(pool.shutdown)
+        monkeypatch.setattr(shm_transport, "_copy_pool", (pool, 4))
         monkeypatch.setattr(shm_transport, "PARALLEL_MIN_BYTES", 1)
+        copy = shm_transport._copy_runs
+
+        def record(s_pages, d_pages, runs):
+            copiers.add(threading.current_thread())
+            copy(s_pages, d_pages, runs)
+
+        monkeypatch.setattr(shm_transport, "_copy_runs", record)
     g = torch.Generator().manual_seed(3)
     src = torch.randn((6, 2, 10, 4, 2, 8), generator=g).to(dtype)
     for src_ids, dst_ids, layers in [
@@ -201,6 +216,8 @@ def test_page_copies_move_exactly_the_named_pages(dtype, threaded, monkeypatch):
         nbytes = shm_transport.copy_pages(src, dst, src_ids.numpy(), dst_ids.numpy(), layers)
         assert torch.equal(dst, want)
         assert nbytes == (l1 - l0) * 2 * len(src_ids) * 4 * 2 * 8 * src.element_size()
+    if threaded:  # the writing thread and copy threads (as many as the pool started) copied
+        assert threading.current_thread() in copiers and len(copiers) > 1
 
 
 def test_a_cancelled_memory_transfer_ends_its_span_as_failed(monkeypatch):

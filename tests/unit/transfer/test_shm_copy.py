@@ -1,13 +1,19 @@
 """The shm transport's page copy: runs of blocks, split over copy threads sized to the CPUs the
-process may use, and the huge-page advice on a pool mapping (best effort, never fatal)."""
+process may use, and the huge-page advice on the owner's pool (best effort, never fatal)."""
 
+import functools
 import logging
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
 
+from tandem.api.errors import KVTransferError
+from tandem.engine import kv_cache
+from tandem.engine.kv_cache import KVCacheSpec, PagedKVCache
 from tandem.transfer import shm_transport
 from tandem.transfer.shm_transport import _runs, copy_pages
 
@@ -76,7 +82,15 @@ def test_pools_of_other_page_shapes_are_refused():
 
 @pytest.mark.parametrize(
     "src_ids, dst_ids",
-    [([0, 1], [-3, -2]), ([0], [-3]), ([0], [4]), ([-1], [0]), ([4], [0]), ([0, 1], [0])],
+    [
+        ([0, 1], [-3, -2]),
+        ([0], [-3]),
+        ([0], [4]),
+        ([-1], [0]),
+        ([4], [0]),
+        ([0, 1], [0]),
+        ([0, 1, 2], [3, 1, 3]),  # a destination named twice: two threads could tear it
+    ],
 )
 def test_block_ids_outside_either_pool_are_refused_and_nothing_is_written(src_ids, dst_ids):
     src = torch.ones((2, 2, 4, 4, 2, 8))
@@ -86,9 +100,69 @@ def test_block_ids_outside_either_pool_are_refused_and_nothing_is_written(src_id
     assert not dst.any()
 
 
+def test_the_writer_refuses_a_destination_block_named_twice():
+    shape = (2, 2, 8, 4, 2, 8)
+    with pytest.raises(KVTransferError, match="twice"):
+        shm_transport.check_block_ids(torch.tensor([0, 1, 2]), torch.tensor([4, 5, 4]), shape)
+    shm_transport.check_block_ids(torch.tensor([0, 0]), torch.tensor([4, 5]), shape)  # reads
+
+
+@pytest.mark.parametrize("failing", ["caller", "pool"])
+def test_a_failed_part_raises_only_once_every_other_part_has_stopped(
+    four_copy_threads, monkeypatch, failing
+):
+    """A write whose part fails is aborted, and its blocks may be reused at once: copy_pages
+    must not return (raise) while another thread still writes into them."""
+    copy = shm_transport._copy_runs
+    main = threading.main_thread()
+    finished = []
+
+    def flaky(s_pages, d_pages, runs):
+        mine = threading.current_thread() is main
+        if mine == (failing == "caller") and (mine or runs[0][1] == 2):
+            raise RuntimeError("copy failed")
+        time.sleep(0.2 if mine else 0.4)  # slow parts: still writing when the failure is known
+        copy(s_pages, d_pages, runs)
+        finished.append(runs)
+
+    monkeypatch.setattr(shm_transport, "_copy_runs", flaky)
+    src = torch.arange(2 * 2 * 8 * 4, dtype=torch.float32).view(2, 2, 8, 4)
+    dst = torch.zeros_like(src)
+    ids = np.arange(8)
+    with pytest.raises(RuntimeError, match="copy failed"):
+        copy_pages(src, dst, ids, ids, (0, 2))
+    assert len(finished) == 3  # the three other parts of four, all done before the raise
+    for runs in finished:
+        for s, d, k in runs:
+            assert torch.equal(dst[:, :, d : d + k], src[:, :, s : s + k])
+
+
+def test_one_cpu_copies_on_the_writing_thread_alone(monkeypatch):
+    monkeypatch.setattr(shm_transport, "_copy_pool", None)
+    monkeypatch.setattr(shm_transport, "copy_threads", lambda: 1)
+    monkeypatch.setattr(shm_transport, "PARALLEL_MIN_BYTES", 1)
+    assert shm_transport._copy_threads() == (None, 1)
+    copiers = []
+    copy = shm_transport._copy_runs
+
+    def record(s_pages, d_pages, runs):
+        copiers.append(threading.current_thread())
+        copy(s_pages, d_pages, runs)
+
+    monkeypatch.setattr(shm_transport, "_copy_runs", record)
+    src = torch.randn(3, 2, 6, 4)
+    dst = torch.zeros(3, 2, 9, 4)
+    src_ids, dst_ids = [5, 0, 1, 2], [8, 0, 4, 5]
+    want = reference(src, dst, src_ids, dst_ids, (0, 3))
+    copy_pages(src, dst, np.array(src_ids), np.array(dst_ids), (0, 3))
+    assert torch.equal(dst, want)
+    assert copiers and all(t is threading.current_thread() for t in copiers)
+
+
 def test_copy_threads_follow_the_cpus_the_process_may_use(monkeypatch):
     monkeypatch.setattr(shm_transport.os, "sched_getaffinity", lambda _: set(range(64)))
     monkeypatch.setattr(shm_transport, "_cgroup_cpus", lambda: None)
+    monkeypatch.setattr(shm_transport.torch, "get_num_threads", lambda: 64)
     assert shm_transport.copy_threads() == shm_transport.MAX_COPY_THREADS
     monkeypatch.setattr(shm_transport, "_cgroup_cpus", lambda: 2.5)  # a pod limited to 2.5 CPUs
     assert shm_transport.copy_threads() == 3
@@ -97,16 +171,39 @@ def test_copy_threads_follow_the_cpus_the_process_may_use(monkeypatch):
     monkeypatch.setattr(shm_transport, "_cgroup_cpus", lambda: None)
     monkeypatch.setattr(shm_transport.os, "sched_getaffinity", lambda _: {0, 1, 2})
     assert shm_transport.copy_threads() == 3
+    # torch's own setting (OMP_NUM_THREADS, torch.set_num_threads) caps them too.
+    monkeypatch.setattr(shm_transport.os, "sched_getaffinity", lambda _: set(range(64)))
+    monkeypatch.setattr(shm_transport.torch, "get_num_threads", lambda: 2)
+    assert shm_transport.copy_threads() == 2
 
 
 def test_a_cgroup_cpu_quota_is_read_and_anything_else_means_none(tmp_path):
     cpu_max = tmp_path / "cpu.max"
     cpu_max.write_text("250000 100000\n")
-    assert shm_transport._cgroup_cpus(str(cpu_max)) == 2.5
+    assert shm_transport._cgroup_cpus(str(tmp_path)) == 2.5
     for text in ("max 100000\n", "garbage", ""):
         cpu_max.write_text(text)
-        assert shm_transport._cgroup_cpus(str(cpu_max)) is None
+        assert shm_transport._cgroup_cpus(str(tmp_path)) is None
     assert shm_transport._cgroup_cpus(str(tmp_path / "absent")) is None
+
+
+@pytest.mark.parametrize(
+    "quota, period, cpus",
+    [
+        ("150000\n", "100000\n", 1.5),
+        ("-1\n", "100000\n", None),  # cgroup v1's "no quota"
+        ("400000", "0", None),
+        ("lots", "100000", None),
+        (None, "100000", None),
+    ],
+)
+def test_a_cgroup_v1_cpu_quota_is_read_where_there_is_no_v2_one(tmp_path, quota, period, cpus):
+    v1 = tmp_path / "cpu"
+    v1.mkdir()
+    if quota is not None:
+        (v1 / "cpu.cfs_quota_us").write_text(quota)
+    (v1 / "cpu.cfs_period_us").write_text(period)
+    assert shm_transport._cgroup_cpus(str(tmp_path)) == cpus
 
 
 def _write(path, text):
@@ -114,19 +211,23 @@ def _write(path, text):
     return str(path)
 
 
+ENABLED_NEVER = "always within_size advise [never] deny force"
+
+
 @pytest.mark.parametrize(
-    "setting, mount_opts, possible",
+    "setting, mount_opts, advised",
     [
-        ("always within_size advise [never] deny force", "rw,relatime,size=1g", False),
-        ("always within_size advise [never] deny force", "rw,huge=within_size", True),
-        ("always within_size advise [never] deny force", "rw,huge=advise", True),
-        ("always within_size advise [never] deny force", "rw,huge=never", False),
-        ("always within_size advise never deny [force]", "rw", True),
-        ("always within_size advise never [deny] force", "rw,huge=always", False),
+        (ENABLED_NEVER, "rw,relatime,size=1g", False),
+        (ENABLED_NEVER, "rw,huge=within_size", False),  # huge without asking
+        (ENABLED_NEVER, "rw,huge=always", False),
+        (ENABLED_NEVER, "rw,huge=advise", True),
+        (ENABLED_NEVER, "rw,huge=never", False),
+        ("always within_size advise never deny [force]", "rw,huge=advise", False),
+        ("always within_size advise never [deny] force", "rw,huge=advise", False),
     ],
 )
-def test_huge_pages_are_possible_only_where_the_mount_or_the_kernel_allows(
-    tmp_path, setting, mount_opts, possible
+def test_huge_pages_are_asked_for_only_on_a_huge_advise_tmpfs(
+    tmp_path, setting, mount_opts, advised
 ):
     mounts = _write(
         tmp_path / "mounts",
@@ -135,45 +236,76 @@ def test_huge_pages_are_possible_only_where_the_mount_or_the_kernel_allows(
     )
     enabled = _write(tmp_path / "shmem_enabled", setting)
     pool = "/dev/shm/tandem-kv-x"
-    assert shm_transport.hugepages_possible(pool, enabled, mounts) is possible
+    assert kv_cache.hugepages_on_advice(pool, enabled, mounts) is advised
     # The longest mount point holding the file decides; a file elsewhere follows its own mount.
-    assert shm_transport._mount_huge_option("/dev/other", mounts) == "always"
-    assert shm_transport._mount_huge_option("/srv/x", mounts) == "never"
-    assert not shm_transport.hugepages_possible(pool, str(tmp_path / "absent"), mounts)
+    assert kv_cache._mount_huge_option("/dev/other", mounts) == "always"
+    assert kv_cache._mount_huge_option("/srv/x", mounts) == "never"
+    assert not kv_cache.hugepages_on_advice(pool, str(tmp_path / "absent"), mounts)
+
+
+class RecordingLibc:
+    """Stands for libc: records madvise calls and answers ``result``."""
+
+    def __init__(self, result=0):
+        self.calls = []
+        outer = self
+
+        class Madvise:
+            argtypes = None
+
+            def __call__(self, *args):
+                outer.calls.append(args)
+                return result
+
+        self.madvise = Madvise()
+
+
+@pytest.mark.parametrize("option, asked", [("never", False), ("advise", True)])
+def test_the_owner_asks_for_huge_pages_on_its_pool_before_prefaulting_it(
+    tmp_path, monkeypatch, option, asked
+):
+    mounts = _write(tmp_path / "mounts", f"tmpfs {tmp_path} tmpfs rw,huge={option} 0 0\n")
+    enabled = _write(tmp_path / "shmem_enabled", ENABLED_NEVER)
+    monkeypatch.setattr(
+        kv_cache,
+        "hugepages_on_advice",
+        functools.partial(kv_cache.hugepages_on_advice, shmem_enabled=enabled, mounts=mounts),
+    )
+    libc = RecordingLibc()
+    monkeypatch.setattr(kv_cache.ctypes, "CDLL", lambda *a, **k: libc)
+    order = []
+    monkeypatch.setattr(kv_cache, "prefault", lambda t: order.append(("prefault", len(libc.calls))))
+    spec = KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype=torch.float32)
+    cache = PagedKVCache(spec, 4, torch.device("cpu"), path=str(tmp_path / "tandem-kv-pool"))
+    if asked:
+        (start, length, advice), *more = libc.calls
+        assert not more and advice == kv_cache._MADV_HUGEPAGE
+        addr = cache.tensor.data_ptr()
+        assert start <= addr and start + length == addr + cache.tensor.numel() * 4
+        assert order == [("prefault", 1)]  # advised first: the pages are made huge
+    else:
+        assert libc.calls == [] and order == [("prefault", 0)]
 
 
 def test_huge_page_advice_degrades_to_a_debug_log(monkeypatch, caplog):
     pool = torch.zeros(1 << 20, dtype=torch.uint8)
-    caplog.set_level(logging.DEBUG, logger=shm_transport.__name__)
-    monkeypatch.setattr(shm_transport, "hugepages_possible", lambda path: False)
-    assert shm_transport.advise_hugepages(pool, "/dev/shm/tandem-kv-x") is False
-    assert "not advised" in caplog.text
+    caplog.set_level(logging.DEBUG, logger=kv_cache.__name__)
+    monkeypatch.setattr(kv_cache, "hugepages_on_advice", lambda path: False)
+    assert kv_cache.advise_hugepages(pool, "/dev/shm/tandem-kv-x") is False
+    assert "not asked for" in caplog.text
 
-    class RefusingLibc:
-        class madvise:  # noqa: N801 - stands for the C function
-            argtypes = None
-
-            def __new__(cls, *args):
-                return -1
-
-    monkeypatch.setattr(shm_transport, "hugepages_possible", lambda path: True)
-    monkeypatch.setattr(shm_transport.ctypes, "CDLL", lambda *a, **k: RefusingLibc)
+    monkeypatch.setattr(kv_cache, "hugepages_on_advice", lambda path: True)
+    refusing = RecordingLibc(result=-1)
+    monkeypatch.setattr(kv_cache.ctypes, "CDLL", lambda *a, **k: refusing)
     caplog.clear()
-    assert shm_transport.advise_hugepages(pool, "/dev/shm/tandem-kv-x") is False
+    assert kv_cache.advise_hugepages(pool, "/dev/shm/tandem-kv-x") is False
+    assert refusing.calls
     assert "MADV_HUGEPAGE" in caplog.text and "failed" in caplog.text
 
     def no_libc(*a, **k):
         raise OSError("no libc here")
 
-    monkeypatch.setattr(shm_transport.ctypes, "CDLL", no_libc)
-    assert shm_transport.advise_hugepages(pool, "/dev/shm/tandem-kv-x") is False
-
-
-def test_huge_page_advice_on_a_real_mapping_never_raises(tmp_path, monkeypatch):
-    """Where the kernel takes the advice it says so; where it does not, False, no exception."""
-    path = tmp_path / "tandem-kv-hp"
-    pool = torch.from_file(str(path), shared=True, size=4 << 20, dtype=torch.uint8)
-    monkeypatch.setattr(shm_transport, "hugepages_possible", lambda p: True)
-    assert shm_transport.advise_hugepages(pool, str(path)) in (True, False)
-    pool[:] = 3  # the mapping still works either way
-    assert int(pool.sum()) == 3 * (4 << 20)
+    monkeypatch.setattr(kv_cache.ctypes, "CDLL", no_libc)
+    caplog.clear()
+    assert kv_cache.advise_hugepages(pool, "/dev/shm/tandem-kv-x") is False
+    assert "not available" in caplog.text
