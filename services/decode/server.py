@@ -53,7 +53,7 @@ from tandem.serving.pod import PodRuntime, pod_stats, serve_pod
 from tandem.serving.pod_metrics import PodMetrics
 from tandem.transfer import codec, shm_transport
 from tandem.transfer.push_streams import PRIMARY_STREAM
-from tandem.transfer.receiver import KVReceiver
+from tandem.transfer.receiver import KVReceiver, lease_remaining_ms
 from tandem.transfer.transport import (
     AUTO_TRANSPORTS,
     MEMORY_TRANSPORTS,
@@ -407,6 +407,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 lease_expires_unix_ms=claim.lease.expires_unix_ms,
                 block_ids=claim.block_ids,
                 first_block=claim.first_block,
+                lease_remaining_ms=lease_remaining_ms(claim.lease.expires_unix_ms),
             )
         except TandemError as exc:
             await abort_with(context, exc)
@@ -418,7 +419,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             expires = self.receiver.renew(request.request_id, request.transfer_token)
         except KVTransferForbidden as exc:
             await abort_with(context, exc)
-        return decode_pb2.RenewKVResponse(lease_expires_unix_ms=expires)
+        return decode_pb2.RenewKVResponse(
+            lease_expires_unix_ms=expires, lease_remaining_ms=lease_remaining_ms(expires)
+        )
 
     async def CompleteKV(self, request: decode_pb2.CompleteKVRequest, context):
         """A memory transport's one notice: the pages are in place (the request joins the decode

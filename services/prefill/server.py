@@ -47,6 +47,7 @@ from tandem.serving.grpc_server import RunningService
 from tandem.serving.kv_event_publisher import KVEventPublisher
 from tandem.serving.pod import PodRuntime, pod_stats, serve_pod
 from tandem.serving.pod_metrics import PodMetrics
+from tandem.transfer.receiver import local_lease_end_ms
 from tandem.transfer.transport import (
     LocalPool,
     PoolDescriptor,
@@ -330,13 +331,17 @@ class KVTransportChooser:
             transport=choice.transport,
             descriptor=descriptor_encoder.encode(choice.descriptor),
         )
+        sent = time.time()
         claim = await self._claim(chosen, choice.transport)
-        # Where and until when to write: the decode pod's word, not the request's.
+        # Where and until when to write: the decode pod's word, not the request's; the end on
+        # this host's clock (the engine core's writer compares it with time.time()).
         return msgspec.structs.replace(
             chosen,
             block_ids=list(claim.block_ids),
             skip_blocks=claim.first_block,
-            lease_expires_unix_ms=claim.lease_expires_unix_ms,
+            lease_expires_unix_ms=local_lease_end_ms(
+                claim.lease_expires_unix_ms, claim.lease_remaining_ms, sent
+            ),
         )
 
     def unmappable(self, chosen: core_protocol.KVTargetSpec, why: str) -> None:

@@ -7,12 +7,13 @@ message. ``finish`` (a sender thread) flushes the writes and sends the one compl
 abort notice then tells the decode pod it may reuse the blocks (``abort_notice``).
 
 The write lease (``KVTarget.lease_expires_unix_ms``: the end of the short write lease the claim
-granted) bounds the writes: none is issued later than ``write_margin_s`` before its end, after
-which the decode pod may free the blocks. While a transfer is live (from its start to its
-completion or abort notice) the pod's ``LeaseRenewer`` extends it (``DecodeService.RenewKV``)
-every third of what is left; a refused or failed renewal fails the transfer, which then stops
-writing and takes its abort path. A prefill pod that dies stops renewing: the decode pod frees
-the blocks when the write lease ends.
+granted, on this host's clock: the time the claim was sent plus what the decode pod said was
+left, so no skew between the nodes' clocks moves it later) bounds the writes: none is issued
+later than ``write_margin_s`` before its end, after which the decode pod may free the blocks.
+While a transfer is live (from its start to its completion or abort notice) the pod's
+``LeaseRenewer`` extends it (``DecodeService.RenewKV``) every third of what is left; a refused
+or failed renewal fails the transfer, which then stops writing and takes its abort path. A
+prefill pod that dies stops renewing: the decode pod frees the blocks when the write lease ends.
 """
 
 import contextlib
@@ -32,7 +33,7 @@ from tandem.engine.uploads import upload
 from tandem.proto.common.v1 import common_pb2
 from tandem.proto.decode.v1 import decode_pb2
 from tandem.transfer.push_streams import KVTarget, TransferResult, end_transfer_span
-from tandem.transfer.receiver import page_checksum, write_margin_s
+from tandem.transfer.receiver import local_lease_end_ms, page_checksum, write_margin_s
 from tandem.transfer.transport import PoolWriter
 
 logger = logging.getLogger(__name__)
@@ -284,7 +285,8 @@ class LeaseRenewer:
 
     def _send(self, transfer: MemoryTransfer) -> None:
         target = transfer.target
-        timeout = max(MIN_RENEW_INTERVAL_S, transfer._deadline - time.time())
+        sent = time.time()
+        timeout = max(MIN_RENEW_INTERVAL_S, transfer._deadline - sent)
         try:
             future = self._renew_kv(target.address).future(
                 decode_pb2.RenewKVRequest(
@@ -295,9 +297,9 @@ class LeaseRenewer:
         except Exception as exc:  # noqa: BLE001 - a closed channel: the transfer cannot go on
             self._done(transfer, error=f"RenewKV to {target.address} failed: {exc}")
             return
-        future.add_done_callback(lambda f: self._answered(transfer, f))
+        future.add_done_callback(lambda f: self._answered(transfer, f, sent))
 
-    def _answered(self, transfer: MemoryTransfer, future) -> None:
+    def _answered(self, transfer: MemoryTransfer, future, sent: float) -> None:
         try:
             response = future.result()
         except grpc.RpcError as e:
@@ -315,7 +317,9 @@ class LeaseRenewer:
         except Exception as exc:  # noqa: BLE001 - cancelled (the channel closed)
             self._done(transfer, error=f"RenewKV to {transfer.target.address} failed: {exc}")
             return
-        transfer.renewed(response.lease_expires_unix_ms)
+        transfer.renewed(
+            local_lease_end_ms(response.lease_expires_unix_ms, response.lease_remaining_ms, sent)
+        )
         self._done(transfer)
 
     def _done(self, transfer: MemoryTransfer, *, error: str | None = None, renew=True) -> None:

@@ -129,6 +129,23 @@ def write_margin_s(granted_s: float) -> float:
     return max(0.0, min(MEMORY_WRITE_MARGIN_S, granted_s / 4))
 
 
+def lease_remaining_ms(expires_unix_ms: int) -> int:
+    """What a lease ending at ``expires_unix_ms`` (this pod's clock) has left now, in ms: what
+    ``ClaimKV`` / ``RenewKV`` answer beside the end itself (``local_lease_end_ms``). At least
+    1: 0 on the wire means a decode pod that predates the field."""
+    return max(1, int(expires_unix_ms - time.time() * 1000))
+
+
+def local_lease_end_ms(expires_unix_ms: int, remaining_ms: int, sent_unix_s: float) -> int:
+    """A lease's end on the writer's clock: the time it sent the call plus what the decode pod
+    said was left when it answered. That is never later than the real end (the answer came
+    after the call was sent), whatever the skew between the two nodes' clocks. A decode pod that
+    sends no ``remaining_ms`` (0: it predates the field) leaves the end in its own clock."""
+    if remaining_ms <= 0:
+        return expires_unix_ms
+    return int(sent_unix_s * 1000) + remaining_ms
+
+
 class KVReceiver:
     def __init__(
         self,

@@ -5,6 +5,7 @@ that decode pod incarnation, logged and counted as a fallback, or refuses under
 
 import asyncio
 import logging
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -93,3 +94,35 @@ def test_the_engine_cores_error_reaches_the_front_as_itself():
     info = core_protocol.error_info(KVPoolUnmappable("KV transport shm to d:1 failed here: x"))
     err = core_protocol.error_from_info(info)
     assert type(err) is KVPoolUnmappable and "failed here" in str(err)
+
+
+def test_the_claimed_write_lease_ends_on_this_pods_clock(offer, monkeypatch):
+    """The decode pod's clock runs an hour ahead: the engine core gets the write lease's end as
+    this host's time of the claim plus what the decode pod said was left (never later than the
+    real end), not the decode pod's Unix time; an older decode pod (no remaining time) is taken
+    at its word, as before."""
+    c = chooser(offer, monkeypatch)
+    ahead_ms = 3_600_000
+
+    async def claim(target, transport, remaining_ms=4_000):
+        decode_now_ms = int(time.time() * 1000) + ahead_ms
+        return decode_pb2.ClaimKVResponse(
+            block_ids=[3, 4],
+            first_block=0,
+            lease_expires_unix_ms=decode_now_ms + remaining_ms,
+            lease_remaining_ms=remaining_ms,
+        )
+
+    monkeypatch.setattr(c, "_claim", claim)
+    before = int(time.time() * 1000)
+    chosen = asyncio.run(c.choose(target(), Metrics()))
+    after = int(time.time() * 1000)
+    assert chosen.transport == "shm"
+    assert before + 4_000 <= chosen.lease_expires_unix_ms <= after + 4_000
+
+    async def old_pod_claim(target, transport):
+        return await claim(target, transport, remaining_ms=0)
+
+    monkeypatch.setattr(c, "_claim", old_pod_claim)
+    chosen = asyncio.run(c.choose(target(), Metrics()))
+    assert chosen.lease_expires_unix_ms >= before + ahead_ms

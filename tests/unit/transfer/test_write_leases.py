@@ -22,7 +22,13 @@ from tandem.proto.common.v1 import common_pb2
 from tandem.proto.decode.v1 import decode_pb2
 from tandem.transfer.memory_push import LeaseRenewer, MemoryTransfer
 from tandem.transfer.push_streams import KVTarget
-from tandem.transfer.receiver import MEMORY_WRITE_MARGIN_S, KVReceiver, write_margin_s
+from tandem.transfer.receiver import (
+    MEMORY_WRITE_MARGIN_S,
+    KVReceiver,
+    lease_remaining_ms,
+    local_lease_end_ms,
+    write_margin_s,
+)
 from tandem.transfer.sender import ChannelPool
 from tandem.transfer.transport import export_pool, open_writer
 from tandem.transfer.wire import make_chunk
@@ -171,7 +177,12 @@ def test_the_writer_margin_follows_the_grant():
 class RenewServer:
     """A real gRPC server answering ``DecodeService.RenewKV`` from a real ``KVReceiver``."""
 
-    def __init__(self, receiver: KVReceiver) -> None:
+    def __init__(
+        self, receiver: KVReceiver, *, clock_ahead_s: float = 0.0, sends_remaining: bool = True
+    ) -> None:
+        """``clock_ahead_s``: this "decode pod"'s clock runs that far ahead of the writer's (its
+        Unix times are shifted by it); ``sends_remaining``: it answers ``lease_remaining_ms``
+        (False: a decode pod that predates the field)."""
         self.receiver = receiver
         self.calls = 0
 
@@ -181,7 +192,10 @@ class RenewServer:
                 expires = receiver.renew(request.request_id, request.transfer_token)
             except KVTransferForbidden as exc:
                 context.abort(grpc_code_for(exc), str(exc))
-            return decode_pb2.RenewKVResponse(lease_expires_unix_ms=expires)
+            return decode_pb2.RenewKVResponse(
+                lease_expires_unix_ms=expires + int(clock_ahead_s * 1000),
+                lease_remaining_ms=lease_remaining_ms(expires) if sends_remaining else 0,
+            )
 
         handler = grpc.method_handlers_generic_handler(
             "tandem.decode.v1.DecodeService",
@@ -244,12 +258,12 @@ class Renewing:
 
 
 @contextlib.contextmanager
-def renewing(shm_pool, write_lease_s: float) -> Iterator[Renewing]:
+def renewing(shm_pool, write_lease_s: float, **server_options) -> Iterator[Renewing]:
     """``Renewing`` with write leases of ``write_lease_s``; renewer, channel and server closed
     on exit."""
     cache, descriptor = shm_pool
     receiver = receiver_with(write_lease_s=write_lease_s, pool=cache.tensor)
-    server = RenewServer(receiver)
+    server = RenewServer(receiver, **server_options)
     channels = ChannelPool(1)
     renewer = LeaseRenewer(channels.renew_kv)
     src = torch.randn(SPEC.num_layers, 2, 4, 4, 2, 4)
@@ -330,3 +344,37 @@ def test_a_writer_that_does_not_renew_keeps_the_whole_lease():
     time.sleep(0.4)  # past what a renewing writer would have had
     assert not r.drained(r._inbound["r"])
     r.complete_memory(end("r", lease.token))  # its notice is still taken
+
+
+def test_lease_times_cross_clocks_as_durations():
+    now = time.time()
+    assert abs(lease_remaining_ms(int((now + 10) * 1000)) - 10_000) < 50
+    assert lease_remaining_ms(int((now - 10) * 1000)) == 1  # ended: still not "absent" (0)
+    # The writer's clock: when it sent the call plus what was left; 0 = an older decode pod.
+    assert local_lease_end_ms(9_999_999_999_000, 4_000, 1_000.0) == 1_004_000
+    assert local_lease_end_ms(9_999_999_999_000, 0, 1_000.0) == 9_999_999_999_000
+
+
+@pytest.mark.parametrize("sends_remaining", [True, False])
+def test_a_renewal_is_read_on_the_writers_clock_whatever_the_decode_pods_clock_says(
+    shm_pool, sends_remaining
+):
+    """A decode pod whose clock runs 60 s ahead: the writer's write lease still ends one write
+    lease after its renewal, on its own clock (it adds the time left to when it sent the call),
+    so it never writes past the real end. A decode pod that predates ``lease_remaining_ms`` is
+    read in its own clock, as before (which is what the skew would get wrong)."""
+    with renewing(
+        shm_pool, write_lease_s=1.0, clock_ahead_s=60.0, sends_remaining=sends_remaining
+    ) as r:
+        live, _ = r.transfer("live")
+        first = live.expires
+        r.renewer.add(live)
+        deadline = time.monotonic() + 10
+        while live.expires == first:
+            assert time.monotonic() < deadline, "no renewal in 10 s"
+            time.sleep(0.01)
+        now = time.time()
+        if sends_remaining:
+            assert now < live.expires <= now + 1.0
+        else:
+            assert live.expires > now + 59

@@ -124,14 +124,16 @@ class ClaimKVRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., transfer_token: _Optional[str] = ..., transport: _Optional[str] = ..., renews: _Optional[bool] = ...) -> None: ...
 
 class ClaimKVResponse(_message.Message):
-    __slots__ = ("lease_expires_unix_ms", "block_ids", "first_block")
+    __slots__ = ("lease_expires_unix_ms", "block_ids", "first_block", "lease_remaining_ms")
     LEASE_EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    LEASE_REMAINING_MS_FIELD_NUMBER: _ClassVar[int]
     lease_expires_unix_ms: int
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     first_block: int
-    def __init__(self, lease_expires_unix_ms: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., first_block: _Optional[int] = ...) -> None: ...
+    lease_remaining_ms: int
+    def __init__(self, lease_expires_unix_ms: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., first_block: _Optional[int] = ..., lease_remaining_ms: _Optional[int] = ...) -> None: ...
 
 class CompleteKVRequest(_message.Message):
     __slots__ = ("end",)
@@ -154,7 +156,9 @@ class RenewKVRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., transfer_token: _Optional[str] = ...) -> None: ...
 
 class RenewKVResponse(_message.Message):
-    __slots__ = ("lease_expires_unix_ms",)
+    __slots__ = ("lease_expires_unix_ms", "lease_remaining_ms")
     LEASE_EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_REMAINING_MS_FIELD_NUMBER: _ClassVar[int]
     lease_expires_unix_ms: int
-    def __init__(self, lease_expires_unix_ms: _Optional[int] = ...) -> None: ...
+    lease_remaining_ms: int
+    def __init__(self, lease_expires_unix_ms: _Optional[int] = ..., lease_remaining_ms: _Optional[int] = ...) -> None: ...
