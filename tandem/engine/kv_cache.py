@@ -138,8 +138,18 @@ class KVCacheSpec:
     dtype: torch.dtype
 
     @classmethod
-    def for_model(cls, config: ModelConfig, block_size: int, dtype: torch.dtype) -> "KVCacheSpec":
-        return cls(config.num_layers, config.num_kv_heads, config.head_dim, block_size, dtype)
+    def for_model(
+        cls,
+        config: ModelConfig,
+        block_size: int,
+        dtype: torch.dtype,
+        *,
+        num_kv_heads: int | None = None,
+    ) -> "KVCacheSpec":
+        """``num_kv_heads``: the kv heads one tensor-parallel rank holds (``Shard.num_kv_heads``);
+        None: all of the model's."""
+        heads = config.num_kv_heads if num_kv_heads is None else num_kv_heads
+        return cls(config.num_layers, heads, config.head_dim, block_size, dtype)
 
     @property
     def bytes_per_block(self) -> int:

@@ -11,6 +11,18 @@ vLLM, the residual stream travels beside the hidden states: each norm takes the 
 block's output and the residual, adds them and normalises the sum (one fused kernel in half
 precision on CUDA, where rotary and the KV cache write are fused too), so a layer maps
 ``(h, residual)`` to ``(h, residual)`` and the final norm adds the last MLP's output.
+
+Tensor parallelism (``tp``, a ``TPGroup`` of more than one rank; Megatron's split, as vLLM's
+``QKVParallelLinear``/``MergedColumnParallelLinear``/``RowParallelLinear`` do it): each rank
+holds its ``Shard`` (``tandem.engine.parallel.sharding``). ``qkv_proj`` and ``gate_up_proj`` are
+column-parallel -- a plain ``nn.Linear`` over the rank's q and kv heads and its slice of the
+intermediate size, no communication -- and ``o_proj``/``down_proj`` are row-parallel
+(``RowParallelLinear``: the rank's input columns, a partial sum, one all-reduce, then the full
+bias). The attention backend and the KV cache see only the rank's heads. The embedding, the
+norms and the LM head are replicated on every rank: the simplest correct choice (no gather of
+logits, every rank can sample the same token), at the cost of ``vocab * hidden`` weights per
+rank; a vocabulary-parallel embedding and head are a later memory saving. At ``tp`` size 1 the
+modules are exactly the single-device ones (no extra op).
 """
 
 from collections.abc import Callable
@@ -22,6 +34,7 @@ from torch import nn
 from tandem.engine.attention import AttentionBackend, AttentionMetadata
 from tandem.engine.attention.selector import triton_available
 from tandem.engine.models.rope import RotaryEmbedding, apply_rotary
+from tandem.engine.parallel import Shard, TPGroup, shard_for_config
 from tandem.model_dir import ModelConfig
 
 
@@ -66,20 +79,52 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
-class Attention(nn.Module):
-    """Self-attention with fused q/k/v, optional q/k norm, rope, and a paged KV backend."""
+class RowParallelLinear(nn.Module):
+    """A linear layer split by input columns over the ranks of ``tp``: each rank multiplies its
+    slice of the input by its columns of the weight, the partial sums are all-reduced, and the
+    full bias (the same on every rank) is added once, after the reduce."""
 
-    def __init__(self, config: ModelConfig, layer_idx: int, backend: AttentionBackend) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup) -> None:
         super().__init__()
-        self.num_heads = config.num_heads
-        self.num_kv_heads = config.num_kv_heads
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.tp = tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.tp.all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+
+def _row_parallel(in_features: int, out_features: int, bias: bool, tp: TPGroup) -> nn.Module:
+    """``nn.Linear`` on one rank (exactly the single-device op), ``RowParallelLinear`` above."""
+    if tp.world_size == 1:
+        return nn.Linear(in_features, out_features, bias=bias)
+    return RowParallelLinear(in_features, out_features, bias, tp)
+
+
+class Attention(nn.Module):
+    """Self-attention with fused q/k/v, optional q/k norm, rope, and a paged KV backend.
+
+    Under tensor parallelism it holds the rank's q and kv heads only (``shard``)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer_idx: int,
+        backend: AttentionBackend,
+        shard: Shard,
+        tp: TPGroup,
+    ) -> None:
+        super().__init__()
+        self.num_heads = shard.num_heads
+        self.num_kv_heads = shard.num_kv_heads
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(
+        self.qkv_proj = nn.Linear(  # column-parallel: the rank's heads, no communication
             config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias
         )
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
+        self.o_proj = _row_parallel(self.q_size, config.hidden_size, config.o_proj_bias, tp)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -120,16 +165,17 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU MLP with fused gate/up projection."""
+    """SwiGLU MLP with fused gate/up projection (the rank's intermediate slice of each under
+    tensor parallelism; ``down_proj`` then row-parallel)."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, shard: Shard, tp: TPGroup) -> None:
         super().__init__()
-        self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(
-            config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias
+        self.intermediate_size = shard.intermediate_size
+        self.gate_up_proj = nn.Linear(  # column-parallel: [gate slice; up slice]
+            config.hidden_size, 2 * self.intermediate_size, bias=config.mlp_bias
         )
-        self.down_proj = nn.Linear(
-            config.intermediate_size, config.hidden_size, bias=config.mlp_bias
+        self.down_proj = _row_parallel(
+            self.intermediate_size, config.hidden_size, config.mlp_bias, tp
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,10 +188,17 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm residual block: attention then MLP, the residual adds fused into the norms."""
 
-    def __init__(self, config: ModelConfig, layer_idx: int, backend: AttentionBackend) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer_idx: int,
+        backend: AttentionBackend,
+        shard: Shard,
+        tp: TPGroup,
+    ) -> None:
         super().__init__()
-        self.self_attn = Attention(config, layer_idx, backend)
-        self.mlp = MLP(config)
+        self.self_attn = Attention(config, layer_idx, backend, shard, tp)
+        self.mlp = MLP(config, shard, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -165,24 +218,36 @@ class DecoderLayer(nn.Module):
 class DecoderBody(nn.Module):
     """transformers' ``model.*`` submodule: embeddings, layers, final norm."""
 
-    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+    def __init__(
+        self, config: ModelConfig, backend: AttentionBackend, shard: Shard, tp: TPGroup
+    ) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)  # replicated
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, backend) for i in range(config.num_layers)
+            DecoderLayer(config, i, backend, shard, tp) for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope)
 
 
 class DecoderLM(nn.Module):
-    """Causal LM over a paged KV cache."""
+    """Causal LM over a paged KV cache.
 
-    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+    ``tp``: this process's tensor-parallel group (None: one device); the model then holds the
+    rank's ``shard`` of every layer and its KV cache holds ``shard.num_kv_heads`` heads. Every
+    rank gets the same input ids and metadata and returns the same full hidden states (and
+    logits: the head is replicated).
+    """
+
+    def __init__(
+        self, config: ModelConfig, backend: AttentionBackend, tp: TPGroup | None = None
+    ) -> None:
         super().__init__()
         self.config = config
-        self.model = DecoderBody(config, backend)
-        if not config.tie_word_embeddings:
+        self.tp = tp if tp is not None else TPGroup.single()
+        self.shard = shard_for_config(config, self.tp.world_size, self.tp.rank)
+        self.model = DecoderBody(config, backend, self.shard, self.tp)
+        if not config.tie_word_embeddings:  # replicated
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def forward(

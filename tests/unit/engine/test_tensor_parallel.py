@@ -1,0 +1,321 @@
+"""Tensor parallelism of the model layer on CPU: two gloo ranks against the one-device model.
+
+Each rank holds its shard (q/kv heads, MLP columns), runs a prefill of two prompts and one
+decode step through its own paged KV cache with the torch attention backend in float32; its
+hidden states and logits must match the one-device model's within float32 tolerance (the
+row-parallel layers sum two partial products where one device sums one: a reduction-order
+difference, not the same bits), and the greedy next tokens must be identical.
+"""
+
+import json
+import shutil
+import socket
+import traceback
+
+import numpy as np
+import pytest
+import torch
+
+from tandem.api.errors import ModelLoadError
+from tandem.engine.attention import AttentionMetadata
+from tandem.engine.attention.torch_backend import TorchAttentionBackend
+from tandem.engine.kv_cache import KVCacheSpec, PagedKVCache
+from tandem.engine.models import load_model
+from tandem.engine.models.llama import RowParallelLinear
+from tandem.engine.parallel import (
+    ShardingError,
+    TPConfig,
+    TPGroup,
+    TPInitError,
+    init_tp_group,
+    shard_of,
+)
+from tandem.engine.parallel.sharding import intermediate_cols, kv_heads, q_heads
+from tandem.model_dir import load_model_config
+
+BLOCK_SIZE = 4
+PROMPTS = ([5, 9, 13, 2, 77, 31, 8], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8])
+ATOL, RTOL = 1e-5, 1e-4
+"""float32 tolerance of TP=2 against TP=1 (seen: max abs difference ~1e-6 on these models)."""
+TIMEOUT_S = 120
+
+
+def _meta(tables, seq_lens, query_lens, num_decodes) -> AttentionMetadata:
+    """Metadata of a flat batch: sequence i's new tokens are its last ``query_lens[i]``."""
+    width = max(len(t) for t in tables)
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64)
+    slots, qsl = [], [0]
+    for table, n, q in zip(tables, seq_lens, query_lens, strict=True):
+        slots += [table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(n - q, n)]
+        qsl.append(qsl[-1] + q)
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        block_tables=block_tables,
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int64),
+        query_start_loc=torch.tensor(qsl, dtype=torch.int64),
+        num_decodes=num_decodes,
+        seq_lens_cpu=list(seq_lens),
+        query_start_loc_cpu=qsl,
+        block_size=BLOCK_SIZE,
+    )
+
+
+@torch.inference_mode()
+def run_model(model_dir, tp: TPGroup, dummy: bool = False) -> dict[str, np.ndarray]:
+    """Prefill both prompts, then one greedy decode step; hidden states, logits and tokens."""
+    config = load_model_config(model_dir)
+    model = load_model(
+        model_dir,
+        config,
+        TorchAttentionBackend(),
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        dummy=dummy,
+        tp=tp,
+    )
+    spec = KVCacheSpec.for_model(
+        config, BLOCK_SIZE, torch.float32, num_kv_heads=model.shard.num_kv_heads
+    )
+    cache = PagedKVCache(spec, 16, torch.device("cpu"))
+    tables = [[7, 2], [0, 11, 5, 9]]  # fragmented pages; room for one decoded token each
+    lens = [len(p) for p in PROMPTS]
+    ids = torch.tensor([t for p in PROMPTS for t in p])
+    positions = torch.cat([torch.arange(n) for n in lens])
+    hidden = model(ids, positions, cache.tensor, _meta(tables, lens, lens, 0))
+    last = torch.tensor([lens[0] - 1, sum(lens) - 1])
+    logits = model.compute_logits(hidden[last])
+    tokens = logits.argmax(-1)
+    decode_hidden = model(
+        tokens, torch.tensor(lens), cache.tensor, _meta(tables, [n + 1 for n in lens], [1, 1], 2)
+    )
+    decode_logits = model.compute_logits(decode_hidden)
+    return {
+        "hidden": hidden.numpy(),
+        "logits": logits.numpy(),
+        "tokens": tokens.numpy(),
+        "decode_hidden": decode_hidden.numpy(),
+        "decode_logits": decode_logits.numpy(),
+        "decode_tokens": decode_logits.argmax(-1).numpy(),
+    }
+
+
+def _rank_main(rank, world_size, port, jobs, results, timeout_s):
+    """One spawned rank: join the group, run every (name, dir, dummy) job, report each."""
+    try:
+        tp = init_tp_group(
+            TPConfig(world_size, rank, master_port=port, timeout_s=timeout_s), device="cpu"
+        )
+        try:
+            for name, model_dir, dummy in jobs:
+                results.put((rank, name, run_model(model_dir, tp, dummy)))
+        finally:
+            tp.destroy()
+        results.put((rank, "done", None))
+    except BaseException as exc:  # the parent must hear of it, not wait for it
+        results.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(world_size, ranks, jobs, timeout_s=30.0) -> dict:
+    """Start ``ranks`` of a ``world_size`` group; (rank, job name) -> result; errors raise."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [
+        ctx.Process(target=_rank_main, args=(r, world_size, port, jobs, results, timeout_s))
+        for r in ranks
+    ]
+    for p in procs:
+        p.start()
+    out, errors, done = {}, [], 0
+    try:
+        while done < len(procs):
+            rank, name, value = results.get(timeout=TIMEOUT_S)
+            if name == "error":
+                errors.append((rank, value))
+                done += 1
+            elif name == "done":
+                done += 1
+            else:
+                out[(rank, name)] = value
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise RuntimeError("; ".join(f"rank {r}: {e}" for r, e in errors))
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_kv_head_dir(tmp_path_factory):
+    """Qwen2 (q/k/v biases) with 4 q heads and ONE kv head: at TP=2 each rank replicates it."""
+    from tandem.model_gen import ModelGenOptions, generate_model_dir
+
+    out = tmp_path_factory.mktemp("tp") / "qwen2-1kv"
+    return generate_model_dir(ModelGenOptions(arch="qwen2", out=out, kv_heads=1, seed=5))
+
+
+@pytest.fixture(scope="module")
+def biased_dir(llama_dir, tmp_path_factory):
+    """A Llama config with every bias (o_proj and down_proj too): shape only, for dummy weights."""
+    out = tmp_path_factory.mktemp("tp") / "llama-biases"
+    out.mkdir()
+    config = json.loads((llama_dir / "config.json").read_text())
+    (out / "config.json").write_text(
+        json.dumps({**config, "attention_bias": True, "mlp_bias": True})
+    )
+    return out
+
+
+def _assert_close(want, got, what):
+    err = float(np.abs(want - got).max())
+    assert np.allclose(got, want, atol=ATOL, rtol=RTOL), f"{what}: max abs difference {err}"
+    return err
+
+
+def test_tp2_matches_tp1_for_every_architecture(tiny_model, one_kv_head_dir, biased_dir):
+    from tests.conftest import TINY_MODELS
+
+    jobs = [(name, tiny_model(name), False) for name in TINY_MODELS]
+    jobs += [("qwen2-1kv", one_kv_head_dir, False), ("llama-biases-dummy", biased_dir, True)]
+    jobs += [("qwen3-dummy", tiny_model("qwen3"), True)]
+    got = _spawn(2, [0, 1], jobs)
+    worst = 0.0
+    for name, model_dir, dummy in jobs:
+        want = run_model(model_dir, TPGroup.single(), dummy)
+        rank0, rank1 = got[(0, name)], got[(1, name)]
+        for key in want:
+            # Both ranks hold the same full activations (the all-reduce gives both the sum).
+            np.testing.assert_array_equal(rank0[key], rank1[key], err_msg=f"{name} {key}")
+            if "tokens" in key:
+                np.testing.assert_array_equal(rank0[key], want[key], err_msg=f"{name} {key}")
+            else:
+                worst = max(worst, _assert_close(want[key], rank0[key], f"{name} {key}"))
+    print(f"max abs difference TP=2 vs TP=1: {worst:.3g}")
+
+
+def test_tp_init_fails_clearly_when_a_rank_never_comes():
+    with pytest.raises(RuntimeError, match=r"rank 0 of 2 could not join its group") as info:
+        _spawn(2, [0], [], timeout_s=3.0)
+    assert "TPInitError" in str(info.value)
+
+
+def test_sharding_pure_functions():
+    assert list(q_heads(8, 2, 1)) == [4, 5, 6, 7]
+    assert list(kv_heads(4, 2, 1)) == [2, 3]
+    assert [list(kv_heads(1, 2, r)) for r in range(2)] == [[0], [0]]  # replicated
+    assert [kv_heads(2, 4, r).start for r in range(4)] == [0, 0, 1, 1]
+    assert list(intermediate_cols(12, 3, 2)) == list(range(8, 12))
+    shard = shard_of(32, 8, 14336, 4, 3)
+    assert (shard.num_heads, shard.num_kv_heads, shard.intermediate_size) == (8, 2, 3584)
+    assert shard.q_heads.start == 24 and shard.kv_heads.start == 6
+    with pytest.raises(ShardingError, match="6 attention heads cannot be split over .* 4"):
+        q_heads(6, 4, 0)
+    with pytest.raises(ShardingError, match="3 key/value heads cannot be split over .* 2"):
+        kv_heads(3, 2, 0)
+    with pytest.raises(ShardingError, match="2 key/value heads cannot be replicated over .* 3"):
+        kv_heads(2, 3, 0)
+    with pytest.raises(ShardingError, match="intermediate size 10 cannot be split .* 4"):
+        intermediate_cols(10, 4, 0)
+    with pytest.raises(ShardingError, match="rank 2 is outside"):
+        q_heads(4, 2, 2)
+
+
+def test_indivisible_model_is_refused_at_load(llama_dir):
+    config = load_model_config(llama_dir)  # 4 heads, 2 kv heads
+    with pytest.raises(ShardingError, match="4 attention heads cannot be split over .* 3"):
+        load_model(
+            llama_dir,
+            config,
+            TorchAttentionBackend(),
+            device=torch.device("cpu"),
+            dtype=torch.float32,
+            tp=TPGroup(3, 0),
+        )
+
+
+def _load(model_dir, tp, dummy=False):
+    config = load_model_config(model_dir)
+    model = load_model(
+        model_dir,
+        config,
+        TorchAttentionBackend(),
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        dummy=dummy,
+        tp=tp,
+    )
+    return config, dict(model.named_parameters())
+
+
+@pytest.mark.parametrize("dummy", [False, True], ids=["checkpoint", "dummy"])
+def test_rank_shards_are_slices_of_the_one_device_weights(one_kv_head_dir, dummy):
+    """4 q heads, 1 kv head at TP=2: rank r holds q heads 2r, 2r+1 and the one kv head; its MLP
+    columns are the r-th half. No collective runs while loading, so no group is needed."""
+    config, full = _load(one_kv_head_dir, TPGroup.single(), dummy)
+    d, inter = config.head_dim, config.intermediate_size
+    q, kv = 4 * d, d
+    for rank in range(2):
+        _, part = _load(one_kv_head_dir, TPGroup(2, rank), dummy)
+        assert full.keys() == part.keys()
+        heads = slice(rank * 2 * d, (rank + 1) * 2 * d)
+        cols = slice(rank * inter // 2, (rank + 1) * inter // 2)
+        for name, p in part.items():
+            w = full[name]
+            if ".qkv_proj." in name:
+                want = torch.cat([w[:q][heads], w[q : q + kv], w[q + kv :]])
+            elif ".gate_up_proj." in name:
+                want = torch.cat([w[:inter][cols], w[inter:][cols]])
+            elif name.endswith("o_proj.weight"):
+                want = w[:, heads]
+            elif name.endswith("down_proj.weight"):
+                want = w[:, cols]
+            else:
+                want = w
+            assert torch.equal(p, want), name
+
+
+def test_tp_loader_still_requires_every_weight(llama_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(llama_dir, broken)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_proj.weight"]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"missing weights: model\.layers\.1\.self_attn\.k"):
+        _load(broken, TPGroup(2, 1))
+
+
+def test_tp1_builds_exactly_the_one_device_modules(llama_dir, biased_dir):
+    for model_dir, dummy in ((llama_dir, False), (biased_dir, True)):
+        config = load_model_config(model_dir)
+        model = load_model(
+            model_dir,
+            config,
+            TorchAttentionBackend(),
+            device=torch.device("cpu"),
+            dtype=torch.float32,
+            dummy=dummy,
+            tp=TPGroup.single(),
+        )
+        assert not any(isinstance(m, RowParallelLinear) for m in model.modules())
+        assert model.model.layers[0].self_attn.o_proj.__class__ is torch.nn.Linear
+
+
+def test_tp_config_from_env():
+    cfg = TPConfig.from_env(
+        {"WORLD_SIZE": "4", "RANK": "3", "MASTER_ADDR": "10.0.0.2", "MASTER_PORT": "1234"}
+    )
+    assert (cfg.world_size, cfg.rank, cfg.master_addr, cfg.master_port) == (4, 3, "10.0.0.2", 1234)
+    assert init_tp_group(TPConfig(1, 0)).world_size == 1  # no torch.distributed at all
+    assert not torch.distributed.is_initialized()
+    with pytest.raises(TPInitError, match="rank 2 is outside a tensor-parallel group of 2"):
+        init_tp_group(TPConfig(2, 2))
