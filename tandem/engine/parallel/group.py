@@ -112,6 +112,8 @@ def init_tp_group(cfg: TPConfig, device: torch.device | str = "cpu") -> TPGroup:
         raise TPInitError(f"rank {cfg.rank} is outside a tensor-parallel group of {cfg.world_size}")
     if cfg.world_size == 1:
         return TPGroup.single()
+    if torch.distributed.is_initialized():
+        raise TPInitError("this process is already in a torch.distributed group")
     device = torch.device(device)
     backend = cfg.backend or default_backend(device)
     if backend == "nccl":

@@ -106,6 +106,9 @@ def _rank_main(rank, world_size, port, jobs, results, timeout_s):
             TPConfig(world_size, rank, master_port=port, timeout_s=timeout_s), device="cpu"
         )
         try:
+            mine = torch.tensor([10.0 * rank, 10.0 * rank + 1])
+            results.put((rank, "gather", tp.all_gather(mine, dim=0).numpy()))
+            results.put((rank, "broadcast", tp.broadcast(mine.clone(), src=1).numpy()))
             for name, model_dir, dummy in jobs:
                 results.put((rank, name, run_model(model_dir, tp, dummy)))
         finally:
@@ -187,6 +190,9 @@ def test_tp2_matches_tp1_for_every_architecture(tiny_model, one_kv_head_dir, bia
     jobs += [("qwen2-1kv", one_kv_head_dir, False), ("llama-biases-dummy", biased_dir, True)]
     jobs += [("qwen3-dummy", tiny_model("qwen3"), True)]
     got = _spawn(2, [0, 1], jobs)
+    for rank in range(2):
+        np.testing.assert_array_equal(got[(rank, "gather")], [0.0, 1.0, 10.0, 11.0])
+        np.testing.assert_array_equal(got[(rank, "broadcast")], [10.0, 11.0])
     worst = 0.0
     for name, model_dir, dummy in jobs:
         want = run_model(model_dir, TPGroup.single(), dummy)
