@@ -8,8 +8,10 @@ difference, not the same bits), and the greedy next tokens must be identical.
 """
 
 import json
+import queue
 import shutil
 import socket
+import time
 import traceback
 
 import numpy as np
@@ -137,8 +139,15 @@ def _spawn(world_size, ranks, jobs, timeout_s=30.0) -> dict:
         p.start()
     out, errors, done = {}, [], 0
     try:
+        deadline = time.monotonic() + TIMEOUT_S
         while done < len(procs):
-            rank, name, value = results.get(timeout=TIMEOUT_S)
+            try:
+                rank, name, value = results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [p.exitcode for p in procs if not p.is_alive()]
+                if len(dead) == len(procs) or time.monotonic() > deadline:
+                    raise AssertionError(f"ranks died or hung (exit codes {dead})") from None
+                continue
             if name == "error":
                 errors.append((rank, value))
                 done += 1
