@@ -320,11 +320,20 @@ def test_a_writer_that_stops_renewing_or_dies_loses_the_blocks_at_its_write_leas
                 await call.read()
         assert e.value.code() == grpc.StatusCode.DATA_LOSS
         assert "write lease" in e.value.details()
-        # Within the write lease, even before kv_claim_timeout_s (5 s) ran out.
+        # Within the write lease, well before kv_claim_timeout_s would have run out.
         assert time.monotonic() - since < WRITE_LEASE_S + 1.0
 
     async def main():
-        decode = dict(kv_timeout_s=20.0, kv_lease_s=30.0, kv_write_lease_s=WRITE_LEASE_S)
+        # The claim deadline outlasts the dead writer's start-up (a Python process importing
+        # torch and, for nixl, creating an agent: over 5 s on a loaded 2-core CI machine, whose
+        # claim then found the reservation released as unclaimed). Claimed reservations are
+        # bound by the write lease, which this test is about.
+        decode = dict(
+            kv_timeout_s=20.0,
+            kv_lease_s=30.0,
+            kv_write_lease_s=WRITE_LEASE_S,
+            kv_claim_timeout_s=15.0,
+        )
         async with pods(in_process_pods, model_dir, transport, decode=decode) as (
             dispatcher,
             p,
