@@ -34,7 +34,7 @@ from tandem.proto.common.v1 import common_pb2
 from tandem.proto.decode.v1 import decode_pb2
 from tandem.transfer.push_streams import KVTarget, TransferResult, end_transfer_span
 from tandem.transfer.receiver import local_lease_end_ms, page_checksum, write_margin_s
-from tandem.transfer.transport import PoolWriter
+from tandem.transfer.transport import PoolWriter, check_distinct_block_ids
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,11 @@ class MemoryTransfer:
         self.writes = 0
         self.started: float | None = None
         self.error: str | None = None
+        try:
+            # Once per transfer, not per write (each write names a slice of these ids).
+            check_distinct_block_ids(target.block_ids)
+        except KVTransferError as exc:
+            self.error = f"{target.transport} write failed: {exc}"
         self._cancelled = False
         self._lock = threading.Lock()
         self._checksum = 0 if target.checksum else None

@@ -151,8 +151,10 @@ class PoolWriter(ABC):
 
 def check_block_ids(src_ids: torch.Tensor, dst_ids: torch.Tensor, dst_pool_shape) -> None:
     """Refuse, before anything is written, destination ids outside the decode pool's blocks
-    (its last block is the scratch block padding rows write to: never a request's), and a
-    destination block named twice (parallel copies would write it at once: a torn page)."""
+    (its last block is the scratch block padding rows write to: never a request's). Cheap: a
+    writer runs it on every layer-group write. That no destination block is named twice is the
+    transfer's to check, once (``check_distinct_block_ids``): its ids do not change between
+    its writes."""
     from tandem.api.errors import KVTransferError
 
     if len(src_ids) != len(dst_ids):
@@ -161,7 +163,15 @@ def check_block_ids(src_ids: torch.Tensor, dst_ids: torch.Tensor, dst_pool_shape
         raise KVTransferError(
             f"destination block ids outside the decode pool's {dst_pool_shape[2] - 1} blocks"
         )
-    if len(dst_ids) and int(dst_ids.unique().numel()) != len(dst_ids):
+
+
+def check_distinct_block_ids(dst_ids) -> None:
+    """Refuse a destination block named twice (parallel copies would write it at once: a torn
+    page). Run once per transfer on the claim's block ids (``MemoryTransfer``); every write of
+    the transfer names a slice of them."""
+    from tandem.api.errors import KVTransferError
+
+    if len(set(dst_ids)) != len(dst_ids):
         raise KVTransferError("a destination block id is named twice")
 
 

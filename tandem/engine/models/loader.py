@@ -28,32 +28,63 @@ from tandem.model_dir import ModelConfig, weight_files
 
 logger = logging.getLogger(__name__)
 
-# (checkpoint part, fused parameter, shard index)
-_FUSED = (
-    (".self_attn.q_proj.", ".self_attn.qkv_proj.", 0),
-    (".self_attn.k_proj.", ".self_attn.qkv_proj.", 1),
-    (".self_attn.v_proj.", ".self_attn.qkv_proj.", 2),
-    (".mlp.gate_proj.", ".mlp.gate_up_proj.", 0),
-    (".mlp.up_proj.", ".mlp.gate_up_proj.", 1),
-)
+# Checkpoint tensors are matched by their exact module path tail and leaf ("weight"/"bias"),
+# never by substring: ``o_proj.weight_scale_inv`` or ``q_proj_extra.weight`` is not a part.
+_FUSED = {
+    # checkpoint module -> (fused parameter module, part index)
+    "self_attn.q_proj": ("self_attn.qkv_proj", 0),
+    "self_attn.k_proj": ("self_attn.qkv_proj", 1),
+    "self_attn.v_proj": ("self_attn.qkv_proj", 2),
+    "mlp.gate_proj": ("mlp.gate_up_proj", 0),
+    "mlp.up_proj": ("mlp.gate_up_proj", 1),
+}
+_FUSED_PARTS = {"self_attn.qkv_proj": 3, "mlp.gate_up_proj": 2}
+"""Fused parameter module -> how many checkpoint parts fill it."""
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
+_LEAVES = ("weight", "bias")
+
+# What is split over ranks (q heads, kv heads or MLP columns) -- anything else is replicated:
+# column-parallel modules by output rows (weight and bias), row-parallel ones by the weight's
+# input columns (their bias is added once, after the all-reduce: whole on every rank).
+_COLUMN = {
+    "self_attn.q_proj": "q",
+    "self_attn.k_proj": "kv",
+    "self_attn.v_proj": "kv",
+    "mlp.gate_proj": "mlp",
+    "mlp.up_proj": "mlp",
+}
+_ROW = {"self_attn.o_proj": "q", "mlp.down_proj": "mlp"}
 
 
-# (checkpoint part, dimension split over ranks, what is split) -- anything else is replicated
-_SPLIT = (
-    (".self_attn.q_proj.", 0, "q"),
-    (".self_attn.k_proj.", 0, "kv"),
-    (".self_attn.v_proj.", 0, "kv"),
-    (".mlp.gate_proj.", 0, "mlp"),
-    (".mlp.up_proj.", 0, "mlp"),
-    (".self_attn.o_proj.weight", 1, "q"),
-    (".mlp.down_proj.weight", 1, "mlp"),
-)
+def _split_key(key: str) -> tuple[str, str, str]:
+    """``(prefix, module, leaf)`` of a tensor name: ``model.layers.3``, ``self_attn.q_proj``,
+    ``weight`` (module: the last two path components before the leaf)."""
+    parts = key.split(".")
+    return ".".join(parts[:-3]), ".".join(parts[-3:-1]), parts[-1]
+
+
+def _join(prefix: str, module: str, leaf: str) -> str:
+    return f"{prefix}.{module}.{leaf}" if prefix else f"{module}.{leaf}"
+
+
+def _fused_of(key: str) -> tuple[str, int] | None:
+    """``(fused parameter name, part index)`` for a checkpoint q/k/v or gate/up tensor."""
+    prefix, module, leaf = _split_key(key)
+    if module not in _FUSED or leaf not in _LEAVES:
+        return None
+    fused, index = _FUSED[module]
+    return _join(prefix, fused, leaf), index
+
+
+def _fused_module(name: str) -> str | None:
+    """The fused module (``self_attn.qkv_proj``/``mlp.gate_up_proj``) parameter ``name`` is of."""
+    _, module, leaf = _split_key(name)
+    return module if module in _FUSED_PARTS and leaf in _LEAVES else None
 
 
 def _fused_bounds(config: ModelConfig, shard: Shard, fused_name: str) -> tuple[int, ...]:
     """Row offsets of the parts of a fused parameter as this rank holds it."""
-    if ".qkv_proj." in fused_name:
+    if _fused_module(fused_name) == "self_attn.qkv_proj":
         q = shard.num_heads * config.head_dim
         kv = shard.num_kv_heads * config.head_dim
         return (0, q, q + kv, q + 2 * kv)
@@ -71,16 +102,20 @@ def _rank_part(config: ModelConfig, shard: Shard, key: str) -> tuple[int, slice,
     None: the rank holds it whole."""
     if shard.tp_size == 1:
         return None
-    for part, dim, what in _SPLIT:
-        if part in key:
-            if what == "mlp":
-                owned, unit, full = shard.intermediate, 1, config.intermediate_size
-            else:
-                owned = shard.q_heads if what == "q" else shard.kv_heads
-                heads = config.num_heads if what == "q" else config.num_kv_heads
-                unit, full = config.head_dim, heads * config.head_dim
-            return dim, slice(owned.start * unit, owned.stop * unit), full
-    return None
+    _, module, leaf = _split_key(key)
+    if module in _COLUMN and leaf in _LEAVES:
+        dim, what = 0, _COLUMN[module]
+    elif module in _ROW and leaf == "weight":
+        dim, what = 1, _ROW[module]
+    else:
+        return None
+    if what == "mlp":
+        owned, unit, full = shard.intermediate, 1, config.intermediate_size
+    else:
+        owned = shard.q_heads if what == "q" else shard.kv_heads
+        heads = config.num_heads if what == "q" else config.num_kv_heads
+        unit, full = config.head_dim, heads * config.head_dim
+    return dim, slice(owned.start * unit, owned.stop * unit), full
 
 
 def _read(f, key: str, config: ModelConfig, shard: Shard) -> torch.Tensor:
@@ -100,15 +135,15 @@ def _read(f, key: str, config: ModelConfig, shard: Shard) -> torch.Tensor:
 
 def _local_of_full(config: ModelConfig, shard: Shard, name: str, full: torch.Tensor):
     """This rank's part of a full (one-device) parameter ``name``."""
-    for fused, parts in ((".self_attn.qkv_proj.", _FUSED[:3]), (".mlp.gate_up_proj.", _FUSED[3:])):
-        if fused in name:
-            bounds = _fused_bounds(config, shard_for_config(config, 1, 0), name)
-            pieces = []
-            for ckpt, _, i in parts:
-                piece = full[bounds[i] : bounds[i + 1]]
-                _, rows, _ = _rank_part(config, shard, name.replace(fused, ckpt))
-                pieces.append(piece[rows])
-            return torch.cat(pieces)
+    fused = _fused_module(name)
+    if fused is not None:
+        bounds = _fused_bounds(config, shard_for_config(config, 1, 0), name)
+        pieces = []
+        for i in range(_FUSED_PARTS[fused]):
+            piece = full[bounds[i] : bounds[i + 1]]
+            _, rows, _ = _rank_part(config, shard, _checkpoint_name(name, i))
+            pieces.append(piece[rows])
+        return torch.cat(pieces)
     part = _rank_part(config, shard, name)
     if part is None:
         return full
@@ -149,28 +184,13 @@ def load_model(
             module.inv_freq = inv_freq
     params = dict(model.named_parameters())
     if dummy:
-        generator = torch.Generator(device=device).manual_seed(DUMMY_SEED)
-        if shard.tp_size > 1:
-            with torch.device("meta"):
-                full_shapes = {n: p.shape for n, p in DecoderLM(config, backend).named_parameters()}
-        for name, p in params.items():
-            if name.endswith("norm.weight"):
-                p.data.fill_(1.0)
-            elif shard.tp_size == 1:
-                p.data.normal_(0.0, 0.02, generator=generator)
-            else:  # the one-device draw, sliced: the same model at every TP size
-                full = torch.empty(full_shapes[name], dtype=p.dtype, device=device)
-                full.normal_(0.0, 0.02, generator=generator)
-                p.data.copy_(_local_of_full(config, shard, name, full))
+        _fill_dummy(params, config, backend, shard, device)
         return model.eval()
-    expected = {
-        (name, None) for name in params if ".qkv_proj." not in name and ".gate_up_proj." not in name
-    }
+    expected: set[tuple[str, int | None]] = set()
     for name in params:
-        if ".qkv_proj." in name:
-            expected |= {(name, s) for s in range(3)}
-        elif ".gate_up_proj." in name:
-            expected |= {(name, s) for s in range(2)}
+        fused = _fused_module(name)
+        parts = range(_FUSED_PARTS[fused]) if fused is not None else (None,)
+        expected |= {(name, part) for part in parts}
     loaded: set[tuple[str, int | None]] = set()
     for path in weight_files(model_dir):
         with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -191,20 +211,42 @@ def load_model(
     return model.eval()
 
 
+def _fill_dummy(
+    params: dict[str, torch.nn.Parameter],
+    config: ModelConfig,
+    backend: AttentionBackend,
+    shard: Shard,
+    device: torch.device,
+) -> None:
+    """Fill ``params`` with ``load_format="dummy"`` weights: norms 1, the rest N(0, 0.02) drawn
+    from ``DUMMY_SEED`` in parameter order. Under TP each parameter is drawn at its full
+    (one-device) shape and this rank's slice kept, so the model is the same at every TP size."""
+    generator = torch.Generator(device=device).manual_seed(DUMMY_SEED)
+    if shard.tp_size > 1:
+        with torch.device("meta"):
+            full_shapes = {n: p.shape for n, p in DecoderLM(config, backend).named_parameters()}
+    for name, p in params.items():
+        if name.endswith("norm.weight"):
+            p.data.fill_(1.0)
+        elif shard.tp_size == 1:
+            p.data.normal_(0.0, 0.02, generator=generator)
+        else:  # the one-device draw, sliced: the same model at every TP size
+            full = torch.empty(full_shapes[name], dtype=p.dtype, device=device)
+            full.normal_(0.0, 0.02, generator=generator)
+            p.data.copy_(_local_of_full(config, shard, name, full))
+
+
 def _load_tensor(
     params, config: ModelConfig, shard: Shard, key: str, tensor: torch.Tensor
 ) -> tuple[str, int | None] | None:
     if key == "lm_head.weight" and config.tie_word_embeddings:
         return None  # some tied checkpoints still store the head; it equals the embedding
-    for part, fused, part_index in _FUSED:
-        if part in key:
-            name = key.replace(part, fused)
-            param = params.get(name)
-            if param is None:
-                break
-            rows = _shard_rows(config, shard, name, part_index)
-            _copy(param.data[rows], tensor, key)
-            return (name, part_index)
+    fused = _fused_of(key)
+    if fused is not None and fused[0] in params:
+        name, part_index = fused
+        rows = _shard_rows(config, shard, name, part_index)
+        _copy(params[name].data[rows], tensor, key)
+        return (name, part_index)
     param = params.get(key)
     if param is None:
         raise ModelLoadError(
@@ -222,10 +264,12 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, key: str) -> None:
     dst.copy_(src)
 
 
-def _checkpoint_name(name: str, shard: int | None) -> str:
-    if shard is None:
+def _checkpoint_name(name: str, part: int | None) -> str:
+    """The checkpoint tensor that fills part ``part`` of parameter ``name`` (None: whole)."""
+    if part is None:
         return name
-    for part, fused, s in _FUSED:
-        if fused in name and s == shard:
-            return name.replace(fused, part)
+    prefix, module, leaf = _split_key(name)
+    for ckpt, (fused, index) in _FUSED.items():
+        if fused == module and index == part:
+            return _join(prefix, ckpt, leaf)
     return name

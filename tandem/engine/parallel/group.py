@@ -34,6 +34,9 @@ class TPConfig:
     """``gloo`` or ``nccl``; None: NCCL for CUDA devices, gloo otherwise."""
     timeout_s: float = 60.0
     """How long a rank waits for its peers at start-up (and for any collective) before failing."""
+    init_method: str | None = None
+    """A ``torch.distributed`` rendezvous URL (e.g. ``file:///tmp/x``, free of port races);
+    None: ``tcp://master_addr:master_port``."""
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> "TPConfig":
@@ -52,11 +55,15 @@ class TPConfig:
 class TPGroup:
     """A tensor-parallel group as the model layers see it: size, rank, and in-place sum."""
 
-    def __init__(self, world_size: int, rank: int, process_group=None) -> None:
+    def __init__(
+        self, world_size: int, rank: int, process_group=None, backend: str = "gloo"
+    ) -> None:
         self.world_size = world_size
         self.rank = rank
         self._pg = process_group
         """The ``torch.distributed`` group (None: the default one); unused at world size 1."""
+        self.backend = backend
+        """``gloo`` (collectives on CPU tensors) or ``nccl`` (on CUDA tensors)."""
 
     @classmethod
     def single(cls) -> "TPGroup":
@@ -87,6 +94,17 @@ class TPGroup:
         if self.world_size > 1:
             torch.distributed.broadcast(x, src=src, group=self._pg)
         return x
+
+    def min_int(self, value: int, device: torch.device | str = "cpu") -> int:
+        """The smallest of every rank's ``value`` (e.g. the KV blocks each rank's memory holds,
+        so that all ranks allocate the same pool). ``device``: where an NCCL group's tensor lives
+        (this rank's GPU)."""
+        if self.world_size == 1:
+            return value
+        where = device if self.backend == "nccl" else "cpu"
+        t = torch.tensor([value], dtype=torch.int64, device=where)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=self._pg)
+        return int(t.item())
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -120,7 +138,7 @@ def init_tp_group(cfg: TPConfig, device: torch.device | str = "cpu") -> TPGroup:
         os.environ["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast stays off on shared hosts
         if device.index is not None:
             torch.cuda.set_device(device)
-    where = f"tcp://{cfg.master_addr}:{cfg.master_port}"
+    where = cfg.init_method or f"tcp://{cfg.master_addr}:{cfg.master_port}"
     try:
         torch.distributed.init_process_group(
             backend,
@@ -140,4 +158,4 @@ def init_tp_group(cfg: TPConfig, device: torch.device | str = "cpu") -> TPGroup:
             f"{where} ({backend}) within {cfg.timeout_s:g} s: did every rank start, with the "
             f"same address and world size? ({type(exc).__name__}: {exc})"
         ) from exc
-    return TPGroup(cfg.world_size, cfg.rank)
+    return TPGroup(cfg.world_size, cfg.rank, backend=backend)

@@ -117,8 +117,17 @@ def shard_of(
             f"{num_heads} attention heads are not a multiple of {num_kv_heads} key/value heads"
         )
     group = num_heads // num_kv_heads
-    read = {h // group for h in shard.q_heads}
-    assert read <= set(shard.kv_heads), (shard, read)  # invariant: a rank's q read its kv
+    read = sorted({h // group for h in shard.q_heads})
+    # Invariant: a rank's q heads read only the kv heads it holds. No shape that passed the
+    # divisibility checks above reaches this error (a rank's H/tp q heads lie inside one group of
+    # H/Hkv, or span whole groups; tests pin that over every small shape): it guards the rules
+    # of ``q_heads``/``kv_heads`` against a future change, so it raises rather than asserts.
+    if not set(read) <= set(shard.kv_heads):
+        raise ShardingError(
+            f"rank {rank} of {tp_size} would compute q heads {list(shard.q_heads)}, which read "
+            f"kv heads {read}, but holds kv heads {list(shard.kv_heads)} "
+            f"({num_heads} q heads, {num_kv_heads} kv heads)"
+        )
     return shard
 
 

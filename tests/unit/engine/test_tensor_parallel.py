@@ -7,12 +7,16 @@ row-parallel layers sum two partial products where one device sums one: a reduct
 difference, not the same bits), and the greedy next tokens must be identical.
 """
 
+import contextlib
+import functools
 import json
 import queue
 import shutil
-import socket
+import sys
 import time
 import traceback
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -39,7 +43,12 @@ BLOCK_SIZE = 4
 PROMPTS = ([5, 9, 13, 2, 77, 31, 8], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8])
 ATOL, RTOL = 1e-5, 1e-4
 """float32 tolerance of TP=2 against TP=1 (seen: max abs difference ~1e-6 on these models)."""
-TIMEOUT_S = 120
+TIMEOUT_S = 300
+"""How long the test waits for its ranks (the 2-core CI box runs other test files beside it)."""
+JOIN_TIMEOUT_S = 60.0
+"""How long a rank waits for its peers (and any collective): well under ``TIMEOUT_S``, so a rank
+that never comes fails the others with their own error before the test gives up on them."""
+REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 def _meta(tables, seq_lens, query_lens, num_decodes) -> AttentionMetadata:
@@ -62,9 +71,9 @@ def _meta(tables, seq_lens, query_lens, num_decodes) -> AttentionMetadata:
     )
 
 
-@torch.inference_mode()
-def run_model(model_dir, tp: TPGroup, dummy: bool = False) -> dict[str, np.ndarray]:
-    """Prefill both prompts, then one greedy decode step; hidden states, logits and tokens."""
+def _load_model(model_dir, tp: TPGroup, dummy: bool = False):
+    """``(config, model)``: the directory's model as rank ``tp.rank`` of ``tp`` holds it, on CPU in
+    float32. Loading runs no collective, so a ``TPGroup(n, r)`` never joined stands for rank r."""
     config = load_model_config(model_dir)
     model = load_model(
         model_dir,
@@ -75,6 +84,13 @@ def run_model(model_dir, tp: TPGroup, dummy: bool = False) -> dict[str, np.ndarr
         dummy=dummy,
         tp=tp,
     )
+    return config, model
+
+
+@torch.inference_mode()
+def run_model(model_dir, tp: TPGroup, dummy: bool = False) -> dict[str, np.ndarray]:
+    """Prefill both prompts, then one greedy decode step; hidden states, logits and tokens."""
+    config, model = _load_model(model_dir, tp, dummy)
     spec = KVCacheSpec.for_model(
         config, BLOCK_SIZE, torch.float32, num_kv_heads=model.shard.num_kv_heads
     )
@@ -101,12 +117,12 @@ def run_model(model_dir, tp: TPGroup, dummy: bool = False) -> dict[str, np.ndarr
     }
 
 
-def _rank_main(rank, world_size, port, jobs, results, timeout_s):
+def _rank_main(rank, world_size, init_method, jobs, results, timeout_s):
     """One spawned rank: join the group, run every (name, dir, dummy) job, report each."""
+    torch.set_num_threads(1)  # two ranks (and maybe another test file) share a 2-core box
     try:
-        tp = init_tp_group(
-            TPConfig(world_size, rank, master_port=port, timeout_s=timeout_s), device="cpu"
-        )
+        cfg = TPConfig(world_size, rank, init_method=init_method, timeout_s=timeout_s)
+        tp = init_tp_group(cfg, device="cpu")
         try:
             mine = torch.tensor([10.0 * rank, 10.0 * rank + 1])
             results.put((rank, "gather", tp.all_gather(mine, dim=0).numpy()))
@@ -120,23 +136,37 @@ def _rank_main(rank, world_size, port, jobs, results, timeout_s):
         results.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@contextlib.contextmanager
+def _importable_tests():
+    """Spawned ranks unpickle ``_rank_main`` by its module, ``tests.unit.engine...``: they take
+    this process's ``sys.path`` when started, which lacks the repository root when pytest runs
+    as ``.venv/bin/pytest`` (not ``python -m pytest``)."""
+    added = str(REPO_ROOT) not in sys.path
+    if added:
+        sys.path.insert(0, str(REPO_ROOT))
+    try:
+        yield
+    finally:
+        if added:
+            sys.path.remove(str(REPO_ROOT))
 
 
-def _spawn(world_size, ranks, jobs, timeout_s=30.0) -> dict:
-    """Start ``ranks`` of a ``world_size`` group; (rank, job name) -> result; errors raise."""
+def _spawn(world_size, ranks, jobs, rendezvous: Path, timeout_s=JOIN_TIMEOUT_S) -> dict:
+    """Start ``ranks`` of a ``world_size`` group; (rank, job name) -> result; errors raise.
+
+    ``rendezvous``: a file that does not exist yet, the group's ``file://`` store (no port to
+    pick, so none another process can take first)."""
+    assert not rendezvous.exists()
     ctx = torch.multiprocessing.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    init_method = rendezvous.as_uri()
     procs = [
-        ctx.Process(target=_rank_main, args=(r, world_size, port, jobs, results, timeout_s))
+        ctx.Process(target=_rank_main, args=(r, world_size, init_method, jobs, results, timeout_s))
         for r in ranks
     ]
-    for p in procs:
-        p.start()
+    with _importable_tests():
+        for p in procs:
+            p.start()
     out, errors, done = {}, [], 0
     try:
         deadline = time.monotonic() + TIMEOUT_S
@@ -192,13 +222,13 @@ def _assert_close(want, got, what):
     return err
 
 
-def test_tp2_matches_tp1_for_every_architecture(tiny_model, one_kv_head_dir, biased_dir):
+def test_tp2_matches_tp1_for_every_architecture(tiny_model, one_kv_head_dir, biased_dir, tmp_path):
     from tests.conftest import TINY_MODELS
 
     jobs = [(name, tiny_model(name), False) for name in TINY_MODELS]
     jobs += [("qwen2-1kv", one_kv_head_dir, False), ("llama-biases-dummy", biased_dir, True)]
     jobs += [("qwen3-dummy", tiny_model("qwen3"), True)]
-    got = _spawn(2, [0, 1], jobs)
+    got = _spawn(2, [0, 1], jobs, tmp_path / "rendezvous")
     for rank in range(2):
         np.testing.assert_array_equal(got[(rank, "gather")], [0.0, 1.0, 10.0, 11.0])
         np.testing.assert_array_equal(got[(rank, "broadcast")], [10.0, 11.0])
@@ -216,9 +246,9 @@ def test_tp2_matches_tp1_for_every_architecture(tiny_model, one_kv_head_dir, bia
     print(f"max abs difference TP=2 vs TP=1: {worst:.3g}")
 
 
-def test_tp_init_fails_clearly_when_a_rank_never_comes():
+def test_tp_init_fails_clearly_when_a_rank_never_comes(tmp_path):
     with pytest.raises(RuntimeError, match=r"rank 0 of 2 could not join its group") as info:
-        _spawn(2, [0], [], timeout_s=3.0)
+        _spawn(2, [0], [], tmp_path / "rendezvous", timeout_s=3.0)
     assert "TPInitError" in str(info.value)
 
 
@@ -243,30 +273,39 @@ def test_sharding_pure_functions():
         q_heads(4, 2, 2)
 
 
+def test_every_shape_that_divides_gives_each_rank_the_kv_heads_its_q_heads_read():
+    """The GQA invariant of ``shard_of`` holds for every small shape the divisibility rules let
+    through: its error is unreachable from input (see the next test for what it guards)."""
+    for heads in range(1, 17):
+        for kv in (k for k in range(1, heads + 1) if heads % k == 0):
+            for tp in range(1, 9):
+                for rank in range(tp):
+                    try:
+                        shard = shard_of(heads, kv, 8 * tp, tp, rank)
+                    except ShardingError as exc:
+                        assert "cannot be" in str(exc), (heads, kv, tp, exc)
+                        continue
+                    group = heads // kv
+                    assert {h // group for h in shard.q_heads} <= set(shard.kv_heads)
+
+
+def test_a_rank_holding_other_kv_heads_than_its_q_heads_read_is_refused(monkeypatch):
+    from tandem.engine.parallel import sharding
+
+    monkeypatch.setattr(sharding, "kv_heads", lambda n, tp, rank: range(3, 4))  # a broken rule
+    with pytest.raises(ShardingError, match=r"rank 0 of 2 would compute q heads \[0, 1, 2, 3\], "
+                       r"which read kv heads \[0, 1\], but holds kv heads \[3\]"):  # fmt: skip
+        sharding.shard_of(8, 4, 16, 2, 0)
+
+
 def test_indivisible_model_is_refused_at_load(llama_dir):
-    config = load_model_config(llama_dir)  # 4 heads, 2 kv heads
+    # 4 heads, 2 kv heads
     with pytest.raises(ShardingError, match="4 attention heads cannot be split over .* 3"):
-        load_model(
-            llama_dir,
-            config,
-            TorchAttentionBackend(),
-            device=torch.device("cpu"),
-            dtype=torch.float32,
-            tp=TPGroup(3, 0),
-        )
+        _load_model(llama_dir, TPGroup(3, 0))
 
 
 def _load(model_dir, tp, dummy=False):
-    config = load_model_config(model_dir)
-    model = load_model(
-        model_dir,
-        config,
-        TorchAttentionBackend(),
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        dummy=dummy,
-        tp=tp,
-    )
+    config, model = _load_model(model_dir, tp, dummy)
     return config, dict(model.named_parameters())
 
 
@@ -297,6 +336,88 @@ def test_rank_shards_are_slices_of_the_one_device_weights(one_kv_head_dir, dummy
             assert torch.equal(p, want), name
 
 
+def test_kv_heads_replicated_in_groups_of_two_ranks_are_the_right_slices(tiny_model):
+    """4 q heads, 2 kv heads at TP=4 (qwen2: q/k/v biases too): each kv head is replicated on 2
+    ranks; rank r holds q head r, kv head r*Hkv//tp (0, 0, 1, 1), MLP columns r*I/4..; o_proj's
+    input columns r*d:(r+1)*d, d = heads per rank * head_dim. Compared against the checkpoint."""
+    from safetensors.torch import load_file
+
+    model_dir = tiny_model("qwen2")
+    config = load_model_config(model_dir)
+    assert (config.num_heads, config.num_kv_heads) == (4, 2)
+    ckpt = load_file(model_dir / "model.safetensors")
+    hd, inter, tp = config.head_dim, config.intermediate_size, 4
+    for rank in range(tp):
+        _, part = _load(model_dir, TPGroup(tp, rank))
+        q = slice(rank * hd, (rank + 1) * hd)  # one q head per rank
+        kv_head = rank * config.num_kv_heads // tp
+        kv = slice(kv_head * hd, (kv_head + 1) * hd)
+        cols = slice(rank * inter // tp, (rank + 1) * inter // tp)
+        for layer in range(config.num_layers):
+            pre = f"model.layers.{layer}"
+            qkv = part[f"{pre}.self_attn.qkv_proj.weight"]
+            assert qkv.shape == (3 * hd, config.hidden_size)
+            for leaf in ("weight", "bias"):
+                want = torch.cat(
+                    [
+                        ckpt[f"{pre}.self_attn.q_proj.{leaf}"][q],
+                        ckpt[f"{pre}.self_attn.k_proj.{leaf}"][kv],
+                        ckpt[f"{pre}.self_attn.v_proj.{leaf}"][kv],
+                    ]
+                )
+                assert torch.equal(part[f"{pre}.self_attn.qkv_proj.{leaf}"], want), (rank, leaf)
+            o_proj = part[f"{pre}.self_attn.o_proj.weight"]
+            assert torch.equal(o_proj, ckpt[f"{pre}.self_attn.o_proj.weight"][:, q]), rank
+            gate_up = torch.cat(
+                [ckpt[f"{pre}.mlp.gate_proj.weight"][cols], ckpt[f"{pre}.mlp.up_proj.weight"][cols]]
+            )
+            assert torch.equal(part[f"{pre}.mlp.gate_up_proj.weight"], gate_up), rank
+            down = ckpt[f"{pre}.mlp.down_proj.weight"][:, cols]
+            assert torch.equal(part[f"{pre}.mlp.down_proj.weight"], down), rank
+        assert torch.equal(part["model.embed_tokens.weight"], ckpt["model.embed_tokens.weight"])
+
+
+def test_checkpoint_keys_match_whole_module_names_not_substrings():
+    from tandem.engine.models import loader
+
+    config = SimpleNamespace(num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=128)
+    shard = shard_of(4, 2, 128, 2, 1)
+    part = functools.partial(loader._rank_part, config, shard)
+    assert part("model.layers.0.self_attn.o_proj.weight") == (1, slice(32, 64), 64)
+    assert part("model.layers.0.self_attn.k_proj.bias") == (0, slice(16, 32), 32)
+    assert part("model.layers.0.mlp.down_proj.weight") == (1, slice(64, 128), 128)
+    # FP8 scales, adapters, look-alike names: none is a part (a substring match took them).
+    assert part("model.layers.0.self_attn.o_proj.weight_scale_inv") is None
+    assert part("model.layers.0.mlp.down_proj.weight_scale") is None
+    assert part("model.layers.0.self_attn.o_proj_extra.weight") is None
+    assert part("model.layers.0.self_attn.q_proj.lora_A.weight") is None
+    assert part("model.layers.0.self_attn.o_proj.bias") is None  # row-parallel bias: whole
+    assert loader._fused_of("model.layers.0.self_attn.q_proj.weight") == (
+        "model.layers.0.self_attn.qkv_proj.weight",
+        0,
+    )
+    assert loader._fused_of("model.layers.0.mlp.up_proj_extra.weight") is None
+    assert loader._fused_of("model.layers.0.mlp.up_proj.weight_scale") is None
+
+
+def test_a_look_alike_checkpoint_key_is_refused_as_unexpected(llama_dir, tmp_path):
+    """``o_proj.weight_scale_inv`` contains ``.self_attn.o_proj.weight``: it must be refused by
+    name, not sliced as o_proj's input columns (which failed with a misleading shape error)."""
+    from safetensors.torch import load_file, save_file
+
+    extra = tmp_path / "extra"
+    shutil.copytree(llama_dir, extra)
+    tensors = load_file(extra / "model.safetensors")
+    tensors["model.layers.0.self_attn.o_proj.weight_scale_inv"] = torch.ones(2, 2)
+    save_file(tensors, extra / "model.safetensors", metadata={"format": "pt"})
+    for tp in (TPGroup.single(), TPGroup(2, 1)):
+        with pytest.raises(
+            ModelLoadError,
+            match=r"unexpected weight 'model\.layers\.0\.self_attn\.o_proj\.weight_s",
+        ):
+            _load(extra, tp)
+
+
 def test_tp_loader_still_requires_every_weight(llama_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -311,16 +432,7 @@ def test_tp_loader_still_requires_every_weight(llama_dir, tmp_path):
 
 def test_tp1_builds_exactly_the_one_device_modules(llama_dir, biased_dir):
     for model_dir, dummy in ((llama_dir, False), (biased_dir, True)):
-        config = load_model_config(model_dir)
-        model = load_model(
-            model_dir,
-            config,
-            TorchAttentionBackend(),
-            device=torch.device("cpu"),
-            dtype=torch.float32,
-            dummy=dummy,
-            tp=TPGroup.single(),
-        )
+        _, model = _load_model(model_dir, TPGroup.single(), dummy)
         assert not any(isinstance(m, RowParallelLinear) for m in model.modules())
         assert model.model.layers[0].self_attn.o_proj.__class__ is torch.nn.Linear
 

@@ -87,9 +87,37 @@ def test_out_of_range_blocks_are_refused_and_nothing_is_written(decode_pool):
         writer.write(src, torch.tensor([1, 2]), (0, 4), torch.tensor([3, 33]))
     with pytest.raises(KVTransferError):
         writer.write(src, torch.tensor([1, 2]), (0, 4), torch.tensor([3]))
-    with pytest.raises(KVTransferError, match="twice"):  # two copy threads would tear it
+    with pytest.raises(ValueError, match="twice"):  # shm's copy threads would tear it
         writer.write(src, torch.tensor([1, 2]), (0, 4), torch.tensor([3, 3]))
     assert torch.equal(cache.tensor, before)
+
+
+def test_a_claim_naming_a_block_twice_fails_its_transfer_before_any_write(decode_pool):
+    """The claim's ids are checked for duplicates once, when the transfer is set up (not on each
+    layer-group write): nothing is written, the transfer fails and sends its abort notice."""
+    from tandem.transfer.memory_push import MemoryTransfer
+    from tandem.transfer.push_streams import KVTarget
+
+    cache, descriptor = decode_pool
+    before = cache.tensor.clone()
+    src = source()
+    notices = []
+    target = KVTarget(
+        "decode:1", "r1", 0, "fp", transfer_token="t", transport="shm", block_ids=(3, 5, 3),
+        lease_expires_unix_ms=int((time.time() + 60) * 1000),
+    )  # fmt: skip
+    transfer = MemoryTransfer(
+        target, 3, open_writer(descriptor, src), lambda e, **kw: notices.append(e), 5.0
+    )
+    assert transfer.failed
+    for layers in ((0, 2), (2, 4)):
+        transfer.write(src, [1, 2, 4], layers, 0, 3)
+    assert transfer.writes == 0 and torch.equal(cache.tensor, before)
+    with pytest.raises(
+        KVTransferError, match="failed: shm write failed: a destination block id is named twice"
+    ):
+        transfer.finish(end("r1", "t"))
+    assert [n.aborted for n in notices] == [True]
 
 
 def test_forged_unclaimed_and_late_notices_are_refused(decode_pool):

@@ -100,11 +100,19 @@ def test_block_ids_outside_either_pool_are_refused_and_nothing_is_written(src_id
     assert not dst.any()
 
 
-def test_the_writer_refuses_a_destination_block_named_twice():
+def test_a_destination_block_named_twice_is_refused_once_per_transfer():
+    from tandem.transfer.transport import check_distinct_block_ids
+
+    with pytest.raises(KVTransferError, match="a destination block id is named twice"):
+        check_distinct_block_ids((4, 5, 4))
+    check_distinct_block_ids((4, 5, 6))
+    check_distinct_block_ids(())
     shape = (2, 2, 8, 4, 2, 8)
-    with pytest.raises(KVTransferError, match="twice"):
-        shm_transport.check_block_ids(torch.tensor([0, 1, 2]), torch.tensor([4, 5, 4]), shape)
-    shm_transport.check_block_ids(torch.tensor([0, 0]), torch.tensor([4, 5]), shape)  # reads
+    # The per-write check is bounds only (duplicates are the transfer's, checked once); a source
+    # block read twice is fine.
+    shm_transport.check_block_ids(torch.tensor([0, 0]), torch.tensor([4, 5]), shape)
+    with pytest.raises(KVTransferError, match="outside the decode pool's 7 blocks"):
+        shm_transport.check_block_ids(torch.tensor([0, 1]), torch.tensor([4, 7]), shape)
 
 
 @pytest.mark.parametrize("failing", ["caller", "pool"])
