@@ -39,6 +39,7 @@ from tandem.api import proto_convert
 from tandem.api.errors import (
     CapacityExceeded,
     InvalidRequest,
+    KVFingerprintMismatch,
     KVTransferError,
     KVTransferForbidden,
     TandemError,
@@ -243,6 +244,13 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             "num_text_chars": proto_convert.num_text_chars(request),
         }
         if request.prefill_mode == decode_pb2.PREFILL_MODE_REMOTE:
+            if self.settings.tensor_parallel_size > 1:
+                # Each rank's pool holds its kv heads only; pushed pages carry all of them.
+                # Retryable: the router runs the request elsewhere, or here colocated.
+                raise KVFingerprintMismatch(
+                    f"this decode pod runs tensor-parallel over "
+                    f"{self.settings.tensor_parallel_size} ranks and cannot take pushed KV yet"
+                )
             block_ids, cached = await self.core.reserve(
                 rid, ids, params, priority=request.priority, cache_salt=cache_salt, **resume
             )

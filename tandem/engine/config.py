@@ -63,6 +63,10 @@ class EngineOptions(BaseModel):
     """Launch a decode step before the previous one's tokens are read when nothing else waits
     (vLLM's async scheduling): the host's per-step work overlaps the GPU. ``auto``: on for CUDA
     engines without a per-layer KV hook."""
+    tensor_parallel_size: int = Field(1, ge=1, le=64)
+    """Ranks the model is split over (Megatron-style: attention heads and MLP columns), one
+    process and one device each: the engine's own process is rank 0 and starts the others. On
+    CUDA, rank r uses the device after ``device``'s index by r (``cuda`` -> cuda:0..N-1)."""
     load_format: Literal["auto", "dummy"] = "auto"
     """``dummy``: random weights instead of reading safetensors (benchmarks of model shapes)."""
     seed: int = 0

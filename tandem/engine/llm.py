@@ -28,6 +28,17 @@ class LLM:
         self._ids = itertools.count()
         self._default_sampling = SamplingParams(**generation_defaults(model))
 
+    def close(self) -> None:
+        """Release the engine's other processes (the ranks of ``tensor_parallel_size`` > 1);
+        also on leaving a ``with`` block. Nothing to do for one rank."""
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer

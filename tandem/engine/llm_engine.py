@@ -29,6 +29,7 @@ from tandem.engine.block_manager import BlockManager
 from tandem.engine.config import EngineConfig, ResolvedLimits, SchedulerConfig
 from tandem.engine.models.loader import DUMMY_SEED
 from tandem.engine.output_processor import OutputProcessor, RequestState
+from tandem.engine.parallel import shard_for_config
 from tandem.engine.parallel_sampling import ParentRequest, is_parallel
 from tandem.engine.request_validation import RequestValidator
 from tandem.engine.runner import LaunchedStep, ModelRunner
@@ -36,6 +37,7 @@ from tandem.engine.scheduler import Scheduler, SchedulerOutput
 from tandem.engine.sequence import Sequence, SequenceStatus
 from tandem.engine.structured_output import StructuredOutputManager
 from tandem.engine.token_outputs import TokenOutputProcessor
+from tandem.engine.tp_ranks import FollowerRanks
 from tandem.engine.uploads import upload
 from tandem.model_dir import config_digest, load_model_config, weights_digest
 from tandem.tokenizer import Tokenizer
@@ -91,9 +93,9 @@ class LLMEngine:
             self.tokenizer, self.model_config.vocab_size, eos
         )
         """Grammar matchers of the requests with ``structured_outputs``."""
-        self.runner = ModelRunner(
-            config, self.model_config, eos, max_model_len, structured_output=self.structured_output
-        )
+        self._followers = None
+        """The other ranks of a tensor-parallel engine (``tp_ranks.FollowerRanks``)."""
+        self.runner = self._build_runner(config, eos, max_model_len)
         # A request's last token is never written to the cache: a pool of N tokens holds a context
         # of N + 1.
         pool_context = self.runner.kv_cache.num_blocks * config.block_size + 1
@@ -175,6 +177,53 @@ class LLMEngine:
             config.block_size,
             self.limits.max_model_len,
         )
+
+    def _build_runner(
+        self, config: EngineConfig, eos: tuple[int, ...], max_model_len: int
+    ) -> ModelRunner:
+        """This process's runner; under tensor parallelism rank 0's, with the other ranks
+        started beside it (their shapes are checked first, so that a model that does not
+        split fails here, before any process starts)."""
+        tp = config.tensor_parallel_size
+        if tp == 1:
+            return ModelRunner(
+                config,
+                self.model_config,
+                eos,
+                max_model_len,
+                structured_output=self.structured_output,
+            )
+        for rank in range(tp):
+            shard_for_config(self.model_config, tp, rank)
+        followers, group = FollowerRanks.start(config, eos, max_model_len)
+        try:
+            runner = ModelRunner(
+                config,
+                self.model_config,
+                eos,
+                max_model_len,
+                structured_output=self.structured_output,
+                tp=group,
+            )
+            followers.wait_ready()
+        except BaseException as exc:
+            failure = followers.failure()
+            followers.close()
+            group.destroy()
+            if failure is not None and not isinstance(exc, TandemError):
+                raise ModelLoadError(failure) from exc
+            raise
+        runner.attach_followers(followers)
+        self._followers = followers
+        return runner
+
+    def close(self) -> None:
+        """Stop the other ranks of a tensor-parallel engine and leave its group (nothing to do
+        for one rank). The engine is unusable afterwards."""
+        if self._followers is not None:
+            followers, self._followers = self._followers, None
+            followers.close()
+            self.runner.tp.destroy()
 
     def _max_model_len(self) -> int:
         model_max = self.model_config.max_position_embeddings

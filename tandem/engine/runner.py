@@ -4,8 +4,14 @@ All scheduled tokens go through the model in one flat batch: decodes first (one 
 then prompt chunks. The runner builds positions, slot mapping and block tables with NumPy, runs
 the model over the paged KV cache, computes logits only for the rows that sample, and samples
 on the device. It owns the weights, the KV cache and the per-request random generators.
+
+Under tensor parallelism (``tensor_parallel_size`` > 1) every rank has a runner over its shard of
+the weights and of the KV pool; rank 0's builds each step's host inputs once (a ``StepPlan``),
+sends them to the other ranks (``tp_ranks.FollowerRanks``) and samples; the others run the same
+forward (``follow``), their layers' all-reduces meeting rank 0's.
 """
 
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import Protocol
@@ -21,6 +27,7 @@ from tandem.engine.attention.selector import triton_supports
 from tandem.engine.config import EngineConfig
 from tandem.engine.kv_cache import KVCacheSpec, PagedKVCache
 from tandem.engine.models import load_model
+from tandem.engine.parallel import TPGroup, shard_for_config
 from tandem.engine.sampler import Sampler, SamplerOutput, SamplingRow
 from tandem.engine.scheduler import ScheduledSequence
 from tandem.engine.structured_output import StructuredOutputManager
@@ -102,6 +109,34 @@ class KVLayerHook(Protocol):
     ) -> None: ...
 
 
+class StepFollowers(Protocol):
+    """The other ranks of a tensor-parallel group, as rank 0's runner drives them
+    (``tp_ranks.FollowerRanks``)."""
+
+    def step(self, plan: "StepPlan", device_input_ids: torch.Tensor | None) -> None: ...
+
+    def copy_blocks(self, src: list[int], dst: list[int]) -> None: ...
+
+
+@dataclass(slots=True)
+class StepPlan:
+    """A step's forward inputs on the host (NumPy arrays), before their upload.
+
+    Rank 0 builds it once; under tensor parallelism the other ranks receive it and upload it to
+    their own devices, so every rank runs the same forward over its shard.
+    """
+
+    input_ids: np.ndarray | None
+    """None: the tokens are on rank 0's device already (async scheduling) and are broadcast."""
+    positions: np.ndarray
+    slot_mapping: np.ndarray
+    block_tables: np.ndarray
+    seq_lens: np.ndarray
+    query_start_loc: np.ndarray
+    num_decodes: int
+    block_size: int
+
+
 @dataclass(slots=True)
 class ForwardBatch:
     """Device inputs of one step's forward."""
@@ -115,6 +150,8 @@ class ForwardBatch:
     """Rows of the hidden states whose logits are sampled (each sampling sequence's last token)."""
     sampling: list[ScheduledSequence]
     """The sequences that sample, aligned with ``logits_indices``."""
+    plan: StepPlan | None = None
+    """The host inputs this batch was uploaded from."""
 
 
 class LaunchedStep:
@@ -174,12 +211,19 @@ class ModelRunner:
         max_model_len: int,
         *,
         structured_output: StructuredOutputManager | None = None,
+        tp: TPGroup | None = None,
     ) -> None:
         """
         Args:
             structured_output: the engine's grammar matchers; the runner asks it for the masks
                 of constrained rows (``_sample``) and frees a request's matcher (``release``).
+            tp: this process's tensor-parallel group (None: one rank). Every rank constructs
+                its runner at the same time: loading, the profiled step and the pool's size
+                agree over the group's collectives.
         """
+        self.tp = tp or TPGroup.single()
+        self.shard = shard_for_config(model_config, self.tp.world_size, self.tp.rank)
+        self._followers: StepFollowers | None = None
         self.config = config
         self.model_config = model_config
         self.eos_token_ids = eos_token_ids
@@ -212,8 +256,11 @@ class ModelRunner:
             device=self.device,
             dtype=self.dtype,
             dummy=config.load_format == "dummy",
+            tp=self.tp,
         )
-        self.kv_spec = KVCacheSpec.for_model(model_config, config.block_size, self.dtype)
+        self.kv_spec = KVCacheSpec.for_model(
+            model_config, config.block_size, self.dtype, num_kv_heads=self.shard.num_kv_heads
+        )
         self.sampler = Sampler(self.device, config.seed)
         self.structured_output = structured_output
         self._generators: dict[RequestId, torch.Generator] = {}
@@ -229,7 +276,12 @@ class ModelRunner:
             self.device,
             path=config.kv_pool_path,
         )
-        if self.device.type == "cuda" and config.cuda_graphs and self.backend_name == "triton":
+        if self.tp.world_size > 1 and config.cuda_graphs and self.device.type == "cuda":
+            logger.warning(
+                "decode CUDA graphs are not captured under tensor parallelism yet: "
+                "decode steps run eagerly"
+            )
+        elif self.device.type == "cuda" and config.cuda_graphs and self.backend_name == "triton":
             from tandem.engine.cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(
@@ -244,7 +296,11 @@ class ModelRunner:
     # ---- memory -----------------------------------------------------------------------------
 
     def _num_kv_blocks(self, max_model_len: int) -> int:
-        """KV pool size: explicit, else what the memory budget affords (never more than useful)."""
+        """KV pool size: explicit, else what the memory budget affords (never more than useful);
+        under tensor parallelism the smallest any rank affords (one block manager for all)."""
+        return self.tp.min_int(self._affordable_kv_blocks(max_model_len), self.device)
+
+    def _affordable_kv_blocks(self, max_model_len: int) -> int:
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks
         per_block = self.kv_spec.bytes_per_block
@@ -335,6 +391,11 @@ class ModelRunner:
 
     def set_kv_layer_hook(self, hook: KVLayerHook | None) -> None:
         """Have ``hook`` see each layer's KV as soon as the forward wrote it (prefill pods)."""
+        if hook is not None and self.tp.world_size > 1:
+            raise ModelLoadError(
+                "exporting KV from a tensor-parallel engine (a prefill pod with "
+                "tensor_parallel_size > 1) is not supported yet"
+            )
         self._kv_layer_hook = hook
 
     # ---- one step ---------------------------------------------------------------------------
@@ -357,44 +418,92 @@ class ModelRunner:
         seq_index = np.repeat(np.arange(len(order)), qlens)
         positions = np.arange(num_tokens, dtype=np.int64) - qsl[:-1][seq_index] + starts[seq_index]
         tables = block_tables(order)
+        ids = None
         if input_ids is None:
-            ids: list[int] = []
-            for s in order:
-                ids.extend(s.seq.token_ids[s.start : s.start + s.num_new_tokens])
-            input_ids = upload(torch.tensor(ids, dtype=torch.long), self.device)
-        slots = tables[seq_index, positions // bs] * bs + positions % bs
-        seq_lens = starts + qlens
-        sampling = [s for s in order if s.samples]
-        last_rows = [int(qsl[i + 1]) - 1 for i, s in enumerate(order) if s.samples]
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=upload(slots, dev),
-            block_tables=upload(tables, dev),
-            seq_lens=upload(seq_lens, dev),
-            query_start_loc=upload(qsl, dev),
+            ids = np.fromiter(
+                itertools.chain.from_iterable(
+                    s.seq.token_ids[s.start : s.start + s.num_new_tokens] for s in order
+                ),
+                dtype=np.int64,
+                count=num_tokens,
+            )
+        plan = StepPlan(
+            input_ids=ids,
+            positions=positions,
+            slot_mapping=tables[seq_index, positions // bs] * bs + positions % bs,
+            block_tables=tables,
+            seq_lens=starts + qlens,
+            query_start_loc=qsl,
             num_decodes=int(np.count_nonzero(qlens == 1)),
-            seq_lens_cpu=seq_lens.tolist(),
-            query_start_loc_cpu=qsl.tolist(),
             block_size=bs,
         )
+        last_rows = [int(qsl[i + 1]) - 1 for i, s in enumerate(order) if s.samples]
+        device_ids, positions_t, meta = self._upload(plan, input_ids)
         return ForwardBatch(
-            input_ids=input_ids,
-            positions=upload(positions, dev),
+            input_ids=device_ids,
+            positions=positions_t,
             attn=meta,
             order=order,
-            logits_indices=upload(torch.tensor(last_rows, dtype=torch.long), dev),
-            sampling=sampling,
+            logits_indices=upload(torch.tensor(last_rows, dtype=torch.long), self.device),
+            sampling=[s for s in order if s.samples],
+            plan=plan,
         )
+
+    def _upload(
+        self, plan: StepPlan, input_ids: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """(input ids, positions, attention metadata) of ``plan`` on this rank's device."""
+        dev = self.device
+        if input_ids is None:
+            input_ids = upload(plan.input_ids, dev)
+        meta = AttentionMetadata(
+            slot_mapping=upload(plan.slot_mapping, dev),
+            block_tables=upload(plan.block_tables, dev),
+            seq_lens=upload(plan.seq_lens, dev),
+            query_start_loc=upload(plan.query_start_loc, dev),
+            num_decodes=plan.num_decodes,
+            seq_lens_cpu=plan.seq_lens.tolist(),
+            query_start_loc_cpu=plan.query_start_loc.tolist(),
+            block_size=plan.block_size,
+        )
+        return input_ids, upload(plan.positions, dev), meta
+
+    # ---- tensor parallelism -----------------------------------------------------------------
+
+    def attach_followers(self, followers: StepFollowers) -> None:
+        """Rank 0: send every later step to ``followers`` (the group's other ranks) before
+        running it. Attached after construction: the constructors' collectives (the profiled
+        step, the pool's size) run on every rank by themselves."""
+        self._followers = followers
+
+    @torch.inference_mode()
+    def follow(self, plan: StepPlan, input_ids: torch.Tensor | None = None) -> None:
+        """Ranks after the first: run rank 0's step over this rank's shard (no sampling: rank 0
+        samples from logits every rank holds alike)."""
+        if self.device.type == "cuda" and torch.cuda.current_device() != self.device.index:
+            torch.cuda.set_device(self.device)
+        ids, positions, meta = self._upload(plan, input_ids)
+        self.model(ids, positions, self.kv_cache.tensor, meta, None)
+
+    @torch.inference_mode()
+    def copy_block_ids(self, src: list[int], dst: list[int]) -> None:
+        """Copy KV blocks ``src[i]`` to ``dst[i]`` in this rank's pool (every layer, K and V)."""
+        src_t = upload(torch.tensor(src, dtype=torch.long), self.device)
+        dst_t = upload(torch.tensor(dst, dtype=torch.long), self.device)
+        kv = self.kv_cache.tensor
+        kv.index_copy_(2, dst_t, kv.index_select(2, src_t))
 
     @torch.inference_mode()
     def copy_blocks(self, copies: list[tuple[BlockId, BlockId]]) -> None:
         """Copy KV blocks (source, destination) in every layer, K and V: the block manager's
         copy-on-write of a shared block (``BlockManager.fork``). Queued on the device's stream
-        before the next step, so that step reads and writes the copies."""
-        src = upload(torch.tensor([c[0] for c in copies], dtype=torch.long), self.device)
-        dst = upload(torch.tensor([c[1] for c in copies], dtype=torch.long), self.device)
-        kv = self.kv_cache.tensor
-        kv.index_copy_(2, dst, kv.index_select(2, src))
+        before the next step, so that step reads and writes the copies; every rank copies its
+        shard."""
+        src = [int(c[0]) for c in copies]
+        dst = [int(c[1]) for c in copies]
+        if self._followers is not None:
+            self._followers.copy_blocks(src, dst)
+        self.copy_block_ids(src, dst)
 
     def execute(
         self, scheduled: list[ScheduledSequence]
@@ -420,6 +529,8 @@ class ModelRunner:
         if self._graph_step(scheduled):
             return self._launch_graph(scheduled, input_ids)
         batch = self.prepare(scheduled, input_ids)
+        if self._followers is not None:
+            self._followers.step(batch.plan, input_ids)
         kv = self.kv_cache.tensor
         hook = None
         if self._kv_layer_hook is not None:

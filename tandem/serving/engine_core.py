@@ -494,6 +494,7 @@ class EngineCore:
     def close(self) -> None:
         if self.sender is not None:
             self.sender.close()
+        self.engine.close()  # the other tensor-parallel ranks, if any
         self._commands.close(linger=0)
         self._updates.close(linger=1000)
         self._zmq.term()

@@ -108,7 +108,12 @@ def test_every_rendered_object_validates_against_kubernetes_schemas(chart, value
 
 
 def test_examples_cover_the_common_shapes(chart):
-    assert {p.stem for p in EXAMPLES} == {"values-1p1d", "values-xpyd", "values-colocated"}
+    assert {p.stem for p in EXAMPLES} == {
+        "values-1p1d",
+        "values-xpyd",
+        "values-colocated",
+        "values-tp4-colocated",
+    }
     by_name = {p.stem: render(chart, example_values(p)) for p in EXAMPLES}
     colocated = by_name["values-colocated"]
     assert not find(colocated, "Deployment", "prefill") and not find(
@@ -128,6 +133,11 @@ def test_examples_cover_the_common_shapes(chart):
         "tandem-prefill",
         "tandem-decode",
     }
+    tp4 = by_name["values-tp4-colocated"]
+    assert not find(tp4, "Deployment", "prefill") and not find(tp4, "StatefulSet")
+    decode = container_of(tp4, "decode")
+    assert parse_cli(decode["args"]).tensor_parallel_size == 4
+    assert decode["resources"]["requests"][GPU] == decode["resources"]["limits"][GPU] == "4"
 
 
 # -- What the CLI receives ---------------------------------------------------------------------
@@ -205,6 +215,56 @@ def test_gpus_are_requested_by_prefill_and_decode_only_with_requests_equal_to_li
     assert GPU not in container_of(custom, "decode")["resources"]["limits"]
     with pytest.raises(HelmError, match="set decode.gpus instead"):
         render(chart, {"decode": {"resources": {"limits": {GPU: 1}}}})
+
+
+TP4 = {"prefill": {"enabled": False}, "decode": {"engine": {"tensorParallelSize": 4}}}
+
+
+def with_decode(values: dict, **decode) -> dict:
+    return {**values, "decode": {**values["decode"], **decode}}
+
+
+def test_tensor_parallel_decode_pods_get_one_gpu_per_rank(chart):
+    objects = render(chart, TP4)
+    for obj in objects:
+        if obj["kind"] not in CRD_KINDS:
+            kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+    decode = container_of(objects, "decode")
+    args = decode["args"]
+    assert args[args.index("--tensor-parallel-size") + 1] == "4"
+    assert parse_cli(args).tensor_parallel_size == 4  # the real CLI takes the flag
+    assert decode["resources"]["requests"][GPU] == decode["resources"]["limits"][GPU] == "4"
+    assert lint(CHART, TP4, strict=True, namespace=NAMESPACE)["errors"] == []
+    # Default: one rank, no flag, one GPU (as before tensor parallelism).
+    default = container_of(render(chart), "decode")
+    assert "--tensor-parallel-size" not in default["args"]
+    assert parse_cli(default["args"]).tensor_parallel_size == 1
+    assert default["resources"]["requests"][GPU] == default["resources"]["limits"][GPU] == "1"
+    assert "--tensor-parallel-size" not in container_of(render(chart), "prefill")["args"]
+    # An explicit count wins when it covers every rank (the extra GPUs idle).
+    more = container_of(render(chart, with_decode(TP4, gpus=8)), "decode")["resources"]
+    assert more["requests"][GPU] == more["limits"][GPU] == "8"
+    one_rank = container_of(render(chart, {"decode": {"gpus": 3}}), "decode")["resources"]
+    assert one_rank["requests"][GPU] == "3"
+    # 0 keeps meaning CPU pods, whatever the rank count (ranks on gloo).
+    cpu = with_decode(TP4, gpus=0, extraArgs=["--device", "cpu"])
+    c = container_of(render(chart, cpu), "decode")
+    assert not any("gpu" in k for part in c["resources"].values() for k in part)
+    assert parse_cli(c["args"]).device == "cpu" and parse_cli(c["args"]).tensor_parallel_size == 4
+
+
+def test_tensor_parallel_values_that_cannot_run_are_refused(chart):
+    with pytest.raises(
+        HelmError,
+        match=r"decode.gpus \(2\) is fewer than decode.engine.tensorParallelSize \(4\)",
+    ):
+        render(chart, with_decode(TP4, gpus=2))
+    # Prefill pods run one rank, and a tensor-parallel decode pod takes no pushed KV.
+    with pytest.raises(HelmError, match="prefill.engine.tensorParallelSize must be 1"):
+        render(chart, {"prefill": {"engine": {"tensorParallelSize": 2}}})
+    with pytest.raises(HelmError, match="tensorParallelSize 4 needs prefill.enabled=false"):
+        render(chart, {"decode": {"engine": {"tensorParallelSize": 4}}})
+    render(chart, {"prefill": {"engine": {"tensorParallelSize": 1}}})  # one rank: fine
 
 
 def test_probes(chart):
@@ -618,6 +678,10 @@ def test_observability_toggles(chart):
         ({"decode": {"kvLeaseSeconds": 0}}, "/decode/kvLeaseSeconds"),
         ({"decode": {"kvWriteLeaseSeconds": 0.5}}, "/decode/kvWriteLeaseSeconds"),
         ({"prefill": {"kv": {"checksum": "yes"}}}, "/prefill/kv/checksum"),
+        ({"decode": {"engine": {"tensorParallelSize": 0}}}, "/decode/engine/tensorParallelSize"),
+        ({"decode": {"engine": {"tensorParallelSize": 1.5}}}, "/decode/engine/tensorParallelSize"),
+        ({"decode": {"gpus": -1}}, "/decode/gpus"),
+        ({"decode": {"gpus": "two"}}, "/decode/gpus"),
     ],
 )
 def test_values_schema_rejects_bad_values(chart, values, message):

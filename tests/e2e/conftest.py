@@ -124,3 +124,23 @@ def reference(e2e_model):
     from tandem.engine import LLM
 
     return LLM(e2e_model, num_kv_blocks=NUM_KV_BLOCKS)
+
+
+def greedy_token_ids(router_url: str, prompt: list[int], max_tokens: int) -> list[int]:
+    """A greedy /v1/completions of ``prompt`` through the router: its tokens' ids."""
+    import httpx
+
+    r = httpx.post(
+        f"{router_url}/v1/completions",
+        json={
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "logprobs": 0,
+            "return_tokens_as_token_ids": True,
+        },
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    tokens = r.json()["choices"][0]["logprobs"]["tokens"]
+    return [int(t.removeprefix("token_id:")) for t in tokens]

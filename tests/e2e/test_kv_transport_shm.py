@@ -3,10 +3,9 @@ CPU; the prefill pod writes KV pages straight into the decode pod's shared-memor
 
 import random
 
-import httpx
 import pytest
 
-from .conftest import start_cluster, wait_idle
+from .conftest import greedy_token_ids, start_cluster, wait_idle
 from .test_metrics import scrape, value
 
 pytestmark = pytest.mark.integration
@@ -30,20 +29,7 @@ def test_shm_transport_serves_greedy_output_token_identical_to_transformers(
     pods = shm_cluster.pods("prefill") + shm_cluster.pods("decode")
     before = {p.name: scrape(p.metrics_url) for p in pods}
     for prompt in batch:
-        r = httpx.post(
-            f"{shm_cluster.router_url}/v1/completions",
-            json={
-                "prompt": prompt,
-                "max_tokens": MAX_NEW,
-                "temperature": 0,
-                "logprobs": 0,
-                "return_tokens_as_token_ids": True,
-            },
-            timeout=60,
-        )
-        assert r.status_code == 200, r.text
-        tokens = r.json()["choices"][0]["logprobs"]["tokens"]
-        assert [int(t.removeprefix("token_id:")) for t in tokens] == hf.generate(prompt)
+        assert greedy_token_ids(shm_cluster.router_url, prompt, MAX_NEW) == hf.generate(prompt)
     after = {p.name: scrape(p.metrics_url) for p in pods}
 
     def moved(pod, transport):

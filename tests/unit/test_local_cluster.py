@@ -138,3 +138,18 @@ def test_wait_ready_reports_progress_not_polls():
     log = "".join(cluster.log)
     assert log.count("tandem: fast ready (") == 1 and log.count("tandem: slow ready (") == 1
     assert "waiting for slow\n" in log and "waiting for fast" not in log
+
+
+def test_tensor_parallel_decode_workers_get_the_flag_and_prefill_workers_are_refused():
+    planned = worker_args(prefill=0, decode=2, tensor_parallel_size=2)
+    assert [flag(planned[f"decode-{i}"], "--tensor-parallel-size") for i in (0, 1)] == ["2", "2"]
+    assert "--tensor-parallel-size" not in worker_args(prefill=0, decode=1)["decode-0"]
+    with pytest.raises(ValidationError, match="needs --prefill 0"):
+        UpOptions(model=Path("m"), prefill=1, tensor_parallel_size=2)
+
+
+def test_a_tensor_parallel_prefill_pod_is_refused_at_start():
+    from services.prefill.settings import PrefillSettings
+
+    with pytest.raises(ValidationError, match="prefill pod runs one rank"):
+        PrefillSettings(model="m", tensor_parallel_size=2)

@@ -218,11 +218,22 @@ preStop:
     command: ["sleep", "5"]
 {{- end -}}
 
+{{/* GPUs per pod of a workload (call with its values, e.g. .Values.decode): `gpus` when set
+     (0: none, CPU pods), else one per tensor-parallel rank (engine.tensorParallelSize). */}}
+{{- define "tandem.gpuCount" -}}
+{{- if kindIs "invalid" .gpus -}}
+{{- .engine.tensorParallelSize | default 1 | int -}}
+{{- else -}}
+{{- .gpus | int -}}
+{{- end -}}
+{{- end -}}
+
 {{/* GPU (and kvTransport.rdma) requests equal limits: call with (dict "ctx" $ "w" .Values.prefill) */}}
 {{- define "tandem.gpuResources" -}}
 {{- $gpu := .ctx.Values.global.gpuResourceName -}}
 {{- $extra := dict -}}
-{{- if .w.gpus }}{{ $_ := set $extra $gpu .w.gpus }}{{ end -}}
+{{- $gpus := include "tandem.gpuCount" .w | int -}}
+{{- if $gpus }}{{ $_ := set $extra $gpu $gpus }}{{ end -}}
 {{- range $k, $v := .ctx.Values.kvTransport.rdma.resources }}{{ $_ := set $extra $k $v }}{{ end -}}
 requests:
   {{- range $k, $v := merge (deepCopy $extra) (.w.resources.requests | default dict) }}
@@ -292,6 +303,10 @@ true
 {{- if not .enablePrefixCaching }}
 - --no-enable-prefix-caching
 {{- end }}
+{{- if gt (int (.tensorParallelSize | default 1)) 1 }}
+- --tensor-parallel-size
+- {{ .tensorParallelSize | int64 | quote }}
+{{- end }}
 {{- end -}}
 
 {{/* Checks across values that values.schema.json cannot express; renders nothing. */}}
@@ -308,6 +323,17 @@ true
 {{- end -}}
 {{- if gt (float64 .Values.decode.kvWriteLeaseSeconds) (float64 .Values.decode.kvLeaseSeconds) -}}
 {{- fail (printf "decode.kvWriteLeaseSeconds (%v) must not exceed decode.kvLeaseSeconds (%v): the reservation's lease bounds every write lease" .Values.decode.kvWriteLeaseSeconds .Values.decode.kvLeaseSeconds) -}}
+{{- end -}}
+{{- if gt (int (.Values.prefill.engine.tensorParallelSize | default 1)) 1 -}}
+{{- fail "prefill.engine.tensorParallelSize must be 1: a prefill pod runs one rank for now (decode pods may run several, colocated)" -}}
+{{- end -}}
+{{- $tp := int (.Values.decode.engine.tensorParallelSize | default 1) -}}
+{{- if and (gt $tp 1) .Values.prefill.enabled -}}
+{{- fail (printf "decode.engine.tensorParallelSize %d needs prefill.enabled=false for now: a tensor-parallel decode pod takes no pushed KV and serves every request colocated" $tp) -}}
+{{- end -}}
+{{- $gpus := int (include "tandem.gpuCount" .Values.decode) -}}
+{{- if and (gt $gpus 0) (lt $gpus $tp) -}}
+{{- fail (printf "decode.gpus (%d) is fewer than decode.engine.tensorParallelSize (%d): each rank needs a GPU of its own; set decode.gpus to at least %d, or null to take one per rank" $gpus $tp $tp) -}}
 {{- end -}}
 {{- $kvt := .Values.kvTransport -}}
 {{- if and .Values.prefill.enabled (has $kvt.mode (list "shm" "cuda-ipc")) (not (and $kvt.hostIPC $kvt.shareDevShm)) -}}

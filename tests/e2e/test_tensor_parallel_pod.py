@@ -1,0 +1,111 @@
+"""``tandem up --prefill 0 --tensor-parallel-size 2`` end to end on CPU: a decode pod whose engine
+core runs rank 0 and starts rank 1 beside it (gloo), behind the real router.
+
+Its greedy output must be Hugging Face's tokens; a disaggregated admission (pushed KV, which
+carries every kv head while each rank holds half) is refused with FAILED_PRECONDITION, which the
+router retries colocated; and stopping the pod leaves no rank behind.
+"""
+
+import os
+import random
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tandem.api import cluster_auth
+from tandem.api.proto_convert import sampling_params_to_proto
+from tandem.api.sampling_params import SamplingParams
+from tandem.proto.decode.v1 import decode_pb2, decode_pb2_grpc
+
+from .conftest import greedy_token_ids, start_cluster, wait_idle
+
+pytestmark = pytest.mark.integration
+
+MAX_NEW = 12
+FOLLOWER = "follower_main"
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """pid -> command line of every live process below ``pid``."""
+    children: dict[int, list[int]] = {}
+    cmdlines: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+        cmdlines[int(entry.name)] = cmd
+    found, todo = {}, [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found[child] = cmdlines[child]
+            todo.append(child)
+    return found
+
+
+@pytest.fixture(scope="module")
+def tp_cluster(e2e_model):
+    c = start_cluster(e2e_model, prefill=0, decode=1, kvstore=False, tensor_parallel_size=2)
+    yield c
+    c.stop()
+
+
+def test_a_tensor_parallel_decode_pod_serves_transformers_tokens(
+    tp_cluster, e2e_model, hf_reference
+):
+    pod = tp_cluster.pods("decode")[0]
+    ranks = [p for p, cmd in _descendants(pod.proc.pid).items() if FOLLOWER in cmd]
+    assert len(ranks) == 1, "the pod's engine core should have started one more rank"
+    hf = hf_reference(e2e_model, MAX_NEW)
+    rng = random.Random(19)
+    for prompt in [[rng.randrange(3, 1000) for _ in range(n)] for n in (5, 40, 90)]:
+        assert greedy_token_ids(tp_cluster.router_url, prompt, MAX_NEW) == hf.generate(prompt)
+    wait_idle(tp_cluster)
+
+
+def test_pushed_kv_is_refused_with_a_retryable_status(tp_cluster):
+    pod = tp_cluster.pods("decode")[0]
+    channel = cluster_auth.channel(pod.address, [])
+    try:
+        call = decode_pb2_grpc.DecodeServiceStub(channel).Generate(
+            decode_pb2.GenerateRequest(
+                request_id="tp-remote",
+                prompt_token_ids=list(range(3, 43)),
+                sampling_params=sampling_params_to_proto(
+                    SamplingParams(temperature=0, max_tokens=4)
+                ),
+                prefill_mode=decode_pb2.PREFILL_MODE_REMOTE,
+            ),
+            timeout=30,
+        )
+        with pytest.raises(grpc.RpcError) as e:
+            list(call)
+    finally:
+        channel.close()
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "tensor-parallel" in e.value.details()
+    wait_idle(tp_cluster)  # nothing was reserved, nothing is held
+
+
+def test_stopping_the_pod_stops_its_ranks(tp_cluster):
+    """Last in this module: it stops the module's cluster."""
+    pod = tp_cluster.pods("decode")[0]
+    ranks = [p for p, cmd in _descendants(pod.proc.pid).items() if FOLLOWER in cmd]
+    assert len(ranks) == 1
+    tp_cluster.stop()
+    deadline = time.monotonic() + 20
+    while any(os.path.exists(f"/proc/{p}") for p in ranks) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = [p for p in ranks if os.path.exists(f"/proc/{p}")]
+    # A zombie (exited, not yet reaped by an orphan's new parent) holds no resources.
+    alive = [
+        p for p in alive if Path(f"/proc/{p}/stat").read_text().split(")")[1].split()[0] != "Z"
+    ]
+    assert not alive, f"tensor-parallel ranks outlived their pod: {alive}"

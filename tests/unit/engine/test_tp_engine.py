@@ -1,0 +1,93 @@
+"""The engine at ``tensor_parallel_size=2`` on CPU (gloo): one follower process beside the test's,
+each rank holding half of every layer and of the KV pool.
+
+Its tokens must be those of the one-rank engine and of Hugging Face ``transformers`` on the same
+weights, through chunked prefill, prefix-cache hits, copy-on-write forks (n > 1), seeded sampling
+with logprobs and async scheduling (tokens broadcast from rank 0's device); and its failures must
+be clear errors: a model that does not split fails before any process starts, and a rank that
+dies mid-run fails the step instead of hanging it.
+"""
+
+import os
+import signal
+import time
+
+import pytest
+
+from tandem.api.errors import TandemError
+from tandem.engine import LLM, SamplingParams
+from tandem.engine.parallel import ShardingError
+
+from .test_hf_parity import ARCHS, GREEDY, MAX_NEW, assert_same_as_hf, random_prompts
+
+PROMPT_LENS = [1, 5, 17, 33, 64, 97]
+SAMPLED = SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=12, logprobs=3)
+FORKED = SamplingParams(temperature=1.0, seed=11, n=2, max_tokens=10)
+
+
+def _run(llm: LLM, prompts) -> tuple[list, list[float], list]:
+    """Greedy, seeded-with-logprobs and n=2 runs: (their tokens and logprob ranks and top ids,
+    the logprob values, the greedy outputs)."""
+    greedy = llm.generate(prompts, GREEDY)
+    sampled = llm.generate(prompts[:3], SAMPLED)
+    forked = llm.generate(prompts[2:4], FORKED)
+    logprobs = [lp for o in sampled for lp in o.outputs[0].logprobs]
+    exact = [
+        [o.outputs[0].token_ids for o in greedy],
+        [o.outputs[0].token_ids for o in sampled],
+        [(lp.token_id, lp.rank, sorted(t for t, _ in lp.top)) for lp in logprobs],
+        [[c.token_ids for c in o.outputs] for o in forked],
+    ]
+    return exact, [lp.logprob for lp in logprobs], greedy
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tp2_matches_one_rank_and_transformers(arch, tiny_model, hf_reference):
+    model = tiny_model(arch)
+    # A 24-token budget chunks the longer prompts; the shared prefix hits the cache.
+    options = dict(num_kv_blocks=256, max_num_batched_tokens=24, max_num_seqs=4)
+    with LLM(model, **options) as one:
+        vocab = one.engine.model_config.vocab_size
+        shared = random_prompts(vocab, [40], seed=5)[0]
+        prompts = random_prompts(vocab, PROMPT_LENS, seed=6)
+        prompts += random_prompts(vocab, [3, 9], seed=7, prefix=shared)
+        expected, expected_logprobs, _ = _run(one, prompts)
+    with LLM(model, tensor_parallel_size=2, **options) as two:
+        assert two.engine.runner.shard.num_heads * 2 == two.engine.model_config.num_heads
+        got, logprobs, greedy = _run(two, prompts)
+        assert greedy[-1].num_cached_tokens > 0  # the shared prefix came from the cache
+    assert got == expected
+    # Row-parallel layers sum two partial products where one rank sums one: float32 rounding.
+    assert logprobs == pytest.approx(expected_logprobs, abs=1e-4)
+    assert_same_as_hf(greedy, prompts, hf_reference(model, MAX_NEW))
+
+
+def test_async_scheduling_broadcasts_device_tokens(llama_dir):
+    """Async scheduling launches decode steps with tokens rank 0 has only on its device: they
+    reach the other rank by broadcast, and the tokens stay those of the synchronous engine."""
+    options = dict(num_kv_blocks=128, max_num_seqs=4)
+    with LLM(llama_dir, **options) as one:
+        prompts = random_prompts(one.engine.model_config.vocab_size, [4, 11, 30], seed=9)
+        expected = [o.outputs[0].token_ids for o in one.generate(prompts, GREEDY)]
+    with LLM(llama_dir, tensor_parallel_size=2, async_scheduling="on", **options) as two:
+        assert two.engine.async_scheduling
+        got = [o.outputs[0].token_ids for o in two.generate(prompts, GREEDY)]
+    assert got == expected
+
+
+def test_a_model_that_does_not_split_fails_before_starting_ranks(llama_dir):
+    with pytest.raises(ShardingError, match="tensor-parallel size 3"):
+        LLM(llama_dir, num_kv_blocks=64, tensor_parallel_size=3)
+
+
+def test_a_rank_that_dies_fails_the_step_instead_of_hanging(llama_dir):
+    with LLM(llama_dir, num_kv_blocks=64, tensor_parallel_size=2) as llm:
+        prompt = random_prompts(llm.engine.model_config.vocab_size, [8], seed=1)
+        assert llm.generate(prompt, GREEDY)[0].outputs[0].token_ids
+        follower = llm.engine._followers._procs[0]
+        os.kill(follower.pid, signal.SIGKILL)
+        follower.wait(10)
+        started = time.monotonic()
+        with pytest.raises(TandemError):
+            llm.generate(prompt, GREEDY)
+        assert time.monotonic() - started < 60
