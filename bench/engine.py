@@ -424,10 +424,17 @@ def model_cost(engine) -> ModelCost:
 
 
 def tandem_offline(
-    model: Path, args, prompts, out_lens, async_mode: str, rates: tuple[float, float]
+    model: Path,
+    args,
+    prompts,
+    out_lens,
+    async_mode: str,
+    rates: tuple[float, float],
+    timed: bool = True,
 ) -> dict:
     """One Tandem run of the offline protocol: seconds, tokens/s, where the steps' time went and
-    the run against its per-step roofline floor (``rates``: copy bytes/s, matmul FLOP/s)."""
+    the run against its per-step roofline floor (``rates``: copy bytes/s, matmul FLOP/s).
+    ``timed=False``: no per-step timing (events, rows) at all, to show what it costs."""
     from tandem.engine import LLM, SamplingParams
 
     llm = LLM(
@@ -505,13 +512,17 @@ def tandem_offline(
             events[1].record()
         return TimedStep(scheduled, launched, t, events)
 
-    runner.launch = timed_launch  # where the time goes: model steps vs the engine around them
+    if timed:  # where the time goes: model steps vs the engine around them
+        runner.launch = timed_launch
     replays = runner.graphs.replays if runner.graphs else 0
     t0 = time.perf_counter()
     outs = llm.generate(
         prompts, [SamplingParams(temperature=0, ignore_eos=True, max_tokens=n) for n in out_lens]
     )
     seconds = time.perf_counter() - t0
+    if not timed:
+        print(f"tandem (async {async_mode}, untimed): {wanted} tokens in {seconds:.1f} s")
+        return {"seconds": seconds, "tok_s": wanted / seconds, "timing": None, "roofline": None}
     timing["graph_steps"] = (runner.graphs.replays if runner.graphs else 0) - replays
     timing["async_output_processing"] = llm.engine.async_output_processing
     timing["async_scheduling"] = llm.engine.async_scheduling
@@ -593,6 +604,10 @@ def offline(args, device: torch.device, out: Path) -> dict:
         for mode in args.async_modes:
             runs[mode] = tandem_offline(model, args, prompts, out_lens, mode, rates)
             release_gpu_memory()
+            if args.untimed:
+                untimed = tandem_offline(model, args, prompts, out_lens, mode, rates, timed=False)
+                runs[f"{mode}, untimed"] = untimed
+                release_gpu_memory()
         first = runs[args.async_modes[0]]
         tandem_s = first["seconds"]
         result = {
@@ -778,6 +793,11 @@ def main() -> None:
     )
     ap.add_argument(
         "--models-dir", type=Path, default=None, help="where shape directories are written"
+    )
+    ap.add_argument(
+        "--untimed",
+        action="store_true",
+        help="offline: after each mode's run, one more without per-step timing (its cost)",
     )
     ap.add_argument("--out-dir", type=Path, default=None)
     args = ap.parse_args()

@@ -212,10 +212,13 @@ def test_engine_bench_offline_compares_async_modes_and_transformers(tmp_path):
         "--async",
         "scheduling",
         "off",
+        "--untimed",
         timeout=300,
     )
     (row,) = result["results"]
     runs = row["tandem_by_async_mode"]
+    # --untimed: each mode once more without per-step timing, its own row
+    assert runs["off, untimed"]["timing"] is None and runs["off, untimed"]["tok_s"] > 0
     assert [
         (runs[m]["timing"]["async_output_processing"], runs[m]["timing"]["async_scheduling"])
         for m in ("scheduling", "off")
