@@ -217,6 +217,16 @@ class LLMEngine:
         self._followers = followers
         return runner
 
+    def rank_filenos(self) -> list[int]:
+        """File descriptors that turn readable when another tensor-parallel rank fails (none for
+        one rank): a serving loop polls them and stops, since the group cannot step without
+        it."""
+        return self._followers.filenos() if self._followers is not None else []
+
+    def rank_failure(self) -> str | None:
+        """What a failed tensor-parallel rank reported, if one did."""
+        return self._followers.failure() if self._followers is not None else None
+
     def close(self) -> None:
         """Stop the other ranks of a tensor-parallel engine and leave its group (nothing to do
         for one rank). The engine is unusable afterwards."""

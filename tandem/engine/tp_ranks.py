@@ -167,6 +167,11 @@ class FollowerRanks:
                 return f"tensor-parallel rank {rank} exited with status {proc.returncode}"
         return None
 
+    def filenos(self) -> list[int]:
+        """The followers' connections: readable only when one failed (its error, or end-of-file
+        when its process is gone), for a serving loop to poll beside its own sockets."""
+        return [conn.fileno() for conn in self._conns]
+
     # ---- per step (runner.StepFollowers) -------------------------------------------------------
 
     def _send(self, message) -> None:

@@ -150,6 +150,10 @@ def run_engine_core(spec: CoreSpec, handshake: Connection) -> None:
         core.close()
 
 
+class RankFailed(RuntimeError):
+    """Another tensor-parallel rank of this engine failed or exited: the core stops."""
+
+
 class EngineCore:
     def __init__(self, spec: CoreSpec) -> None:
         self.spec = spec
@@ -238,6 +242,9 @@ class EngineCore:
         poller.register(self._commands, zmq.POLLIN)
         poller.register(handshake.fileno(), zmq.POLLIN)  # readable only once the front is gone
         poller.register(self._wake_r, zmq.POLLIN)
+        ranks = self.engine.rank_filenos()  # readable only when a tensor-parallel rank failed
+        for fd in ranks:
+            poller.register(fd, zmq.POLLIN)
         stalled = False
         while True:
             if not self.engine.has_unfinished_requests():
@@ -248,6 +255,10 @@ class EngineCore:
             if handshake.fileno() in ready:
                 logger.warning("the pod's front process went away; stopping")
                 return
+            if any(fd in ready for fd in ranks):
+                # The group cannot step without it: exit, so the pod is restarted whole.
+                failure = self.engine.rank_failure() or "a tensor-parallel rank failed"
+                raise RankFailed(failure)
             if self._commands in ready and not self._execute_commands():
                 return
             if self._wake_r in ready:

@@ -3,11 +3,13 @@ core runs rank 0 and starts rank 1 beside it (gloo), behind the real router.
 
 Its greedy output must be Hugging Face's tokens; a disaggregated admission (pushed KV, which
 carries every kv head while each rank holds half) is refused with FAILED_PRECONDITION, which the
-router retries colocated; and stopping the pod leaves no rank behind.
+router retries colocated; a rank that dies takes the pod down (to be restarted) instead of
+leaving it unable to step; and stopping the pod leaves no rank behind.
 """
 
 import os
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -92,6 +94,19 @@ def test_pushed_kv_is_refused_with_a_retryable_status(tp_cluster):
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "tensor-parallel" in e.value.details()
     wait_idle(tp_cluster)  # nothing was reserved, nothing is held
+
+
+def test_a_rank_that_dies_takes_its_pod_down_to_be_restarted(e2e_model):
+    """A group cannot step without one of its ranks: the engine core notices the rank's end at
+    once (even idle), exits, and the pod exits with status 1 for its orchestrator."""
+    c = start_cluster(e2e_model, prefill=0, decode=1, kvstore=False, tensor_parallel_size=2)
+    try:
+        pod = c.pods("decode")[0]
+        (rank,) = [p for p, cmd in _descendants(pod.proc.pid).items() if FOLLOWER in cmd]
+        os.kill(rank, signal.SIGKILL)
+        assert pod.proc.wait(30) == 1
+    finally:
+        c.stop()
 
 
 def test_stopping_the_pod_stops_its_ranks(tp_cluster):
