@@ -1,6 +1,7 @@
 """The offline API, in vLLM's shape: ``LLM(model, **config).generate(prompts, params)``."""
 
 import itertools
+import weakref
 from collections.abc import Sequence as SequenceABC
 from pathlib import Path
 from typing import Any
@@ -25,13 +26,15 @@ class LLM:
 
     def __init__(self, model: str | Path, **config: Any) -> None:
         self.engine = LLMEngine(EngineConfig(model=str(model), **config))
+        # An LLM dropped without close() still stops its ranks (when collected, or at exit).
+        self._finalizer = weakref.finalize(self, self.engine.close)
         self._ids = itertools.count()
         self._default_sampling = SamplingParams(**generation_defaults(model))
 
     def close(self) -> None:
         """Release the engine's other processes (the ranks of ``tensor_parallel_size`` > 1);
         also on leaving a ``with`` block. Nothing to do for one rank."""
-        self.engine.close()
+        self._finalizer()
 
     def __enter__(self) -> "LLM":
         return self

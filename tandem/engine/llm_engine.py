@@ -37,7 +37,7 @@ from tandem.engine.scheduler import Scheduler, SchedulerOutput
 from tandem.engine.sequence import Sequence, SequenceStatus
 from tandem.engine.structured_output import StructuredOutputManager
 from tandem.engine.token_outputs import TokenOutputProcessor
-from tandem.engine.tp_ranks import FollowerRanks
+from tandem.engine.tp_ranks import FollowerRanks, cpu_threads_per_rank, resolve_devices
 from tandem.engine.uploads import upload
 from tandem.model_dir import config_digest, load_model_config, weights_digest
 from tandem.tokenizer import Tokenizer
@@ -95,6 +95,8 @@ class LLMEngine:
         """Grammar matchers of the requests with ``structured_outputs``."""
         self._followers = None
         """The other ranks of a tensor-parallel engine (``tp_ranks.FollowerRanks``)."""
+        self._threads_before: int | None = None
+        """Torch's thread count before a CPU tensor-parallel engine shared the cores out."""
         self.runner = self._build_runner(config, eos, max_model_len)
         # A request's last token is never written to the cache: a pool of N tokens holds a context
         # of N + 1.
@@ -195,6 +197,11 @@ class LLMEngine:
             )
         for rank in range(tp):
             shard_for_config(self.model_config, tp, rank)
+        config = config.model_copy(update={"device": resolve_devices(config.device, tp)})
+        if torch.device(config.device).type == "cpu":
+            # The ranks share this host's cores (restored by ``close``).
+            self._threads_before = torch.get_num_threads()
+            torch.set_num_threads(cpu_threads_per_rank(tp))
         followers, group = FollowerRanks.start(config, eos, max_model_len)
         try:
             runner = ModelRunner(
@@ -205,11 +212,12 @@ class LLMEngine:
                 structured_output=self.structured_output,
                 tp=group,
             )
-            followers.wait_ready()
+            followers.wait_ready(runner.kv_cache.num_blocks)
         except BaseException as exc:
             failure = followers.failure()
             followers.close()
             group.destroy()
+            self._restore_threads()
             if failure is not None and not isinstance(exc, TandemError):
                 raise ModelLoadError(failure) from exc
             raise
@@ -234,6 +242,12 @@ class LLMEngine:
             followers, self._followers = self._followers, None
             followers.close()
             self.runner.tp.destroy()
+            self._restore_threads()
+
+    def _restore_threads(self) -> None:
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
 
     def _max_model_len(self) -> int:
         model_max = self.model_config.max_position_embeddings

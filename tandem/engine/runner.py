@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from tandem.api.errors import ModelLoadError
+from tandem.api.errors import ModelLoadError, TandemError
 from tandem.api.ids import BlockId, RequestId
 from tandem.engine import prompt_logprobs
 from tandem.engine.attention import AttentionMetadata, get_attention_backend, resolve_backend_name
@@ -116,6 +116,13 @@ class StepFollowers(Protocol):
     def step(self, plan: "StepPlan", device_input_ids: torch.Tensor | None) -> None: ...
 
     def copy_blocks(self, src: list[int], dst: list[int]) -> None: ...
+
+    def kill(self, reason: str) -> None: ...
+
+
+class TPGroupBroken(TandemError):
+    """A step failed between rank 0 and the other ranks of its tensor-parallel group: they can
+    never step together again (the engine must be restarted)."""
 
 
 @dataclass(slots=True)
@@ -224,6 +231,8 @@ class ModelRunner:
         self.tp = tp or TPGroup.single()
         self.shard = shard_for_config(model_config, self.tp.world_size, self.tp.rank)
         self._followers: StepFollowers | None = None
+        self._broken: str | None = None
+        """Why rank 0 and its followers are out of step (a step failed between them)."""
         self.config = config
         self.model_config = model_config
         self.eos_token_ids = eos_token_ids
@@ -470,6 +479,20 @@ class ModelRunner:
 
     # ---- tensor parallelism -----------------------------------------------------------------
 
+    def _forward_with_followers(self, batch: ForwardBatch, input_ids) -> torch.Tensor:
+        """Rank 0's forward with the other ranks running the same one. A failure in between
+        leaves them inside the step's collectives, out of step with any later one for good:
+        they are ended, and every later step fails at once (``TPGroupBroken``)."""
+        if self._broken is not None:
+            raise TPGroupBroken(self._broken)
+        try:
+            self._followers.step(batch.plan, input_ids)
+            return self.model(batch.input_ids, batch.positions, self.kv_cache.tensor, batch.attn)
+        except BaseException as exc:
+            self._broken = f"{type(exc).__name__}: {exc}"
+            self._followers.kill(self._broken)
+            raise
+
     def attach_followers(self, followers: StepFollowers) -> None:
         """Rank 0: send every later step to ``followers`` (the group's other ranks) before
         running it. Attached after construction: the constructors' collectives (the profiled
@@ -502,6 +525,8 @@ class ModelRunner:
         src = [int(c[0]) for c in copies]
         dst = [int(c[1]) for c in copies]
         if self._followers is not None:
+            if self._broken is not None:
+                raise TPGroupBroken(self._broken)
             self._followers.copy_blocks(src, dst)
         self.copy_block_ids(src, dst)
 
@@ -529,8 +554,6 @@ class ModelRunner:
         if self._graph_step(scheduled):
             return self._launch_graph(scheduled, input_ids)
         batch = self.prepare(scheduled, input_ids)
-        if self._followers is not None:
-            self._followers.step(batch.plan, input_ids)
         kv = self.kv_cache.tensor
         hook = None
         if self._kv_layer_hook is not None:
@@ -539,7 +562,10 @@ class ModelRunner:
             def hook(n: int) -> None:
                 export.on_layers_computed(batch.order, n, kv)
 
-        hidden = self.model(batch.input_ids, batch.positions, kv, batch.attn, hook)
+        if self._followers is None:
+            hidden = self.model(batch.input_ids, batch.positions, kv, batch.attn, hook)
+        else:
+            hidden = self._forward_with_followers(batch, input_ids)
         # Rows asking for prompt logprobs score their chunk's prompt positions too (synchronously:
         # such steps are prefills, never the decode steps launched ahead).
         scored = prompt_logprobs.plan(batch.order, batch.attn.query_start_loc_cpu)

@@ -160,6 +160,29 @@ class EngineCore:
         self.engine = LLMEngine(
             spec.engine, enable_kv_events=spec.enable_kv_events, detokenize=False
         )
+        try:
+            self._attach_kv(spec)
+        except BaseException:
+            self.engine.close()  # the other tensor-parallel ranks, if any
+            raise
+        self.steps = 0
+        self._last_update = 0.0
+        self._targets: dict[str, KVTarget] = {}
+        """Prefill cores: each request's target (its id and token on the decode pod, named in
+        the transfer's end)."""
+        self._outbox = _Outbox()
+        self._transfers_done: queue.SimpleQueue[proto.PrefillDone] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        self._zmq = zmq.Context()
+        self._commands = self._zmq.socket(zmq.PULL)
+        self._commands.connect(spec.commands_address)
+        self._updates = self._zmq.socket(zmq.PUSH)
+        self._updates.setsockopt(zmq.SNDHWM, 0)  # never drop or block: the front drains them
+        self._updates.connect(spec.updates_address)
+
+    def _attach_kv(self, spec: CoreSpec) -> None:
+        """The pod's KV side: a prefill pod's sender, a decode pod's shared pool, and a decode
+        pod's CUDA graphs, captured before serving."""
         runner = self.engine.runner
         self.sender: KVSender | None = None
         if spec.sender is not None:
@@ -194,20 +217,6 @@ class EngineCore:
                 pool.share_memory_()
         if spec.role == "decode":
             runner.capture_decode_graphs()  # before serving: no request pays for the captures
-        self.steps = 0
-        self._last_update = 0.0
-        self._targets: dict[str, KVTarget] = {}
-        """Prefill cores: each request's target (its id and token on the decode pod, named in
-        the transfer's end)."""
-        self._outbox = _Outbox()
-        self._transfers_done: queue.SimpleQueue[proto.PrefillDone] = queue.SimpleQueue()
-        self._wake_r, self._wake_w = os.pipe()
-        self._zmq = zmq.Context()
-        self._commands = self._zmq.socket(zmq.PULL)
-        self._commands.connect(spec.commands_address)
-        self._updates = self._zmq.socket(zmq.PUSH)
-        self._updates.setsockopt(zmq.SNDHWM, 0)  # never drop or block: the front drains them
-        self._updates.connect(spec.updates_address)
 
     def info(self) -> EngineInfo:
         e = self.engine

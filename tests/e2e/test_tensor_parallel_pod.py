@@ -3,8 +3,9 @@ core runs rank 0 and starts rank 1 beside it (gloo), behind the real router.
 
 Its greedy output must be Hugging Face's tokens; a disaggregated admission (pushed KV, which
 carries every kv head while each rank holds half) is refused with FAILED_PRECONDITION, which the
-router retries colocated; a rank that dies takes the pod down (to be restarted) instead of
-leaving it unable to step; and stopping the pod leaves no rank behind.
+router treats as retryable (another pod, ending colocated); a rank that dies takes the pod down
+(to be restarted) instead of leaving it unable to step; and stopping the pod leaves no rank
+behind.
 """
 
 import os

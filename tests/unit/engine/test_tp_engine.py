@@ -91,3 +91,52 @@ def test_a_rank_that_dies_fails_the_step_instead_of_hanging(llama_dir):
         with pytest.raises(TandemError):
             llm.generate(prompt, GREEDY)
         assert time.monotonic() - started < 60
+
+
+def test_a_rank_that_fails_at_start_is_reported_at_once(llama_dir, tmp_path, monkeypatch):
+    """A follower that dies before joining (here: at interpreter start) is reported with rank 0
+    still outside the group: no wait for the rendezvous timeout, no group, no temp dir left."""
+    import tempfile
+
+    import torch
+
+    from tandem.api.errors import ModelLoadError
+
+    broken = tmp_path / "site"
+    broken.mkdir()
+    (broken / "sitecustomize.py").write_text("import os\nos._exit(7)\n")
+    monkeypatch.setenv("PYTHONPATH", f"{broken}:{os.environ.get('PYTHONPATH', '')}")
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    started = time.monotonic()
+    with pytest.raises(ModelLoadError, match="rank 1 exited with status 7"):
+        LLM(llama_dir, num_kv_blocks=64, tensor_parallel_size=2)
+    assert time.monotonic() - started < 60
+    assert not torch.distributed.is_initialized()
+    assert list(temp.iterdir()) == []
+
+
+def test_a_failure_of_rank_0_inside_a_step_ends_the_group(llama_dir, monkeypatch):
+    """Rank 0 failing between sending a step and finishing its forward leaves the others inside
+    that step's collectives: they are ended, and later steps fail at once instead of pairing
+    their collectives with the wrong step."""
+    from tandem.engine.runner import TPGroupBroken
+
+    with LLM(llama_dir, num_kv_blocks=64, tensor_parallel_size=2) as llm:
+        prompt = random_prompts(llm.engine.model_config.vocab_size, [8], seed=2)
+        model = llm.engine.runner.model
+
+        def fail(*args, **kwargs):
+            raise RuntimeError("injected forward failure")
+
+        monkeypatch.setattr(model, "forward", fail)
+        with pytest.raises(TandemError):
+            llm.generate(prompt, GREEDY)
+        follower = llm.engine._followers._procs[0]
+        assert follower.wait(10) is not None  # ended, not left waiting in a collective
+        assert "rank 0 failed during a step" in llm.engine.rank_failure()
+        monkeypatch.undo()
+        with pytest.raises(TandemError) as failed:
+            llm.generate(prompt, GREEDY)
+        assert isinstance(failed.value.__cause__, TPGroupBroken)
