@@ -444,6 +444,7 @@ def tandem_offline(
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         load_format="auto" if args.hf_modes else "dummy",
+        tensor_parallel_size=args.tensor_parallel_size,
         **(
             {"max_cuda_graph_batch": args.max_cuda_graph_batch} if args.max_cuda_graph_batch else {}
         ),
@@ -520,6 +521,7 @@ def tandem_offline(
         prompts, [SamplingParams(temperature=0, ignore_eos=True, max_tokens=n) for n in out_lens]
     )
     seconds = time.perf_counter() - t0
+    llm.close()  # a tensor-parallel engine's ranks (the next run starts its own)
     if not timed:
         print(f"tandem (async {async_mode}, untimed): {wanted} tokens in {seconds:.1f} s")
         return {"seconds": seconds, "tok_s": wanted / seconds, "timing": None, "roofline": None}
@@ -793,6 +795,12 @@ def main() -> None:
     )
     ap.add_argument(
         "--models-dir", type=Path, default=None, help="where shape directories are written"
+    )
+    ap.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="offline: ranks (GPUs) the Tandem engine is split over",
     )
     ap.add_argument(
         "--untimed",
