@@ -99,6 +99,7 @@ class _Start:
     max_model_len: int
     tp: TPConfig
     parent_pid: int
+    """Rank 0's pid, to die with (0: not tied, see ``_die_with_parent``)."""
 
 
 class FollowerRanks:
@@ -175,7 +176,11 @@ class FollowerRanks:
                 cfg = config.model_copy(
                     update={"device": rank_device(config.device, rank), "kv_pool_path": None}
                 )
-                conn.send(_Start(cfg.model_dump(), eos_token_ids, max_model_len, tp, os.getpid()))
+                # PR_SET_PDEATHSIG fires when the starting THREAD ends: only tie the followers
+                # to it when that is the main thread (an LLM built in a worker thread keeps them).
+                main = threading.current_thread() is threading.main_thread()
+                parent = os.getpid() if main else 0
+                conn.send(_Start(cfg.model_dump(), eos_token_ids, max_model_len, tp, parent))
             ranks._wait_for("joining", JOIN_TIMEOUT_S)
             group = ranks.group = init_tp_group(tp0, config.device)
         except BaseException as exc:
@@ -362,7 +367,11 @@ def _follow(conn: Connection, runner: ModelRunner, group: TPGroup) -> None:
 
 def _die_with_parent(parent_pid: int) -> None:
     """End this process when rank 0's does, even if it is stuck in a collective then (Linux:
-    ``PR_SET_PDEATHSIG``; end-of-file on the connection covers the idle case everywhere)."""
+    ``PR_SET_PDEATHSIG``; end-of-file on the connection covers the idle case everywhere).
+    ``parent_pid`` 0: rank 0 started this rank from a thread other than its main one, whose end
+    would trigger the signal while rank 0 lives on."""
+    if not parent_pid:
+        return
     try:
         import ctypes
 
