@@ -21,6 +21,7 @@ Why these choices:
   for.
 """
 
+import dataclasses
 import logging
 import os
 import pickle
@@ -35,6 +36,7 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
+import numpy as np
 import torch
 
 from tandem.api.errors import ModelLoadError
@@ -299,7 +301,8 @@ class FollowerRanks:
             conn.send_bytes(data)
 
     def step(self, plan: StepPlan, device_input_ids: torch.Tensor | None) -> None:
-        self._send(("step", plan, None if device_input_ids is None else device_input_ids.numel()))
+        wire = _narrow(plan)
+        self._send(("step", wire, None if device_input_ids is None else device_input_ids.numel()))
         if device_input_ids is not None:
             self.group.broadcast(device_input_ids)
 
@@ -339,6 +342,35 @@ class FollowerRanks:
         shutil.rmtree(self._tmpdir, ignore_errors=True)
 
 
+_WIRE_FIELDS = ("input_ids", "positions", "slot_mapping", "block_tables", "seq_lens")
+
+
+def _narrow(plan: StepPlan) -> StepPlan:
+    """``plan`` with its int64 arrays as int32 for the wire (half the bytes: the block tables
+    of a large batch are megabytes a step). Token ids, positions, block and slot ids all fit
+    (a pool of 2**31 slots is far beyond any device's memory); ``_widen`` restores them."""
+    return dataclasses.replace(
+        plan,
+        **{
+            name: getattr(plan, name).astype(np.int32)
+            for name in _WIRE_FIELDS
+            if getattr(plan, name) is not None
+        },
+    )
+
+
+def _widen(plan: StepPlan) -> StepPlan:
+    """A received plan with rank 0's dtypes back (int64), as its own upload has them."""
+    return dataclasses.replace(
+        plan,
+        **{
+            name: getattr(plan, name).astype(np.int64)
+            for name in _WIRE_FIELDS
+            if getattr(plan, name) is not None
+        },
+    )
+
+
 # ---- the follower process ------------------------------------------------------------------------
 
 
@@ -358,7 +390,7 @@ def _follow(conn: Connection, runner: ModelRunner, group: TPGroup) -> None:
             if num_device_ids is not None:
                 ids = torch.empty(num_device_ids, dtype=torch.long, device=runner.device)
                 group.broadcast(ids)
-            runner.follow(plan, ids)
+            runner.follow(_widen(plan), ids)
         elif kind == "copy":
             runner.copy_block_ids(message[1], message[2])
         else:

@@ -140,3 +140,33 @@ def test_a_failure_of_rank_0_inside_a_step_ends_the_group(llama_dir, monkeypatch
         with pytest.raises(TandemError) as failed:
             llm.generate(prompt, GREEDY)
         assert isinstance(failed.value.__cause__, TPGroupBroken)
+
+
+def test_a_step_travels_as_int32_and_arrives_as_rank_0_built_it():
+    import pickle
+
+    import numpy as np
+
+    from tandem.engine.runner import StepPlan
+    from tandem.engine.tp_ranks import _narrow, _widen
+
+    # Block ids of a large pool (2**20 blocks): their slots still fit int32.
+    tables = np.arange(6 * 400, dtype=np.int64).reshape(6, 400) * 7_919 % (1 << 20)
+    plan = StepPlan(
+        input_ids=None,  # on rank 0's device (async scheduling): broadcast, not sent
+        positions=np.array([7, 300, 5, 0, 1, 2], dtype=np.int64),
+        slot_mapping=tables[:, 0] * 16 + 3,
+        block_tables=tables,
+        seq_lens=np.array([8, 301, 6, 1, 2, 3], dtype=np.int64),
+        query_start_loc=np.arange(7, dtype=np.int64),
+        num_decodes=6,
+        block_size=16,
+    )
+    wire = _narrow(plan)
+    assert wire.block_tables.dtype == np.int32
+    assert len(pickle.dumps(wire)) < 0.6 * len(pickle.dumps(plan))
+    back = _widen(pickle.loads(pickle.dumps(wire)))
+    assert back.input_ids is None and back.num_decodes == 6 and back.block_size == 16
+    for name in ("positions", "slot_mapping", "block_tables", "seq_lens", "query_start_loc"):
+        got, want = getattr(back, name), getattr(plan, name)
+        assert got.dtype == np.int64 and np.array_equal(got, want), name
