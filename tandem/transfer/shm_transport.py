@@ -50,8 +50,10 @@ POOL_FILE_PREFIX = "tandem-kv-"
 
 PARALLEL_MIN_BYTES = 2 << 20
 """A write smaller than this copies on the calling thread (a hand-off costs more than it saves)."""
-MAX_COPY_THREADS = 16
-"""Copy threads at most (memory bandwidth saturates well before; see ``copy_threads``)."""
+MAX_COPY_THREADS = 8
+"""Copy threads at most. On the 16-CPU host of an H100 machine (1 GiB of 8B pages, bench/NOTES.md
+"shm writer threads"), writes ran at 6.7 / 17.9 / 23.7 / 18.6 GB/s with 1 / 4 / 8 / 16 threads:
+the host's memory bandwidth saturates near 8 copiers, and more only contend."""
 
 _copy_pool: tuple[ThreadPoolExecutor | None, int] | None = None
 """The copy threads (None where the writing thread copies alone) and how many threads copy."""
