@@ -182,7 +182,10 @@ class FollowerRanks:
                 # to it when that is the main thread (an LLM built in a worker thread keeps them).
                 main = threading.current_thread() is threading.main_thread()
                 parent = os.getpid() if main else 0
-                conn.send(_Start(cfg.model_dump(), eos_token_ids, max_model_len, tp, parent))
+                try:
+                    conn.send(_Start(cfg.model_dump(), eos_token_ids, max_model_len, tp, parent))
+                except OSError:
+                    pass  # it already died: _wait_for reports how
             ranks._wait_for("joining", JOIN_TIMEOUT_S)
             group = ranks.group = init_tp_group(tp0, config.device)
         except BaseException as exc:
@@ -205,7 +208,16 @@ class FollowerRanks:
                     raise ModelLoadError(
                         self.failure() or f"tensor-parallel rank {rank} did not start in time"
                     )
-            reply = conn.recv()
+            try:
+                reply = conn.recv()
+            except (EOFError, OSError):  # gone (a reset when it died with our message unread)
+                try:
+                    proc.wait(5.0)
+                except subprocess.TimeoutExpired:
+                    pass
+                raise ModelLoadError(
+                    self.failure() or f"tensor-parallel rank {rank} closed its connection"
+                ) from None
             if reply[0] != what:
                 raise ModelLoadError(f"tensor-parallel rank {rank}: {reply[1]}")
 
