@@ -187,14 +187,19 @@ class LLMEngine:
         started beside it (their shapes are checked first, so that a model that does not
         split fails here, before any process starts)."""
         tp = config.tensor_parallel_size
-        if tp == 1:
+
+        def runner(config: EngineConfig, group=None) -> ModelRunner:
             return ModelRunner(
                 config,
                 self.model_config,
                 eos,
                 max_model_len,
                 structured_output=self.structured_output,
+                tp=group,
             )
+
+        if tp == 1:
+            return runner(config)
         for rank in range(tp):
             shard_for_config(self.model_config, tp, rank)
         config = config.model_copy(update={"device": resolve_devices(config.device, tp)})
@@ -204,15 +209,8 @@ class LLMEngine:
             torch.set_num_threads(cpu_threads_per_rank(tp))
         followers, group = FollowerRanks.start(config, eos, max_model_len)
         try:
-            runner = ModelRunner(
-                config,
-                self.model_config,
-                eos,
-                max_model_len,
-                structured_output=self.structured_output,
-                tp=group,
-            )
-            followers.wait_ready(runner.kv_cache.num_blocks)
+            rank0 = runner(config, group)
+            followers.wait_ready(rank0.kv_cache.num_blocks)
         except BaseException as exc:
             failure = followers.failure()
             followers.close()
@@ -221,9 +219,9 @@ class LLMEngine:
             if failure is not None and not isinstance(exc, TandemError):
                 raise ModelLoadError(failure) from exc
             raise
-        runner.attach_followers(followers)
+        rank0.attach_followers(followers)
         self._followers = followers
-        return runner
+        return rank0
 
     def rank_filenos(self) -> list[int]:
         """File descriptors that turn readable when another tensor-parallel rank fails (none for

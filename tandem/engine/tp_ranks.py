@@ -184,8 +184,8 @@ class FollowerRanks:
                 parent = os.getpid() if main else 0
                 try:
                     conn.send(_Start(cfg.model_dump(), eos_token_ids, max_model_len, tp, parent))
-                except OSError:
-                    pass  # it already died: _wait_for reports how
+                except OSError:  # it already died: _wait_for below reports how
+                    continue
             ranks._wait_for("joining", JOIN_TIMEOUT_S)
             group = ranks.group = init_tp_group(tp0, config.device)
         except BaseException as exc:

@@ -29,16 +29,22 @@ def _check_rank(tp_size: int, rank: int) -> None:
         raise ShardingError(f"rank {rank} is outside a tensor-parallel group of {tp_size}")
 
 
+def _even_share(total: int, tp_size: int, rank: int, what: str) -> range:
+    """Rank ``rank``'s contiguous ``1 / tp_size`` of ``total`` units; ``what`` names them in
+    the error when ``total`` does not divide."""
+    if total % tp_size:
+        raise ShardingError(
+            f"{what} cannot be split over tensor-parallel size {tp_size} "
+            f"(the count must be a multiple of it)"
+        )
+    n = total // tp_size
+    return range(rank * n, (rank + 1) * n)
+
+
 def q_heads(num_heads: int, tp_size: int, rank: int) -> range:
     """The attention (query) heads rank ``rank`` computes."""
     _check_rank(tp_size, rank)
-    if num_heads % tp_size:
-        raise ShardingError(
-            f"{num_heads} attention heads cannot be split over tensor-parallel size {tp_size} "
-            f"(the head count must be a multiple of it)"
-        )
-    n = num_heads // tp_size
-    return range(rank * n, (rank + 1) * n)
+    return _even_share(num_heads, tp_size, rank, f"{num_heads} attention heads")
 
 
 def kv_heads(num_kv_heads: int, tp_size: int, rank: int) -> range:
@@ -46,13 +52,7 @@ def kv_heads(num_kv_heads: int, tp_size: int, rank: int) -> range:
     when there are fewer kv heads than ranks."""
     _check_rank(tp_size, rank)
     if num_kv_heads >= tp_size:
-        if num_kv_heads % tp_size:
-            raise ShardingError(
-                f"{num_kv_heads} key/value heads cannot be split over tensor-parallel size "
-                f"{tp_size} (the kv head count must be a multiple of it, or divide it)"
-            )
-        n = num_kv_heads // tp_size
-        return range(rank * n, (rank + 1) * n)
+        return _even_share(num_kv_heads, tp_size, rank, f"{num_kv_heads} key/value heads")
     if tp_size % num_kv_heads:
         raise ShardingError(
             f"{num_kv_heads} key/value heads cannot be replicated over tensor-parallel size "
@@ -65,13 +65,9 @@ def kv_heads(num_kv_heads: int, tp_size: int, rank: int) -> range:
 def intermediate_cols(intermediate_size: int, tp_size: int, rank: int) -> range:
     """The MLP intermediate columns (of gate, of up, and rows of down's input) rank owns."""
     _check_rank(tp_size, rank)
-    if intermediate_size % tp_size:
-        raise ShardingError(
-            f"MLP intermediate size {intermediate_size} cannot be split over tensor-parallel "
-            f"size {tp_size} (it must be a multiple of it)"
-        )
-    n = intermediate_size // tp_size
-    return range(rank * n, (rank + 1) * n)
+    return _even_share(
+        intermediate_size, tp_size, rank, f"MLP intermediate size {intermediate_size}"
+    )
 
 
 @dataclass(slots=True, frozen=True)
