@@ -43,7 +43,8 @@ class Reservation:
                 request_id=request_id,
                 prompt_token_ids=prompt,
                 sampling_params=sampling_params_to_proto(
-                    SamplingParams(temperature=0, max_tokens=4)
+                    # Random pages may make EOS likely: the harness wants all 4 tokens.
+                    SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
                 ),
                 prefill_mode=decode_pb2.PREFILL_MODE_REMOTE,
             ),
