@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tandem.api.cluster_auth import SECRET_ENV, ClusterAuth, generate_secret
 
@@ -61,8 +61,13 @@ class UpOptions(BaseModel):
     num_kv_blocks: int | None = Field(None, gt=0)
     """KV blocks per worker (default: from memory)."""
     tensor_parallel_size: int = Field(1, ge=1)
-    """Ranks (processes, and devices on CUDA: cuda:0..N-1) per decode worker. Above 1 it needs
-    --prefill 0: prefill workers run one rank for now, so every request runs colocated."""
+    """Ranks (processes, and devices on CUDA: cuda:0..N-1) per prefill and per decode worker,
+    unless --prefill-tensor-parallel-size / --decode-tensor-parallel-size say otherwise. KV moves
+    between workers of any two sizes (each page carries every kv head)."""
+    prefill_tensor_parallel_size: int | None = Field(None, ge=1)
+    """Ranks per prefill worker (default: --tensor-parallel-size)."""
+    decode_tensor_parallel_size: int | None = Field(None, ge=1)
+    """Ranks per decode worker (default: --tensor-parallel-size)."""
     colocate_below_tokens: int = Field(0, ge=0)
     """Prompts shorter than this skip the prefill workers."""
     kvstore: bool = True
@@ -91,14 +96,14 @@ class UpOptions(BaseModel):
     api_key_file: Path | None = None
     """File of API keys, one per line, for the router."""
 
-    @model_validator(mode="after")
-    def _tensor_parallel_is_colocated(self) -> "UpOptions":
-        if self.tensor_parallel_size > 1 and self.prefill:
-            raise ValueError(
-                "--tensor-parallel-size above 1 needs --prefill 0 (prefill workers run one "
-                "rank for now; tensor-parallel decode workers serve every request colocated)"
-            )
-        return self
+    def ranks(self, role: str) -> int:
+        """Tensor-parallel ranks of each ``role`` ("prefill" or "decode") worker."""
+        own = (
+            self.prefill_tensor_parallel_size
+            if role == "prefill"
+            else self.decode_tensor_parallel_size
+        )
+        return own or self.tensor_parallel_size
 
     @field_validator("api_key")
     @classmethod
@@ -342,8 +347,6 @@ class LocalCluster:
         ]
         if opts.num_kv_blocks:
             common += ["--num-kv-blocks", str(opts.num_kv_blocks)]
-        if opts.tensor_parallel_size > 1:
-            common += ["--tensor-parallel-size", str(opts.tensor_parallel_size)]
         common += self.gpu_share_args()
         kvstore = None
         if opts.kvstore and opts.prefill:
@@ -387,6 +390,8 @@ class LocalCluster:
                 ]
                 if role == "prefill" and kvstore:
                     args += ["--kvstore", kvstore]
+                if opts.ranks(role) > 1:
+                    args += ["--tensor-parallel-size", str(opts.ranks(role))]
                 self.services.append(
                     Service(
                         f"{role}-{i}",

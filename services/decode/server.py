@@ -45,6 +45,7 @@ from tandem.api.errors import (
     TandemError,
 )
 from tandem.api.grpc_status import abort_with
+from tandem.engine.kv_cache import rank_pool_path
 from tandem.proto.common.v1 import common_pb2
 from tandem.proto.decode.v1 import decode_pb2, decode_pb2_grpc
 from tandem.serving.engine_client import EngineCoreClient, coalesce
@@ -91,6 +92,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         self._kv_writers = kv_writers
         self.pools = pools or []
         """The memory transports this pod offers (``DescribeKV``)."""
+        info = core.info
+        self.takes_pushed_kv = info.tensor_parallel_size == 1 or not receiver.kv.is_cuda
+        """False for a tensor-parallel pod on GPUs: its receiver cannot write the other ranks'
+        pools (each on its own device) yet, so it serves every request colocated."""
 
     # ---- Generate ---------------------------------------------------------------------------
 
@@ -244,12 +249,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             "num_text_chars": proto_convert.num_text_chars(request),
         }
         if request.prefill_mode == decode_pb2.PREFILL_MODE_REMOTE:
-            if self.settings.tensor_parallel_size > 1:
-                # Each rank's pool holds its kv heads only; pushed pages carry all of them.
+            if not self.takes_pushed_kv:
                 # Retryable: the router runs the request elsewhere, or here colocated.
                 raise KVFingerprintMismatch(
                     f"this decode pod runs tensor-parallel over "
-                    f"{self.settings.tensor_parallel_size} ranks and cannot take pushed KV yet"
+                    f"{self.settings.tensor_parallel_size} GPUs and cannot take pushed KV yet"
                 )
             block_ids, cached = await self.core.reserve(
                 rid, ids, params, priority=request.priority, cache_salt=cache_salt, **resume
@@ -595,10 +599,10 @@ async def start(settings: DecodeSettings) -> RunningService:
         finally:
             receiver.end_drain(rid)
 
-    pool_path, pool_lock = new_pool_path()
+    pool_files = PoolFiles.create(settings.tensor_parallel_size)
     spec = CoreSpec(
         role="decode",
-        engine=settings.engine_config().model_copy(update={"kv_pool_path": pool_path}),
+        engine=settings.engine_config().model_copy(update={"kv_pool_path": pool_files.path}),
         pod_id=settings.pod_id,
         share_kv_pool=True,
     )
@@ -607,18 +611,27 @@ async def start(settings: DecodeSettings) -> RunningService:
             settings, spec, detokenize=True, before_release=before_release
         )
     except BaseException:
-        _unlink(pool_path)
-        os.close(pool_lock)
+        pool_files.remove()
         raise
     info = pod.info
     pool = info.kv_pool
-    if pool is None:  # a CPU pool in a shared-memory file
-        pool = shm_transport.map_pool(info.kv_pool_path, pool_shape(info), info.kv_spec.dtype)
+    rank_pools: list[torch.Tensor] = []
+    if pool is None:  # CPU pools in shared-memory files: rank 0's, then the other ranks'
+        pool, *rank_pools = (
+            shm_transport.map_pool(
+                rank_pool_path(info.kv_pool_path, rank), pool_shape(info), info.kv_spec.dtype
+            )
+            for rank in range(info.tensor_parallel_size)
+        )
     pools, exports = offered_pools(settings, info, pool)
+    whole = info.tensor_parallel_size == 1 or rank_pools
     receiver = KVReceiver(
         pool,
-        info.kv_spec,
+        # A tensor-parallel pod on GPUs refuses pushed KV (DecodeServicer.takes_pushed_kv): its
+        # receiver knows rank 0's pool only.
+        info.kv_wire_spec if whole else info.kv_spec,
         info.fingerprint,
+        rank_pools=rank_pools,
         max_chunk_bytes=settings.kv_max_chunk_bytes,
         write_lease_s=settings.kv_write_lease_s,
         engine_event=(
@@ -635,8 +648,7 @@ async def start(settings: DecodeSettings) -> RunningService:
     def release_pool() -> None:
         for export in exports:
             export.close()
-        _unlink(pool_path)
-        os.close(pool_lock)
+        pool_files.remove()
 
     # After the server stopped: in-flight writes finish, then the core (which owns the pool) stops.
     service = await pod.start([lambda: kv_writers.shutdown(wait=True)], servicer=servicer)
@@ -649,32 +661,54 @@ def pool_shape(info) -> tuple[int, ...]:
     return (s.num_layers, 2, info.num_kv_blocks + 1, s.block_size, s.num_kv_heads, s.head_dim)
 
 
-def new_pool_path() -> tuple[str, int]:
-    """A fresh shared-memory file for this pod's CPU KV pool (mode 0600: other users on the
-    node must not read its KV), and the descriptor of the shared lock this process holds on it
-    for its lifetime. Pool files nobody holds a lock on (their pod died without removing them:
-    kill -9) are removed first; a lock, unlike a pid, means the same in every container sharing
-    the node's /dev/shm."""
-    directory = shm_dir()
-    for stale in glob.glob(os.path.join(directory, shm_transport.POOL_FILE_PREFIX + "*")):
+class PoolFiles:
+    """This pod's shared-memory files for its CPU KV pools: rank 0's, and one per further
+    tensor-parallel rank (``kv_cache.rank_pool_path``), each locked while the pod lives."""
+
+    def __init__(self, path: str, fds: list[int]) -> None:
+        self.path = path
+        """Rank 0's file (``EngineConfig.kv_pool_path``)."""
+        self._fds = fds
+
+    @classmethod
+    def create(cls, num_ranks: int) -> "PoolFiles":
+        """Fresh files (mode 0600: other users on the node must not read its KV), each with a
+        shared lock this process holds for its lifetime. Pool files nobody holds a lock on
+        (their pod died without removing them: kill -9) are removed first; a lock, unlike a
+        pid, means the same in every container sharing the node's /dev/shm."""
+        directory = shm_dir()
+        for stale in glob.glob(os.path.join(directory, shm_transport.POOL_FILE_PREFIX + "*")):
+            try:
+                fd = os.open(stale, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # its pod holds it
+            else:
+                _unlink(stale)
+            finally:
+                os.close(fd)
+        path = os.path.join(
+            directory, f"{shm_transport.POOL_FILE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        )
+        files = cls(path, [])
         try:
-            fd = os.open(stale, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            continue  # its pod holds it
-        else:
-            _unlink(stale)
-        finally:
+            for rank in range(num_ranks):
+                fd = os.open(rank_pool_path(path, rank), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                files._fds.append(fd)
+                fcntl.flock(fd, fcntl.LOCK_SH)
+        except BaseException:
+            files.remove()
+            raise
+        return files
+
+    def remove(self) -> None:
+        for rank, fd in enumerate(self._fds):
+            _unlink(rank_pool_path(self.path, rank))
             os.close(fd)
-    path = os.path.join(
-        directory, f"{shm_transport.POOL_FILE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
-    )
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_SH)
-    return path, fd
+        self._fds = []
 
 
 def _unlink(path: str | None) -> None:
@@ -689,6 +723,11 @@ def offered_pools(settings: DecodeSettings, info, pool: torch.Tensor):
     wanted = [
         t for t in MEMORY_TRANSPORTS if mode == t or (mode == "auto" and t in AUTO_TRANSPORTS)
     ]
+    if info.tensor_parallel_size > 1:
+        # Every rank holds its own heads of a page: a writer would need each rank's pool.
+        if mode not in ("auto", "grpc"):
+            logger.warning("--kv-transport %s: a tensor-parallel decode pod takes grpc only", mode)
+        wanted = []
     pools: list[PoolDescriptor] = []
     exports = []
     for encoded in info.kv_exports:  # made by the core: cuda-ipc

@@ -254,6 +254,10 @@ class KVTransportChooser:
             s.dtype,
         )
         self.available = local_transports(self.local.device.type)
+        if info.tensor_parallel_size > 1:
+            # Its pages are gathered onto rank 0 each step, outside any pool a memory writer
+            # could copy from (KVSender(memory_transports=False)).
+            self.available = ["grpc"]
         self.fingerprint = info.fingerprint
         self._offers: dict[str, tuple[str, list[PoolDescriptor]]] = {}
         """Decode address -> (its incarnation, its pools)."""

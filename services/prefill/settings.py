@@ -51,16 +51,6 @@ class PrefillSettings(PodSettings):
     most this often; misses meanwhile wait for that lookup."""
 
     @model_validator(mode="after")
-    def _one_rank(self) -> "PrefillSettings":
-        if self.tensor_parallel_size > 1:
-            raise ValueError(
-                "a prefill pod runs one rank for now (--tensor-parallel-size 1): pushing KV "
-                "from a tensor-parallel engine is not built yet; decode pods may run several "
-                "ranks and serve requests colocated"
-            )
-        return self
-
-    @model_validator(mode="after")
     def _discovery_has_its_inputs(self) -> "PrefillSettings":
         if self.discovery == "static" and self.decode_service:
             raise ValueError("--decode-service needs --discovery dns or kubernetes")

@@ -158,6 +158,12 @@ class KVCacheSpec:
         return self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim * itemsize
 
 
+def rank_pool_path(path: str, rank: int) -> str:
+    """The pool file of tensor-parallel rank ``rank`` when rank 0's is ``path`` (a decode pod
+    shares every rank's pool with its front, whose KV receiver writes each rank's heads)."""
+    return path if rank == 0 else f"{path}.rank{rank}"
+
+
 class PagedKVCache:
     """The KV pool of one engine, indexed by block id."""
 

@@ -84,13 +84,24 @@ def compute(
     for row in rows:
         k = row.seq.sampling_params.prompt_logprobs or 0
         entries: list[TokenLogprob] = []
-        for a in range(0, len(row.targets), ROWS_PER_SLICE):
-            targets = row.targets[a : a + ROWS_PER_SLICE]
-            start = row.hidden_start + a
-            logits = compute_logits(hidden[start : start + len(targets)])
-            entries += _entries(logits, targets, k)
+        for a, (start, stop) in _row_slices(row):
+            logits = compute_logits(hidden[start:stop])
+            entries += _entries(logits, row.targets[a : a + stop - start], k)
         out.append((row, entries))
     return out
+
+
+def slices(rows: list[PromptLogprobsRow]) -> list[tuple[int, int]]:
+    """The hidden-state rows ``[start, stop)`` whose logits ``compute`` asks for, in its order
+    (the other ranks of a tensor-parallel engine compute their part of the same logits)."""
+    return [bounds for row in rows for _, bounds in _row_slices(row)]
+
+
+def _row_slices(row: PromptLogprobsRow):
+    """(first target, hidden rows [start, stop)) of each slice of at most ``ROWS_PER_SLICE``."""
+    for a in range(0, len(row.targets), ROWS_PER_SLICE):
+        start = row.hidden_start + a
+        yield a, (start, start + min(ROWS_PER_SLICE, len(row.targets) - a))
 
 
 def _entries(logits: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprob]:

@@ -8,11 +8,14 @@ on the device. It owns the weights, the KV cache and the per-request random gene
 Under tensor parallelism (``tensor_parallel_size`` > 1) every rank has a runner over its shard of
 the weights and of the KV pool; rank 0's builds each step's host inputs once (a ``StepPlan``),
 sends them to the other ranks (``tp_ranks.FollowerRanks``) and samples; the others run the same
-forward (``follow``), their layers' all-reduces meeting rank 0's.
+forward (``follow``), their layers' all-reduces meeting rank 0's. A prefill engine's exported
+pages are gathered onto rank 0 with every kv head (``parallel.kv_pages``) for its KV hook.
 """
 
+import dataclasses
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,6 +31,7 @@ from tandem.engine.config import EngineConfig
 from tandem.engine.kv_cache import KVCacheSpec, PagedKVCache
 from tandem.engine.models import load_model
 from tandem.engine.parallel import TPGroup, shard_for_config
+from tandem.engine.parallel.kv_pages import gather_pages, layer_group
 from tandem.engine.sampler import Sampler, SamplerOutput, SamplingRow
 from tandem.engine.scheduler import ScheduledSequence
 from tandem.engine.structured_output import StructuredOutputManager
@@ -102,11 +106,24 @@ def profile_batch(
 
 
 class KVLayerHook(Protocol):
-    """Called during the forward each time another layer's KV is written (prefill pods)."""
+    """Called during the forward each time another layer's KV is written (prefill pods).
+
+    Under tensor parallelism rank 0 asks it first which blocks the step sends
+    (``export_block_ids``), every rank gathers its heads of those blocks onto rank 0 at each
+    boundary of ``layers_per_group`` layers, and the hook sees only those gathered pages.
+    """
+
+    layers_per_group: int
 
     def on_layers_computed(
-        self, scheduled: list[ScheduledSequence], num_layers_done: int, kv_cache: torch.Tensor
+        self,
+        scheduled: list[ScheduledSequence],
+        num_layers_done: int,
+        kv_cache: torch.Tensor,
+        first_layer: int = 0,
     ) -> None: ...
+
+    def export_block_ids(self, scheduled: list[ScheduledSequence]) -> np.ndarray: ...
 
 
 class StepFollowers(Protocol):
@@ -142,6 +159,16 @@ class StepPlan:
     query_start_loc: np.ndarray
     num_decodes: int
     block_size: int
+    logits_slices: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    """Hidden-state rows whose logits rank 0 computes before sampling (prompt logprobs), one
+    call each, in order; then ``sample_rows``. Under tensor parallelism every rank computes its
+    vocabulary rows of the same logits (``compute_logits`` is a collective)."""
+    sample_rows: np.ndarray | None = None
+    """Hidden-state rows of the sampling sequences (their last tokens)."""
+    export_block_ids: np.ndarray | None = None
+    """A tensor-parallel prefill engine: the pool blocks whose pages leave this step (sorted).
+    Every rank sends its heads of them to rank 0 at each layer-group boundary."""
+    export_layers_per_group: int = 0
 
 
 @dataclass(slots=True)
@@ -159,6 +186,8 @@ class ForwardBatch:
     """The sequences that sample, aligned with ``logits_indices``."""
     plan: StepPlan | None = None
     """The host inputs this batch was uploaded from."""
+    scored: list = dataclasses.field(default_factory=list)
+    """Prompt positions whose logprobs this step computes (``prompt_logprobs.plan``)."""
 
 
 class LaunchedStep:
@@ -270,6 +299,10 @@ class ModelRunner:
         self.kv_spec = KVCacheSpec.for_model(
             model_config, config.block_size, self.dtype, num_kv_heads=self.shard.num_kv_heads
         )
+        """This rank's pool: its shard's kv heads."""
+        self.kv_wire_spec = KVCacheSpec.for_model(model_config, config.block_size, self.dtype)
+        """The pages as KV transfers carry them: every kv head of the model (``kv_spec`` at one
+        rank)."""
         self.sampler = Sampler(self.device, config.seed)
         self.structured_output = structured_output
         self._generators: dict[RequestId, torch.Generator] = {}
@@ -400,11 +433,6 @@ class ModelRunner:
 
     def set_kv_layer_hook(self, hook: KVLayerHook | None) -> None:
         """Have ``hook`` see each layer's KV as soon as the forward wrote it (prefill pods)."""
-        if hook is not None and self.tp.world_size > 1:
-            raise ModelLoadError(
-                "exporting KV from a tensor-parallel engine (a prefill pod with "
-                "tensor_parallel_size > 1) is not supported yet"
-            )
         self._kv_layer_hook = hook
 
     # ---- one step ---------------------------------------------------------------------------
@@ -446,16 +474,20 @@ class ModelRunner:
             num_decodes=int(np.count_nonzero(qlens == 1)),
             block_size=bs,
         )
-        last_rows = [int(qsl[i + 1]) - 1 for i, s in enumerate(order) if s.samples]
+        plan.sample_rows = qsl[1:][[s.samples for s in order]] - 1
+        # Rows asking for prompt logprobs score their chunk's prompt positions too.
+        scored = prompt_logprobs.plan(order, qsl.tolist())
+        plan.logits_slices = prompt_logprobs.slices(scored)
         device_ids, positions_t, meta = self._upload(plan, input_ids)
         return ForwardBatch(
             input_ids=device_ids,
             positions=positions_t,
             attn=meta,
             order=order,
-            logits_indices=upload(torch.tensor(last_rows, dtype=torch.long), self.device),
+            logits_indices=upload(torch.from_numpy(plan.sample_rows), self.device),
             sampling=[s for s in order if s.samples],
             plan=plan,
+            scored=scored,
         )
 
     def _upload(
@@ -485,9 +517,12 @@ class ModelRunner:
         they are ended, and every later step fails at once (``TPGroupBroken``)."""
         if self._broken is not None:
             raise TPGroupBroken(self._broken)
+        hook = self._tp_export_hook(batch)  # before the plan leaves: it names the exported blocks
         try:
             self._followers.step(batch.plan, input_ids)
-            return self.model(batch.input_ids, batch.positions, self.kv_cache.tensor, batch.attn)
+            return self.model(
+                batch.input_ids, batch.positions, self.kv_cache.tensor, batch.attn, hook
+            )
         except BaseException as exc:
             self._broken = f"{type(exc).__name__}: {exc}"
             self._followers.kill(self._broken)
@@ -499,14 +534,75 @@ class ModelRunner:
         step, the pool's size) run on every rank by themselves."""
         self._followers = followers
 
+    def _tp_export_hook(self, batch: ForwardBatch) -> Callable[[int], None] | None:
+        """Rank 0 of a tensor-parallel prefill engine: the step's layer hook, and the blocks it
+        exports put in the plan the followers receive.
+
+        At each layer-group boundary every rank gathers its heads of those blocks onto rank 0
+        (``gather_pages``); the KV hook then sees the gathered pages, with each sequence's block
+        table renumbered to their order (blocks it does not send this step read -1).
+        """
+        export = self._kv_layer_hook
+        if export is None:
+            return None
+        ids = export.export_block_ids(batch.order)
+        if not len(ids):
+            return None  # nothing leaves this step: no gather, and nothing to hand the hook
+        batch.plan.export_block_ids = ids
+        batch.plan.export_layers_per_group = export.layers_per_group
+        gather = self._export_gather(batch.plan)
+        order = [
+            dataclasses.replace(s, block_ids=_renumbered(np.asarray(s.block_ids), ids))
+            for s in batch.order
+        ]
+
+        def hook(n: int) -> None:
+            pages = gather(n)
+            if pages is not None:
+                first = n - pages.shape[0]
+                export.on_layers_computed(order, n, pages, first_layer=first)
+
+        return hook
+
+    def _export_gather(self, plan: StepPlan) -> Callable[[int], torch.Tensor | None]:
+        """A layer hook that gathers ``plan.export_block_ids`` onto rank 0 at each layer-group
+        boundary: the pages (all kv heads) on rank 0 there, None everywhere else."""
+        ids = upload(torch.from_numpy(plan.export_block_ids.astype(np.int64)), self.device)
+        total = self.model_config.num_layers
+        heads = self.model_config.num_kv_heads
+        kv = self.kv_cache.tensor
+
+        def gather(n: int) -> torch.Tensor | None:
+            layers = layer_group(n, total, plan.export_layers_per_group)
+            if layers is None:
+                return None
+            return gather_pages(self.tp, kv, layers, ids, heads)
+
+        return gather
+
     @torch.inference_mode()
     def follow(self, plan: StepPlan, input_ids: torch.Tensor | None = None) -> None:
         """Ranks after the first: run rank 0's step over this rank's shard (no sampling: rank 0
-        samples from logits every rank holds alike)."""
+        samples from logits every rank holds alike), sending its heads of the step's exported
+        pages to rank 0 (a prefill pod)."""
         if self.device.type == "cuda" and torch.cuda.current_device() != self.device.index:
             torch.cuda.set_device(self.device)
         ids, positions, meta = self._upload(plan, input_ids)
-        self.model(ids, positions, self.kv_cache.tensor, meta, None)
+        hook = None
+        if plan.export_block_ids is not None and len(plan.export_block_ids):
+            hook = self._export_gather(plan)
+        hidden = self.model(ids, positions, self.kv_cache.tensor, meta, hook)
+        self._follower_logits(hidden, plan)
+
+    def _follower_logits(self, hidden: torch.Tensor, plan: StepPlan) -> None:
+        """This rank's part of every logits rank 0 computes in the step, in rank 0's order
+        (prompt logprobs' slices, then the sampling rows): the vocabulary-parallel head's
+        gathers meet rank 0's."""
+        for start, stop in plan.logits_slices:
+            self.model.compute_logits(hidden[start:stop])
+        if plan.sample_rows is not None and len(plan.sample_rows):
+            rows = upload(torch.from_numpy(plan.sample_rows.astype(np.int64)), self.device)
+            self.model.compute_logits(hidden[rows])
 
     @torch.inference_mode()
     def copy_block_ids(self, src: list[int], dst: list[int]) -> None:
@@ -566,9 +662,12 @@ class ModelRunner:
             hidden = self.model(batch.input_ids, batch.positions, kv, batch.attn, hook)
         else:
             hidden = self._forward_with_followers(batch, input_ids)
-        # Rows asking for prompt logprobs score their chunk's prompt positions too (synchronously:
-        # such steps are prefills, never the decode steps launched ahead).
-        scored = prompt_logprobs.plan(batch.order, batch.attn.query_start_loc_cpu)
+        if not self.tp.is_first:  # a follower's own step: the profiled one, at start-up
+            self._follower_logits(hidden, batch.plan)
+            return LaunchedStep([])
+        # Prompt logprobs are computed synchronously: such steps are prefills, never the decode
+        # steps launched ahead.
+        scored = batch.scored
         computed = (
             prompt_logprobs.compute(hidden, scored, self.model.compute_logits) if scored else []
         )
@@ -708,3 +807,10 @@ class ModelRunner:
         self._generators.pop(request_id, None)
         if self.structured_output is not None:
             self.structured_output.release(request_id)
+
+
+def _renumbered(block_ids: np.ndarray, exported: np.ndarray) -> np.ndarray:
+    """``block_ids`` as positions in ``exported`` (sorted), -1 for blocks not in it."""
+    pos = np.searchsorted(exported, block_ids)
+    pos = np.minimum(pos, len(exported) - 1)
+    return np.where(exported[pos] == block_ids, pos, -1)

@@ -41,6 +41,7 @@ import torch
 
 from tandem.api.errors import ModelLoadError
 from tandem.engine.config import EngineConfig
+from tandem.engine.kv_cache import rank_pool_path
 from tandem.engine.parallel import TPConfig, TPGroup, TPInitError, init_tp_group
 from tandem.engine.runner import ModelRunner, StepPlan
 from tandem.model_dir import load_model_config
@@ -174,9 +175,10 @@ class FollowerRanks:
                     init_method=tp0.init_method,
                     timeout_s=timeout_s,
                 )
-                # kv_pool_path names rank 0's pool file (a decode pod shares it): never another's.
+                # A shared pool file (a decode pod's front writes pushed KV there): one per rank.
+                path = config.kv_pool_path and rank_pool_path(config.kv_pool_path, rank)
                 cfg = config.model_copy(
-                    update={"device": rank_device(config.device, rank), "kv_pool_path": None}
+                    update={"device": rank_device(config.device, rank), "kv_pool_path": path}
                 )
                 # PR_SET_PDEATHSIG fires when the starting THREAD ends: only tie the followers
                 # to it when that is the main thread (an LLM built in a worker thread keeps them).
@@ -354,7 +356,15 @@ class FollowerRanks:
         shutil.rmtree(self._tmpdir, ignore_errors=True)
 
 
-_WIRE_FIELDS = ("input_ids", "positions", "slot_mapping", "block_tables", "seq_lens")
+_WIRE_FIELDS = (
+    "input_ids",
+    "positions",
+    "slot_mapping",
+    "block_tables",
+    "seq_lens",
+    "sample_rows",
+    "export_block_ids",
+)
 
 
 def _narrow(plan: StepPlan) -> StepPlan:

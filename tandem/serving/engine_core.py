@@ -101,6 +101,12 @@ class EngineInfo:
     device: str
     async_scheduling: bool
     kv_spec: KVCacheSpec
+    """Rank 0's pool (under tensor parallelism every rank's pool has this shape)."""
+    kv_wire_spec: KVCacheSpec
+    """The pages as KV transfers carry them: every kv head of the model."""
+    tensor_parallel_size: int = 1
+    """Ranks of the engine; above 1 a shared CPU pool has a file per rank besides rank 0's
+    (``kv_cache.rank_pool_path``), each holding that rank's kv heads."""
     kv_pool: torch.Tensor | None = None
     """The shared KV pool (``share_kv_pool``)."""
     engine_event: bytes | None = None
@@ -188,7 +194,7 @@ class EngineCore:
         if spec.sender is not None:
             o = spec.sender
             self.sender = KVSender(
-                runner.kv_spec,
+                runner.kv_wire_spec,
                 self.engine.fingerprint.digest(),
                 layers_per_group=o.layers_per_group,
                 max_chunk_bytes=o.max_chunk_bytes,
@@ -196,6 +202,7 @@ class EngineCore:
                 push_timeout_s=o.push_timeout_s,
                 staging_buffers=o.staging_buffers,
                 device=runner.device,
+                memory_transports=runner.tp.world_size == 1,
             )
             self.sender.attach_pool(runner.kv_cache.tensor)
             self.engine.set_kv_layer_hook(self.sender)
@@ -232,6 +239,8 @@ class EngineCore:
             device=str(e.runner.device),
             async_scheduling=e.async_scheduling,
             kv_spec=e.runner.kv_spec,
+            kv_wire_spec=e.runner.kv_wire_spec,
+            tensor_parallel_size=e.runner.tp.world_size,
             kv_pool=(
                 e.runner.kv_cache.tensor
                 if self.spec.share_kv_pool and e.runner.kv_cache.path is None

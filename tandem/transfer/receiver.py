@@ -48,6 +48,7 @@ import torch
 
 from tandem.api.errors import KVTransferError, KVTransferForbidden
 from tandem.engine.kv_cache import KVCacheSpec
+from tandem.engine.parallel.kv_pages import rank_heads
 from tandem.engine.uploads import upload
 from tandem.proto.common.v1 import common_pb2
 from tandem.transfer.wire import (
@@ -156,11 +157,17 @@ class KVReceiver:
         max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
         engine_event: "torch.cuda.Event | None" = None,
         write_lease_s: float | None = DEFAULT_WRITE_LEASE_S,
+        rank_pools: "list[torch.Tensor] | tuple[torch.Tensor, ...]" = (),
     ) -> None:
         """
         Args:
             pool: the engine's KV pool (``PagedKVCache.tensor``): in the engine's process, or
                 shared with it (shared memory on CPU, CUDA IPC on GPUs: a pod's engine core).
+            spec: the pages as they arrive: every kv head of the model.
+            rank_pools: a tensor-parallel engine's other ranks' pools (ranks 1..N-1; ``pool`` is
+                rank 0's), each holding its kv heads (``kv_pages.rank_heads``): every pushed
+                page is split between them. Such an engine takes pages over gRPC only (a memory
+                writer would need every rank's pool and a per-rank head layout).
             engine_event: on a GPU pool shared across processes, an event the engine records on
                 its stream whenever it hands out blocks (``expect`` then cannot record one on
                 the engine's stream itself). ``expect`` pins its latest record, which is that
@@ -172,6 +179,19 @@ class KVReceiver:
         self.layout = PageLayout(
             spec.num_layers, spec.block_size, spec.num_kv_heads, spec.head_dim, spec.dtype
         )
+        pools = [pool, *rank_pools]
+        heads = rank_heads(spec.num_kv_heads, len(pools))
+        for rank, (p, h) in enumerate(zip(pools, heads, strict=True)):
+            if p.shape[-2] != len(h) or p.device != pool.device:
+                raise ValueError(
+                    f"rank {rank}'s KV pool holds {p.shape[-2]} kv heads on {p.device}; "
+                    f"{len(h)} of {spec.num_kv_heads} on {pool.device} expected"
+                )
+        if rank_pools and pool.is_cuda:
+            # Each rank's pool is on its own device: its writes would need a stream there.
+            raise ValueError("pushed KV into a tensor-parallel engine's GPU pools is not built")
+        self._rank_pools = list(zip(pools, heads, strict=True))
+        """(pool, the model kv heads it holds) per rank: a page's heads go to their ranks."""
         self.fingerprint = fingerprint
         self.max_chunk_bytes = max_chunk_bytes
         self.write_lease_s = write_lease_s
@@ -296,6 +316,10 @@ class KVReceiver:
         pod from before write leases) is held to the reservation's whole lease instead.
         """
         inbound = self._get(request_id, token)
+        if transport != "grpc" and len(self._rank_pools) > 1:
+            raise KVTransferError(
+                f"{transport}: this tensor-parallel decode pod takes pushed KV over grpc only"
+            )
         with inbound.lock:
             if inbound.closed:
                 raise KVTransferForbidden(f"the KV reservation of {request_id!r} was cancelled")
@@ -429,14 +453,14 @@ class KVReceiver:
                     f"KV chunk layers [{l0}, {l1}) blocks [{b0}, "
                     f"{b1}) overlaps pages already received"
                 )
+            ids = inbound.block_ids[b0:b1]
             if self._stream is not None:
                 self._stream.wait_event(inbound.engine_done)
                 with torch.cuda.stream(self._stream):
-                    self.kv[l0:l1, :, inbound.block_ids[b0:b1]] = pages.to(
-                        self.kv.device, non_blocking=True
-                    )
+                    self.kv[l0:l1, :, ids] = pages.to(self.kv.device, non_blocking=True)
             else:
-                self.kv[l0:l1, :, inbound.block_ids[b0:b1]] = pages
+                for pool, heads in self._rank_pools:
+                    pool[l0:l1, :, ids] = pages[..., heads.start : heads.stop, :]
             region.fill_(True)
             if inbound.first_write is None:
                 inbound.first_write = time.perf_counter()

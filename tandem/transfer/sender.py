@@ -25,6 +25,7 @@ import math
 import threading
 
 import grpc
+import numpy as np
 import torch
 from opentelemetry.context import Context
 
@@ -32,6 +33,7 @@ from tandem.api import cluster_auth
 from tandem.api.channel_options import CLIENT_OPTIONS
 from tandem.api.errors import InvalidRequest
 from tandem.engine.kv_cache import KVCacheSpec
+from tandem.engine.parallel.kv_pages import layer_group
 from tandem.engine.scheduler import ScheduledSequence
 from tandem.proto.common.v1 import common_pb2
 from tandem.proto.decode.v1 import decode_pb2
@@ -149,7 +151,15 @@ class KVSender:
         push_timeout_s: float = 300.0,
         staging_buffers: int = 64,
         device: torch.device,
+        memory_transports: bool = True,
     ) -> None:
+        """
+        Args:
+            spec: the pages as transfers carry them: every kv head of the model.
+            memory_transports: whether transfers may copy straight from this engine's pool
+                (``attach_pool``). False for a tensor-parallel engine: its pool holds one
+                rank's heads, so its pages go over gRPC, gathered onto rank 0 each step.
+        """
         self.layout = PageLayout(
             spec.num_layers, spec.block_size, spec.num_kv_heads, spec.head_dim, spec.dtype
         )
@@ -174,6 +184,7 @@ class KVSender:
         self.push_timeout_s = push_timeout_s
         self.channels = ChannelPool(num_streams)
         self.device = device
+        self.memory_transports = memory_transports
         self._transfers: dict[str, KVTransfer] = {}
         self._finishing: dict[str, KVTransfer] = {}
         self._finisher = concurrent.futures.ThreadPoolExecutor(
@@ -207,9 +218,14 @@ class KVSender:
 
         Raises:
             InvalidRequest: a transfer for ``request_id`` is already in progress.
+            TransportUnavailable: a memory transport, on an engine that cannot use one.
         """
         if request_id in self._transfers or request_id in self._finishing:
             raise InvalidRequest(f"request id {request_id!r} is already in use", param="request_id")
+        if target.transport != "grpc" and not self.memory_transports:
+            raise TransportUnavailable(
+                f"{target.transport}: this tensor-parallel engine sends KV over grpc only"
+            )
         num_blocks = -(-num_prompt_tokens // self.layout.block_size)
         if target.transport == "grpc":
             transfer = KVTransfer(
@@ -325,44 +341,72 @@ class KVSender:
     # ---- the layer hook ---------------------------------------------------------------------
 
     def on_layers_computed(
-        self, scheduled: list[ScheduledSequence], num_layers_done: int, kv_cache: torch.Tensor
+        self,
+        scheduled: list[ScheduledSequence],
+        num_layers_done: int,
+        kv_cache: torch.Tensor,
+        first_layer: int = 0,
     ) -> None:
+        """Send what the layer group just finished holds of each exporting request.
+
+        ``kv_cache``: the engine's pool, or (a tensor-parallel engine) the group's pages with
+        every kv head, gathered onto rank 0: its first layer is ``first_layer`` and its blocks
+        are numbered as the ``scheduled`` block tables say (``export_block_ids``' order).
+        """
         if not self._transfers:
             return
         total = self.layout.num_layers
-        if num_layers_done % self.layers_per_group and num_layers_done != total:
+        layers = layer_group(num_layers_done, total, self.layers_per_group)
+        if layers is None:
             return
-        l0 = ((num_layers_done - 1) // self.layers_per_group) * self.layers_per_group
+        pages = kv_cache[layers.start - first_layer : layers.stop - first_layer]
+        for s, transfer, b0, done in self._exports(scheduled):
+            if isinstance(transfer, MemoryTransfer):
+                transfer.write(kv_cache, s.block_ids, (layers.start, layers.stop), b0, done)
+            else:
+                self._send(transfer, s.block_ids, (layers.start, layers.stop), b0, done, pages)
+        if num_layers_done == total:
+            for s in scheduled:
+                transfer = self._transfers.get(s.seq.request_id)
+                if transfer is not None and not transfer.failed:
+                    transfer.sent_blocks = max(transfer.sent_blocks, self._done(s, transfer))
+
+    def export_block_ids(self, scheduled: list[ScheduledSequence]) -> np.ndarray:
+        """The pool blocks whose pages this step sends (sorted, distinct): what a
+        tensor-parallel engine gathers onto rank 0 before calling ``on_layers_computed``."""
+        ids = [np.asarray(s.block_ids[b0:done]) for s, _, b0, done in self._exports(scheduled)]
+        if not ids:
+            return np.empty(0, dtype=np.int64)
+        return np.unique(np.concatenate(ids).astype(np.int64))
+
+    def _exports(self, scheduled: list[ScheduledSequence]):
+        """(scheduled sequence, its transfer, first block, end block) of every request whose
+        pages this step completes: blocks ``[sent_blocks, done)``."""
         for s in scheduled:
             transfer = self._transfers.get(s.seq.request_id)
             if transfer is None or transfer.failed:
                 continue  # not exported, or its decode pod stopped listening: stop spending on it
-            # Blocks whose every token is computed after this step (all of them at the end).
-            done = (
-                transfer.num_prompt_blocks
-                if s.samples
-                else (s.start + s.num_new_tokens) // self.layout.block_size
-            )
+            done = self._done(s, transfer)
             if done > transfer.sent_blocks:
-                layers, b0 = (l0, num_layers_done), transfer.sent_blocks
-                if isinstance(transfer, MemoryTransfer):
-                    transfer.write(kv_cache, s.block_ids, layers, b0, done)
-                else:
-                    self._send(transfer, s.block_ids, layers, b0, done, kv_cache)
-            if num_layers_done == total:
-                transfer.sent_blocks = max(transfer.sent_blocks, done)
+                yield s, transfer, transfer.sent_blocks, done
+
+    def _done(self, s: ScheduledSequence, transfer) -> int:
+        """Blocks whose every token is computed after this step (all of them at the end)."""
+        if s.samples:
+            return transfer.num_prompt_blocks
+        return (s.start + s.num_new_tokens) // self.layout.block_size
 
     def _send(
-        self, transfer: KVTransfer, block_ids, layers: tuple[int, int], b0: int, b1: int, kv
+        self, transfer: KVTransfer, block_ids, layers: tuple[int, int], b0: int, b1: int, group
     ) -> None:
+        """Queue blocks ``[b0, b1)`` of ``group`` (the layer group's pages) as chunks."""
         step = blocks_per_chunk(self.layout, layers[1] - layers[0], self.max_chunk_bytes)
-        ids = torch.tensor(block_ids[b0:b1], dtype=torch.long, device=kv.device)
+        ids = torch.tensor(block_ids[b0:b1], dtype=torch.long, device=group.device)
         rid, fp, token = (
             transfer.target.request_id,
             self.fingerprint,
             transfer.target.transfer_token,
         )
-        group = kv[layers[0] : layers[1]]
         for start in range(b0, b1, step):
             end = min(b1, start + step)
             wait, release, nbytes = self._stage(group, ids[start - b0 : end - b0])

@@ -240,7 +240,9 @@ def test_tensor_parallel_decode_pods_get_one_gpu_per_rank(chart):
     assert "--tensor-parallel-size" not in default["args"]
     assert parse_cli(default["args"]).tensor_parallel_size == 1
     assert default["resources"]["requests"][GPU] == default["resources"]["limits"][GPU] == "1"
-    assert "--tensor-parallel-size" not in container_of(render(chart), "prefill")["args"]
+    prefill = container_of(render(chart), "prefill")
+    assert "--tensor-parallel-size" not in prefill["args"]
+    assert prefill["resources"]["requests"][GPU] == prefill["resources"]["limits"][GPU] == "1"
     # An explicit count wins when it covers every rank (the extra GPUs idle).
     more = container_of(render(chart, with_decode(TP4, gpus=8)), "decode")["resources"]
     assert more["requests"][GPU] == more["limits"][GPU] == "8"
@@ -253,18 +255,100 @@ def test_tensor_parallel_decode_pods_get_one_gpu_per_rank(chart):
     assert parse_cli(c["args"]).device == "cpu" and parse_cli(c["args"]).tensor_parallel_size == 4
 
 
+def test_tensor_parallel_prefill_pods_get_one_gpu_per_rank(chart):
+    """A tensor-parallel prefill pod pushes its KV over gRPC, to decode pods of any rank count."""
+    values = {"prefill": {"engine": {"tensorParallelSize": 2}}}
+    assert lint(CHART, values, strict=True, namespace=NAMESPACE)["errors"] == []
+    objects = render(chart, values)
+    for obj in objects:
+        if obj["kind"] not in CRD_KINDS:
+            kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+    prefill = container_of(objects, "prefill")
+    args = prefill["args"]
+    assert args[args.index("--tensor-parallel-size") + 1] == "2"
+    assert parse_cli(args).tensor_parallel_size == 2  # the real CLI takes the flag
+    assert prefill["resources"]["requests"][GPU] == prefill["resources"]["limits"][GPU] == "2"
+    decode = container_of(objects, "decode")
+    assert "--tensor-parallel-size" not in decode["args"]
+    assert decode["resources"]["limits"][GPU] == "1"
+    more = container_of(render(chart, {"prefill": {**values["prefill"], "gpus": 4}}), "prefill")
+    assert more["resources"]["requests"][GPU] == more["resources"]["limits"][GPU] == "4"
+    # 0: CPU pods, as for decode.
+    cpu = {"prefill": {**values["prefill"], "gpus": 0, "extraArgs": ["--device", "cpu"]}}
+    c = container_of(render(chart, cpu), "prefill")
+    assert not any("gpu" in k for part in c["resources"].values() for k in part)
+    assert parse_cli(c["args"]).device == "cpu" and parse_cli(c["args"]).tensor_parallel_size == 2
+
+
+def test_tensor_parallel_decode_pods_on_cpus_take_pushed_kv(chart):
+    cpu = {"gpus": 0, "extraArgs": ["--device", "cpu"]}
+    values = {
+        "prefill": {**cpu, "engine": {"tensorParallelSize": 2}},
+        "decode": {**cpu, "engine": {"tensorParallelSize": 4}},
+    }
+    assert lint(CHART, values, strict=True, namespace=NAMESPACE)["errors"] == []
+    objects = render(chart, values)
+    for role, tp in (("prefill", 2), ("decode", 4)):
+        settings = parse_cli(container_of(objects, role)["args"])
+        assert settings.device == "cpu" and settings.tensor_parallel_size == tp
+    # One rank on each side, or the decode side alone, is fine too.
+    render(chart, {"prefill": cpu, "decode": {**cpu, "engine": {"tensorParallelSize": 2}}})
+    render(chart, {"decode": {**cpu, "engine": {"tensorParallelSize": 2}}})
+
+
 def test_tensor_parallel_values_that_cannot_run_are_refused(chart):
     with pytest.raises(
         HelmError,
         match=r"decode.gpus \(2\) is fewer than decode.engine.tensorParallelSize \(4\)",
     ):
         render(chart, with_decode(TP4, gpus=2))
-    # Prefill pods run one rank, and a tensor-parallel decode pod takes no pushed KV.
-    with pytest.raises(HelmError, match="prefill.engine.tensorParallelSize must be 1"):
-        render(chart, {"prefill": {"engine": {"tensorParallelSize": 2}}})
-    with pytest.raises(HelmError, match="tensorParallelSize 4 needs prefill.enabled=false"):
+    with pytest.raises(
+        HelmError,
+        match=r"prefill.gpus \(1\) is fewer than prefill.engine.tensorParallelSize \(2\)",
+    ):
+        render(chart, {"prefill": {"gpus": 1, "engine": {"tensorParallelSize": 2}}})
+    # No prefill pods: their values do not matter.
+    render(chart, {"prefill": {"enabled": False, "gpus": 1, "engine": {"tensorParallelSize": 2}}})
+    # A tensor-parallel decode pod on GPUs takes no pushed KV yet: colocated only.
+    gpu_tp = "tensorParallelSize 4 on GPUs needs prefill.enabled=false"
+    with pytest.raises(HelmError, match=gpu_tp):
         render(chart, {"decode": {"engine": {"tensorParallelSize": 4}}})
+    with pytest.raises(HelmError, match=gpu_tp):
+        render(chart, {"decode": {"gpus": 8, "engine": {"tensorParallelSize": 4}}})
+    with pytest.raises(HelmError, match=gpu_tp):  # whatever the prefill pods run on
+        render(
+            chart,
+            {
+                "prefill": {"gpus": 0, "extraArgs": ["--device", "cpu"]},
+                "decode": {"engine": {"tensorParallelSize": 4}},
+            },
+        )
     render(chart, {"prefill": {"engine": {"tensorParallelSize": 1}}})  # one rank: fine
+
+
+@pytest.mark.parametrize("mode", ["shm", "cuda-ipc", "nixl"])
+def test_memory_kv_transports_are_refused_with_tensor_parallel_pods(chart, mode):
+    kvt = {"mode": mode, "hostIPC": True, "shareDevShm": True}
+    cpu = {"gpus": 0, "extraArgs": ["--device", "cpu"]}
+    with pytest.raises(
+        HelmError, match=f"kvTransport.mode {mode} with prefill.engine.tensorParallelSize 2"
+    ):
+        render(chart, {"kvTransport": kvt, "prefill": {"engine": {"tensorParallelSize": 2}}})
+    with pytest.raises(
+        HelmError, match=f"kvTransport.mode {mode} with decode.engine.tensorParallelSize 2"
+    ):
+        render(chart, {"kvTransport": kvt, "decode": {**cpu, "engine": {"tensorParallelSize": 2}}})
+    render(chart, {"kvTransport": kvt})  # one rank each: fine
+    # No prefill pods, no transfers.
+    render(chart, {"kvTransport": kvt, **with_decode(TP4)})
+
+
+@pytest.mark.parametrize("mode", ["auto", "grpc"])
+def test_grpc_capable_kv_transports_work_with_tensor_parallel_pods(chart, mode):
+    values = {"kvTransport": {"mode": mode}, "prefill": {"engine": {"tensorParallelSize": 2}}}
+    prefill = container_of(render(chart, values), "prefill")
+    assert parse_cli(prefill["args"]).tensor_parallel_size == 2
+    assert kv_env(render(chart, values), "prefill")["TANDEM_PREFILL_KV_TRANSPORT"] == mode
 
 
 def test_probes(chart):
@@ -682,6 +766,8 @@ def test_observability_toggles(chart):
         ({"decode": {"engine": {"tensorParallelSize": 1.5}}}, "/decode/engine/tensorParallelSize"),
         ({"decode": {"gpus": -1}}, "/decode/gpus"),
         ({"decode": {"gpus": "two"}}, "/decode/gpus"),
+        ({"prefill": {"gpus": -1}}, "/prefill/gpus"),
+        ({"prefill": {"engine": {"tensorParallelSize": 0}}}, "/prefill/engine/tensorParallelSize"),
     ],
 )
 def test_values_schema_rejects_bad_values(chart, values, message):

@@ -1,11 +1,11 @@
-"""``tandem up --prefill 0 --tensor-parallel-size 2`` end to end on CPU: a decode pod whose engine
-core runs rank 0 and starts rank 1 beside it (gloo), behind the real router.
+"""``tandem up --tensor-parallel-size 2`` end to end on CPU: a prefill and a decode pod whose
+engine cores each run rank 0 and start rank 1 beside them (gloo), behind the real router.
 
-Its greedy output must be Hugging Face's tokens; a disaggregated admission (pushed KV, which
-carries every kv head while each rank holds half) is refused with FAILED_PRECONDITION, which the
-router treats as retryable (another pod, ending colocated); a rank that dies takes the pod down
-(to be restarted) instead of leaving it unable to step; and stopping the pod leaves no rank
-behind.
+Greedy output must be Hugging Face's tokens, both disaggregated (the prefill pod gathers each
+page's kv heads from its two ranks onto rank 0 and pushes them over gRPC; the decode pod splits
+them between its two ranks' pools) and colocated; a memory writer, which would need every rank's
+pool, is refused; a rank that dies takes its pod down (to be restarted) instead of leaving it
+unable to step; and stopping a pod leaves no rank behind.
 """
 
 import os
@@ -23,6 +23,7 @@ from tandem.api.sampling_params import SamplingParams
 from tandem.proto.decode.v1 import decode_pb2, decode_pb2_grpc
 
 from .conftest import greedy_token_ids, start_cluster, wait_idle
+from .test_metrics import scrape, value
 
 pytestmark = pytest.mark.integration
 
@@ -55,29 +56,47 @@ def _descendants(pid: int) -> dict[int, str]:
 
 @pytest.fixture(scope="module")
 def tp_cluster(e2e_model):
-    c = start_cluster(e2e_model, prefill=0, decode=1, kvstore=False, tensor_parallel_size=2)
+    c = start_cluster(e2e_model, prefill=1, decode=1, kvstore=False, tensor_parallel_size=2)
     yield c
     c.stop()
 
 
-def test_a_tensor_parallel_decode_pod_serves_transformers_tokens(
+def _ranks(pod) -> list[int]:
+    return [p for p, cmd in _descendants(pod.proc.pid).items() if FOLLOWER in cmd]
+
+
+def test_tensor_parallel_pods_serve_transformers_tokens_disaggregated(
     tp_cluster, e2e_model, hf_reference
 ):
-    pod = tp_cluster.pods("decode")[0]
-    ranks = [p for p, cmd in _descendants(pod.proc.pid).items() if FOLLOWER in cmd]
-    assert len(ranks) == 1, "the pod's engine core should have started one more rank"
+    pods = tp_cluster.pods("prefill") + tp_cluster.pods("decode")
+    assert [len(_ranks(p)) for p in pods] == [1, 1], "each engine core starts one more rank"
     hf = hf_reference(e2e_model, MAX_NEW)
     rng = random.Random(19)
+    before = {p.name: scrape(p.metrics_url) for p in pods}
     for prompt in [[rng.randrange(3, 1000) for _ in range(n)] for n in (5, 40, 90)]:
         assert greedy_token_ids(tp_cluster.router_url, prompt, MAX_NEW) == hf.generate(prompt)
+    after = {p.name: scrape(p.metrics_url) for p in pods}
+
+    def moved(pod):
+        name = "tandem_kv_transfer_bytes"
+        return value(after[pod.name], name, "_total", transport="grpc") - value(
+            before[pod.name], name, "_total", transport="grpc"
+        )
+
+    prefill, decode = pods
+    assert moved(prefill) > 0 and moved(decode) == moved(prefill)
     wait_idle(tp_cluster)
 
 
-def test_pushed_kv_is_refused_with_a_retryable_status(tp_cluster):
+def test_a_memory_writer_is_refused_by_a_tensor_parallel_decode_pod(tp_cluster):
+    """Each rank holds its own kv heads of a page: only gRPC, whose receiver splits pages, may
+    write; a claim for a memory transport is refused and the reservation stays the router's."""
     pod = tp_cluster.pods("decode")[0]
     channel = cluster_auth.channel(pod.address, [])
     try:
-        call = decode_pb2_grpc.DecodeServiceStub(channel).Generate(
+        stub = decode_pb2_grpc.DecodeServiceStub(channel)
+        assert not stub.DescribeKV(decode_pb2.DescribeKVRequest(), timeout=10).pools
+        call = stub.Generate(
             decode_pb2.GenerateRequest(
                 request_id="tp-remote",
                 prompt_token_ids=list(range(3, 43)),
@@ -88,13 +107,22 @@ def test_pushed_kv_is_refused_with_a_retryable_status(tp_cluster):
             ),
             timeout=30,
         )
+        admitted = next(call).admitted
         with pytest.raises(grpc.RpcError) as e:
-            list(call)
+            stub.ClaimKV(
+                decode_pb2.ClaimKVRequest(
+                    request_id="tp-remote",
+                    transfer_token=admitted.transfer_token,
+                    transport="shm",
+                ),
+                timeout=10,
+            )
+        call.cancel()
     finally:
         channel.close()
-    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "tensor-parallel" in e.value.details()
-    wait_idle(tp_cluster)  # nothing was reserved, nothing is held
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "does not offer" in e.value.details()
+    wait_idle(tp_cluster)  # the cancelled reservation gave its blocks back
 
 
 def test_a_rank_that_dies_takes_its_pod_down_to_be_restarted(e2e_model):
@@ -112,9 +140,10 @@ def test_a_rank_that_dies_takes_its_pod_down_to_be_restarted(e2e_model):
 
 def test_stopping_the_pod_stops_its_ranks(tp_cluster):
     """Last in this module: it stops the module's cluster."""
-    pod = tp_cluster.pods("decode")[0]
-    ranks = [p for p, cmd in _descendants(pod.proc.pid).items() if FOLLOWER in cmd]
-    assert len(ranks) == 1
+    ranks = [
+        r for pod in tp_cluster.pods("prefill") + tp_cluster.pods("decode") for r in _ranks(pod)
+    ]
+    assert len(ranks) == 2
     tp_cluster.stop()
     deadline = time.monotonic() + 20
     while any(os.path.exists(f"/proc/{p}") for p in ranks) and time.monotonic() < deadline:

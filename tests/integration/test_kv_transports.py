@@ -452,3 +452,36 @@ def test_a_fallback_is_logged_counted_and_refused_when_strict(
     with caplog.at_level("WARNING"):
         asyncio.run(main(strict=True))
     assert any("--kv-transport-strict" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU ranks (gloo); GPU ranks need one GPU each")
+@pytest.mark.parametrize("prefill_tp,decode_tp", [(2, 1), (1, 2)])
+def test_pods_of_different_tensor_parallel_sizes_exchange_kv_token_exact(
+    in_process_pods, model_dir, reference, prefill_tp, decode_tp
+):
+    """A page carries every kv head: a tensor-parallel prefill pod gathers its ranks' heads
+    onto rank 0 before sending; a tensor-parallel decode pod splits each page between its
+    ranks' pools. Both take gRPC, whatever ``auto`` would pick between one-rank pods."""
+    batch = prompts(6, seed=5)
+    want = expected(reference, batch)
+
+    async def main():
+        async with in_process_pods(
+            model_dir,
+            prefill=dict(tensor_parallel_size=prefill_tp),
+            decode=dict(tensor_parallel_size=decode_tp),
+            num_kv_blocks=NUM_KV_BLOCKS,
+            device=DEVICE,
+            kv_transport="auto",
+        ) as (dispatcher, p, d):
+            assert (
+                p.parts["core"].info.tensor_parallel_size,
+                d.parts["core"].info.tensor_parallel_size,
+            ) == (prefill_tp, decode_tp)
+            got = await run_batch(dispatcher, "tp", batch)
+            assert kv_bytes(p, "grpc") > 0 and kv_bytes(d, "grpc") == kv_bytes(p, "grpc")
+            assert all(kv_bytes(p, t) == 0 for t in TRANSPORTS if t != "grpc")
+            await wait_idle(d)
+            return got
+
+    assert asyncio.run(main()) == want

@@ -140,16 +140,23 @@ def test_wait_ready_reports_progress_not_polls():
     assert "waiting for slow\n" in log and "waiting for fast" not in log
 
 
-def test_tensor_parallel_decode_workers_get_the_flag_and_prefill_workers_are_refused():
-    planned = worker_args(prefill=0, decode=2, tensor_parallel_size=2)
-    assert [flag(planned[f"decode-{i}"], "--tensor-parallel-size") for i in (0, 1)] == ["2", "2"]
-    assert "--tensor-parallel-size" not in worker_args(prefill=0, decode=1)["decode-0"]
-    with pytest.raises(ValidationError, match="needs --prefill 0"):
-        UpOptions(model=Path("m"), prefill=1, tensor_parallel_size=2)
+def test_each_role_gets_its_tensor_parallel_size():
+    planned = worker_args(prefill=1, decode=2, tensor_parallel_size=2)
+    assert [flag(planned[n], "--tensor-parallel-size") for n in planned] == ["2", "2", "2"]
+    planned = worker_args(prefill=1, decode=1, prefill_tensor_parallel_size=2)
+    assert flag(planned["prefill-0"], "--tensor-parallel-size") == "2"
+    assert "--tensor-parallel-size" not in planned["decode-0"]
+    planned = worker_args(
+        prefill=1, decode=1, tensor_parallel_size=4, decode_tensor_parallel_size=2
+    )
+    assert flag(planned["prefill-0"], "--tensor-parallel-size") == "4"
+    assert flag(planned["decode-0"], "--tensor-parallel-size") == "2"
+    assert "--tensor-parallel-size" not in worker_args(prefill=1, decode=1)["decode-0"]
+    with pytest.raises(ValidationError):
+        UpOptions(model=Path("m"), decode_tensor_parallel_size=0)
 
 
-def test_a_tensor_parallel_prefill_pod_is_refused_at_start():
+def test_a_tensor_parallel_prefill_pod_is_accepted():
     from services.prefill.settings import PrefillSettings
 
-    with pytest.raises(ValidationError, match="prefill pod runs one rank"):
-        PrefillSettings(model="m", tensor_parallel_size=2)
+    assert PrefillSettings(model="m", tensor_parallel_size=2).tensor_parallel_size == 2

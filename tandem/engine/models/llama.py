@@ -18,11 +18,11 @@ holds its ``Shard`` (``tandem.engine.parallel.sharding``). ``qkv_proj`` and ``ga
 column-parallel -- a plain ``nn.Linear`` over the rank's q and kv heads and its slice of the
 intermediate size, no communication -- and ``o_proj``/``down_proj`` are row-parallel
 (``RowParallelLinear``: the rank's input columns, a partial sum, one all-reduce, then the full
-bias). The attention backend and the KV cache see only the rank's heads. The embedding, the
-norms and the LM head are replicated on every rank: the simplest correct choice (no gather of
-logits, every rank can sample the same token), at the cost of ``vocab * hidden`` weights per
-rank; a vocabulary-parallel embedding and head are a later memory saving. At ``tp`` size 1 the
-modules are exactly the single-device ones (no extra op).
+bias). The attention backend and the KV cache see only the rank's heads. The embedding and the
+LM head are vocabulary-parallel (``VocabParallelEmbedding``, ``compute_logits``: each rank holds
+``1 / tp`` of the vocabulary's rows, which for a 70B-class model at TP=8 saves ~3.7 GB a GPU
+against replicas); the norms are replicated. At ``tp`` size 1 the modules are exactly the
+single-device ones (no extra op).
 """
 
 from collections.abc import Callable
@@ -35,6 +35,7 @@ from tandem.engine.attention import AttentionBackend, AttentionMetadata
 from tandem.engine.attention.selector import triton_available
 from tandem.engine.models.rope import RotaryEmbedding, apply_rotary
 from tandem.engine.parallel import Shard, TPGroup, shard_for_config
+from tandem.engine.parallel.sharding import vocab_rows
 from tandem.model_dir import ModelConfig
 
 
@@ -93,6 +94,26 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.tp.all_reduce(F.linear(x, self.weight))
         return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """The embedding split by vocabulary rows over the ranks of ``tp`` (``vocab_rows``): each
+    rank looks up the ids it holds, writes zeros for the others, and one all-reduce sums the
+    ranks' rows (exactly: every sum has one non-zero term). The LM head reads the same rows
+    when the embeddings are tied."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup) -> None:
+        super().__init__()
+        self.rows, per_rank = vocab_rows(vocab_size, tp.world_size, tp.rank)
+        self.weight = nn.Parameter(torch.empty(per_rank, hidden_size))
+        self.tp = tp
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        local = input_ids - self.rows.start
+        outside = (local < 0) | (local >= len(self.rows))
+        h = F.embedding(local.masked_fill(outside, 0), self.weight)
+        h.masked_fill_(outside.unsqueeze(-1), 0)
+        return self.tp.all_reduce(h)
 
 
 def _row_parallel(in_features: int, out_features: int, bias: bool, tp: TPGroup) -> nn.Module:
@@ -222,7 +243,10 @@ class DecoderBody(nn.Module):
         self, config: ModelConfig, backend: AttentionBackend, shard: Shard, tp: TPGroup
     ) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)  # replicated
+        if tp.world_size == 1:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        else:
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.layers = nn.ModuleList(
             DecoderLayer(config, i, backend, shard, tp) for i in range(config.num_layers)
         )
@@ -235,8 +259,8 @@ class DecoderLM(nn.Module):
 
     ``tp``: this process's tensor-parallel group (None: one device); the model then holds the
     rank's ``shard`` of every layer and its KV cache holds ``shard.num_kv_heads`` heads. Every
-    rank gets the same input ids and metadata and returns the same full hidden states (and
-    logits: the head is replicated).
+    rank gets the same input ids and metadata and returns the same full hidden states; each
+    computes the logits of its vocabulary rows, gathered onto rank 0 (``compute_logits``).
     """
 
     def __init__(
@@ -247,8 +271,9 @@ class DecoderLM(nn.Module):
         self.tp = tp if tp is not None else TPGroup.single()
         self.shard = shard_for_config(config, self.tp.world_size, self.tp.rank)
         self.model = DecoderBody(config, backend, self.shard, self.tp)
-        if not config.tie_word_embeddings:  # replicated
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if not config.tie_word_embeddings:
+            rows = vocab_rows(config.vocab_size, self.tp.world_size, self.tp.rank)[1]
+            self.lm_head = nn.Linear(config.hidden_size, rows, bias=False)  # vocabulary-parallel
 
     def forward(
         self,
@@ -273,11 +298,22 @@ class DecoderLM(nn.Module):
         h, _ = self.model.norm(h, residual)
         return h
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits [N, vocab] of the given hidden states (the LM head, tied or not)."""
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits [N, vocab] of the given hidden states (the LM head, tied or not).
+
+        Under tensor parallelism every rank computes its vocabulary rows' logits and rank 0
+        gathers them (it samples): a collective, so every rank calls it for the same rows in
+        the same order (``StepPlan.logits_slices``); the other ranks get None.
+        """
         weight = (
             self.model.embed_tokens.weight
             if self.config.tie_word_embeddings
             else self.lm_head.weight
         )
-        return F.linear(hidden, weight)
+        logits = F.linear(hidden, weight)
+        if self.tp.world_size == 1:
+            return logits
+        parts = self.tp.gather(logits)
+        if parts is None:
+            return None
+        return torch.cat(parts, dim=-1)[:, : self.config.vocab_size]

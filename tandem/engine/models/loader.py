@@ -7,7 +7,8 @@ does not match the config fails loudly instead of generating garbage.
 Under tensor parallelism (``tp`` of more than one rank) each rank reads only its slices of each
 checkpoint tensor (``safe_open(...).get_slice``): the rows of its q heads, kv heads and
 intermediate columns of q/k/v and gate/up, the matching input columns of ``o_proj`` and
-``down_proj``; biases of the row-parallel layers, norms, the embedding and the LM head whole.
+``down_proj``, its vocabulary rows of the embedding and the LM head; biases of the row-parallel
+layers and the norms whole.
 Dummy weights are drawn at full (one-device) shape in the same order and sliced, so a dummy
 model at any TP size is the same model.
 """
@@ -24,6 +25,7 @@ from tandem.engine.attention import AttentionBackend
 from tandem.engine.models.llama import DecoderLM
 from tandem.engine.models.rope import inverse_frequencies
 from tandem.engine.parallel import Shard, TPGroup, shard_for_config
+from tandem.engine.parallel.sharding import vocab_rows
 from tandem.model_dir import ModelConfig, weight_files
 
 logger = logging.getLogger(__name__)
@@ -54,6 +56,8 @@ _COLUMN = {
     "mlp.up_proj": "mlp",
 }
 _ROW = {"self_attn.o_proj": "q", "mlp.down_proj": "mlp"}
+_VOCAB = ("model.embed_tokens", "lm_head")
+"""Vocabulary-parallel: split by rows (``vocab_rows``); the last rank's padding rows are zero."""
 
 
 def _split_key(key: str) -> tuple[str, str, str]:
@@ -103,6 +107,9 @@ def _rank_part(config: ModelConfig, shard: Shard, key: str) -> tuple[int, slice,
     if shard.tp_size == 1:
         return None
     _, module, leaf = _split_key(key)
+    if module in _VOCAB and leaf == "weight":
+        rows, _ = vocab_rows(config.vocab_size, shard.tp_size, shard.rank)
+        return 0, slice(rows.start, rows.stop), config.vocab_size
     if module in _COLUMN and leaf in _LEAVES:
         dim, what = 0, _COLUMN[module]
     elif module in _ROW and leaf == "weight":
@@ -233,7 +240,7 @@ def _fill_dummy(
         else:  # the one-device draw, sliced: the same model at every TP size
             full = torch.empty(full_shapes[name], dtype=p.dtype, device=device)
             full.normal_(0.0, 0.02, generator=generator)
-            p.data.copy_(_local_of_full(config, shard, name, full))
+            _fill(p.data, _local_of_full(config, shard, name, full), name)
 
 
 def _load_tensor(
@@ -252,8 +259,17 @@ def _load_tensor(
         raise ModelLoadError(
             f"unexpected weight {key!r} for a {config.architecture} with this config"
         )
-    _copy(param.data, tensor, key)
+    _fill(param.data, tensor, key)
     return (key, None)
+
+
+def _fill(dst: torch.Tensor, src: torch.Tensor, key: str) -> None:
+    """``_copy``, except that a vocabulary-parallel rank's rows past the vocabulary (the last
+    rank's padding) are zeroed: their logits are cut off, their embeddings never looked up."""
+    if dst.shape[0] > src.shape[0] and _split_key(key)[1] in _VOCAB:
+        dst[src.shape[0] :].zero_()
+        dst = dst[: src.shape[0]]
+    _copy(dst, src, key)
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor, key: str) -> None:

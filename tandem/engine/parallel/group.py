@@ -89,6 +89,16 @@ class TPGroup:
         torch.distributed.all_gather(parts, x.contiguous(), group=self._pg)
         return torch.cat(parts, dim=dim)
 
+    def gather(self, x: torch.Tensor, dst: int = 0) -> list[torch.Tensor] | None:
+        """Every rank's ``x`` (same shape and dtype on all), in rank order, on rank ``dst``
+        only (None elsewhere): one collective, nothing sent to the ranks that do not need it."""
+        if self.world_size == 1:
+            return [x]
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.world_size)] if self.rank == dst else None
+        torch.distributed.gather(x, parts, dst=dst, group=self._pg)
+        return parts
+
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Rank ``src``'s ``x`` into every rank's ``x`` (same shape and dtype), in place."""
         if self.world_size > 1:

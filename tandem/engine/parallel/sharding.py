@@ -70,6 +70,16 @@ def intermediate_cols(intermediate_size: int, tp_size: int, rank: int) -> range:
     )
 
 
+def vocab_rows(vocab_size: int, tp_size: int, rank: int) -> tuple[range, int]:
+    """Rank ``rank``'s rows of the embedding and the LM head (vocabulary-parallel), and the rows
+    every rank allocates: ``ceil(vocab_size / tp_size)``, the last rank's beyond the vocabulary
+    being zero padding (vLLM pads likewise), so any vocabulary splits."""
+    _check_rank(tp_size, rank)
+    per_rank = -(-vocab_size // tp_size)
+    start = min(rank * per_rank, vocab_size)
+    return range(start, min(start + per_rank, vocab_size)), per_rank
+
+
 @dataclass(slots=True, frozen=True)
 class Shard:
     """What one rank of a tensor-parallel group holds of every decoder layer."""

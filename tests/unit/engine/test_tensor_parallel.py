@@ -101,20 +101,24 @@ def run_model(model_dir, tp: TPGroup, dummy: bool = False) -> dict[str, np.ndarr
     positions = torch.cat([torch.arange(n) for n in lens])
     hidden = model(ids, positions, cache.tensor, _meta(tables, lens, lens, 0))
     last = torch.tensor([lens[0] - 1, sum(lens) - 1])
+    # Vocabulary-parallel head: every rank computes its rows, rank 0 alone gets the logits and
+    # samples; the tokens reach the other ranks as rank 0's engine sends them (broadcast).
     logits = model.compute_logits(hidden[last])
-    tokens = logits.argmax(-1)
+    tokens = logits.argmax(-1) if logits is not None else torch.empty(2, dtype=torch.long)
+    tp.broadcast(tokens)
     decode_hidden = model(
         tokens, torch.tensor(lens), cache.tensor, _meta(tables, [n + 1 for n in lens], [1, 1], 2)
     )
     decode_logits = model.compute_logits(decode_hidden)
-    return {
-        "hidden": hidden.numpy(),
-        "logits": logits.numpy(),
-        "tokens": tokens.numpy(),
-        "decode_hidden": decode_hidden.numpy(),
-        "decode_logits": decode_logits.numpy(),
-        "decode_tokens": decode_logits.argmax(-1).numpy(),
-    }
+    out = {"hidden": hidden.numpy(), "decode_hidden": decode_hidden.numpy()}
+    if logits is not None:
+        out["logits"] = logits.numpy()
+        out["tokens"] = tokens.numpy()
+        out["decode_logits"] = decode_logits.numpy()
+        out["decode_tokens"] = decode_logits.argmax(-1).numpy()
+    else:
+        assert decode_logits is None, "only rank 0 gets the gathered logits"
+    return out
 
 
 def _rank_main(rank, world_size, init_method, jobs, results, timeout_s):
@@ -197,11 +201,12 @@ def _spawn(world_size, ranks, jobs, rendezvous: Path, timeout_s=JOIN_TIMEOUT_S) 
 
 @pytest.fixture(scope="module")
 def one_kv_head_dir(tmp_path_factory):
-    """Qwen2 (q/k/v biases) with 4 q heads and ONE kv head: at TP=2 each rank replicates it."""
+    """Qwen2 (q/k/v biases) with 4 q heads and ONE kv head: at TP=2 each rank replicates it. Its
+    odd vocabulary (333) leaves the last rank's vocabulary-parallel rows one short (padded)."""
     from tandem.model_gen import ModelGenOptions, generate_model_dir
 
     out = tmp_path_factory.mktemp("tp") / "qwen2-1kv"
-    return generate_model_dir(ModelGenOptions(arch="qwen2", out=out, kv_heads=1, seed=5))
+    return generate_model_dir(ModelGenOptions(arch="qwen2", out=out, kv_heads=1, seed=5, vocab=333))
 
 
 @pytest.fixture(scope="module")
@@ -236,9 +241,11 @@ def test_tp2_matches_tp1_for_every_architecture(tiny_model, one_kv_head_dir, bia
     for name, model_dir, dummy in jobs:
         want = run_model(model_dir, TPGroup.single(), dummy)
         rank0, rank1 = got[(0, name)], got[(1, name)]
+        assert set(rank0) == set(want) and set(rank1) == {"hidden", "decode_hidden"}
         for key in want:
-            # Both ranks hold the same full activations (the all-reduce gives both the sum).
-            np.testing.assert_array_equal(rank0[key], rank1[key], err_msg=f"{name} {key}")
+            if key in rank1:
+                # Both ranks hold the same full activations (the all-reduce gives both the sum).
+                np.testing.assert_array_equal(rank0[key], rank1[key], err_msg=f"{name} {key}")
             if "tokens" in key:
                 np.testing.assert_array_equal(rank0[key], want[key], err_msg=f"{name} {key}")
             else:
@@ -331,9 +338,19 @@ def test_rank_shards_are_slices_of_the_one_device_weights(one_kv_head_dir, dummy
                 want = w[:, heads]
             elif name.endswith("down_proj.weight"):
                 want = w[:, cols]
+            elif name in ("model.embed_tokens.weight", "lm_head.weight"):
+                want = _vocab_part(w, rank, 2)
             else:
                 want = w
             assert torch.equal(p, want), name
+
+
+def _vocab_part(full: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
+    """Rank ``rank``'s rows of a vocabulary-parallel weight: ``ceil(vocab / tp)`` rows, those past
+    the vocabulary (the last rank's padding) zero."""
+    per = -(-full.shape[0] // tp)
+    rows = full[rank * per : (rank + 1) * per]
+    return torch.cat([rows, rows.new_zeros(per - rows.shape[0], full.shape[1])])
 
 
 def test_kv_heads_replicated_in_groups_of_two_ranks_are_the_right_slices(tiny_model):
@@ -374,7 +391,8 @@ def test_kv_heads_replicated_in_groups_of_two_ranks_are_the_right_slices(tiny_mo
             assert torch.equal(part[f"{pre}.mlp.gate_up_proj.weight"], gate_up), rank
             down = ckpt[f"{pre}.mlp.down_proj.weight"][:, cols]
             assert torch.equal(part[f"{pre}.mlp.down_proj.weight"], down), rank
-        assert torch.equal(part["model.embed_tokens.weight"], ckpt["model.embed_tokens.weight"])
+        embed = part["model.embed_tokens.weight"]
+        assert torch.equal(embed, _vocab_part(ckpt["model.embed_tokens.weight"], rank, tp))
 
 
 def test_checkpoint_keys_match_whole_module_names_not_substrings():

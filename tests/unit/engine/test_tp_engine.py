@@ -21,7 +21,9 @@ from tandem.engine.parallel import ShardingError
 from .test_hf_parity import ARCHS, GREEDY, MAX_NEW, assert_same_as_hf, random_prompts
 
 PROMPT_LENS = [1, 5, 17, 33, 64, 97]
-SAMPLED = SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=12, logprobs=3)
+SAMPLED = SamplingParams(
+    temperature=0.9, top_p=0.9, seed=7, max_tokens=12, logprobs=3, prompt_logprobs=2
+)
 FORKED = SamplingParams(temperature=1.0, seed=11, n=2, max_tokens=10)
 
 
@@ -31,7 +33,8 @@ def _run(llm: LLM, prompts) -> tuple[list, list[float], list]:
     greedy = llm.generate(prompts, GREEDY)
     sampled = llm.generate(prompts[:3], SAMPLED)
     forked = llm.generate(prompts[2:4], FORKED)
-    logprobs = [lp for o in sampled for lp in o.outputs[0].logprobs]
+    # Prompt logprobs too: their logits are computed slice by slice (every rank, in one order).
+    logprobs = [lp for o in sampled for lp in o.outputs[0].logprobs + o.prompt_logprobs]
     exact = [
         [o.outputs[0].token_ids for o in greedy],
         [o.outputs[0].token_ids for o in sampled],
@@ -58,6 +61,24 @@ def test_tp2_matches_one_rank_and_transformers(arch, tiny_model, hf_reference):
         assert greedy[-1].num_cached_tokens > 0  # the shared prefix came from the cache
     assert got == expected
     # Row-parallel layers sum two partial products where one rank sums one: float32 rounding.
+    assert logprobs == pytest.approx(expected_logprobs, abs=1e-4)
+    assert_same_as_hf(greedy, prompts, hf_reference(model, MAX_NEW))
+
+
+def test_a_vocabulary_that_does_not_split_evenly_is_padded(tmp_path, hf_reference):
+    """333 tokens over 2 ranks: rank 1 holds 166 rows and one zero row of padding, whose logit
+    is cut off before sampling (it never wins, never shows in logprobs)."""
+    from tandem.model_gen import ModelGenOptions, generate_model_dir
+
+    model = generate_model_dir(ModelGenOptions(out=tmp_path / "m", arch="llama", vocab=333))
+    options = dict(num_kv_blocks=128, max_num_batched_tokens=24, max_num_seqs=4)
+    prompts = random_prompts(333, [5, 30, 50, 7], seed=12)
+    with LLM(model, **options) as one:
+        expected, expected_logprobs, _ = _run(one, prompts)
+    with LLM(model, tensor_parallel_size=2, **options) as two:
+        assert two.engine.runner.model.lm_head.weight.shape[0] == 167
+        got, logprobs, greedy = _run(two, prompts)
+    assert got == expected
     assert logprobs == pytest.approx(expected_logprobs, abs=1e-4)
     assert_same_as_hf(greedy, prompts, hf_reference(model, MAX_NEW))
 

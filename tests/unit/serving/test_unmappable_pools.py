@@ -37,8 +37,14 @@ class Metrics:
         self.fallbacks.append((wanted, transport))
 
 
-def chooser(offer, monkeypatch, **settings) -> KVTransportChooser:
-    info = SimpleNamespace(kv_spec=SPEC, num_kv_blocks=32, device="cpu", fingerprint="fp")
+def chooser(offer, monkeypatch, tensor_parallel_size=1, **settings) -> KVTransportChooser:
+    info = SimpleNamespace(
+        kv_spec=SPEC,
+        num_kv_blocks=32,
+        device="cpu",
+        fingerprint="fp",
+        tensor_parallel_size=tensor_parallel_size,
+    )
     c = KVTransportChooser(PrefillSettings(model="unused", kv_transport="auto", **settings), info)
     claims = []
 
@@ -82,6 +88,23 @@ def test_strict_refuses_instead_of_falling_back(offer, monkeypatch):
     c.unmappable(first, "failed here")
     with pytest.raises(KVTransferError, match="could not be mapped here"):
         asyncio.run(c.choose(target(), Metrics()))
+
+
+def test_a_tensor_parallel_prefill_pod_sends_over_grpc_only(offer, monkeypatch):
+    """Its pages are gathered onto rank 0 each step, not read from a pool a memory writer could
+    copy: ``auto`` takes grpc (its only transport, no fallback); an explicit shm falls back,
+    counted, or is refused when strict."""
+    c, metrics = chooser(offer, monkeypatch, tensor_parallel_size=2), Metrics()
+    assert asyncio.run(c.choose(target(), metrics)).transport == "grpc"
+    assert metrics.fallbacks == []
+    c = chooser(offer, monkeypatch, tensor_parallel_size=2)
+    c.mode = "shm"
+    assert asyncio.run(c.choose(target(), metrics)).transport == "grpc"
+    assert metrics.fallbacks == [("shm", "grpc")]
+    strict = chooser(offer, monkeypatch, tensor_parallel_size=2, kv_transport_strict=True)
+    strict.mode = "shm"
+    with pytest.raises(KVTransferError, match="--kv-transport-strict"):
+        asyncio.run(strict.choose(target(), Metrics()))
 
 
 def test_choose_names_why_a_transport_is_unusable(offer):

@@ -1,73 +1,28 @@
 """KVSender -> gRPC -> KVReceiver in one process: pages arrive intact, and every staged buffer is
 released on every exit path (success, refusal, cancellation, an exhausted pool)."""
 
-import threading
 import time
-from concurrent import futures
 
-import grpc
 import pytest
 import torch
 
 from tandem.api.errors import InvalidRequest, KVTransferError
 from tandem.api.sampling_params import SamplingParams
-from tandem.engine.kv_cache import KVCacheSpec, PagedKVCache
+from tandem.engine.kv_cache import KVCacheSpec
 from tandem.engine.scheduler import ScheduledSequence
 from tandem.engine.sequence import Sequence
 from tandem.proto.common.v1 import common_pb2
-from tandem.proto.decode.v1 import decode_pb2
 from tandem.transfer import codec
 from tandem.transfer.push_streams import KVTarget
-from tandem.transfer.receiver import KVReceiver
 from tandem.transfer.sender import KVSender
+from tests.unit.transfer.grpc_kv_receiver import GrpcKVReceiver
 
 SPEC = KVCacheSpec(num_layers=4, num_kv_heads=2, head_dim=8, block_size=4, dtype=torch.float32)
 PROMPT = 37  # 10 blocks, the last one partial
 
 
-class Receiver:
-    """A real gRPC server whose PushKV writes into a KVReceiver (the decode pod's path)."""
-
-    def __init__(self, fingerprint="fp", delay_s=0.0, max_chunk_bytes=1024):
-        self.cache = PagedKVCache(SPEC, 32, torch.device("cpu"))
-        self.receiver = KVReceiver(
-            self.cache.tensor, self.cache.spec, fingerprint, max_chunk_bytes=max_chunk_bytes
-        )
-        self.delay_s = delay_s
-        self.reading = threading.Event()
-        handler = grpc.stream_unary_rpc_method_handler(
-            self.push_kv,
-            request_deserializer=codec.decode,
-            response_serializer=decode_pb2.PushKVResponse.SerializeToString,
-        )
-        self.server = grpc.server(futures.ThreadPoolExecutor(8))
-        self.server.add_generic_rpc_handlers(
-            (
-                grpc.method_handlers_generic_handler(
-                    "tandem.decode.v1.DecodeService", {"PushKV": handler}
-                ),
-            )
-        )
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
-        self.server.start()
-
-    def push_kv(self, request_iterator, context):
-        self.reading.set()
-        time.sleep(self.delay_s)
-        n = 0
-        try:
-            for msg in request_iterator:
-                if msg.chunk is not None:
-                    self.receiver.write(msg.chunk, msg.data)
-                    n += 1
-                elif msg.end is not None:
-                    self.receiver.complete(msg.end)
-        except KVTransferError as e:
-            context.abort(grpc.StatusCode.DATA_LOSS, str(e))
-        return decode_pb2.PushKVResponse(chunks_received=n)
-
-    def stop(self):
-        self.server.stop(0)
+def Receiver(**kw) -> GrpcKVReceiver:  # noqa: N802 - reads as the class it makes
+    return GrpcKVReceiver(SPEC, **kw)
 
 
 def wait_buffers_back(s: KVSender, timeout_s: float = 5.0) -> None:
@@ -118,7 +73,7 @@ def test_pages_arrive_intact_and_buffers_come_back():
         assert (
             result.bytes == kv[:, :, blocks].numel() * 4 and result.chunks > 2
         )  # several chunks, 2 streams
-        assert torch.equal(r.cache.tensor[:, :, :10], kv[:, :, blocks])
+        assert torch.equal(r.pool[:, :, :10], kv[:, :, blocks])
         wait_buffers_back(s)
     finally:
         s.close()
@@ -135,7 +90,7 @@ def test_chunks_over_the_receivers_size_limit_are_refused_before_any_write():
         run_prefill(s, "big", kv, blocks)
         with pytest.raises(KVTransferError, match="exceeds the 1024-byte limit"):
             s.finish("big", end("big")).result(10)
-        assert not r.cache.tensor.any()  # nothing was written
+        assert not r.pool.any()  # nothing was written
         wait_buffers_back(s)
     finally:
         s.close()
@@ -153,8 +108,8 @@ def test_skip_blocks_are_not_sent():
         s.start("r1", KVTarget(f"127.0.0.1:{r.port}", "r1", 4, "fp", token), PROMPT)
         run_prefill(s, "r1", kv, blocks)
         s.finish("r1", end("r1")).result(10)
-        assert torch.equal(r.cache.tensor[:, :, 4:10], kv[:, :, blocks[4:]])
-        assert r.cache.tensor[:, :, :4].abs().sum() == 0
+        assert torch.equal(r.pool[:, :, 4:10], kv[:, :, blocks[4:]])
+        assert r.pool[:, :, :4].abs().sum() == 0
     finally:
         s.close()
         r.stop()
@@ -211,7 +166,7 @@ def test_an_exhausted_pool_never_blocks_the_engine_thread():
         run_prefill(s, "r1", kv, blocks)
         assert time.monotonic() - start < 2.0  # queued without waiting for the slow receiver (3 s)
         s.finish("r1", end("r1")).result(10)
-        assert torch.equal(r.cache.tensor[:, :, :10], kv[:, :, blocks])
+        assert torch.equal(r.pool[:, :, :10], kv[:, :, blocks])
         wait_buffers_back(s)
     finally:
         s.close()

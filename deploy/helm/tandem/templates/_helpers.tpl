@@ -324,16 +324,31 @@ true
 {{- if gt (float64 .Values.decode.kvWriteLeaseSeconds) (float64 .Values.decode.kvLeaseSeconds) -}}
 {{- fail (printf "decode.kvWriteLeaseSeconds (%v) must not exceed decode.kvLeaseSeconds (%v): the reservation's lease bounds every write lease" .Values.decode.kvWriteLeaseSeconds .Values.decode.kvLeaseSeconds) -}}
 {{- end -}}
-{{- if gt (int (.Values.prefill.engine.tensorParallelSize | default 1)) 1 -}}
-{{- fail "prefill.engine.tensorParallelSize must be 1: a prefill pod runs one rank for now (decode pods may run several, colocated)" -}}
-{{- end -}}
-{{- $tp := int (.Values.decode.engine.tensorParallelSize | default 1) -}}
-{{- if and (gt $tp 1) .Values.prefill.enabled -}}
-{{- fail (printf "decode.engine.tensorParallelSize %d needs prefill.enabled=false for now: a tensor-parallel decode pod takes no pushed KV and serves every request colocated" $tp) -}}
-{{- end -}}
-{{- $gpus := int (include "tandem.gpuCount" .Values.decode) -}}
+{{/* Tensor parallelism: a GPU per rank; a TP decode pod on GPUs takes no pushed KV yet; TP pods
+     move KV over grpc only (README, "Tensor parallelism"). */}}
+{{- $tps := dict "prefill" (int (.Values.prefill.engine.tensorParallelSize | default 1)) "decode" (int (.Values.decode.engine.tensorParallelSize | default 1)) -}}
+{{- range $role := list "prefill" "decode" -}}
+{{- if or (eq $role "decode") $.Values.prefill.enabled -}}
+{{- $tp := index $tps $role -}}
+{{- $gpus := int (include "tandem.gpuCount" (index $.Values $role)) -}}
 {{- if and (gt $gpus 0) (lt $gpus $tp) -}}
-{{- fail (printf "decode.gpus (%d) is fewer than decode.engine.tensorParallelSize (%d): each rank needs a GPU of its own; set decode.gpus to at least %d, or null to take one per rank" $gpus $tp $tp) -}}
+{{- fail (printf "%s.gpus (%d) is fewer than %s.engine.tensorParallelSize (%d): each rank needs a GPU of its own; set %s.gpus to at least %d, or null to take one per rank" $role $gpus $role $tp $role $tp) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if .Values.prefill.enabled -}}
+{{- $tp := $tps.decode -}}
+{{- if and (gt $tp 1) (gt (int (include "tandem.gpuCount" .Values.decode)) 0) -}}
+{{- fail (printf "decode.engine.tensorParallelSize %d on GPUs needs prefill.enabled=false for now: a tensor-parallel decode pod on GPUs does not take pushed KV yet (it cannot write its other ranks' GPU pools), so every request would run colocated; CPU decode pods (decode.gpus 0) do take it" $tp) -}}
+{{- end -}}
+{{- $mode := .Values.kvTransport.mode -}}
+{{- if has $mode (list "shm" "cuda-ipc" "nixl") -}}
+{{- range $role := list "prefill" "decode" -}}
+{{- if gt (index $tps $role) 1 -}}
+{{- fail (printf "kvTransport.mode %s with %s.engine.tensorParallelSize %d: tensor-parallel prefill and decode pods move KV over grpc only; use auto or grpc" $mode $role (index $tps $role)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- $kvt := .Values.kvTransport -}}
 {{- if and .Values.prefill.enabled (has $kvt.mode (list "shm" "cuda-ipc")) (not (and $kvt.hostIPC $kvt.shareDevShm)) -}}
