@@ -26,11 +26,13 @@ import functools
 import glob
 import logging
 import os
+import pickle
 import time
 import uuid
 
 import grpc
 import torch
+import torch.multiprocessing  # noqa: F401 - CUDA IPC reductions: opens ranks' shared pools
 from opentelemetry import trace
 
 from services.decode.settings import DecodeSettings
@@ -39,7 +41,6 @@ from tandem.api import proto_convert
 from tandem.api.errors import (
     CapacityExceeded,
     InvalidRequest,
-    KVFingerprintMismatch,
     KVTransferError,
     KVTransferForbidden,
     TandemError,
@@ -92,10 +93,6 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         self._kv_writers = kv_writers
         self.pools = pools or []
         """The memory transports this pod offers (``DescribeKV``)."""
-        info = core.info
-        self.takes_pushed_kv = info.tensor_parallel_size == 1 or not receiver.kv.is_cuda
-        """False for a tensor-parallel pod on GPUs: its receiver cannot write the other ranks'
-        pools (each on its own device) yet, so it serves every request colocated."""
 
     # ---- Generate ---------------------------------------------------------------------------
 
@@ -249,12 +246,6 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             "num_text_chars": proto_convert.num_text_chars(request),
         }
         if request.prefill_mode == decode_pb2.PREFILL_MODE_REMOTE:
-            if not self.takes_pushed_kv:
-                # Retryable: the router runs the request elsewhere, or here colocated.
-                raise KVFingerprintMismatch(
-                    f"this decode pod runs tensor-parallel over "
-                    f"{self.settings.tensor_parallel_size} GPUs and cannot take pushed KV yet"
-                )
             block_ids, cached = await self.core.reserve(
                 rid, ids, params, priority=request.priority, cache_salt=cache_salt, **resume
             )
@@ -602,7 +593,9 @@ async def start(settings: DecodeSettings) -> RunningService:
     pool_files = PoolFiles.create(settings.tensor_parallel_size)
     spec = CoreSpec(
         role="decode",
-        engine=settings.engine_config().model_copy(update={"kv_pool_path": pool_files.path}),
+        engine=settings.engine_config().model_copy(
+            update={"kv_pool_path": pool_files.path, "share_rank_pools": True}
+        ),
         pod_id=settings.pod_id,
         share_kv_pool=True,
     )
@@ -615,7 +608,6 @@ async def start(settings: DecodeSettings) -> RunningService:
         raise
     info = pod.info
     pool = info.kv_pool
-    rank_pools: list[torch.Tensor] = []
     if pool is None:  # CPU pools in shared-memory files: rank 0's, then the other ranks'
         pool, *rank_pools = (
             shm_transport.map_pool(
@@ -623,13 +615,12 @@ async def start(settings: DecodeSettings) -> RunningService:
             )
             for rank in range(info.tensor_parallel_size)
         )
+    else:  # GPU pools: rank 0's came with the info, the other ranks' as they shared them
+        rank_pools = [pickle.loads(shared) for shared in info.kv_rank_pools]
     pools, exports = offered_pools(settings, info, pool)
-    whole = info.tensor_parallel_size == 1 or rank_pools
     receiver = KVReceiver(
         pool,
-        # A tensor-parallel pod on GPUs refuses pushed KV (DecodeServicer.takes_pushed_kv): its
-        # receiver knows rank 0's pool only.
-        info.kv_wire_spec if whole else info.kv_spec,
+        info.kv_wire_spec,
         info.fingerprint,
         rank_pools=rank_pools,
         max_chunk_bytes=settings.kv_max_chunk_bytes,

@@ -127,7 +127,12 @@ class EngineConfig(EngineOptions):
     kv_pool_path: str | None = None
     """CPU only: allocate the KV pool in this file (under /dev/shm: shared memory), so other
     processes on the host can map it (a decode pod's front, and prefill pods' ``shm`` KV
-    transport). The caller removes the file."""
+    transport). The caller removes the file. Under tensor parallelism rank r's pool is the file
+    ``kv_cache.rank_pool_path(kv_pool_path, r)``."""
+    share_rank_pools: bool = False
+    """GPUs, tensor parallelism: every follower rank shares its KV pool over CUDA IPC (only an
+    allocation's owner may), relayed by rank 0 (``LLMEngine.rank_kv_pools``), so that a decode
+    pod's front writes each rank's heads of pushed KV into its own rank's pool."""
 
     def with_batch_defaults(self) -> "EngineConfig":
         """This config with ``max_num_seqs`` and ``max_num_batched_tokens`` filled in for its

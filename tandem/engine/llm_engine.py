@@ -229,6 +229,11 @@ class LLMEngine:
         it."""
         return self._followers.filenos() if self._followers is not None else []
 
+    def rank_kv_pools(self) -> list[bytes]:
+        """Ranks 1..N-1's KV pools, shared over CUDA IPC (``EngineConfig.share_rank_pools``):
+        ``pickle.loads`` maps one; [] for one rank, on CPU, or when not shared."""
+        return self._followers.shared_pools() if self._followers is not None else []
+
     def rank_failure(self) -> str | None:
         """What a failed tensor-parallel rank reported, if one did."""
         return self._followers.failure() if self._followers is not None else None

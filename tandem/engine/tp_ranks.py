@@ -35,9 +35,11 @@ import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
+from multiprocessing.reduction import ForkingPickler
 
 import numpy as np
 import torch
+import torch.multiprocessing  # noqa: F401 - registers torch's CUDA IPC reductions for pickling
 
 from tandem.api.errors import ModelLoadError
 from tandem.engine.config import EngineConfig
@@ -125,6 +127,9 @@ class FollowerRanks:
         self._failure: str | None = None
         self._ready: dict[int, int] = {}
         """Rank -> the KV blocks its pool holds, as each follower reports ready."""
+        self._shared_pools: dict[int, bytes] = {}
+        """Rank -> its pool shared over CUDA IPC (``EngineConfig.share_rank_pools``), pickled
+        by the follower (torch's CUDA IPC reduction) and relayed unopened."""
         self._changed = threading.Condition()
         self._watcher: threading.Thread | None = None
 
@@ -238,6 +243,8 @@ class FollowerRanks:
                 if reply[0] == "ready":
                     with self._changed:
                         self._ready[rank] = reply[1]
+                        if reply[2] is not None:
+                            self._shared_pools[rank] = reply[2]
                         self._changed.notify_all()
                 else:
                     del live[conn]
@@ -283,6 +290,11 @@ class FollowerRanks:
                 f"tensor-parallel ranks allocated different KV pools: rank 0 {num_blocks} "
                 f"blocks, the others {sorted(sizes)}"
             )
+
+    def shared_pools(self) -> list[bytes]:
+        """Ranks 1..N-1's pools as each shared it (``EngineConfig.share_rank_pools`` on GPUs):
+        ``pickle.loads`` opens one in the process that needs it; [] when not shared."""
+        return [self._shared_pools[r] for r in sorted(self._shared_pools)]
 
     def failure(self) -> str | None:
         """Why a follower failed, if one did: what it reported, or how it exited. Before the
@@ -470,7 +482,7 @@ def follower_main(fd: int) -> int:
             start.max_model_len,
             tp=group,
         )
-        conn.send(("ready", runner.kv_cache.num_blocks))
+        conn.send(("ready", runner.kv_cache.num_blocks, _shared_pool(config, runner)))
         _follow(conn, runner, group)
     except BaseException as exc:  # noqa: BLE001 - reported to rank 0, then the process ends
         if not isinstance(exc, TPInitError):
@@ -482,6 +494,16 @@ def follower_main(fd: int) -> int:
         os._exit(1)
     group.destroy()
     return 0
+
+
+def _shared_pool(config: EngineConfig, runner: ModelRunner) -> bytes | None:
+    """This rank's KV pool pickled with torch's CUDA IPC reduction (the handle, not the data),
+    when the engine shares its ranks' pools (a decode pod on GPUs); None otherwise. The pool
+    lives as long as this process: the opener's mapping stays valid while the rank runs."""
+    pool = runner.kv_cache.tensor
+    if not (config.share_rank_pools and pool.is_cuda):
+        return None
+    return bytes(ForkingPickler.dumps(pool))
 
 
 def cpu_threads_per_rank(world_size: int) -> int:

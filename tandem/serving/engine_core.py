@@ -115,6 +115,10 @@ class EngineInfo:
     kv_pool_path: str | None = None
     """A CPU pool allocated in a shared-memory file (``EngineConfig.kv_pool_path``): the front
     maps it by name (``kv_pool`` is then None: such memory does not travel through pickling)."""
+    kv_rank_pools: list[bytes] = field(default_factory=list)
+    """GPUs, tensor parallelism: ranks 1..N-1's pools as each rank shared it over CUDA IPC
+    (``LLMEngine.rank_kv_pools``; ``pickle.loads`` maps one). On CPU the front maps the ranks'
+    pool files instead."""
     kv_exports: list[bytes] = field(default_factory=list)
     """Encoded ``PoolDescriptor``s the core made of its pool (cuda-ipc: only the owner can)."""
 
@@ -250,6 +254,7 @@ class EngineCore:
                 bytes(self._engine_event.ipc_handle()) if self._engine_event is not None else None
             ),
             kv_pool_path=e.runner.kv_cache.path if self.spec.share_kv_pool else None,
+            kv_rank_pools=e.rank_kv_pools() if self.spec.share_kv_pool else [],
             kv_exports=self._kv_exports,
         )
 

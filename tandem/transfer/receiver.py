@@ -182,14 +182,11 @@ class KVReceiver:
         pools = [pool, *rank_pools]
         heads = rank_heads(spec.num_kv_heads, len(pools))
         for rank, (p, h) in enumerate(zip(pools, heads, strict=True)):
-            if p.shape[-2] != len(h) or p.device != pool.device:
+            if p.shape[-2] != len(h) or p.device.type != pool.device.type:
                 raise ValueError(
                     f"rank {rank}'s KV pool holds {p.shape[-2]} kv heads on {p.device}; "
-                    f"{len(h)} of {spec.num_kv_heads} on {pool.device} expected"
+                    f"{len(h)} of {spec.num_kv_heads} on a {pool.device.type} device expected"
                 )
-        if rank_pools and pool.is_cuda:
-            # Each rank's pool is on its own device: its writes would need a stream there.
-            raise ValueError("pushed KV into a tensor-parallel engine's GPU pools is not built")
         self._rank_pools = list(zip(pools, heads, strict=True))
         """(pool, the model kv heads it holds) per rank: a page's heads go to their ranks."""
         self.fingerprint = fingerprint
@@ -199,6 +196,13 @@ class KVReceiver:
         self._inbound: dict[str, _Inbound] = {}
         self._lock = threading.Lock()
         self._stream = torch.cuda.Stream(self.kv.device) if self.kv.is_cuda else None
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        """GPUs: the copy stream of each device a rank's pool is on (rank 0's: ``_stream``)."""
+        if self._stream is not None:
+            self._streams[self.kv.device] = self._stream
+            for p in rank_pools:
+                if p.device not in self._streams:
+                    self._streams[p.device] = torch.cuda.Stream(p.device)
         self._epochs = itertools.count(1)
         self._draining: dict[str, _Inbound] = {}
         """Discarded leases whose memory writer has not confirmed it stopped: its notice still
@@ -454,13 +458,23 @@ class KVReceiver:
                     f"{b1}) overlaps pages already received"
                 )
             ids = inbound.block_ids[b0:b1]
-            if self._stream is not None:
-                self._stream.wait_event(inbound.engine_done)
-                with torch.cuda.stream(self._stream):
-                    self.kv[l0:l1, :, ids] = pages.to(self.kv.device, non_blocking=True)
-            else:
-                for pool, heads in self._rank_pools:
-                    pool[l0:l1, :, ids] = pages[..., heads.start : heads.stop, :]
+            for pool, heads in self._rank_pools:
+                part = (
+                    pages if len(self._rank_pools) == 1 else pages[..., heads.start : heads.stop, :]
+                )
+                if self._stream is None:
+                    pool[l0:l1, :, ids] = part
+                    continue
+                # Each rank's pool on its own device: that device's stream, after the engine's
+                # last use of the blocks (rank 0's event covers every rank: each layer's KV write
+                # precedes that layer's all-reduce) and after the block ids' upload.
+                stream = self._streams[pool.device]
+                stream.wait_event(inbound.engine_done)
+                stream.wait_stream(torch.cuda.current_stream(self.kv.device))
+                with torch.cuda.stream(stream):
+                    pool[l0:l1, :, ids.to(pool.device, non_blocking=True)] = part.to(
+                        pool.device, non_blocking=True
+                    )
             region.fill_(True)
             if inbound.first_write is None:
                 inbound.first_write = time.perf_counter()
@@ -492,8 +506,7 @@ class KVReceiver:
                     f"KV transfer of {end.request_id!r} is missing {int(missing.sum())} pages "
                     f"(first: layer {int(layers[0])}, block {int(blocks[0]) + inbound.first_block})"
                 )
-            if self._stream is not None:
-                self._stream.synchronize()
+            self._synchronize()
             inbound.closed = True
         with self._lock:
             self._inbound.pop(end.request_id, None)
@@ -517,13 +530,17 @@ class KVReceiver:
             self._draining[request_id] = inbound
         with inbound.lock:
             inbound.closed = True
-            if self._stream is not None:
-                self._stream.synchronize()
+            self._synchronize()
             memory = inbound.transport not in (None, "grpc")
         if not memory:
             self.end_drain(request_id)
             return None
         return inbound
+
+    def _synchronize(self) -> None:
+        """Wait for every page copy queued so far, on every rank's device."""
+        for stream in self._streams.values():
+            stream.synchronize()
 
     @staticmethod
     def drained(inbound: _Inbound) -> bool:

@@ -309,20 +309,11 @@ def test_tensor_parallel_values_that_cannot_run_are_refused(chart):
         render(chart, {"prefill": {"gpus": 1, "engine": {"tensorParallelSize": 2}}})
     # No prefill pods: their values do not matter.
     render(chart, {"prefill": {"enabled": False, "gpus": 1, "engine": {"tensorParallelSize": 2}}})
-    # A tensor-parallel decode pod on GPUs takes no pushed KV yet: colocated only.
-    gpu_tp = "tensorParallelSize 4 on GPUs needs prefill.enabled=false"
-    with pytest.raises(HelmError, match=gpu_tp):
-        render(chart, {"decode": {"engine": {"tensorParallelSize": 4}}})
-    with pytest.raises(HelmError, match=gpu_tp):
-        render(chart, {"decode": {"gpus": 8, "engine": {"tensorParallelSize": 4}}})
-    with pytest.raises(HelmError, match=gpu_tp):  # whatever the prefill pods run on
-        render(
-            chart,
-            {
-                "prefill": {"gpus": 0, "extraArgs": ["--device", "cpu"]},
-                "decode": {"engine": {"tensorParallelSize": 4}},
-            },
-        )
+    # A tensor-parallel decode pod on GPUs beside prefill pods: pushed KV splits between ranks.
+    decode = container_of(
+        render(chart, {"decode": {"engine": {"tensorParallelSize": 4}}}), "decode"
+    )
+    assert decode["args"][decode["args"].index("--tensor-parallel-size") + 1] == "4"
     render(chart, {"prefill": {"engine": {"tensorParallelSize": 1}}})  # one rank: fine
 
 

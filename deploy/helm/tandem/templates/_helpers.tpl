@@ -324,8 +324,8 @@ true
 {{- if gt (float64 .Values.decode.kvWriteLeaseSeconds) (float64 .Values.decode.kvLeaseSeconds) -}}
 {{- fail (printf "decode.kvWriteLeaseSeconds (%v) must not exceed decode.kvLeaseSeconds (%v): the reservation's lease bounds every write lease" .Values.decode.kvWriteLeaseSeconds .Values.decode.kvLeaseSeconds) -}}
 {{- end -}}
-{{/* Tensor parallelism: a GPU per rank; a TP decode pod on GPUs takes no pushed KV yet; TP pods
-     move KV over grpc only (README, "Tensor parallelism"). */}}
+{{/* Tensor parallelism: a GPU per rank; TP pods move KV over grpc only (README, "Tensor
+     parallelism"). */}}
 {{- $tps := dict "prefill" (int (.Values.prefill.engine.tensorParallelSize | default 1)) "decode" (int (.Values.decode.engine.tensorParallelSize | default 1)) -}}
 {{- range $role := list "prefill" "decode" -}}
 {{- if or (eq $role "decode") $.Values.prefill.enabled -}}
@@ -337,10 +337,6 @@ true
 {{- end -}}
 {{- end -}}
 {{- if .Values.prefill.enabled -}}
-{{- $tp := $tps.decode -}}
-{{- if and (gt $tp 1) (gt (int (include "tandem.gpuCount" .Values.decode)) 0) -}}
-{{- fail (printf "decode.engine.tensorParallelSize %d on GPUs needs prefill.enabled=false for now: a tensor-parallel decode pod on GPUs does not take pushed KV yet (it cannot write its other ranks' GPU pools), so every request would run colocated; CPU decode pods (decode.gpus 0) do take it" $tp) -}}
-{{- end -}}
 {{- $mode := .Values.kvTransport.mode -}}
 {{- if has $mode (list "shm" "cuda-ipc" "nixl") -}}
 {{- range $role := list "prefill" "decode" -}}
