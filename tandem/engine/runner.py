@@ -511,22 +511,31 @@ class ModelRunner:
 
     # ---- tensor parallelism -----------------------------------------------------------------
 
-    def _forward_with_followers(self, batch: ForwardBatch, input_ids) -> torch.Tensor:
-        """Rank 0's forward with the other ranks running the same one. A failure in between
-        leaves them inside the step's collectives, out of step with any later one for good:
-        they are ended, and every later step fails at once (``TPGroupBroken``)."""
+    def _forward_with_followers(
+        self, batch: ForwardBatch, input_ids
+    ) -> tuple[list, torch.Tensor | None]:
+        """Rank 0's forward and logits (``_logits``) with the other ranks running the same
+        collectives. A failure in between leaves them inside the step's collectives, out of
+        step with any later one for good: they are ended, and every later step fails at once
+        (``TPGroupBroken``). The KV hook's own errors are held until the step's last collective
+        and raised then: the step fails, as on one rank, and the group stays in step."""
         if self._broken is not None:
             raise TPGroupBroken(self._broken)
-        hook = self._tp_export_hook(batch)  # before the plan leaves: it names the exported blocks
+        held: list[BaseException] = []
+        hook = self._tp_export_hook(batch, held)  # before the plan leaves: it names the blocks
         try:
             self._followers.step(batch.plan, input_ids)
-            return self.model(
+            hidden = self.model(
                 batch.input_ids, batch.positions, self.kv_cache.tensor, batch.attn, hook
             )
+            result = self._logits(hidden, batch)
         except BaseException as exc:
             self._broken = f"{type(exc).__name__}: {exc}"
             self._followers.kill(self._broken)
             raise
+        if held:
+            raise held[0]
+        return result
 
     def attach_followers(self, followers: StepFollowers) -> None:
         """Rank 0: send every later step to ``followers`` (the group's other ranks) before
@@ -534,13 +543,17 @@ class ModelRunner:
         step, the pool's size) run on every rank by themselves."""
         self._followers = followers
 
-    def _tp_export_hook(self, batch: ForwardBatch) -> Callable[[int], None] | None:
+    def _tp_export_hook(
+        self, batch: ForwardBatch, held: list[BaseException]
+    ) -> Callable[[int], None] | None:
         """Rank 0 of a tensor-parallel prefill engine: the step's layer hook, and the blocks it
         exports put in the plan the followers receive.
 
         At each layer-group boundary every rank gathers its heads of those blocks onto rank 0
         (``gather_pages``); the KV hook then sees the gathered pages, with each sequence's block
-        table renumbered to their order (blocks it does not send this step read -1).
+        table renumbered to their order (blocks it does not send this step read -1). An error of
+        the KV hook is appended to ``held`` (the gathers go on: the followers run them anyway)
+        and the hook is not called again this step.
         """
         export = self._kv_layer_hook
         if export is None:
@@ -558,9 +571,11 @@ class ModelRunner:
 
         def hook(n: int) -> None:
             pages = gather(n)
-            if pages is not None:
-                first = n - pages.shape[0]
-                export.on_layers_computed(order, n, pages, first_layer=first)
+            if pages is not None and not held:
+                try:
+                    export.on_layers_computed(order, n, pages, first_layer=n - pages.shape[0])
+                except Exception as exc:  # noqa: BLE001 - raised after the step's collectives
+                    held.append(exc)
 
         return hook
 
@@ -660,24 +675,33 @@ class ModelRunner:
 
         if self._followers is None:
             hidden = self.model(batch.input_ids, batch.positions, kv, batch.attn, hook)
+            computed, logits = self._logits(hidden, batch)
         else:
-            hidden = self._forward_with_followers(batch, input_ids)
-        if not self.tp.is_first:  # a follower's own step: the profiled one, at start-up
+            computed, logits = self._forward_with_followers(batch, input_ids)
+        step = LaunchedStep([]) if logits is None else self._sample(logits, batch.sampling)
+        step.prompt_logprobs = computed
+        return step
+
+    def _logits(
+        self, hidden: torch.Tensor, batch: ForwardBatch
+    ) -> tuple[list, torch.Tensor | None]:
+        """(the prompt logprobs the step computes, the sampling rows' logits or None).
+
+        Under tensor parallelism every ``compute_logits`` is a collective: a follower's own step
+        (the profiled one, at start-up) computes its part of the same logits and gets ([], None).
+        Prompt logprobs are computed synchronously: such steps are prefills, never the decode
+        steps launched ahead.
+        """
+        if not self.tp.is_first:
             self._follower_logits(hidden, batch.plan)
-            return LaunchedStep([])
-        # Prompt logprobs are computed synchronously: such steps are prefills, never the decode
-        # steps launched ahead.
+            return [], None
         scored = batch.scored
         computed = (
             prompt_logprobs.compute(hidden, scored, self.model.compute_logits) if scored else []
         )
         if not batch.sampling:
-            step = LaunchedStep([])
-        else:
-            logits = self.model.compute_logits(hidden[batch.logits_indices])
-            step = self._sample(logits, batch.sampling)
-        step.prompt_logprobs = computed
-        return step
+            return computed, None
+        return computed, self.model.compute_logits(hidden[batch.logits_indices])
 
     def _sample(self, logits: torch.Tensor, sampling: list[ScheduledSequence]) -> LaunchedStep:
         """Tokens for the sampling rows, on the device: one argmax when every row is plain greedy

@@ -31,7 +31,7 @@ from opentelemetry.context import Context
 
 from tandem.api import cluster_auth
 from tandem.api.channel_options import CLIENT_OPTIONS
-from tandem.api.errors import InvalidRequest
+from tandem.api.errors import InvalidRequest, KVTransferError
 from tandem.engine.kv_cache import KVCacheSpec
 from tandem.engine.parallel.kv_pages import layer_group
 from tandem.engine.scheduler import ScheduledSequence
@@ -401,7 +401,14 @@ class KVSender:
     ) -> None:
         """Queue blocks ``[b0, b1)`` of ``group`` (the layer group's pages) as chunks."""
         step = blocks_per_chunk(self.layout, layers[1] - layers[0], self.max_chunk_bytes)
-        ids = torch.tensor(block_ids[b0:b1], dtype=torch.long, device=group.device)
+        wanted = np.asarray(block_ids[b0:b1])
+        if len(wanted) and wanted.min() < 0:
+            # A tensor-parallel engine gathered other blocks than these (export_block_ids): the
+            # pages are not here, and -1 would read another block's.
+            raise KVTransferError(
+                f"KV blocks [{b0}, {b1}) of {transfer.target.request_id!r} were not gathered"
+            )
+        ids = torch.tensor(wanted, dtype=torch.long, device=group.device)
         rid, fp, token = (
             transfer.target.request_id,
             self.fingerprint,

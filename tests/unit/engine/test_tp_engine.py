@@ -163,6 +163,34 @@ def test_a_failure_of_rank_0_inside_a_step_ends_the_group(llama_dir, monkeypatch
         assert isinstance(failed.value.__cause__, TPGroupBroken)
 
 
+@pytest.mark.timeout(180)
+def test_a_failure_of_rank_0_between_the_logits_gathers_ends_the_group(llama_dir, monkeypatch):
+    """The vocabulary-parallel head's gathers come after the forward (prompt logprobs' slices,
+    then the sampling rows): rank 0 failing between two of them leaves the follower waiting in
+    the next one. It is ended too, and the next step fails at once instead of hanging."""
+    from tandem.engine import prompt_logprobs
+    from tandem.engine.runner import TPGroupBroken
+
+    with LLM(llama_dir, num_kv_blocks=64, tensor_parallel_size=2) as llm:
+        prompt = random_prompts(llm.engine.model_config.vocab_size, [30], seed=3)
+        scored = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=1)
+
+        def fail(*args, **kwargs):
+            raise MemoryError("injected between the logits gathers")
+
+        monkeypatch.setattr(prompt_logprobs, "_entries", fail)
+        with pytest.raises(TandemError):
+            llm.generate(prompt, scored)
+        monkeypatch.undo()
+        follower = llm.engine._followers._procs[0]
+        assert follower.wait(10) is not None  # ended, not left waiting in a gather
+        started = time.monotonic()
+        with pytest.raises(TandemError) as failed:
+            llm.generate(prompt, GREEDY)
+        assert isinstance(failed.value.__cause__, TPGroupBroken)
+        assert time.monotonic() - started < 30
+
+
 def test_a_step_travels_as_int32_and_arrives_as_rank_0_built_it():
     import pickle
 

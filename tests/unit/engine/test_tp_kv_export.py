@@ -9,6 +9,7 @@ prefill and layer groups smaller and larger than the model; and a transfer that 
 must leave the ranks in step for the next one.
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -55,28 +56,44 @@ class Exporter:
     def export(self, rid: str, prompt: list[int], fingerprint: str = "fp"):
         """Prefill ``prompt`` with its KV pushed to a fresh receiver: (the transfer's result or
         error, the received pages of its blocks)."""
-        n = -(-len(prompt) // self.spec.block_size)
-        r = GrpcKVReceiver(self.spec, fingerprint, max_chunk_bytes=CHUNK, num_blocks=n)
+        return self.export_together({rid: prompt}, fingerprint)[rid]
+
+    def export_together(self, prompts: dict[str, list[int]], fingerprint: str = "fp"):
+        """Prefill every prompt in the same steps, each pushing to a receiver of its own:
+        request id -> (the transfer's result or error, the received pages of its blocks)."""
+        receivers, tokens, first = {}, {}, {}
         try:
-            token = r.receiver.expect(rid, list(range(n)), 0).token
-            target = KVTarget(f"127.0.0.1:{r.port}", rid, 0, "fp", token)
-            self.sender.start(rid, target, len(prompt))
-            self.engine.add_request(rid, prompt, PREFILL)
-            first = None
+            for rid, prompt in prompts.items():
+                n = -(-len(prompt) // self.spec.block_size)
+                r = receivers[rid] = GrpcKVReceiver(
+                    self.spec, fingerprint, max_chunk_bytes=CHUNK, num_blocks=n
+                )
+                tokens[rid] = r.receiver.expect(rid, list(range(n)), 0).token
+                target = KVTarget(f"127.0.0.1:{r.port}", rid, 0, "fp", tokens[rid])
+                self.sender.start(rid, target, len(prompt))
+                self.engine.add_request(rid, prompt, PREFILL)
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
                     if out.finished:
-                        first = out.outputs[0].token_ids[0]
-            end = common_pb2.KVTransferEnd(
-                request_id=rid, model_fingerprint="fp", first_token_id=first, transfer_token=token
-            )
-            try:
-                result = self.sender.finish(rid, end).result(30)
-            except Exception as exc:  # noqa: BLE001 - the test looks at it
-                result = exc
-            return result, r.pool[:, :, :n].clone()
+                        first[out.request_id] = out.outputs[0].token_ids[0]
+            results = {}
+            for rid, prompt in prompts.items():
+                end = common_pb2.KVTransferEnd(
+                    request_id=rid,
+                    model_fingerprint="fp",
+                    first_token_id=first[rid],
+                    transfer_token=tokens[rid],
+                )
+                try:
+                    result = self.sender.finish(rid, end).result(30)
+                except Exception as exc:  # noqa: BLE001 - the test looks at it
+                    result = exc
+                n = -(-len(prompt) // self.spec.block_size)
+                results[rid] = result, receivers[rid].pool[:, :, :n].clone()
+            return results
         finally:
-            r.stop()
+            for r in receivers.values():
+                r.stop()
 
     def close(self):
         self.sender.close()
@@ -125,3 +142,59 @@ def test_a_failed_transfer_leaves_the_ranks_in_step(llama_dir):
             assert exporter.engine.rank_failure() is None
         finally:
             exporter.close()
+
+
+def test_requests_exported_in_the_same_steps_get_their_own_pages(llama_dir):
+    """Two prompts sharing a 32-token prefix, prefilled together: the step's gathered blocks
+    serve both transfers (a shared block once), each renumbered into its own block table."""
+    shared = random_prompts(200, [32], seed=6)[0]
+    a, b = random_prompts(200, [50, 21], seed=7, prefix=shared)
+    expected = exported_pages(llama_dir, 1, [a, b], 1)
+    with LLM(llama_dir, tensor_parallel_size=2, **OPTIONS) as llm:
+        exporter = Exporter(llm, 1)
+        try:
+            got = exporter.export_together({"a": a, "b": b})
+        finally:
+            exporter.close()
+    for rid, want in zip("ab", expected, strict=True):
+        result, pages = got[rid]
+        assert not isinstance(result, Exception), result
+        torch.testing.assert_close(pages, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_kv_sender_error_fails_the_step_and_leaves_the_ranks_in_step(llama_dir, monkeypatch):
+    """The sender raising inside rank 0's layer hook (the gathers are collectives the follower
+    runs anyway): the step fails as on one rank, once its collectives are done; the group is
+    not broken and the next export is exact."""
+    from tandem.api.errors import TandemError
+
+    prompts = random_prompts(200, [40, 40], seed=8)
+    expected = exported_pages(llama_dir, 1, prompts[1:], 1)[0]
+    with LLM(llama_dir, tensor_parallel_size=2, **OPTIONS) as llm:
+        exporter = Exporter(llm, 1)
+        try:
+            real = exporter.sender._send
+
+            def broken(*args, **kwargs):
+                raise RuntimeError("injected sender failure")
+
+            monkeypatch.setattr(exporter.sender, "_send", broken)
+            with pytest.raises(TandemError, match="injected sender failure"):
+                exporter.export("bad", prompts[0])
+            exporter.sender.abort("bad")
+            exporter.engine.abort_request("bad")
+            monkeypatch.setattr(exporter.sender, "_send", real)
+            result, got = exporter.export("good", prompts[1])
+            assert not isinstance(result, Exception), result
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+            assert exporter.engine.rank_failure() is None
+        finally:
+            exporter.close()
+
+
+def test_block_tables_are_renumbered_to_the_gathered_blocks():
+    from tandem.engine.runner import _renumbered
+
+    exported = np.array([3, 8, 11])
+    got = _renumbered(np.array([11, 3, 5, 8, 40]), exported)
+    assert got.tolist() == [2, 0, -1, 1, -1]  # blocks not gathered read -1, never a neighbour

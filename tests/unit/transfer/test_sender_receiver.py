@@ -243,3 +243,21 @@ def test_a_cancelled_transfer_never_sends_its_end():
     finally:
         s.close()
         r.stop()
+
+
+def test_a_block_that_was_not_gathered_is_refused_not_read_from_a_neighbour():
+    """A tensor-parallel engine hands the sender gathered pages and block tables renumbered to
+    them, -1 for blocks it did not gather: sending one is a refusal, never another block's KV."""
+    r = Receiver()
+    s = sender()
+    try:
+        kv, blocks = source()
+        token = r.receiver.expect("r1", list(range(10)), 0).token
+        s.start("r1", KVTarget(f"127.0.0.1:{r.port}", "r1", 0, "fp", token), PROMPT)
+        with pytest.raises(KVTransferError, match="were not gathered"):
+            run_prefill(s, "r1", kv, blocks[:9] + [-1])
+        s.abort("r1")
+        wait_buffers_back(s)
+    finally:
+        s.close()
+        r.stop()
