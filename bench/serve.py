@@ -405,6 +405,7 @@ def start_system(model: Path, mode: str, args):
         decode=decode,
         worker_args=args.worker_args,
         kvstore=mode != "load-only",
+        gpu_per_worker=getattr(args, "gpu_per_worker", False),
     )
     cluster = LocalCluster(opts, model, relay=False)
     cluster.start_redis()
@@ -432,6 +433,11 @@ def main() -> None:
     )
     ap.add_argument(
         "--workers", type=int, default=2, help="GPU workers per mode (disaggregated: half prefill)"
+    )
+    ap.add_argument(
+        "--gpu-per-worker",
+        action="store_true",
+        help="CUDA: each worker on a GPU of its own (cuda:0, cuda:1, ...), not all sharing one",
     )
     ap.add_argument("--prefill-workers", type=int, default=2, help="prefix-aware / load-only modes")
     ap.add_argument("--decode-workers", type=int, default=1, help="prefix-aware / load-only modes")

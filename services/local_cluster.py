@@ -60,6 +60,10 @@ class UpOptions(BaseModel):
     --num-kv-blocks or --worker-args choose otherwise)."""
     num_kv_blocks: int | None = Field(None, gt=0)
     """KV blocks per worker (default: from memory)."""
+    gpu_per_worker: bool = False
+    """CUDA: give each worker GPUs of its own (prefill workers first, then decode workers; as
+    many as its tensor-parallel ranks, from --device's index up) instead of every worker sharing
+    --device's GPU: the layout of a real node, for the disaggregation goodput study."""
     tensor_parallel_size: int = Field(1, ge=1)
     """Ranks (processes, and devices on CUDA: cuda:0..N-1) per prefill and per decode worker,
     unless --prefill-tensor-parallel-size / --decode-tensor-parallel-size say otherwise. KV moves
@@ -338,8 +342,6 @@ class LocalCluster:
             str(self.model),
             "--host",
             "127.0.0.1",
-            "--device",
-            opts.device,
             "--kv-transport",
             opts.kv_transport,
             *(["--kv-transport-strict"] if opts.kv_transport_strict else []),
@@ -347,7 +349,9 @@ class LocalCluster:
         ]
         if opts.num_kv_blocks:
             common += ["--num-kv-blocks", str(opts.num_kv_blocks)]
-        common += self.gpu_share_args()
+        if not self.spread_gpus:
+            common += self.gpu_share_args()
+        next_gpu = int(opts.device.partition(":")[2] or 0)
         kvstore = None
         if opts.kvstore and opts.prefill:
             kvstore = f"127.0.0.1:{free_port()}"
@@ -388,6 +392,11 @@ class LocalCluster:
                     "--metrics-port",
                     str(metrics_port),
                 ]
+                if self.spread_gpus:
+                    args += ["--device", f"cuda:{next_gpu}"]
+                    next_gpu += opts.ranks(role)
+                else:
+                    args += ["--device", opts.device]
                 if role == "prefill" and kvstore:
                     args += ["--kvstore", kvstore]
                 if opts.ranks(role) > 1:
@@ -438,6 +447,11 @@ class LocalCluster:
                 f"http://{opts.host}:{http_port}/metrics",
             )
         )
+
+    @property
+    def spread_gpus(self) -> bool:
+        """Each worker on GPUs of its own (``--gpu-per-worker`` on CUDA)."""
+        return self.opts.gpu_per_worker and self.opts.device.startswith("cuda")
 
     def gpu_share_args(self) -> list[str]:
         """Split one GPU's memory between the workers sharing it (each engine sizes its KV pool

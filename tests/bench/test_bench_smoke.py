@@ -121,6 +121,41 @@ def test_serve_bench_runs_both_modes_and_reports_pod_hit_rates(tmp_path, tiny_mo
         assert 0 < mode["pod_cache_hit_rate"]["prefill"] < 1
 
 
+def test_goodput_study_sweeps_rates_for_both_modes_against_one_slo(tmp_path, tiny_model):
+    result = run_bench(
+        "goodput.py",
+        tmp_path,
+        "--model",
+        str(tiny_model("llama")),
+        "--rates",
+        "2",
+        "50",
+        "--num-prompts",
+        "6",
+        "--output-len",
+        "4",
+        "--unloaded-requests",
+        "2",
+        "--num-kv-blocks",
+        "128",
+        timeout=400,
+    )
+    assert result["unloaded_tpot_ms"] > 0
+    assert result["slo"]["tpot_ms"] == pytest.approx(1.5 * result["unloaded_tpot_ms"])
+    assert [(r["mode"], r["rate"]) for r in result["rows"]] == [
+        ("colocated", 2.0),
+        ("colocated", 50.0),
+        ("disaggregated", 2.0),
+        ("disaggregated", 50.0),
+    ]
+    for row in result["rows"]:
+        assert row["failed"] == 0 and 0 <= row["attainment"] <= 1
+        assert row["summary"]["completed"] == 6
+    for mode, best in result["goodput"].items():
+        good = [r["rate"] for r in result["rows"] if r["mode"] == mode and r["attainment"] >= 0.9]
+        assert best == (max(good) if good else None)
+
+
 def test_serve_bench_sharegpt_workload_against_the_offline_engine(tmp_path, tiny_model):
     """W4 (lognormal lengths) through the router, and the offline engine on the same requests."""
     result = run_bench(

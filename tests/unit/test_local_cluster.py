@@ -160,3 +160,27 @@ def test_a_tensor_parallel_prefill_pod_is_accepted():
     from services.prefill.settings import PrefillSettings
 
     assert PrefillSettings(model="m", tensor_parallel_size=2).tensor_parallel_size == 2
+
+
+def test_gpu_per_worker_gives_each_worker_gpus_of_its_own():
+    planned = worker_args(prefill=1, decode=2, device="cuda", gpu_per_worker=True)
+    assert [flag(planned[n], "--device") for n in ("prefill-0", "decode-0", "decode-1")] == [
+        "cuda:0",
+        "cuda:1",
+        "cuda:2",
+    ]
+    # Not sharing a GPU: no memory split between workers.
+    assert all("--gpu-memory-utilization" not in a for a in planned.values())
+    # Tensor-parallel workers take as many GPUs as ranks, from --device's index.
+    planned = worker_args(
+        prefill=1, decode=1, device="cuda:2", gpu_per_worker=True, decode_tensor_parallel_size=2
+    )
+    assert flag(planned["prefill-0"], "--device") == "cuda:2"
+    assert flag(planned["decode-0"], "--device") == "cuda:3"
+    # Sharing (the default): every worker on --device, its memory split.
+    shared = worker_args(prefill=1, decode=1, device="cuda")
+    assert {flag(a, "--device") for a in shared.values()} == {"cuda"}
+    assert all(flag(a, "--gpu-memory-utilization") for a in shared.values())
+    # On CPU the flag changes nothing.
+    cpu = worker_args(prefill=1, decode=1, gpu_per_worker=True)
+    assert {flag(a, "--device") for a in cpu.values()} == {"cpu"}
