@@ -9,6 +9,8 @@ prefill and layer groups smaller and larger than the model; and a transfer that 
 must leave the ranks in step for the next one.
 """
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -99,18 +101,25 @@ class Exporter:
         self.sender.close()
 
 
-def exported_pages(model, tp: int, prompts, layers_per_group: int) -> list[torch.Tensor]:
+@contextlib.contextmanager
+def exporter_of(model, tp: int, layers_per_group: int = 1):
+    """An ``Exporter`` over a fresh engine of ``tp`` ranks; both closed after."""
     with LLM(model, tensor_parallel_size=tp, **OPTIONS) as llm:
         exporter = Exporter(llm, layers_per_group)
         try:
-            pages = []
-            for i, prompt in enumerate(prompts):
-                result, got = exporter.export(f"r{i}", prompt)
-                assert not isinstance(result, Exception), result
-                pages.append(got)
-            return pages
+            yield exporter
         finally:
             exporter.close()
+
+
+def exported_pages(model, tp: int, prompts, layers_per_group: int) -> list[torch.Tensor]:
+    with exporter_of(model, tp, layers_per_group) as exporter:
+        pages = []
+        for i, prompt in enumerate(prompts):
+            result, got = exporter.export(f"r{i}", prompt)
+            assert not isinstance(result, Exception), result
+            pages.append(got)
+        return pages
 
 
 @pytest.mark.parametrize("layers_per_group", [1, 8])
@@ -129,19 +138,15 @@ def test_tp2_exports_the_one_rank_engines_pages(model_name, layers_per_group, ll
 def test_a_failed_transfer_leaves_the_ranks_in_step(llama_dir):
     prompts = random_prompts(200, [70, 40], seed=4)
     expected = exported_pages(llama_dir, 1, prompts[1:], 1)[0]
-    with LLM(llama_dir, tensor_parallel_size=2, **OPTIONS) as llm:
-        exporter = Exporter(llm, 1)
-        try:
-            # The decode pod refuses every chunk (another model): the transfer fails midway,
-            # while the ranks keep gathering the blocks rank 0 planned for the step.
-            result, _ = exporter.export("bad", prompts[0], fingerprint="another-model")
-            assert isinstance(result, Exception)
-            result, got = exporter.export("good", prompts[1])
-            assert not isinstance(result, Exception), result
-            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-            assert exporter.engine.rank_failure() is None
-        finally:
-            exporter.close()
+    with exporter_of(llama_dir, 2) as exporter:
+        # The decode pod refuses every chunk (another model): the transfer fails midway, while
+        # the ranks keep gathering the blocks rank 0 planned for the step.
+        result, _ = exporter.export("bad", prompts[0], fingerprint="another-model")
+        assert isinstance(result, Exception)
+        result, got = exporter.export("good", prompts[1])
+        assert not isinstance(result, Exception), result
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        assert exporter.engine.rank_failure() is None
 
 
 def test_requests_exported_in_the_same_steps_get_their_own_pages(llama_dir):
@@ -150,12 +155,8 @@ def test_requests_exported_in_the_same_steps_get_their_own_pages(llama_dir):
     shared = random_prompts(200, [32], seed=6)[0]
     a, b = random_prompts(200, [50, 21], seed=7, prefix=shared)
     expected = exported_pages(llama_dir, 1, [a, b], 1)
-    with LLM(llama_dir, tensor_parallel_size=2, **OPTIONS) as llm:
-        exporter = Exporter(llm, 1)
-        try:
-            got = exporter.export_together({"a": a, "b": b})
-        finally:
-            exporter.close()
+    with exporter_of(llama_dir, 2) as exporter:
+        got = exporter.export_together({"a": a, "b": b})
     for rid, want in zip("ab", expected, strict=True):
         result, pages = got[rid]
         assert not isinstance(result, Exception), result
@@ -170,26 +171,22 @@ def test_a_kv_sender_error_fails_the_step_and_leaves_the_ranks_in_step(llama_dir
 
     prompts = random_prompts(200, [40, 40], seed=8)
     expected = exported_pages(llama_dir, 1, prompts[1:], 1)[0]
-    with LLM(llama_dir, tensor_parallel_size=2, **OPTIONS) as llm:
-        exporter = Exporter(llm, 1)
-        try:
-            real = exporter.sender._send
+    with exporter_of(llama_dir, 2) as exporter:
+        real = exporter.sender._send
 
-            def broken(*args, **kwargs):
-                raise RuntimeError("injected sender failure")
+        def broken(*args, **kwargs):
+            raise RuntimeError("injected sender failure")
 
-            monkeypatch.setattr(exporter.sender, "_send", broken)
-            with pytest.raises(TandemError, match="injected sender failure"):
-                exporter.export("bad", prompts[0])
-            exporter.sender.abort("bad")
-            exporter.engine.abort_request("bad")
-            monkeypatch.setattr(exporter.sender, "_send", real)
-            result, got = exporter.export("good", prompts[1])
-            assert not isinstance(result, Exception), result
-            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-            assert exporter.engine.rank_failure() is None
-        finally:
-            exporter.close()
+        monkeypatch.setattr(exporter.sender, "_send", broken)
+        with pytest.raises(TandemError, match="injected sender failure"):
+            exporter.export("bad", prompts[0])
+        exporter.sender.abort("bad")
+        exporter.engine.abort_request("bad")
+        monkeypatch.setattr(exporter.sender, "_send", real)
+        result, got = exporter.export("good", prompts[1])
+        assert not isinstance(result, Exception), result
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        assert exporter.engine.rank_failure() is None
 
 
 def test_block_tables_are_renumbered_to_the_gathered_blocks():
