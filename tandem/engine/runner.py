@@ -484,7 +484,7 @@ class ModelRunner:
             positions=positions_t,
             attn=meta,
             order=order,
-            logits_indices=upload(torch.from_numpy(plan.sample_rows), self.device),
+            logits_indices=upload(plan.sample_rows, self.device),
             sampling=[s for s in order if s.samples],
             plan=plan,
             scored=scored,
@@ -582,7 +582,7 @@ class ModelRunner:
     def _export_gather(self, plan: StepPlan) -> Callable[[int], torch.Tensor | None]:
         """A layer hook that gathers ``plan.export_block_ids`` onto rank 0 at each layer-group
         boundary: the pages (all kv heads) on rank 0 there, None everywhere else."""
-        ids = upload(torch.from_numpy(plan.export_block_ids.astype(np.int64)), self.device)
+        ids = upload(plan.export_block_ids, self.device)  # int64 (``tp_ranks._widen``)
         total = self.model_config.num_layers
         heads = self.model_config.num_kv_heads
         kv = self.kv_cache.tensor
@@ -616,7 +616,7 @@ class ModelRunner:
         for start, stop in plan.logits_slices:
             self.model.compute_logits(hidden[start:stop])
         if plan.sample_rows is not None and len(plan.sample_rows):
-            rows = upload(torch.from_numpy(plan.sample_rows.astype(np.int64)), self.device)
+            rows = upload(plan.sample_rows, self.device)
             self.model.compute_logits(hidden[rows])
 
     @torch.inference_mode()

@@ -383,22 +383,19 @@ def _narrow(plan: StepPlan) -> StepPlan:
     """``plan`` with its int64 arrays as int32 for the wire (half the bytes: the block tables
     of a large batch are megabytes a step). Token ids, positions, block and slot ids all fit
     (a pool of 2**31 slots is far beyond any device's memory); ``_widen`` restores them."""
-    return dataclasses.replace(
-        plan,
-        **{
-            name: getattr(plan, name).astype(np.int32)
-            for name in _WIRE_FIELDS
-            if getattr(plan, name) is not None
-        },
-    )
+    return _with_dtype(plan, np.int32)
 
 
 def _widen(plan: StepPlan) -> StepPlan:
     """A received plan with rank 0's dtypes back (int64), as its own upload has them."""
+    return _with_dtype(plan, np.int64)
+
+
+def _with_dtype(plan: StepPlan, dtype) -> StepPlan:
     return dataclasses.replace(
         plan,
         **{
-            name: getattr(plan, name).astype(np.int64)
+            name: getattr(plan, name).astype(dtype)
             for name in _WIRE_FIELDS
             if getattr(plan, name) is not None
         },

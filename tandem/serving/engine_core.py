@@ -254,7 +254,7 @@ class EngineCore:
                 bytes(self._engine_event.ipc_handle()) if self._engine_event is not None else None
             ),
             kv_pool_path=e.runner.kv_cache.path if self.spec.share_kv_pool else None,
-            kv_rank_pools=e.rank_kv_pools() if self.spec.share_kv_pool else [],
+            kv_rank_pools=e.rank_kv_pools(),
             kv_exports=self._kv_exports,
         )
 

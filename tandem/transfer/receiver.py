@@ -81,6 +81,8 @@ class Claim:
 @dataclass(slots=True)
 class _Inbound:
     block_ids: torch.Tensor
+    rank_block_ids: list[torch.Tensor]
+    """``block_ids`` on each rank's pool's device (rank 0's is ``block_ids``), uploaded once."""
     first_block: int
     received: torch.Tensor
     """[layers, blocks] bool: which pages have been written."""
@@ -219,8 +221,15 @@ class KVReceiver:
             epoch=epoch,
             expires_unix_ms=int((time.time() + lease_s) * 1000),
         )
+        host = torch.tensor(block_ids, dtype=torch.long)
+        ids = [upload(host, pool.device) for pool, _ in self._rank_pools]
+        for device, stream in self._streams.items():
+            stream.wait_stream(
+                torch.cuda.current_stream(device)
+            )  # the writes come after the uploads
         inbound = _Inbound(
-            block_ids=upload(torch.tensor(block_ids, dtype=torch.long), self.kv.device),
+            block_ids=ids[0],
+            rank_block_ids=ids,
             first_block=first_block,
             received=torch.zeros((self.layout.num_layers, len(block_ids)), dtype=torch.bool),
             lease=lease,
@@ -457,24 +466,18 @@ class KVReceiver:
                     f"KV chunk layers [{l0}, {l1}) blocks [{b0}, "
                     f"{b1}) overlaps pages already received"
                 )
-            ids = inbound.block_ids[b0:b1]
-            for pool, heads in self._rank_pools:
-                part = (
-                    pages if len(self._rank_pools) == 1 else pages[..., heads.start : heads.stop, :]
-                )
+            for (pool, heads), ids in zip(self._rank_pools, inbound.rank_block_ids, strict=True):
+                part = pages[..., heads.start : heads.stop, :]
                 if self._stream is None:
-                    pool[l0:l1, :, ids] = part
+                    pool[l0:l1, :, ids[b0:b1]] = part
                     continue
                 # Each rank's pool on its own device: that device's stream, after the engine's
                 # last use of the blocks (rank 0's event covers every rank: each layer's KV write
-                # precedes that layer's all-reduce) and after the block ids' upload.
+                # precedes that layer's all-reduce).
                 stream = self._streams[pool.device]
                 stream.wait_event(inbound.engine_done)
-                stream.wait_stream(torch.cuda.current_stream(self.kv.device))
                 with torch.cuda.stream(stream):
-                    pool[l0:l1, :, ids.to(pool.device, non_blocking=True)] = part.to(
-                        pool.device, non_blocking=True
-                    )
+                    pool[l0:l1, :, ids[b0:b1]] = part.to(pool.device, non_blocking=True)
             region.fill_(True)
             if inbound.first_write is None:
                 inbound.first_write = time.perf_counter()

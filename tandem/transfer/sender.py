@@ -360,16 +360,15 @@ class KVSender:
         if layers is None:
             return
         pages = kv_cache[layers.start - first_layer : layers.stop - first_layer]
-        for s, transfer, b0, done in self._exports(scheduled):
+        exports = list(self._exports(scheduled))
+        for s, transfer, b0, done in exports:
             if isinstance(transfer, MemoryTransfer):
                 transfer.write(kv_cache, s.block_ids, (layers.start, layers.stop), b0, done)
             else:
                 self._send(transfer, s.block_ids, (layers.start, layers.stop), b0, done, pages)
-        if num_layers_done == total:
-            for s in scheduled:
-                transfer = self._transfers.get(s.seq.request_id)
-                if transfer is not None and not transfer.failed:
-                    transfer.sent_blocks = max(transfer.sent_blocks, self._done(s, transfer))
+        if num_layers_done == total:  # every layer of these blocks is queued
+            for _, transfer, _, done in exports:
+                transfer.sent_blocks = done
 
     def export_block_ids(self, scheduled: list[ScheduledSequence]) -> np.ndarray:
         """The pool blocks whose pages this step sends (sorted, distinct): what a
@@ -386,15 +385,14 @@ class KVSender:
             transfer = self._transfers.get(s.seq.request_id)
             if transfer is None or transfer.failed:
                 continue  # not exported, or its decode pod stopped listening: stop spending on it
-            done = self._done(s, transfer)
+            # Blocks whose every token is computed after this step (all of them at the end).
+            done = (
+                transfer.num_prompt_blocks
+                if s.samples
+                else (s.start + s.num_new_tokens) // self.layout.block_size
+            )
             if done > transfer.sent_blocks:
                 yield s, transfer, transfer.sent_blocks, done
-
-    def _done(self, s: ScheduledSequence, transfer) -> int:
-        """Blocks whose every token is computed after this step (all of them at the end)."""
-        if s.samples:
-            return transfer.num_prompt_blocks
-        return (s.start + s.num_new_tokens) // self.layout.block_size
 
     def _send(
         self, transfer: KVTransfer, block_ids, layers: tuple[int, int], b0: int, b1: int, group
